@@ -1,0 +1,495 @@
+//! Batches: deterministic shuffling, sharding over data-parallel ranks, padding, a resumable
+//! position, and image preprocessing on background threads.
+//!
+//! Order: epoch `e` is a Fisher–Yates shuffle of `0..N` seeded by `(seed, e)`. The order is padded by
+//! wrapping around to a multiple of the world size; rank `r` takes positions `r, r+W, r+2W, …` and
+//! cuts them into micro-batches. Every rank gets the same number of batches (so no rank waits in
+//! an all-reduce that another never joins) and every sample is seen once per epoch across ranks
+//! (exactly once when `N` is a multiple of `W`; the few wrapped samples twice otherwise).
+//! `drop_last` instead drops the tail that does not fill a whole global batch.
+//!
+//! The reference pads every sample to 320 tokens (`padding = "fixed"`); `"dynamic"` pads each batch
+//! to its longest sample (optionally rounded up to a multiple), which is numerically identical for the
+//! loss (pads are ignored and the mask is causal on the suffix) and much cheaper.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::image::ImageProcessor;
+use super::records::Record;
+use super::rng::PyRandom;
+use super::sample::{Sample, SampleBuilder};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// Pad to the longest sample of the batch (rounded up to `pad_to_multiple_of`).
+    #[default]
+    Dynamic,
+    /// Pad every sample to `max_source_length + max_target_length` (the reference's 320).
+    Fixed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoaderConfig {
+    /// Micro-batch size per rank.
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    pub drop_last: bool,
+    pub padding: Padding,
+    pub pad_to_multiple_of: usize,
+    /// Preprocessing threads (0 = all cores).
+    pub workers: usize,
+    /// Batches prepared ahead of the trainer.
+    pub prefetch: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            shuffle: true,
+            seed: 1234,
+            drop_last: false,
+            padding: Padding::Dynamic,
+            pad_to_multiple_of: 1,
+            workers: 0,
+            prefetch: 4,
+        }
+    }
+}
+
+/// Where a rank is in the data: the epoch and how many of its batches of that epoch are done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoaderState {
+    pub epoch: u64,
+    pub offset: usize,
+}
+
+/// This process's place among the data-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            world_size: 1,
+        }
+    }
+}
+
+/// Tokenized records plus the image processor.
+pub struct Dataset {
+    pub records: Vec<Record>,
+    pub samples: Vec<Sample>,
+    pub processor: ImageProcessor,
+    pub max_seq_len: usize,
+    pub ignore_pad: bool,
+}
+
+impl Dataset {
+    /// Tokenize every record. A sample the tokenizer cannot build names its record.
+    pub fn new(
+        records: Vec<Record>,
+        builder: &SampleBuilder,
+        processor: ImageProcessor,
+        file: &str,
+    ) -> Result<Self> {
+        let samples = records
+            .iter()
+            .map(|r| {
+                builder.build(&r.prompt, &r.label).with_context(|| {
+                    format!("{file}: record {} ({}): cannot build sample", r.index, r.id)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            records,
+            samples,
+            processor,
+            max_seq_len: builder.config().max_seq_len(),
+            ignore_pad: builder.config().ignore_pad_token_for_loss,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// A padded batch in plain buffers; [`Batch::to_tensors`] moves it into libtorch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub image_size: usize,
+    /// `[B, L]`
+    pub input_ids: Vec<i64>,
+    /// `[B, L]`, −100 where no loss is taken.
+    pub labels: Vec<i64>,
+    /// `[B, 2, L]`: position ids and block position ids.
+    pub position_ids: Vec<i64>,
+    /// `[B]`: index of `<sop>` per sample (the bidirectional prefix length).
+    pub context_lengths: Vec<i64>,
+    /// `[B, 3, S, S]` normalised images.
+    pub images: Vec<f32>,
+    pub pre_image: usize,
+    pub image_length: usize,
+    /// Dataset indices of the samples.
+    pub indices: Vec<usize>,
+    /// The loader position after this batch (save it to resume after this batch).
+    pub state_after: LoaderState,
+}
+
+/// The batch as tensors on a device.
+pub struct BatchTensors {
+    pub input_ids: tch::Tensor,
+    pub labels: tch::Tensor,
+    pub position_ids: tch::Tensor,
+    pub context_lengths: tch::Tensor,
+    pub images: tch::Tensor,
+}
+
+impl Batch {
+    /// Tokens that carry a loss.
+    pub fn target_tokens(&self) -> usize {
+        self.labels
+            .iter()
+            .filter(|&&l| l != super::sample::IGNORE)
+            .count()
+    }
+
+    pub fn to_tensors(&self, device: tch::Device) -> BatchTensors {
+        let (b, l, s) = (
+            self.batch_size as i64,
+            self.seq_len as i64,
+            self.image_size as i64,
+        );
+        BatchTensors {
+            input_ids: tch::Tensor::from_slice(&self.input_ids)
+                .view([b, l])
+                .to_device(device),
+            labels: tch::Tensor::from_slice(&self.labels)
+                .view([b, l])
+                .to_device(device),
+            position_ids: tch::Tensor::from_slice(&self.position_ids)
+                .view([b, 2, l])
+                .to_device(device),
+            context_lengths: tch::Tensor::from_slice(&self.context_lengths).to_device(device),
+            images: tch::Tensor::from_slice(&self.images)
+                .view([b, 3, s, s])
+                .to_device(device),
+        }
+    }
+}
+
+/// The sample order of one epoch.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let key = [
+            seed as u32,
+            (seed >> 32) as u32,
+            epoch as u32,
+            (epoch >> 32) as u32,
+        ];
+        PyRandom::from_key(&key).shuffle(&mut order);
+    }
+    order
+}
+
+/// The micro-batches (dataset indices) of `shard` in one epoch.
+pub fn shard_batches(
+    order: &[usize],
+    shard: Shard,
+    batch_size: usize,
+    drop_last: bool,
+) -> Vec<Vec<usize>> {
+    let w = shard.world_size;
+    let mut order = order.to_vec();
+    if drop_last {
+        order.truncate(order.len() / (w * batch_size) * (w * batch_size));
+    } else if !order.is_empty() && order.len() % w != 0 {
+        let pad = w - order.len() % w;
+        for i in 0..pad {
+            order.push(order[i % order.len()]);
+        }
+    }
+    let mine: Vec<usize> = order.iter().skip(shard.rank).step_by(w).copied().collect();
+    mine.chunks(batch_size).map(|c| c.to_vec()).collect()
+}
+
+struct Task {
+    seq: u64,
+    indices: Vec<usize>,
+    state_after: LoaderState,
+}
+
+/// An endless, resumable batch iterator over epochs, with background preprocessing.
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    cfg: LoaderConfig,
+    shard: Shard,
+    /// Next position to hand to the workers.
+    plan: LoaderState,
+    plan_batches: Vec<Vec<usize>>,
+    plan_epoch: Option<u64>,
+    /// Position of the next batch returned by `next`.
+    state: LoaderState,
+    next_seq: u64,
+    submitted: u64,
+    pending: BTreeMap<u64, Result<Batch>>,
+    tasks: Option<SyncSender<Task>>,
+    results: Receiver<(u64, Result<Batch>)>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    pub fn new(
+        dataset: Arc<Dataset>,
+        cfg: LoaderConfig,
+        shard: Shard,
+        start: LoaderState,
+    ) -> Result<Self> {
+        if cfg.batch_size == 0 {
+            bail!("loader.batch_size must be at least 1");
+        }
+        if shard.world_size == 0 || shard.rank >= shard.world_size {
+            bail!(
+                "rank {} is not in a world of {}",
+                shard.rank,
+                shard.world_size
+            );
+        }
+        if dataset.is_empty() {
+            bail!("the dataset is empty");
+        }
+        let workers_n = super::worker_threads(cfg.workers);
+        let prefetch = cfg.prefetch.max(1);
+        let (task_tx, task_rx) = mpsc::sync_channel::<Task>(prefetch);
+        let (res_tx, res_rx) = mpsc::channel::<(u64, Result<Batch>)>();
+        let task_rx = Arc::new(Mutex::new(task_rx));
+        let workers = (0..workers_n)
+            .map(|i| {
+                let rx = Arc::clone(&task_rx);
+                let tx: Sender<_> = res_tx.clone();
+                let ds = Arc::clone(&dataset);
+                let padding = (cfg.padding, cfg.pad_to_multiple_of.max(1));
+                std::thread::Builder::new()
+                    .name(format!("xrayglm-data-{i}"))
+                    .spawn(move || loop {
+                        let task = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(task) = task else { return };
+                        let out = make_batch(&ds, &task.indices, padding, task.state_after);
+                        if tx.send((task.seq, out)).is_err() {
+                            return;
+                        }
+                    })
+                    .expect("spawning a data worker")
+            })
+            .collect();
+        let loader = Self {
+            dataset,
+            cfg,
+            shard,
+            plan: start,
+            plan_batches: Vec::new(),
+            plan_epoch: None,
+            state: start,
+            next_seq: 0,
+            submitted: 0,
+            pending: BTreeMap::new(),
+            tasks: Some(task_tx),
+            results: res_rx,
+            workers,
+        };
+        let per_epoch = loader.batches_per_epoch();
+        if per_epoch == 0 {
+            bail!(
+                "no batches: {} samples cannot fill one global batch of {} with drop_last",
+                loader.dataset.len(),
+                loader.cfg.batch_size * shard.world_size
+            );
+        }
+        if start.offset > per_epoch {
+            bail!(
+                "resume offset {} is past the {} batches of an epoch",
+                start.offset,
+                per_epoch
+            );
+        }
+        Ok(loader)
+    }
+
+    /// Micro-batches per epoch for this rank (the same on every rank).
+    pub fn batches_per_epoch(&self) -> usize {
+        let order = epoch_order(self.dataset.len(), self.cfg.seed, 0, false);
+        shard_batches(&order, self.shard, self.cfg.batch_size, self.cfg.drop_last).len()
+    }
+
+    /// The position of the next batch `next()` returns.
+    pub fn state(&self) -> LoaderState {
+        self.state
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    fn submit_one(&mut self) {
+        if self.plan_epoch != Some(self.plan.epoch) {
+            let order = epoch_order(
+                self.dataset.len(),
+                self.cfg.seed,
+                self.plan.epoch,
+                self.cfg.shuffle,
+            );
+            self.plan_batches =
+                shard_batches(&order, self.shard, self.cfg.batch_size, self.cfg.drop_last);
+            self.plan_epoch = Some(self.plan.epoch);
+        }
+        if self.plan.offset >= self.plan_batches.len() {
+            self.plan = LoaderState {
+                epoch: self.plan.epoch + 1,
+                offset: 0,
+            };
+            return self.submit_one();
+        }
+        let indices = self.plan_batches[self.plan.offset].clone();
+        let mut after = LoaderState {
+            epoch: self.plan.epoch,
+            offset: self.plan.offset + 1,
+        };
+        if after.offset == self.plan_batches.len() {
+            after = LoaderState {
+                epoch: after.epoch + 1,
+                offset: 0,
+            };
+        }
+        let task = Task {
+            seq: self.submitted,
+            indices,
+            state_after: after,
+        };
+        self.submitted += 1;
+        self.plan = after;
+        if let Some(tx) = &self.tasks {
+            // A send only fails when every worker has exited, which `next` then reports.
+            let _ = tx.send(task);
+        }
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        let ahead = self.cfg.prefetch.max(1) as u64;
+        while self.submitted < self.next_seq + ahead {
+            self.submit_one();
+        }
+        let out = loop {
+            if let Some(b) = self.pending.remove(&self.next_seq) {
+                break b;
+            }
+            match self.results.recv() {
+                Ok((seq, b)) => {
+                    self.pending.insert(seq, b);
+                }
+                Err(_) => break Err(anyhow::anyhow!("all data workers exited")),
+            }
+        };
+        self.next_seq += 1;
+        if let Ok(b) = &out {
+            self.state = b.state_after;
+        }
+        Some(out)
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.tasks.take();
+        // Drain so that no worker blocks on a full results channel, then join.
+        while self.results.try_recv().is_ok() {}
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn make_batch(
+    ds: &Dataset,
+    indices: &[usize],
+    padding: (Padding, usize),
+    state_after: LoaderState,
+) -> Result<Batch> {
+    let b = indices.len();
+    let longest = indices
+        .iter()
+        .map(|&i| ds.samples[i].len())
+        .max()
+        .unwrap_or(0);
+    let seq_len = match padding.0 {
+        Padding::Fixed => ds.max_seq_len.max(longest),
+        Padding::Dynamic => longest.div_ceil(padding.1) * padding.1,
+    };
+    let size = ds.processor.size;
+    let mut batch = Batch {
+        batch_size: b,
+        seq_len,
+        image_size: size,
+        input_ids: Vec::with_capacity(b * seq_len),
+        labels: Vec::with_capacity(b * seq_len),
+        position_ids: Vec::with_capacity(b * 2 * seq_len),
+        context_lengths: Vec::with_capacity(b),
+        images: Vec::with_capacity(b * 3 * size * size),
+        pre_image: 0,
+        image_length: 0,
+        indices: indices.to_vec(),
+        state_after,
+    };
+    for &i in indices {
+        let s = &ds.samples[i];
+        let r = &ds.records[i];
+        let (ids, labels) = s.padded(seq_len, ds.ignore_pad);
+        let (pos, block) = s.position_ids(seq_len);
+        batch.input_ids.extend(ids);
+        batch.labels.extend(labels);
+        batch.position_ids.extend(pos);
+        batch.position_ids.extend(block);
+        batch.context_lengths.push(s.context_length as i64);
+        batch.pre_image = s.pre_image;
+        batch.image_length = s.image_length;
+        let img = ds
+            .processor
+            .process_file(&r.image)
+            .with_context(|| format!("record {} ({})", r.index, r.id))?;
+        batch.images.extend(img);
+    }
+    Ok(batch)
+}
+
+/// The image paths of a dataset (for benchmarks and checks).
+pub fn image_paths(ds: &Dataset) -> Vec<PathBuf> {
+    ds.records.iter().map(|r| r.image.clone()).collect()
+}

@@ -1,0 +1,228 @@
+//! Training samples: token ids, labels, image slots and 2D position ids.
+//!
+//! Reference: VISUALGLM_SPEC.md §1.c (position ids, mask) and §1.d (XrayGLM's `FewShotDataset`,
+//! itself ChatGLM's `ptuning/main.py preprocess_function_train`):
+//!
+//! ```text
+//! a_ids     = encode("<img>") + [pad]*32 + encode("</img>问：" + prompt + "\n答：")   (≤ max_source_length−1)
+//! b_ids     = encode(label)                                                        (≤ max_target_length−2)
+//! input_ids = a_ids + [gMASK, <sop>] + b_ids + [<eop>]
+//! labels    = [−100]*context_length + input_ids[context_length:]     (context_length = index of <sop>)
+//! ```
+//! The 32 placeholder ids at `[pre_image, pre_image+32)` are replaced by image embeddings in the
+//! model. Labels equal to pad become −100 when `ignore_pad_token_for_loss` (the default).
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::tokenizer::{ids, ChatGlmTokenizer};
+
+/// Label value the loss ignores.
+pub const IGNORE: i64 = -100;
+
+/// Prompt language: the template around the question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Language {
+    /// `问：{prompt}\n答：`
+    #[default]
+    Chinese,
+    /// `Q:{prompt}\nA:`
+    English,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    pub max_source_length: usize,
+    pub max_target_length: usize,
+    /// Number of image slots (VisualGLM: 32 Q-Former queries).
+    pub image_length: usize,
+    pub ignore_pad_token_for_loss: bool,
+    pub language: Language,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            max_source_length: 64,
+            max_target_length: 256,
+            image_length: 32,
+            ignore_pad_token_for_loss: true,
+            language: Language::Chinese,
+        }
+    }
+}
+
+impl SampleConfig {
+    /// The fixed padded length of the reference (`max_source_length + max_target_length` = 320).
+    pub fn max_seq_len(&self) -> usize {
+        self.max_source_length + self.max_target_length
+    }
+}
+
+/// One unpadded sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub input_ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    /// First image slot (3: the length of `encode("<img>")`).
+    pub pre_image: usize,
+    pub image_length: usize,
+    /// Index of `<sop>`: the bidirectional prefix is `[0, context_length)`.
+    pub context_length: usize,
+    /// Index of `[gMASK]` (= context_length − 1).
+    pub mask_position: usize,
+    /// Whether a or b was cut to its limit.
+    pub truncated: bool,
+}
+
+impl Sample {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+
+    /// ChatGLM's 2D positions for the first `len` positions (the sample padded on the right):
+    /// `position_ids[i] = i` before `<sop>` and `mask_position` from it on;
+    /// `block_position_ids[i] = 0` before `<sop>` and `i − context_length + 1` from it on.
+    pub fn position_ids(&self, len: usize) -> (Vec<i64>, Vec<i64>) {
+        let c = self.context_length;
+        let pos = (0..len)
+            .map(|i| {
+                if i < c {
+                    i as i64
+                } else {
+                    self.mask_position as i64
+                }
+            })
+            .collect();
+        let block = (0..len)
+            .map(|i| if i < c { 0 } else { (i - c + 1) as i64 })
+            .collect();
+        (pos, block)
+    }
+
+    /// Input ids and labels right-padded to `len` (pad id 3; labels −100, or 3 when
+    /// `ignore_pad_token_for_loss` is off, as the reference does).
+    pub fn padded(&self, len: usize, ignore_pad: bool) -> (Vec<i64>, Vec<i64>) {
+        assert!(
+            len >= self.len(),
+            "cannot pad a sample of {} tokens to {len}",
+            self.len()
+        );
+        let mut input_ids = self.input_ids.clone();
+        input_ids.resize(len, ids::PAD);
+        let mut labels = self.labels.clone();
+        labels.resize(len, if ignore_pad { IGNORE } else { ids::PAD });
+        (input_ids, labels)
+    }
+}
+
+/// Builds samples with the reference layout.
+#[derive(Clone)]
+pub struct SampleBuilder {
+    tok: ChatGlmTokenizer,
+    cfg: SampleConfig,
+    img_open: Vec<i64>,
+}
+
+impl SampleBuilder {
+    pub fn new(tok: ChatGlmTokenizer, cfg: SampleConfig) -> Result<Self> {
+        if cfg.max_source_length < 2 || cfg.max_target_length < 3 {
+            bail!("max_source_length must be ≥ 2 and max_target_length ≥ 3");
+        }
+        let img_open = tok.encode("<img>")?;
+        if img_open.len() + cfg.image_length + 1 > cfg.max_source_length {
+            bail!(
+                "max_source_length {} leaves no room for the prompt after {} image slots",
+                cfg.max_source_length,
+                cfg.image_length
+            );
+        }
+        Ok(Self { tok, cfg, img_open })
+    }
+
+    pub fn config(&self) -> &SampleConfig {
+        &self.cfg
+    }
+
+    pub fn tokenizer(&self) -> &ChatGlmTokenizer {
+        &self.tok
+    }
+
+    /// The text after the image: `</img>问：{prompt}\n答：` (or the English template).
+    pub fn prompt_text(&self, prompt: &str) -> String {
+        match self.cfg.language {
+            Language::Chinese => format!("</img>问：{prompt}\n答："),
+            Language::English => format!("</img>Q:{prompt}\nA:"),
+        }
+    }
+
+    /// `a_ids`: `<img>` tokens, image placeholders, then the prompt (not truncated).
+    pub fn source_ids(&self, prompt: &str) -> Result<Vec<i64>> {
+        let mut a = self.img_open.clone();
+        a.extend(std::iter::repeat_n(ids::PAD, self.cfg.image_length));
+        a.extend(self.tok.encode(&self.prompt_text(prompt))?);
+        Ok(a)
+    }
+
+    /// A training sample for (prompt, label).
+    pub fn build(&self, prompt: &str, label: &str) -> Result<Sample> {
+        let mut a = self.source_ids(prompt)?;
+        let mut b = self.tok.encode(label)?;
+        let mut truncated = false;
+        if a.len() > self.cfg.max_source_length - 1 {
+            a.truncate(self.cfg.max_source_length - 1);
+            truncated = true;
+        }
+        if b.len() > self.cfg.max_target_length - 2 {
+            b.truncate(self.cfg.max_target_length - 2);
+            truncated = true;
+        }
+        let context_length = a.len() + 1;
+        let mut input_ids = a;
+        input_ids.push(ids::GMASK);
+        input_ids.push(ids::SOP);
+        input_ids.extend_from_slice(&b);
+        input_ids.push(ids::EOP);
+        let mut labels = vec![IGNORE; context_length];
+        labels.extend_from_slice(&input_ids[context_length..]);
+        if self.cfg.ignore_pad_token_for_loss {
+            for l in labels.iter_mut() {
+                if *l == ids::PAD {
+                    *l = IGNORE;
+                }
+            }
+        }
+        Ok(Sample {
+            input_ids,
+            labels,
+            pre_image: self.img_open.len(),
+            image_length: self.cfg.image_length,
+            context_length,
+            mask_position: context_length - 1,
+            truncated,
+        })
+    }
+
+    /// An inference prompt: `a_ids + [gMASK, <sop>]` (spec §7.3).
+    pub fn build_prompt(&self, prompt: &str) -> Result<Sample> {
+        let mut input_ids = self.source_ids(prompt)?;
+        input_ids.push(ids::GMASK);
+        input_ids.push(ids::SOP);
+        let context_length = input_ids.len() - 1;
+        Ok(Sample {
+            labels: vec![IGNORE; input_ids.len()],
+            input_ids,
+            pre_image: self.img_open.len(),
+            image_length: self.cfg.image_length,
+            context_length,
+            mask_position: context_length - 1,
+            truncated: false,
+        })
+    }
+}

@@ -1,0 +1,264 @@
+//! The `xrayglm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use xrayglm::config::{Config, PromptMode};
+use xrayglm::tokenizer::{self, ChatGlmTokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "xrayglm",
+    version,
+    about = "XrayGLM (VisualGLM-6B + LoRA) for chest X-ray reports, in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct ConfigArgs {
+    /// TOML config file (see configs/); without it the embedded default (synthetic demo) is used.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set loader.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate records (either OpenI schema) and write XrayGLM's training list. With no input,
+    /// makes and prepares the synthetic demo set.
+    PrepareData(PrepareArgs),
+    /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
+    Tokenize(TokenizeArgs),
+    /// Benchmarks (`bench data`).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+    /// Print versions and the devices libtorch sees.
+    Info,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Records file (`{"annotations": [...]}` or `[{"img","prompt","label"}]`); overrides data.path.
+    input: Option<PathBuf>,
+    /// Folder for relative image paths (default: the records file's folder).
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+    /// Prompt policy for annotations: fixed or random (XrayGLM's 6 prompts, seeded).
+    #[arg(long, value_parser = ["fixed", "random"])]
+    prompt: Option<String>,
+    /// Seed of the random prompt policy (`random.seed(N)` in Python picks the same prompts).
+    #[arg(long)]
+    prompt_seed: Option<i64>,
+    /// The prompt of the fixed policy.
+    #[arg(long)]
+    fixed_prompt: Option<String>,
+    /// Training list to write (default: <input stem>-prompt.json beside the input).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Skip and count bad records instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Generate N synthetic films first and prepare those.
+    #[arg(long, value_name = "N")]
+    synthetic: Option<usize>,
+    /// Where --synthetic writes (default data/synthetic).
+    #[arg(long)]
+    synthetic_out: Option<PathBuf>,
+    /// Tokenizer for token statistics (ice_text.model or tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// ice_text.model or tokenizer.json (default: $XRAYGLM_TOKENIZER or the search paths).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Treat TEXT as a JSON list of ids and print the decoded text.
+    #[arg(long)]
+    decode: bool,
+    /// With --decode, apply ChatGLM's process_response.
+    #[arg(long)]
+    process_response: bool,
+    /// Print the pieces as well.
+    #[arg(long)]
+    pieces: bool,
+    /// Save the tokenizer as a tokenizer.json here.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    text: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Images/s and samples/s of the data path on 512x512 PNGs.
+    Data {
+        #[arg(long, default_value_t = 200)]
+        images: usize,
+        /// Threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+}
+
+fn load_tokenizer(
+    explicit: Option<&PathBuf>,
+    cfg_path: Option<&PathBuf>,
+) -> Result<Option<ChatGlmTokenizer>> {
+    let explicit = explicit.or(cfg_path.filter(|p| !p.as_os_str().is_empty()));
+    match tokenizer::find(explicit.map(|p| p.as_path())) {
+        Some(p) => Ok(Some(ChatGlmTokenizer::from_path(&p)?)),
+        None => Ok(None),
+    }
+}
+
+fn prepare(a: PrepareArgs) -> Result<()> {
+    let mut cfg = Config::load(a.cfg.config.as_deref(), &a.cfg.overrides)?;
+    if let Some(dir) = a.synthetic_out {
+        cfg.synthetic.out_dir = dir;
+        cfg.data.path = xrayglm::prepare::default_synthetic_path(&cfg);
+    }
+    if let Some(n) = a.synthetic {
+        cfg.synthetic.count = n;
+        xrayglm::data::synthetic::generate(
+            &cfg.synthetic.out_dir,
+            n,
+            cfg.synthetic.size,
+            cfg.synthetic.seed,
+        )?;
+        cfg.data.path = xrayglm::prepare::default_synthetic_path(&cfg);
+        eprintln!(
+            "generated {n} synthetic films in {}",
+            cfg.synthetic.out_dir.display()
+        );
+    }
+    if let Some(p) = a.input {
+        cfg.data.path = p;
+    }
+    if let Some(r) = a.image_root {
+        cfg.data.image_root = r;
+    }
+    if let Some(p) = a.prompt {
+        cfg.data.prompt = if p == "random" {
+            PromptMode::Random
+        } else {
+            PromptMode::Fixed
+        };
+    }
+    if let Some(s) = a.prompt_seed {
+        cfg.data.prompt_seed = s;
+    }
+    if let Some(p) = a.fixed_prompt {
+        cfg.data.fixed_prompt = p;
+    }
+    if let Some(o) = a.out {
+        cfg.data.out = o;
+    }
+    cfg.data.skip_bad |= a.skip_bad;
+    let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?;
+    let summary = xrayglm::prepare::run(&cfg, tok.as_ref())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{summary}");
+    }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let path = tokenizer::find(a.tokenizer.as_deref())
+        .context("no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER")?;
+    let tok = ChatGlmTokenizer::from_path(&path)?;
+    if let Some(out) = &a.save {
+        tok.save(out)?;
+        eprintln!("saved {}", out.display());
+    }
+    let Some(text) = a.text else {
+        anyhow::ensure!(
+            a.save.is_some(),
+            "nothing to do: give TEXT (or --save PATH)"
+        );
+        return Ok(());
+    };
+    if a.decode {
+        let ids: Vec<i64> = serde_json::from_str(&text)
+            .context("--decode expects a JSON list of ids, e.g. [46, 2265, 33]")?;
+        let s = tok.decode(&ids)?;
+        println!(
+            "{}",
+            if a.process_response {
+                tokenizer::process_response(&s)
+            } else {
+                s
+            }
+        );
+    } else {
+        println!("{}", serde_json::to_string(&tok.encode(&text)?)?);
+        if a.pieces {
+            println!("{}", serde_json::to_string(&tok.pieces(&text)?)?);
+        }
+    }
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    let cuda_lib = xrayglm::device::register_cuda();
+    println!("xrayglm {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch_cuda loaded: {cuda_lib}");
+    println!(
+        "cuda available: {}  devices: {}",
+        tch::Cuda::is_available(),
+        tch::Cuda::device_count()
+    );
+    println!("default device: {:?}", xrayglm::device::parse("auto")?);
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    xrayglm::device::register_cuda();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PrepareData(a) => prepare(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Bench {
+            what:
+                BenchCommand::Data {
+                    images,
+                    threads,
+                    tokenizer,
+                },
+        } => {
+            let tok = load_tokenizer(tokenizer.as_ref(), None)?;
+            print!("{}", xrayglm::bench::data(images, threads, tok.as_ref())?);
+            Ok(())
+        }
+        Command::Info => info(),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

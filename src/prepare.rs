@@ -1,0 +1,140 @@
+//! `xrayglm prepare-data`: records in either schema → validated training list + statistics.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::records::{load_records, write_training_list, BadKind, Schema};
+use crate::data::sample::SampleBuilder;
+use crate::tokenizer::ChatGlmTokenizer;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenStats {
+    pub source_min: usize,
+    pub source_max: usize,
+    pub target_min: usize,
+    pub target_median: usize,
+    pub target_p95: usize,
+    pub target_max: usize,
+    pub longest_sample: usize,
+    pub truncated: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub records_file: PathBuf,
+    pub schema: Schema,
+    pub generated: Option<usize>,
+    pub total: usize,
+    pub usable: usize,
+    pub bad: Vec<(BadKind, usize)>,
+    pub out: PathBuf,
+    pub tokens: Option<TokenStats>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(n) = self.generated {
+            writeln!(f, "generated {n} synthetic films")?;
+        }
+        writeln!(
+            f,
+            "records: {} ({:?} schema)",
+            self.records_file.display(),
+            self.schema
+        )?;
+        writeln!(
+            f,
+            "  total {}  usable {}  bad {}",
+            self.total,
+            self.usable,
+            self.total - self.usable
+        )?;
+        for (k, n) in &self.bad {
+            writeln!(f, "  skipped {n} × {k:?}")?;
+        }
+        writeln!(f, "training list: {}", self.out.display())?;
+        match &self.tokens {
+            Some(t) => writeln!(
+                f,
+                "tokens: prompt {}–{}, report {}–{} (median {}, p95 {}), longest sample {}, truncated {}",
+                t.source_min, t.source_max, t.target_min, t.target_max, t.target_median, t.target_p95,
+                t.longest_sample, t.truncated
+            ),
+            None => writeln!(f, "tokens: no tokenizer found (set tokenizer.path or XRAYGLM_TOKENIZER); skipped"),
+        }
+    }
+}
+
+/// Run the preparation. `tokenizer` adds token statistics (and checks every record tokenizes).
+pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary> {
+    let mut generated = None;
+    if !cfg.data.path.exists()
+        && cfg.synthetic.count > 0
+        && cfg.data.path == default_synthetic_path(cfg)
+    {
+        crate::data::synthetic::generate(
+            &cfg.synthetic.out_dir,
+            cfg.synthetic.count,
+            cfg.synthetic.size,
+            cfg.synthetic.seed,
+        )?;
+        generated = Some(cfg.synthetic.count);
+    }
+    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let out = cfg.data.out_path();
+    write_training_list(&out, &loaded.records)?;
+    let tokens = match tokenizer {
+        Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
+        None => None,
+    };
+    Ok(Summary {
+        records_file: loaded.file.clone(),
+        schema: loaded.schema,
+        generated,
+        total: loaded.total,
+        usable: loaded.records.len(),
+        bad: loaded.bad_counts(),
+        out,
+        tokens,
+    })
+}
+
+/// The annotations file the synthetic generator writes for this config.
+pub fn default_synthetic_path(cfg: &Config) -> PathBuf {
+    cfg.synthetic.out_dir.join("Xray").join("synth-zh.json")
+}
+
+fn token_stats(
+    cfg: &Config,
+    tok: &ChatGlmTokenizer,
+    records: &[crate::data::records::Record],
+) -> Result<TokenStats> {
+    let builder = SampleBuilder::new(tok.clone(), cfg.sample.clone())?;
+    let mut src = Vec::with_capacity(records.len());
+    let mut tgt = Vec::with_capacity(records.len());
+    let mut longest = 0;
+    let mut truncated = 0;
+    for r in records {
+        src.push(builder.source_ids(&r.prompt)?.len());
+        tgt.push(tok.encode(&r.label)?.len());
+        let s = builder.build(&r.prompt, &r.label)?;
+        longest = longest.max(s.len());
+        truncated += s.truncated as usize;
+    }
+    let mut sorted = tgt.clone();
+    sorted.sort_unstable();
+    let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
+    Ok(TokenStats {
+        source_min: *src.iter().min().unwrap_or(&0),
+        source_max: *src.iter().max().unwrap_or(&0),
+        target_min: sorted[0],
+        target_median: q(0.5),
+        target_p95: q(0.95),
+        target_max: *sorted.last().unwrap_or(&0),
+        longest_sample: longest,
+        truncated,
+    })
+}

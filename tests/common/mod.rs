@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// `../shared` beside the checkout. Under CI (`CI=true`) a missing folder fails the test loudly;
+/// elsewhere the test is reported as skipped on stderr and returns early.
+pub fn shared() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared");
+    if dir.join("reference").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+    {
+        panic!(
+            "CI=true but {} is missing: parity tests need ../shared beside the checkout",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: {} is missing (parity test needs ../shared)",
+        dir.display()
+    );
+    None
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
+pub fn read_gz(path: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ice_text(shared: &Path) -> PathBuf {
+    shared.join("reference/tokenizer/ice_text.model")
+}
