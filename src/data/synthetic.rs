@@ -94,7 +94,7 @@ pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
     let (du, dv) = (jitter(rng, 0.02), jitter(rng, 0.02));
     let exposure = 1.0 + jitter(rng, 0.08);
     let heart_ru = if f.cardiomegaly { 0.215 } else { 0.145 } + jitter(rng, 0.012);
-    let fluid = [0.10 + jitter(rng, 0.03), 0.10 + jitter(rng, 0.03)];
+    let fluid = [0.17 + jitter(rng, 0.03), 0.17 + jitter(rng, 0.03)];
     let (left_fluid, right_fluid) = match f.effusion {
         Effusion::None => (false, false),
         Effusion::Left => (true, false),
@@ -128,7 +128,7 @@ pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
                     if has_fluid {
                         let lateral = (u - cu).abs() / 0.135
                             * if (side == 0) == (u < cu) { 1.0 } else { 0.3 };
-                        let level = 0.80 - fluid[side] - 0.06 * lateral.clamp(0.0, 1.0).powi(2);
+                        let level = 0.80 - fluid[side] - 0.08 * lateral.clamp(0.0, 1.0).powi(2);
                         if v > level {
                             lung = 22.0 * ((v - level) / 0.02).min(1.0)
                                 - 72.0 * (1.0 - ((v - level) / 0.02).min(1.0));

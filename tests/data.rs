@@ -1,0 +1,664 @@
+//! Records, samples, batches and the synthetic set.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use xrayglm::data::batch::{
+    epoch_order, shard_batches, Dataset, Loader, LoaderConfig, LoaderState, Padding, Shard,
+};
+use xrayglm::data::image::ImageProcessor;
+use xrayglm::data::records::{
+    load_records, ImageCheck, LoadOptions, PromptPolicy, Schema, FIXED_PROMPT, RANDOM_PROMPTS,
+};
+use xrayglm::data::rng::PyRandom;
+use xrayglm::data::sample::{SampleBuilder, SampleConfig, IGNORE};
+use xrayglm::data::synthetic;
+use xrayglm::tokenizer::ChatGlmTokenizer;
+
+fn ints(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn training_sample_equals_reference() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let ex = common::read_json(&shared.join("reference/tokenizer/tokenization_examples.json"));
+    let t = &ex["training_sample_fixed_prompt"];
+    let builder = SampleBuilder::new(tok, SampleConfig::default()).unwrap();
+    let s = builder
+        .build(t["prompt"].as_str().unwrap(), t["label"].as_str().unwrap())
+        .unwrap();
+    let len = t["seq_len"].as_u64().unwrap() as usize;
+    assert_eq!(len, builder.config().max_seq_len());
+    let (input_ids, labels) = s.padded(len, true);
+    assert_eq!(input_ids, ints(&t["input_ids"]));
+    assert_eq!(labels, ints(&t["labels"]));
+    let (pos, block) = s.position_ids(len);
+    assert_eq!(pos, ints(&t["position_ids"]));
+    assert_eq!(block, ints(&t["block_position_ids"]));
+    assert_eq!(s.pre_image as u64, t["pre_image"].as_u64().unwrap());
+    assert_eq!(
+        ints(&t["image_slots"]),
+        vec![s.pre_image as i64, (s.pre_image + s.image_length) as i64]
+    );
+    assert_eq!(
+        s.context_length as u64,
+        t["context_length"].as_u64().unwrap()
+    );
+    assert_eq!(s.mask_position as u64, t["mask_position"].as_u64().unwrap());
+    assert_eq!(
+        s.context_length - 1,
+        t["len_a_ids"].as_u64().unwrap() as usize
+    );
+    assert_eq!(
+        s.len() - s.context_length - 2,
+        t["len_b_ids"].as_u64().unwrap() as usize
+    );
+    assert!(!s.truncated);
+}
+
+#[test]
+fn truncation_follows_reference_limits() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let cfg = SampleConfig {
+        max_source_length: 40,
+        max_target_length: 12,
+        ..Default::default()
+    };
+    let b = SampleBuilder::new(tok, cfg).unwrap();
+    let s = b.build(FIXED_PROMPT, &"心脏大小正常。".repeat(20)).unwrap();
+    assert!(s.truncated);
+    assert_eq!(s.context_length, 40); // a_ids cut to max_source_length − 1 = 39, then gMASK
+    assert_eq!(s.len(), 40 + 1 + 10 + 1); // <sop> + b cut to 10 + <eop>
+    assert_eq!(s.labels.iter().filter(|&&l| l != IGNORE).count(), 12);
+}
+
+fn write(path: &Path, v: &Value) {
+    std::fs::write(path, serde_json::to_string(v).unwrap()).unwrap();
+}
+
+/// The five OpenI X-rays in ../shared as an annotations file.
+fn five_xrays(shared: &Path, dir: &Path) -> std::path::PathBuf {
+    let zh = common::read_json(&shared.join("data/Xray/openi-zh.json"));
+    let keep = ["2_1", "2_2", "2577_1", "2882_1", "861_1"];
+    let anns: Vec<Value> = zh["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| keep.contains(&a["image_id"].as_str().unwrap()))
+        .cloned()
+        .collect();
+    assert_eq!(anns.len(), 5);
+    let p = dir.join("five.json");
+    write(&p, &json!({ "annotations": anns }));
+    p
+}
+
+#[test]
+fn annotations_convert_with_fixed_and_seeded_random_prompts() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = five_xrays(&shared, dir.path());
+    let root = shared.join("data/Xray");
+    let opts = LoadOptions {
+        image_root: Some(root.clone()),
+        ..Default::default()
+    };
+    let fixed = load_records(&file, &opts).unwrap();
+    assert_eq!(fixed.schema, Schema::Annotations);
+    assert_eq!(fixed.records.len(), 5);
+    assert!(fixed.records.iter().all(|r| r.prompt == FIXED_PROMPT));
+    assert_eq!(
+        fixed.records[0].image,
+        root.join(format!("{}.png", fixed.records[0].id))
+    );
+
+    let opts = LoadOptions {
+        prompt: PromptPolicy::Random { seed: 42 },
+        ..opts
+    };
+    let random = load_records(&file, &opts).unwrap();
+    let mut py = PyRandom::new(42);
+    for r in &random.records {
+        assert_eq!(r.prompt, *py.choice(&RANDOM_PROMPTS));
+    }
+
+    // The training list round-trips through the list schema, relative to its own folder.
+    let out = dir.path().join("sub/train.json");
+    xrayglm::data::records::write_training_list(&out, &random.records).unwrap();
+    let back = load_records(&out, &LoadOptions::default()).unwrap();
+    assert_eq!(back.schema, Schema::TrainingList);
+    assert_eq!(back.records.len(), 5);
+    for (a, b) in random.records.iter().zip(&back.records) {
+        assert_eq!((&a.prompt, &a.label), (&b.prompt, &b.label));
+        assert_eq!(
+            std::fs::canonicalize(&a.image).unwrap(),
+            std::fs::canonicalize(&b.image).unwrap()
+        );
+    }
+}
+
+#[test]
+fn full_openi_zh_without_images_names_the_first_missing_record() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let file = shared.join("data/Xray/openi-zh.json");
+    let opts = LoadOptions {
+        check_images: ImageCheck::Exists,
+        ..Default::default()
+    };
+    let err = load_records(&file, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("openi-zh.json: record 0 (image_id 162_1): image"),
+        "{err}"
+    );
+    assert!(err.contains("6417 more bad records"), "{err}");
+    // With skip_bad the 5 images that are there survive.
+    let loaded = load_records(
+        &file,
+        &LoadOptions {
+            skip_bad: true,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.total, 6423);
+    assert_eq!(loaded.records.len(), 5);
+    assert_eq!(loaded.bad.len(), 6418);
+}
+
+// ---- bad input: every failure names the file and the record ----
+
+struct Bad {
+    dir: tempfile::TempDir,
+}
+
+impl Bad {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let png = synthetic_png();
+        std::fs::write(dir.path().join("ok.png"), &png).unwrap();
+        std::fs::write(dir.path().join("ok2.png"), &png).unwrap();
+        std::fs::write(dir.path().join("empty.png"), b"").unwrap();
+        std::fs::write(
+            dir.path().join("corrupt.png"),
+            b"\x89PNG\r\n\x1a\n garbage garbage",
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn file(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn err(&self, name: &str, text: &str) -> String {
+        format!(
+            "{:#}",
+            load_records(&self.file(name, text), &LoadOptions::default()).unwrap_err()
+        )
+    }
+}
+
+fn synthetic_png() -> Vec<u8> {
+    let pixels = synthetic::render(
+        &synthetic::Findings {
+            cardiomegaly: false,
+            effusion: synthetic::Effusion::None,
+        },
+        32,
+        &mut PyRandom::new(1),
+    );
+    let mut out = Vec::new();
+    use image::ImageEncoder;
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&pixels, 32, 32, image::ExtendedColorType::L8)
+        .unwrap();
+    out
+}
+
+#[test]
+fn malformed_json_names_line_and_column() {
+    let b = Bad::new();
+    let e = b.err(
+        "broken.json",
+        "[\n {\"img\": \"ok.png\",\n  \"prompt\": \"p\" \"label\": \"x\"}\n]",
+    );
+    assert!(
+        e.contains("broken.json: malformed JSON at line 3, column"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_schema_is_rejected() {
+    let b = Bad::new();
+    let e = b.err("obj.json", r#"{"records": []}"#);
+    assert!(e.contains("obj.json: wrong schema"), "{e}");
+    let e = b.err("num.json", "42");
+    assert!(
+        e.contains("num.json: wrong schema") && e.contains("a number"),
+        "{e}"
+    );
+    let e = b.err("ann.json", r#"{"annotations": {"image_id": "ok"}}"#);
+    assert!(
+        e.contains("ann.json: wrong schema: \"annotations\" is an object"),
+        "{e}"
+    );
+    let e = b.err("items.json", r#"[["ok.png", "p", "l"]]"#);
+    assert!(
+        e.contains("items.json: record 0: expected an object, found a list"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_zero_byte_and_corrupt_images_name_the_record() {
+    let b = Bad::new();
+    let e = b.err("m.json", r#"[{"img":"ok.png","prompt":"p","label":"l"},{"img":"nope.png","prompt":"p","label":"l"}]"#);
+    assert!(
+        e.contains("m.json: record 1 (img nope.png): image") && e.contains("not found"),
+        "{e}"
+    );
+    let e = b.err(
+        "z.json",
+        r#"{"annotations":[{"image_id":"empty","caption":"c"}]}"#,
+    );
+    assert!(
+        e.contains("z.json: record 0 (image_id empty): image") && e.contains("0 bytes"),
+        "{e}"
+    );
+    let e = b.err(
+        "c.json",
+        r#"{"annotations":[{"image_id":"ok","caption":"c"},{"image_id":"corrupt","caption":"c"}]}"#,
+    );
+    assert!(
+        e.contains("c.json: record 1 (image_id corrupt): image") && e.contains("corrupt"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_or_non_string_labels_and_missing_fields_are_rejected() {
+    let b = Bad::new();
+    let e = b.err("e.json", r#"[{"img":"ok.png","prompt":"p","label":"  "}]"#);
+    assert!(
+        e.contains("e.json: record 0 (img ok.png): empty label"),
+        "{e}"
+    );
+    let e = b.err("n.json", r#"[{"img":"ok.png","prompt":"p","label":7}]"#);
+    assert!(
+        e.contains("n.json: record 0 (img ok.png): field \"label\" is a number"),
+        "{e}"
+    );
+    let e = b.err("f.json", r#"[{"img":"ok.png","prompt":"p"}]"#);
+    assert!(
+        e.contains("f.json: record 0 (img ok.png): missing field \"label\""),
+        "{e}"
+    );
+    let e = b.err(
+        "c.json",
+        r#"{"annotations":[{"image_id":"ok","caption":""}]}"#,
+    );
+    assert!(
+        e.contains("c.json: record 0 (image_id ok): empty caption"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_ids_are_rejected() {
+    let b = Bad::new();
+    let e = b.err("d.json", r#"{"annotations":[{"image_id":"ok","caption":"a"},{"image_id":"ok2","caption":"b"},{"image_id":"ok","caption":"c"}]}"#);
+    assert!(
+        e.contains("d.json: record 2 (image_id ok): duplicate image_id, first seen at record 0"),
+        "{e}"
+    );
+    let e = b.err(
+        "l.json",
+        r#"[{"img":"ok.png","prompt":"p","label":"l"},{"img":"ok.png","prompt":"p","label":"l"}]"#,
+    );
+    assert!(
+        e.contains("l.json: record 1 (img ok.png): duplicate of record 0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn skip_bad_skips_and_counts_every_kind() {
+    let b = Bad::new();
+    let p = b.file(
+        "mixed.json",
+        r#"[{"img":"ok.png","prompt":"p","label":"good"},
+            {"img":"nope.png","prompt":"p","label":"l"},
+            {"img":"empty.png","prompt":"p","label":"l"},
+            {"img":"corrupt.png","prompt":"p","label":"l"},
+            {"img":"ok2.png","prompt":"p","label":""},
+            {"img":"ok2.png","prompt":"p","label":3},
+            {"img":"ok.png","prompt":"p","label":"good"},
+            5,
+            {"img":"ok2.png","prompt":"q","label":"also good"}]"#,
+    );
+    let loaded = load_records(
+        &p,
+        &LoadOptions {
+            skip_bad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.total, 9);
+    assert_eq!(
+        loaded.records.iter().map(|r| r.index).collect::<Vec<_>>(),
+        vec![0, 8]
+    );
+    let kinds: Vec<String> = loaded.bad.iter().map(|b| format!("{:?}", b.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            "MissingImage",
+            "EmptyImage",
+            "CorruptImage",
+            "EmptyLabel",
+            "NotAString",
+            "DuplicateId",
+            "NotAnObject"
+        ]
+    );
+    assert!(loaded
+        .bad
+        .iter()
+        .all(|b| b.message.starts_with(&p.display().to_string())));
+    // Without skip_bad nothing is returned.
+    assert!(load_records(&p, &LoadOptions::default()).is_err());
+}
+
+// ---- batches ----
+
+#[test]
+fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
+    for (n, w, bs) in [
+        (23usize, 2usize, 4usize),
+        (24, 4, 3),
+        (7, 3, 8),
+        (100, 4, 8),
+    ] {
+        let order = epoch_order(n, 9, 0, true);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+        let per_rank: Vec<Vec<Vec<usize>>> = (0..w)
+            .map(|r| {
+                shard_batches(
+                    &order,
+                    Shard {
+                        rank: r,
+                        world_size: w,
+                    },
+                    bs,
+                    false,
+                )
+            })
+            .collect();
+        let steps = per_rank[0].len();
+        assert!(
+            per_rank.iter().all(|b| b.len() == steps),
+            "n={n} w={w}: unequal steps"
+        );
+        let mut seen: Vec<usize> = per_rank.iter().flatten().flatten().copied().collect();
+        assert_eq!(seen.len(), n.div_ceil(w) * w);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            (0..n).collect::<Vec<_>>(),
+            "n={n} w={w}: not every sample seen"
+        );
+        // drop_last keeps only whole global batches, all distinct.
+        let dl: Vec<usize> = (0..w)
+            .flat_map(|r| {
+                shard_batches(
+                    &order,
+                    Shard {
+                        rank: r,
+                        world_size: w,
+                    },
+                    bs,
+                    true,
+                )
+            })
+            .flatten()
+            .collect();
+        assert_eq!(dl.len(), n / (w * bs) * w * bs);
+    }
+    assert_ne!(epoch_order(50, 1, 0, true), epoch_order(50, 1, 1, true));
+    assert_eq!(epoch_order(50, 1, 3, true), epoch_order(50, 1, 3, true));
+    assert_eq!(epoch_order(5, 1, 0, false), vec![0, 1, 2, 3, 4]);
+}
+
+fn synthetic_dataset(dir: &Path, n: usize, shared: &Path) -> Arc<Dataset> {
+    let file = synthetic::generate(dir, n, 48, 5).unwrap();
+    let loaded = load_records(&file, &LoadOptions::default()).unwrap();
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(shared)).unwrap();
+    let builder = SampleBuilder::new(tok, SampleConfig::default()).unwrap();
+    let proc = ImageProcessor {
+        size: 32,
+        ..Default::default()
+    };
+    Arc::new(Dataset::new(loaded.records, &builder, proc, "synthetic").unwrap())
+}
+
+#[test]
+fn loader_batches_pad_shard_and_resume_exactly() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ds = synthetic_dataset(dir.path(), 21, &shared);
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        workers: 2,
+        prefetch: 3,
+        seed: 3,
+        ..Default::default()
+    };
+    let shard = Shard {
+        rank: 1,
+        world_size: 2,
+    };
+    let loader = Loader::new(Arc::clone(&ds), cfg.clone(), shard, LoaderState::default()).unwrap();
+    let per_epoch = loader.batches_per_epoch();
+    assert_eq!(per_epoch, 3); // ceil(21/2)=11 samples per rank → 4+4+3
+    let first: Vec<_> = loader.take(7).map(|b| b.unwrap()).collect();
+    assert_eq!(first[2].batch_size, 3);
+    assert_eq!(
+        first[2].state_after,
+        LoaderState {
+            epoch: 1,
+            offset: 0
+        }
+    );
+    assert_eq!(
+        first[4].state_after,
+        LoaderState {
+            epoch: 1,
+            offset: 2
+        }
+    );
+    for b in &first {
+        let longest = b
+            .indices
+            .iter()
+            .map(|&i| ds.samples[i].len())
+            .max()
+            .unwrap();
+        assert_eq!(b.seq_len, longest, "dynamic padding");
+        assert_eq!(b.input_ids.len(), b.batch_size * b.seq_len);
+        assert_eq!(b.position_ids.len(), b.batch_size * 2 * b.seq_len);
+        assert_eq!(b.images.len(), b.batch_size * 3 * 32 * 32);
+        for (k, &i) in b.indices.iter().enumerate() {
+            let s = &ds.samples[i];
+            let row = &b.input_ids[k * b.seq_len..(k + 1) * b.seq_len];
+            assert_eq!(&row[..s.len()], &s.input_ids[..]);
+            assert!(row[s.len()..].iter().all(|&t| t == 3));
+            let labels = &b.labels[k * b.seq_len..(k + 1) * b.seq_len];
+            assert!(labels[s.len()..].iter().all(|&t| t == IGNORE));
+            assert_eq!(b.context_lengths[k], s.context_length as i64);
+            let want = ds.processor.process_file(&ds.records[i].image).unwrap();
+            assert_eq!(&b.images[k * 3 * 32 * 32..(k + 1) * 3 * 32 * 32], &want[..]);
+        }
+    }
+    // Resume from the state after batch 4: the same batches follow.
+    let resumed = Loader::new(Arc::clone(&ds), cfg.clone(), shard, first[3].state_after).unwrap();
+    let again: Vec<_> = resumed.take(3).map(|b| b.unwrap()).collect();
+    for (a, b) in again.iter().zip(&first[4..]) {
+        assert_eq!(a.indices, b.indices);
+        assert_eq!(a.input_ids, b.input_ids);
+        assert_eq!(a.state_after, b.state_after);
+    }
+    // Both ranks together see every sample in epoch 0.
+    let mut all: Vec<usize> = (0..2)
+        .flat_map(|r| {
+            let l = Loader::new(
+                Arc::clone(&ds),
+                cfg.clone(),
+                Shard {
+                    rank: r,
+                    world_size: 2,
+                },
+                LoaderState::default(),
+            )
+            .unwrap();
+            l.take(per_epoch)
+                .flat_map(|b| b.unwrap().indices)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all, (0..21).collect::<Vec<_>>());
+    // Fixed padding is the reference's 320.
+    let fixed = LoaderConfig {
+        padding: Padding::Fixed,
+        ..cfg
+    };
+    let b = Loader::new(ds, fixed, Shard::default(), LoaderState::default())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.seq_len, 320);
+    let t = b.to_tensors(tch::Device::Cpu);
+    assert_eq!(t.input_ids.size(), vec![4, 320]);
+    assert_eq!(t.position_ids.size(), vec![4, 2, 320]);
+    assert_eq!(t.images.size(), vec![4, 3, 32, 32]);
+}
+
+#[test]
+fn loader_reports_an_image_that_vanished_after_validation() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ds = synthetic_dataset(dir.path(), 4, &shared);
+    std::fs::write(&ds.records[2].image, b"not a png").unwrap();
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        shuffle: false,
+        workers: 1,
+        ..Default::default()
+    };
+    let err = Loader::new(ds, cfg, Shard::default(), LoaderState::default())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("record 2 (synth_00002)") && msg.contains("synth_00002.png"),
+        "{msg}"
+    );
+}
+
+// ---- synthetic set ----
+
+#[test]
+fn synthetic_set_is_deterministic_and_findings_are_visible() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let fa = synthetic::generate(a.path(), 12, 64, 77).unwrap();
+    let fb = synthetic::generate(b.path(), 12, 64, 77).unwrap();
+    assert_eq!(std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap());
+    for i in 0..12 {
+        let name = format!("Xray/synth_{i:05}.png");
+        assert_eq!(
+            std::fs::read(a.path().join(&name)).unwrap(),
+            std::fs::read(b.path().join(&name)).unwrap()
+        );
+    }
+    let file: synthetic::SyntheticFile =
+        serde_json::from_slice(&std::fs::read(&fa).unwrap()).unwrap();
+    for ann in &file.annotations {
+        assert_eq!(ann.caption, ann.findings.report());
+    }
+    // Heart width and effusion are measurable in the pixels.
+    use synthetic::{Effusion, Findings};
+    let size = 128;
+    let draw = |f: Findings| synthetic::render(&f, size, &mut PyRandom::new(3));
+    let row_bright = |img: &[u8], v: f64| {
+        let y = (v * size as f64) as usize;
+        img[y * size..(y + 1) * size]
+            .iter()
+            .filter(|&&p| p > 150)
+            .count()
+    };
+    let normal = draw(Findings {
+        cardiomegaly: false,
+        effusion: Effusion::None,
+    });
+    let big = draw(Findings {
+        cardiomegaly: true,
+        effusion: Effusion::None,
+    });
+    assert!(row_bright(&big, 0.64) > row_bright(&normal, 0.64) + size / 10);
+    let left = draw(Findings {
+        cardiomegaly: false,
+        effusion: Effusion::Left,
+    });
+    // Patient's left is the image's right: the lower right lung field turns bright.
+    let region_mean = |img: &[u8], u0: f64, u1: f64| {
+        let (y0, y1) = ((0.68 * size as f64) as usize, (0.74 * size as f64) as usize);
+        let (x0, x1) = ((u0 * size as f64) as usize, (u1 * size as f64) as usize);
+        let mut s = 0u64;
+        for y in y0..y1 {
+            for x in x0..x1 {
+                s += img[y * size + x] as u64;
+            }
+        }
+        s as f64 / ((y1 - y0) * (x1 - x0)) as f64
+    };
+    assert!(region_mean(&left, 0.70, 0.76) > region_mean(&normal, 0.70, 0.76) + 40.0);
+    assert!((region_mean(&left, 0.24, 0.30) - region_mean(&normal, 0.24, 0.30)).abs() < 10.0);
+    assert_eq!(
+        Findings { cardiomegaly: true, effusion: Effusion::Left }.report(),
+        "心脏明显增大，心胸比例增大。双肺野清晰，未见局灶性实变或气胸。左侧胸腔积液，左侧肋膈角变钝。印象：心脏增大，左侧胸腔积液。"
+    );
+}
