@@ -24,6 +24,7 @@ pub const GOAL_IMAGES_PER_S: f64 = 500.0;
 #[derive(Debug, Clone)]
 pub struct DataBench {
     pub images: usize,
+    pub source: String,
     pub threads: usize,
     pub baseline_ips: f64,
     pub single_ips: f64,
@@ -35,8 +36,8 @@ impl std::fmt::Display for DataBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "data bench: {} RGB PNG films 512x512 -> 3x224x224, {} threads",
-            self.images, self.threads
+            "data bench: {} {} -> 3x224x224, {} threads",
+            self.images, self.source, self.threads
         )?;
         writeln!(
             f,
@@ -102,12 +103,32 @@ fn rate(n: usize, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-pub fn data(n: usize, threads: usize, tokenizer: Option<&ChatGlmTokenizer>) -> Result<DataBench> {
+/// Images in `dir` (PNG and JPEG), repeated until there are `n`.
+fn images_from(dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_string_lossy().to_lowercase().as_str())))
+        .collect();
+    found.sort();
+    anyhow::ensure!(!found.is_empty(), "{}: no PNG or JPEG images", dir.display());
+    Ok((0..n).map(|i| found[i % found.len()].clone()).collect())
+}
+
+/// Run the data benchmark on `n` images: generated 512×512 RGB films, or those in `from`.
+pub fn data(n: usize, threads: usize, from: Option<&Path>, tokenizer: Option<&ChatGlmTokenizer>) -> Result<DataBench> {
     let threads = crate::data::worker_threads(threads);
     let dir = std::env::temp_dir().join(format!("xrayglm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> Result<DataBench> {
-        let paths = make_images(&dir, n)?;
+        let paths = match from {
+            Some(d) => images_from(d, n)?,
+            None => make_images(&dir, n)?,
+        };
+        let source = match from {
+            Some(d) => format!("images from {}", d.display()),
+            None => "generated RGB PNG films 512x512".to_string(),
+        };
         let proc = ImageProcessor::default();
         // Warm the page cache so every variant reads from memory.
         for p in &paths {
@@ -169,6 +190,7 @@ pub fn data(n: usize, threads: usize, tokenizer: Option<&ChatGlmTokenizer>) -> R
         };
         Ok(DataBench {
             images: n,
+            source,
             threads,
             baseline_ips,
             single_ips,

@@ -113,6 +113,9 @@ enum BenchCommand {
         /// Threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Use the PNG/JPEG images in this folder (repeated as needed) instead of generated films.
+        #[arg(long)]
+        from: Option<PathBuf>,
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
@@ -242,11 +245,12 @@ fn run() -> Result<()> {
                 BenchCommand::Data {
                     images,
                     threads,
+                    from,
                     tokenizer,
                 },
         } => {
             let tok = load_tokenizer(tokenizer.as_ref(), None)?;
-            print!("{}", xrayglm::bench::data(images, threads, tok.as_ref())?);
+            print!("{}", xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref())?);
             Ok(())
         }
         Command::Info => info(),
