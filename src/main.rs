@@ -119,6 +119,12 @@ enum BenchCommand {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// bf16 vs fp32 matmul throughput and a bf16 training step on the device (GPU check).
+    Device {
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn load_tokenizer(
@@ -251,6 +257,12 @@ fn run() -> Result<()> {
         } => {
             let tok = load_tokenizer(tokenizer.as_ref(), None)?;
             print!("{}", xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref())?);
+            Ok(())
+        }
+        Command::Bench {
+            what: BenchCommand::Device { device },
+        } => {
+            print!("{}", xrayglm::bench::device(xrayglm::device::parse(&device)?)?);
             Ok(())
         }
         Command::Info => info(),
