@@ -108,15 +108,28 @@ fn images_from(dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_string_lossy().to_lowercase().as_str())))
+        .filter(|p| {
+            p.extension().is_some_and(|e| {
+                ["png", "jpg", "jpeg"].contains(&e.to_string_lossy().to_lowercase().as_str())
+            })
+        })
         .collect();
     found.sort();
-    anyhow::ensure!(!found.is_empty(), "{}: no PNG or JPEG images", dir.display());
+    anyhow::ensure!(
+        !found.is_empty(),
+        "{}: no PNG or JPEG images",
+        dir.display()
+    );
     Ok((0..n).map(|i| found[i % found.len()].clone()).collect())
 }
 
 /// Run the data benchmark on `n` images: generated 512×512 RGB films, or those in `from`.
-pub fn data(n: usize, threads: usize, from: Option<&Path>, tokenizer: Option<&ChatGlmTokenizer>) -> Result<DataBench> {
+pub fn data(
+    n: usize,
+    threads: usize,
+    from: Option<&Path>,
+    tokenizer: Option<&ChatGlmTokenizer>,
+) -> Result<DataBench> {
     let threads = crate::data::worker_threads(threads);
     let dir = std::env::temp_dir().join(format!("xrayglm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -215,10 +228,31 @@ pub struct DeviceBench {
 
 impl std::fmt::Display for DeviceBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "device bench on {}: ChatGLM MLP {}→{}→{}, {} tokens", self.device, self.hidden, 4 * self.hidden, self.hidden, self.tokens)?;
-        writeln!(f, "  fp32 matmul (baseline)   {:8.2} TFLOP/s  1.00x", self.fp32_tflops)?;
-        writeln!(f, "  bf16 matmul              {:8.2} TFLOP/s  {:.2}x", self.bf16_tflops, self.bf16_tflops / self.fp32_tflops)?;
-        writeln!(f, "  bf16 MLP fwd+bwd+AdamW (bf16 weights) {:8.2} ms/step", self.bf16_train_step_ms)
+        writeln!(
+            f,
+            "device bench on {}: ChatGLM MLP {}→{}→{}, {} tokens",
+            self.device,
+            self.hidden,
+            4 * self.hidden,
+            self.hidden,
+            self.tokens
+        )?;
+        writeln!(
+            f,
+            "  fp32 matmul (baseline)   {:8.2} TFLOP/s  1.00x",
+            self.fp32_tflops
+        )?;
+        writeln!(
+            f,
+            "  bf16 matmul              {:8.2} TFLOP/s  {:.2}x",
+            self.bf16_tflops,
+            self.bf16_tflops / self.fp32_tflops
+        )?;
+        writeln!(
+            f,
+            "  bf16 MLP fwd+bwd+AdamW (bf16 weights) {:8.2} ms/step",
+            self.bf16_train_step_ms
+        )
     }
 }
 
@@ -233,7 +267,11 @@ fn sync(dev: tch::Device) {
 pub fn device(dev: tch::Device) -> Result<DeviceBench> {
     use tch::{nn, nn::Module, nn::OptimizerConfig, Kind, Tensor};
     let cuda = dev.is_cuda();
-    let (hidden, tokens, iters) = if cuda { (4096i64, 2560i64, 20) } else { (256, 256, 5) };
+    let (hidden, tokens, iters) = if cuda {
+        (4096i64, 2560i64, 20)
+    } else {
+        (256, 256, 5)
+    };
     let flops = |n: i64| 2.0 * tokens as f64 * hidden as f64 * (4 * hidden) as f64 * n as f64;
     let tflops = |kind: Kind| -> f64 {
         let x = Tensor::randn([tokens, hidden], (kind, dev));
@@ -251,14 +289,27 @@ pub fn device(dev: tch::Device) -> Result<DeviceBench> {
     let bf16_tflops = tflops(Kind::BFloat16);
     let mut vs = nn::VarStore::new(dev);
     let root = vs.root();
-    let up = nn::linear(&root / "dense_h_to_4h", hidden, 4 * hidden, Default::default());
-    let down = nn::linear(&root / "dense_4h_to_h", 4 * hidden, hidden, Default::default());
+    let up = nn::linear(
+        &root / "dense_h_to_4h",
+        hidden,
+        4 * hidden,
+        Default::default(),
+    );
+    let down = nn::linear(
+        &root / "dense_4h_to_h",
+        4 * hidden,
+        hidden,
+        Default::default(),
+    );
     vs.bfloat16();
     let mut opt = nn::AdamW::default().build(&vs, 1e-4)?;
     let x = Tensor::randn([tokens, hidden], (Kind::BFloat16, dev));
     let mut step = || {
         let y = down.forward(&up.forward(&x).gelu("tanh"));
-        let loss = y.to_kind(Kind::Float).pow_tensor_scalar(2).mean(Kind::Float);
+        let loss = y
+            .to_kind(Kind::Float)
+            .pow_tensor_scalar(2)
+            .mean(Kind::Float);
         opt.zero_grad();
         loss.backward();
         opt.step();
@@ -271,5 +322,12 @@ pub fn device(dev: tch::Device) -> Result<DeviceBench> {
     }
     sync(dev);
     let bf16_train_step_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    Ok(DeviceBench { device: format!("{dev:?}"), hidden, tokens, fp32_tflops, bf16_tflops, bf16_train_step_ms })
+    Ok(DeviceBench {
+        device: format!("{dev:?}"),
+        hidden,
+        tokens,
+        fp32_tflops,
+        bf16_tflops,
+        bf16_train_step_ms,
+    })
 }

@@ -256,13 +256,19 @@ fn run() -> Result<()> {
                 },
         } => {
             let tok = load_tokenizer(tokenizer.as_ref(), None)?;
-            print!("{}", xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref())?);
+            print!(
+                "{}",
+                xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref())?
+            );
             Ok(())
         }
         Command::Bench {
             what: BenchCommand::Device { device },
         } => {
-            print!("{}", xrayglm::bench::device(xrayglm::device::parse(&device)?)?);
+            print!(
+                "{}",
+                xrayglm::bench::device(xrayglm::device::parse(&device)?)?
+            );
             Ok(())
         }
         Command::Info => info(),

@@ -12,24 +12,43 @@ fn xrayglm() -> Command {
 
 fn run(c: &mut Command) -> (bool, String, String) {
     let out = c.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn tokenize_prints_ids_and_decodes() {
-    let Some(shared) = common::shared() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let tok = common::ice_text(&shared);
-    let (ok, out, err) = run(xrayglm().args(["tokenize", "--tokenizer"]).arg(&tok).arg("<img>"));
+    let (ok, out, err) = run(xrayglm()
+        .args(["tokenize", "--tokenizer"])
+        .arg(&tok)
+        .arg("<img>"));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "[46,2265,33]");
-    let (ok, out, _) = run(xrayglm().args(["tokenize", "--decode", "--process-response", "--tokenizer"]).arg(&tok).arg("[64286,12,66967,64923,6,78952,31]"));
+    let (ok, out, _) = run(xrayglm()
+        .args(["tokenize", "--decode", "--process-response", "--tokenizer"])
+        .arg(&tok)
+        .arg("[64286,12,66967,64923,6,78952,31]"));
     assert!(ok);
     assert_eq!(out.trim(), "问：心脏正常，肺部？");
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("tokenizer.json");
-    let (ok, _, err) = run(xrayglm().args(["tokenize", "--tokenizer"]).arg(&tok).arg("--save").arg(&saved));
+    let (ok, _, err) = run(xrayglm()
+        .args(["tokenize", "--tokenizer"])
+        .arg(&tok)
+        .arg("--save")
+        .arg(&saved));
     assert!(ok, "{err}");
-    let (ok, out, _) = run(xrayglm().args(["tokenize", "--tokenizer"]).arg(&saved).arg("<img>"));
+    let (ok, out, _) = run(xrayglm()
+        .args(["tokenize", "--tokenizer"])
+        .arg(&saved)
+        .arg("<img>"));
     assert!(ok);
     assert_eq!(out.trim(), "[46,2265,33]");
 }
@@ -39,23 +58,34 @@ fn tokenize_without_a_tokenizer_says_how_to_get_one() {
     let dir = tempfile::tempdir().unwrap();
     let (ok, _, err) = run(xrayglm().current_dir(dir.path()).args(["tokenize", "hi"]));
     assert!(!ok);
-    assert!(err.contains("--tokenizer") && err.contains("XRAYGLM_TOKENIZER"), "{err}");
+    assert!(
+        err.contains("--tokenizer") && err.contains("XRAYGLM_TOKENIZER"),
+        "{err}"
+    );
 }
 
 #[test]
 fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out, err) = run(xrayglm().current_dir(dir.path()).args(["prepare-data", "--set", "synthetic.count=10", "--json"]));
+    let (ok, out, err) = run(xrayglm().current_dir(dir.path()).args([
+        "prepare-data",
+        "--set",
+        "synthetic.count=10",
+        "--json",
+    ]));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["generated"], 10);
     assert_eq!(v["usable"], 10);
     let list = dir.path().join("data/synthetic/Xray/synth-zh-prompt.json");
-    let items: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&list).unwrap()).unwrap();
+    let items: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&list).unwrap()).unwrap();
     assert_eq!(items.len(), 10);
     assert_eq!(items[0]["img"], "synth_00000.png");
     // A second run finds the set and does not regenerate it.
-    let (ok, out, _) = run(xrayglm().current_dir(dir.path()).args(["prepare-data", "--json"]));
+    let (ok, out, _) = run(xrayglm()
+        .current_dir(dir.path())
+        .args(["prepare-data", "--json"]));
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["generated"].is_null());
@@ -64,26 +94,47 @@ fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
 
 #[test]
 fn prepare_data_with_shared_tokenizer_reports_token_lengths() {
-    let Some(shared) = common::shared() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let zh = common::read_json(&shared.join("data/Xray/openi-zh.json"));
     let keep = ["2_1", "2_2", "2577_1", "2882_1", "861_1"];
-    let anns: Vec<_> = zh["annotations"].as_array().unwrap().iter().filter(|a| keep.contains(&a["image_id"].as_str().unwrap())).cloned().collect();
+    let anns: Vec<_> = zh["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| keep.contains(&a["image_id"].as_str().unwrap()))
+        .cloned()
+        .collect();
     let file = dir.path().join("five.json");
-    std::fs::write(&file, serde_json::json!({ "annotations": anns }).to_string()).unwrap();
+    std::fs::write(
+        &file,
+        serde_json::json!({ "annotations": anns }).to_string(),
+    )
+    .unwrap();
     let (ok, out, err) = run(xrayglm()
         .arg("prepare-data")
         .arg(&file)
         .arg("--image-root")
         .arg(shared.join("data/Xray"))
-        .args(["--prompt", "random", "--prompt-seed", "3", "--json", "--tokenizer"])
+        .args([
+            "--prompt",
+            "random",
+            "--prompt-seed",
+            "3",
+            "--json",
+            "--tokenizer",
+        ])
         .arg(common::ice_text(&shared)));
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["usable"], 5);
     assert_eq!(v["tokens"]["truncated"], 0);
     assert!(v["tokens"]["source_max"].as_u64().unwrap() <= 63);
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(dir.path().join("five-prompt.json")).unwrap()).unwrap();
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("five-prompt.json")).unwrap())
+            .unwrap();
     assert_eq!(list.len(), 5);
 }
 
@@ -93,11 +144,22 @@ fn bad_input_fails_before_anything_is_written() {
     let file = dir.path().join("bad.json");
     std::fs::write(&file, r#"[{"img":"missing.png","prompt":"p","label":"l"}]"#).unwrap();
     let out = dir.path().join("out.json");
-    let (ok, _, err) = run(xrayglm().arg("prepare-data").arg(&file).arg("--out").arg(&out));
+    let (ok, _, err) = run(xrayglm()
+        .arg("prepare-data")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out));
     assert!(!ok);
-    assert!(err.contains("bad.json: record 0 (img missing.png)") && err.contains("--skip-bad"), "{err}");
+    assert!(
+        err.contains("bad.json: record 0 (img missing.png)") && err.contains("--skip-bad"),
+        "{err}"
+    );
     assert!(!out.exists());
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -121,7 +183,8 @@ fn every_config_in_configs_parses() {
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "toml") {
-            xrayglm::config::Config::load(Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            xrayglm::config::Config::load(Some(&p), &[])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             n += 1;
         }
     }
