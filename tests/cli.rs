@@ -98,21 +98,7 @@ fn prepare_data_with_shared_tokenizer_reports_token_lengths() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let zh = common::read_json(&shared.join("data/Xray/openi-zh.json"));
-    let keep = ["2_1", "2_2", "2577_1", "2882_1", "861_1"];
-    let anns: Vec<_> = zh["annotations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| keep.contains(&a["image_id"].as_str().unwrap()))
-        .cloned()
-        .collect();
-    let file = dir.path().join("five.json");
-    std::fs::write(
-        &file,
-        serde_json::json!({ "annotations": anns }).to_string(),
-    )
-    .unwrap();
+    let file = common::five_xrays(&shared, dir.path());
     let (ok, out, err) = run(xrayglm()
         .arg("prepare-data")
         .arg(&file)

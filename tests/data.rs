@@ -5,7 +5,6 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
 use xrayglm::data::batch::{
     epoch_order, shard_batches, Dataset, Loader, LoaderConfig, LoaderState, Padding, Shard,
 };
@@ -17,14 +16,6 @@ use xrayglm::data::rng::PyRandom;
 use xrayglm::data::sample::{SampleBuilder, SampleConfig, IGNORE};
 use xrayglm::data::synthetic;
 use xrayglm::tokenizer::ChatGlmTokenizer;
-
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
 
 #[test]
 fn training_sample_equals_reference() {
@@ -41,14 +32,14 @@ fn training_sample_equals_reference() {
     let len = t["seq_len"].as_u64().unwrap() as usize;
     assert_eq!(len, builder.config().max_seq_len());
     let (input_ids, labels) = s.padded(len, true);
-    assert_eq!(input_ids, ints(&t["input_ids"]));
-    assert_eq!(labels, ints(&t["labels"]));
+    assert_eq!(input_ids, common::ints(&t["input_ids"]));
+    assert_eq!(labels, common::ints(&t["labels"]));
     let (pos, block) = s.position_ids(len);
-    assert_eq!(pos, ints(&t["position_ids"]));
-    assert_eq!(block, ints(&t["block_position_ids"]));
+    assert_eq!(pos, common::ints(&t["position_ids"]));
+    assert_eq!(block, common::ints(&t["block_position_ids"]));
     assert_eq!(s.pre_image as u64, t["pre_image"].as_u64().unwrap());
     assert_eq!(
-        ints(&t["image_slots"]),
+        common::ints(&t["image_slots"]),
         vec![s.pre_image as i64, (s.pre_image + s.image_length) as i64]
     );
     assert_eq!(
@@ -86,34 +77,13 @@ fn truncation_follows_reference_limits() {
     assert_eq!(s.labels.iter().filter(|&&l| l != IGNORE).count(), 12);
 }
 
-fn write(path: &Path, v: &Value) {
-    std::fs::write(path, serde_json::to_string(v).unwrap()).unwrap();
-}
-
-/// The five OpenI X-rays in ../shared as an annotations file.
-fn five_xrays(shared: &Path, dir: &Path) -> std::path::PathBuf {
-    let zh = common::read_json(&shared.join("data/Xray/openi-zh.json"));
-    let keep = ["2_1", "2_2", "2577_1", "2882_1", "861_1"];
-    let anns: Vec<Value> = zh["annotations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| keep.contains(&a["image_id"].as_str().unwrap()))
-        .cloned()
-        .collect();
-    assert_eq!(anns.len(), 5);
-    let p = dir.join("five.json");
-    write(&p, &json!({ "annotations": anns }));
-    p
-}
-
 #[test]
 fn annotations_convert_with_fixed_and_seeded_random_prompts() {
     let Some(shared) = common::shared() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let file = five_xrays(&shared, dir.path());
+    let file = common::five_xrays(&shared, dir.path());
     let root = shared.join("data/Xray");
     let opts = LoadOptions {
         image_root: Some(root.clone()),

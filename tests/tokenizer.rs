@@ -6,14 +6,6 @@ mod common;
 use serde_json::Value;
 use xrayglm::tokenizer::{ids, ChatGlmTokenizer};
 
-fn as_ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
 #[test]
 fn reference_examples_encode_and_decode_exactly() {
     let Some(shared) = common::shared() else {
@@ -27,7 +19,7 @@ fn reference_examples_encode_and_decode_exactly() {
         let text = e["text"].as_str().unwrap();
         assert_eq!(
             tok.encode(text).unwrap(),
-            as_ids(&e["ids"]),
+            common::ints(&e["ids"]),
             "ids of {text:?}"
         );
         let pieces: Vec<String> = e["pieces"]
@@ -38,7 +30,7 @@ fn reference_examples_encode_and_decode_exactly() {
             .collect();
         assert_eq!(tok.pieces(text).unwrap(), pieces, "pieces of {text:?}");
         assert_eq!(
-            tok.decode(&as_ids(&e["ids"])).unwrap(),
+            tok.decode(&common::ints(&e["ids"])).unwrap(),
             e["decoded"].as_str().unwrap(),
             "decode of {text:?}"
         );
@@ -63,7 +55,7 @@ fn check_reports(tok: &ChatGlmTokenizer, shared: &std::path::Path, fx: &Value, k
     for (i, (a, want)) in anns.iter().zip(expected).enumerate() {
         assert_eq!(a["image_id"], part["image_ids"][i], "{key}: record order");
         let got = tok.encode(a["caption"].as_str().unwrap()).unwrap();
-        if got != as_ids(want) {
+        if got != common::ints(want) {
             mismatches.push(i);
         }
     }
@@ -104,7 +96,7 @@ fn tricky_strings_match_python_sentencepiece() {
     let mut bad = Vec::new();
     for e in fx["extra"].as_array().unwrap() {
         let text = e["text"].as_str().unwrap();
-        let want = as_ids(&e["ids"]);
+        let want = common::ints(&e["ids"]);
         let got = tok.encode(text).unwrap();
         if got != want {
             bad.push(format!("encode {text:?}: got {got:?} want {want:?}"));
@@ -142,8 +134,8 @@ fn saved_tokenizer_json_encodes_the_same() {
             "{text:?}"
         );
         assert_eq!(
-            back.decode(&as_ids(&e["ids"])).unwrap(),
-            tok.decode(&as_ids(&e["ids"])).unwrap()
+            back.decode(&common::ints(&e["ids"])).unwrap(),
+            tok.decode(&common::ints(&e["ids"])).unwrap()
         );
     }
     let zh = common::read_json(&shared.join("data/Xray/openi-zh.json"));

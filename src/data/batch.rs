@@ -299,7 +299,17 @@ impl Loader {
                             Err(_) => return,
                         };
                         let Ok(task) = task else { return };
-                        let out = make_batch(&ds, &task.indices, padding, task.state_after);
+                        // A panic in a decoder must come back as an error for this batch: a batch
+                        // that never arrives would leave the trainer waiting forever.
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            make_batch(&ds, &task.indices, padding, task.state_after)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!(
+                                "data worker panicked on samples {:?}",
+                                task.indices
+                            ))
+                        });
                         if tx.send((task.seq, out)).is_err() {
                             return;
                         }

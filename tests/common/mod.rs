@@ -53,3 +53,29 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn ice_text(shared: &Path) -> PathBuf {
     shared.join("reference/tokenizer/ice_text.model")
 }
+
+/// A JSON list of integers.
+pub fn ints(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+/// The five OpenI X-rays that ../shared has images for, written as an annotations file in `dir`.
+pub fn five_xrays(shared: &Path, dir: &Path) -> PathBuf {
+    let zh = read_json(&shared.join("data/Xray/openi-zh.json"));
+    let keep = ["2_1", "2_2", "2577_1", "2882_1", "861_1"];
+    let anns: Vec<serde_json::Value> = zh["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| keep.contains(&a["image_id"].as_str().unwrap()))
+        .cloned()
+        .collect();
+    assert_eq!(anns.len(), 5);
+    let p = dir.join("five.json");
+    std::fs::write(&p, serde_json::json!({ "annotations": anns }).to_string()).unwrap();
+    p
+}
