@@ -8,5 +8,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod io;
+pub mod model;
 pub mod prepare;
 pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,245 @@
+"""Parity fixtures for the VisualGLM model, made by the original implementation.
+
+Runs SwissArmyTransformer 0.3.6 (the version XrayGLM trained with; PyPI, CPU) on tiny random
+configurations and writes, per configuration, under tests/fixtures/model/<name>/:
+
+  model_config.json      sat-style config (num_layers, hidden_size, …, eva_args, qformer_args, LoRA)
+  weights.safetensors    every parameter under sat's own names (LoRA layers as `…original.weight`,
+                         `matrix_A.<p>`, and sat 0.3.6's single-partition `dense.matrix_A`)
+  inputs.safetensors     input_ids, image, labels, pre_image
+  outputs.safetensors    vit, qformer, image_embeds, logits, loss, and grad.<lora param name>
+
+The VisualGLM glue (EVAViT with ln_vision, the Q-Former, BLIP2's glm_proj, the image-splicing
+ImageMixin and the LoRA placement) is assembled here from sat's own classes following
+../shared/reference/VISUALGLM_SPEC.md §1 and §4; ChatGLM, the ViT, the transformer layers and the
+LoRA mixin are sat's unmodified code.
+
+Run:  $(bash scripts/fixtures_venv.sh) -m pip install SwissArmyTransformer==0.3.6 --no-deps
+      $(bash scripts/fixtures_venv.sh) -m pip install requests tqdm filelock einops "transformers<4.50" safetensors
+      $(bash scripts/fixtures_venv.sh) scripts/make_model_fixtures.py
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+# sat's model-only mode starts torch.distributed with NCCL when the wheel has it; on CPU use gloo.
+torch.distributed.is_nccl_available = lambda: False
+os.environ.setdefault("MASTER_PORT", "29561")
+from sat.model.base_model import BaseMixin, BaseModel
+from sat.model.finetune.lora_mixin import LoraMixin
+from sat.model.official.chatglm_model import ChatGLMModel
+from sat.model.official.vit_model import ViTModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def namespace(**kw):
+    base = dict(model_parallel_size=1, skip_init=False, hidden_dropout=0.0, attention_dropout=0.0,
+                checkpoint_activations=False, checkpoint_num_layers=1, layernorm_order="pre",
+                use_final_layernorm=True, layernorm_epsilon=1e-5, inner_hidden_size=None,
+                hidden_size_per_attention_head=None, is_decoder=False, cross_attn_hidden_size=None,
+                use_bias=True)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+class LnVision(BaseMixin):
+    def __init__(self, hidden):
+        super().__init__()
+        self.ln_vision = nn.LayerNorm(hidden)  # eps 1e-5 (torch default)
+
+    def final_forward(self, logits, **kw):
+        return self.ln_vision(logits)
+
+
+class EVAViT(ViTModel):
+    def __init__(self, args):
+        super().__init__(args)
+        self.del_mixin("cls")
+        self.add_mixin("cls", LnVision(args.hidden_size))
+
+    def forward(self, image):
+        ids = torch.zeros(image.shape[0], 1, dtype=torch.long)
+        mask = torch.tensor([[1.0]])
+        return super().forward(input_ids=ids, position_ids=None, attention_mask=mask, image=image)
+
+
+class QFormer(BaseModel):
+    def __init__(self, args):
+        super().__init__(args, activation_func=F.gelu)
+        self.transformer.position_embeddings = None
+
+    def position_embedding_forward(self, position_ids, **kw):
+        return None
+
+    def final_forward(self, logits, **kw):
+        return logits
+
+    def forward(self, enc):
+        n = self.transformer.word_embeddings.weight.shape[0]
+        ids = torch.arange(n, dtype=torch.long).unsqueeze(0).expand(enc.shape[0], -1)
+        mask = torch.tensor([[1.0]])
+        return super().forward(input_ids=ids, position_ids=None, attention_mask=mask,
+                               encoder_outputs=enc, cross_attention_mask=mask)
+
+
+class BLIP2(nn.Module):
+    def __init__(self, eva_args, qformer_args, glm_hidden):
+        super().__init__()
+        self.vit = EVAViT(eva_args)
+        self.qformer = QFormer(qformer_args)
+        self.glm_proj = nn.Linear(qformer_args.hidden_size, glm_hidden)
+        self.captured = {}
+
+    def forward(self, image):
+        enc = self.vit(image)[0]
+        out = self.qformer(enc)[0]
+        emb = self.glm_proj(out)
+        self.captured = {"vit": enc, "qformer": out, "image_embeds": emb}
+        return emb
+
+
+class ImageMixin(BaseMixin):
+    def __init__(self, eva_args, qformer_args, glm_hidden, image_length):
+        super().__init__()
+        self.model = BLIP2(eva_args, qformer_args, glm_hidden)
+        self.image_length = image_length
+
+    def word_embedding_forward(self, input_ids, output_cross_layer, **kw):
+        if kw.get("image") is None or kw["pre_image"] > input_ids.shape[1]:
+            return self.transformer.word_embeddings(input_ids)
+        image_emb = self.model(kw["image"])
+        pre, _, post = torch.tensor_split(input_ids, [kw["pre_image"], kw["pre_image"] + self.image_length], dim=1)
+        return torch.cat([self.transformer.word_embeddings(pre), image_emb, self.transformer.word_embeddings(post)], dim=1)
+
+
+class FineTuneVisualGLM(ChatGLMModel):
+    def __init__(self, args, eva_args, qformer_args, lora_layers, lora_rank):
+        super().__init__(args)
+        self.add_mixin("eva", ImageMixin(eva_args, qformer_args, args.hidden_size, args.image_length))
+        self.add_mixin("lora", LoraMixin(args.num_layers, lora_rank, layer_range=lora_layers, head_first=True,
+                                         num_attention_heads=args.num_attention_heads,
+                                         hidden_size_per_attention_head=args.hidden_size // args.num_attention_heads),
+                       reinit=True)
+
+
+CONFIGS = {
+    "a": dict(glm=dict(num_layers=3, hidden_size=64, num_attention_heads=4, inner_hidden_size=256, vocab_size=1000,
+                       bos=994, mask=990, gmask=991),
+              vit=dict(num_layers=2, hidden_size=48, num_attention_heads=4, inner_hidden_size=128, image=28, patch=14),
+              qformer=dict(num_layers=2, hidden_size=32, num_attention_heads=4, queries=8),
+              lora=dict(layers=[0, 2], rank=4), pre_image=3, lens=[30, 24], seed=11),
+    "b": dict(glm=dict(num_layers=2, hidden_size=96, num_attention_heads=6, inner_hidden_size=200, vocab_size=777,
+                       bos=770, mask=760, gmask=761),
+              vit=dict(num_layers=3, hidden_size=40, num_attention_heads=5, inner_hidden_size=100, image=42, patch=14),
+              qformer=dict(num_layers=3, hidden_size=48, num_attention_heads=6, queries=5),
+              lora=dict(layers=[1], rank=3), pre_image=2, lens=[24, 30, 22], seed=23),
+}
+
+
+def build(c):
+    g, v, q = c["glm"], c["vit"], c["qformer"]
+    args = namespace(num_layers=g["num_layers"], hidden_size=g["hidden_size"], num_attention_heads=g["num_attention_heads"],
+                     inner_hidden_size=g["inner_hidden_size"], vocab_size=g["vocab_size"], max_sequence_length=256,
+                     layernorm_order="post", bos_token_id=g["bos"], mask_token_id=g["mask"], gmask_token_id=g["gmask"],
+                     image_length=q["queries"])
+    grid = (v["image"] // v["patch"]) ** 2
+    eva = dict(num_layers=v["num_layers"], hidden_size=v["hidden_size"], num_attention_heads=v["num_attention_heads"],
+               vocab_size=1, layernorm_order="pre", model_parallel_size=1, max_sequence_length=grid + 1,
+               inner_hidden_size=v["inner_hidden_size"], use_final_layernorm=False, layernorm_epsilon=1e-6,
+               image_size=[v["image"], v["image"]], pre_len=1, post_len=0, in_channels=3, num_classes=0,
+               patch_size=v["patch"])
+    qf = dict(num_layers=q["num_layers"], hidden_size=q["hidden_size"], num_attention_heads=q["num_attention_heads"],
+              vocab_size=q["queries"], layernorm_order="post", model_parallel_size=1, max_sequence_length=1,
+              is_decoder=[i % 2 == 0 for i in range(q["num_layers"])], cross_attn_hidden_size=v["hidden_size"],
+              layernorm_epsilon=1e-12)
+    model = FineTuneVisualGLM(args, namespace(**eva), namespace(**qf), c["lora"]["layers"], c["lora"]["rank"])
+    config = {"model_class": "FineTuneVisualGLMModel", "tokenizer_type": "THUDM/chatglm-6b",
+              "num_layers": g["num_layers"], "hidden_size": g["hidden_size"], "num_attention_heads": g["num_attention_heads"],
+              "vocab_size": g["vocab_size"], "inner_hidden_size": g["inner_hidden_size"], "layernorm_order": "post",
+              "model_parallel_size": 1, "max_sequence_length": 256, "image_length": q["queries"],
+              "eva_args": eva, "qformer_args": {k: v2 for k, v2 in qf.items() if k != "max_sequence_length"},
+              "bos_token_id": g["bos"], "mask_token_id": g["mask"], "gmask_token_id": g["gmask"], "pad_token_id": 3,
+              "use_lora": True, "lora_rank": c["lora"]["rank"], "layer_range": c["lora"]["layers"],
+              "pre_seq_len": 4, "use_ptuning": False, "use_qlora": False}
+    return model, config
+
+
+def randomize(model, gen):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "ln_vision" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "embeddings" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif "matrix_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:  # Linear / conv weights [out, in, ...]: unit-variance outputs
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+
+
+def make_inputs(c, gen):
+    g, q = c["glm"], c["qformer"]
+    pre, L = c["pre_image"], q["queries"]
+    seqs, labels = [], []
+    S = max(c["lens"])
+    for n in c["lens"]:
+        src_len = pre + L + 6 + int(torch.randint(0, 4, (1,), generator=gen))
+        tgt_len = n - src_len - 3
+        assert tgt_len >= 1, (n, src_len)
+        body = lambda k: torch.randint(10, g["mask"] - 10, (k,), generator=gen).tolist()
+        ids = body(pre) + [3] * L + body(src_len - pre - L) + [g["gmask"], g["bos"]] + body(tgt_len) + [5]
+        ctx = ids.index(g["bos"])
+        lab = [-100] * ctx + ids[ctx:]
+        ids += [3] * (S - len(ids))
+        lab += [-100] * (S - len(lab))
+        seqs.append(ids)
+        labels.append(lab)
+    v = c["vit"]
+    image = torch.randn(len(seqs), 3, v["image"], v["image"], generator=gen)
+    return torch.tensor(seqs), torch.tensor(labels), image
+
+
+def main():
+    for name, c in CONFIGS.items():
+        torch.manual_seed(c["seed"])
+        gen = torch.Generator().manual_seed(c["seed"])
+        model, config = build(c)
+        randomize(model, gen)
+        model.eval()
+        ids, labels, image = make_inputs(c, gen)
+        for n, p in model.named_parameters():
+            p.requires_grad_("matrix_" in n)
+        logits = model(input_ids=ids, image=image, pre_image=c["pre_image"])[0]
+        cap = model.mixins["eva"].model.captured
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        out_dir = os.path.join(ROOT, "tests", "fixtures", "model", name)
+        os.makedirs(out_dir, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "inv_freq" not in k}
+        save_file(weights, os.path.join(out_dir, "weights.safetensors"))
+        save_file({"input_ids": ids, "labels": labels, "image": image.contiguous(),
+                   "pre_image": torch.tensor([c["pre_image"]])}, os.path.join(out_dir, "inputs.safetensors"))
+        outputs = {"vit": cap["vit"], "qformer": cap["qformer"], "image_embeds": cap["image_embeds"],
+                   "logits": logits, "loss": loss.reshape(1)}
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                outputs["grad." + n] = p.grad
+        save_file({k: v.detach().contiguous() for k, v in outputs.items()}, os.path.join(out_dir, "outputs.safetensors"))
+        with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        print(name, "loss", float(loss), "logits", tuple(logits.shape), "params", len(weights),
+              "lora grads", sum(1 for k in outputs if k.startswith("grad.")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+//! ChatGLM-6B (GLM with 2-D rotary positions), as sat 0.3.6 computes it.
+//!
+//! Paper: Du et al., "GLM: General Language Model Pretraining with Autoregressive Blank
+//! Infilling" (ACL 2022). Reference: VISUALGLM_SPEC.md §1.c (sat 0.3.6
+//! `model/official/chatglm_model.py`, HF `modeling_chatglm.py`):
+//!
+//! * block: `a = LN_in(h); h1 = α·a + Attn(a); m = LN_post(h1); out = α·m + MLP(m)`, α = √(2·layers);
+//! * fused qkv rows interleaved per head `[q_h k_h v_h]`; 2-D rotary: the first half of each head
+//!   rotated by `position_ids`, the second half by `block_position_ids` (rotate-half style);
+//! * scores `(q / (√d·c))·kᵀ`, masked as `s·m − 10000·(1−m)`, then `·c` in fp32 and softmax in fp32
+//!   (c = layer index + 1) — sat's fp16-overflow trick, kept for bit-faithful numerics;
+//! * tanh-GELU MLP, final LN, untied `lm_head` without bias.
+
+use tch::nn::Path;
+use tch::{Kind, Tensor};
+
+use super::config::{LoraConfig, ModelConfig, RotaryPrecision};
+use super::lora::Lora;
+use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: LayerNorm,
+    qkv: Linear,
+    qkv_lora: Option<Lora>,
+    dense: Linear,
+    dense_lora: Option<Lora>,
+    post_attention_layernorm: LayerNorm,
+    h_to_4h: Linear,
+    h_to_4h_lora: Option<Lora>,
+    h4_to_h: Linear,
+    h4_to_h_lora: Option<Lora>,
+}
+
+/// Dropout rates in train mode (sat: 0.1 each; HF ChatGLM: none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dropouts {
+    pub embedding: f64,
+    pub attention: f64,
+    pub output: f64,
+}
+
+#[derive(Debug)]
+pub struct ChatGlm {
+    word_embeddings: Tensor,
+    layers: Vec<Layer>,
+    final_layernorm: LayerNorm,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    heads: i64,
+    head_dim: i64,
+    alpha: f64,
+    pub dropout: Dropouts,
+    /// Whether the LoRA deltas are added (false once merged into the base weights).
+    pub lora_active: bool,
+}
+
+/// Inputs for one forward pass.
+pub struct GlmInputs<'a> {
+    /// `[B, S]`
+    pub input_ids: &'a Tensor,
+    /// `[B, 2, S]`: position ids and block position ids.
+    pub position_ids: &'a Tensor,
+    /// `[B, 1, S, S]` float: 1 = may attend.
+    pub attention_mask: &'a Tensor,
+    /// `[B, L, hidden]` to splice over the placeholder ids at `[pre_image, pre_image + L)`.
+    pub image_embeds: Option<&'a Tensor>,
+    pub pre_image: i64,
+}
+
+fn rotary_tables(head_dim: i64, max_len: i64, precision: RotaryPrecision) -> (Tensor, Tensor) {
+    let dim = head_dim / 2;
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let exponent = Tensor::arange_start_step(0, dim, 2, opts) / dim as f64;
+    let inv_freq = Tensor::from(10000f32).pow(&exponent).reciprocal();
+    let (angles, round) = match precision {
+        RotaryPrecision::SatFp32 => (Tensor::arange(max_len, opts).outer(&inv_freq), true),
+        RotaryPrecision::SatFp16 => {
+            let inv = inv_freq.to_kind(Kind::Half);
+            let t = Tensor::arange(max_len, (Kind::Half, tch::Device::Cpu));
+            (t.outer(&inv), true)
+        }
+        RotaryPrecision::Fp32 => (Tensor::arange(max_len, opts).outer(&inv_freq), false),
+    };
+    let emb = Tensor::cat(&[&angles, &angles], -1);
+    let (cos, sin) = (emb.cos(), emb.sin());
+    if round {
+        (
+            cos.to_kind(Kind::Half).to_kind(Kind::Float),
+            sin.to_kind(Kind::Half).to_kind(Kind::Float),
+        )
+    } else {
+        (cos, sin)
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let h = x.chunk(2, -1);
+    Tensor::cat(&[&h[1].neg(), &h[0]], -1)
+}
+
+/// Rotate `x [B, S, n, d]` by the table rows at `pos [B, S]`.
+fn rotate(x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let (b, s) = pos.size2().unwrap();
+    let d = *x.size().last().unwrap();
+    let flat = pos.flatten(0, -1);
+    let c = cos
+        .index_select(0, &flat)
+        .view([b, s, 1, d])
+        .to_kind(x.kind());
+    let sn = sin
+        .index_select(0, &flat)
+        .view([b, s, 1, d])
+        .to_kind(x.kind());
+    x * c + rotate_half(x) * sn
+}
+
+impl ChatGlm {
+    /// `p`: the frozen store (weights under `transformer.` and `mixins.chatglm-final.`);
+    /// `lora_p`: the fp32 trainable store for the adapters.
+    pub fn new(p: &Path, lora_p: &Path, cfg: &ModelConfig) -> Self {
+        let s = &cfg.sat;
+        let (h, inner, eps) = (s.hidden_size, cfg.inner_hidden_size(), s.layernorm_epsilon);
+        let heads = s.num_attention_heads;
+        let head_dim = h / heads;
+        let t = p / "transformer";
+        let lt = lora_p / "transformer";
+        let lora_on = |i: i64| cfg.lora.as_ref().filter(|l| l.layers.contains(&i));
+        let mk = |lp: &Path, l: &LoraConfig, i: i64, o: i64, parts: i64, hf: bool| {
+            let head_first = (hf && l.head_first).then_some((heads, head_dim));
+            let mut lora = Lora::new(lp, i, o, parts, l.rank, l.scaling(), head_first);
+            lora.dropout = l.dropout;
+            lora
+        };
+        let layers = (0..s.num_layers)
+            .map(|i| {
+                let l = &t / "layers" / i;
+                let ll = &lt / "layers" / i;
+                let lora = lora_on(i);
+                Layer {
+                    input_layernorm: LayerNorm::new(&(&l / "input_layernorm"), h, eps),
+                    qkv: Linear::new(&(&l / "attention" / "query_key_value"), h, 3 * h, true),
+                    qkv_lora: lora.map(|c| {
+                        mk(
+                            &(&ll / "attention" / "query_key_value"),
+                            c,
+                            h,
+                            3 * h,
+                            3,
+                            true,
+                        )
+                    }),
+                    dense: Linear::new(&(&l / "attention" / "dense"), h, h, true),
+                    dense_lora: lora.map(|c| mk(&(&ll / "attention" / "dense"), c, h, h, 1, false)),
+                    post_attention_layernorm: LayerNorm::new(
+                        &(&l / "post_attention_layernorm"),
+                        h,
+                        eps,
+                    ),
+                    h_to_4h: Linear::new(&(&l / "mlp" / "dense_h_to_4h"), h, inner, true),
+                    h_to_4h_lora: lora
+                        .filter(|c| c.mlp)
+                        .map(|c| mk(&(&ll / "mlp" / "dense_h_to_4h"), c, h, inner, 1, false)),
+                    h4_to_h: Linear::new(&(&l / "mlp" / "dense_4h_to_h"), inner, h, true),
+                    h4_to_h_lora: lora
+                        .filter(|c| c.mlp)
+                        .map(|c| mk(&(&ll / "mlp" / "dense_4h_to_h"), c, inner, h, 1, false)),
+                }
+            })
+            .collect();
+        let (cos, sin) = rotary_tables(head_dim, s.max_sequence_length, cfg.rotary);
+        Self {
+            word_embeddings: embedding(&(&t / "word_embeddings"), s.vocab_size, h),
+            layers,
+            final_layernorm: LayerNorm::new(&(&t / "final_layernorm"), h, eps),
+            lm_head: (p / "mixins" / "chatglm-final" / "lm_head").var(
+                "weight",
+                &[s.vocab_size, h],
+                tch::nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ),
+            cos: cos.to_device(p.device()),
+            sin: sin.to_device(p.device()),
+            heads,
+            head_dim,
+            alpha: ((2 * s.num_layers) as f64).sqrt(),
+            dropout: Dropouts::default(),
+            lora_active: true,
+        }
+    }
+
+    /// Token embeddings with the image embeddings spliced over the placeholder slots (XrayGLM's
+    /// `ImageMixin.word_embedding_forward`): no image, or a sequence shorter than the slots, means
+    /// plain embeddings.
+    pub fn embed(
+        &self,
+        input_ids: &Tensor,
+        image_embeds: Option<&Tensor>,
+        pre_image: i64,
+    ) -> Tensor {
+        let emb = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
+        match image_embeds {
+            Some(img) => {
+                let (_, s) = input_ids.size2().unwrap();
+                let l = img.size()[1];
+                if pre_image + l > s {
+                    return emb;
+                }
+                let img = img.to_kind(emb.kind());
+                Tensor::cat(
+                    &[
+                        emb.narrow(1, 0, pre_image),
+                        img,
+                        emb.narrow(1, pre_image + l, s - pre_image - l),
+                    ],
+                    1,
+                )
+            }
+            None => emb,
+        }
+    }
+
+    /// Logits `[B, S, vocab]` (in the weights' kind).
+    pub fn forward(&self, inp: &GlmInputs, train: bool) -> Tensor {
+        let d = self.dropout;
+        let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
+        let mut x = dropout(&emb, d.embedding, train);
+        let pos = inp.position_ids.select(1, 0);
+        let block = inp.position_ids.select(1, 1);
+        let mask = inp.attention_mask.to_kind(Kind::Float);
+        for (i, l) in self.layers.iter().enumerate() {
+            x = self.layer(l, i as i64, &x, &pos, &block, &mask, train);
+        }
+        self.final_layernorm.forward(&x).matmul(&self.lm_head.tr())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        l: &Layer,
+        idx: i64,
+        h: &Tensor,
+        pos: &Tensor,
+        block: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let d = self.dropout;
+        let a = l.input_layernorm.forward(h);
+        let attn = self.attention(l, idx, &a, pos, block, mask, train);
+        let h1 = &a * self.alpha + attn;
+        let m = l.post_attention_layernorm.forward(&h1);
+        let mut up = l.h_to_4h.forward(&m);
+        if let Some(lo) = l.h_to_4h_lora.as_ref().filter(|_| self.lora_active) {
+            up = up + lo.delta(&m, train);
+        }
+        let act = gelu_tanh(&up);
+        let mut down = l.h4_to_h.forward(&act);
+        if let Some(lo) = l.h4_to_h_lora.as_ref().filter(|_| self.lora_active) {
+            down = down + lo.delta(&act, train);
+        }
+        &m * self.alpha + dropout(&down, d.output, train)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: &Layer,
+        idx: i64,
+        a: &Tensor,
+        pos: &Tensor,
+        block: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let (b, s, hidden) = a.size3().unwrap();
+        let (n, hd) = (self.heads, self.head_dim);
+        let mut qkv = l.qkv.forward(a);
+        if let Some(lo) = l.qkv_lora.as_ref().filter(|_| self.lora_active) {
+            qkv = qkv + lo.delta(a, train);
+        }
+        let parts = qkv.view([b, s, n, 3 * hd]).chunk(3, -1);
+        let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
+        let q12 = q.chunk(2, -1);
+        let k12 = k.chunk(2, -1);
+        let q = Tensor::cat(
+            &[
+                rotate(&q12[0], pos, &self.cos, &self.sin),
+                rotate(&q12[1], block, &self.cos, &self.sin),
+            ],
+            -1,
+        );
+        let k = Tensor::cat(
+            &[
+                rotate(&k12[0], pos, &self.cos, &self.sin),
+                rotate(&k12[1], block, &self.cos, &self.sin),
+            ],
+            -1,
+        );
+        // [B, S, n, d] → [B, n, S, d]
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        let c = (idx + 1) as f64;
+        let kind = q.kind();
+        let q = q / ((hd as f64).sqrt() * c);
+        let scores = q.matmul(&k.transpose(-1, -2));
+        let scores: Tensor = &scores * mask - (mask.ones_like() - mask) * 10000.0;
+        let probs = (scores.to_kind(Kind::Float) * c)
+            .softmax(-1, Kind::Float)
+            .to_kind(kind);
+        let ctx = dropout(&probs, self.dropout.attention, train).matmul(&v);
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
+        let mut out = l.dense.forward(&ctx);
+        if let Some(lo) = l.dense_lora.as_ref().filter(|_| self.lora_active) {
+            out = out + lo.delta(&ctx, train);
+        }
+        dropout(&out, self.dropout.output, train)
+    }
+
+    /// The LoRA adapters, with the sat name prefix of the layer each adapts.
+    pub fn loras(&self) -> Vec<(String, &Lora)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let base = format!("transformer.layers.{i}");
+            let named = [
+                ("attention.query_key_value", &l.qkv_lora),
+                ("attention.dense", &l.dense_lora),
+                ("mlp.dense_h_to_4h", &l.h_to_4h_lora),
+                ("mlp.dense_4h_to_h", &l.h4_to_h_lora),
+            ];
+            for (name, lo) in named {
+                if let Some(lo) = lo {
+                    out.push((format!("{base}.{name}"), lo));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// ChatGLM's mask for sequences whose bidirectional prefix has `context_lengths[b]` tokens:
+/// lower-triangular ones with every column `< context_length` set to 1. `[B, 1, S, S]` float.
+pub fn attention_mask(context_lengths: &[i64], seq_len: i64, device: tch::Device) -> Tensor {
+    let b = context_lengths.len() as i64;
+    let tril = Tensor::ones([seq_len, seq_len], (Kind::Float, device)).tril(0);
+    let cols = Tensor::arange(seq_len, (Kind::Int64, device));
+    let ctx = Tensor::from_slice(context_lengths)
+        .to_device(device)
+        .view([b, 1, 1]);
+    let prefix = cols
+        .view([1, 1, seq_len])
+        .lt_tensor(&ctx)
+        .to_kind(Kind::Float);
+    tril.unsqueeze(0).maximum(&prefix).unsqueeze(1)
+}
+
+/// Position ids `[B, 2, S]` and context lengths from token ids, as sat's `get_inputs` derives them
+/// (first `<sop>` ends the context; positions freeze at the first `[gMASK]`, or `[MASK]` when no
+/// sequence of the batch has a `[gMASK]`). Sequences must not start with pads (XrayGLM pads right).
+pub fn positions_from_ids(
+    input_ids: &Tensor,
+    bos: i64,
+    mask: i64,
+    gmask: i64,
+) -> anyhow::Result<(Tensor, Vec<i64>)> {
+    let (b, s) = input_ids.size2()?;
+    let ids: Vec<i64> = Vec::<i64>::try_from(input_ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
+    let any_gmask = ids.contains(&gmask);
+    let mark = if any_gmask { gmask } else { mask };
+    let mut pos = Vec::with_capacity((b * 2 * s) as usize);
+    let mut ctxs = Vec::with_capacity(b as usize);
+    for row in ids.chunks(s as usize) {
+        let ctx = row
+            .iter()
+            .position(|&t| t == bos)
+            .ok_or_else(|| anyhow::anyhow!("a sequence has no <sop> ({bos})"))?
+            as i64;
+        let mpos = row
+            .iter()
+            .position(|&t| t == mark)
+            .ok_or_else(|| anyhow::anyhow!("a sequence has no mask token ({mark})"))?
+            as i64;
+        pos.extend((0..s).map(|i| if i < ctx { i } else { mpos }));
+        pos.extend((0..s).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
+        ctxs.push(ctx);
+    }
+    Ok((
+        Tensor::from_slice(&pos)
+            .view([b, 2, s])
+            .to_device(input_ids.device()),
+        ctxs,
+    ))
+}

@@ -1,0 +1,123 @@
+//! LoRA exactly as XrayGLM uses it (sat `LoraMixin` with `head_first=True`), and merging.
+//!
+//! Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021). Reference:
+//! VISUALGLM_SPEC.md §4 (XrayGLM `lora_mixin.py`): per adapted Linear, `partitions` pairs
+//! `A_p [r, in]` (kaiming-uniform, a = √5, i.e. U(±1/√in)) and `B_p [out/partitions, r]` (zeros);
+//! `Δ_p = scaling · (x·A_pᵀ)·B_pᵀ` with `scaling = alpha / r`. For ChatGLM's fused qkv
+//! (3 partitions) `head_first` views each Δ_p as `[heads, head_dim]` and concatenates them per head,
+//! so the q/k/v deltas of head h land in ChatGLM's interleaved rows `[q_h k_h v_h]`.
+//! Parameters are named `matrix_A.<p>` / `matrix_B.<p>` beside the adapted layer.
+
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+use super::nn::dropout;
+
+#[derive(Debug)]
+pub struct Lora {
+    pub a: Vec<Tensor>,
+    pub b: Vec<Tensor>,
+    pub scaling: f64,
+    pub dropout: f64,
+    /// `(heads, head_dim)` when the partitions are placed head-first.
+    head_first: Option<(i64, i64)>,
+    out_dim: i64,
+}
+
+impl Lora {
+    /// LoRA for a Linear `in_dim → out_dim` split into `partitions` equal output blocks. The
+    /// parameters are created in `p` (a float32 store: LoRA weights are always fp32 masters).
+    pub fn new(
+        p: &Path,
+        in_dim: i64,
+        out_dim: i64,
+        partitions: i64,
+        rank: i64,
+        scaling: f64,
+        head_first: Option<(i64, i64)>,
+    ) -> Self {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = (0..partitions)
+            .map(|i| {
+                (p / "matrix_A").var(
+                    &i.to_string(),
+                    &[rank, in_dim],
+                    Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                )
+            })
+            .collect();
+        let b = (0..partitions)
+            .map(|i| {
+                (p / "matrix_B").var(
+                    &i.to_string(),
+                    &[out_dim / partitions, rank],
+                    Init::Const(0.0),
+                )
+            })
+            .collect();
+        Self {
+            a,
+            b,
+            scaling,
+            dropout: 0.0,
+            head_first,
+            out_dim,
+        }
+    }
+
+    /// The additive output `Δ(x)` with the shape of the adapted layer's output, in `x`'s kind.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
+        let kind = x.kind();
+        let x = dropout(x, self.dropout, train);
+        let parts: Vec<Tensor> = self
+            .a
+            .iter()
+            .zip(&self.b)
+            .map(|(a, b)| {
+                x.matmul(&a.to_kind(kind).tr())
+                    .matmul(&b.to_kind(kind).tr())
+                    * self.scaling
+            })
+            .collect();
+        if parts.len() == 1 {
+            return parts.into_iter().next().unwrap();
+        }
+        let lead: Vec<i64> = x.size()[..x.dim() - 1].to_vec();
+        match self.head_first {
+            Some((heads, head_dim)) => {
+                let mut shape = lead.clone();
+                shape.extend([heads, head_dim]);
+                let parts: Vec<Tensor> = parts.iter().map(|t| t.view(shape.as_slice())).collect();
+                let mut out = lead;
+                out.push(self.out_dim);
+                Tensor::cat(&parts, -1).view(out.as_slice())
+            }
+            None => Tensor::cat(&parts, -1),
+        }
+    }
+
+    /// `ΔW [out, in]` (fp32) such that `x·ΔWᵀ = Δ(x)` — for merging into the base weight.
+    pub fn delta_weight(&self) -> Tensor {
+        let parts: Vec<Tensor> = self
+            .a
+            .iter()
+            .zip(&self.b)
+            .map(|(a, b)| b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)) * self.scaling)
+            .collect();
+        let in_dim = parts[0].size()[1];
+        match (self.head_first, parts.len()) {
+            (_, 1) => parts.into_iter().next().unwrap(),
+            (Some((heads, head_dim)), n) => {
+                // rows of part p: (head, d) → merged row head·n·head_dim + p·head_dim + d
+                let stacked = Tensor::stack(&parts, 0).view([n as i64, heads, head_dim, in_dim]);
+                stacked
+                    .permute([1, 0, 2, 3])
+                    .reshape([self.out_dim, in_dim])
+            }
+            (None, _) => Tensor::cat(&parts, 0),
+        }
+    }
+}

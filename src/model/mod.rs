@@ -1,0 +1,9 @@
+//! The model: VisualGLM-6B (EVA-CLIP ViT + BLIP-2 Q-Former + ChatGLM-6B) with XrayGLM's LoRA.
+
+pub mod chatglm;
+pub mod config;
+pub mod lora;
+mod nn;
+pub mod qformer;
+pub mod visualglm;
+pub mod vit;

@@ -1,0 +1,115 @@
+//! Small building blocks shared by the model components: weights live in a `VarStore` under their
+//! sat names (`transformer.layers.0.attention.dense.weight`, …), so checkpoints load by name.
+
+use tch::nn::{Init, Path};
+use tch::Tensor;
+
+/// Initialisation of freshly built (not loaded) weights: N(0, 0.02), biases zero — sat's default.
+fn normal() -> Init {
+    Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    }
+}
+
+/// `y = x Wᵀ + b` with W stored `[out, in]` (PyTorch / Megatron convention).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        Self {
+            weight: p.var("weight", &[out_dim, in_dim], normal()),
+            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+            dim,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            false,
+        )
+    }
+}
+
+/// An embedding table `[rows, dim]` named `<p>.weight`.
+pub fn embedding(p: &Path, rows: i64, dim: i64) -> Tensor {
+    p.var("weight", &[rows, dim], normal())
+}
+
+/// Dropout that is the identity when `p == 0` or not training.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
+    if train && p > 0.0 {
+        x.dropout(p, true)
+    } else {
+        x.shallow_clone()
+    }
+}
+
+/// Exact (erf) GELU — the ViT and Q-Former.
+pub fn gelu_erf(x: &Tensor) -> Tensor {
+    x.gelu("none")
+}
+
+/// ChatGLM's tanh GELU: `0.5·x·(1 + tanh(0.7978845608028654·x·(1 + 0.044715·x²)))`, written out as
+/// sat's `gelu_impl` computes it.
+pub fn gelu_tanh(x: &Tensor) -> Tensor {
+    let inner = (x * 0.7978845608028654) * ((x * 0.044715) * x + 1.0);
+    x * 0.5 * (inner.tanh() + 1.0)
+}
+
+/// Plain multi-head attention with sat's `standard_attention` arithmetic:
+/// `softmax((q/√d)·kᵀ)·v`, no mask. `q,k,v`: `[B, heads, S, d]`.
+pub fn standard_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dropout_p: f64,
+    train: bool,
+) -> Tensor {
+    let d = *q.size().last().unwrap() as f64;
+    let scores = (q / d.sqrt()).matmul(&k.transpose(-1, -2));
+    let probs = scores.softmax(-1, scores.kind());
+    dropout(&probs, dropout_p, train).matmul(v)
+}
+
+/// `[B, S, heads·d] → [B, heads, S, d]`.
+pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
+    let (b, s, h) = x.size3().unwrap();
+    x.view([b, s, heads, h / heads]).transpose(1, 2)
+}
+
+/// `[B, heads, S, d] → [B, S, heads·d]`.
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let (b, n, s, d) = x.size4().unwrap();
+    x.transpose(1, 2).contiguous().view([b, s, n * d])
+}

@@ -1,0 +1,190 @@
+//! VisualGLM-6B: ViT → Q-Former → glm_proj → image embeddings spliced into ChatGLM, with LoRA.
+//!
+//! Reference: VISUALGLM_SPEC.md §1.0, §1.d (XrayGLM `model/visualglm.py`, `model/blip2.py BLIP2`).
+//! The frozen weights live in one `VarStore` (any float kind) under sat names
+//! (`transformer.…`, `mixins.chatglm-final.lm_head`, `mixins.eva.model.{vit,qformer,glm_proj}.…`);
+//! the LoRA adapters in a second, float32, trainable store under the names of the layers they
+//! adapt (`transformer.layers.<i>.attention.query_key_value.matrix_A.<p>` …). The same code runs
+//! training and inference.
+
+use anyhow::Result;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use super::chatglm::{attention_mask, positions_from_ids, ChatGlm, Dropouts, GlmInputs};
+use super::config::ModelConfig;
+use super::nn::Linear;
+use super::qformer::QFormer;
+use super::vit::Vit;
+
+pub struct VisualGlm {
+    pub cfg: ModelConfig,
+    /// Frozen weights (vision tower, Q-Former, glm_proj, ChatGLM).
+    pub base: VarStore,
+    /// Trainable LoRA weights (float32).
+    pub lora: VarStore,
+    pub vit: Vit,
+    pub qformer: QFormer,
+    pub glm_proj: Linear,
+    pub chatglm: ChatGlm,
+}
+
+/// Everything a forward pass produces that parity checks look at.
+pub struct Outputs {
+    pub vit: Option<Tensor>,
+    pub qformer: Option<Tensor>,
+    pub image_embeds: Option<Tensor>,
+    pub logits: Tensor,
+}
+
+impl VisualGlm {
+    /// Build with freshly initialised weights (N(0, 0.02), LoRA A uniform, B zero) on `device`,
+    /// frozen weights in `kind`.
+    pub fn new(cfg: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
+        cfg.validate()?;
+        let mut base = VarStore::new(device);
+        let lora = VarStore::new(device);
+        let root = base.root();
+        let eva = &root / "mixins" / "eva" / "model";
+        let vit = Vit::new(&(&eva / "vit"), &cfg.sat.eva_args);
+        let qformer = QFormer::new(&(&eva / "qformer"), &cfg.sat.qformer_args);
+        let glm_proj = Linear::new(
+            &(&eva / "glm_proj"),
+            cfg.sat.qformer_args.hidden_size,
+            cfg.sat.hidden_size,
+            true,
+        );
+        let chatglm = ChatGlm::new(&root, &lora.root(), &cfg);
+        base.set_kind(kind);
+        base.freeze();
+        Ok(Self {
+            cfg,
+            base,
+            lora,
+            vit,
+            qformer,
+            glm_proj,
+            chatglm,
+        })
+    }
+
+    /// Dropout everywhere in train mode (the reference trains with 0.1 in every part, §5.10).
+    pub fn set_dropout(&mut self, vision: f64, glm: Dropouts) {
+        self.vit.dropout = vision;
+        self.qformer.dropout = vision;
+        self.chatglm.dropout = glm;
+    }
+
+    /// ViT, Q-Former and projected image embeddings `[B, image_length, hidden]`. The frozen
+    /// vision tower never records autograd history.
+    pub fn encode_image(&self, image: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        tch::no_grad(|| {
+            let v = self.vit.forward(image, train);
+            let q = self.qformer.forward(&v, train);
+            let e = self.glm_proj.forward(&q);
+            (v, q, e)
+        })
+    }
+
+    /// Full forward. `position_ids [B, 2, S]` and `context_lengths` are derived from the ids when
+    /// not given (as sat does in training).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        image: Option<&Tensor>,
+        pre_image: i64,
+        position_ids: Option<&Tensor>,
+        context_lengths: Option<&[i64]>,
+        train: bool,
+    ) -> Result<Outputs> {
+        let s = &self.cfg.sat;
+        let derived;
+        let (pos, ctx): (&Tensor, Vec<i64>) = match (position_ids, context_lengths) {
+            (Some(p), Some(c)) => (p, c.to_vec()),
+            _ => {
+                derived = positions_from_ids(
+                    input_ids,
+                    s.bos_token_id,
+                    s.mask_token_id,
+                    s.gmask_token_id,
+                )?;
+                (&derived.0, derived.1.clone())
+            }
+        };
+        let seq = input_ids.size()[1];
+        let mask = attention_mask(&ctx, seq, input_ids.device());
+        let (vit, qformer, embeds) = match image {
+            Some(img) => {
+                let (v, q, e) = self.encode_image(img, train);
+                (Some(v), Some(q), Some(e))
+            }
+            None => (None, None, None),
+        };
+        let logits = self.chatglm.forward(
+            &GlmInputs {
+                input_ids,
+                position_ids: pos,
+                attention_mask: &mask,
+                image_embeds: embeds.as_ref(),
+                pre_image,
+            },
+            train,
+        );
+        Ok(Outputs {
+            vit,
+            qformer,
+            image_embeds: embeds,
+            logits,
+        })
+    }
+}
+
+impl VisualGlm {
+    /// Fold the LoRA deltas into the base weights (`W ← W + scaling·B·A`, placed head-first for
+    /// the fused qkv) and stop adding them at run time. Idempotent.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        if self.chatglm.lora_active {
+            self.apply_lora_to_base(1.0)?;
+            self.chatglm.lora_active = false;
+        }
+        Ok(())
+    }
+
+    /// Undo [`VisualGlm::merge_lora`] (up to the base kind's rounding).
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        if !self.chatglm.lora_active {
+            self.apply_lora_to_base(-1.0)?;
+            self.chatglm.lora_active = true;
+        }
+        Ok(())
+    }
+
+    fn apply_lora_to_base(&mut self, sign: f64) -> Result<()> {
+        let mut vars = self.base.variables();
+        for (prefix, lora) in self.chatglm.loras() {
+            let name = format!("{prefix}.weight");
+            let w = vars
+                .get_mut(&name)
+                .ok_or_else(|| anyhow::anyhow!("no base weight {name} for its LoRA"))?;
+            let delta = (lora.delta_weight() * sign).to_device(w.device());
+            tch::no_grad(|| {
+                let merged = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
+                w.copy_(&merged);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The reference loss: fp32 logits, shift by one, cross-entropy ignoring −100, mean over the
+/// counted tokens.
+pub fn lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let (b, s, v) = logits.size3().unwrap();
+    let _ = b;
+    let shift_logits = logits
+        .narrow(1, 0, s - 1)
+        .to_kind(Kind::Float)
+        .reshape([-1, v]);
+    let shift_labels = labels.narrow(1, 1, s - 1).reshape([-1]);
+    shift_logits.cross_entropy_loss::<Tensor>(&shift_labels, None, tch::Reduction::Mean, -100, 0.0)
+}

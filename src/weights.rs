@@ -1,0 +1,200 @@
+//! Loading named tensors into a [`VisualGlm`]: sat / XrayGLM names → the model's own names, shape
+//! checks, and an error that lists every missing, unexpected or mis-shaped tensor by name.
+//!
+//! Reference: VISUALGLM_SPEC.md §4 (LoRA names `…original.weight`, `matrix_A.<p>`; sat 0.3.6's
+//! single-partition `dense.matrix_A`), §6.a (sat-only keys to ignore: ChatGLM's unused
+//! `transformer.position_embeddings.weight`, `rotary_emb.inv_freq`), §10.1 (qkv layouts).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::Tensor;
+
+use crate::model::config::QkvLayout;
+use crate::model::visualglm::VisualGlm;
+
+/// What to do with a name: load it under the model's name, or ignore it.
+pub fn canonical_name(name: &str) -> Option<String> {
+    if name == "transformer.position_embeddings.weight" || name.ends_with("rotary_emb.inv_freq") {
+        return None;
+    }
+    let mut n = name.replace(".original.", ".");
+    // sat 0.3.6 LoraLinear: one partition stored without an index.
+    for m in ["matrix_A", "matrix_B"] {
+        if let Some(stem) = n.strip_suffix(m) {
+            n = format!("{stem}{m}.0");
+        }
+    }
+    Some(n)
+}
+
+/// `[Q | K | V]` block rows (sat ≥ 0.4) → ChatGLM's per-head interleaved `[q_h k_h v_h]`.
+pub fn blocks_to_interleaved(t: &Tensor, heads: i64) -> Tensor {
+    let rows = t.size()[0];
+    let hd = rows / 3 / heads;
+    let rest: Vec<i64> = t.size()[1..].to_vec();
+    let mut shape = vec![3, heads, hd];
+    shape.extend(&rest);
+    let mut out = vec![rows];
+    out.extend(&rest);
+    let mut perm: Vec<i64> = vec![1, 0, 2];
+    perm.extend((3..3 + rest.len() as i64).collect::<Vec<_>>());
+    t.view(shape.as_slice())
+        .permute(perm.as_slice())
+        .reshape(out.as_slice())
+}
+
+/// Which tensors a load must provide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Require {
+    /// Every frozen and every LoRA tensor.
+    All,
+    /// Every frozen tensor; LoRA tensors keep their initialisation when absent (loading a base
+    /// `visualglm-6b` checkpoint into a model with fresh adapters, as XrayGLM does).
+    Base,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    pub ignored: Vec<String>,
+}
+
+/// Copy `tensors` into `model` by name.
+pub fn load_into(
+    model: &mut VisualGlm,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    layout: QkvLayout,
+    require: Require,
+    source: &str,
+) -> Result<LoadReport> {
+    let heads = model.cfg.sat.num_attention_heads;
+    let glm_layers = model.cfg.sat.num_layers;
+    let mut base = model.base.variables();
+    let mut lora = model.lora.variables();
+    let mut report = LoadReport::default();
+    let mut unexpected = Vec::new();
+    let mut misshaped = Vec::new();
+    let mut seen = HashSet::new();
+    for (name, t) in tensors {
+        let Some(canon) = canonical_name(&name) else {
+            report.ignored.push(name);
+            continue;
+        };
+        let is_glm_qkv = canon.starts_with("transformer.layers.")
+            && (canon.ends_with("attention.query_key_value.weight")
+                || canon.ends_with("attention.query_key_value.bias"));
+        let t = if is_glm_qkv && layout == QkvLayout::Blocks {
+            blocks_to_interleaved(&t, heads)
+        } else {
+            t
+        };
+        let target = match base.get_mut(&canon).or_else(|| lora.get_mut(&canon)) {
+            Some(v) => v,
+            None => {
+                unexpected.push(name);
+                continue;
+            }
+        };
+        if target.size() != t.size() {
+            misshaped.push(format!(
+                "{name}: file {:?}, model {:?}",
+                t.size(),
+                target.size()
+            ));
+            seen.insert(canon);
+            continue;
+        }
+        tch::no_grad(|| target.copy_(&t));
+        seen.insert(canon);
+        report.loaded += 1;
+    }
+    let mut missing: Vec<String> = base
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    if require == Require::All {
+        missing.extend(lora.keys().filter(|k| !seen.contains(*k)).cloned());
+    }
+    missing.sort();
+    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
+        let list = |v: &[String]| {
+            let mut s = v.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > 20 {
+                s.push_str(&format!(", … ({} in all)", v.len()));
+            }
+            s
+        };
+        let mut msg = format!(
+            "{source}: weights do not fit the model ({} layers)",
+            glm_layers
+        );
+        if !missing.is_empty() {
+            msg.push_str(&format!("\n  missing: {}", list(&missing)));
+        }
+        if !unexpected.is_empty() {
+            msg.push_str(&format!("\n  unexpected: {}", list(&unexpected)));
+        }
+        if !misshaped.is_empty() {
+            msg.push_str(&format!("\n  wrong shape: {}", list(&misshaped)));
+        }
+        if layout == QkvLayout::Interleaved && !misshaped.is_empty() {
+            msg.push_str("\n  (if these are sat ≥ 0.4 weights, set qkv_layout = \"blocks\")");
+        }
+        bail!(msg);
+    }
+    Ok(report)
+}
+
+/// Read a `.safetensors` file (all tensors, on the CPU).
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The LoRA tensors of a model under their sat-compatible names.
+pub fn lora_tensors(model: &VisualGlm) -> BTreeMap<String, Tensor> {
+    model.lora.variables().into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_like_sat() {
+        assert_eq!(
+            canonical_name("transformer.position_embeddings.weight"),
+            None
+        );
+        assert_eq!(
+            canonical_name("mixins.chatglm-attn.rotary_emb.inv_freq"),
+            None
+        );
+        assert_eq!(
+            canonical_name("transformer.layers.0.attention.query_key_value.original.weight")
+                .unwrap(),
+            "transformer.layers.0.attention.query_key_value.weight"
+        );
+        assert_eq!(
+            canonical_name("transformer.layers.0.attention.dense.matrix_A").unwrap(),
+            "transformer.layers.0.attention.dense.matrix_A.0"
+        );
+        assert_eq!(
+            canonical_name("transformer.layers.0.attention.query_key_value.matrix_B.2").unwrap(),
+            "transformer.layers.0.attention.query_key_value.matrix_B.2"
+        );
+    }
+
+    #[test]
+    fn block_layout_becomes_interleaved() {
+        // heads 2, head dim 1: rows [q0 q1 k0 k1 v0 v1] → [q0 k0 v0 q1 k1 v1]
+        let t = Tensor::from_slice(&[0f32, 1., 2., 3., 4., 5.]).view([6, 1]);
+        let r = blocks_to_interleaved(&t, 2).view([6]);
+        assert_eq!(
+            Vec::<f32>::try_from(&r).unwrap(),
+            vec![0., 2., 4., 1., 3., 5.]
+        );
+    }
+}

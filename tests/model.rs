@@ -1,0 +1,289 @@
+//! VisualGLM parity with the original implementation (SwissArmyTransformer 0.3.6, fixtures from
+//! scripts/make_model_fixtures.py), fp32 on CPU. Tolerances (relative to the largest reference
+//! magnitude): ViT / Q-Former / image embeddings / logits ≤ 1e-4, loss ≤ 1e-5, LoRA gradients ≤ 1e-4.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::{Device, Kind, Tensor};
+use xrayglm::model::config::{ModelConfig, QkvLayout};
+use xrayglm::model::visualglm::{lm_loss, VisualGlm};
+use xrayglm::weights::{canonical_name, load_into, read_safetensors, Require};
+
+fn dir(name: &str) -> PathBuf {
+    common::fixture("model").join(name)
+}
+
+fn map(path: PathBuf) -> HashMap<String, Tensor> {
+    read_safetensors(&path).unwrap().into_iter().collect()
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.size(), want.size());
+    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
+    let scale = want
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1e-12);
+    diff / scale
+}
+
+fn build(name: &str, layout: QkvLayout, weights: Vec<(String, Tensor)>) -> VisualGlm {
+    let cfg = ModelConfig::from_sat_file(&dir(name).join("model_config.json")).unwrap();
+    let mut m = VisualGlm::new(cfg, Device::Cpu, Kind::Float).unwrap();
+    load_into(&mut m, weights, layout, Require::All, name).unwrap();
+    m
+}
+
+fn check(name: &str) {
+    let inputs = map(dir(name).join("inputs.safetensors"));
+    let want = map(dir(name).join("outputs.safetensors"));
+    let m = build(
+        name,
+        QkvLayout::Interleaved,
+        read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
+    );
+    let ids = &inputs["input_ids"];
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    let out = m
+        .forward(ids, Some(&inputs["image"]), pre, None, None, false)
+        .unwrap();
+    for (what, got, tol) in [
+        ("vit", out.vit.as_ref().unwrap(), 1e-4),
+        ("qformer", out.qformer.as_ref().unwrap(), 1e-4),
+        ("image_embeds", out.image_embeds.as_ref().unwrap(), 1e-4),
+        ("logits", &out.logits, 1e-4),
+    ] {
+        let e = rel_err(got, &want[what]);
+        eprintln!("{name} {what}: relative error {e:.2e}");
+        assert!(e <= tol, "{name} {what}: relative error {e:.3e} > {tol:e}");
+    }
+    let loss = lm_loss(&out.logits, &inputs["labels"]);
+    let e = rel_err(&loss.reshape([1]), &want["loss"]);
+    eprintln!("{name} loss: relative error {e:.2e}");
+    assert!(
+        e <= 1e-5,
+        "{name} loss {} vs {}: {e:.3e}",
+        loss.double_value(&[]),
+        want["loss"].double_value(&[0])
+    );
+    loss.backward();
+    let lora = m.lora.variables();
+    let mut n = 0;
+    for (k, g) in &want {
+        let Some(param) = k.strip_prefix("grad.") else {
+            continue;
+        };
+        let canon = canonical_name(param).unwrap();
+        let ours = lora
+            .get(&canon)
+            .unwrap_or_else(|| panic!("{name}: no LoRA parameter {canon}"))
+            .grad();
+        let e = rel_err(&ours, g);
+        eprintln!("{name} grad {param}: relative error {e:.2e}");
+        assert!(e <= 1e-4, "{name} grad {param}: relative error {e:.3e}");
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        lora.len(),
+        "{name}: every LoRA parameter has a reference gradient"
+    );
+    assert!(n > 0);
+}
+
+#[test]
+fn config_a_matches_sat() {
+    check("a");
+}
+
+#[test]
+fn config_b_matches_sat() {
+    check("b");
+}
+
+/// Interleaved `[q_h k_h v_h]` rows → `[Q | K | V]` blocks (what sat ≥ 0.4 stores).
+fn to_blocks(t: &Tensor, heads: i64) -> Tensor {
+    let rows = t.size()[0];
+    let hd = rows / 3 / heads;
+    let rest: Vec<i64> = t.size()[1..].to_vec();
+    let mut shape = vec![heads, 3, hd];
+    shape.extend(&rest);
+    let mut perm = vec![1i64, 0, 2];
+    perm.extend((3..3 + rest.len() as i64).collect::<Vec<_>>());
+    let mut out = vec![rows];
+    out.extend(&rest);
+    t.view(shape.as_slice())
+        .permute(perm.as_slice())
+        .reshape(out.as_slice())
+}
+
+#[test]
+fn both_qkv_layouts_give_identical_logits() {
+    let name = "a";
+    let inputs = map(dir(name).join("inputs.safetensors"));
+    let weights = read_safetensors(&dir(name).join("weights.safetensors")).unwrap();
+    let heads = ModelConfig::from_sat_file(&dir(name).join("model_config.json"))
+        .unwrap()
+        .sat
+        .num_attention_heads;
+    let blocks = |weights: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+        weights
+            .iter()
+            .map(|(k, v)| {
+                let glm_qkv = k.starts_with("transformer.layers.")
+                    && k.contains("attention.query_key_value")
+                    && !k.contains("matrix_");
+                (
+                    k.clone(),
+                    if glm_qkv {
+                        to_blocks(v, heads)
+                    } else {
+                        v.shallow_clone()
+                    },
+                )
+            })
+            .collect()
+    };
+    let b = build(name, QkvLayout::Blocks, blocks(&weights));
+    let blocks = blocks(&weights);
+    let a = build(name, QkvLayout::Interleaved, weights);
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    let la = a
+        .forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap()
+        .logits;
+    let lb = b
+        .forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap()
+        .logits;
+    assert!(la.equal(&lb));
+    // The layout matters: block weights read as interleaved are a different model.
+    let wrong = build(name, QkvLayout::Interleaved, blocks);
+    let lw = wrong
+        .forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap()
+        .logits;
+    assert!(rel_err(&lw, &la) > 1e-2);
+}
+
+#[test]
+fn merged_lora_gives_the_same_logits_and_unmerges() {
+    let name = "b";
+    let inputs = map(dir(name).join("inputs.safetensors"));
+    let mut m = build(
+        name,
+        QkvLayout::Interleaved,
+        read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
+    );
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    let run = |m: &VisualGlm| {
+        m.forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap()
+        .logits
+    };
+    let before = run(&m);
+    let w0 = m.base.variables()["transformer.layers.1.attention.query_key_value.weight"].copy();
+    m.merge_lora().unwrap();
+    let merged = run(&m);
+    assert!(
+        rel_err(&merged, &before) <= 1e-5,
+        "{}",
+        rel_err(&merged, &before)
+    );
+    assert!(
+        !m.base.variables()["transformer.layers.1.attention.query_key_value.weight"].equal(&w0)
+    );
+    m.unmerge_lora().unwrap();
+    let w1 = &m.base.variables()["transformer.layers.1.attention.query_key_value.weight"];
+    assert!(rel_err(w1, &w0) <= 1e-6);
+    assert!(rel_err(&run(&m), &before) <= 1e-5);
+}
+
+#[test]
+fn load_errors_list_tensors_by_name() {
+    let name = "a";
+    let mut weights = read_safetensors(&dir(name).join("weights.safetensors")).unwrap();
+    weights.retain(|(k, _)| k != "transformer.final_layernorm.bias");
+    weights.push((
+        "transformer.bogus.weight".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
+    for (k, v) in weights.iter_mut() {
+        if k == "mixins.eva.model.glm_proj.bias" {
+            *v = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        }
+    }
+    let cfg = ModelConfig::from_sat_file(&dir(name).join("model_config.json")).unwrap();
+    let mut m = VisualGlm::new(cfg, Device::Cpu, Kind::Float).unwrap();
+    let err = load_into(
+        &mut m,
+        weights,
+        QkvLayout::Interleaved,
+        Require::All,
+        "fixture a",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing: transformer.final_layernorm.bias"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected: transformer.bogus.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("wrong shape: mixins.eva.model.glm_proj.bias"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tiny_preset_builds_in_milliseconds() {
+    let t = std::time::Instant::now();
+    let m = VisualGlm::new(
+        ModelConfig::preset("tiny").unwrap(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let ms = t.elapsed().as_millis();
+    assert!(!m.lora.variables().is_empty());
+    assert!(ms < 2000, "tiny preset took {ms} ms to build");
+}
