@@ -36,6 +36,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 fn build(name: &str, layout: QkvLayout, weights: Vec<(String, Tensor)>) -> VisualGlm {
+    let weights = weights.into_iter().map(Ok);
     let cfg = ModelConfig::from_sat_file(&dir(name).join("model_config.json")).unwrap();
     let mut m = VisualGlm::new(cfg, Device::Cpu, Kind::Float).unwrap();
     load_into(&mut m, weights, layout, Require::All, name).unwrap();
@@ -253,7 +254,7 @@ fn load_errors_list_tensors_by_name() {
     let mut m = VisualGlm::new(cfg, Device::Cpu, Kind::Float).unwrap();
     let err = load_into(
         &mut m,
-        weights,
+        weights.into_iter().map(Ok),
         QkvLayout::Interleaved,
         Require::All,
         "fixture a",

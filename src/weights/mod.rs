@@ -14,6 +14,11 @@ use tch::Tensor;
 use crate::model::config::QkvLayout;
 use crate::model::visualglm::VisualGlm;
 
+pub mod pickle;
+pub mod source;
+pub mod st;
+pub mod torch_zip;
+
 /// What to do with a name: load it under the model's name, or ignore it.
 pub fn canonical_name(name: &str) -> Option<String> {
     if name == "transformer.position_embeddings.weight" || name.ends_with("rotary_emb.inv_freq") {
@@ -61,65 +66,92 @@ pub struct LoadReport {
     pub ignored: Vec<String>,
 }
 
-/// Copy `tensors` into `model` by name.
-pub fn load_into(
-    model: &mut VisualGlm,
-    tensors: impl IntoIterator<Item = (String, Tensor)>,
+/// Copies named tensors into a model one at a time and keeps the books for the final check.
+pub struct Loader<'m> {
+    base: std::collections::HashMap<String, Tensor>,
+    lora: std::collections::HashMap<String, Tensor>,
+    heads: i64,
+    layers: i64,
     layout: QkvLayout,
-    require: Require,
-    source: &str,
-) -> Result<LoadReport> {
-    let heads = model.cfg.sat.num_attention_heads;
-    let glm_layers = model.cfg.sat.num_layers;
-    let mut base = model.base.variables();
-    let mut lora = model.lora.variables();
-    let mut report = LoadReport::default();
-    let mut unexpected = Vec::new();
-    let mut misshaped = Vec::new();
-    let mut seen = HashSet::new();
-    for (name, t) in tensors {
+    seen: HashSet<String>,
+    unexpected: Vec<String>,
+    misshaped: Vec<String>,
+    report: LoadReport,
+    _model: std::marker::PhantomData<&'m mut VisualGlm>,
+}
+
+impl<'m> Loader<'m> {
+    pub fn new(model: &'m mut VisualGlm, layout: QkvLayout) -> Self {
+        Self {
+            base: model.base.variables(),
+            lora: model.lora.variables(),
+            heads: model.cfg.sat.num_attention_heads,
+            layers: model.cfg.sat.num_layers,
+            layout,
+            seen: HashSet::new(),
+            unexpected: Vec::new(),
+            misshaped: Vec::new(),
+            report: LoadReport::default(),
+            _model: std::marker::PhantomData,
+        }
+    }
+
+    /// Copy one tensor (sat name) into the model.
+    pub fn put(&mut self, name: String, t: Tensor) {
         let Some(canon) = canonical_name(&name) else {
-            report.ignored.push(name);
-            continue;
+            self.report.ignored.push(name);
+            return;
         };
         let is_glm_qkv = canon.starts_with("transformer.layers.")
             && (canon.ends_with("attention.query_key_value.weight")
                 || canon.ends_with("attention.query_key_value.bias"));
-        let t = if is_glm_qkv && layout == QkvLayout::Blocks {
-            blocks_to_interleaved(&t, heads)
+        let t = if is_glm_qkv && self.layout == QkvLayout::Blocks {
+            blocks_to_interleaved(&t, self.heads)
         } else {
             t
         };
-        let target = match base.get_mut(&canon).or_else(|| lora.get_mut(&canon)) {
-            Some(v) => v,
-            None => {
-                unexpected.push(name);
-                continue;
-            }
+        let Some(target) = self
+            .base
+            .get_mut(&canon)
+            .or_else(|| self.lora.get_mut(&canon))
+        else {
+            self.unexpected.push(name);
+            return;
         };
         if target.size() != t.size() {
-            misshaped.push(format!(
+            self.misshaped.push(format!(
                 "{name}: file {:?}, model {:?}",
                 t.size(),
                 target.size()
             ));
-            seen.insert(canon);
-            continue;
+            self.seen.insert(canon);
+            return;
         }
         tch::no_grad(|| target.copy_(&t));
-        seen.insert(canon);
-        report.loaded += 1;
+        self.seen.insert(canon);
+        self.report.loaded += 1;
     }
-    let mut missing: Vec<String> = base
-        .keys()
-        .filter(|k| !seen.contains(*k))
-        .cloned()
-        .collect();
-    if require == Require::All {
-        missing.extend(lora.keys().filter(|k| !seen.contains(*k)).cloned());
-    }
-    missing.sort();
-    if !missing.is_empty() || !unexpected.is_empty() || !misshaped.is_empty() {
+
+    /// Check that everything required arrived; the error lists every problem tensor by name.
+    pub fn finish(self, require: Require, source: &str) -> Result<LoadReport> {
+        let mut missing: Vec<String> = self
+            .base
+            .keys()
+            .filter(|k| !self.seen.contains(*k))
+            .cloned()
+            .collect();
+        if require == Require::All {
+            missing.extend(
+                self.lora
+                    .keys()
+                    .filter(|k| !self.seen.contains(*k))
+                    .cloned(),
+            );
+        }
+        missing.sort();
+        if missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty() {
+            return Ok(self.report);
+        }
         let list = |v: &[String]| {
             let mut s = v.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
             if v.len() > 20 {
@@ -129,28 +161,54 @@ pub fn load_into(
         };
         let mut msg = format!(
             "{source}: weights do not fit the model ({} layers)",
-            glm_layers
+            self.layers
         );
         if !missing.is_empty() {
             msg.push_str(&format!("\n  missing: {}", list(&missing)));
         }
-        if !unexpected.is_empty() {
-            msg.push_str(&format!("\n  unexpected: {}", list(&unexpected)));
+        if !self.unexpected.is_empty() {
+            msg.push_str(&format!("\n  unexpected: {}", list(&self.unexpected)));
         }
-        if !misshaped.is_empty() {
-            msg.push_str(&format!("\n  wrong shape: {}", list(&misshaped)));
+        if !self.misshaped.is_empty() {
+            msg.push_str(&format!("\n  wrong shape: {}", list(&self.misshaped)));
+            if self.layout == QkvLayout::Interleaved {
+                msg.push_str("\n  (if these are sat ≥ 0.4 weights, set qkv_layout = \"blocks\")");
+            }
         }
-        if layout == QkvLayout::Interleaved && !misshaped.is_empty() {
-            msg.push_str("\n  (if these are sat ≥ 0.4 weights, set qkv_layout = \"blocks\")");
-        }
-        bail!(msg);
+        bail!(msg)
     }
-    Ok(report)
+}
+
+/// Copy `tensors` into `model` by name (see [`Loader`]).
+pub fn load_into(
+    model: &mut VisualGlm,
+    tensors: impl IntoIterator<Item = Result<(String, Tensor)>>,
+    layout: QkvLayout,
+    require: Require,
+    source: &str,
+) -> Result<LoadReport> {
+    let mut l = Loader::new(model, layout);
+    for item in tensors {
+        let (name, t) = item?;
+        l.put(name, t);
+    }
+    l.finish(require, source)
 }
 
 /// Read a `.safetensors` file (all tensors, on the CPU).
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// HF `THUDM/visualglm-6b` names → sat names (spec §6.b, `convert_sat_checkpoint.py` reversed).
+pub fn hf_to_sat(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("image_encoder.") {
+        format!("mixins.eva.model.{rest}")
+    } else if name == "lm_head.weight" {
+        "mixins.chatglm-final.lm_head.weight".to_string()
+    } else {
+        name.to_string()
+    }
 }
 
 /// The LoRA tensors of a model under their sat-compatible names.

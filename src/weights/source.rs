@@ -1,0 +1,248 @@
+//! Model directories in the three formats a user meets, and loading any of them into a
+//! [`VisualGlm`]:
+//!
+//! * **xrayglm** (ours): `model_config.json` + `model.safetensors` (frozen weights, sat names)
+//!   + optional `lora.safetensors` + optional `tokenizer.json`; memory-mapped.
+//! * **sat** (XrayGLM / VisualGLM releases, spec §6.a): `latest` (iteration, or `release`),
+//!   `<iter>/mp_rank_00_model_states.pt` (the `module` dict; DeepSpeed keys ignored) and
+//!   `model_config.json`.
+//! * **hf** (`THUDM/visualglm-6b`, spec §6.b): `config.json` (ChatGLM config + `eva_config` /
+//!   `qformer_config`) and `pytorch_model.bin` / `pytorch_model-*.bin` (with
+//!   `pytorch_model.bin.index.json`) or `model*.safetensors`.
+//!
+//! Tensors are read and copied into the model one at a time, so loading never holds a second copy
+//! of the weights.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::st::SafeTensorsFile;
+use super::torch_zip::TorchCheckpoint;
+use super::{hf_to_sat, LoadReport, Loader, Require};
+use crate::model::config::{LoraConfig, ModelConfig, QkvLayout, RotaryPrecision, SatModelConfig};
+use crate::model::visualglm::VisualGlm;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Xrayglm,
+    Sat,
+    Hf,
+}
+
+pub fn detect(dir: &Path) -> Result<Format> {
+    if !dir.is_dir() {
+        bail!("{}: not a model directory", dir.display());
+    }
+    if dir.join("model.safetensors").is_file() && dir.join("model_config.json").is_file() {
+        return Ok(Format::Xrayglm);
+    }
+    if dir.join("latest").is_file() && dir.join("model_config.json").is_file() {
+        return Ok(Format::Sat);
+    }
+    if dir.join("config.json").is_file() {
+        return Ok(Format::Hf);
+    }
+    bail!(
+        "{}: unrecognised model directory (want model_config.json + model.safetensors, a sat checkpoint \
+         with `latest`, or an HF folder with config.json)",
+        dir.display()
+    )
+}
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Kind of the frozen weights.
+    pub kind: Kind,
+    /// Layout of ChatGLM's fused qkv in the files; `None` = the config's `qkv_layout` (default
+    /// interleaved).
+    pub qkv_layout: Option<QkvLayout>,
+    /// Replace the checkpoint's LoRA setting (e.g. add fresh adapters to a base model).
+    pub lora: Option<Option<LoraConfig>>,
+    pub rotary: RotaryPrecision,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            qkv_layout: None,
+            lora: None,
+            rotary: RotaryPrecision::default(),
+        }
+    }
+}
+
+/// The model config of a directory in any format.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    match detect(dir)? {
+        Format::Xrayglm | Format::Sat => ModelConfig::from_sat_file(&dir.join("model_config.json")),
+        Format::Hf => hf_config(&dir.join("config.json")),
+    }
+}
+
+/// HF `config.json` → the sat-style config.
+pub fn hf_config(path: &Path) -> Result<ModelConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let get = |k: &str| {
+        v.get(k)
+            .cloned()
+            .with_context(|| format!("{}: missing {k}", path.display()))
+    };
+    let mut sat = serde_json::Map::new();
+    for k in [
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "vocab_size",
+        "image_length",
+    ] {
+        sat.insert(k.into(), get(k)?);
+    }
+    for k in [
+        "inner_hidden_size",
+        "layernorm_epsilon",
+        "max_sequence_length",
+        "bos_token_id",
+        "mask_token_id",
+        "gmask_token_id",
+        "pad_token_id",
+    ] {
+        if let Some(x) = v.get(k).filter(|x| !x.is_null()) {
+            sat.insert(k.into(), x.clone());
+        }
+    }
+    sat.insert("eva_args".into(), get("eva_config")?);
+    sat.insert("qformer_args".into(), get("qformer_config")?);
+    let sat: SatModelConfig = serde_json::from_value(Value::Object(sat))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let cfg = ModelConfig::from_sat(sat);
+    cfg.validate()
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(cfg)
+}
+
+fn sat_weights_file(dir: &Path) -> Result<PathBuf> {
+    let latest = std::fs::read_to_string(dir.join("latest")).context("reading latest")?;
+    let iter = latest.trim();
+    let f = dir.join(iter).join("mp_rank_00_model_states.pt");
+    if !f.is_file() {
+        bail!(
+            "{}: `latest` says {iter:?} but {} is missing",
+            dir.display(),
+            f.display()
+        );
+    }
+    Ok(f)
+}
+
+fn hf_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    for index in [
+        "pytorch_model.bin.index.json",
+        "model.safetensors.index.json",
+    ] {
+        let p = dir.join(index);
+        if p.is_file() {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+            let mut files: Vec<String> = v["weight_map"]
+                .as_object()
+                .with_context(|| format!("{}: no weight_map", p.display()))?
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            files.sort();
+            files.dedup();
+            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        }
+    }
+    for single in ["pytorch_model.bin", "model.safetensors"] {
+        if dir.join(single).is_file() {
+            return Ok(vec![dir.join(single)]);
+        }
+    }
+    bail!(
+        "{}: no HF weight files (pytorch_model*.bin or model*.safetensors)",
+        dir.display()
+    )
+}
+
+/// Stream the named tensors of one file (torch zip or safetensors) into `f`.
+fn for_each_tensor(
+    path: &Path,
+    mut f: impl FnMut(Result<(String, Tensor)>) -> Result<()>,
+) -> Result<()> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let st = SafeTensorsFile::open(path)?;
+        for t in st.tensors() {
+            f(t)?;
+        }
+    } else {
+        let ck = TorchCheckpoint::open(path)?;
+        for t in ck.tensors()? {
+            f(t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Load a model directory of any format.
+pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+    let format = detect(dir)?;
+    let mut cfg = read_config(dir)?;
+    cfg.rotary = opts.rotary;
+    let had_lora = cfg.lora.is_some();
+    if let Some(l) = &opts.lora {
+        cfg.lora = l.clone();
+    }
+    let layout = opts.qkv_layout.unwrap_or(cfg.sat.qkv_layout);
+    // Our own files always hold the model's interleaved layout.
+    let layout = if format == Format::Xrayglm {
+        QkvLayout::Interleaved
+    } else {
+        layout
+    };
+    let require = if had_lora && cfg.lora.is_some() {
+        Require::All
+    } else {
+        Require::Base
+    };
+    let mut model = VisualGlm::new(cfg, opts.device, opts.kind)?;
+    let source = dir.display().to_string();
+    let files: Vec<PathBuf> = match format {
+        Format::Xrayglm => {
+            let mut v = vec![dir.join("model.safetensors")];
+            if dir.join("lora.safetensors").is_file() {
+                v.push(dir.join("lora.safetensors"));
+            }
+            v
+        }
+        Format::Sat => vec![sat_weights_file(dir)?],
+        Format::Hf => hf_weight_files(dir)?,
+    };
+    let mut loader = Loader::new(&mut model, layout);
+    for file in &files {
+        for_each_tensor(file, |t| {
+            let (n, x) = t?;
+            loader.put(
+                if format == Format::Hf {
+                    hf_to_sat(&n)
+                } else {
+                    n
+                },
+                x,
+            );
+            Ok(())
+        })
+        .with_context(|| format!("loading {}", file.display()))?;
+    }
+    let report = loader.finish(require, &source)?;
+    Ok((model, report))
+}
