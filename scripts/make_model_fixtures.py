@@ -9,6 +9,18 @@ configurations and writes, per configuration, under tests/fixtures/model/<name>/
   inputs.safetensors     input_ids, image, labels, pre_image
   outputs.safetensors    vit, qformer, image_embeds, logits, loss, and grad.<lora param name>
 
+and for configuration "a" also the same weights as the checkpoints users meet:
+
+  sat/        latest, 300/mp_rank_00_model_states.pt (torch.save of {"module": state_dict, DeepSpeed-style
+              keys, an argparse.Namespace}), model_config.json  — XrayGLM's release layout
+  hf/         config.json (eva_config / qformer_config), pytorch_model-0000{1,2}-of-00002.bin +
+              pytorch_model.bin.index.json with HF names (image_encoder.*, lm_head.weight) and the LoRA
+              merged into the base weights (W + scaling·B·A, head-first for qkv; spec §4 "Merge")
+
+plus tests/fixtures/torch_pickle/: a torch.save file exercising the pickle reader (OrderedDict
+with fp16 / bf16 / int64 tensors, a transposed view sharing storage, a parameter, nested dicts,
+an argparse.Namespace beside `module`) and the expected tensors as safetensors.
+
 The VisualGLM glue (EVAViT with ln_vision, the Q-Former, BLIP2's glm_proj, the image-splicing
 ImageMixin and the LoRA placement) is assembled here from sat's own classes following
 ../shared/reference/VISUALGLM_SPEC.md §1 and §4; ChatGLM, the ViT, the transformer layers and the
@@ -209,7 +221,103 @@ def make_inputs(c, gen):
     return torch.tensor(seqs), torch.tensor(labels), image
 
 
+def merged_hf_state(model, config, c):
+    """HF-named weights with the LoRA folded in (what a merged XrayGLM export would hold)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if "inv_freq" not in k}
+    heads = config["num_attention_heads"]
+    scaling = 1.0 / c["lora"]["rank"]
+    out = {}
+    for k, v in sd.items():
+        if "matrix_" in k or k == "transformer.position_embeddings.weight":
+            continue
+        name = k.replace(".original.", ".")
+        if k.endswith("query_key_value.original.weight") and k.startswith("transformer.layers."):
+            p = k[: -len("original.weight")]
+            parts = [(sd[p + "matrix_B.%d" % i] @ sd[p + "matrix_A.%d" % i]) * scaling for i in range(3)]
+            hd = parts[0].shape[0] // heads
+            delta = torch.stack([t.view(heads, hd, -1) for t in parts], 1).reshape(v.shape)
+            v = v + delta
+        elif k.endswith("dense.original.weight") and k.startswith("transformer.layers."):
+            p = k[: -len("original.weight")]
+            v = v + (sd[p + "matrix_B"] @ sd[p + "matrix_A"]) * scaling
+        if name.startswith("mixins.eva.model."):
+            name = "image_encoder." + name[len("mixins.eva.model."):]
+        elif name == "mixins.chatglm-final.lm_head.weight":
+            name = "lm_head.weight"
+        out[name] = v.contiguous()
+    for i in range(config["num_layers"]):
+        out["transformer.layers.%d.attention.rotary_emb.inv_freq" % i] = torch.ones(2)  # ignored buffer
+    return out
+
+
+def write_checkpoints(model, config, c, out_dir):
+    from collections import OrderedDict
+    sat_dir = os.path.join(out_dir, "sat")
+    os.makedirs(os.path.join(sat_dir, "300"), exist_ok=True)
+    module = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+    torch.save({"module": module, "iteration": 300, "buffer_names": [], "dp_world_size": 4, "mp_world_size": 1,
+                "client_lr_scheduler": {"start_lr": 1e-4, "warmup_iter": 6, "num_iters": 300,
+                                        "decay_style": "cosine", "end_iter": 300, "decay_ratio": 0.1},
+                "args": argparse.Namespace(lr=1e-4, train_iters=300, fp16=True)},
+               os.path.join(sat_dir, "300", "mp_rank_00_model_states.pt"))
+    with open(os.path.join(sat_dir, "latest"), "w") as f:
+        f.write("300")
+    with open(os.path.join(sat_dir, "model_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    hf_dir = os.path.join(out_dir, "hf")
+    os.makedirs(hf_dir, exist_ok=True)
+    hf = merged_hf_state(model, config, c)
+    names = sorted(hf)
+    shards = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(shards):
+        fname = "pytorch_model-%05d-of-00002.bin" % (i + 1)
+        torch.save(OrderedDict((k, hf[k]) for k in part), os.path.join(hf_dir, fname))
+        weight_map.update({k: fname for k in part})
+    with open(os.path.join(hf_dir, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f, indent=1)
+    hf_config = {"architectures": ["ChatGLMForConditionalGenerationWithImage"], "model_type": "chatglm",
+                 "num_layers": config["num_layers"], "hidden_size": config["hidden_size"],
+                 "num_attention_heads": config["num_attention_heads"], "vocab_size": config["vocab_size"],
+                 "inner_hidden_size": config["inner_hidden_size"], "layernorm_epsilon": 1e-5,
+                 "max_sequence_length": config["max_sequence_length"], "bos_token_id": config["bos_token_id"],
+                 "eos_token_id": 5, "mask_token_id": config["mask_token_id"], "gmask_token_id": config["gmask_token_id"],
+                 "pad_token_id": 3, "position_encoding_2d": True, "torch_dtype": "float32",
+                 "image_length": config["image_length"], "eva_config": config["eva_args"],
+                 "qformer_config": config["qformer_args"]}
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+
+
+def write_pickle_fixture():
+    from collections import OrderedDict
+    d = os.path.join(ROOT, "tests", "fixtures", "torch_pickle")
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 6, generator=g)
+    half = torch.randn(3, 5, generator=g).half()
+    bf = torch.randn(2, 7, generator=g).bfloat16()
+    longs = torch.arange(10, dtype=torch.int64) * 1000003
+    module = OrderedDict([
+        ("a.weight", base),
+        ("a.weight_t", base.t()),            # a transposed view of the same storage
+        ("a.slice", base[1:3, 2:5]),         # an offset, strided view
+        ("b.half", half),
+        ("c.bf16", bf),
+        ("d.long", longs),
+        ("e.param", torch.nn.Parameter(torch.ones(3) * 2.5)),
+        ("f.scalar", torch.tensor(7.25)),
+    ])
+    torch.save({"module": module, "args": argparse.Namespace(lr=1e-4, layer_range=[0, 14]), "iteration": 300,
+                "nested": {"x": [1, 2.5, "s", None, True], "big": 2 ** 40}},
+               os.path.join(d, "ckpt.pt"))
+    expected = {k: (v.detach().contiguous().float() if v.dtype != torch.int64 else v.contiguous())
+                for k, v in module.items()}
+    save_file(expected, os.path.join(d, "expected.safetensors"))
+
+
 def main():
+    write_pickle_fixture()
     for name, c in CONFIGS.items():
         torch.manual_seed(c["seed"])
         gen = torch.Generator().manual_seed(c["seed"])
@@ -237,6 +345,8 @@ def main():
         save_file({k: v.detach().contiguous() for k, v in outputs.items()}, os.path.join(out_dir, "outputs.safetensors"))
         with open(os.path.join(out_dir, "model_config.json"), "w") as f:
             json.dump(config, f, indent=1)
+        if name == "a":
+            write_checkpoints(model, config, c, out_dir)
         print(name, "loss", float(loss), "logits", tuple(logits.shape), "params", len(weights),
               "lora grads", sum(1 for k in outputs if k.startswith("grad.")))
 

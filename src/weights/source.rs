@@ -246,3 +246,28 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
     let report = loader.finish(require, &source)?;
     Ok((model, report))
 }
+
+/// Write a model in xrayglm's own format: `model.safetensors` (frozen weights, sat names, in
+/// their current kind), `lora.safetensors` (when the model has adapters) and `model_config.json`.
+/// Each file is written atomically.
+pub fn save_xrayglm(model: &VisualGlm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let meta = [("format", "xrayglm".to_string())];
+    let base = model.base.variables();
+    let mut names: Vec<&String> = base.keys().collect();
+    names.sort();
+    let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &base[*n])).collect();
+    super::st::write(&dir.join("model.safetensors"), &list, &meta)?;
+    let lora = model.lora.variables();
+    if !lora.is_empty() {
+        let mut names: Vec<&String> = lora.keys().collect();
+        names.sort();
+        let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
+        super::st::write(&dir.join("lora.safetensors"), &list, &meta)?;
+    } else if dir.join("lora.safetensors").exists() {
+        std::fs::remove_file(dir.join("lora.safetensors"))?;
+    }
+    let mut sat = model.cfg.to_sat();
+    sat.qkv_layout = QkvLayout::Interleaved;
+    crate::io::write_json_atomic(&dir.join("model_config.json"), &sat)
+}
