@@ -42,8 +42,61 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Convert a model directory (xrayglm, sat or HF format) into xrayglm's format.
+    Convert(ConvertArgs),
+    /// Run a model on the inputs in a safetensors file and write its logits (and loss), to
+    /// compare with the original implementation on the same inputs.
+    Parity(ParityArgs),
     /// Print versions and the devices libtorch sees.
     Info,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory: xrayglm format, a sat checkpoint (`latest` + `<iter>/mp_rank_00_model_states.pt`)
+    /// or an HF folder (config.json + pytorch_model*.bin / *.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (LoRA weights stay fp32).
+    #[arg(long, default_value = "fp32")]
+    dtype: String,
+    /// Fused-qkv layout of ChatGLM in the files: interleaved (sat 0.3.6, HF, XrayGLM) or blocks (sat >= 0.4).
+    #[arg(long)]
+    qkv_layout: Option<String>,
+    /// Rotary table rounding: sat_fp32 (default), sat_fp16 (the reference's fp16 model), fp32 (exact).
+    #[arg(long, default_value = "sat_fp32")]
+    rotary: String,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output directory (xrayglm format).
+    #[arg(long)]
+    to: PathBuf,
+    /// Fold the LoRA weights into the base weights and drop them.
+    #[arg(long)]
+    merge_lora: bool,
+    /// Tokenizer to save beside the weights as tokenizer.json.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ParityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors with `input_ids` [B,S] (int64), `image` [B,3,H,W] (float), optional `labels`
+    /// [B,S] and `pre_image` (default 3).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write `logits` (and `loss`, `vit`, `qformer`, `image_embeds`).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -227,6 +280,86 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
+fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
+    use xrayglm::model::config::{QkvLayout, RotaryPrecision};
+    let kind = match a.dtype.as_str() {
+        "fp32" | "float32" => tch::Kind::Float,
+        "bf16" | "bfloat16" => tch::Kind::BFloat16,
+        "fp16" | "float16" => tch::Kind::Half,
+        other => anyhow::bail!("--dtype {other:?}: use fp32, bf16 or fp16"),
+    };
+    let qkv_layout = match a.qkv_layout.as_deref() {
+        None => None,
+        Some("interleaved") => Some(QkvLayout::Interleaved),
+        Some("blocks") => Some(QkvLayout::Blocks),
+        Some(other) => anyhow::bail!("--qkv-layout {other:?}: use interleaved or blocks"),
+    };
+    let rotary = match a.rotary.as_str() {
+        "sat_fp32" => RotaryPrecision::SatFp32,
+        "sat_fp16" => RotaryPrecision::SatFp16,
+        "fp32" => RotaryPrecision::Fp32,
+        other => anyhow::bail!("--rotary {other:?}: use sat_fp32, sat_fp16 or fp32"),
+    };
+    let opts = xrayglm::weights::source::LoadOptions {
+        device: xrayglm::device::parse(&a.device)?,
+        kind,
+        qkv_layout,
+        lora: None,
+        rotary,
+    };
+    let t = std::time::Instant::now();
+    let (m, report) = xrayglm::weights::source::load_model(&a.model, &opts)?;
+    eprintln!(
+        "loaded {} tensors from {} in {:.1}s ({} ignored)",
+        report.loaded,
+        a.model.display(),
+        t.elapsed().as_secs_f64(),
+        report.ignored.len()
+    );
+    Ok(m)
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let mut m = load_model(&a.model)?;
+    if a.merge_lora {
+        m.merge_lora()?;
+        m.cfg.lora = None;
+        m.lora = tch::nn::VarStore::new(m.lora.device());
+    }
+    xrayglm::weights::source::save_xrayglm(&m, &a.to)?;
+    if let Some(t) = &a.tokenizer {
+        ChatGlmTokenizer::from_path(t)?.save(&a.to.join("tokenizer.json"))?;
+    }
+    eprintln!("wrote {}", a.to.display());
+    Ok(())
+}
+
+fn parity(a: ParityArgs) -> Result<()> {
+    let m = load_model(&a.model)?;
+    let inputs: std::collections::HashMap<String, tch::Tensor> =
+        xrayglm::weights::read_safetensors(&a.inputs)?.into_iter().collect();
+    let dev = m.base.device();
+    let ids = inputs.get("input_ids").context("inputs: no input_ids")?.to_kind(tch::Kind::Int64).to_device(dev);
+    let image = inputs.get("image").map(|t| t.to_device(dev));
+    let pre = inputs.get("pre_image").map(|t| t.int64_value(&[0])).unwrap_or(3);
+    let out = tch::no_grad(|| m.forward(&ids, image.as_ref(), pre, None, None, false))?;
+    let mut list: Vec<(String, tch::Tensor)> = vec![("logits".into(), out.logits.to_kind(tch::Kind::Float))];
+    if let Some(labels) = inputs.get("labels") {
+        let loss = xrayglm::model::visualglm::lm_loss(&out.logits, &labels.to_kind(tch::Kind::Int64).to_device(dev));
+        eprintln!("loss {:.6}", loss.double_value(&[]));
+        list.push(("loss".into(), loss.reshape([1])));
+    }
+    for (k, v) in [("vit", out.vit), ("qformer", out.qformer), ("image_embeds", out.image_embeds)] {
+        if let Some(v) = v {
+            list.push((k.into(), v.to_kind(tch::Kind::Float)));
+        }
+    }
+    let refs: Vec<(String, &tch::Tensor)> = list.iter().map(|(k, v)| (k.clone(), v)).collect();
+    xrayglm::weights::st::write(&a.out, &refs, &[])?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn info() -> Result<()> {
     let cuda_lib = xrayglm::device::register_cuda();
     println!("xrayglm {}", env!("CARGO_PKG_VERSION"));
@@ -271,6 +404,8 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        Command::Convert(a) => convert(a),
+        Command::Parity(a) => parity(a),
         Command::Info => info(),
     }
 }
