@@ -288,3 +288,25 @@ fn tiny_preset_builds_in_milliseconds() {
     assert!(!m.lora.variables().is_empty());
     assert!(ms < 2000, "tiny preset took {ms} ms to build");
 }
+
+#[test]
+fn fused_attention_matches_the_reference_too() {
+    for name in ["a", "b"] {
+        let inputs = map(dir(name).join("inputs.safetensors"));
+        let want = map(dir(name).join("outputs.safetensors"));
+        let mut m = build(name, QkvLayout::Interleaved, read_safetensors(&dir(name).join("weights.safetensors")).unwrap());
+        m.set_fused_attention(true);
+        let pre = inputs["pre_image"].int64_value(&[0]);
+        let out = m.forward(&inputs["input_ids"], Some(&inputs["image"]), pre, None, None, false).unwrap();
+        let e = rel_err(&out.logits, &want["logits"]);
+        assert!(e <= 1e-4, "{name} fused logits: {e:.3e}");
+        let loss = lm_loss(&out.logits, &inputs["labels"]);
+        loss.backward();
+        for (k, g) in &want {
+            let Some(param) = k.strip_prefix("grad.") else { continue };
+            let ours = m.lora.variables()[&canonical_name(param).unwrap()].grad();
+            let e = rel_err(&ours, g);
+            assert!(e <= 1e-4, "{name} fused grad {param}: {e:.3e}");
+        }
+    }
+}

@@ -54,6 +54,8 @@ pub struct ChatGlm {
     pub dropout: Dropouts,
     /// Whether the LoRA deltas are added (false once merged into the base weights).
     pub lora_active: bool,
+    /// Fused scaled-dot-product attention (additive −10000 mask) instead of sat's arithmetic.
+    pub fused_attention: bool,
 }
 
 /// Inputs for one forward pass.
@@ -177,10 +179,7 @@ impl ChatGlm {
             lm_head: (p / "mixins" / "chatglm-final" / "lm_head").var(
                 "weight",
                 &[s.vocab_size, h],
-                tch::nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
+                super::nn::normal(),
             ),
             cos: cos.to_device(p.device()),
             sin: sin.to_device(p.device()),
@@ -189,6 +188,7 @@ impl ChatGlm {
             alpha: ((2 * s.num_layers) as f64).sqrt(),
             dropout: Dropouts::default(),
             lora_active: true,
+            fused_attention: false,
         }
     }
 
@@ -302,15 +302,20 @@ impl ChatGlm {
         );
         // [B, S, n, d] → [B, n, S, d]
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
-        let c = (idx + 1) as f64;
-        let kind = q.kind();
-        let q = q / ((hd as f64).sqrt() * c);
-        let scores = q.matmul(&k.transpose(-1, -2));
-        let scores: Tensor = &scores * mask - (mask.ones_like() - mask) * 10000.0;
-        let probs = (scores.to_kind(Kind::Float) * c)
-            .softmax(-1, Kind::Float)
-            .to_kind(kind);
-        let ctx = dropout(&probs, self.dropout.attention, train).matmul(&v);
+        let ctx = if self.fused_attention {
+            // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
+            let bias = ((mask - 1.0) * 10000.0).to_kind(q.kind());
+            let p = if train { self.dropout.attention } else { 0.0 };
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(bias), p, false, Some(1.0 / (hd as f64).sqrt()), false)
+        } else {
+            let c = (idx + 1) as f64;
+            let kind = q.kind();
+            let q = q / ((hd as f64).sqrt() * c);
+            let scores = q.matmul(&k.transpose(-1, -2));
+            let scores: Tensor = &scores * mask - (mask.ones_like() - mask) * 10000.0;
+            let probs = (scores.to_kind(Kind::Float) * c).softmax(-1, Kind::Float).to_kind(kind);
+            dropout(&probs, self.dropout.attention, train).matmul(&v)
+        };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
         let mut out = l.dense.forward(&ctx);
         if let Some(lo) = l.dense_lora.as_ref().filter(|_| self.lora_active) {

@@ -3,7 +3,7 @@
 pub mod chatglm;
 pub mod config;
 pub mod lora;
-mod nn;
+pub mod nn;
 pub mod qformer;
 pub mod visualglm;
 pub mod vit;

@@ -4,11 +4,25 @@
 use tch::nn::{Init, Path};
 use tch::Tensor;
 
+thread_local! {
+    static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Build with frozen weights zero-filled instead of randomly initialised, because they are about
+/// to be loaded (sat's `--skip-init`; LoRA initialisation is unaffected).
+pub fn with_skip_init<T>(f: impl FnOnce() -> T) -> T {
+    SKIP_INIT.with(|s| s.set(true));
+    let out = f();
+    SKIP_INIT.with(|s| s.set(false));
+    out
+}
+
 /// Initialisation of freshly built (not loaded) weights: N(0, 0.02), biases zero — sat's default.
-fn normal() -> Init {
-    Init::Randn {
-        mean: 0.0,
-        stdev: 0.02,
+pub fn normal() -> Init {
+    if SKIP_INIT.with(|s| s.get()) {
+        Init::Const(0.0)
+    } else {
+        Init::Randn { mean: 0.0, stdev: 0.02 }
     }
 }
 
@@ -87,16 +101,15 @@ pub fn gelu_tanh(x: &Tensor) -> Tensor {
     x * 0.5 * (inner.tanh() + 1.0)
 }
 
-/// Plain multi-head attention with sat's `standard_attention` arithmetic:
-/// `softmax((q/√d)·kᵀ)·v`, no mask. `q,k,v`: `[B, heads, S, d]`.
-pub fn standard_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    dropout_p: f64,
-    train: bool,
-) -> Tensor {
+/// Plain multi-head attention `softmax((q/√d)·kᵀ)·v` without a mask, `q,k,v`: `[B, heads, S, d]`.
+/// `fused` uses libtorch's scaled-dot-product attention kernel; otherwise sat's
+/// `standard_attention` arithmetic, op for op.
+pub fn standard_attention(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64, train: bool, fused: bool) -> Tensor {
     let d = *q.size().last().unwrap() as f64;
+    if fused {
+        let p = if train { dropout_p } else { 0.0 };
+        return Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, p, false, Some(1.0 / d.sqrt()), false);
+    }
     let scores = (q / d.sqrt()).matmul(&k.transpose(-1, -2));
     let probs = scores.softmax(-1, scores.kind());
     dropout(&probs, dropout_p, train).matmul(v)

@@ -46,6 +46,8 @@ pub struct QFormer {
     final_layernorm: LayerNorm,
     heads: i64,
     pub dropout: f64,
+    /// Use the fused attention kernel.
+    pub fused_attention: bool,
 }
 
 impl QFormer {
@@ -92,6 +94,7 @@ impl QFormer {
             final_layernorm: LayerNorm::new(&(&t / "final_layernorm"), h, eps),
             heads: a.num_attention_heads,
             dropout: 0.0,
+            fused_attention: false,
         }
     }
 
@@ -115,6 +118,7 @@ impl QFormer {
                 &split_heads(&qkv[2], nh),
                 self.dropout,
                 train,
+                self.fused_attention,
             );
             let h1 = &a + dropout(&l.dense.forward(&merge_heads(&ctx)), self.dropout, train);
             let mut m = l.post_attention_layernorm.forward(&h1);
@@ -127,6 +131,7 @@ impl QFormer {
                     &split_heads(&kv[1], nh),
                     self.dropout,
                     train,
+                    self.fused_attention,
                 );
                 let h2 = &m + dropout(&c.dense.forward(&merge_heads(&ctx)), self.dropout, train);
                 m = c.layernorm.forward(&h2);

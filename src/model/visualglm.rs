@@ -43,6 +43,8 @@ impl VisualGlm {
     pub fn new(cfg: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
         cfg.validate()?;
         let mut base = VarStore::new(device);
+        // Set the kind first so variables are created in it (no transient fp32 copy).
+        base.set_kind(kind);
         let lora = VarStore::new(device);
         let root = base.root();
         let eva = &root / "mixins" / "eva" / "model";
@@ -55,7 +57,6 @@ impl VisualGlm {
             true,
         );
         let chatglm = ChatGlm::new(&root, &lora.root(), &cfg);
-        base.set_kind(kind);
         base.freeze();
         Ok(Self {
             cfg,
@@ -66,6 +67,19 @@ impl VisualGlm {
             glm_proj,
             chatglm,
         })
+    }
+
+    /// Build with zero-filled frozen weights that are about to be loaded (fast, no random init).
+    pub fn new_for_loading(cfg: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
+        super::nn::with_skip_init(|| Self::new(cfg, device, kind))
+    }
+
+    /// Use libtorch's fused scaled-dot-product attention in every attention (ViT, Q-Former,
+    /// ChatGLM) instead of the reference's op-by-op arithmetic. Same function; faster on GPU.
+    pub fn set_fused_attention(&mut self, on: bool) {
+        self.vit.fused_attention = on;
+        self.qformer.fused_attention = on;
+        self.chatglm.fused_attention = on;
     }
 
     /// Dropout everywhere in train mode (the reference trains with 0.1 in every part, §5.10).

@@ -38,6 +38,8 @@ pub struct Vit {
     pre_len: i64,
     /// Dropout in train mode (sat default 0.1 everywhere; 0 at inference).
     pub dropout: f64,
+    /// Use the fused attention kernel.
+    pub fused_attention: bool,
 }
 
 impl Vit {
@@ -81,10 +83,7 @@ impl Vit {
             proj_weight: proj.var(
                 "weight",
                 &[h, a.in_channels, a.patch_size, a.patch_size],
-                tch::nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
+                super::nn::normal(),
             ),
             proj_bias: proj.var("bias", &[h], tch::nn::Init::Const(0.0)),
             cls: embedding(
@@ -103,6 +102,7 @@ impl Vit {
             patch: a.patch_size,
             pre_len: a.pre_len,
             dropout: 0.0,
+            fused_attention: false,
         }
     }
 
@@ -138,6 +138,7 @@ impl Vit {
                 &split_heads(&qkv[2], self.heads),
                 self.dropout,
                 train,
+                self.fused_attention,
             );
             let attn = dropout(&blk.dense.forward(&merge_heads(&ctx)), self.dropout, train);
             x = x + attn;

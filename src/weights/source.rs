@@ -214,7 +214,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
     } else {
         Require::Base
     };
-    let mut model = VisualGlm::new(cfg, opts.device, opts.kind)?;
+    let mut model = VisualGlm::new_for_loading(cfg, opts.device, opts.kind)?;
     let source = dir.display().to_string();
     let files: Vec<PathBuf> = match format {
         Format::Xrayglm => {
