@@ -178,6 +178,19 @@ enum BenchCommand {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Forward time of a model preset (random weights): sat arithmetic vs fused attention.
+    Model {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        #[arg(long, default_value_t = 128)]
+        seq: i64,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 fn load_tokenizer(
@@ -402,6 +415,20 @@ fn run() -> Result<()> {
                 "{}",
                 xrayglm::bench::device(xrayglm::device::parse(&device)?)?
             );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Model {
+                    preset,
+                    batch,
+                    seq,
+                    iters,
+                    device,
+                },
+        } => {
+            let dev = xrayglm::device::parse(&device)?;
+            print!("{}", xrayglm::bench::model(&preset, batch, seq, iters, dev)?);
             Ok(())
         }
         Command::Convert(a) => convert(a),
