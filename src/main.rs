@@ -54,7 +54,8 @@ enum Command {
 #[derive(Args)]
 struct ModelArgs {
     /// Model directory: xrayglm format, a sat checkpoint (`latest` + `<iter>/mp_rank_00_model_states.pt`)
-    /// or an HF folder (config.json + pytorch_model*.bin / *.safetensors).
+    /// or an HF folder (config.json + pytorch_model*.bin / *.safetensors); or `preset:NAME`
+    /// (visualglm-6b, small, tiny) with random weights.
     #[arg(long)]
     model: PathBuf,
     /// Kind of the frozen weights: fp32, bf16 or fp16 (LoRA weights stay fp32).
@@ -191,6 +192,22 @@ enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
+    Step {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Frozen weights: fp32, bf16 or fp16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        #[arg(long, default_value_t = 96)]
+        seq: i64,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 fn load_tokenizer(
@@ -293,14 +310,18 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
-    use xrayglm::model::config::{QkvLayout, RotaryPrecision};
-    let kind = match a.dtype.as_str() {
+fn parse_kind(s: &str) -> Result<tch::Kind> {
+    Ok(match s {
         "fp32" | "float32" => tch::Kind::Float,
         "bf16" | "bfloat16" => tch::Kind::BFloat16,
         "fp16" | "float16" => tch::Kind::Half,
         other => anyhow::bail!("--dtype {other:?}: use fp32, bf16 or fp16"),
-    };
+    })
+}
+
+fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
+    use xrayglm::model::config::{QkvLayout, RotaryPrecision};
+    let kind = parse_kind(&a.dtype)?;
     let qkv_layout = match a.qkv_layout.as_deref() {
         None => None,
         Some("interleaved") => Some(QkvLayout::Interleaved),
@@ -321,6 +342,16 @@ fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
         rotary,
     };
     let t = std::time::Instant::now();
+    if let Some(preset) = a.model.to_str().and_then(|s| s.strip_prefix("preset:")) {
+        let mut cfg = xrayglm::model::config::ModelConfig::preset(preset)?;
+        cfg.rotary = rotary;
+        let m = xrayglm::model::visualglm::VisualGlm::new(cfg, opts.device, kind)?;
+        eprintln!(
+            "built preset {preset} with random weights in {:.2}s",
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(m);
+    }
     let (m, report) = xrayglm::weights::source::load_model(&a.model, &opts)?;
     eprintln!(
         "loaded {} tensors from {} in {:.1}s ({} ignored)",
@@ -350,19 +381,36 @@ fn convert(a: ConvertArgs) -> Result<()> {
 fn parity(a: ParityArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let inputs: std::collections::HashMap<String, tch::Tensor> =
-        xrayglm::weights::read_safetensors(&a.inputs)?.into_iter().collect();
+        xrayglm::weights::read_safetensors(&a.inputs)?
+            .into_iter()
+            .collect();
     let dev = m.base.device();
-    let ids = inputs.get("input_ids").context("inputs: no input_ids")?.to_kind(tch::Kind::Int64).to_device(dev);
+    let ids = inputs
+        .get("input_ids")
+        .context("inputs: no input_ids")?
+        .to_kind(tch::Kind::Int64)
+        .to_device(dev);
     let image = inputs.get("image").map(|t| t.to_device(dev));
-    let pre = inputs.get("pre_image").map(|t| t.int64_value(&[0])).unwrap_or(3);
+    let pre = inputs
+        .get("pre_image")
+        .map(|t| t.int64_value(&[0]))
+        .unwrap_or(3);
     let out = tch::no_grad(|| m.forward(&ids, image.as_ref(), pre, None, None, false))?;
-    let mut list: Vec<(String, tch::Tensor)> = vec![("logits".into(), out.logits.to_kind(tch::Kind::Float))];
+    let mut list: Vec<(String, tch::Tensor)> =
+        vec![("logits".into(), out.logits.to_kind(tch::Kind::Float))];
     if let Some(labels) = inputs.get("labels") {
-        let loss = xrayglm::model::visualglm::lm_loss(&out.logits, &labels.to_kind(tch::Kind::Int64).to_device(dev));
+        let loss = xrayglm::model::visualglm::lm_loss(
+            &out.logits,
+            &labels.to_kind(tch::Kind::Int64).to_device(dev),
+        );
         eprintln!("loss {:.6}", loss.double_value(&[]));
         list.push(("loss".into(), loss.reshape([1])));
     }
-    for (k, v) in [("vit", out.vit), ("qformer", out.qformer), ("image_embeds", out.image_embeds)] {
+    for (k, v) in [
+        ("vit", out.vit),
+        ("qformer", out.qformer),
+        ("image_embeds", out.image_embeds),
+    ] {
         if let Some(v) = v {
             list.push((k.into(), v.to_kind(tch::Kind::Float)));
         }
@@ -428,7 +476,29 @@ fn run() -> Result<()> {
                 },
         } => {
             let dev = xrayglm::device::parse(&device)?;
-            print!("{}", xrayglm::bench::model(&preset, batch, seq, iters, dev)?);
+            print!(
+                "{}",
+                xrayglm::bench::model(&preset, batch, seq, iters, dev)?
+            );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Step {
+                    preset,
+                    device,
+                    dtype,
+                    batch,
+                    seq,
+                    steps,
+                },
+        } => {
+            let dev = xrayglm::device::parse(&device)?;
+            let kind = parse_kind(&dtype)?;
+            print!(
+                "{}",
+                xrayglm::bench::step(&preset, dev, kind, batch, seq, steps)?
+            );
             Ok(())
         }
         Command::Convert(a) => convert(a),

@@ -201,17 +201,27 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
         .arg(&out));
     assert!(ok, "{err}");
     let want: std::collections::HashMap<String, tch::Tensor> =
-        xrayglm::weights::read_safetensors(&a.join("outputs.safetensors")).unwrap().into_iter().collect();
+        xrayglm::weights::read_safetensors(&a.join("outputs.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let rel = |got: &tch::Tensor, want: &tch::Tensor| {
         (got - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[])
     };
     let got: std::collections::HashMap<String, tch::Tensor> =
-        xrayglm::weights::read_safetensors(&out).unwrap().into_iter().collect();
+        xrayglm::weights::read_safetensors(&out)
+            .unwrap()
+            .into_iter()
+            .collect();
     assert!(rel(&got["logits"], &want["logits"]) <= 1e-4);
     assert!(rel(&got["loss"], &want["loss"]) <= 1e-5);
     // HF folder → xrayglm format → the same logits.
     let conv = dir.path().join("conv");
-    let (ok, _, err) = run(xrayglm().args(["convert", "--model"]).arg(a.join("hf")).arg("--to").arg(&conv));
+    let (ok, _, err) = run(xrayglm()
+        .args(["convert", "--model"])
+        .arg(a.join("hf"))
+        .arg("--to")
+        .arg(&conv));
     assert!(ok, "{err}");
     let out2 = dir.path().join("out2.safetensors");
     let (ok, _, err) = run(xrayglm()
@@ -223,9 +233,18 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
         .arg(&out2));
     assert!(ok, "{err}");
     let got2: std::collections::HashMap<String, tch::Tensor> =
-        xrayglm::weights::read_safetensors(&out2).unwrap().into_iter().collect();
+        xrayglm::weights::read_safetensors(&out2)
+            .unwrap()
+            .into_iter()
+            .collect();
     assert!(rel(&got2["logits"], &want["logits"]) <= 1e-4);
     // A wrong layout flag on interleaved weights changes the model: the numbers show it.
-    let (ok, _, err) = run(xrayglm().args(["parity", "--qkv-layout", "sideways", "--model"]).arg(&conv).arg("--inputs").arg(a.join("inputs.safetensors")).arg("--out").arg(&out2));
+    let (ok, _, err) = run(xrayglm()
+        .args(["parity", "--qkv-layout", "sideways", "--model"])
+        .arg(&conv)
+        .arg("--inputs")
+        .arg(a.join("inputs.safetensors"))
+        .arg("--out")
+        .arg(&out2));
     assert!(!ok && err.contains("--qkv-layout"), "{err}");
 }

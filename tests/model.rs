@@ -294,19 +294,117 @@ fn fused_attention_matches_the_reference_too() {
     for name in ["a", "b"] {
         let inputs = map(dir(name).join("inputs.safetensors"));
         let want = map(dir(name).join("outputs.safetensors"));
-        let mut m = build(name, QkvLayout::Interleaved, read_safetensors(&dir(name).join("weights.safetensors")).unwrap());
+        let mut m = build(
+            name,
+            QkvLayout::Interleaved,
+            read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
+        );
         m.set_fused_attention(true);
         let pre = inputs["pre_image"].int64_value(&[0]);
-        let out = m.forward(&inputs["input_ids"], Some(&inputs["image"]), pre, None, None, false).unwrap();
+        let out = m
+            .forward(
+                &inputs["input_ids"],
+                Some(&inputs["image"]),
+                pre,
+                None,
+                None,
+                false,
+            )
+            .unwrap();
         let e = rel_err(&out.logits, &want["logits"]);
         assert!(e <= 1e-4, "{name} fused logits: {e:.3e}");
         let loss = lm_loss(&out.logits, &inputs["labels"]);
         loss.backward();
         for (k, g) in &want {
-            let Some(param) = k.strip_prefix("grad.") else { continue };
+            let Some(param) = k.strip_prefix("grad.") else {
+                continue;
+            };
             let ours = m.lora.variables()[&canonical_name(param).unwrap()].grad();
             let e = rel_err(&ours, g);
             assert!(e <= 1e-4, "{name} fused grad {param}: {e:.3e}");
         }
     }
+}
+
+#[test]
+fn bf16_weights_run_close_to_fp32() {
+    let name = "b";
+    let inputs = map(dir(name).join("inputs.safetensors"));
+    let want = map(dir(name).join("outputs.safetensors"));
+    let cfg = ModelConfig::from_sat_file(&dir(name).join("model_config.json")).unwrap();
+    let mut m = VisualGlm::new(cfg, Device::Cpu, Kind::BFloat16).unwrap();
+    let weights = read_safetensors(&dir(name).join("weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(Ok);
+    load_into(&mut m, weights, QkvLayout::Interleaved, Require::All, name).unwrap();
+    assert!(m
+        .lora
+        .variables()
+        .values()
+        .all(|t| t.kind() == Kind::Float && t.requires_grad()));
+    assert!(m
+        .base
+        .variables()
+        .values()
+        .all(|t| t.kind() == Kind::BFloat16 && !t.requires_grad()));
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    let out = m
+        .forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap();
+    assert_eq!(out.logits.kind(), Kind::BFloat16);
+    let e = rel_err(&out.logits, &want["logits"]);
+    assert!(e < 5e-2, "bf16 logits relative error {e:.3e}");
+    // Gradients still reach the fp32 LoRA masters.
+    lm_loss(&out.logits, &inputs["labels"]).backward();
+    assert!(m
+        .lora
+        .variables()
+        .values()
+        .all(|t| t.grad().defined() && t.grad().kind() == Kind::Float));
+}
+
+#[test]
+fn mlp_lora_targets_merge_exactly() {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    cfg.lora.as_mut().unwrap().mlp = true;
+    tch::manual_seed(3);
+    let mut m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(m.lora.variables().len(), 2 * (6 + 2 + 2 + 2));
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+    });
+    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 60, Device::Cpu);
+    let run = |m: &VisualGlm| {
+        m.forward(&ids, Some(&image), 3, None, None, false)
+            .unwrap()
+            .logits
+    };
+    let before = run(&m);
+    m.set_fused_attention(true);
+    let fused = run(&m);
+    m.set_fused_attention(false);
+    m.merge_lora().unwrap();
+    let merged = run(&m);
+    assert!(
+        rel_err(&merged, &before) <= 1e-5,
+        "{}",
+        rel_err(&merged, &before)
+    );
+    assert!(
+        rel_err(&fused, &before) <= 1e-5,
+        "{}",
+        rel_err(&fused, &before)
+    );
 }

@@ -306,14 +306,25 @@ impl ChatGlm {
             // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
             let bias = ((mask - 1.0) * 10000.0).to_kind(q.kind());
             let p = if train { self.dropout.attention } else { 0.0 };
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(bias), p, false, Some(1.0 / (hd as f64).sqrt()), false)
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(bias),
+                p,
+                false,
+                Some(1.0 / (hd as f64).sqrt()),
+                false,
+            )
         } else {
             let c = (idx + 1) as f64;
             let kind = q.kind();
             let q = q / ((hd as f64).sqrt() * c);
             let scores = q.matmul(&k.transpose(-1, -2));
             let scores: Tensor = &scores * mask - (mask.ones_like() - mask) * 10000.0;
-            let probs = (scores.to_kind(Kind::Float) * c).softmax(-1, Kind::Float).to_kind(kind);
+            let probs = (scores.to_kind(Kind::Float) * c)
+                .softmax(-1, Kind::Float)
+                .to_kind(kind);
             dropout(&probs, self.dropout.attention, train).matmul(&v)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);

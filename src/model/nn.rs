@@ -22,7 +22,10 @@ pub fn normal() -> Init {
     if SKIP_INIT.with(|s| s.get()) {
         Init::Const(0.0)
     } else {
-        Init::Randn { mean: 0.0, stdev: 0.02 }
+        Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        }
     }
 }
 
@@ -104,11 +107,27 @@ pub fn gelu_tanh(x: &Tensor) -> Tensor {
 /// Plain multi-head attention `softmax((q/√d)·kᵀ)·v` without a mask, `q,k,v`: `[B, heads, S, d]`.
 /// `fused` uses libtorch's scaled-dot-product attention kernel; otherwise sat's
 /// `standard_attention` arithmetic, op for op.
-pub fn standard_attention(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64, train: bool, fused: bool) -> Tensor {
+pub fn standard_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dropout_p: f64,
+    train: bool,
+    fused: bool,
+) -> Tensor {
     let d = *q.size().last().unwrap() as f64;
     if fused {
         let p = if train { dropout_p } else { 0.0 };
-        return Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, p, false, Some(1.0 / d.sqrt()), false);
+        return Tensor::scaled_dot_product_attention::<Tensor>(
+            q,
+            k,
+            v,
+            None,
+            p,
+            false,
+            Some(1.0 / d.sqrt()),
+            false,
+        );
     }
     let scores = (q / d.sqrt()).matmul(&k.transpose(-1, -2));
     let probs = scores.softmax(-1, scores.kind());

@@ -256,3 +256,22 @@ mod tests {
         );
     }
 }
+
+/// Read `shape`×`kind` bytes at `offset` of `file` straight into a new CPU tensor (no staging copy).
+pub(crate) fn read_tensor_at(
+    file: &std::fs::File,
+    offset: u64,
+    shape: &[i64],
+    kind: tch::Kind,
+) -> Result<Tensor> {
+    use std::os::unix::fs::FileExt;
+    let t = Tensor::empty(shape, (kind, tch::Device::Cpu));
+    let nbytes = t.numel() * t.kind().elt_size_in_bytes();
+    if nbytes > 0 {
+        // SAFETY: `t` is a freshly allocated, contiguous CPU tensor of exactly `nbytes` bytes that
+        // nothing else references yet; the slice does not outlive this block.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes) };
+        file.read_exact_at(buf, offset)?;
+    }
+    Ok(t)
+}

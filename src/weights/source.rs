@@ -262,7 +262,8 @@ pub fn save_xrayglm(model: &VisualGlm, dir: &Path) -> Result<()> {
     if !lora.is_empty() {
         let mut names: Vec<&String> = lora.keys().collect();
         names.sort();
-        let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
+        let list: Vec<(String, &Tensor)> =
+            names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
         super::st::write(&dir.join("lora.safetensors"), &list, &meta)?;
     } else if dir.join("lora.safetensors").exists() {
         std::fs::remove_file(dir.join("lora.safetensors"))?;

@@ -1,4 +1,5 @@
-//! safetensors files: memory-mapped reading one tensor at a time, and a streaming atomic writer.
+//! safetensors files: reading one tensor at a time (positioned reads of the header-listed byte
+//! ranges), and a streaming atomic writer.
 //!
 //! Format (huggingface/safetensors): u64 little-endian header length, a JSON header mapping each
 //! name to `{dtype, shape, data_offsets: [begin, end]}` (plus optional `__metadata__`), padded
@@ -12,7 +13,9 @@ use tch::{Kind, Tensor};
 
 pub struct SafeTensorsFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: std::fs::File,
+    /// name → (kind, shape, absolute byte range)
+    tensors: std::collections::BTreeMap<String, (Kind, Vec<i64>, u64, u64)>,
 }
 
 fn kind_of(d: safetensors::Dtype) -> Result<Kind> {
@@ -50,44 +53,75 @@ fn dtype_name(k: Kind) -> Result<(&'static str, usize)> {
 
 impl SafeTensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: read-only map of a file that is not modified while open.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", path.display()))?;
-        safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| anyhow::anyhow!("{}: {e:?}", path.display()))?;
+        let size = file.metadata()?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let n = u64::from_le_bytes(n);
+        if n > 100_000_000 || 8 + n > size {
+            bail!(
+                "{}: not a safetensors file (header length {n})",
+                path.display()
+            );
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| anyhow::anyhow!("{}: bad safetensors header: {e}", path.display()))?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, info) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = || anyhow::anyhow!("{}: bad header entry for {name}", path.display());
+            let dtype: safetensors::Dtype =
+                serde_json::from_value(info.get("dtype").cloned().ok_or_else(bad)?)
+                    .map_err(|_| bad())?;
+            let shape: Vec<i64> =
+                serde_json::from_value(info.get("shape").cloned().ok_or_else(bad)?)
+                    .map_err(|_| bad())?;
+            let offs: [u64; 2] =
+                serde_json::from_value(info.get("data_offsets").cloned().ok_or_else(bad)?)
+                    .map_err(|_| bad())?;
+            let kind = kind_of(dtype)?;
+            let (begin, end) = (8 + n + offs[0], 8 + n + offs[1]);
+            let want = shape.iter().product::<i64>() as u64 * dtype_name(kind)?.1 as u64;
+            if end < begin || end > size || end - begin != want {
+                bail!(
+                    "{}: {name}: byte range does not match its shape",
+                    path.display()
+                );
+            }
+            tensors.insert(name, (kind, shape, begin, end));
+        }
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
+            tensors,
         })
     }
 
     pub fn names(&self) -> Vec<String> {
-        let st = safetensors::SafeTensors::deserialize(&self.mmap).expect("validated at open");
-        let mut n: Vec<String> = st.names().into_iter().cloned().collect();
-        n.sort();
-        n
+        self.tensors.keys().cloned().collect()
     }
 
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let st = safetensors::SafeTensors::deserialize(&self.mmap).expect("validated at open");
-        let v = st
-            .tensor(name)
-            .map_err(|e| anyhow::anyhow!("{}: {name}: {e:?}", self.path.display()))?;
-        let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
-        Ok(Tensor::from_data_size(
-            v.data(),
-            &shape,
-            kind_of(v.dtype())?,
-        ))
+        let (kind, shape, begin, _) = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        super::read_tensor_at(&self.file, *begin, shape, *kind)
+            .with_context(|| format!("reading {}", self.path.display()))
     }
 
     /// All tensors, read lazily one at a time.
     pub fn tensors(&self) -> impl Iterator<Item = Result<(String, Tensor)>> + '_ {
-        self.names()
-            .into_iter()
-            .map(move |n| Ok((n.clone(), self.tensor(&n)?)))
+        self.tensors
+            .keys()
+            .map(move |n| Ok((n.clone(), self.tensor(n)?)))
     }
 }
 

@@ -3,8 +3,10 @@
 //! uncompressed entry `<name>/data/<key>` per storage. Used by HF `pytorch_model-*.bin` shards and
 //! sat / DeepSpeed `mp_rank_00_model_states.pt`.
 //!
-//! The file is memory-mapped; a tensor is read only when [`TorchCheckpoint::tensor`] is called, so
-//! a caller that copies tensors into a model one at a time never holds a second copy of it.
+//! Only the zip directory and `data.pkl` are read up front; a tensor's bytes are read (positioned
+//! read, not a memory map, so they never count against resident memory twice) only when
+//! [`TorchCheckpoint::tensor`] is called. A caller that copies tensors into a model one at a time
+//! therefore holds at most one tensor beyond the model.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use super::pickle::{self, TensorRef, Value};
 
 pub struct TorchCheckpoint {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: std::fs::File,
     /// entry name → (data offset, size)
     entries: HashMap<String, (usize, usize)>,
     prefix: String,
@@ -25,18 +27,19 @@ pub struct TorchCheckpoint {
 
 impl TorchCheckpoint {
     pub fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
         let file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: the map is read-only and the file is not modified while the checkpoint is open.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("mapping {}", path.display()))?;
-        if mmap.len() >= 2 && mmap[0] == 0x80 {
+        let mut magic = [0u8; 2];
+        file.read_exact_at(&mut magic, 0)
+            .with_context(|| format!("{}: too short", path.display()))?;
+        if magic[0] == 0x80 {
             bail!(
                 "{}: a legacy (pre-1.6, non-zip) torch checkpoint; re-save it with a recent torch",
                 path.display()
             );
         }
-        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&mmap[..]))
+        let mut zip = zip::ZipArchive::new(file.try_clone()?)
             .with_context(|| format!("{}: not a torch zip checkpoint", path.display()))?;
         let mut entries = HashMap::new();
         let mut prefix = None;
@@ -56,20 +59,26 @@ impl TorchCheckpoint {
         }
         let prefix =
             prefix.with_context(|| format!("{}: no data.pkl in the archive", path.display()))?;
-        if let Some(&(o, n)) = entries.get(&format!("{prefix}byteorder")) {
-            if &mmap[o..o + n] != b"little" {
+        let read = |(o, n): (usize, usize)| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, o as u64)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(buf)
+        };
+        if let Some(&e) = entries.get(&format!("{prefix}byteorder")) {
+            if read(e)? != b"little" {
                 bail!(
                     "{}: big-endian checkpoints are not supported",
                     path.display()
                 );
             }
         }
-        let (o, n) = entries[&format!("{prefix}data.pkl")];
-        let root = pickle::parse(&mmap[o..o + n])
-            .with_context(|| format!("{}: reading data.pkl", path.display()))?;
+        let pkl = read(entries[&format!("{prefix}data.pkl")])?;
+        let root =
+            pickle::parse(&pkl).with_context(|| format!("{}: reading data.pkl", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
             entries,
             prefix,
             root,
@@ -105,7 +114,6 @@ impl TorchCheckpoint {
             .entries
             .get(&entry)
             .with_context(|| format!("{}: storage {} missing", self.path.display(), r.key))?;
-        let bytes = &self.mmap[o..o + n];
         let es = r.dtype.size();
         let numel_storage = (n / es) as i64;
         let numel: i64 = r.size.iter().product();
@@ -125,18 +133,15 @@ impl TorchCheckpoint {
         if is_contiguous {
             let start = r.offset as usize * es;
             let end = start + numel as usize * es;
-            if end > bytes.len() {
+            if end > n {
                 bail!(
                     "{}: tensor reaches past its storage {}",
                     self.path.display(),
                     r.key
                 );
             }
-            return Ok(Tensor::from_data_size(
-                &bytes[start..end],
-                &r.size,
-                r.dtype.kind(),
-            ));
+            return super::read_tensor_at(&self.file, (o + start) as u64, &r.size, r.dtype.kind())
+                .with_context(|| format!("reading {}", self.path.display()));
         }
         let max_index: i64 = r.offset
             + r.size
@@ -151,7 +156,8 @@ impl TorchCheckpoint {
                 r.key
             );
         }
-        let storage = Tensor::from_data_size(bytes, &[numel_storage], r.dtype.kind());
+        let storage = super::read_tensor_at(&self.file, o as u64, &[numel_storage], r.dtype.kind())
+            .with_context(|| format!("reading {}", self.path.display()))?;
         Ok(storage
             .as_strided(&r.size, &r.stride, r.offset)
             .contiguous())
