@@ -409,3 +409,53 @@ pub fn positions_from_ids(
         ctxs,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn half(x: f64) -> f64 {
+        Tensor::from(x as f32)
+            .to_kind(Kind::Half)
+            .to_kind(Kind::Double)
+            .double_value(&[])
+    }
+
+    #[test]
+    fn rotary_tables_round_like_sat() {
+        // head dim 128 → rotary dim 64, inv_freq[1] = 10000^(-2/64) = 0.74989… (0.75 in fp16).
+        let (c32, _) = rotary_tables(128, 512, RotaryPrecision::SatFp32);
+        let (c16, _) = rotary_tables(128, 512, RotaryPrecision::SatFp16);
+        let (exact, _) = rotary_tables(128, 512, RotaryPrecision::Fp32);
+        let inv1 = 10000f64.powf(-2.0 / 64.0);
+        let at = |t: &Tensor| t.double_value(&[300, 1]);
+        // fp16 model: angle = fp16(300 · fp16(inv_freq)) = 225 exactly, cos stored in fp16.
+        assert_eq!(at(&c16), half(225f64.cos()));
+        // fp32 model: fp32 angle, cos stored in fp16.
+        assert!((at(&c32) - half((300.0 * inv1).cos())).abs() < 1e-3);
+        assert_eq!(at(&c32), half(at(&exact)));
+        assert!((at(&exact) - (300.0 * inv1).cos()).abs() < 1e-4);
+        assert!(
+            (at(&c16) - at(&c32)).abs() > 1e-2,
+            "fp16 angles lose ~0.03 rad at position 300"
+        );
+        // The second half repeats the first (emb = cat(freqs, freqs)).
+        assert_eq!(c16.double_value(&[300, 1]), c16.double_value(&[300, 33]));
+    }
+
+    #[test]
+    fn mask_and_positions_follow_glm() {
+        let m = attention_mask(&[2], 4, tch::Device::Cpu).view([4, 4]);
+        let got: Vec<f32> = Vec::try_from(m.flatten(0, -1)).unwrap();
+        #[rustfmt::skip]
+        assert_eq!(got, vec![1., 1., 0., 0.,
+                             1., 1., 0., 0.,
+                             1., 1., 1., 0.,
+                             1., 1., 1., 1.]);
+        let ids = Tensor::from_slice(&[5i64, 7, 130001, 130004, 9, 9]).view([1, 6]);
+        let (pos, ctx) = positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        assert_eq!(ctx, vec![3]);
+        let p: Vec<i64> = Vec::try_from(pos.flatten(0, -1)).unwrap();
+        assert_eq!(p, vec![0, 1, 2, 2, 2, 2, 0, 0, 0, 1, 2, 3]);
+    }
+}
