@@ -156,43 +156,12 @@ fn both_qkv_layouts_give_identical_logits() {
     let b = build(name, QkvLayout::Blocks, blocks(&weights));
     let blocks = blocks(&weights);
     let a = build(name, QkvLayout::Interleaved, weights);
-    let pre = inputs["pre_image"].int64_value(&[0]);
-    let la = a
-        .forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits;
-    let lb = b
-        .forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits;
+    let la = common::run_inputs(&a, &inputs).logits;
+    let lb = common::run_inputs(&b, &inputs).logits;
     assert!(la.equal(&lb));
     // The layout matters: block weights read as interleaved are a different model.
     let wrong = build(name, QkvLayout::Interleaved, blocks);
-    let lw = wrong
-        .forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits;
+    let lw = common::run_inputs(&wrong, &inputs).logits;
     assert!(rel_err(&lw, &la) > 1e-2);
 }
 
@@ -205,19 +174,7 @@ fn merged_lora_gives_the_same_logits_and_unmerges() {
         QkvLayout::Interleaved,
         read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
     );
-    let pre = inputs["pre_image"].int64_value(&[0]);
-    let run = |m: &VisualGlm| {
-        m.forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits
-    };
+    let run = |m: &VisualGlm| common::run_inputs(&m, &inputs).logits;
     let before = run(&m);
     let w0 = m.base.variables()["transformer.layers.1.attention.query_key_value.weight"].copy();
     m.merge_lora().unwrap();
@@ -300,17 +257,7 @@ fn fused_attention_matches_the_reference_too() {
             read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
         );
         m.set_fused_attention(true);
-        let pre = inputs["pre_image"].int64_value(&[0]);
-        let out = m
-            .forward(
-                &inputs["input_ids"],
-                Some(&inputs["image"]),
-                pre,
-                None,
-                None,
-                false,
-            )
-            .unwrap();
+        let out = common::run_inputs(&m, &inputs);
         let e = rel_err(&out.logits, &want["logits"]);
         assert!(e <= 1e-4, "{name} fused logits: {e:.3e}");
         let loss = lm_loss(&out.logits, &inputs["labels"]);
@@ -348,17 +295,7 @@ fn bf16_weights_run_close_to_fp32() {
         .variables()
         .values()
         .all(|t| t.kind() == Kind::BFloat16 && !t.requires_grad()));
-    let pre = inputs["pre_image"].int64_value(&[0]);
-    let out = m
-        .forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap();
+    let out = common::run_inputs(&m, &inputs);
     assert_eq!(out.logits.kind(), Kind::BFloat16);
     let e = rel_err(&out.logits, &want["logits"]);
     assert!(e < 5e-2, "bf16 logits relative error {e:.3e}");

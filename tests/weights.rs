@@ -78,18 +78,7 @@ fn logits(model: &xrayglm::model::visualglm::VisualGlm) -> Tensor {
         .unwrap()
         .into_iter()
         .collect();
-    let pre = inputs["pre_image"].int64_value(&[0]);
-    model
-        .forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits
+    common::run_inputs(model, &inputs).logits
 }
 
 fn reference_logits() -> Tensor {

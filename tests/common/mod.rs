@@ -79,3 +79,28 @@ pub fn five_xrays(shared: &Path, dir: &Path) -> PathBuf {
     std::fs::write(&p, serde_json::json!({ "annotations": anns }).to_string()).unwrap();
     p
 }
+
+/// All tensors of a safetensors file by name.
+pub fn tensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    xrayglm::weights::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Run a model on a fixture's inputs (`input_ids`, `image`, `pre_image`), eval mode.
+pub fn run_inputs(
+    m: &xrayglm::model::visualglm::VisualGlm,
+    inputs: &std::collections::HashMap<String, tch::Tensor>,
+) -> xrayglm::model::visualglm::Outputs {
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    m.forward(
+        &inputs["input_ids"],
+        Some(&inputs["image"]),
+        pre,
+        None,
+        None,
+        false,
+    )
+    .unwrap()
+}
