@@ -148,6 +148,129 @@ impl ImageSection {
     }
 }
 
+/// Which model to train or run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A preset with random weights (`tiny`, `small`, `visualglm-6b`) when `path` is empty.
+    pub preset: String,
+    /// A model directory (xrayglm, sat or HF format).
+    pub path: PathBuf,
+    /// Kind of the frozen weights: fp32, bf16 or fp16.
+    pub dtype: String,
+    /// `[Q|K|V]` ChatGLM weights (sat ≥ 0.4): "blocks"; else "interleaved".
+    pub qkv_layout: crate::model::config::QkvLayout,
+    pub rotary: crate::model::config::RotaryPrecision,
+    pub fused_attention: bool,
+    /// auto, cpu, cuda, cuda:N
+    pub device: String,
+    /// Dropout in train mode: the vision tower and Q-Former, and ChatGLM (reference: 0.1 each).
+    pub vision_dropout: f64,
+    pub glm_dropout: f64,
+    /// The adapters (XrayGLM: rank 10, alpha 1, layers [0, 14], q/k/v + dense).
+    pub lora: crate::model::config::LoraConfig,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "tiny".into(),
+            path: PathBuf::new(),
+            dtype: "fp32".into(),
+            qkv_layout: Default::default(),
+            rotary: Default::default(),
+            fused_attention: false,
+            device: "auto".into(),
+            vision_dropout: 0.1,
+            glm_dropout: 0.1,
+            lora: crate::model::config::LoraConfig { layers: vec![0, 1], rank: 4, ..Default::default() },
+        }
+    }
+}
+
+/// The training recipe (VISUALGLM_SPEC.md §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Run folder: `<out_dir>/<name>`.
+    pub out_dir: PathBuf,
+    pub name: String,
+    pub train_iters: i64,
+    pub lr: f64,
+    pub schedule: crate::train::schedule::ScheduleKind,
+    /// Warmup as a fraction of train_iters (XrayGLM 0.02).
+    pub warmup: f64,
+    pub min_lr_ratio: f64,
+    /// sat's finetune-mode auto warmup: steps at `auto_warmup_rate · lr` (XrayGLM: 100 at 5 %).
+    pub auto_warmup_steps: i64,
+    pub auto_warmup_rate: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip (XrayGLM 0.1; 0 = off).
+    pub clip_grad: f64,
+    pub grad_accum: i64,
+    /// fp32, bf16 (no scaling) or fp16 (dynamic loss scaling).
+    pub precision: String,
+    pub initial_scale_power: u32,
+    pub loss_scale_window: i64,
+    pub hysteresis: i64,
+    pub min_loss_scale: f64,
+    pub log_interval: i64,
+    pub save_interval: i64,
+    pub keep_last: usize,
+    pub eval_interval: i64,
+    pub eval_batches: usize,
+    /// Fraction of records held out for validation.
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// "auto" (continue the run folder's latest checkpoint if any), "never", or a checkpoint folder.
+    pub resume: String,
+    /// Print a progress bar (off: one log line per log_interval).
+    pub progress: bool,
+    /// Stop (with a checkpoint) once this many iterations are done, without changing the schedule;
+    /// 0 = run to train_iters. For splitting a run over several sessions.
+    pub stop_at: i64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("checkpoints"),
+            name: "demo".into(),
+            train_iters: 200,
+            lr: 1e-4,
+            schedule: Default::default(),
+            warmup: 0.02,
+            min_lr_ratio: 0.1,
+            auto_warmup_steps: 100,
+            auto_warmup_rate: 0.05,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip_grad: 0.1,
+            grad_accum: 1,
+            precision: "fp32".into(),
+            initial_scale_power: 16,
+            loss_scale_window: 400,
+            hysteresis: 2,
+            min_loss_scale: 1.0,
+            log_interval: 10,
+            save_interval: 100,
+            keep_last: 3,
+            eval_interval: 50,
+            eval_batches: 4,
+            val_fraction: 0.1,
+            seed: 1234,
+            resume: "auto".into(),
+            progress: true,
+            stop_at: 0,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -158,6 +281,8 @@ pub struct Config {
     pub image: ImageSection,
     pub sample: SampleConfig,
     pub loader: LoaderConfig,
+    pub model: ModelSection,
+    pub train: TrainSection,
 }
 
 /// Parse a `--set` value: a TOML value when it parses as one, else a bare string.
@@ -232,6 +357,25 @@ impl Config {
         }
         if self.loader.batch_size == 0 {
             bail!("loader.batch_size must be positive");
+        }
+        let t = &self.train;
+        if t.lr <= 0.0 || !t.lr.is_finite() {
+            bail!("train.lr must be positive, got {}", t.lr);
+        }
+        if t.train_iters <= 0 {
+            bail!("train.train_iters must be positive");
+        }
+        if t.grad_accum <= 0 {
+            bail!("train.grad_accum must be positive");
+        }
+        if !["fp32", "bf16", "fp16"].contains(&t.precision.as_str()) {
+            bail!("train.precision {:?}: use fp32, bf16 or fp16", t.precision);
+        }
+        if !(0.0..1.0).contains(&t.val_fraction) {
+            bail!("train.val_fraction must be in [0, 1)");
+        }
+        if t.log_interval <= 0 || t.save_interval <= 0 || t.eval_interval <= 0 {
+            bail!("train.log_interval, save_interval and eval_interval must be positive");
         }
         Ok(())
     }

@@ -11,4 +11,5 @@ pub mod io;
 pub mod model;
 pub mod prepare;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;

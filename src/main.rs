@@ -35,6 +35,9 @@ enum Command {
     /// Validate records (either OpenI schema) and write XrayGLM's training list. With no input,
     /// makes and prepares the synthetic demo set.
     PrepareData(PrepareArgs),
+    /// Fine-tune LoRA weights (XrayGLM's recipe). `--config configs/demo.toml` trains the tiny
+    /// preset on the synthetic X-ray set on CPU.
+    Finetune(FinetuneArgs),
     /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
     Tokenize(TokenizeArgs),
     /// Benchmarks (`bench data`).
@@ -131,6 +134,21 @@ struct PrepareArgs {
     #[arg(long)]
     synthetic_out: Option<PathBuf>,
     /// Tokenizer for token statistics (ice_text.model or tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Continue from a checkpoint: auto (the run folder's latest), never, or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+    /// Tokenizer (ice_text.model or tokenizer.json); default: tokenizer.path or the search paths.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Print the summary as JSON.
@@ -270,6 +288,33 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print!("{summary}");
+    }
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    let mut cfg = Config::load(a.cfg.config.as_deref(), &a.cfg.overrides)?;
+    if let Some(r) = a.resume {
+        cfg.train.resume = r;
+    }
+    let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?.context(
+        "no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",
+    )?;
+    let s = xrayglm::train::finetune(&cfg, &tok)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!(
+            "run {}: {} steps ({} skipped) in {:.1}s; train loss {} → {:.4}; val loss {} → {}",
+            s.run_dir.display(),
+            s.steps,
+            s.skipped,
+            s.seconds,
+            s.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            s.last_loss,
+            s.first_val_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            s.last_val_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+        );
     }
     Ok(())
 }
@@ -440,6 +485,7 @@ fn run() -> Result<()> {
     match cli.command {
         Command::PrepareData(a) => prepare(a),
         Command::Tokenize(a) => tokenize(a),
+        Command::Finetune(a) => finetune(a),
         Command::Bench {
             what:
                 BenchCommand::Data {

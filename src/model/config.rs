@@ -216,6 +216,9 @@ pub struct ModelConfig {
     pub sat: SatModelConfig,
     pub lora: Option<LoraConfig>,
     pub rotary: RotaryPrecision,
+    /// Random weights are N(0, 1/fan_in) rather than sat's N(0, 0.02) (presets; see
+    /// `nn::with_fan_in_init`). Irrelevant for loaded weights.
+    pub fan_in_init: bool,
 }
 
 impl ModelConfig {
@@ -252,11 +255,7 @@ impl ModelConfig {
                 .unwrap_or_else(|| (0..sat.num_layers).step_by(14).collect()),
             ..Default::default()
         });
-        Self {
-            sat,
-            lora,
-            rotary: RotaryPrecision::default(),
-        }
+        Self { sat, lora, rotary: RotaryPrecision::default(), fan_in_init: false }
     }
 
     /// The `model_config.json` to write beside weights.
@@ -340,6 +339,7 @@ impl ModelConfig {
             other => bail!("unknown model preset {other:?} (visualglm-6b, small, tiny)"),
         };
         let mut cfg = Self::from_sat(sat);
+        cfg.fan_in_init = true;
         cfg.lora = Some(LoraConfig {
             layers: if name == "visualglm-6b" {
                 vec![0, 14]

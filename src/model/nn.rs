@@ -6,6 +6,35 @@ use tch::Tensor;
 
 thread_local! {
     static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static FAN_IN_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Build with variance-preserving random weights (N(0, 1/fan_in) for matrices, N(0, 1) for
+/// embeddings) instead of sat's N(0, 0.02): random-weight presets then have usable logit ranges,
+/// which the CPU demo needs to learn anything through LoRA alone.
+pub fn with_fan_in_init<T>(f: impl FnOnce() -> T) -> T {
+    FAN_IN_INIT.with(|s| s.set(true));
+    let out = f();
+    FAN_IN_INIT.with(|s| s.set(false));
+    out
+}
+
+/// Initialisation of a weight whose rows take `fan_in` inputs.
+pub fn weight_init(fan_in: i64) -> Init {
+    if !SKIP_INIT.with(|s| s.get()) && FAN_IN_INIT.with(|s| s.get()) {
+        Init::Randn { mean: 0.0, stdev: 1.0 / (fan_in as f64).sqrt() }
+    } else {
+        normal()
+    }
+}
+
+/// Initialisation of an embedding table.
+pub fn embedding_init() -> Init {
+    if !SKIP_INIT.with(|s| s.get()) && FAN_IN_INIT.with(|s| s.get()) {
+        Init::Randn { mean: 0.0, stdev: 1.0 }
+    } else {
+        normal()
+    }
 }
 
 /// Build with frozen weights zero-filled instead of randomly initialised, because they are about
@@ -39,7 +68,7 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         Self {
-            weight: p.var("weight", &[out_dim, in_dim], normal()),
+            weight: p.var("weight", &[out_dim, in_dim], weight_init(in_dim)),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
         }
     }
@@ -80,7 +109,7 @@ impl LayerNorm {
 
 /// An embedding table `[rows, dim]` named `<p>.weight`.
 pub fn embedding(p: &Path, rows: i64, dim: i64) -> Tensor {
-    p.var("weight", &[rows, dim], normal())
+    p.var("weight", &[rows, dim], embedding_init())
 }
 
 /// Dropout that is the identity when `p == 0` or not training.

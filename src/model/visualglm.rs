@@ -41,6 +41,13 @@ impl VisualGlm {
     /// Build with freshly initialised weights (N(0, 0.02), LoRA A uniform, B zero) on `device`,
     /// frozen weights in `kind`.
     pub fn new(cfg: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
+        if cfg.fan_in_init {
+            let mut plain = cfg;
+            plain.fan_in_init = false;
+            let mut m = super::nn::with_fan_in_init(|| Self::new(plain, device, kind))?;
+            m.cfg.fan_in_init = true;
+            return Ok(m);
+        }
         cfg.validate()?;
         let mut base = VarStore::new(device);
         // Set the kind first so variables are created in it (no transient fp32 copy).

@@ -83,7 +83,7 @@ impl Vit {
             proj_weight: proj.var(
                 "weight",
                 &[h, a.in_channels, a.patch_size, a.patch_size],
-                super::nn::normal(),
+                super::nn::weight_init(a.in_channels * a.patch_size * a.patch_size),
             ),
             proj_bias: proj.var("bias", &[h], tch::nn::Init::Const(0.0)),
             cls: embedding(

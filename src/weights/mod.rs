@@ -58,6 +58,8 @@ pub enum Require {
     /// Every frozen tensor; LoRA tensors keep their initialisation when absent (loading a base
     /// `visualglm-6b` checkpoint into a model with fresh adapters, as XrayGLM does).
     Base,
+    /// Every LoRA tensor (a training checkpoint on top of an already loaded base).
+    Lora,
 }
 
 #[derive(Debug, Default)]
@@ -134,19 +136,13 @@ impl<'m> Loader<'m> {
 
     /// Check that everything required arrived; the error lists every problem tensor by name.
     pub fn finish(self, require: Require, source: &str) -> Result<LoadReport> {
-        let mut missing: Vec<String> = self
-            .base
-            .keys()
-            .filter(|k| !self.seen.contains(*k))
-            .cloned()
-            .collect();
-        if require == Require::All {
-            missing.extend(
-                self.lora
-                    .keys()
-                    .filter(|k| !self.seen.contains(*k))
-                    .cloned(),
-            );
+        let mut missing: Vec<String> = if require == Require::Lora {
+            Vec::new()
+        } else {
+            self.base.keys().filter(|k| !self.seen.contains(*k)).cloned().collect()
+        };
+        if require != Require::Base {
+            missing.extend(self.lora.keys().filter(|k| !self.seen.contains(*k)).cloned());
         }
         missing.sort();
         if missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty() {

@@ -30,6 +30,8 @@ pub enum Format {
     Xrayglm,
     Sat,
     Hf,
+    /// A `xrayglm finetune` checkpoint: `lora.safetensors` + `trainer_state.json` naming its base.
+    Checkpoint,
 }
 
 pub fn detect(dir: &Path) -> Result<Format> {
@@ -38,6 +40,9 @@ pub fn detect(dir: &Path) -> Result<Format> {
     }
     if dir.join("model.safetensors").is_file() && dir.join("model_config.json").is_file() {
         return Ok(Format::Xrayglm);
+    }
+    if dir.join("lora.safetensors").is_file() && dir.join("trainer_state.json").is_file() {
+        return Ok(Format::Checkpoint);
     }
     if dir.join("latest").is_file() && dir.join("model_config.json").is_file() {
         return Ok(Format::Sat);
@@ -81,7 +86,7 @@ impl Default for LoadOptions {
 /// The model config of a directory in any format.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     match detect(dir)? {
-        Format::Xrayglm | Format::Sat => ModelConfig::from_sat_file(&dir.join("model_config.json")),
+        Format::Xrayglm | Format::Sat | Format::Checkpoint => ModelConfig::from_sat_file(&dir.join("model_config.json")),
         Format::Hf => hf_config(&dir.join("config.json")),
     }
 }
@@ -193,9 +198,32 @@ fn for_each_tensor(
     Ok(())
 }
 
+/// The base model a training checkpoint was trained on.
+pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
+        .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+    let base = state["base_model"].as_str().with_context(|| format!("{}: no base_model", dir.display()))?;
+    let p = PathBuf::from(base);
+    Ok(if p.is_absolute() { p } else { dir.join(p) })
+}
+
 /// Load a model directory of any format.
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
     let format = detect(dir)?;
+    if format == Format::Checkpoint {
+        let cfg = read_config(dir)?;
+        let base = checkpoint_base(dir)?;
+        let base_opts = LoadOptions { lora: Some(cfg.lora.clone()), ..opts.clone() };
+        let (mut model, mut report) = load_model(&base, &base_opts)
+            .with_context(|| format!("loading the base model {} of {}", base.display(), dir.display()))?;
+        let mut loader = Loader::new(&mut model, QkvLayout::Interleaved);
+        for t in SafeTensorsFile::open(&dir.join("lora.safetensors"))?.tensors() {
+            let (n, x) = t?;
+            loader.put(n, x);
+        }
+        report.loaded += loader.finish(Require::Lora, &dir.display().to_string())?.loaded;
+        return Ok((model, report));
+    }
     let mut cfg = read_config(dir)?;
     cfg.rotary = opts.rotary;
     let had_lora = cfg.lora.is_some();
@@ -226,6 +254,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
         }
         Format::Sat => vec![sat_weights_file(dir)?],
         Format::Hf => hf_weight_files(dir)?,
+        Format::Checkpoint => unreachable!("handled above"),
     };
     let mut loader = Loader::new(&mut model, layout);
     for file in &files {
@@ -251,24 +280,35 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
 /// their current kind), `lora.safetensors` (when the model has adapters) and `model_config.json`.
 /// Each file is written atomically.
 pub fn save_xrayglm(model: &VisualGlm, dir: &Path) -> Result<()> {
+    save(model, dir, true)
+}
+
+/// Write only the frozen weights (a base model for later LoRA checkpoints).
+pub fn save_base(model: &VisualGlm, dir: &Path) -> Result<()> {
+    save(model, dir, false)
+}
+
+fn save(model: &VisualGlm, dir: &Path, with_lora: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let meta = [("format", "xrayglm".to_string())];
-    let base = model.base.variables();
-    let mut names: Vec<&String> = base.keys().collect();
-    names.sort();
-    let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &base[*n])).collect();
-    super::st::write(&dir.join("model.safetensors"), &list, &meta)?;
-    let lora = model.lora.variables();
-    if !lora.is_empty() {
-        let mut names: Vec<&String> = lora.keys().collect();
+    let write = |vars: std::collections::HashMap<String, Tensor>, path: &Path| -> Result<()> {
+        let mut names: Vec<&String> = vars.keys().collect();
         names.sort();
-        let list: Vec<(String, &Tensor)> =
-            names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
-        super::st::write(&dir.join("lora.safetensors"), &list, &meta)?;
+        let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &vars[*n])).collect();
+        super::st::write(path, &list, &meta)
+    };
+    write(model.base.variables(), &dir.join("model.safetensors"))?;
+    let lora = model.lora.variables();
+    if with_lora && !lora.is_empty() {
+        write(lora, &dir.join("lora.safetensors"))?;
     } else if dir.join("lora.safetensors").exists() {
         std::fs::remove_file(dir.join("lora.safetensors"))?;
     }
-    let mut sat = model.cfg.to_sat();
+    let mut cfg = model.cfg.clone();
+    if !with_lora {
+        cfg.lora = None;
+    }
+    let mut sat = cfg.to_sat();
     sat.qkv_layout = QkvLayout::Interleaved;
     crate::io::write_json_atomic(&dir.join("model_config.json"), &sat)
 }

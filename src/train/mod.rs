@@ -1,0 +1,452 @@
+//! `xrayglm finetune`: XrayGLM's LoRA fine-tuning recipe (`finetune_XrayGLM.sh` on sat 0.3.6,
+//! VISUALGLM_SPEC.md §5) in one process — setup → train → save → cleanup, top to bottom.
+//!
+//! Run folder `<train.out_dir>/<train.name>/`:
+//! `config.toml` (the resolved config), `model_config.json`, `base/` (the frozen weights, only when
+//! they are a random preset), `<step>/lora.safetensors` (sat-compatible names),
+//! `<step>/optimizer.safetensors`, `<step>/trainer_state.json`, `latest` (written last),
+//! `metrics.jsonl`, `tb/` (TensorBoard). Every file is written atomically, so killing the process
+//! at any moment leaves the previous checkpoint loadable.
+
+pub mod metrics;
+pub mod optim;
+pub mod scaler;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Config;
+use crate::data::batch::{Batch, Dataset, Loader, LoaderConfig, LoaderState, Shard};
+use crate::data::records::{load_records, Record};
+use crate::data::rng::PyRandom;
+use crate::data::sample::SampleBuilder;
+use crate::model::chatglm::Dropouts;
+use crate::model::config::ModelConfig;
+use crate::model::visualglm::{lm_loss, VisualGlm};
+use crate::tokenizer::ChatGlmTokenizer;
+use crate::weights::source::{load_model, LoadOptions};
+use metrics::{JsonLog, TensorBoard};
+use optim::{AdamW, AdamWConfig};
+use scaler::LossScaler;
+use schedule::Schedule;
+
+/// Everything needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Iterations done (successful or skipped).
+    pub step: i64,
+    /// Successful optimizer steps (the schedule's counter).
+    pub opt_steps: i64,
+    pub skipped: i64,
+    pub loader: LoaderState,
+    pub scaler: Option<LossScaler>,
+    /// The frozen base model: a directory (relative to the run folder when inside it).
+    pub base_model: String,
+    pub last_loss: f64,
+}
+
+/// What a run reports at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: i64,
+    pub skipped: i64,
+    pub first_loss: Option<f64>,
+    pub last_loss: f64,
+    pub first_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub seconds: f64,
+    pub stopped_by_signal: bool,
+}
+
+fn kind_of(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "fp32" => Kind::Float,
+        "bf16" => Kind::BFloat16,
+        "fp16" => Kind::Half,
+        other => bail!("unknown dtype {other:?} (fp32, bf16, fp16)"),
+    })
+}
+
+/// The frozen base model and its location (writing a random preset's weights into the run folder
+/// once, so checkpoints can be loaded later).
+fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, String)> {
+    let m = &cfg.model;
+    let kind = match cfg.train.precision.as_str() {
+        "bf16" => Kind::BFloat16,
+        "fp16" => Kind::Half,
+        _ => kind_of(&m.dtype)?,
+    };
+    let (mut model, base) = if m.path.as_os_str().is_empty() {
+        let base_dir = run_dir.join("base");
+        if base_dir.join("model.safetensors").is_file() {
+            let opts = LoadOptions { device: dev, kind, qkv_layout: None, lora: Some(Some(m.lora.clone())), rotary: m.rotary };
+            (load_model(&base_dir, &opts)?.0, "base".to_string())
+        } else {
+            let mut mc = ModelConfig::preset(&m.preset)?;
+            mc.lora = Some(m.lora.clone());
+            mc.rotary = m.rotary;
+            tch::manual_seed(cfg.train.seed as i64);
+            let model = VisualGlm::new(mc, dev, kind)?;
+            crate::weights::source::save_base(&model, &base_dir)?;
+            (model, "base".to_string())
+        }
+    } else {
+        let opts = LoadOptions {
+            device: dev,
+            kind,
+            qkv_layout: Some(m.qkv_layout),
+            lora: Some(Some(m.lora.clone())),
+            rotary: m.rotary,
+        };
+        let abs = std::fs::canonicalize(&m.path).with_context(|| format!("model.path {}", m.path.display()))?;
+        (load_model(&abs, &opts)?.0, abs.display().to_string())
+    };
+    model.set_fused_attention(m.fused_attention);
+    model.set_dropout(
+        m.vision_dropout,
+        Dropouts { embedding: m.glm_dropout, attention: m.glm_dropout, output: m.glm_dropout },
+    );
+    Ok((model, base))
+}
+
+/// Split records into train / validation deterministically.
+fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Vec<Record>) {
+    let n = records.len();
+    let n_val = if fraction > 0.0 && n > 1 { ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1) } else { 0 };
+    let mut order: Vec<usize> = (0..n).collect();
+    PyRandom::from_key(&[seed as u32, (seed >> 32) as u32, 0x5eed]).shuffle(&mut order);
+    let val_idx: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, r) in records.into_iter().enumerate() {
+        if val_idx.contains(&i) {
+            val.push(r)
+        } else {
+            train.push(r)
+        }
+    }
+    (train, val)
+}
+
+fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+    let s = std::fs::read_to_string(run_dir.join("latest")).ok()?;
+    let dir = run_dir.join(s.trim());
+    dir.join("trainer_state.json").is_file().then_some(dir)
+}
+
+struct Step<'a> {
+    model: &'a VisualGlm,
+    dev: Device,
+}
+
+impl Step<'_> {
+    /// Loss of one batch (fp32 scalar tensor with graph when `train`).
+    fn loss(&self, b: &Batch, train: bool) -> Result<Tensor> {
+        let t = b.to_tensors(self.dev);
+        let out = self.model.forward(
+            &t.input_ids,
+            Some(&t.images),
+            b.pre_image as i64,
+            Some(&t.position_ids),
+            Some(&b.context_lengths),
+            train,
+        )?;
+        Ok(lm_loss(&out.logits, &t.labels))
+    }
+
+    fn eval(&self, batches: &[Batch]) -> Result<f64> {
+        let mut total = 0.0;
+        for b in batches {
+            total += tch::no_grad(|| self.loss(b, false))?.double_value(&[]);
+        }
+        Ok(total / batches.len().max(1) as f64)
+    }
+}
+
+/// Save a checkpoint atomically: files into `<step>/`, then `latest`, then prune.
+fn save_checkpoint(run_dir: &Path, model: &VisualGlm, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<()> {
+    let dir = run_dir.join(state.step.to_string());
+    let tmp = run_dir.join(format!(".{}.partial", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let lora = model.lora.variables();
+    let mut names: Vec<&String> = lora.keys().collect();
+    names.sort();
+    let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
+    crate::weights::st::write(&tmp.join("lora.safetensors"), &list, &[("format", "xrayglm-lora".into())])?;
+    let ost: Vec<(String, &Tensor)> = opt.state_tensors();
+    crate::weights::st::write(&tmp.join("optimizer.safetensors"), &ost, &[])?;
+    let mut sat = model.cfg.to_sat();
+    sat.qkv_layout = crate::model::config::QkvLayout::Interleaved;
+    crate::io::write_json_atomic(&tmp.join("model_config.json"), &sat)?;
+    let base = if Path::new(&state.base_model).is_absolute() { state.base_model.clone() } else { format!("../{}", state.base_model) };
+    crate::io::write_json_atomic(&tmp.join("trainer_state.json"), &TrainerState { base_model: base, ..state.clone() })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    crate::io::write_atomic(&run_dir.join("latest"), state.step.to_string().as_bytes())?;
+    // Keep the newest `keep` checkpoints.
+    let mut steps: Vec<i64> = std::fs::read_dir(run_dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
+        .collect();
+    steps.sort_unstable();
+    let keep = keep.max(1);
+    if steps.len() > keep {
+        for s in &steps[..steps.len() - keep] {
+            let _ = std::fs::remove_dir_all(run_dir.join(s.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Run the fine-tune described by `cfg`.
+pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
+    // ---- setup ----
+    let t0 = Instant::now();
+    let tc = &cfg.train;
+    let dev = crate::device::parse(&cfg.model.device)?;
+    let run_dir = tc.out_dir.join(&tc.name);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let resume_from = match tc.resume.as_str() {
+        "never" => None,
+        "auto" => latest_checkpoint(&run_dir),
+        path => Some(PathBuf::from(path)).filter(|p| p.join("trainer_state.json").is_file()).map(Some).unwrap_or_else(|| {
+            eprintln!("warning: train.resume {path:?} has no trainer_state.json; starting fresh");
+            None
+        }),
+    };
+    if resume_from.is_none() && tc.resume == "never" {
+        for e in std::fs::read_dir(&run_dir)? {
+            let e = e?;
+            if e.file_name().to_str().is_some_and(|n| n.parse::<i64>().is_ok() || n == "latest") {
+                bail!("{} already holds checkpoints; use train.resume = \"auto\" or another train.name", run_dir.display());
+            }
+        }
+    }
+    if cfg.data.path == crate::prepare::default_synthetic_path(cfg) && !cfg.data.path.exists() && cfg.synthetic.count > 0 {
+        crate::data::synthetic::generate(&cfg.synthetic.out_dir, cfg.synthetic.count, cfg.synthetic.size, cfg.synthetic.seed)?;
+    }
+    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let file = loaded.file.display().to_string();
+    let (train_records, val_records) = split(loaded.records, tc.val_fraction, tc.seed);
+    let builder = SampleBuilder::new(tokenizer.clone(), cfg.sample.clone())?;
+    let processor = cfg.image.processor();
+    let train_ds = Arc::new(Dataset::new(train_records, &builder, processor, &file)?);
+    let (mut model, base) = build_model(cfg, dev, &run_dir)?;
+    if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
+        bail!(
+            "image.size {} does not match the model's image size {}",
+            cfg.image.size,
+            model.cfg.sat.eva_args.image_size[0]
+        );
+    }
+    let val_batches: Vec<Batch> = if val_records.is_empty() {
+        Vec::new()
+    } else {
+        let val_ds = Arc::new(Dataset::new(val_records, &builder, processor, &file)?);
+        let vcfg = LoaderConfig { shuffle: false, ..cfg.loader.clone() };
+        let vl = Loader::new(Arc::clone(&val_ds), vcfg, Shard::default(), LoaderState::default())?;
+        let n = vl.batches_per_epoch().min(tc.eval_batches.max(1));
+        vl.take(n).collect::<Result<Vec<_>>>()?
+    };
+    let lora_params: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
+    if lora_params.is_empty() {
+        bail!("the model has no LoRA parameters to train (model.lora.layers is empty)");
+    }
+    let mut opt = AdamW::new(
+        lora_params,
+        AdamWConfig { beta1: tc.beta1, beta2: tc.beta2, eps: tc.eps, weight_decay: tc.weight_decay },
+    );
+    let schedule = Schedule {
+        kind: tc.schedule,
+        lr: tc.lr,
+        train_iters: tc.train_iters,
+        warmup: tc.warmup,
+        min_lr_ratio: tc.min_lr_ratio,
+        auto_warmup_steps: tc.auto_warmup_steps,
+        auto_warmup_rate: tc.auto_warmup_rate,
+    };
+    let mut state = TrainerState {
+        step: 0,
+        opt_steps: 0,
+        skipped: 0,
+        loader: LoaderState::default(),
+        scaler: (tc.precision == "fp16")
+            .then(|| LossScaler::new(tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis, tc.min_loss_scale)),
+        base_model: base,
+        last_loss: f64::NAN,
+    };
+    if let Some(ck) = &resume_from {
+        let saved: TrainerState = serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
+            .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
+        let lora = crate::weights::read_safetensors(&ck.join("lora.safetensors"))?;
+        crate::weights::load_into(
+            &mut model,
+            lora.into_iter().map(Ok),
+            crate::model::config::QkvLayout::Interleaved,
+            crate::weights::Require::Lora,
+            &ck.display().to_string(),
+        )?;
+        let ost: std::collections::HashMap<String, Tensor> =
+            crate::weights::read_safetensors(&ck.join("optimizer.safetensors"))?.into_iter().collect();
+        opt.load_state(&ost, saved.opt_steps)?;
+        state = TrainerState { base_model: state.base_model, ..saved };
+        eprintln!("resuming from {} (step {})", ck.display(), state.step);
+    }
+    crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
+    let mut loader = Loader::new(Arc::clone(&train_ds), cfg.loader.clone(), Shard::default(), state.loader)?;
+    let mut jsonl = JsonLog::open(&run_dir.join("metrics.jsonl"))?;
+    let mut tb = TensorBoard::create(&run_dir.join("tb"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let bar = if tc.progress {
+        let b = indicatif::ProgressBar::new(tc.train_iters as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                .expect("static template"),
+        );
+        b.set_position(state.step as u64);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    // ---- train ----
+    let step_fn = Step { model: &model, dev };
+    let mut first_loss = None;
+    let first_val = if val_batches.is_empty() || resume_from.is_some() { None } else { Some(step_fn.eval(&val_batches)?) };
+    if let Some(v) = first_val {
+        jsonl.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
+        tb.scalars(state.step, &[("val/loss", v), ("val/ppl", v.min(20.0).exp())])?;
+    }
+    let mut last_val = first_val;
+    let (mut window_loss, mut window_n, mut window_tokens, mut window_samples) = (0.0, 0, 0usize, 0usize);
+    let mut window_t = Instant::now();
+    let mut stopped = false;
+    while state.step < tc.train_iters {
+        if stop.load(Ordering::Relaxed) {
+            stopped = true;
+            break;
+        }
+        if tc.stop_at > 0 && state.step >= tc.stop_at {
+            break;
+        }
+        opt.zero_grad();
+        let scale = state.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let mut loss_sum = 0.0;
+        let mut bad_loss = None;
+        for micro in 0..tc.grad_accum {
+            let b = loader.next().context("the loader ended")??;
+            // Dropout masks depend only on (seed, step, micro-batch): resume is exact.
+            tch::manual_seed((tc.seed as i64).wrapping_mul(1_000_003).wrapping_add(state.step * 64 + micro));
+            let loss = step_fn.loss(&b, true)?;
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                let ids: Vec<&str> = b.indices.iter().map(|&i| train_ds.records[i].id.as_str()).collect();
+                bad_loss = Some(format!("loss {l} at step {} on samples {ids:?}", state.step + 1));
+                break;
+            }
+            window_tokens += b.target_tokens();
+            window_samples += b.batch_size;
+            loss_sum += l;
+            (loss * (scale / tc.grad_accum as f64)).backward();
+        }
+        state.loader = loader.state();
+        state.step += 1;
+        let loss = loss_sum / tc.grad_accum as f64;
+        let mut norm = f64::NAN;
+        let ok = if let Some(msg) = bad_loss {
+            eprintln!("warning: skipping step: {msg}");
+            false
+        } else if let Some(sc) = state.scaler.as_mut() {
+            let scaled_norm = opt.grad_norm().double_value(&[]);
+            let overflow = !scaled_norm.is_finite();
+            sc.update(overflow);
+            if !overflow {
+                opt.scale_grads(1.0 / scale);
+            }
+            !overflow
+        } else {
+            true
+        };
+        if ok {
+            norm = opt.clip(tc.clip_grad);
+            let lr = schedule.lr(state.opt_steps + 1);
+            opt.step(lr);
+            state.opt_steps += 1;
+            state.last_loss = loss;
+            first_loss.get_or_insert(loss);
+            window_loss += loss;
+            window_n += 1;
+        } else {
+            state.skipped += 1;
+        }
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", state.last_loss, schedule.lr(state.opt_steps.max(1))));
+        if state.step % tc.log_interval == 0 || state.step == tc.train_iters {
+            let secs = window_t.elapsed().as_secs_f64();
+            let avg = if window_n > 0 { window_loss / window_n as f64 } else { f64::NAN };
+            let rec = serde_json::json!({
+                "step": state.step, "loss": avg, "lr": schedule.lr(state.opt_steps.max(1)), "grad_norm": norm,
+                "loss_scale": state.scaler.map(|s| s.scale), "skipped": state.skipped,
+                "tokens_per_s": window_tokens as f64 / secs, "samples_per_s": window_samples as f64 / secs,
+                "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(),
+            });
+            jsonl.write(&rec)?;
+            let mut sc = vec![
+                ("train/loss", avg),
+                ("train/lr", schedule.lr(state.opt_steps.max(1))),
+                ("train/grad_norm", norm),
+                ("train/tokens_per_s", window_tokens as f64 / secs),
+            ];
+            if let Some(s) = state.scaler {
+                sc.push(("train/loss_scale", s.scale));
+            }
+            tb.scalars(state.step, &sc)?;
+            if !tc.progress {
+                eprintln!("step {}/{} loss {avg:.4} lr {:.3e} grad_norm {norm:.4}", state.step, tc.train_iters, schedule.lr(state.opt_steps.max(1)));
+            }
+            (window_loss, window_n, window_tokens, window_samples) = (0.0, 0, 0, 0);
+            window_t = Instant::now();
+        }
+        if !val_batches.is_empty() && (state.step % tc.eval_interval == 0 || state.step == tc.train_iters) {
+            let v = step_fn.eval(&val_batches)?;
+            last_val = Some(v);
+            jsonl.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
+            tb.scalars(state.step, &[("val/loss", v), ("val/ppl", v.min(20.0).exp())])?;
+        }
+        if state.step % tc.save_interval == 0 && state.step < tc.train_iters {
+            save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // ---- save + cleanup ----
+    if state.step > 0 {
+        save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
+    }
+    if stopped {
+        eprintln!("stopped by signal at step {}; checkpoint saved in {}", state.step, run_dir.display());
+    }
+    Ok(Summary {
+        run_dir,
+        steps: state.step,
+        skipped: state.skipped,
+        first_loss,
+        last_loss: state.last_loss,
+        first_val_loss: first_val,
+        last_val_loss: last_val,
+        seconds: t0.elapsed().as_secs_f64(),
+        stopped_by_signal: stopped,
+    })
+}

@@ -1,0 +1,252 @@
+//! The trainer: exact resume, checkpoints that load, atomic saves under SIGKILL, SIGTERM, fp16
+//! loss scaling, logs, and bad configs. Uses the `tiny` preset on a small synthetic set.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use xrayglm::config::Config;
+use xrayglm::tokenizer::ChatGlmTokenizer;
+
+/// A config for a quick run in `dir` (synthetic set of 24 films shared across runs in `data`).
+fn cfg(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> Config {
+    let mut o: Vec<String> = vec![
+        format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+        format!("synthetic.out_dir={:?}", data.display().to_string()),
+        "synthetic.count=24".into(),
+        "synthetic.size=64".into(),
+        "loader.batch_size=2".into(),
+        "loader.workers=1".into(),
+        "model.preset=\"tiny\"".into(),
+        "model.device=\"cpu\"".into(),
+        "model.vision_dropout=0.1".into(),
+        "model.glm_dropout=0.1".into(),
+        format!("train.out_dir={:?}", dir.display().to_string()),
+        format!("train.name={name:?}"),
+        "train.train_iters=10".into(),
+        "train.lr=1e-3".into(),
+        "train.schedule=\"warmup_cosine\"".into(),
+        "train.log_interval=1".into(),
+        "train.save_interval=5".into(),
+        "train.eval_interval=5".into(),
+        "train.eval_batches=1".into(),
+        "train.val_fraction=0.1".into(),
+        "train.progress=false".into(),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(None, &o).unwrap()
+}
+
+fn tokenizer() -> Option<ChatGlmTokenizer> {
+    let shared = common::shared()?;
+    Some(ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap())
+}
+
+fn losses(run: &Path) -> Vec<(i64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_i64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let straight = xrayglm::train::finetune(&cfg(dir.path(), &data, "straight", &[]), &tok).unwrap();
+    assert_eq!(straight.steps, 10);
+    let a = losses(&straight.run_dir);
+    assert_eq!(a.len(), 10);
+    let half = xrayglm::train::finetune(&cfg(dir.path(), &data, "halves", &["train.stop_at=5"]), &tok).unwrap();
+    assert_eq!(half.steps, 5);
+    let cont = xrayglm::train::finetune(&cfg(dir.path(), &data, "halves", &[]), &tok).unwrap();
+    assert_eq!(cont.steps, 10);
+    let b = losses(&cont.run_dir);
+    assert_eq!(b.len(), 10);
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert_eq!(la.to_bits(), lb.to_bits(), "step {sa}: {la} vs {lb}");
+    }
+    let lr = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("lr")?.as_f64())
+            .collect()
+    };
+    assert_eq!(lr(&straight.run_dir), lr(&cont.run_dir));
+    // The final checkpoint loads into a model with the trained LoRA.
+    let latest = std::fs::read_to_string(cont.run_dir.join("latest")).unwrap();
+    let ck = cont.run_dir.join(latest.trim());
+    let (m, _) = xrayglm::weights::source::load_model(&ck, &Default::default()).unwrap();
+    let saved = xrayglm::weights::read_safetensors(&ck.join("lora.safetensors")).unwrap();
+    let vars = m.lora.variables();
+    for (k, v) in saved {
+        assert!(vars[&k].equal(&v), "{k}");
+    }
+    // Logs: TensorBoard scalars are readable by an independent reader.
+    // (one event file per process: the run was resumed once)
+    let files: Vec<_> = std::fs::read_dir(cont.run_dir.join("tb")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2);
+    let scalars: Vec<(i64, String, f32)> =
+        files.iter().flat_map(|f| xrayglm::train::metrics::read_scalars(f).unwrap()).collect();
+    assert!(scalars.iter().any(|(s, t, _)| *s == 10 && t == "train/loss"));
+    assert!(scalars.iter().any(|(_, t, _)| t == "val/loss"));
+}
+
+#[test]
+fn fp16_overflow_skips_steps_and_lowers_the_scale() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = cfg(dir.path(), &data, "fp16", &[
+        "train.precision=\"fp16\"",
+        "train.initial_scale_power=24",
+        "train.hysteresis=2",
+        "train.train_iters=12",
+    ]);
+    let s = xrayglm::train::finetune(&c, &tok).unwrap();
+    assert!(s.skipped >= 2, "scale 2^24 must overflow fp16 at first: {s:?}");
+    assert!(s.skipped < 12, "…and come down until steps succeed: {s:?}");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(s.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let scales: Vec<f64> = log.iter().filter_map(|v| v.get("loss_scale")?.as_f64()).collect();
+    assert!(scales.last().unwrap() < &2f64.powi(24));
+    assert!(scales.windows(2).all(|w| w[1] <= w[0]), "the scale only falls here: {scales:?}");
+}
+
+fn xrayglm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+}
+
+fn cli_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+    let data = dir.join("data");
+    let mut a: Vec<String> = vec!["finetune".into()];
+    for s in [
+        format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+        format!("synthetic.out_dir={:?}", data.display().to_string()),
+        "synthetic.count=24".into(),
+        "synthetic.size=64".into(),
+        "loader.batch_size=2".into(),
+        "model.device=\"cpu\"".into(),
+        format!("train.out_dir={:?}", dir.display().to_string()),
+        format!("train.name={name:?}"),
+        "train.progress=false".into(),
+        "train.eval_interval=1000".into(),
+    ] {
+        a.push("--set".into());
+        a.push(s);
+    }
+    for e in extra {
+        a.push("--set".into());
+        a.push(e.to_string());
+    }
+    a
+}
+
+#[test]
+fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let args = cli_args(dir.path(), "kill", &["train.train_iters=400", "train.save_interval=1", "train.keep_last=2"]);
+    let run = dir.path().join("kill");
+    for (i, wait_ms) in [2500u64, 3300, 4100].iter().enumerate() {
+        let mut child = xrayglm()
+            .args(&args)
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(*wait_ms));
+        child.kill().unwrap(); // SIGKILL: no chance to clean up
+        child.wait().unwrap();
+        let latest = std::fs::read_to_string(run.join("latest")).unwrap_or_else(|_| panic!("kill {i}: no latest"));
+        let ck = run.join(latest.trim());
+        xrayglm::weights::source::load_model(&ck, &Default::default())
+            .unwrap_or_else(|e| panic!("kill {i}: latest checkpoint {} does not load: {e:#}", ck.display()));
+    }
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+    let Some(shared) = common::shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let args = cli_args(dir.path(), "term", &["train.train_iters=400", "train.save_interval=1000"]);
+    let child = xrayglm()
+        .args(&args)
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = dir.path().join("term");
+    let t = std::time::Instant::now();
+    while !run.join("metrics.jsonl").exists() || losses(&run).len() < 2 {
+        assert!(t.elapsed().as_secs() < 60, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
+    let latest: i64 = std::fs::read_to_string(run.join("latest")).unwrap().trim().parse().unwrap();
+    assert!((2..400).contains(&latest), "saved at the step it stopped: {latest}");
+}
+
+#[test]
+fn bad_configs_fail_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for (set, want) in [
+        ("train.lr=0", "train.lr must be positive"),
+        ("loader.batch_size=0", "batch_size must be positive"),
+        ("train.lr=\"fast\"", "train.lr"),
+        ("train.learning_rate=1e-4", "learning_rate"),
+        ("train.precision=\"fp8\"", "precision"),
+    ] {
+        let out = xrayglm().args(["finetune", "--set", set]).current_dir(dir.path()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{set}: {err}");
+    }
+    let out = xrayglm()
+        .args(["finetune", "--tokenizer", "/nonexistent/ice_text.model", "--set", "data.path=\"missing.json\"", "--set", "synthetic.count=0"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!dir.path().join("checkpoints").exists(), "nothing is written before the inputs check out");
+}
+
+/// The README's main command: the demo fine-tune lowers the held-out validation loss of the tiny
+/// model on synthetic X-rays by more than 4 nats (measured: 12.19 → 5.74 in 150 steps, ~2 min on
+/// 2 cores).
+#[test]
+fn demo_config_learns() {
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let data = dir.path().join("data");
+    let c = Config::load(
+        Some(&demo),
+        &[
+            format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+            format!("synthetic.out_dir={:?}", data.display().to_string()),
+            format!("train.out_dir={:?}", dir.path().display().to_string()),
+            "train.progress=false".into(),
+            "model.device=\"cpu\"".into(),
+        ],
+    )
+    .unwrap();
+    let s = xrayglm::train::finetune(&c, &tok).unwrap();
+    let (first, last) = (s.first_val_loss.unwrap(), s.last_val_loss.unwrap());
+    eprintln!("demo: val loss {first:.3} → {last:.3} in {:.0} s", s.seconds);
+    assert!(last < first - 4.0, "val loss {first} → {last}");
+}
