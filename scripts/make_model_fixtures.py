@@ -316,6 +316,39 @@ def write_pickle_fixture():
     save_file(expected, os.path.join(d, "expected.safetensors"))
 
 
+TRAIN = dict(steps=5, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, clip=0.1,
+             train_iters=5, warmup_iter=1, decay_ratio=0.1, auto_warmup_steps=2, auto_warmup_rate=0.5)
+
+
+def train_trajectory(model, ids, labels, image, pre):
+    """5 LoRA steps on the fixed batch the way sat + DeepSpeed run them: AnnealingLR (sat's own
+    class, finetune mode: last_iter=0), Adam in AdamW mode (torch.optim.AdamW computes DeepSpeed
+    FusedAdam's adam_w_mode update), global-norm clipping as deepspeed's clip_grad_norm_."""
+    from sat.training.learning_rates import AnnealingLR
+    t = TRAIN
+    lora = sorted((n, p) for n, p in model.named_parameters() if "matrix_" in n)
+    params = [p for _, p in lora]
+    opt = torch.optim.AdamW(params, lr=t["lr"], betas=t["betas"], eps=t["eps"], weight_decay=t["weight_decay"])
+    sched = AnnealingLR(opt, start_lr=t["lr"], warmup_iter=t["warmup_iter"], num_iters=t["train_iters"],
+                        decay_style="cosine", last_iter=0, decay_ratio=t["decay_ratio"],
+                        auto_warmup_steps=t["auto_warmup_steps"], auto_warmup_rate=t["auto_warmup_rate"])
+    losses, lrs = [], []
+    for _ in range(t["steps"]):
+        opt.zero_grad()
+        logits = model(input_ids=ids, image=image, pre_image=pre)[0]
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t["clip"])
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    out = {"train_losses": torch.tensor(losses, dtype=torch.float64), "train_lrs": torch.tensor(lrs, dtype=torch.float64)}
+    out.update({"final." + n: p.detach().clone().contiguous() for n, p in lora})
+    return out
+
+
 def main():
     write_pickle_fixture()
     for name, c in CONFIGS.items():
@@ -347,6 +380,11 @@ def main():
             json.dump(config, f, indent=1)
         if name == "a":
             write_checkpoints(model, config, c, out_dir)
+            traj = train_trajectory(model, ids, labels, image, c["pre_image"])
+            save_file(traj, os.path.join(out_dir, "train.safetensors"))
+            with open(os.path.join(out_dir, "train.json"), "w") as f:
+                json.dump(TRAIN, f, indent=1)
+            print("train losses", traj["train_losses"].tolist(), "lrs", traj["train_lrs"].tolist())
         print(name, "loss", float(loss), "logits", tuple(logits.shape), "params", len(weights),
               "lora grads", sum(1 for k in outputs if k.startswith("grad.")))
 

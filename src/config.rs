@@ -229,6 +229,9 @@ pub struct TrainSection {
     pub resume: String,
     /// Print a progress bar (off: one log line per log_interval).
     pub progress: bool,
+    /// Recompute each ChatGLM layer in the backward pass instead of keeping its activations
+    /// (sat's `--checkpoint-activations`; same gradients, less memory, ~1/3 more compute).
+    pub checkpoint_activations: bool,
     /// Stop (with a checkpoint) once this many iterations are done, without changing the schedule;
     /// 0 = run to train_iters. For splitting a run over several sessions.
     pub stop_at: i64,
@@ -266,6 +269,7 @@ impl Default for TrainSection {
             seed: 1234,
             resume: "auto".into(),
             progress: true,
+            checkpoint_activations: false,
             stop_at: 0,
         }
     }

@@ -101,6 +101,31 @@ struct ParityArgs {
     /// Where to write `logits` (and `loss`, `vit`, `qformer`, `image_embeds`).
     #[arg(long)]
     out: PathBuf,
+    /// Instead: train the LoRA weights for N AdamW steps on the fixed batch (needs `labels`) and
+    /// write `train_losses`, `train_lrs` and the final `lora.<name>` tensors.
+    #[arg(long)]
+    train_steps: Option<usize>,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// sat, warmup_cosine or constant
+    #[arg(long, default_value = "sat")]
+    schedule: String,
+    /// Schedule length (sat's num_iters).
+    #[arg(long, default_value_t = 300)]
+    train_iters: i64,
+    /// Warmup as a fraction of train_iters.
+    #[arg(long, default_value_t = 0.02)]
+    warmup: f64,
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 100)]
+    auto_warmup_steps: i64,
+    #[arg(long, default_value_t = 0.05)]
+    auto_warmup_rate: f64,
+    #[arg(long, default_value_t = 0.1)]
+    clip: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
 }
 
 #[derive(Args)]
@@ -423,6 +448,56 @@ fn convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn parity_train(
+    a: &ParityArgs,
+    m: &xrayglm::model::visualglm::VisualGlm,
+    inputs: &std::collections::HashMap<String, tch::Tensor>,
+    ids: &tch::Tensor,
+    image: Option<tch::Tensor>,
+    pre: i64,
+    steps: usize,
+) -> Result<()> {
+    use xrayglm::train::schedule::{Schedule, ScheduleKind};
+    let kind = match a.schedule.as_str() {
+        "sat" => ScheduleKind::Sat,
+        "warmup_cosine" => ScheduleKind::WarmupCosine,
+        "constant" => ScheduleKind::Constant,
+        other => anyhow::bail!("--schedule {other:?}: use sat, warmup_cosine or constant"),
+    };
+    let schedule = Schedule {
+        kind,
+        lr: a.lr,
+        train_iters: a.train_iters,
+        warmup: a.warmup,
+        min_lr_ratio: a.min_lr_ratio,
+        auto_warmup_steps: a.auto_warmup_steps,
+        auto_warmup_rate: a.auto_warmup_rate,
+    };
+    let dev = m.base.device();
+    let labels = inputs
+        .get("labels")
+        .context("--train-steps needs `labels` in the inputs")?
+        .to_kind(tch::Kind::Int64)
+        .to_device(dev);
+    let image = image.context("--train-steps needs `image` in the inputs")?;
+    let adam = xrayglm::train::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() };
+    let (losses, lrs) = xrayglm::train::fixed_batch_steps(m, ids, &image, &labels, pre, steps, &schedule, adam, a.clip)?;
+    eprintln!("losses {losses:?}");
+    let mut list: Vec<(String, tch::Tensor)> = vec![
+        ("train_losses".into(), tch::Tensor::from_slice(&losses)),
+        ("train_lrs".into(), tch::Tensor::from_slice(&lrs)),
+    ];
+    for (k, v) in m.lora.variables() {
+        list.push((format!("lora.{k}"), v.detach()));
+    }
+    list.sort_by(|x, y| x.0.cmp(&y.0));
+    let refs: Vec<(String, &tch::Tensor)> = list.iter().map(|(k, v)| (k.clone(), v)).collect();
+    xrayglm::weights::st::write(&a.out, &refs, &[])?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn parity(a: ParityArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let inputs: std::collections::HashMap<String, tch::Tensor> =
@@ -440,6 +515,9 @@ fn parity(a: ParityArgs) -> Result<()> {
         .get("pre_image")
         .map(|t| t.int64_value(&[0]))
         .unwrap_or(3);
+    if let Some(steps) = a.train_steps {
+        return parity_train(&a, &m, &inputs, &ids, image, pre, steps);
+    }
     let out = tch::no_grad(|| m.forward(&ids, image.as_ref(), pre, None, None, false))?;
     let mut list: Vec<(String, tch::Tensor)> =
         vec![("logits".into(), out.logits.to_kind(tch::Kind::Float))];

@@ -248,3 +248,47 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
         .arg(&out2));
     assert!(!ok && err.contains("--qkv-layout"), "{err}");
 }
+
+/// `parity --train-steps 5` against 5 LoRA steps of the original (sat 0.3.6 model, sat's
+/// AnnealingLR, AdamW, clip 0.1; tests/fixtures/model/a/train.safetensors): per-step losses and
+/// final LoRA tensors within 1e-5 relative.
+#[test]
+fn train_steps_follow_the_original_trajectory() {
+    let a = common::fixture("model").join("a");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("traj.safetensors");
+    let hp = common::read_json(&a.join("train.json"));
+    let f = |k: &str| hp[k].to_string();
+    let warmup = hp["warmup_iter"].as_f64().unwrap() / hp["train_iters"].as_f64().unwrap();
+    let (ok, _, err) = run(xrayglm()
+        .args(["parity", "--model"])
+        .arg(a.join("sat"))
+        .arg("--inputs")
+        .arg(a.join("inputs.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--train-steps", &f("steps"), "--lr", &f("lr"), "--schedule", "sat", "--train-iters", &f("train_iters")])
+        .args(["--warmup", &warmup.to_string(), "--min-lr-ratio", &f("decay_ratio")])
+        .args(["--auto-warmup-steps", &f("auto_warmup_steps"), "--auto-warmup-rate", &f("auto_warmup_rate")])
+        .args(["--clip", &f("clip"), "--weight-decay", &f("weight_decay")]));
+    assert!(ok, "{err}");
+    let got = common::tensors(&out);
+    let want = common::tensors(&a.join("train.safetensors"));
+    let rel = |x: &tch::Tensor, y: &tch::Tensor| {
+        let x = x.to_kind(tch::Kind::Double);
+        let y = y.to_kind(tch::Kind::Double);
+        (&x - &y).abs().max().double_value(&[]) / y.abs().max().double_value(&[])
+    };
+    assert!(rel(&got["train_lrs"], &want["train_lrs"]) < 1e-12, "learning rates");
+    let e = rel(&got["train_losses"], &want["train_losses"]);
+    assert!(e <= 1e-5, "losses: {e:.3e}");
+    let mut n = 0;
+    for (k, v) in &want {
+        let Some(name) = k.strip_prefix("final.") else { continue };
+        let ours = &got[&format!("lora.{}", xrayglm::weights::canonical_name(name).unwrap())];
+        let e = rel(ours, v);
+        assert!(e <= 1e-5, "final {name}: {e:.3e}");
+        n += 1;
+    }
+    assert_eq!(n, 16);
+}

@@ -197,6 +197,35 @@ impl VisualGlm {
     }
 }
 
+impl VisualGlm {
+    /// Training step body: loss (fp32 value) and LoRA gradients (of `loss · scale`), with or
+    /// without per-layer activation checkpointing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_backward(
+        &self,
+        input_ids: &Tensor,
+        image: &Tensor,
+        pre_image: i64,
+        position_ids: &Tensor,
+        context_lengths: &[i64],
+        labels: &Tensor,
+        scale: f64,
+        checkpoint: bool,
+    ) -> Result<f64> {
+        if !checkpoint {
+            let out = self.forward(input_ids, Some(image), pre_image, Some(position_ids), Some(context_lengths), true)?;
+            let loss = lm_loss(&out.logits, labels);
+            let v = loss.double_value(&[]);
+            (loss * scale).backward();
+            return Ok(v);
+        }
+        let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
+        let (_, _, embeds) = self.encode_image(image, true);
+        let inp = GlmInputs { input_ids, position_ids, attention_mask: &mask, image_embeds: Some(&embeds), pre_image };
+        Ok(self.chatglm.loss_backward_checkpointed(&inp, true, scale, |logits| lm_loss(logits, labels)))
+    }
+}
+
 /// The reference loss: fp32 logits, shift by one, cross-entropy ignoring −100, mean over the
 /// counted tokens.
 pub fn lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {

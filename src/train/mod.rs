@@ -347,10 +347,22 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         let mut bad_loss = None;
         for micro in 0..tc.grad_accum {
             let b = loader.next().context("the loader ended")??;
-            // Dropout masks depend only on (seed, step, micro-batch): resume is exact.
-            tch::manual_seed((tc.seed as i64).wrapping_mul(1_000_003).wrapping_add(state.step * 64 + micro));
-            let loss = step_fn.loss(&b, true)?;
-            let l = loss.double_value(&[]);
+            // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
+            // activation checkpointing recomputes the same masks.
+            let seed = (tc.seed as i64).wrapping_mul(1_000_003).wrapping_add(state.step * 64 + micro);
+            tch::manual_seed(seed);
+            model.chatglm.layer_seed.set(Some(seed.wrapping_mul(31).wrapping_add(17)));
+            let t = b.to_tensors(dev);
+            let l = model.loss_backward(
+                &t.input_ids,
+                &t.images,
+                b.pre_image as i64,
+                &t.position_ids,
+                &b.context_lengths,
+                &t.labels,
+                scale / tc.grad_accum as f64,
+                tc.checkpoint_activations,
+            )?;
             if !l.is_finite() {
                 let ids: Vec<&str> = b.indices.iter().map(|&i| train_ds.records[i].id.as_str()).collect();
                 bad_loss = Some(format!("loss {l} at step {} on samples {ids:?}", state.step + 1));
@@ -359,7 +371,6 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             window_tokens += b.target_tokens();
             window_samples += b.batch_size;
             loss_sum += l;
-            (loss * (scale / tc.grad_accum as f64)).backward();
         }
         state.loader = loader.state();
         state.step += 1;
@@ -449,4 +460,34 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         seconds: t0.elapsed().as_secs_f64(),
         stopped_by_signal: stopped,
     })
+}
+
+/// `xrayglm parity --train-steps N`: N optimizer steps on one fixed batch with the given
+/// optimizer, schedule and clipping (no dropout), returning the per-step losses and learning
+/// rates — to compare a trajectory with the original implementation's.
+pub fn fixed_batch_steps(
+    model: &VisualGlm,
+    input_ids: &Tensor,
+    image: &Tensor,
+    labels: &Tensor,
+    pre_image: i64,
+    steps: usize,
+    schedule: &Schedule,
+    adam: AdamWConfig,
+    clip: f64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let s = &model.cfg.sat;
+    let (pos, ctx) = crate::model::chatglm::positions_from_ids(input_ids, s.bos_token_id, s.mask_token_id, s.gmask_token_id)?;
+    let mut opt = AdamW::new(model.lora.variables().into_iter().collect(), adam);
+    let (mut losses, mut lrs) = (Vec::new(), Vec::new());
+    for k in 1..=steps as i64 {
+        opt.zero_grad();
+        let l = model.loss_backward(input_ids, image, pre_image, &pos, &ctx, labels, 1.0, false)?;
+        opt.clip(clip);
+        let lr = schedule.lr(k);
+        opt.step(lr);
+        losses.push(l);
+        lrs.push(lr);
+    }
+    Ok((losses, lrs))
 }
