@@ -183,7 +183,11 @@ impl Default for ModelSection {
             device: "auto".into(),
             vision_dropout: 0.1,
             glm_dropout: 0.1,
-            lora: crate::model::config::LoraConfig { layers: vec![0, 1], rank: 4, ..Default::default() },
+            lora: crate::model::config::LoraConfig {
+                layers: vec![0, 1],
+                rank: 4,
+                ..Default::default()
+            },
         }
     }
 }

@@ -335,10 +335,16 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
             s.steps,
             s.skipped,
             s.seconds,
-            s.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            s.first_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or("-".into()),
             s.last_loss,
-            s.first_val_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
-            s.last_val_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+            s.first_val_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or("-".into()),
+            s.last_val_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or("-".into()),
         );
     }
     Ok(())
@@ -481,8 +487,13 @@ fn parity_train(
         .to_kind(tch::Kind::Int64)
         .to_device(dev);
     let image = image.context("--train-steps needs `image` in the inputs")?;
-    let adam = xrayglm::train::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() };
-    let (losses, lrs) = xrayglm::train::fixed_batch_steps(m, ids, &image, &labels, pre, steps, &schedule, adam, a.clip)?;
+    let adam = xrayglm::train::optim::AdamWConfig {
+        weight_decay: a.weight_decay,
+        ..Default::default()
+    };
+    let (losses, lrs) = xrayglm::train::fixed_batch_steps(
+        m, ids, &image, &labels, pre, steps, &schedule, adam, a.clip,
+    )?;
     eprintln!("losses {losses:?}");
     let mut list: Vec<(String, tch::Tensor)> = vec![
         ("train_losses".into(), tch::Tensor::from_slice(&losses)),

@@ -267,9 +267,28 @@ fn train_steps_follow_the_original_trajectory() {
         .arg(a.join("inputs.safetensors"))
         .arg("--out")
         .arg(&out)
-        .args(["--train-steps", &f("steps"), "--lr", &f("lr"), "--schedule", "sat", "--train-iters", &f("train_iters")])
-        .args(["--warmup", &warmup.to_string(), "--min-lr-ratio", &f("decay_ratio")])
-        .args(["--auto-warmup-steps", &f("auto_warmup_steps"), "--auto-warmup-rate", &f("auto_warmup_rate")])
+        .args([
+            "--train-steps",
+            &f("steps"),
+            "--lr",
+            &f("lr"),
+            "--schedule",
+            "sat",
+            "--train-iters",
+            &f("train_iters"),
+        ])
+        .args([
+            "--warmup",
+            &warmup.to_string(),
+            "--min-lr-ratio",
+            &f("decay_ratio"),
+        ])
+        .args([
+            "--auto-warmup-steps",
+            &f("auto_warmup_steps"),
+            "--auto-warmup-rate",
+            &f("auto_warmup_rate"),
+        ])
         .args(["--clip", &f("clip"), "--weight-decay", &f("weight_decay")]));
     assert!(ok, "{err}");
     let got = common::tensors(&out);
@@ -279,12 +298,17 @@ fn train_steps_follow_the_original_trajectory() {
         let y = y.to_kind(tch::Kind::Double);
         (&x - &y).abs().max().double_value(&[]) / y.abs().max().double_value(&[])
     };
-    assert!(rel(&got["train_lrs"], &want["train_lrs"]) < 1e-12, "learning rates");
+    assert!(
+        rel(&got["train_lrs"], &want["train_lrs"]) < 1e-12,
+        "learning rates"
+    );
     let e = rel(&got["train_losses"], &want["train_losses"]);
     assert!(e <= 1e-5, "losses: {e:.3e}");
     let mut n = 0;
     for (k, v) in &want {
-        let Some(name) = k.strip_prefix("final.") else { continue };
+        let Some(name) = k.strip_prefix("final.") else {
+            continue;
+        };
         let ours = &got[&format!("lora.{}", xrayglm::weights::canonical_name(name).unwrap())];
         let e = rel(ours, v);
         assert!(e <= 1e-5, "final {name}: {e:.3e}");

@@ -351,7 +351,14 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let cfg = ModelConfig::preset("tiny").unwrap();
     tch::manual_seed(5);
     let mut m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
-    m.set_dropout(0.1, xrayglm::model::chatglm::Dropouts { embedding: 0.1, attention: 0.1, output: 0.1 });
+    m.set_dropout(
+        0.1,
+        xrayglm::model::chatglm::Dropouts {
+            embedding: 0.1,
+            attention: 0.1,
+            output: 0.1,
+        },
+    );
     tch::no_grad(|| {
         for (k, mut v) in m.lora.variables() {
             if k.contains("matrix_B") {
@@ -360,7 +367,8 @@ fn activation_checkpointing_gives_the_same_gradients() {
         }
     });
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 70, Device::Cpu);
-    let (pos, ctx) = xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+    let (pos, ctx) =
+        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let grads = |checkpoint: bool| -> (f64, Vec<(String, Tensor)>) {
@@ -372,8 +380,15 @@ fn activation_checkpointing_gives_the_same_gradients() {
         }
         tch::manual_seed(77);
         m.chatglm.layer_seed.set(Some(1234));
-        let loss = m.loss_backward(&ids, &image, 3, &pos, &ctx, &labels, 8.0, checkpoint).unwrap();
-        let mut g: Vec<(String, Tensor)> = m.lora.variables().into_iter().map(|(k, v)| (k, v.grad().copy())).collect();
+        let loss = m
+            .loss_backward(&ids, &image, 3, &pos, &ctx, &labels, 8.0, checkpoint)
+            .unwrap();
+        let mut g: Vec<(String, Tensor)> = m
+            .lora
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
         g.sort_by(|a, b| a.0.cmp(&b.0));
         (loss, g)
     };

@@ -53,3 +53,27 @@ fn matches_cpython_random() {
         }
     }
 }
+
+/// sat 0.3.6's RandomMappingDataset, run from its own source (scripts/make_sampler_fixtures.py).
+#[test]
+fn sat_random_mapping_matches_the_original() {
+    let fx = common::read_json(&common::fixture("sat_sampler.json"));
+    let mut checked = 0;
+    for (n, case) in fx.as_object().unwrap() {
+        let n: u64 = n.parse().unwrap();
+        for (i, s) in case["index"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["sample"].as_array().unwrap())
+        {
+            assert_eq!(
+                xrayglm::data::rng::sat_random_mapping(i.as_u64().unwrap(), n),
+                s.as_u64().unwrap(),
+                "n={n} i={i}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 98);
+}

@@ -12,7 +12,10 @@ use xrayglm::tokenizer::ChatGlmTokenizer;
 /// A config for a quick run in `dir` (synthetic set of 24 films shared across runs in `data`).
 fn cfg(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> Config {
     let mut o: Vec<String> = vec![
-        format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+        format!(
+            "data.path={:?}",
+            data.join("Xray/synth-zh.json").display().to_string()
+        ),
         format!("synthetic.out_dir={:?}", data.display().to_string()),
         "synthetic.count=24".into(),
         "synthetic.size=64".into(),
@@ -58,11 +61,16 @@ fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let straight = xrayglm::train::finetune(&cfg(dir.path(), &data, "straight", &[]), &tok).unwrap();
+    let straight =
+        xrayglm::train::finetune(&cfg(dir.path(), &data, "straight", &[]), &tok).unwrap();
     assert_eq!(straight.steps, 10);
     let a = losses(&straight.run_dir);
     assert_eq!(a.len(), 10);
-    let half = xrayglm::train::finetune(&cfg(dir.path(), &data, "halves", &["train.stop_at=5"]), &tok).unwrap();
+    let half = xrayglm::train::finetune(
+        &cfg(dir.path(), &data, "halves", &["train.stop_at=5"]),
+        &tok,
+    )
+    .unwrap();
     assert_eq!(half.steps, 5);
     let cont = xrayglm::train::finetune(&cfg(dir.path(), &data, "halves", &[]), &tok).unwrap();
     assert_eq!(cont.steps, 10);
@@ -76,7 +84,12 @@ fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("lr")?.as_f64())
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()?
+                    .get("lr")?
+                    .as_f64()
+            })
             .collect()
     };
     assert_eq!(lr(&straight.run_dir), lr(&cont.run_dir));
@@ -91,11 +104,18 @@ fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
     }
     // Logs: TensorBoard scalars are readable by an independent reader.
     // (one event file per process: the run was resumed once)
-    let files: Vec<_> = std::fs::read_dir(cont.run_dir.join("tb")).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(cont.run_dir.join("tb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 2);
-    let scalars: Vec<(i64, String, f32)> =
-        files.iter().flat_map(|f| xrayglm::train::metrics::read_scalars(f).unwrap()).collect();
-    assert!(scalars.iter().any(|(s, t, _)| *s == 10 && t == "train/loss"));
+    let scalars: Vec<(i64, String, f32)> = files
+        .iter()
+        .flat_map(|f| xrayglm::train::metrics::read_scalars(f).unwrap())
+        .collect();
+    assert!(scalars
+        .iter()
+        .any(|(s, t, _)| *s == 10 && t == "train/loss"));
     assert!(scalars.iter().any(|(_, t, _)| t == "val/loss"));
 }
 
@@ -104,23 +124,37 @@ fn fp16_overflow_skips_steps_and_lowers_the_scale() {
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let c = cfg(dir.path(), &data, "fp16", &[
-        "train.precision=\"fp16\"",
-        "train.initial_scale_power=24",
-        "train.hysteresis=2",
-        "train.train_iters=12",
-    ]);
+    let c = cfg(
+        dir.path(),
+        &data,
+        "fp16",
+        &[
+            "train.precision=\"fp16\"",
+            "train.initial_scale_power=24",
+            "train.hysteresis=2",
+            "train.train_iters=12",
+        ],
+    );
     let s = xrayglm::train::finetune(&c, &tok).unwrap();
-    assert!(s.skipped >= 2, "scale 2^24 must overflow fp16 at first: {s:?}");
+    assert!(
+        s.skipped >= 2,
+        "scale 2^24 must overflow fp16 at first: {s:?}"
+    );
     assert!(s.skipped < 12, "…and come down until steps succeed: {s:?}");
     let log: Vec<serde_json::Value> = std::fs::read_to_string(s.run_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let scales: Vec<f64> = log.iter().filter_map(|v| v.get("loss_scale")?.as_f64()).collect();
+    let scales: Vec<f64> = log
+        .iter()
+        .filter_map(|v| v.get("loss_scale")?.as_f64())
+        .collect();
     assert!(scales.last().unwrap() < &2f64.powi(24));
-    assert!(scales.windows(2).all(|w| w[1] <= w[0]), "the scale only falls here: {scales:?}");
+    assert!(
+        scales.windows(2).all(|w| w[1] <= w[0]),
+        "the scale only falls here: {scales:?}"
+    );
 }
 
 fn xrayglm() -> Command {
@@ -131,7 +165,10 @@ fn cli_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
     let data = dir.join("data");
     let mut a: Vec<String> = vec!["finetune".into()];
     for s in [
-        format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+        format!(
+            "data.path={:?}",
+            data.join("Xray/synth-zh.json").display().to_string()
+        ),
         format!("synthetic.out_dir={:?}", data.display().to_string()),
         "synthetic.count=24".into(),
         "synthetic.size=64".into(),
@@ -154,9 +191,19 @@ fn cli_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
 
 #[test]
 fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
-    let Some(shared) = common::shared() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let args = cli_args(dir.path(), "kill", &["train.train_iters=400", "train.save_interval=1", "train.keep_last=2"]);
+    let args = cli_args(
+        dir.path(),
+        "kill",
+        &[
+            "train.train_iters=400",
+            "train.save_interval=1",
+            "train.keep_last=2",
+        ],
+    );
     let run = dir.path().join("kill");
     for (i, wait_ms) in [2500u64, 3300, 4100].iter().enumerate() {
         let mut child = xrayglm()
@@ -169,18 +216,29 @@ fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
         std::thread::sleep(std::time::Duration::from_millis(*wait_ms));
         child.kill().unwrap(); // SIGKILL: no chance to clean up
         child.wait().unwrap();
-        let latest = std::fs::read_to_string(run.join("latest")).unwrap_or_else(|_| panic!("kill {i}: no latest"));
+        let latest = std::fs::read_to_string(run.join("latest"))
+            .unwrap_or_else(|_| panic!("kill {i}: no latest"));
         let ck = run.join(latest.trim());
-        xrayglm::weights::source::load_model(&ck, &Default::default())
-            .unwrap_or_else(|e| panic!("kill {i}: latest checkpoint {} does not load: {e:#}", ck.display()));
+        xrayglm::weights::source::load_model(&ck, &Default::default()).unwrap_or_else(|e| {
+            panic!(
+                "kill {i}: latest checkpoint {} does not load: {e:#}",
+                ck.display()
+            )
+        });
     }
 }
 
 #[test]
 fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
-    let Some(shared) = common::shared() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let args = cli_args(dir.path(), "term", &["train.train_iters=400", "train.save_interval=1000"]);
+    let args = cli_args(
+        dir.path(),
+        "term",
+        &["train.train_iters=400", "train.save_interval=1000"],
+    );
     let child = xrayglm()
         .args(&args)
         .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
@@ -194,12 +252,26 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
         assert!(t.elapsed().as_secs() < 60, "no progress");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
-    let latest: i64 = std::fs::read_to_string(run.join("latest")).unwrap().trim().parse().unwrap();
-    assert!((2..400).contains(&latest), "saved at the step it stopped: {latest}");
+    let latest: i64 = std::fs::read_to_string(run.join("latest"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (2..400).contains(&latest),
+        "saved at the step it stopped: {latest}"
+    );
 }
 
 #[test]
@@ -212,17 +284,32 @@ fn bad_configs_fail_before_any_work() {
         ("train.learning_rate=1e-4", "learning_rate"),
         ("train.precision=\"fp8\"", "precision"),
     ] {
-        let out = xrayglm().args(["finetune", "--set", set]).current_dir(dir.path()).output().unwrap();
+        let out = xrayglm()
+            .args(["finetune", "--set", set])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{set}: {err}");
     }
     let out = xrayglm()
-        .args(["finetune", "--tokenizer", "/nonexistent/ice_text.model", "--set", "data.path=\"missing.json\"", "--set", "synthetic.count=0"])
+        .args([
+            "finetune",
+            "--tokenizer",
+            "/nonexistent/ice_text.model",
+            "--set",
+            "data.path=\"missing.json\"",
+            "--set",
+            "synthetic.count=0",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(!dir.path().join("checkpoints").exists(), "nothing is written before the inputs check out");
+    assert!(
+        !dir.path().join("checkpoints").exists(),
+        "nothing is written before the inputs check out"
+    );
 }
 
 /// The README's main command: the demo fine-tune lowers the held-out validation loss of the tiny
@@ -237,7 +324,10 @@ fn demo_config_learns() {
     let c = Config::load(
         Some(&demo),
         &[
-            format!("data.path={:?}", data.join("Xray/synth-zh.json").display().to_string()),
+            format!(
+                "data.path={:?}",
+                data.join("Xray/synth-zh.json").display().to_string()
+            ),
             format!("synthetic.out_dir={:?}", data.display().to_string()),
             format!("train.out_dir={:?}", dir.path().display().to_string()),
             "train.progress=false".into(),
@@ -247,6 +337,9 @@ fn demo_config_learns() {
     .unwrap();
     let s = xrayglm::train::finetune(&c, &tok).unwrap();
     let (first, last) = (s.first_val_loss.unwrap(), s.last_val_loss.unwrap());
-    eprintln!("demo: val loss {first:.3} → {last:.3} in {:.0} s", s.seconds);
+    eprintln!(
+        "demo: val loss {first:.3} → {last:.3} in {:.0} s",
+        s.seconds
+    );
     assert!(last < first - 4.0, "val loss {first} → {last}");
 }

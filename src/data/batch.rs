@@ -36,9 +36,23 @@ pub enum Padding {
     Fixed,
 }
 
+/// Which samples make up the batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Seeded epoch shuffles, sharded over ranks (every sample once per epoch).
+    #[default]
+    Epoch,
+    /// sat's `RandomMappingDataset`: global position i → sample `sat_random_mapping(i, N)`, drawn
+    /// with replacement; global batch k covers positions [k·W·B, (k+1)·W·B), rank r the slice
+    /// [(k·W + r)·B, …+B) — exactly the reference's order. `seed` and `shuffle` do not apply.
+    Sat,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoaderConfig {
+    pub sampler: Sampler,
     /// Micro-batch size per rank.
     pub batch_size: usize,
     pub shuffle: bool,
@@ -55,6 +69,7 @@ pub struct LoaderConfig {
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
+            sampler: Sampler::Epoch,
             batch_size: 8,
             shuffle: true,
             seed: 1234,
@@ -340,7 +355,7 @@ impl Loader {
                 loader.cfg.batch_size * shard.world_size
             );
         }
-        if start.offset > per_epoch {
+        if loader.cfg.sampler == Sampler::Epoch && start.offset > per_epoch {
             bail!(
                 "resume offset {} is past the {} batches of an epoch",
                 start.offset,
@@ -366,6 +381,33 @@ impl Loader {
     }
 
     fn submit_one(&mut self) {
+        if self.cfg.sampler == Sampler::Sat {
+            let (w, b, n) = (
+                self.shard.world_size as u64,
+                self.cfg.batch_size as u64,
+                self.dataset.len() as u64,
+            );
+            let k = self.plan.offset as u64;
+            let start = (k * w + self.shard.rank as u64) * b;
+            let indices = (start..start + b)
+                .map(|i| super::rng::sat_random_mapping(i, n) as usize)
+                .collect();
+            let after = LoaderState {
+                epoch: 0,
+                offset: self.plan.offset + 1,
+            };
+            let task = Task {
+                seq: self.submitted,
+                indices,
+                state_after: after,
+            };
+            self.submitted += 1;
+            self.plan = after;
+            if let Some(tx) = &self.tasks {
+                let _ = tx.send(task);
+            }
+            return;
+        }
         if self.plan_epoch != Some(self.plan.epoch) {
             let order = epoch_order(
                 self.dataset.len(),

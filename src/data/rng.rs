@@ -147,6 +147,31 @@ impl PyRandom {
     }
 }
 
+/// sat 0.3.6's `RandomMappingDataset.__getitem__(index)` over `n` samples (the with-replacement
+/// sampler XrayGLM trained with, spec §5.5): `random.Random(index)` draws 16 seeds
+/// (`randint(0, 2**32-1)`) for a NumPy `RandomState`, whose legacy `randint(n)` (masked rejection on
+/// 32-bit draws) picks the sample.
+pub fn sat_random_mapping(index: u64, n: u64) -> u64 {
+    assert!(n > 0 && n <= 1 << 32, "sat sampler needs 0 < n <= 2^32");
+    let mut py = PyRandom::new(index as i64);
+    let seeds: Vec<u32> = (0..16).map(|_| py.randbelow(1 << 32) as u32).collect();
+    let mut np = PyRandom::from_key(&seeds);
+    let max = n - 1;
+    if max == 0 {
+        return 0;
+    }
+    let mut mask = max;
+    for shift in [1, 2, 4, 8, 16, 32] {
+        mask |= mask >> shift;
+    }
+    loop {
+        let v = np.next_u32() as u64 & mask;
+        if v <= max {
+            return v;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,7 +273,15 @@ impl ChatGlm {
         tch::no_grad(|| {
             for (i, l) in self.layers.iter().enumerate() {
                 self.seed_layer(i);
-                let y = self.layer(l, i as i64, inputs.last().unwrap(), &pos, &block, &mask, train);
+                let y = self.layer(
+                    l,
+                    i as i64,
+                    inputs.last().unwrap(),
+                    &pos,
+                    &block,
+                    &mask,
+                    train,
+                );
                 inputs.push(y);
             }
         });
@@ -285,7 +293,11 @@ impl ChatGlm {
         for (i, l) in self.layers.iter().enumerate().rev() {
             let x = inputs.pop().unwrap();
             let needs_input_grad = i > 0 || x.requires_grad();
-            let x = if needs_input_grad { x.detach().set_requires_grad(true) } else { x.detach() };
+            let x = if needs_input_grad {
+                x.detach().set_requires_grad(true)
+            } else {
+                x.detach()
+            };
             self.seed_layer(i);
             let y = self.layer(l, i as i64, &x, &pos, &block, &mask, train);
             (y * &g).sum(Kind::Float).backward();

@@ -255,7 +255,12 @@ impl ModelConfig {
                 .unwrap_or_else(|| (0..sat.num_layers).step_by(14).collect()),
             ..Default::default()
         });
-        Self { sat, lora, rotary: RotaryPrecision::default(), fan_in_init: false }
+        Self {
+            sat,
+            lora,
+            rotary: RotaryPrecision::default(),
+            fan_in_init: false,
+        }
     }
 
     /// The `model_config.json` to write beside weights.

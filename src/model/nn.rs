@@ -22,7 +22,10 @@ pub fn with_fan_in_init<T>(f: impl FnOnce() -> T) -> T {
 /// Initialisation of a weight whose rows take `fan_in` inputs.
 pub fn weight_init(fan_in: i64) -> Init {
     if !SKIP_INIT.with(|s| s.get()) && FAN_IN_INIT.with(|s| s.get()) {
-        Init::Randn { mean: 0.0, stdev: 1.0 / (fan_in as f64).sqrt() }
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0 / (fan_in as f64).sqrt(),
+        }
     } else {
         normal()
     }
@@ -31,7 +34,10 @@ pub fn weight_init(fan_in: i64) -> Init {
 /// Initialisation of an embedding table.
 pub fn embedding_init() -> Init {
     if !SKIP_INIT.with(|s| s.get()) && FAN_IN_INIT.with(|s| s.get()) {
-        Init::Randn { mean: 0.0, stdev: 1.0 }
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        }
     } else {
         normal()
     }

@@ -213,7 +213,14 @@ impl VisualGlm {
         checkpoint: bool,
     ) -> Result<f64> {
         if !checkpoint {
-            let out = self.forward(input_ids, Some(image), pre_image, Some(position_ids), Some(context_lengths), true)?;
+            let out = self.forward(
+                input_ids,
+                Some(image),
+                pre_image,
+                Some(position_ids),
+                Some(context_lengths),
+                true,
+            )?;
             let loss = lm_loss(&out.logits, labels);
             let v = loss.double_value(&[]);
             (loss * scale).backward();
@@ -221,8 +228,16 @@ impl VisualGlm {
         }
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
         let (_, _, embeds) = self.encode_image(image, true);
-        let inp = GlmInputs { input_ids, position_ids, attention_mask: &mask, image_embeds: Some(&embeds), pre_image };
-        Ok(self.chatglm.loss_backward_checkpointed(&inp, true, scale, |logits| lm_loss(logits, labels)))
+        let inp = GlmInputs {
+            input_ids,
+            position_ids,
+            attention_mask: &mask,
+            image_embeds: Some(&embeds),
+            pre_image,
+        };
+        Ok(self
+            .chatglm
+            .loss_backward_checkpointed(&inp, true, scale, |logits| lm_loss(logits, labels)))
     }
 }
 

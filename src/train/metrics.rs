@@ -18,7 +18,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
             }
             *e = c;
         }
@@ -68,7 +72,10 @@ pub struct TensorBoard {
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl TensorBoard {
@@ -76,8 +83,12 @@ impl TensorBoard {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "xrayglm".into());
         let path = dir.join(format!("events.out.tfevents.{}.{host}", now() as u64));
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let mut tb = Self { file: std::io::BufWriter::new(file), path };
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut tb = Self {
+            file: std::io::BufWriter::new(file),
+            path,
+        };
         let first = event(now(), 0, |e| field_bytes(3, b"brain.Event:2", e));
         tb.record(&first)?;
         Ok(tb)
@@ -126,7 +137,11 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
         anyhow::ensure!(crc == masked_crc(payload), "bad payload crc");
         pos += 16 + len;
         let fields = parse_fields(payload)?;
-        let step = fields.iter().find(|f| f.0 == 2).map(|f| f.1 as i64).unwrap_or(0);
+        let step = fields
+            .iter()
+            .find(|f| f.0 == 2)
+            .map(|f| f.1 as i64)
+            .unwrap_or(0);
         if first {
             anyhow::ensure!(
                 fields.iter().any(|f| f.0 == 3 && f.2 == b"brain.Event:2"),
@@ -137,8 +152,16 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
         for (_, _, summary) in fields.iter().filter(|f| f.0 == 5) {
             for (_, _, value) in parse_fields(summary)?.iter().filter(|f| f.0 == 1) {
                 let vf = parse_fields(value)?;
-                let tag = vf.iter().find(|f| f.0 == 1).map(|f| String::from_utf8_lossy(&f.2).into_owned()).unwrap_or_default();
-                let v = vf.iter().find(|f| f.0 == 2).map(|f| f32::from_bits(f.1 as u32)).unwrap_or(f32::NAN);
+                let tag = vf
+                    .iter()
+                    .find(|f| f.0 == 1)
+                    .map(|f| String::from_utf8_lossy(&f.2).into_owned())
+                    .unwrap_or_default();
+                let v = vf
+                    .iter()
+                    .find(|f| f.0 == 2)
+                    .map(|f| f32::from_bits(f.1 as u32))
+                    .unwrap_or(f32::NAN);
                 out.push((step, tag, v));
             }
         }
@@ -173,7 +196,11 @@ fn parse_fields(mut b: &[u8]) -> Result<Vec<(u32, u64, Vec<u8>)>> {
             }
             5 => {
                 anyhow::ensure!(b.len() >= 4, "truncated fixed32");
-                out.push((field, u32::from_le_bytes(b[..4].try_into()?) as u64, Vec::new()));
+                out.push((
+                    field,
+                    u32::from_le_bytes(b[..4].try_into()?) as u64,
+                    Vec::new(),
+                ));
                 b = &b[4..];
             }
             2 => {
@@ -227,7 +254,8 @@ mod tests {
     fn event_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let mut tb = TensorBoard::create(dir.path()).unwrap();
-        tb.scalars(3, &[("train/loss", 2.5), ("train/lr", 1e-4)]).unwrap();
+        tb.scalars(3, &[("train/loss", 2.5), ("train/lr", 1e-4)])
+            .unwrap();
         tb.scalars(4, &[("train/loss", 2.25)]).unwrap();
         let path = tb.path.clone();
         drop(tb);

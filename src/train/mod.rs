@@ -87,7 +87,13 @@ fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, 
     let (mut model, base) = if m.path.as_os_str().is_empty() {
         let base_dir = run_dir.join("base");
         if base_dir.join("model.safetensors").is_file() {
-            let opts = LoadOptions { device: dev, kind, qkv_layout: None, lora: Some(Some(m.lora.clone())), rotary: m.rotary };
+            let opts = LoadOptions {
+                device: dev,
+                kind,
+                qkv_layout: None,
+                lora: Some(Some(m.lora.clone())),
+                rotary: m.rotary,
+            };
             (load_model(&base_dir, &opts)?.0, "base".to_string())
         } else {
             let mut mc = ModelConfig::preset(&m.preset)?;
@@ -106,13 +112,18 @@ fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, 
             lora: Some(Some(m.lora.clone())),
             rotary: m.rotary,
         };
-        let abs = std::fs::canonicalize(&m.path).with_context(|| format!("model.path {}", m.path.display()))?;
+        let abs = std::fs::canonicalize(&m.path)
+            .with_context(|| format!("model.path {}", m.path.display()))?;
         (load_model(&abs, &opts)?.0, abs.display().to_string())
     };
     model.set_fused_attention(m.fused_attention);
     model.set_dropout(
         m.vision_dropout,
-        Dropouts { embedding: m.glm_dropout, attention: m.glm_dropout, output: m.glm_dropout },
+        Dropouts {
+            embedding: m.glm_dropout,
+            attention: m.glm_dropout,
+            output: m.glm_dropout,
+        },
     );
     Ok((model, base))
 }
@@ -120,7 +131,11 @@ fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, 
 /// Split records into train / validation deterministically.
 fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Vec<Record>) {
     let n = records.len();
-    let n_val = if fraction > 0.0 && n > 1 { ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1) } else { 0 };
+    let n_val = if fraction > 0.0 && n > 1 {
+        ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1)
+    } else {
+        0
+    };
     let mut order: Vec<usize> = (0..n).collect();
     PyRandom::from_key(&[seed as u32, (seed >> 32) as u32, 0x5eed]).shuffle(&mut order);
     let val_idx: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
@@ -171,7 +186,13 @@ impl Step<'_> {
 }
 
 /// Save a checkpoint atomically: files into `<step>/`, then `latest`, then prune.
-fn save_checkpoint(run_dir: &Path, model: &VisualGlm, opt: &AdamW, state: &TrainerState, keep: usize) -> Result<()> {
+fn save_checkpoint(
+    run_dir: &Path,
+    model: &VisualGlm,
+    opt: &AdamW,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<()> {
     let dir = run_dir.join(state.step.to_string());
     let tmp = run_dir.join(format!(".{}.partial", state.step));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -180,14 +201,28 @@ fn save_checkpoint(run_dir: &Path, model: &VisualGlm, opt: &AdamW, state: &Train
     let mut names: Vec<&String> = lora.keys().collect();
     names.sort();
     let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
-    crate::weights::st::write(&tmp.join("lora.safetensors"), &list, &[("format", "xrayglm-lora".into())])?;
+    crate::weights::st::write(
+        &tmp.join("lora.safetensors"),
+        &list,
+        &[("format", "xrayglm-lora".into())],
+    )?;
     let ost: Vec<(String, &Tensor)> = opt.state_tensors();
     crate::weights::st::write(&tmp.join("optimizer.safetensors"), &ost, &[])?;
     let mut sat = model.cfg.to_sat();
     sat.qkv_layout = crate::model::config::QkvLayout::Interleaved;
     crate::io::write_json_atomic(&tmp.join("model_config.json"), &sat)?;
-    let base = if Path::new(&state.base_model).is_absolute() { state.base_model.clone() } else { format!("../{}", state.base_model) };
-    crate::io::write_json_atomic(&tmp.join("trainer_state.json"), &TrainerState { base_model: base, ..state.clone() })?;
+    let base = if Path::new(&state.base_model).is_absolute() {
+        state.base_model.clone()
+    } else {
+        format!("../{}", state.base_model)
+    };
+    crate::io::write_json_atomic(
+        &tmp.join("trainer_state.json"),
+        &TrainerState {
+            base_model: base,
+            ..state.clone()
+        },
+    )?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir)?;
     crate::io::write_atomic(&run_dir.join("latest"), state.step.to_string().as_bytes())?;
@@ -206,6 +241,19 @@ fn save_checkpoint(run_dir: &Path, model: &VisualGlm, opt: &AdamW, state: &Train
     Ok(())
 }
 
+/// Resident memory of this process in MiB (Linux), for the logs.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
 /// Run the fine-tune described by `cfg`.
 pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     // ---- setup ----
@@ -217,21 +265,37 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let resume_from = match tc.resume.as_str() {
         "never" => None,
         "auto" => latest_checkpoint(&run_dir),
-        path => Some(PathBuf::from(path)).filter(|p| p.join("trainer_state.json").is_file()).map(Some).unwrap_or_else(|| {
-            eprintln!("warning: train.resume {path:?} has no trainer_state.json; starting fresh");
-            None
-        }),
+        path => Some(PathBuf::from(path))
+            .filter(|p| p.join("trainer_state.json").is_file())
+            .map(Some)
+            .unwrap_or_else(|| {
+                eprintln!(
+                    "warning: train.resume {path:?} has no trainer_state.json; starting fresh"
+                );
+                None
+            }),
     };
     if resume_from.is_none() && tc.resume == "never" {
         for e in std::fs::read_dir(&run_dir)? {
             let e = e?;
-            if e.file_name().to_str().is_some_and(|n| n.parse::<i64>().is_ok() || n == "latest") {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<i64>().is_ok() || n == "latest")
+            {
                 bail!("{} already holds checkpoints; use train.resume = \"auto\" or another train.name", run_dir.display());
             }
         }
     }
-    if cfg.data.path == crate::prepare::default_synthetic_path(cfg) && !cfg.data.path.exists() && cfg.synthetic.count > 0 {
-        crate::data::synthetic::generate(&cfg.synthetic.out_dir, cfg.synthetic.count, cfg.synthetic.size, cfg.synthetic.seed)?;
+    if cfg.data.path == crate::prepare::default_synthetic_path(cfg)
+        && !cfg.data.path.exists()
+        && cfg.synthetic.count > 0
+    {
+        crate::data::synthetic::generate(
+            &cfg.synthetic.out_dir,
+            cfg.synthetic.count,
+            cfg.synthetic.size,
+            cfg.synthetic.seed,
+        )?;
     }
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let file = loaded.file.display().to_string();
@@ -251,8 +315,16 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         Vec::new()
     } else {
         let val_ds = Arc::new(Dataset::new(val_records, &builder, processor, &file)?);
-        let vcfg = LoaderConfig { shuffle: false, ..cfg.loader.clone() };
-        let vl = Loader::new(Arc::clone(&val_ds), vcfg, Shard::default(), LoaderState::default())?;
+        let vcfg = LoaderConfig {
+            shuffle: false,
+            ..cfg.loader.clone()
+        };
+        let vl = Loader::new(
+            Arc::clone(&val_ds),
+            vcfg,
+            Shard::default(),
+            LoaderState::default(),
+        )?;
         let n = vl.batches_per_epoch().min(tc.eval_batches.max(1));
         vl.take(n).collect::<Result<Vec<_>>>()?
     };
@@ -262,7 +334,12 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     }
     let mut opt = AdamW::new(
         lora_params,
-        AdamWConfig { beta1: tc.beta1, beta2: tc.beta2, eps: tc.eps, weight_decay: tc.weight_decay },
+        AdamWConfig {
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            eps: tc.eps,
+            weight_decay: tc.weight_decay,
+        },
     );
     let schedule = Schedule {
         kind: tc.schedule,
@@ -278,14 +355,21 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         opt_steps: 0,
         skipped: 0,
         loader: LoaderState::default(),
-        scaler: (tc.precision == "fp16")
-            .then(|| LossScaler::new(tc.initial_scale_power, tc.loss_scale_window, tc.hysteresis, tc.min_loss_scale)),
+        scaler: (tc.precision == "fp16").then(|| {
+            LossScaler::new(
+                tc.initial_scale_power,
+                tc.loss_scale_window,
+                tc.hysteresis,
+                tc.min_loss_scale,
+            )
+        }),
         base_model: base,
         last_loss: f64::NAN,
     };
     if let Some(ck) = &resume_from {
-        let saved: TrainerState = serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
-            .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
+        let saved: TrainerState =
+            serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
+                .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
         let lora = crate::weights::read_safetensors(&ck.join("lora.safetensors"))?;
         crate::weights::load_into(
             &mut model,
@@ -295,14 +379,24 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             &ck.display().to_string(),
         )?;
         let ost: std::collections::HashMap<String, Tensor> =
-            crate::weights::read_safetensors(&ck.join("optimizer.safetensors"))?.into_iter().collect();
+            crate::weights::read_safetensors(&ck.join("optimizer.safetensors"))?
+                .into_iter()
+                .collect();
         opt.load_state(&ost, saved.opt_steps)?;
-        state = TrainerState { base_model: state.base_model, ..saved };
+        state = TrainerState {
+            base_model: state.base_model,
+            ..saved
+        };
         eprintln!("resuming from {} (step {})", ck.display(), state.step);
     }
     crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
-    let mut loader = Loader::new(Arc::clone(&train_ds), cfg.loader.clone(), Shard::default(), state.loader)?;
+    let mut loader = Loader::new(
+        Arc::clone(&train_ds),
+        cfg.loader.clone(),
+        Shard::default(),
+        state.loader,
+    )?;
     let mut jsonl = JsonLog::open(&run_dir.join("metrics.jsonl"))?;
     let mut tb = TensorBoard::create(&run_dir.join("tb"))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -312,8 +406,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let bar = if tc.progress {
         let b = indicatif::ProgressBar::new(tc.train_iters as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                .expect("static template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("static template"),
         );
         b.set_position(state.step as u64);
         b
@@ -324,13 +420,23 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     // ---- train ----
     let step_fn = Step { model: &model, dev };
     let mut first_loss = None;
-    let first_val = if val_batches.is_empty() || resume_from.is_some() { None } else { Some(step_fn.eval(&val_batches)?) };
+    let first_val = if val_batches.is_empty() || resume_from.is_some() {
+        None
+    } else {
+        Some(step_fn.eval(&val_batches)?)
+    };
     if let Some(v) = first_val {
-        jsonl.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
-        tb.scalars(state.step, &[("val/loss", v), ("val/ppl", v.min(20.0).exp())])?;
+        jsonl.write(
+            &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}),
+        )?;
+        tb.scalars(
+            state.step,
+            &[("val/loss", v), ("val/ppl", v.min(20.0).exp())],
+        )?;
     }
     let mut last_val = first_val;
-    let (mut window_loss, mut window_n, mut window_tokens, mut window_samples) = (0.0, 0, 0usize, 0usize);
+    let (mut window_loss, mut window_n, mut window_tokens, mut window_samples) =
+        (0.0, 0, 0usize, 0usize);
     let mut window_t = Instant::now();
     let mut stopped = false;
     while state.step < tc.train_iters {
@@ -349,9 +455,14 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             let b = loader.next().context("the loader ended")??;
             // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
             // activation checkpointing recomputes the same masks.
-            let seed = (tc.seed as i64).wrapping_mul(1_000_003).wrapping_add(state.step * 64 + micro);
+            let seed = (tc.seed as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(state.step * 64 + micro);
             tch::manual_seed(seed);
-            model.chatglm.layer_seed.set(Some(seed.wrapping_mul(31).wrapping_add(17)));
+            model
+                .chatglm
+                .layer_seed
+                .set(Some(seed.wrapping_mul(31).wrapping_add(17)));
             let t = b.to_tensors(dev);
             let l = model.loss_backward(
                 &t.input_ids,
@@ -364,8 +475,15 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 tc.checkpoint_activations,
             )?;
             if !l.is_finite() {
-                let ids: Vec<&str> = b.indices.iter().map(|&i| train_ds.records[i].id.as_str()).collect();
-                bad_loss = Some(format!("loss {l} at step {} on samples {ids:?}", state.step + 1));
+                let ids: Vec<&str> = b
+                    .indices
+                    .iter()
+                    .map(|&i| train_ds.records[i].id.as_str())
+                    .collect();
+                bad_loss = Some(format!(
+                    "loss {l} at step {} on samples {ids:?}",
+                    state.step + 1
+                ));
                 break;
             }
             window_tokens += b.target_tokens();
@@ -403,15 +521,25 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             state.skipped += 1;
         }
         bar.set_position(state.step as u64);
-        bar.set_message(format!("loss {:.4} lr {:.2e}", state.last_loss, schedule.lr(state.opt_steps.max(1))));
+        let tps = window_tokens as f64 / window_t.elapsed().as_secs_f64().max(1e-9);
+        let sps = window_samples as f64 / window_t.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {tps:.0} tok/s {sps:.1} samples/s",
+            state.last_loss,
+            schedule.lr(state.opt_steps.max(1))
+        ));
         if state.step % tc.log_interval == 0 || state.step == tc.train_iters {
             let secs = window_t.elapsed().as_secs_f64();
-            let avg = if window_n > 0 { window_loss / window_n as f64 } else { f64::NAN };
+            let avg = if window_n > 0 {
+                window_loss / window_n as f64
+            } else {
+                f64::NAN
+            };
             let rec = serde_json::json!({
                 "step": state.step, "loss": avg, "lr": schedule.lr(state.opt_steps.max(1)), "grad_norm": norm,
                 "loss_scale": state.scaler.map(|s| s.scale), "skipped": state.skipped,
                 "tokens_per_s": window_tokens as f64 / secs, "samples_per_s": window_samples as f64 / secs,
-                "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(),
+                "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(),
             });
             jsonl.write(&rec)?;
             let mut sc = vec![
@@ -419,22 +547,34 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 ("train/lr", schedule.lr(state.opt_steps.max(1))),
                 ("train/grad_norm", norm),
                 ("train/tokens_per_s", window_tokens as f64 / secs),
+                ("train/samples_per_s", window_samples as f64 / secs),
+                ("memory/rss_mib", rss_mib()),
             ];
             if let Some(s) = state.scaler {
                 sc.push(("train/loss_scale", s.scale));
             }
             tb.scalars(state.step, &sc)?;
             if !tc.progress {
-                eprintln!("step {}/{} loss {avg:.4} lr {:.3e} grad_norm {norm:.4}", state.step, tc.train_iters, schedule.lr(state.opt_steps.max(1)));
+                eprintln!(
+                    "step {}/{} loss {avg:.4} lr {:.3e} grad_norm {norm:.4}",
+                    state.step,
+                    tc.train_iters,
+                    schedule.lr(state.opt_steps.max(1))
+                );
             }
             (window_loss, window_n, window_tokens, window_samples) = (0.0, 0, 0, 0);
             window_t = Instant::now();
         }
-        if !val_batches.is_empty() && (state.step % tc.eval_interval == 0 || state.step == tc.train_iters) {
+        if !val_batches.is_empty()
+            && (state.step % tc.eval_interval == 0 || state.step == tc.train_iters)
+        {
             let v = step_fn.eval(&val_batches)?;
             last_val = Some(v);
             jsonl.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
-            tb.scalars(state.step, &[("val/loss", v), ("val/ppl", v.min(20.0).exp())])?;
+            tb.scalars(
+                state.step,
+                &[("val/loss", v), ("val/ppl", v.min(20.0).exp())],
+            )?;
         }
         if state.step % tc.save_interval == 0 && state.step < tc.train_iters {
             save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
@@ -447,7 +587,11 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
     }
     if stopped {
-        eprintln!("stopped by signal at step {}; checkpoint saved in {}", state.step, run_dir.display());
+        eprintln!(
+            "stopped by signal at step {}; checkpoint saved in {}",
+            state.step,
+            run_dir.display()
+        );
     }
     Ok(Summary {
         run_dir,
@@ -477,7 +621,12 @@ pub fn fixed_batch_steps(
     clip: f64,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let s = &model.cfg.sat;
-    let (pos, ctx) = crate::model::chatglm::positions_from_ids(input_ids, s.bos_token_id, s.mask_token_id, s.gmask_token_id)?;
+    let (pos, ctx) = crate::model::chatglm::positions_from_ids(
+        input_ids,
+        s.bos_token_id,
+        s.mask_token_id,
+        s.gmask_token_id,
+    )?;
     let mut opt = AdamW::new(model.lora.variables().into_iter().collect(), adam);
     let (mut losses, mut lrs) = (Vec::new(), Vec::new());
     for k in 1..=steps as i64 {

@@ -22,7 +22,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -47,9 +52,18 @@ impl AdamW {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = params
             .into_iter()
-            .map(|(name, param)| Slot { m: param.zeros_like(), v: param.zeros_like(), name, param })
+            .map(|(name, param)| Slot {
+                m: param.zeros_like(),
+                v: param.zeros_like(),
+                name,
+                param,
+            })
             .collect();
-        Self { cfg, slots, step: 0 }
+        Self {
+            cfg,
+            slots,
+            step: 0,
+        }
     }
 
     /// Global L2 norm of the gradients (fp32), as a 0-d tensor (no host sync).
@@ -58,7 +72,13 @@ impl AdamW {
             .slots
             .iter()
             .filter(|s| s.param.grad().defined())
-            .map(|s| s.param.grad().to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
+            .map(|s| {
+                s.param
+                    .grad()
+                    .to_kind(Kind::Float)
+                    .pow_tensor_scalar(2)
+                    .sum(Kind::Float)
+            })
             .collect();
         if sq.is_empty() {
             return Tensor::from(0f32);
@@ -115,7 +135,9 @@ impl AdamW {
                 let g = g.to_kind(Kind::Float);
                 let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 let _ = s.m.g_mul_scalar_(c.beta1).g_add_(&(&g * (1.0 - c.beta1)));
-                let _ = s.v.g_mul_scalar_(c.beta2).g_add_(&(&g * &g * (1.0 - c.beta2)));
+                let _ =
+                    s.v.g_mul_scalar_(c.beta2)
+                        .g_add_(&(&g * &g * (1.0 - c.beta2)));
                 let denom = s.v.sqrt() / bc2.sqrt() + c.eps;
                 let update = &s.m / denom * (lr / bc1);
                 let _ = s.param.g_sub_(&update);
@@ -134,12 +156,23 @@ impl AdamW {
     }
 
     /// Restore moments saved by [`AdamW::state_tensors`].
-    pub fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>, step: i64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        step: i64,
+    ) -> Result<()> {
         for s in &mut self.slots {
             for (suffix, dst) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
                 let key = format!("{}.{suffix}", s.name);
-                let t = tensors.get(&key).ok_or_else(|| anyhow::anyhow!("optimizer state lacks {key}"))?;
-                anyhow::ensure!(t.size() == dst.size(), "optimizer state {key}: shape {:?} vs {:?}", t.size(), dst.size());
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| anyhow::anyhow!("optimizer state lacks {key}"))?;
+                anyhow::ensure!(
+                    t.size() == dst.size(),
+                    "optimizer state {key}: shape {:?} vs {:?}",
+                    t.size(),
+                    dst.size()
+                );
                 tch::no_grad(|| dst.copy_(t));
             }
         }
@@ -155,7 +188,10 @@ mod tests {
     #[test]
     fn matches_the_adamw_formula_by_hand() {
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamWConfig::default(),
+        );
         for step in 1..=3 {
             opt.zero_grad();
             (&p * &p).sum(Kind::Float).backward();
@@ -172,13 +208,20 @@ mod tests {
             v = b2 * v + (1.0 - b2) * g * g;
             x -= lr / (1.0 - b1.powi(t)) * m / (v.sqrt() / (1.0 - b2.powi(t)).sqrt() + eps);
         }
-        assert!((p.double_value(&[0]) - x).abs() < 1e-6, "{} vs {x}", p.double_value(&[0]));
+        assert!(
+            (p.double_value(&[0]) - x).abs() < 1e-6,
+            "{} vs {x}",
+            p.double_value(&[0])
+        );
     }
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            vec![("p".into(), p.shallow_clone())],
+            AdamWConfig::default(),
+        );
         (&p * 1.0).sum(Kind::Float).backward(); // grad (1, 1), norm √2
         let n = opt.clip(0.1);
         assert!((n - 2f64.sqrt()).abs() < 1e-6);

@@ -47,7 +47,8 @@ impl Schedule {
                 }
                 let decay_ratio = 1.0 / self.min_lr_ratio;
                 let r = ((n - warmup_iter) as f64 / self.train_iters as f64).min(1.0);
-                self.lr / decay_ratio * (((std::f64::consts::PI * r).cos() + 1.0) * (decay_ratio - 1.0) / 2.0 + 1.0)
+                self.lr / decay_ratio
+                    * (((std::f64::consts::PI * r).cos() + 1.0) * (decay_ratio - 1.0) / 2.0 + 1.0)
             }
             ScheduleKind::WarmupCosine => {
                 if warmup_iter > 0 && k <= warmup_iter {
@@ -81,8 +82,18 @@ mod tests {
         // 200 → 3.499e-5; 250 → 1.752e-5; 300 → 1.009e-5.
         assert_eq!(s.lr(1), 5e-6);
         assert_eq!(s.lr(100), 5e-6);
-        for (n, want) in [(101, 7.951e-5), (150, 5.783e-5), (200, 3.499e-5), (250, 1.752e-5), (300, 1.009e-5)] {
-            assert!((s.lr(n) - want).abs() < 5e-9, "n={n}: {} vs {want}", s.lr(n));
+        for (n, want) in [
+            (101, 7.951e-5),
+            (150, 5.783e-5),
+            (200, 3.499e-5),
+            (250, 1.752e-5),
+            (300, 1.009e-5),
+        ] {
+            assert!(
+                (s.lr(n) - want).abs() < 5e-9,
+                "n={n}: {} vs {want}",
+                s.lr(n)
+            );
         }
     }
 

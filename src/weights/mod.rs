@@ -139,10 +139,19 @@ impl<'m> Loader<'m> {
         let mut missing: Vec<String> = if require == Require::Lora {
             Vec::new()
         } else {
-            self.base.keys().filter(|k| !self.seen.contains(*k)).cloned().collect()
+            self.base
+                .keys()
+                .filter(|k| !self.seen.contains(*k))
+                .cloned()
+                .collect()
         };
         if require != Require::Base {
-            missing.extend(self.lora.keys().filter(|k| !self.seen.contains(*k)).cloned());
+            missing.extend(
+                self.lora
+                    .keys()
+                    .filter(|k| !self.seen.contains(*k))
+                    .cloned(),
+            );
         }
         missing.sort();
         if missing.is_empty() && self.unexpected.is_empty() && self.misshaped.is_empty() {

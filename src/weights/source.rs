@@ -86,7 +86,9 @@ impl Default for LoadOptions {
 /// The model config of a directory in any format.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     match detect(dir)? {
-        Format::Xrayglm | Format::Sat | Format::Checkpoint => ModelConfig::from_sat_file(&dir.join("model_config.json")),
+        Format::Xrayglm | Format::Sat | Format::Checkpoint => {
+            ModelConfig::from_sat_file(&dir.join("model_config.json"))
+        }
         Format::Hf => hf_config(&dir.join("config.json")),
     }
 }
@@ -200,9 +202,12 @@ fn for_each_tensor(
 
 /// The base model a training checkpoint was trained on.
 pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
-        .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
-    let base = state["base_model"].as_str().with_context(|| format!("{}: no base_model", dir.display()))?;
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
+            .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+    let base = state["base_model"]
+        .as_str()
+        .with_context(|| format!("{}: no base_model", dir.display()))?;
     let p = PathBuf::from(base);
     Ok(if p.is_absolute() { p } else { dir.join(p) })
 }
@@ -213,15 +218,25 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
     if format == Format::Checkpoint {
         let cfg = read_config(dir)?;
         let base = checkpoint_base(dir)?;
-        let base_opts = LoadOptions { lora: Some(cfg.lora.clone()), ..opts.clone() };
-        let (mut model, mut report) = load_model(&base, &base_opts)
-            .with_context(|| format!("loading the base model {} of {}", base.display(), dir.display()))?;
+        let base_opts = LoadOptions {
+            lora: Some(cfg.lora.clone()),
+            ..opts.clone()
+        };
+        let (mut model, mut report) = load_model(&base, &base_opts).with_context(|| {
+            format!(
+                "loading the base model {} of {}",
+                base.display(),
+                dir.display()
+            )
+        })?;
         let mut loader = Loader::new(&mut model, QkvLayout::Interleaved);
         for t in SafeTensorsFile::open(&dir.join("lora.safetensors"))?.tensors() {
             let (n, x) = t?;
             loader.put(n, x);
         }
-        report.loaded += loader.finish(Require::Lora, &dir.display().to_string())?.loaded;
+        report.loaded += loader
+            .finish(Require::Lora, &dir.display().to_string())?
+            .loaded;
         return Ok((model, report));
     }
     let mut cfg = read_config(dir)?;
@@ -294,7 +309,8 @@ fn save(model: &VisualGlm, dir: &Path, with_lora: bool) -> Result<()> {
     let write = |vars: std::collections::HashMap<String, Tensor>, path: &Path| -> Result<()> {
         let mut names: Vec<&String> = vars.keys().collect();
         names.sort();
-        let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &vars[*n])).collect();
+        let list: Vec<(String, &Tensor)> =
+            names.iter().map(|n| ((*n).clone(), &vars[*n])).collect();
         super::st::write(path, &list, &meta)
     };
     write(model.base.variables(), &dir.join("model.safetensors"))?;
