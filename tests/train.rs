@@ -9,6 +9,14 @@ use std::process::Command;
 use xrayglm::config::Config;
 use xrayglm::tokenizer::ChatGlmTokenizer;
 
+/// Training seeds libtorch's global generator per step, and the subprocess tests are timed: run
+/// these tests one at a time even when the harness runs tests in parallel.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A config for a quick run in `dir` (synthetic set of 24 films shared across runs in `data`).
 fn cfg(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> Config {
     let mut o: Vec<String> = vec![
@@ -58,6 +66,7 @@ fn losses(run: &Path) -> Vec<(i64, f64)> {
 
 #[test]
 fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
+    let _serial = serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -121,6 +130,7 @@ fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
 
 #[test]
 fn fp16_overflow_skips_steps_and_lowers_the_scale() {
+    let _serial = serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -191,6 +201,7 @@ fn cli_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
 
 #[test]
 fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
+    let _serial = serial();
     let Some(shared) = common::shared() else {
         return;
     };
@@ -205,7 +216,8 @@ fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
         ],
     );
     let run = dir.path().join("kill");
-    for (i, wait_ms) in [2500u64, 3300, 4100].iter().enumerate() {
+    for (i, extra_ms) in [0u64, 170, 430].iter().enumerate() {
+        let before = std::fs::read_to_string(run.join("latest")).unwrap_or_default();
         let mut child = xrayglm()
             .args(&args)
             .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
@@ -213,7 +225,17 @@ fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(*wait_ms));
+        // Wait until this process has written a checkpoint of its own, then kill it at some
+        // moment of its save-every-step loop.
+        let t = std::time::Instant::now();
+        while std::fs::read_to_string(run.join("latest")).unwrap_or_default() == before {
+            assert!(
+                t.elapsed().as_secs() < 120,
+                "kill {i}: no checkpoint written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(*extra_ms));
         child.kill().unwrap(); // SIGKILL: no chance to clean up
         child.wait().unwrap();
         let latest = std::fs::read_to_string(run.join("latest"))
@@ -230,6 +252,7 @@ fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
 
 #[test]
 fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+    let _serial = serial();
     let Some(shared) = common::shared() else {
         return;
     };
@@ -276,6 +299,7 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
 
 #[test]
 fn bad_configs_fail_before_any_work() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     for (set, want) in [
         ("train.lr=0", "train.lr must be positive"),
@@ -292,20 +316,26 @@ fn bad_configs_fail_before_any_work() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{set}: {err}");
     }
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let out = xrayglm()
         .args([
             "finetune",
-            "--tokenizer",
-            "/nonexistent/ice_text.model",
             "--set",
             "data.path=\"missing.json\"",
             "--set",
             "synthetic.count=0",
         ])
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("missing.json"),
+        "{err}"
+    );
     assert!(
         !dir.path().join("checkpoints").exists(),
         "nothing is written before the inputs check out"
@@ -317,6 +347,7 @@ fn bad_configs_fail_before_any_work() {
 /// 2 cores).
 #[test]
 fn demo_config_learns() {
+    let _serial = serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");

@@ -261,7 +261,6 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let tc = &cfg.train;
     let dev = crate::device::parse(&cfg.model.device)?;
     let run_dir = tc.out_dir.join(&tc.name);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let resume_from = match tc.resume.as_str() {
         "never" => None,
         "auto" => latest_checkpoint(&run_dir),
@@ -276,7 +275,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             }),
     };
     if resume_from.is_none() && tc.resume == "never" {
-        for e in std::fs::read_dir(&run_dir)? {
+        for e in std::fs::read_dir(&run_dir).into_iter().flatten() {
             let e = e?;
             if e.file_name()
                 .to_str()
@@ -303,6 +302,8 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let builder = SampleBuilder::new(tokenizer.clone(), cfg.sample.clone())?;
     let processor = cfg.image.processor();
     let train_ds = Arc::new(Dataset::new(train_records, &builder, processor, &file)?);
+    // The inputs check out: only now is anything written.
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut model, base) = build_model(cfg, dev, &run_dir)?;
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
