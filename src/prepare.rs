@@ -70,19 +70,7 @@ impl std::fmt::Display for Summary {
 
 /// Run the preparation. `tokenizer` adds token statistics (and checks every record tokenizes).
 pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary> {
-    let mut generated = None;
-    if !cfg.data.path.exists()
-        && cfg.synthetic.count > 0
-        && cfg.data.path == default_synthetic_path(cfg)
-    {
-        crate::data::synthetic::generate(
-            &cfg.synthetic.out_dir,
-            cfg.synthetic.count,
-            cfg.synthetic.size,
-            cfg.synthetic.seed,
-        )?;
-        generated = Some(cfg.synthetic.count);
-    }
+    let generated = ensure_synthetic(cfg)?;
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let out = cfg.data.out_path();
     write_training_list(&out, &loaded.records)?;
@@ -100,6 +88,20 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary
         out,
         tokens,
     })
+}
+
+/// Generate the synthetic demo set when the config points at it and it is missing. Returns how
+/// many films were made.
+pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
+    if cfg.data.path.exists()
+        || cfg.synthetic.count == 0
+        || cfg.data.path != default_synthetic_path(cfg)
+    {
+        return Ok(None);
+    }
+    let s = &cfg.synthetic;
+    crate::data::synthetic::generate(&s.out_dir, s.count, s.size, s.seed)?;
+    Ok(Some(s.count))
 }
 
 /// The annotations file the synthetic generator writes for this config.

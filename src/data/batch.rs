@@ -396,17 +396,7 @@ impl Loader {
                 epoch: 0,
                 offset: self.plan.offset + 1,
             };
-            let task = Task {
-                seq: self.submitted,
-                indices,
-                state_after: after,
-            };
-            self.submitted += 1;
-            self.plan = after;
-            if let Some(tx) = &self.tasks {
-                let _ = tx.send(task);
-            }
-            return;
+            return self.send(indices, after);
         }
         if self.plan_epoch != Some(self.plan.epoch) {
             let order = epoch_order(
@@ -437,6 +427,11 @@ impl Loader {
                 offset: 0,
             };
         }
+        self.send(indices, after);
+    }
+
+    /// Hand one batch to the workers; `after` becomes the planning position.
+    fn send(&mut self, indices: Vec<usize>, after: LoaderState) {
         let task = Task {
             seq: self.submitted,
             indices,

@@ -285,17 +285,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             }
         }
     }
-    if cfg.data.path == crate::prepare::default_synthetic_path(cfg)
-        && !cfg.data.path.exists()
-        && cfg.synthetic.count > 0
-    {
-        crate::data::synthetic::generate(
-            &cfg.synthetic.out_dir,
-            cfg.synthetic.count,
-            cfg.synthetic.size,
-            cfg.synthetic.seed,
-        )?;
-    }
+    crate::prepare::ensure_synthetic(cfg)?;
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let file = loaded.file.display().to_string();
     let (train_records, val_records) = split(loaded.records, tc.val_fraction, tc.seed);
