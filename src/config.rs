@@ -42,6 +42,9 @@ pub struct DataSection {
     pub skip_bad: bool,
     /// Training list written by `prepare-data`; empty = `<records stem>-prompt.json` beside it.
     pub out: PathBuf,
+    /// Pad every sample to this many tokens (the reference: 320 = 64 + 256); 0 = `loader.padding`
+    /// decides (dynamic by default).
+    pub pad_to: usize,
 }
 
 impl Default for DataSection {
@@ -56,6 +59,7 @@ impl Default for DataSection {
             check_images: ImageCheck::Decode,
             skip_bad: false,
             out: PathBuf::new(),
+            pad_to: 0,
         }
     }
 }

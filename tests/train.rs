@@ -340,6 +340,27 @@ fn bad_configs_fail_before_any_work() {
         !dir.path().join("checkpoints").exists(),
         "nothing is written before the inputs check out"
     );
+    // data.pad_to shorter than a sample is caught before anything is written.
+    let out = xrayglm()
+        .args([
+            "finetune",
+            "--set",
+            "data.pad_to=40",
+            "--set",
+            "synthetic.count=8",
+            "--set",
+            "synthetic.size=32",
+        ])
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("data.pad_to 40 is shorter"),
+        "{err}"
+    );
+    assert!(!dir.path().join("checkpoints").exists());
 }
 
 /// The README's main command: the demo fine-tune lowers the held-out validation loss of the tiny

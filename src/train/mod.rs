@@ -291,7 +291,29 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let (train_records, val_records) = split(loaded.records, tc.val_fraction, tc.seed);
     let builder = SampleBuilder::new(tokenizer.clone(), cfg.sample.clone())?;
     let processor = cfg.image.processor();
-    let train_ds = Arc::new(Dataset::new(train_records, &builder, processor, &file)?);
+    let mut loader_cfg = cfg.loader.clone();
+    let pad_to = |mut ds: Dataset| -> Result<Dataset> {
+        if cfg.data.pad_to > 0 {
+            let longest = ds.samples.iter().map(|s| s.len()).max().unwrap_or(0);
+            if longest > cfg.data.pad_to {
+                bail!(
+                    "data.pad_to {} is shorter than the longest sample ({longest} tokens)",
+                    cfg.data.pad_to
+                );
+            }
+            ds.max_seq_len = cfg.data.pad_to;
+        }
+        Ok(ds)
+    };
+    if cfg.data.pad_to > 0 {
+        loader_cfg.padding = crate::data::batch::Padding::Fixed;
+    }
+    let train_ds = Arc::new(pad_to(Dataset::new(
+        train_records,
+        &builder,
+        processor,
+        &file,
+    )?)?);
     // The inputs check out: only now is anything written.
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (mut model, base) = build_model(cfg, dev, &run_dir)?;
@@ -305,10 +327,15 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let val_batches: Vec<Batch> = if val_records.is_empty() {
         Vec::new()
     } else {
-        let val_ds = Arc::new(Dataset::new(val_records, &builder, processor, &file)?);
+        let val_ds = Arc::new(pad_to(Dataset::new(
+            val_records,
+            &builder,
+            processor,
+            &file,
+        )?)?);
         let vcfg = LoaderConfig {
             shuffle: false,
-            ..cfg.loader.clone()
+            ..loader_cfg.clone()
         };
         let vl = Loader::new(
             Arc::clone(&val_ds),
@@ -384,7 +411,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
     let mut loader = Loader::new(
         Arc::clone(&train_ds),
-        cfg.loader.clone(),
+        loader_cfg,
         Shard::default(),
         state.loader,
     )?;

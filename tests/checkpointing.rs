@@ -1,0 +1,76 @@
+//! Activation checkpointing gives the same gradients as the plain backward. In its own test
+//! binary: it relies on libtorch's global generator for dropout, which tests running in parallel
+//! in the same process would disturb.
+
+use tch::{Device, Kind, Tensor};
+use xrayglm::model::config::ModelConfig;
+use xrayglm::model::visualglm::VisualGlm;
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
+    diff / want
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1e-12)
+}
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    tch::manual_seed(5);
+    let mut m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+    m.set_dropout(
+        0.1,
+        xrayglm::model::chatglm::Dropouts {
+            embedding: 0.1,
+            attention: 0.1,
+            output: 0.1,
+        },
+    );
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+        }
+    });
+    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 70, Device::Cpu);
+    let (pos, ctx) =
+        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
+    let grads = |checkpoint: bool| -> (f64, Vec<(String, Tensor)>) {
+        for (_, v) in m.lora.variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::manual_seed(77);
+        m.chatglm.layer_seed.set(Some(1234));
+        let loss = m
+            .loss_backward(&ids, &image, 3, &pos, &ctx, &labels, 8.0, checkpoint)
+            .unwrap();
+        let mut g: Vec<(String, Tensor)> = m
+            .lora
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        (loss, g)
+    };
+    let (l1, g1) = grads(false);
+    let (l2, g2) = grads(true);
+    assert_eq!(l1, l2);
+    for ((k, a), (_, b)) in g1.iter().zip(&g2) {
+        let e = rel_err(b, a);
+        assert!(e <= 1e-6, "{k}: {e:.3e}");
+        assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
+    }
+}
