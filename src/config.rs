@@ -237,6 +237,10 @@ pub struct TrainSection {
     pub resume: String,
     /// Print a progress bar (off: one log line per log_interval).
     pub progress: bool,
+    /// Data-parallel backend: auto (MPI when launched by mpirun/srun with >1 rank), single, mpi.
+    pub backend: String,
+    /// Seconds a collective may wait for the other ranks before the job is aborted.
+    pub dist_timeout_s: u64,
     /// Recompute each ChatGLM layer in the backward pass instead of keeping its activations
     /// (sat's `--checkpoint-activations`; same gradients, less memory, ~1/3 more compute).
     pub checkpoint_activations: bool,
@@ -277,6 +281,8 @@ impl Default for TrainSection {
             seed: 1234,
             resume: "auto".into(),
             progress: true,
+            backend: "auto".into(),
+            dist_timeout_s: 30,
             checkpoint_activations: false,
             stop_at: 0,
         }

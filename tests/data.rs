@@ -363,6 +363,16 @@ fn skip_bad_skips_and_counts_every_kind() {
 
 // ---- batches ----
 
+fn order_padded(order: &[usize], global: usize) -> Vec<usize> {
+    let mut o = order.to_vec();
+    let mut i = 0;
+    while o.len() % global != 0 {
+        o.push(order[i % order.len()]);
+        i += 1;
+    }
+    o
+}
+
 #[test]
 fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
     for (n, w, bs) in [
@@ -393,8 +403,19 @@ fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
             per_rank.iter().all(|b| b.len() == steps),
             "n={n} w={w}: unequal steps"
         );
+        assert!(
+            per_rank.iter().flatten().all(|b| b.len() == bs),
+            "n={n} w={w}: full batches only"
+        );
         let mut seen: Vec<usize> = per_rank.iter().flatten().flatten().copied().collect();
-        assert_eq!(seen.len(), n.div_ceil(w) * w);
+        assert_eq!(seen.len(), n.div_ceil(w * bs) * w * bs);
+        // Step k of rank r is the r-th slice of the k-th global batch.
+        for (k, b) in per_rank[1].iter().enumerate() {
+            assert_eq!(
+                b,
+                &order_padded(&order, w * bs)[k * w * bs + bs..k * w * bs + 2 * bs].to_vec()
+            );
+        }
         seen.sort();
         seen.dedup();
         assert_eq!(
@@ -456,9 +477,9 @@ fn loader_batches_pad_shard_and_resume_exactly() {
     };
     let loader = Loader::new(Arc::clone(&ds), cfg.clone(), shard, LoaderState::default()).unwrap();
     let per_epoch = loader.batches_per_epoch();
-    assert_eq!(per_epoch, 3); // ceil(21/2)=11 samples per rank → 4+4+3
+    assert_eq!(per_epoch, 3); // 21 padded to 24 = 3 global batches of 2 × 4
     let first: Vec<_> = loader.take(7).map(|b| b.unwrap()).collect();
-    assert_eq!(first[2].batch_size, 3);
+    assert_eq!(first[2].batch_size, 4);
     assert_eq!(
         first[2].state_after,
         LoaderState {

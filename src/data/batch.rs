@@ -1,12 +1,14 @@
 //! Batches: deterministic shuffling, sharding over data-parallel ranks, padding, a resumable
 //! position, and image preprocessing on background threads.
 //!
-//! Order: epoch `e` is a Fisher–Yates shuffle of `0..N` seeded by `(seed, e)`. The order is padded by
-//! wrapping around to a multiple of the world size; rank `r` takes positions `r, r+W, r+2W, …` and
-//! cuts them into micro-batches. Every rank gets the same number of batches (so no rank waits in
-//! an all-reduce that another never joins) and every sample is seen once per epoch across ranks
-//! (exactly once when `N` is a multiple of `W`; the few wrapped samples twice otherwise).
-//! `drop_last` instead drops the tail that does not fill a whole global batch.
+//! Order: epoch `e` is a Fisher–Yates shuffle of `0..N` seeded by `(seed, e)`. With W > 1 ranks the
+//! order is padded by wrapping around to a multiple of the global batch W·B; global batch k is the
+//! k-th block of W·B positions and rank r takes its r-th slice of B (sat's
+//! `DistributedBatchSampler`). Every rank gets the same number of full batches (so no rank waits
+//! in an all-reduce that another never joins) and every sample is seen once per epoch across
+//! ranks (exactly once when N is a multiple of W·B; the few wrapped samples twice otherwise). A
+//! single process keeps a short last batch instead. `drop_last` drops the tail that does not fill
+//! a whole global batch.
 //!
 //! The reference pads every sample to 320 tokens (`padding = "fixed"`); `"dynamic"` pads each batch
 //! to its longest sample (optionally rounded up to a multiple), which is numerically identical for the
@@ -237,17 +239,27 @@ pub fn shard_batches(
     drop_last: bool,
 ) -> Vec<Vec<usize>> {
     let w = shard.world_size;
+    let global = w * batch_size;
     let mut order = order.to_vec();
     if drop_last {
-        order.truncate(order.len() / (w * batch_size) * (w * batch_size));
-    } else if !order.is_empty() && order.len() % w != 0 {
-        let pad = w - order.len() % w;
+        order.truncate(order.len() / global * global);
+    } else if w > 1 && !order.is_empty() && order.len() % global != 0 {
+        // Every rank gets full batches and the same number of steps.
+        let pad = global - order.len() % global;
         for i in 0..pad {
             order.push(order[i % order.len()]);
         }
     }
-    let mine: Vec<usize> = order.iter().skip(shard.rank).step_by(w).copied().collect();
-    mine.chunks(batch_size).map(|c| c.to_vec()).collect()
+    // Global batch k is order[k·W·B .. (k+1)·W·B); rank r takes its r-th slice of B, as sat's
+    // DistributedBatchSampler does. One process with W micro-batches of gradient accumulation
+    // sees exactly the same samples per step.
+    order
+        .chunks(global)
+        .filter_map(|g| {
+            let start = shard.rank * batch_size;
+            (start < g.len()).then(|| g[start..(start + batch_size).min(g.len())].to_vec())
+        })
+        .collect()
 }
 
 struct Task {

@@ -77,7 +77,12 @@ fn kind_of(s: &str) -> Result<Kind> {
 
 /// The frozen base model and its location (writing a random preset's weights into the run folder
 /// once, so checkpoints can be loaded later).
-fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, String)> {
+fn build_model(
+    cfg: &Config,
+    dev: Device,
+    run_dir: &Path,
+    root: bool,
+) -> Result<(VisualGlm, String)> {
     let m = &cfg.model;
     let kind = match cfg.train.precision.as_str() {
         "bf16" => Kind::BFloat16,
@@ -101,7 +106,9 @@ fn build_model(cfg: &Config, dev: Device, run_dir: &Path) -> Result<(VisualGlm, 
             mc.rotary = m.rotary;
             tch::manual_seed(cfg.train.seed as i64);
             let model = VisualGlm::new(mc, dev, kind)?;
-            crate::weights::source::save_base(&model, &base_dir)?;
+            if root {
+                crate::weights::source::save_base(&model, &base_dir)?;
+            }
             (model, "base".to_string())
         }
     } else {
@@ -241,6 +248,124 @@ fn save_checkpoint(
     Ok(())
 }
 
+/// Rank 0's logs; other ranks log nothing.
+struct Logs {
+    jsonl: Option<JsonLog>,
+    tb: Option<TensorBoard>,
+}
+
+impl Logs {
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        match &mut self.jsonl {
+            Some(j) => j.write(v),
+            None => Ok(()),
+        }
+    }
+
+    fn scalars(&mut self, step: i64, values: &[(&str, f64)]) -> Result<()> {
+        match &mut self.tb {
+            Some(t) => t.scalars(step, values),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sum the LoRA gradients of all ranks in one flat fp32 bucket (one all-reduce) and divide by
+/// the world size.
+fn all_reduce_grads(opt: &mut AdamW, comm: &dyn crate::dist::Comm, dev: Device) -> Result<()> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let parts: Vec<Tensor> = opt
+        .slots
+        .iter()
+        .map(|s| {
+            let g = s.param.grad();
+            if g.defined() {
+                g.to_kind(Kind::Float).flatten(0, -1)
+            } else {
+                s.param.zeros_like().flatten(0, -1)
+            }
+        })
+        .collect();
+    let flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+    let mut host: Vec<f32> = Vec::<f32>::try_from(&flat)?;
+    comm.all_reduce_sum(&mut host)?;
+    let avg = (Tensor::from_slice(&host) / world as f64).to_device(dev);
+    let mut off = 0;
+    tch::no_grad(|| {
+        for s in &mut opt.slots {
+            let n = s.param.numel() as i64;
+            let mut g = s.param.grad();
+            if g.defined() {
+                g.copy_(&avg.narrow(0, off, n).view_as(&s.param));
+            }
+            off += n;
+        }
+    });
+    Ok(())
+}
+
+/// Largest |θ_rank − mean θ| over all LoRA elements and ranks (0 when the ranks agree).
+fn lora_divergence(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<f64> {
+    let mut vars: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let flat = Tensor::cat(
+        &vars
+            .iter()
+            .map(|(_, v)| v.detach().to_kind(Kind::Float).flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .to_device(Device::Cpu);
+    let mine: Vec<f32> = Vec::<f32>::try_from(&flat)?;
+    let mut sum = mine.clone();
+    comm.all_reduce_sum(&mut sum)?;
+    let w = comm.world_size() as f32;
+    let local = mine
+        .iter()
+        .zip(&sum)
+        .map(|(a, s)| (a - s / w).abs())
+        .fold(0f32, f32::max) as f64;
+    let mut total = [local];
+    comm.all_reduce_sum_f64(&mut total)?;
+    Ok(total[0])
+}
+
+/// Make every rank's LoRA weights rank 0's.
+fn broadcast_lora(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let mut vars: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let flat = Tensor::cat(
+        &vars
+            .iter()
+            .map(|(_, v)| v.detach().to_kind(Kind::Float).flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    )
+    .to_device(Device::Cpu);
+    let mut host: Vec<f32> = Vec::<f32>::try_from(&flat)?;
+    // SAFETY: viewing an owned, initialised Vec<f32> as its bytes; the view ends before `host` is
+    // used again.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, host.len() * 4) };
+    comm.broadcast(bytes, 0)?;
+    let all = Tensor::from_slice(&host);
+    let mut off = 0;
+    tch::no_grad(|| {
+        for (_, v) in vars.iter_mut() {
+            let n = v.numel() as i64;
+            v.copy_(&all.narrow(0, off, n).view_as(v).to_device(v.device()));
+            off += n;
+        }
+    });
+    Ok(())
+}
+
 /// Resident memory of this process in MiB (Linux), for the logs.
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -259,7 +384,27 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     // ---- setup ----
     let t0 = Instant::now();
     let tc = &cfg.train;
-    let dev = crate::device::parse(&cfg.model.device)?;
+    let comm = crate::dist::init(
+        &tc.backend,
+        std::time::Duration::from_secs(tc.dist_timeout_s),
+    )?;
+    crate::dist::check_same_config(comm.as_ref(), &cfg.to_toml()?)?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let root = rank == 0;
+    let shard = Shard {
+        rank,
+        world_size: world,
+    };
+    let dev = match (
+        cfg.model.device.as_str(),
+        crate::device::parse(&cfg.model.device)?,
+    ) {
+        // One GPU per rank on a node.
+        ("auto" | "cuda", tch::Device::Cuda(_)) => {
+            tch::Device::Cuda(comm.local_rank() % tch::Cuda::device_count().max(1) as usize)
+        }
+        (_, d) => d,
+    };
     let run_dir = tc.out_dir.join(&tc.name);
     let resume_from = match tc.resume.as_str() {
         "never" => None,
@@ -316,7 +461,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     )?)?);
     // The inputs check out: only now is anything written.
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let (mut model, base) = build_model(cfg, dev, &run_dir)?;
+    let (mut model, base) = build_model(cfg, dev, &run_dir, root)?;
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
             "image.size {} does not match the model's image size {}",
@@ -407,21 +552,30 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         };
         eprintln!("resuming from {} (step {})", ck.display(), state.step);
     }
-    crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
-    let mut loader = Loader::new(
-        Arc::clone(&train_ds),
-        loader_cfg,
-        Shard::default(),
-        state.loader,
-    )?;
-    let mut jsonl = JsonLog::open(&run_dir.join("metrics.jsonl"))?;
-    let mut tb = TensorBoard::create(&run_dir.join("tb"))?;
+    if root {
+        crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
+    }
+    // Every rank starts from rank 0's LoRA weights.
+    broadcast_lora(&model, comm.as_ref())?;
+    let mut loader = Loader::new(Arc::clone(&train_ds), loader_cfg, shard, state.loader)?;
+    let mut logs = Logs {
+        jsonl: if root {
+            Some(JsonLog::open(&run_dir.join("metrics.jsonl"))?)
+        } else {
+            None
+        },
+        tb: if root {
+            Some(TensorBoard::create(&run_dir.join("tb"))?)
+        } else {
+            None
+        },
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    let bar = if tc.progress {
+    let bar = if tc.progress && root {
         let b = indicatif::ProgressBar::new(tc.train_iters as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -444,10 +598,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         Some(step_fn.eval(&val_batches)?)
     };
     if let Some(v) = first_val {
-        jsonl.write(
+        logs.write(
             &serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}),
         )?;
-        tb.scalars(
+        logs.scalars(
             state.step,
             &[("val/loss", v), ("val/ppl", v.min(20.0).exp())],
         )?;
@@ -458,7 +612,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let mut window_t = Instant::now();
     let mut stopped = false;
     while state.step < tc.train_iters {
-        if stop.load(Ordering::Relaxed) {
+        // Stop together: a signal may reach the ranks at different steps.
+        let mut flag = [stop.load(Ordering::Relaxed) as u8 as f64];
+        comm.all_reduce_sum_f64(&mut flag)?;
+        if flag[0] > 0.0 {
             stopped = true;
             break;
         }
@@ -475,7 +632,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             // activation checkpointing recomputes the same masks.
             let seed = (tc.seed as i64)
                 .wrapping_mul(1_000_003)
-                .wrapping_add(state.step * 64 + micro);
+                .wrapping_add(state.step * 64 + (rank as i64) * tc.grad_accum + micro);
             tch::manual_seed(seed);
             model
                 .chatglm
@@ -510,10 +667,25 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         }
         state.loader = loader.state();
         state.step += 1;
-        let loss = loss_sum / tc.grad_accum as f64;
+        // Average gradients over ranks (the reference's mean of per-rank token means); the loss,
+        // a bad loss anywhere, and (through inf/NaN in the averaged gradients) an fp16 overflow
+        // are agreed by every rank, so all ranks skip or step together.
+        let mut scalars = [
+            loss_sum / tc.grad_accum as f64,
+            bad_loss.is_some() as u8 as f64,
+        ];
+        comm.all_reduce_sum_f64(&mut scalars)?;
+        let loss = scalars[0] / world as f64;
+        all_reduce_grads(&mut opt, comm.as_ref(), dev)?;
         let mut norm = f64::NAN;
         let ok = if let Some(msg) = bad_loss {
-            eprintln!("warning: skipping step: {msg}");
+            eprintln!("warning: rank {rank}: skipping step: {msg}");
+            false
+        } else if scalars[1] > 0.0 {
+            eprintln!(
+                "warning: rank {rank}: skipping step {}: a bad loss on another rank",
+                state.step
+            );
             false
         } else if let Some(sc) = state.scaler.as_mut() {
             let scaled_norm = opt.grad_norm().double_value(&[]);
@@ -559,7 +731,12 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 "tokens_per_s": window_tokens as f64 / secs, "samples_per_s": window_samples as f64 / secs,
                 "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(),
             });
-            jsonl.write(&rec)?;
+            let mut rec = rec;
+            if world > 1 {
+                rec["lora_rank_divergence"] =
+                    serde_json::json!(lora_divergence(&model, comm.as_ref())?);
+            }
+            logs.write(&rec)?;
             let mut sc = vec![
                 ("train/loss", avg),
                 ("train/lr", schedule.lr(state.opt_steps.max(1))),
@@ -571,7 +748,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             if let Some(s) = state.scaler {
                 sc.push(("train/loss_scale", s.scale));
             }
-            tb.scalars(state.step, &sc)?;
+            logs.scalars(state.step, &sc)?;
             if !tc.progress {
                 eprintln!(
                     "step {}/{} loss {avg:.4} lr {:.3e} grad_norm {norm:.4}",
@@ -588,20 +765,20 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         {
             let v = step_fn.eval(&val_batches)?;
             last_val = Some(v);
-            jsonl.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
-            tb.scalars(
+            logs.write(&serde_json::json!({"step": state.step, "val_loss": v, "val_ppl": v.min(20.0).exp()}))?;
+            logs.scalars(
                 state.step,
                 &[("val/loss", v), ("val/ppl", v.min(20.0).exp())],
             )?;
         }
-        if state.step % tc.save_interval == 0 && state.step < tc.train_iters {
+        if root && state.step % tc.save_interval == 0 && state.step < tc.train_iters {
             save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
         }
     }
     bar.finish_and_clear();
 
     // ---- save + cleanup ----
-    if state.step > 0 {
+    if root && state.step > 0 {
         save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
     }
     if stopped {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# XrayGLM's finetune_XrayGLM.sh for xrayglm: one trainer process per GPU under MPI.
+#
+#   NUM_GPUS=4 bash scripts/finetune_XrayGLM.sh                       # one node, 4 GPUs
+#   HOSTFILE=hosts NUM_GPUS=8 bash scripts/finetune_XrayGLM.sh        # several nodes (MPI hostfile)
+#   CONFIG=configs/demo.toml NUM_GPUS=2 bash scripts/finetune_XrayGLM.sh --set model.device=\"cpu\"  # CPU ranks
+#
+# Extra arguments go to `xrayglm finetune` (e.g. --set train.train_iters=3000). Under Slurm, run
+# `srun -n 4 target/release/xrayglm finetune --config configs/xrayglm.toml` instead: ranks come
+# from the MPI runtime / SLURM_* variables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NUM_GPUS=${NUM_GPUS:-4}
+CONFIG=${CONFIG:-configs/xrayglm.toml}
+BIN=${XRAYGLM_BIN:-target/release/xrayglm}
+[ -x "$BIN" ] || cargo build --release
+args=(-np "$NUM_GPUS")
+[ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
+[ "$(id -u)" -eq 0 ] && args+=(--allow-run-as-root)
+# More ranks than cores is fine for CPU runs; one thread per rank.
+args+=(--oversubscribe -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}")
+[ -n "${XRAYGLM_TOKENIZER:-}" ] && args+=(-x XRAYGLM_TOKENIZER)
+exec mpirun "${args[@]}" "$BIN" finetune --config "$CONFIG" "$@"

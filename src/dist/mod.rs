@@ -1,0 +1,205 @@
+//! Data-parallel communication behind one small trait: a single process, or MPI ranks (OpenMPI,
+//! launched by `mpirun` / `srun`). Collectives are the few a data-parallel LoRA trainer needs:
+//! sum-all-reduce of a flat gradient bucket and of scalars, and a broadcast of bytes.
+//!
+//! A peer that dies or hangs must not hang the others: every MPI collective is started
+//! non-blocking and polled against a deadline; past it the rank reports which collective timed
+//! out and aborts the whole MPI job (`MPI_Abort`), so no process is left behind.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use mpi::collective::SystemOperation;
+use mpi::traits::*;
+
+/// Collectives across the data-parallel ranks.
+pub trait Comm {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Rank within this node (for binding a GPU).
+    fn local_rank(&self) -> usize;
+    /// Element-wise sum across ranks, in place.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// Replace `buf` on every rank with rank `root`'s bytes (lengths must already agree).
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
+    fn name(&self) -> &'static str;
+}
+
+/// One process: every collective is the identity.
+pub struct Single;
+
+impl Comm for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn local_rank(&self) -> usize {
+        0
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&self, _buf: &mut [u8], _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "single"
+    }
+}
+
+/// MPI ranks (CPU buffers; GPU tensors are staged through the host).
+pub struct Mpi {
+    _universe: mpi::environment::Universe,
+    world: mpi::topology::SimpleCommunicator,
+    local_rank: usize,
+    timeout: Duration,
+}
+
+fn env_usize(names: &[&str]) -> Option<usize> {
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok()?.parse().ok())
+}
+
+/// Whether this process was started by an MPI launcher (or Slurm) with more than one rank.
+pub fn launched_with_mpi() -> bool {
+    env_usize(&[
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ])
+    .is_some_and(|n| n > 1)
+}
+
+impl Mpi {
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let universe =
+            mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
+        let world = universe.world();
+        let local_rank = env_usize(&[
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+        ])
+        .unwrap_or(0);
+        Ok(Self {
+            _universe: universe,
+            world,
+            local_rank,
+            timeout,
+        })
+    }
+
+    /// Poll a started collective until done; past the deadline abort the job, naming the rank.
+    fn finish<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
+        &self,
+        what: &str,
+        mut req: mpi::request::Request<'a, D, S>,
+    ) {
+        let start = Instant::now();
+        loop {
+            match req.test() {
+                Ok(_) => return,
+                Err(r) => req = r,
+            }
+            if start.elapsed() > self.timeout {
+                eprintln!(
+                    "error: rank {} of {}: {what} did not complete in {:.0} s — a peer rank has died or hung; aborting the job",
+                    self.rank(),
+                    self.world_size(),
+                    self.timeout.as_secs_f64()
+                );
+                self.world.abort(3);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+impl Comm for Mpi {
+    fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+    fn world_size(&self) -> usize {
+        self.world.size() as usize
+    }
+    fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            let req =
+                self.world
+                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.finish("gradient all-reduce", req);
+        });
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            let req =
+                self.world
+                    .immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.finish("scalar all-reduce", req);
+        });
+        Ok(())
+    }
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world_size() {
+            bail!("broadcast root {root} is not a rank");
+        }
+        let root_proc = self.world.process_at_rank(root as i32);
+        mpi::request::scope(|scope| {
+            let req = root_proc.immediate_broadcast_into(scope, buf);
+            self.finish("broadcast", req);
+        });
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "mpi"
+    }
+}
+
+/// The communicator for `backend` = "auto" (MPI when launched with more than one rank), "single"
+/// or "mpi".
+pub fn init(backend: &str, timeout: Duration) -> Result<Box<dyn Comm>> {
+    match backend {
+        "single" => Ok(Box::new(Single)),
+        "mpi" => Ok(Box::new(Mpi::init(timeout)?)),
+        "auto" if launched_with_mpi() => Ok(Box::new(Mpi::init(timeout)?)),
+        "auto" => Ok(Box::new(Single)),
+        other => bail!("train.backend {other:?}: use auto, single or mpi"),
+    }
+}
+
+/// Check that every rank runs the same configuration: rank 0's hash is broadcast and compared.
+pub fn check_same_config(comm: &dyn Comm, text: &str) -> Result<()> {
+    // FNV-1a over the resolved config and the program version.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes().chain(env!("CARGO_PKG_VERSION").bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mine = h.to_le_bytes();
+    let mut root = mine;
+    comm.broadcast(&mut root, 0)?;
+    let mut differs = [(root != mine) as u8 as f64];
+    comm.all_reduce_sum_f64(&mut differs)?;
+    if differs[0] > 0.0 {
+        bail!(
+            "rank {}: {} rank(s) run a different configuration or xrayglm version than rank 0",
+            comm.rank(),
+            differs[0]
+        );
+    }
+    Ok(())
+}
