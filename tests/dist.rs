@@ -7,38 +7,21 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn sets(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
-    let data = dir.join("data");
-    let mut v: Vec<String> = vec![
-        format!(
-            "data.path={:?}",
-            data.join("Xray/synth-zh.json").display().to_string()
-        ),
-        format!("synthetic.out_dir={:?}", data.display().to_string()),
-        "synthetic.count=24".into(),
-        "synthetic.size=64".into(),
-        "model.device=\"cpu\"".into(),
-        format!("train.out_dir={:?}", dir.display().to_string()),
-        format!("train.name={name:?}"),
-        "train.train_iters=6".into(),
-        "train.log_interval=1".into(),
-        "train.val_fraction=0".into(),
-        "train.progress=false".into(),
-        "train.lr=1e-3".into(),
-        "train.schedule=\"constant\"".into(),
-        "loader.workers=1".into(),
-        "loader.batch_size=2".into(),
-    ];
+    let mut v = common::small_run(dir, name);
+    v.extend(
+        [
+            "train.train_iters=6",
+            "train.log_interval=1",
+            "train.val_fraction=0",
+            "train.lr=1e-3",
+            "train.schedule=\"constant\"",
+            "loader.workers=1",
+        ]
+        .map(String::from),
+    );
     v.extend(extra.iter().map(|s| s.to_string()));
-    v.into_iter()
-        .flat_map(|s| ["--set".to_string(), s])
-        .collect()
+    common::set_args(v)
 }
 
 fn finetune(shared: &Path, ranks: usize, args: &[String]) -> Command {
@@ -78,7 +61,7 @@ fn final_lora(run: &Path) -> std::collections::HashMap<String, tch::Tensor> {
 
 #[test]
 fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
-    let _s = serial();
+    let _s = common::serial();
     let Some(shared) = common::shared() else {
         return;
     };
@@ -160,7 +143,7 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
 
 #[test]
 fn a_dead_rank_ends_the_job_quickly() {
-    let _s = serial();
+    let _s = common::serial();
     let Some(shared) = common::shared() else {
         return;
     };

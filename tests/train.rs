@@ -9,42 +9,26 @@ use std::process::Command;
 use xrayglm::config::Config;
 use xrayglm::tokenizer::ChatGlmTokenizer;
 
-/// Training seeds libtorch's global generator per step, and the subprocess tests are timed: run
-/// these tests one at a time even when the harness runs tests in parallel.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A config for a quick run in `dir` (synthetic set of 24 films shared across runs in `data`).
-fn cfg(dir: &Path, data: &Path, name: &str, extra: &[&str]) -> Config {
-    let mut o: Vec<String> = vec![
-        format!(
-            "data.path={:?}",
-            data.join("Xray/synth-zh.json").display().to_string()
-        ),
-        format!("synthetic.out_dir={:?}", data.display().to_string()),
-        "synthetic.count=24".into(),
-        "synthetic.size=64".into(),
-        "loader.batch_size=2".into(),
-        "loader.workers=1".into(),
-        "model.preset=\"tiny\"".into(),
-        "model.device=\"cpu\"".into(),
-        "model.vision_dropout=0.1".into(),
-        "model.glm_dropout=0.1".into(),
-        format!("train.out_dir={:?}", dir.display().to_string()),
-        format!("train.name={name:?}"),
-        "train.train_iters=10".into(),
-        "train.lr=1e-3".into(),
-        "train.schedule=\"warmup_cosine\"".into(),
-        "train.log_interval=1".into(),
-        "train.save_interval=5".into(),
-        "train.eval_interval=5".into(),
-        "train.eval_batches=1".into(),
-        "train.val_fraction=0.1".into(),
-        "train.progress=false".into(),
-    ];
+fn cfg(dir: &Path, name: &str, extra: &[&str]) -> Config {
+    let mut o = common::small_run(dir, name);
+    o.extend(
+        [
+            "loader.workers=1",
+            "model.preset=\"tiny\"",
+            "model.vision_dropout=0.1",
+            "model.glm_dropout=0.1",
+            "train.train_iters=10",
+            "train.lr=1e-3",
+            "train.schedule=\"warmup_cosine\"",
+            "train.log_interval=1",
+            "train.save_interval=5",
+            "train.eval_interval=5",
+            "train.eval_batches=1",
+            "train.val_fraction=0.1",
+        ]
+        .map(String::from),
+    );
     o.extend(extra.iter().map(|s| s.to_string()));
     Config::load(None, &o).unwrap()
 }
@@ -66,22 +50,17 @@ fn losses(run: &Path) -> Vec<(i64, f64)> {
 
 #[test]
 fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
-    let _serial = serial();
+    let _serial = common::serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let straight =
-        xrayglm::train::finetune(&cfg(dir.path(), &data, "straight", &[]), &tok).unwrap();
+    let straight = xrayglm::train::finetune(&cfg(dir.path(), "straight", &[]), &tok).unwrap();
     assert_eq!(straight.steps, 10);
     let a = losses(&straight.run_dir);
     assert_eq!(a.len(), 10);
-    let half = xrayglm::train::finetune(
-        &cfg(dir.path(), &data, "halves", &["train.stop_at=5"]),
-        &tok,
-    )
-    .unwrap();
+    let half =
+        xrayglm::train::finetune(&cfg(dir.path(), "halves", &["train.stop_at=5"]), &tok).unwrap();
     assert_eq!(half.steps, 5);
-    let cont = xrayglm::train::finetune(&cfg(dir.path(), &data, "halves", &[]), &tok).unwrap();
+    let cont = xrayglm::train::finetune(&cfg(dir.path(), "halves", &[]), &tok).unwrap();
     assert_eq!(cont.steps, 10);
     let b = losses(&cont.run_dir);
     assert_eq!(b.len(), 10);
@@ -130,13 +109,11 @@ fn ten_steps_equal_five_plus_resume_plus_five_bitwise() {
 
 #[test]
 fn fp16_overflow_skips_steps_and_lowers_the_scale() {
-    let _serial = serial();
+    let _serial = common::serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
     let c = cfg(
         dir.path(),
-        &data,
         "fp16",
         &[
             "train.precision=\"fp16\"",
@@ -172,36 +149,17 @@ fn xrayglm() -> Command {
 }
 
 fn cli_args(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
-    let data = dir.join("data");
-    let mut a: Vec<String> = vec!["finetune".into()];
-    for s in [
-        format!(
-            "data.path={:?}",
-            data.join("Xray/synth-zh.json").display().to_string()
-        ),
-        format!("synthetic.out_dir={:?}", data.display().to_string()),
-        "synthetic.count=24".into(),
-        "synthetic.size=64".into(),
-        "loader.batch_size=2".into(),
-        "model.device=\"cpu\"".into(),
-        format!("train.out_dir={:?}", dir.display().to_string()),
-        format!("train.name={name:?}"),
-        "train.progress=false".into(),
-        "train.eval_interval=1000".into(),
-    ] {
-        a.push("--set".into());
-        a.push(s);
-    }
-    for e in extra {
-        a.push("--set".into());
-        a.push(e.to_string());
-    }
+    let mut o = common::small_run(dir, name);
+    o.push("train.eval_interval=1000".into());
+    o.extend(extra.iter().map(|s| s.to_string()));
+    let mut a = vec!["finetune".to_string()];
+    a.extend(common::set_args(o));
     a
 }
 
 #[test]
 fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
-    let _serial = serial();
+    let _serial = common::serial();
     let Some(shared) = common::shared() else {
         return;
     };
@@ -252,7 +210,7 @@ fn killing_the_trainer_at_any_moment_leaves_a_loadable_checkpoint() {
 
 #[test]
 fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
-    let _serial = serial();
+    let _serial = common::serial();
     let Some(shared) = common::shared() else {
         return;
     };
@@ -299,7 +257,7 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
 
 #[test]
 fn bad_configs_fail_before_any_work() {
-    let _serial = serial();
+    let _serial = common::serial();
     let dir = tempfile::tempdir().unwrap();
     for (set, want) in [
         ("train.lr=0", "train.lr must be positive"),
@@ -368,7 +326,7 @@ fn bad_configs_fail_before_any_work() {
 /// 2 cores).
 #[test]
 fn demo_config_learns() {
-    let _serial = serial();
+    let _serial = common::serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");

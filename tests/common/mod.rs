@@ -104,3 +104,38 @@ pub fn run_inputs(
     )
     .unwrap()
 }
+
+/// Config overrides for a quick tiny-preset run on CPU in `dir/<name>`, on a synthetic set of 24
+/// 64-pixel films generated once into `dir/data`.
+pub fn small_run(dir: &Path, name: &str) -> Vec<String> {
+    let data = dir.join("data");
+    vec![
+        format!(
+            "data.path={:?}",
+            data.join("Xray/synth-zh.json").display().to_string()
+        ),
+        format!("synthetic.out_dir={:?}", data.display().to_string()),
+        "synthetic.count=24".into(),
+        "synthetic.size=64".into(),
+        "loader.batch_size=2".into(),
+        "model.device=\"cpu\"".into(),
+        format!("train.out_dir={:?}", dir.display().to_string()),
+        format!("train.name={name:?}"),
+        "train.progress=false".into(),
+    ]
+}
+
+/// `--set K=V` arguments.
+pub fn set_args(overrides: impl IntoIterator<Item = String>) -> Vec<String> {
+    overrides
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+}
+
+/// Training seeds libtorch's global generator per step and some tests are timed: tests that train
+/// hold this lock so they run one at a time even when the harness runs tests in parallel.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
