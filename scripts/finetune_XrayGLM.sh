@@ -20,4 +20,7 @@ args=(-np "$NUM_GPUS")
 # More ranks than cores is fine for CPU runs; one thread per rank.
 args+=(--oversubscribe -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}")
 [ -n "${XRAYGLM_TOKENIZER:-}" ] && args+=(-x XRAYGLM_TOKENIZER)
+# NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, ...) and library paths reach every node.
+for v in $(env | sed -n 's/^\(NCCL_[A-Z0-9_]*\)=.*/\1/p'); do args+=(-x "$v"); done
+[ -n "${LD_LIBRARY_PATH:-}" ] && args+=(-x LD_LIBRARY_PATH)
 exec mpirun "${args[@]}" "$BIN" finetune --config "$CONFIG" "$@"

@@ -1,32 +1,81 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for the lent GPU machine (device tool). It has torch 2.11.0+cu130
-# preinstalled but no cargo and no registries: build here, carry the binary.
+# The one prepared GPU check, for the lent GPU machine (device tool): CUDA torch is installed
+# there, but no cargo, no registries and maybe no OpenMPI. Build and bundle here, carry the bundle:
 #
-#   here:   cargo build --release
-#   device: bash scripts/gpu_check.sh        (with carry: ["target/release/xrayglm"])
+#   here:   cargo build --release && bash scripts/gpu_bundle.sh      (writes .gpu/, ~23 MB)
+#   device: bash scripts/gpu_check.sh                                  (carry: [".gpu"])
 #
-# What it proves: the binary finds libtorch_cuda (CUDA registered despite --as-needed), bf16 vs
-# fp32 matmul throughput, LoRA training steps (bf16 frozen weights, fp32 LoRA + AdamW, fused
-# attention) of the real-size VisualGLM-6B with random weights at XrayGLM's micro-batch (8 × 320),
-# and peak GPU memory. NCCL (world size 1) joins when data-parallel training lands (issue 5).
-set -euo pipefail
-BIN=${XRAYGLM_BIN:-target/release/xrayglm}
+# It proves, in well under 8 minutes:
+#   1. the binary finds libtorch_cuda (CUDA registered despite --as-needed) and torch's NCCL;
+#   2. NCCL world size 1: all-reduce and broadcast of CUDA tensors exact, bandwidth;
+#   3. MPI, 2 ranks sharing the one GPU: the host-staged all-reduce of CUDA tensors exact;
+#   4. bf16 matmul throughput vs fp32;
+#   5. 20 bf16 LoRA training steps of the real-size VisualGLM-6B (random weights) through the real
+#      trainer (NCCL backend, micro-batch 8 padded to 320 tokens, activation checkpointing):
+#      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
+#      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=${XRAYGLM_BUNDLE:-.gpu}
+BIN=$B/bin/xrayglm
+[ -x "$BIN" ] || BIN=target/release/xrayglm
 TORCH_DIR=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')
-export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "== torch at $TORCH_DIR"
+NCCL_DIR=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) + "/lib")' 2>/dev/null || true)
+export LD_LIBRARY_PATH="$TORCH_DIR/lib${NCCL_DIR:+:$NCCL_DIR}:$PWD/$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+MPIRUN=mpirun
+if [ -x "$B/ompi/bin/mpirun" ] && ! command -v mpirun >/dev/null; then
+  export OPAL_PREFIX=$PWD/$B/ompi PMIX_MCA_mca_base_component_path=$PWD/$B/pmix HWLOC_PLUGINS_PATH=$PWD/$B/hwloc
+  MPIRUN=$B/ompi/bin/mpirun
+fi
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+FAIL=0
+step() { echo; echo "== $*"; }
+step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-echo "== xrayglm info"
+step "1. xrayglm info"
 "$BIN" info | tee /tmp/xrayglm_info.txt
 grep -q "cuda available: true" /tmp/xrayglm_info.txt || { echo "FAIL: CUDA not available to xrayglm"; exit 1; }
-echo "== bench device"
-"$BIN" bench device --device cuda
-echo "== real-size VisualGLM-6B LoRA training steps, bf16 (peak memory sampled by nvidia-smi every 100 ms)"
+step "2. NCCL world size 1 (CUDA tensors)"
+"$BIN" bench allreduce --backend nccl --device cuda --mib 256 --iters 20 || { echo "FAIL: NCCL all-reduce"; FAIL=1; }
+step "3. MPI, 2 ranks on one GPU (host staging)"
+"$MPIRUN" -np 2 --oversubscribe --allow-run-as-root "$BIN" bench allreduce --backend mpi --device cuda --mib 64 --iters 5 \
+  || { echo "FAIL: MPI 2 ranks on one GPU"; FAIL=1; }
+step "4. bf16 vs fp32 matmul"
+"$BIN" bench device --device cuda || FAIL=1
+step "5. real-size VisualGLM-6B, 20 bf16 LoRA steps, NCCL, micro-batch 8 x 320, activation checkpointing"
+TOK=""
+for t in checkpoints/tokenizer/ice_text.model shared/reference/tokenizer/ice_text.model ../shared/reference/tokenizer/ice_text.model "$B/ice_text.model"; do
+  [ -f "$t" ] && TOK=$t && break
+done
+[ -n "$TOK" ] || { echo "FAIL: no ice_text.model (scripts/gpu_bundle.sh copies one into the bundle)"; exit 1; }
+OUTD=/tmp/xrayglm-gpu
+rm -rf "$OUTD"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/xrayglm_mem.txt &
 MON=$!
-"$BIN" bench step --preset visualglm-6b --device cuda --dtype bf16 --batch 8 --seq 320 --steps 5
+"$BIN" finetune --config configs/xrayglm.toml --tokenizer "$TOK" \
+  --set 'model.path=""' --set 'model.preset="visualglm-6b"' --set 'model.dtype="bf16"' --set 'model.device="cuda"' \
+  --set 'data.path="'$OUTD'/data/Xray/synth-zh.json"' --set 'synthetic.out_dir="'$OUTD'/data"' \
+  --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
+  --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
+  --set train.train_iters=20 --set train.log_interval=5 --set train.save_interval=20 \
+  --set 'train.out_dir="'$OUTD'"' --set 'train.name="gpu-check"' --set train.progress=false \
+  || { echo "FAIL: real-size training"; FAIL=1; }
 kill "$MON" 2>/dev/null || true
-echo "peak GPU memory used: $(sort -n /tmp/xrayglm_mem.txt | tail -n 1) MiB"
-echo "== real-size forward (fp32 weights): sat arithmetic vs fused attention"
-"$BIN" bench model --preset visualglm-6b --device cuda --batch 8 --seq 320 --iters 3
-echo "== bench data (CPU side of the machine)"
-"$BIN" bench data --images 400
+echo "peak GPU memory used (nvidia-smi, whole device): $(sort -n /tmp/xrayglm_mem.txt | tail -n 1) MiB"
+python3 - "$OUTD/gpu-check/metrics.jsonl" "$PEAK_TFLOPS" <<'PY' || FAIL=1
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+start = next(r for r in recs if r.get("event") == "start")
+steps = [r for r in recs if "samples_per_s" in r][1:]  # first window includes warm-up
+n = start["params"]
+sps = sum(r["samples_per_s"] for r in steps) / len(steps)
+tok = sps * 320  # padded to 320: every position is computed
+useful = sum(r["tokens_per_s"] for r in steps) / len(steps)
+mfu = tok * 6 * n / (float(sys.argv[2]) * 1e12)
+print(f"params {n/1e9:.3f}B (trainable {start['trainable_params']/1e6:.2f}M), backend {start['backend']}")
+print(f"steady state: {sps:.2f} samples/s, {tok:.0f} tokens/s computed ({useful:.0f} target tokens/s)")
+print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
+print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
+PY
+step "done: $([ $FAIL = 0 ] && echo ALL PASSED || echo SOME CHECKS FAILED)"
+exit $FAIL

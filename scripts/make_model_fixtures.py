@@ -27,7 +27,7 @@ ImageMixin and the LoRA placement) is assembled here from sat's own classes foll
 LoRA mixin are sat's unmodified code.
 
 Run:  $(bash scripts/fixtures_venv.sh) -m pip install SwissArmyTransformer==0.3.6 --no-deps
-      $(bash scripts/fixtures_venv.sh) -m pip install requests tqdm filelock einops "transformers<4.50" safetensors
+      $(bash scripts/fixtures_venv.sh) -m pip install requests tqdm filelock einops "transformers<4.50" "huggingface-hub<1.0" safetensors
       $(bash scripts/fixtures_venv.sh) scripts/make_model_fixtures.py
 """
 import argparse
@@ -349,6 +349,54 @@ def train_trajectory(model, ids, labels, image, pre):
     return out
 
 
+GENERATE = dict(new_tokens=24, end_token=5, penalty=1.2, temperature=0.8)
+
+
+def glm_masks_and_positions(seq, mask_position, context_length):
+    """VisualGLM chat.py's get_masks_and_position_ids_glm: bidirectional over the context, causal
+    after; positions frozen at the [gMASK] index, block positions counting from <sop> (= 1)."""
+    tokens = seq.unsqueeze(0)
+    n = len(seq)
+    mask = torch.ones((1, n, n)).tril_()
+    mask[..., :context_length] = 1
+    pos = torch.zeros(2, n, dtype=torch.long)
+    pos[0, :context_length] = torch.arange(context_length)
+    pos[0, context_length:] = mask_position
+    pos[1, context_length:] = torch.arange(1, n - context_length + 1)
+    return tokens, mask.unsqueeze(1), pos.unsqueeze(0)
+
+
+def generation(model, c, gen):
+    """sat 0.3.6's filling_sequence with the KV cache (CachedAutoregressiveMixin) and BaseStrategy,
+    as XrayGLM's chat() calls it: greedy (top_k = 1), and greedy with sat's repetition penalty
+    (logits / (temperature * 1.2) for tokens already generated)."""
+    from sat.generation.autoregressive_sampling import filling_sequence
+    from sat.generation.sampling_strategies import BaseStrategy
+    from sat.model.cached_autoregressive_model import CachedAutoregressiveMixin
+    g, q, pre = c["glm"], c["qformer"], c["pre_image"]
+    body = lambda k: torch.randint(10, g["mask"] - 10, (k,), generator=gen).tolist()
+    ids = body(pre) + [3] * q["queries"] + body(7) + [g["gmask"], g["bos"]]
+    v = c["vit"]
+    image = torch.randn(1, 3, v["image"], v["image"], generator=gen)
+    t = GENERATE
+    seq = torch.tensor(ids + [-1] * t["new_tokens"])
+    mp, cl = len(ids) - 2, len(ids) - 1
+    model.add_mixin("auto-regressive", CachedAutoregressiveMixin())
+    out = {"gen_input_ids": torch.tensor([ids]), "gen_image": image, "gen_pre_image": torch.tensor([pre])}
+    for name, strategy in [
+        ("greedy", BaseStrategy(temperature=1.0, top_k=1, end_tokens=[t["end_token"]])),
+        ("penalty", BaseStrategy(temperature=t["temperature"], top_k=1, repetition_penalty=t["penalty"],
+                                 end_tokens=[t["end_token"]])),
+    ]:
+        with torch.no_grad():
+            tokens = filling_sequence(model, seq.clone(), batch_size=1, strategy=strategy,
+                                      get_masks_and_position_ids=lambda s: glm_masks_and_positions(s, mp, cl),
+                                      image=image, pre_image=pre)[0]
+        out["tokens_" + name] = tokens[0, len(ids):].clone()
+    model.del_mixin("auto-regressive")
+    return out
+
+
 def main():
     write_pickle_fixture()
     for name, c in CONFIGS.items():
@@ -378,6 +426,11 @@ def main():
         save_file({k: v.detach().contiguous() for k, v in outputs.items()}, os.path.join(out_dir, "outputs.safetensors"))
         with open(os.path.join(out_dir, "model_config.json"), "w") as f:
             json.dump(config, f, indent=1)
+        gen_out = generation(model, c, torch.Generator().manual_seed(c["seed"] + 1000))
+        save_file({k: v.contiguous() for k, v in gen_out.items()}, os.path.join(out_dir, "generate.safetensors"))
+        with open(os.path.join(out_dir, "generate.json"), "w") as f:
+            json.dump(GENERATE, f, indent=1)
+        print(name, "greedy", gen_out["tokens_greedy"].tolist(), "penalty", gen_out["tokens_penalty"].tolist())
         if name == "a":
             write_checkpoints(model, config, c, out_dir)
             traj = train_trajectory(model, ids, labels, image, c["pre_image"])

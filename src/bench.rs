@@ -532,3 +532,228 @@ pub fn step(
         last_loss: *losses.last().unwrap(),
     })
 }
+
+/// `xrayglm bench dist`: 2-rank data-parallel scaling on this machine.
+#[derive(Debug, Clone)]
+pub struct DistBench {
+    pub steps: usize,
+    pub batch: usize,
+    pub one_sps: f64,
+    pub two_sps_per_rank: f64,
+    pub comm_fraction: f64,
+}
+
+/// Goal from the issue: samples/s of 2 ranks ÷ 2× one rank.
+pub const GOAL_SCALING: f64 = 0.85;
+
+impl DistBench {
+    pub fn efficiency(&self) -> f64 {
+        self.two_sps_per_rank / self.one_sps
+    }
+}
+
+impl std::fmt::Display for DistBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "dist bench: {} steps, micro-batch {} per rank, 1 thread per process",
+            self.steps, self.batch
+        )?;
+        writeln!(
+            f,
+            "  1 process                 {:8.2} samples/s",
+            self.one_sps
+        )?;
+        writeln!(
+            f,
+            "  mpirun -np 2              {:8.2} samples/s ({:.2} per rank)",
+            2.0 * self.two_sps_per_rank,
+            self.two_sps_per_rank
+        )?;
+        writeln!(
+            f,
+            "  scaling efficiency        {:8.3}   (goal {GOAL_SCALING}: {})",
+            self.efficiency(),
+            if self.efficiency() >= GOAL_SCALING {
+                "met"
+            } else {
+                "NOT met"
+            }
+        )?;
+        writeln!(
+            f,
+            "  collectives / step time   {:8.3}   (loss + flags + one gradient bucket)",
+            self.comm_fraction
+        )
+    }
+}
+
+/// Train the same config for `steps` steps as one process and as `mpirun -np 2` (each process
+/// one thread, one loader worker, micro-batch `batch`) and compare steady-state samples/s (the
+/// first logged window, with warm-up, is left out).
+pub fn dist(
+    config: Option<&Path>,
+    overrides: &[String],
+    steps: usize,
+    batch: usize,
+    tokenizer: Option<&Path>,
+) -> Result<DistBench> {
+    anyhow::ensure!(steps >= 6, "--steps must be at least 6");
+    let exe = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("xrayglm-bench-dist-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let window = steps / 3;
+    let run = |ranks: usize, name: &str| -> Result<Vec<serde_json::Value>> {
+        let mut c = if ranks > 1 {
+            let mut c = std::process::Command::new("mpirun");
+            // --allow-run-as-root is harmless for other users.
+            c.args([
+                "-np",
+                &ranks.to_string(),
+                "--oversubscribe",
+                "--allow-run-as-root",
+            ]);
+            c.arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        c.arg("finetune");
+        if let Some(p) = config {
+            c.arg("--config").arg(p);
+        }
+        if let Some(t) = tokenizer {
+            c.arg("--tokenizer").arg(t);
+        }
+        let mut sets: Vec<String> = overrides.to_vec();
+        sets.extend([
+            format!("loader.batch_size={batch}"),
+            "loader.workers=1".into(),
+            "train.grad_accum=1".into(),
+            format!("train.train_iters={steps}"),
+            format!("train.log_interval={window}"),
+            format!("train.save_interval={}", steps * 10),
+            "train.val_fraction=0".into(),
+            "train.progress=false".into(),
+            "train.resume=\"never\"".into(),
+            "model.device=\"cpu\"".into(),
+            format!("train.out_dir={:?}", tmp.display().to_string()),
+            format!("train.name={name:?}"),
+        ]);
+        for s in sets {
+            c.arg("--set").arg(s);
+        }
+        c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+        let out = c.output().with_context(|| {
+            format!(
+                "running {}",
+                if ranks > 1 {
+                    "mpirun"
+                } else {
+                    "xrayglm finetune"
+                }
+            )
+        })?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{ranks}-rank benchmark run failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(tmp.join(name).join("metrics.jsonl"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("samples_per_s").is_some())
+            .skip(1)
+            .collect())
+    };
+    let mean = |v: &[serde_json::Value], k: &str| {
+        v.iter().filter_map(|r| r[k].as_f64()).sum::<f64>() / v.len().max(1) as f64
+    };
+    let result = (|| -> Result<DistBench> {
+        let one = run(1, "one")?;
+        let two = run(2, "two")?;
+        Ok(DistBench {
+            steps,
+            batch,
+            one_sps: mean(&one, "samples_per_s"),
+            two_sps_per_rank: mean(&two, "samples_per_s"),
+            comm_fraction: mean(&two, "comm_fraction"),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// `xrayglm bench allreduce`: correctness and bandwidth of the data-parallel backend's tensor
+/// collectives (run under mpirun for several ranks; NCCL with world size 1 on one GPU).
+/// Every rank checks its own result and fails if it is wrong; rank 0 returns the report.
+pub fn allreduce(
+    backend: &str,
+    device: &str,
+    mib: f64,
+    iters: usize,
+    timeout_s: u64,
+) -> Result<Option<String>> {
+    let dev = crate::device::parse(device)?;
+    let dev = match dev {
+        // One GPU per local rank, as in training (two ranks share GPU 0 on a one-GPU machine).
+        tch::Device::Cuda(_) if device == "cuda" => tch::Device::Cuda(
+            crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
+        ),
+        d => d,
+    };
+    let comm = crate::dist::init(
+        backend,
+        std::time::Duration::from_secs(timeout_s),
+        match dev {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        },
+    )?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let n = ((mib * 1024.0 * 1024.0 / 4.0) as i64).max(1);
+    // Small integers: sums are exact in fp32, so the check is equality.
+    let pattern = tch::Tensor::arange(n, (tch::Kind::Float, dev)).remainder(7.0);
+    let expect = &pattern * ((world * (world + 1) / 2) as f64);
+    let mut t = &pattern * ((rank + 1) as f64);
+    comm.all_reduce_tensor(&mut t)?;
+    let err = (&t - &expect).abs().max().double_value(&[]);
+    anyhow::ensure!(
+        err == 0.0,
+        "rank {rank}: {} all-reduce of {n} floats is wrong (max error {err})",
+        comm.name()
+    );
+    let mut b = &pattern * ((rank + 1) as f64);
+    comm.broadcast_tensor(&mut b, 0)?;
+    let err_b = (&b - &pattern).abs().max().double_value(&[]);
+    anyhow::ensure!(
+        err_b == 0.0,
+        "rank {rank}: {} broadcast is wrong (max error {err_b})",
+        comm.name()
+    );
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        comm.all_reduce_tensor(&mut t)?;
+    }
+    if let tch::Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
+    let secs = t0.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let bytes = n as f64 * 4.0;
+    // NCCL's "bus bandwidth": what each link carries in a ring all-reduce.
+    let bus = bytes * 2.0 * (world as f64 - 1.0) / world as f64 / secs / 1e9;
+    let mut ok = [1.0];
+    comm.all_reduce_sum_f64(&mut ok)?;
+    Ok((rank == 0).then(|| {
+        format!(
+            "allreduce bench: backend {}, {world} rank(s), {dev:?}, {:.1} MiB fp32\n  correct on all {} ranks (sum and broadcast exact)\n  {:.3} ms per all-reduce, algorithm {:.2} GB/s, bus {:.2} GB/s\n",
+            comm.name(),
+            bytes / 1048576.0,
+            ok[0],
+            secs * 1e3,
+            bytes / secs / 1e9,
+            bus
+        )
+    }))
+}

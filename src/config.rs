@@ -237,7 +237,8 @@ pub struct TrainSection {
     pub resume: String,
     /// Print a progress bar (off: one log line per log_interval).
     pub progress: bool,
-    /// Data-parallel backend: auto (MPI when launched by mpirun/srun with >1 rank), single, mpi.
+    /// Data-parallel backend: auto (with >1 rank under mpirun/srun: NCCL on CUDA, MPI on CPU),
+    /// single, mpi (CUDA tensors staged through the host) or nccl.
     pub backend: String,
     /// Seconds a collective may wait for the other ranks before the job is aborted.
     pub dist_timeout_s: u64,
@@ -385,6 +386,12 @@ impl Config {
         }
         if t.grad_accum <= 0 {
             bail!("train.grad_accum must be positive");
+        }
+        if !["auto", "single", "mpi", "nccl"].contains(&t.backend.as_str()) {
+            bail!(
+                "train.backend {:?}: use auto, single, mpi or nccl",
+                t.backend
+            );
         }
         if !["fp32", "bf16", "fp16"].contains(&t.precision.as_str()) {
             bail!("train.precision {:?}: use fp32, bf16 or fp16", t.precision);

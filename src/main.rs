@@ -40,7 +40,7 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
     Tokenize(TokenizeArgs),
-    /// Benchmarks: data, model, step, device (each against a baseline measured in the same run).
+    /// Benchmarks: data, model, step, device, dist, allreduce (each against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -126,6 +126,20 @@ struct ParityArgs {
     clip: f64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
+    /// Instead: generate N tokens from `gen_input_ids` [1,S] / `gen_image` / `gen_pre_image`
+    /// (KV-cached decoding) and write them as `tokens`.
+    #[arg(long)]
+    generate: Option<usize>,
+    /// With --generate: arg-max decoding (sat's top_k = 1).
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// With --generate: the id that ends generation.
+    #[arg(long, default_value_t = 130005)]
+    end_token: i64,
 }
 
 #[derive(Args)]
@@ -234,6 +248,32 @@ enum BenchCommand {
         iters: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Correctness and bandwidth of the tensor all-reduce (under mpirun; NCCL on GPUs).
+    Allreduce {
+        /// auto, single, mpi or nccl
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 64.0)]
+        mib: f64,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
+    /// 2-rank data-parallel scaling on CPU (mpirun -np 2 vs one process, 1 thread each).
+    Dist {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Micro-batch per rank.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
     Step {
@@ -509,12 +549,57 @@ fn parity_train(
     Ok(())
 }
 
+fn parity_generate(
+    a: &ParityArgs,
+    m: &xrayglm::model::visualglm::VisualGlm,
+    inputs: &std::collections::HashMap<String, tch::Tensor>,
+    n: usize,
+) -> Result<()> {
+    use xrayglm::infer::generate::{generate, image_embeds, GenerateConfig, Prompt};
+    use xrayglm::infer::sampling::SamplingConfig;
+    let ids = inputs
+        .get("gen_input_ids")
+        .context("--generate needs `gen_input_ids` in the inputs")?;
+    let ids: Vec<i64> = Vec::<i64>::try_from(ids.to_kind(tch::Kind::Int64).flatten(0, -1))?;
+    let pre = inputs
+        .get("gen_pre_image")
+        .map(|t| t.int64_value(&[0]))
+        .unwrap_or(3);
+    let embeds = inputs.get("gen_image").map(|img| image_embeds(m, img));
+    let cfg = GenerateConfig {
+        max_length: ids.len() + n,
+        end_tokens: vec![a.end_token],
+        sampling: SamplingConfig {
+            greedy: a.greedy,
+            temperature: a.temperature,
+            repetition_penalty: a.repetition_penalty,
+            top_k: if a.greedy { 1 } else { 0 },
+            top_p: 1.0,
+            ..Default::default()
+        },
+    };
+    let prompt = Prompt {
+        input_ids: ids,
+        image_embeds: embeds,
+        pre_image: pre,
+    };
+    let out = generate(m, &[prompt], &cfg, |_, _| {})?;
+    eprintln!("tokens {:?}", out[0].tokens);
+    let t = tch::Tensor::from_slice(&out[0].tokens);
+    xrayglm::weights::st::write(&a.out, &[("tokens".to_string(), &t)], &[])?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn parity(a: ParityArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let inputs: std::collections::HashMap<String, tch::Tensor> =
         xrayglm::weights::read_safetensors(&a.inputs)?
             .into_iter()
             .collect();
+    if let Some(n) = a.generate {
+        return parity_generate(&a, &m, &inputs, n);
+    }
     let dev = m.base.device();
     let ids = inputs
         .get("input_ids")
@@ -529,6 +614,7 @@ fn parity(a: ParityArgs) -> Result<()> {
     if let Some(steps) = a.train_steps {
         return parity_train(&a, &m, &inputs, &ids, image, pre, steps);
     }
+
     let out = tch::no_grad(|| m.forward(&ids, image.as_ref(), pre, None, None, false))?;
     let mut list: Vec<(String, tch::Tensor)> =
         vec![("logits".into(), out.logits.to_kind(tch::Kind::Float))];
@@ -557,8 +643,16 @@ fn parity(a: ParityArgs) -> Result<()> {
 
 fn info() -> Result<()> {
     let cuda_lib = xrayglm::device::register_cuda();
-    println!("xrayglm {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "xrayglm {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("XRAYGLM_GIT_REV")
+    );
     println!("libtorch_cuda loaded: {cuda_lib}");
+    match xrayglm::dist::nccl_version() {
+        Ok(v) => println!("nccl: {v}"),
+        Err(e) => println!("nccl: unavailable ({e})"),
+    }
     println!(
         "cuda available: {}  devices: {}",
         tch::Cuda::is_available(),
@@ -634,6 +728,43 @@ fn run() -> Result<()> {
                 "{}",
                 xrayglm::bench::step(&preset, dev, kind, batch, seq, steps)?
             );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Dist {
+                    cfg,
+                    steps,
+                    batch,
+                    tokenizer,
+                },
+        } => {
+            let tok = tokenizer::find(tokenizer.as_deref());
+            print!(
+                "{}",
+                xrayglm::bench::dist(
+                    cfg.config.as_deref(),
+                    &cfg.overrides,
+                    steps,
+                    batch,
+                    tok.as_deref()
+                )?
+            );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Allreduce {
+                    backend,
+                    device,
+                    mib,
+                    iters,
+                    timeout_s,
+                },
+        } => {
+            if let Some(r) = xrayglm::bench::allreduce(&backend, &device, mib, iters, timeout_s)? {
+                print!("{r}");
+            }
             Ok(())
         }
         Command::Convert(a) => convert(a),

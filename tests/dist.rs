@@ -203,3 +203,205 @@ fn a_dead_rank_ends_the_job_quickly() {
     let latest = std::fs::read_to_string(run.join("latest")).unwrap();
     xrayglm::weights::source::load_model(&run.join(latest.trim()), &Default::default()).unwrap();
 }
+
+/// Wait for `job` to end within `secs` of `since`, returning whether it succeeded.
+fn ends_within(job: &mut std::process::Child, since: std::time::Instant, secs: u64) -> bool {
+    loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            return status.success();
+        }
+        assert!(
+            since.elapsed().as_secs() < secs,
+            "the job did not end within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_hung_rank_ends_the_job_naming_it() {
+    let _s = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("hang");
+    let err_path = dir.path().join("stderr.txt");
+    let mut job = finetune(
+        &shared,
+        2,
+        &sets(
+            dir.path(),
+            "hang",
+            &[
+                "train.train_iters=100000",
+                "train.save_interval=2",
+                "train.dist_timeout_s=8",
+            ],
+        ),
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&err_path).unwrap())
+    .spawn()
+    .unwrap();
+    let t = std::time::Instant::now();
+    while !run.join("latest").exists() {
+        assert!(t.elapsed().as_secs() < 120, "no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Rank 1 stops (SIGSTOP): alive but silent, the case a dead-process check would miss.
+    let rank1 = Command::new("pgrep")
+        .args(["-f", "-P", &job.id().to_string(), "xrayglm"])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&rank1.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(pids.len(), 2, "two ranks under mpirun: {pids:?}");
+    let rank_of = |pid: &str| {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        env.split(|&b| b == 0)
+            .find_map(|kv| {
+                std::str::from_utf8(kv)
+                    .ok()?
+                    .strip_prefix("OMPI_COMM_WORLD_RANK=")
+                    .map(str::to_string)
+            })
+            .unwrap()
+    };
+    let hung = pids.iter().find(|p| rank_of(p) == "1").unwrap();
+    let stopped_at = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-STOP", hung])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        !ends_within(&mut job, stopped_at, 30),
+        "the job must fail when a rank hangs"
+    );
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("rank 1 has died or hung"),
+        "the error must name the hung rank:\n{err}"
+    );
+    let left = Command::new("pgrep")
+        .args(["-f", &run.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "orphaned ranks remain"
+    );
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    xrayglm::weights::source::load_model(&run.join(latest.trim()), &Default::default()).unwrap();
+}
+
+#[test]
+fn ranks_with_different_configs_refuse_to_start() {
+    let _s = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_xrayglm");
+    let a = sets(dir.path(), "mismatch", &[]);
+    let b = sets(dir.path(), "mismatch", &["train.lr=2e-3"]);
+    // MPMD launch: rank 0 and rank 1 get different overrides.
+    let out = Command::new("mpirun")
+        .args([
+            "--oversubscribe",
+            "--allow-run-as-root",
+            "-np",
+            "1",
+            bin,
+            "finetune",
+        ])
+        .args(&a)
+        .args([":", "-np", "1", bin, "finetune"])
+        .args(&b)
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mismatched ranks must not train");
+    assert!(
+        err.contains("different configuration or xrayglm version than rank 0"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("mismatch").join("latest").exists(),
+        "no checkpoint may be written"
+    );
+}
+
+#[test]
+fn tensor_all_reduce_and_broadcast_are_exact_over_two_ranks() {
+    let bin = env!("CARGO_BIN_EXE_xrayglm");
+    let out = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root", bin])
+        .args(["bench", "allreduce", "--mib", "4", "--iters", "2"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("backend mpi, 2 rank(s)"), "{text}");
+    assert!(text.contains("correct on all 2 ranks"), "{text}");
+}
+
+#[test]
+fn nccl_without_a_cuda_libtorch_is_a_clear_error() {
+    let bin = env!("CARGO_BIN_EXE_xrayglm");
+    let out = Command::new(bin)
+        .args(["bench", "allreduce", "--backend", "nccl", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"nccl\" needs model.device on CUDA"), "{err}");
+    if !tch::Cuda::is_available() {
+        let info = Command::new(bin).arg("info").output().unwrap();
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(text.contains("nccl: unavailable"), "{text}");
+    }
+}
+
+#[test]
+fn dist_bench_reports_scaling_and_comm_fraction() {
+    let _s = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["bench", "dist", "--steps", "6", "--batch", "2"])
+        .args(common::set_args(common::small_run(dir.path(), "unused")))
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let eff: f64 = text
+        .lines()
+        .find(|l| l.contains("scaling efficiency"))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(eff > 0.0 && eff.is_finite(), "{text}");
+    let frac: f64 = text
+        .lines()
+        .find(|l| l.contains("collectives / step time"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(frac > 0.0 && frac < 1.0, "{text}");
+}

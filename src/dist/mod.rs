@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use mpi::collective::SystemOperation;
 use mpi::traits::*;
+use tch::{Device, Kind, Tensor};
+
+mod nccl;
+pub use nccl::{nccl_version, Nccl};
 
 /// Collectives across the data-parallel ranks.
 pub trait Comm {
@@ -23,7 +27,55 @@ pub trait Comm {
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Replace `buf` on every rank with rank `root`'s bytes (lengths must already agree).
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
+    /// Element-wise sum of a float tensor across ranks, in place. This default stages the
+    /// values through host memory (so MPI ranks can share one GPU); NCCL reduces on the device.
+    fn all_reduce_tensor(&self, t: &mut Tensor) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut host =
+            Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(Kind::Float).to_device(Device::Cpu))?;
+        self.all_reduce_sum(&mut host)?;
+        let back = Tensor::from_slice(&host)
+            .view_as(t)
+            .to_kind(t.kind())
+            .to_device(t.device());
+        tch::no_grad(|| t.copy_(&back));
+        Ok(())
+    }
+    /// Replace `t` on every rank with rank `root`'s values. Default: staged through the host.
+    fn broadcast_tensor(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut host =
+            Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(Kind::Float).to_device(Device::Cpu))?;
+        // SAFETY: viewing an owned, initialised Vec<f32> as its bytes; the view ends before
+        // `host` is used again.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, host.len() * 4) };
+        self.broadcast(bytes, root)?;
+        let back = Tensor::from_slice(&host)
+            .view_as(t)
+            .to_kind(t.kind())
+            .to_device(t.device());
+        tch::no_grad(|| t.copy_(&back));
+        Ok(())
+    }
+    /// End the whole job (every rank) with `code`.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
     fn name(&self) -> &'static str;
+}
+
+/// Who to blame when a collective stalls: with two ranks it can only be the other one.
+pub(crate) fn peer_hint(rank: usize, world: usize) -> String {
+    if world == 2 {
+        format!("rank {} has died or hung", 1 - rank)
+    } else {
+        "a peer rank has died or hung".to_string()
+    }
 }
 
 /// One process: every collective is the identity.
@@ -83,12 +135,7 @@ impl Mpi {
         let universe =
             mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
         let world = universe.world();
-        let local_rank = env_usize(&[
-            "OMPI_COMM_WORLD_LOCAL_RANK",
-            "MPI_LOCALRANKID",
-            "SLURM_LOCALID",
-        ])
-        .unwrap_or(0);
+        let local_rank = launcher_ranks().2;
         Ok(Self {
             _universe: universe,
             world,
@@ -111,10 +158,11 @@ impl Mpi {
             }
             if start.elapsed() > self.timeout {
                 eprintln!(
-                    "error: rank {} of {}: {what} did not complete in {:.0} s — a peer rank has died or hung; aborting the job",
+                    "error: rank {} of {}: {what} did not complete in {:.0} s — {}; aborting the job",
                     self.rank(),
                     self.world_size(),
-                    self.timeout.as_secs_f64()
+                    self.timeout.as_secs_f64(),
+                    peer_hint(self.rank(), self.world_size())
                 );
                 self.world.abort(3);
             }
@@ -164,28 +212,69 @@ impl Comm for Mpi {
         });
         Ok(())
     }
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
     fn name(&self) -> &'static str {
         "mpi"
     }
 }
 
-/// The communicator for `backend` = "auto" (MPI when launched with more than one rank), "single"
-/// or "mpi".
-pub fn init(backend: &str, timeout: Duration) -> Result<Box<dyn Comm>> {
-    match backend {
-        "single" => Ok(Box::new(Single)),
-        "mpi" => Ok(Box::new(Mpi::init(timeout)?)),
-        "auto" if launched_with_mpi() => Ok(Box::new(Mpi::init(timeout)?)),
-        "auto" => Ok(Box::new(Single)),
-        other => bail!("train.backend {other:?}: use auto, single or mpi"),
+/// The communicator for `backend`: "auto" (MPI when launched with more than one rank, with NCCL
+/// for tensors when training on CUDA), "single", "mpi" or "nccl" (NCCL over an MPI bootstrap, or
+/// alone for one process). `cuda_device` is this rank's GPU, when training on one.
+pub fn init(backend: &str, timeout: Duration, cuda_device: Option<usize>) -> Result<Box<dyn Comm>> {
+    let boot = || -> Result<Box<dyn Comm>> {
+        if launched_with_mpi() {
+            Ok(Box::new(Mpi::init(timeout)?))
+        } else {
+            Ok(Box::new(Single))
+        }
+    };
+    match (backend, cuda_device) {
+        ("single", _) => Ok(Box::new(Single)),
+        ("mpi", _) => Ok(Box::new(Mpi::init(timeout)?)),
+        ("nccl", Some(d)) => Ok(Box::new(Nccl::init(boot()?, d, timeout)?)),
+        ("nccl", None) => bail!("train.backend \"nccl\" needs model.device on CUDA"),
+        ("auto", Some(d)) if launched_with_mpi() => Ok(Box::new(Nccl::init(boot()?, d, timeout)?)),
+        ("auto", _) => boot(),
+        (other, _) => bail!("train.backend {other:?}: use auto, single, mpi or nccl"),
     }
+}
+
+/// This rank's position from the launcher's environment (OpenMPI, MPICH/PMI, Slurm), before
+/// any communicator exists: (rank, world size, local rank).
+pub fn launcher_ranks() -> (usize, usize, usize) {
+    let rank = env_usize(&[
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ])
+    .unwrap_or(0);
+    let world = env_usize(&[
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ])
+    .unwrap_or(1);
+    let local = env_usize(&[
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "PMIX_LOCAL_RANK",
+        "SLURM_LOCALID",
+    ])
+    .unwrap_or(0);
+    (rank, world, local)
 }
 
 /// Check that every rank runs the same configuration: rank 0's hash is broadcast and compared.
 pub fn check_same_config(comm: &dyn Comm, text: &str) -> Result<()> {
-    // FNV-1a over the resolved config and the program version.
+    // FNV-1a over the resolved config and the program version and source revision.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes().chain(env!("CARGO_PKG_VERSION").bytes()) {
+    let version = concat!(env!("CARGO_PKG_VERSION"), " ", env!("XRAYGLM_GIT_REV"));
+    for b in text.bytes().chain(version.bytes()) {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

@@ -60,6 +60,35 @@ pub struct ChatGlm {
     pub layer_seed: std::cell::Cell<Option<i64>>,
 }
 
+/// Per-layer keys (after rotary) and values `[B, heads, T, head_dim]` of the tokens decoded so
+/// far; empty before the first pass.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only the batch rows `rows` (finished sequences leave the batch).
+    pub fn keep_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
 /// Inputs for one forward pass.
 pub struct GlmInputs<'a> {
     /// `[B, S]`
@@ -236,6 +265,39 @@ impl ChatGlm {
         self.head(&x)
     }
 
+    /// Incremental decoding (eval mode): the logits `[B, vocab]` of each sequence's last position,
+    /// attending to the tokens in `cache` and then these. The first call passes the whole prompt
+    /// with its mask `[B, 1, S, S]`; later calls one new token per sequence with `mask: None`.
+    pub fn forward_cached(
+        &self,
+        inp: &GlmInputs,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
+        let pos = inp.position_ids.select(1, 0);
+        let block = inp.position_ids.select(1, 1);
+        let mask = mask.map(|m| m.to_kind(Kind::Float));
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let mut x = x;
+        for (i, (l, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            x = self.layer_kv(
+                l,
+                i as i64,
+                &x,
+                &pos,
+                &block,
+                mask.as_ref(),
+                false,
+                Some(kv),
+            );
+        }
+        let s = x.size()[1];
+        self.head(&x.narrow(1, s - 1, 1)).squeeze_dim(1)
+    }
+
     /// Embeddings (with dropout) and the per-forward position / mask tensors.
     fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Tensor, Tensor, Tensor) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
@@ -319,9 +381,26 @@ impl ChatGlm {
         mask: &Tensor,
         train: bool,
     ) -> Tensor {
+        self.layer_kv(l, idx, h, pos, block, Some(mask), train, None)
+    }
+
+    /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
+    /// call's are appended. `mask: None` = attend to every key (one new token per sequence).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_kv(
+        &self,
+        l: &Layer,
+        idx: i64,
+        h: &Tensor,
+        pos: &Tensor,
+        block: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let d = self.dropout;
         let a = l.input_layernorm.forward(h);
-        let attn = self.attention(l, idx, &a, pos, block, mask, train);
+        let attn = self.attention(l, idx, &a, pos, block, mask, train, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
         let mut up = l.h_to_4h.forward(&m);
@@ -344,8 +423,9 @@ impl ChatGlm {
         a: &Tensor,
         pos: &Tensor,
         block: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         train: bool,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let (b, s, hidden) = a.size3().unwrap();
         let (n, hd) = (self.heads, self.head_dim);
@@ -372,16 +452,25 @@ impl ChatGlm {
             -1,
         );
         // [B, S, n, d] → [B, n, S, d]
-        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        if let Some(cache) = kv {
+            // sat's CachedAutoregressiveMixin: post-rotary keys and values of earlier tokens
+            // in front of this call's.
+            if let Some((pk, pv)) = cache.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *cache = Some((k.shallow_clone(), v.shallow_clone()));
+        }
         let ctx = if self.fused_attention {
             // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
-            let bias = ((mask - 1.0) * 10000.0).to_kind(q.kind());
+            let bias = mask.map(|m| ((m - 1.0) * 10000.0).to_kind(q.kind()));
             let p = if train { self.dropout.attention } else { 0.0 };
             Tensor::scaled_dot_product_attention(
                 &q,
                 &k,
                 &v,
-                Some(bias),
+                bias,
                 p,
                 false,
                 Some(1.0 / (hd as f64).sqrt()),
@@ -392,7 +481,11 @@ impl ChatGlm {
             let kind = q.kind();
             let q = q / ((hd as f64).sqrt() * c);
             let scores = q.matmul(&k.transpose(-1, -2));
-            let scores: Tensor = &scores * mask - (mask.ones_like() - mask) * 10000.0;
+            // Like sat, a single all-visible row is left unmasked.
+            let scores: Tensor = match mask {
+                Some(m) => &scores * m - (m.ones_like() - m) * 10000.0,
+                None => scores,
+            };
             let probs = (scores.to_kind(Kind::Float) * c)
                 .softmax(-1, Kind::Float)
                 .to_kind(kind);

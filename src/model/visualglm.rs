@@ -83,6 +83,16 @@ impl VisualGlm {
 
     /// Use libtorch's fused scaled-dot-product attention in every attention (ViT, Q-Former,
     /// ChatGLM) instead of the reference's op-by-op arithmetic. Same function; faster on GPU.
+    /// Where the frozen weights live.
+    pub fn device(&self) -> Device {
+        self.glm_proj.weight.device()
+    }
+
+    /// Kind of the frozen weights.
+    pub fn kind(&self) -> Kind {
+        self.glm_proj.weight.kind()
+    }
+
     pub fn set_fused_attention(&mut self, on: bool) {
         self.vit.fused_attention = on;
         self.qformer.fused_attention = on;

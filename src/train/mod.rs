@@ -272,7 +272,7 @@ impl Logs {
 
 /// Sum the LoRA gradients of all ranks in one flat fp32 bucket (one all-reduce) and divide by
 /// the world size.
-fn all_reduce_grads(opt: &mut AdamW, comm: &dyn crate::dist::Comm, dev: Device) -> Result<()> {
+fn all_reduce_grads(opt: &mut AdamW, comm: &dyn crate::dist::Comm) -> Result<()> {
     let world = comm.world_size();
     if world == 1 {
         return Ok(());
@@ -289,10 +289,9 @@ fn all_reduce_grads(opt: &mut AdamW, comm: &dyn crate::dist::Comm, dev: Device) 
             }
         })
         .collect();
-    let flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
-    let mut host: Vec<f32> = Vec::<f32>::try_from(&flat)?;
-    comm.all_reduce_sum(&mut host)?;
-    let avg = (Tensor::from_slice(&host) / world as f64).to_device(dev);
+    let mut flat = Tensor::cat(&parts, 0);
+    comm.all_reduce_tensor(&mut flat)?;
+    let avg = flat / world as f64;
     let mut off = 0;
     tch::no_grad(|| {
         for s in &mut opt.slots {
@@ -340,18 +339,21 @@ fn broadcast_lora(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<()>
     if comm.world_size() == 1 {
         return Ok(());
     }
-    let (mut vars, mut host) = lora_flat(model)?;
-    // SAFETY: viewing an owned, initialised Vec<f32> as its bytes; the view ends before `host` is
-    // used again.
-    let bytes =
-        unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, host.len() * 4) };
-    comm.broadcast(bytes, 0)?;
-    let all = Tensor::from_slice(&host);
+    let mut vars: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut flat = Tensor::cat(
+        &vars
+            .iter()
+            .map(|(_, v)| v.detach().to_kind(Kind::Float).flatten(0, -1))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    comm.broadcast_tensor(&mut flat, 0)?;
     let mut off = 0;
     tch::no_grad(|| {
         for (_, v) in vars.iter_mut() {
             let n = v.numel() as i64;
-            v.copy_(&all.narrow(0, off, n).view_as(v).to_device(v.device()));
+            v.copy_(&flat.narrow(0, off, n).view_as(v).to_kind(v.kind()));
             off += n;
         }
     });
@@ -376,9 +378,23 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     // ---- setup ----
     let t0 = Instant::now();
     let tc = &cfg.train;
+    let dev = match (
+        cfg.model.device.as_str(),
+        crate::device::parse(&cfg.model.device)?,
+    ) {
+        // One GPU per rank on a node.
+        ("auto" | "cuda", tch::Device::Cuda(_)) => tch::Device::Cuda(
+            crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
+        ),
+        (_, d) => d,
+    };
     let comm = crate::dist::init(
         &tc.backend,
         std::time::Duration::from_secs(tc.dist_timeout_s),
+        match dev {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        },
     )?;
     crate::dist::check_same_config(comm.as_ref(), &cfg.to_toml()?)?;
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -386,16 +402,6 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let shard = Shard {
         rank,
         world_size: world,
-    };
-    let dev = match (
-        cfg.model.device.as_str(),
-        crate::device::parse(&cfg.model.device)?,
-    ) {
-        // One GPU per rank on a node.
-        ("auto" | "cuda", tch::Device::Cuda(_)) => {
-            tch::Device::Cuda(comm.local_rank() % tch::Cuda::device_count().max(1) as usize)
-        }
-        (_, d) => d,
     };
     let run_dir = tc.out_dir.join(&tc.name);
     let resume_from = match tc.resume.as_str() {
@@ -551,6 +557,9 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     // Every rank starts from rank 0's LoRA weights.
     broadcast_lora(&model, comm.as_ref())?;
     let mut loader = Loader::new(Arc::clone(&train_ds), loader_cfg, shard, state.loader)?;
+    let count =
+        |vs: &tch::nn::VarStore| -> i64 { vs.variables().values().map(|t| t.numel() as i64).sum() };
+    let (params, trainable) = (count(&model.base) + count(&model.lora), count(&model.lora));
     let mut logs = Logs {
         jsonl: if root {
             Some(JsonLog::open(&run_dir.join("metrics.jsonl"))?)
@@ -581,6 +590,22 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         indicatif::ProgressBar::hidden()
     };
 
+    if root {
+        let rec = serde_json::json!({
+            "event": "start", "step": state.step, "world_size": world, "backend": comm.name(),
+            "device": format!("{dev:?}"), "params": params, "trainable_params": trainable,
+            "global_batch": world as i64 * cfg.loader.batch_size as i64 * tc.grad_accum,
+            "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,
+        });
+        logs.write(&rec)?;
+        eprintln!(
+            "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {}",
+            comm.name(),
+            params as f64 / 1e9,
+            trainable as f64 / 1e6,
+            rec["global_batch"]
+        );
+    }
     // ---- train ----
     let step_fn = Step { model: &model, dev };
     let mut first_loss = None;
@@ -601,6 +626,8 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let mut last_val = first_val;
     let (mut window_loss, mut window_n, mut window_tokens, mut window_samples) =
         (0.0, 0, 0usize, 0usize);
+    // Seconds spent in the per-step collectives (loss/flags + gradient bucket) in this window.
+    let mut window_comm = 0.0;
     let mut window_t = Instant::now();
     let mut stopped = false;
     while state.step < tc.train_iters {
@@ -666,9 +693,11 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             loss_sum / tc.grad_accum as f64,
             bad_loss.is_some() as u8 as f64,
         ];
+        let tc0 = Instant::now();
         comm.all_reduce_sum_f64(&mut scalars)?;
         let loss = scalars[0] / world as f64;
-        all_reduce_grads(&mut opt, comm.as_ref(), dev)?;
+        all_reduce_grads(&mut opt, comm.as_ref())?;
+        window_comm += tc0.elapsed().as_secs_f64();
         let mut norm = f64::NAN;
         let ok = if let Some(msg) = bad_loss {
             eprintln!("warning: rank {rank}: skipping step: {msg}");
@@ -725,6 +754,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             });
             let mut rec = rec;
             if world > 1 {
+                rec["comm_fraction"] = serde_json::json!(window_comm / secs);
                 rec["lora_rank_divergence"] =
                     serde_json::json!(lora_divergence(&model, comm.as_ref())?);
             }
@@ -750,6 +780,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 );
             }
             (window_loss, window_n, window_tokens, window_samples) = (0.0, 0, 0, 0);
+            window_comm = 0.0;
             window_t = Instant::now();
         }
         if !val_batches.is_empty()

@@ -1,0 +1,226 @@
+//! KV-cached incremental decoding on the shared model code, as sat 0.3.6's `filling_sequence`
+//! with `CachedAutoregressiveMixin` runs it for XrayGLM's chat (VISUALGLM_SPEC.md §7.3–7.4):
+//!
+//! * the first pass runs the whole prompt (the image spliced over its slots), with positions
+//!   `0..ctx` then frozen at the `[gMASK]` index, block positions 0 then counting from `<sop>` = 1,
+//!   and the mask bidirectional over the context (`ctx` = index of `<sop>` = length − 1);
+//! * each later pass feeds one token per sequence at absolute index `i`: position = the `[gMASK]`
+//!   index, block position = `i − ctx + 1`, attending to every cached key;
+//! * only the last position's logits are computed and sampled; `<eop>` ends a sequence.
+//!
+//! Batches: prompts of equal length decode together (rows that finished leave the batch and
+//! the cache); prompts of different lengths are grouped by length, so every row computes exactly
+//! what it would alone.
+
+use anyhow::{bail, ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::sampling::{Sampler, SamplingConfig};
+use crate::model::chatglm::{attention_mask, GlmInputs, KvCache};
+use crate::model::visualglm::VisualGlm;
+
+/// One sequence to continue.
+pub struct Prompt {
+    /// Token ids ending in `[gMASK] <sop>`.
+    pub input_ids: Vec<i64>,
+    /// `[1, image_length, hidden]` image embeddings (see [`VisualGlm::encode_image`]), or none.
+    pub image_embeds: Option<Tensor>,
+    /// Index of the first image slot.
+    pub pre_image: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// Prompt + reply tokens at most (sat's `max_length`).
+    pub max_length: usize,
+    /// Ids that end a reply (`<eop>`).
+    pub end_tokens: Vec<i64>,
+    pub sampling: SamplingConfig,
+}
+
+/// What a finished row produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// Reply ids, without the end token.
+    pub tokens: Vec<i64>,
+    /// Whether an end token was produced (false: max_length reached).
+    pub ended: bool,
+}
+
+/// Generate replies for `prompts`. `on_token(row, id)` sees every token as it is chosen (for
+/// streaming); rows are indices into `prompts`.
+pub fn generate(
+    model: &VisualGlm,
+    prompts: &[Prompt],
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(usize, i64),
+) -> Result<Vec<Generated>> {
+    let mut sampler = Sampler::new(cfg.sampling.clone())?;
+    let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
+    // Group by prompt length (stable: same-length prompts keep their order).
+    let mut lens: Vec<usize> = prompts.iter().map(|p| p.input_ids.len()).collect();
+    lens.sort_unstable();
+    lens.dedup();
+    for len in lens {
+        let rows: Vec<usize> = (0..prompts.len())
+            .filter(|&i| prompts[i].input_ids.len() == len)
+            .collect();
+        let res = generate_group(model, prompts, &rows, cfg, &mut sampler, &mut on_token)?;
+        for (r, g) in rows.into_iter().zip(res) {
+            out[r] = Some(g);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|g| g.expect("every row decoded"))
+        .collect())
+}
+
+fn generate_group(
+    model: &VisualGlm,
+    prompts: &[Prompt],
+    rows: &[usize],
+    cfg: &GenerateConfig,
+    sampler: &mut Sampler,
+    on_token: &mut impl FnMut(usize, i64),
+) -> Result<Vec<Generated>> {
+    let s = &model.cfg.sat;
+    let dev = model.device();
+    let len = prompts[rows[0]].input_ids.len();
+    ensure!(len >= 2, "a prompt needs at least [gMASK] <sop>");
+    ensure!(
+        cfg.max_length > len,
+        "max_length {} leaves no room after a {len}-token prompt",
+        cfg.max_length
+    );
+    let pre_image = prompts[rows[0]].pre_image;
+    let with_image = prompts[rows[0]].image_embeds.is_some();
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut mask_pos = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let p = &prompts[r];
+        if p.input_ids[len - 1] != s.bos_token_id {
+            bail!("prompt {r} does not end with <sop> ({})", s.bos_token_id);
+        }
+        if p.pre_image != pre_image || p.image_embeds.is_some() != with_image {
+            bail!("prompts of one length must place their image alike");
+        }
+        // Positions freeze at the first [gMASK] (or [MASK] when there is none), as in training.
+        let m = p
+            .input_ids
+            .iter()
+            .position(|&t| t == s.gmask_token_id)
+            .or_else(|| p.input_ids.iter().position(|&t| t == s.mask_token_id))
+            .ok_or_else(|| anyhow::anyhow!("prompt {r} has no [gMASK]"))?;
+        mask_pos.push(m as i64);
+        ids.extend_from_slice(&p.input_ids);
+    }
+    let b = rows.len() as i64;
+    let ctx = len as i64 - 1;
+    let input = Tensor::from_slice(&ids)
+        .view([b, len as i64])
+        .to_device(dev);
+    let mut pos = Vec::with_capacity(rows.len() * 2 * len);
+    for &m in &mask_pos {
+        pos.extend((0..len as i64).map(|i| if i < ctx { i } else { m }));
+        pos.extend((0..len as i64).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
+    }
+    let pos = Tensor::from_slice(&pos)
+        .view([b, 2, len as i64])
+        .to_device(dev);
+    let embeds = if with_image {
+        let parts: Vec<Tensor> = rows
+            .iter()
+            .map(|&r| prompts[r].image_embeds.as_ref().unwrap().shallow_clone())
+            .collect();
+        Some(Tensor::cat(&parts, 0).to_device(dev))
+    } else {
+        None
+    };
+    let mask = attention_mask(&vec![ctx; rows.len()], len as i64, dev);
+    let mut cache = KvCache::default();
+    let mut logits = tch::no_grad(|| {
+        model.chatglm.forward_cached(
+            &GlmInputs {
+                input_ids: &input,
+                position_ids: &pos,
+                attention_mask: &mask,
+                image_embeds: embeds.as_ref(),
+                pre_image,
+            },
+            Some(&mask),
+            &mut cache,
+        )
+    });
+    // Live rows (indices into `rows`), their replies so far.
+    let mut live: Vec<usize> = (0..rows.len()).collect();
+    let mut replies: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
+    let mut ended = vec![false; rows.len()];
+    let mut next_index = len as i64;
+    loop {
+        let gen_live: Vec<Vec<i64>> = live.iter().map(|&i| replies[i].clone()).collect();
+        let picks = sampler.next(&logits, &gen_live)?;
+        let mut keep = Vec::new();
+        for (j, (&i, &t)) in live.iter().zip(&picks).enumerate() {
+            if cfg.end_tokens.contains(&t) {
+                ended[i] = true;
+            } else {
+                replies[i].push(t);
+                on_token(rows[i], t);
+                keep.push(j);
+            }
+        }
+        // The token just chosen sits at `next_index`; stop when the sequence is full.
+        if keep.is_empty() || next_index + 1 >= cfg.max_length as i64 {
+            break;
+        }
+        if keep.len() < live.len() {
+            let k = Tensor::from_slice(&keep.iter().map(|&j| j as i64).collect::<Vec<_>>())
+                .to_device(dev);
+            cache.keep_rows(&k);
+        }
+        let tokens: Vec<i64> = keep.iter().map(|&j| picks[j]).collect();
+        live = keep.iter().map(|&j| live[j]).collect();
+        let n = live.len() as i64;
+        let step_ids = Tensor::from_slice(&tokens).view([n, 1]).to_device(dev);
+        let mut step_pos = Vec::with_capacity(live.len() * 2);
+        for &i in &live {
+            step_pos.push(mask_pos[i]);
+        }
+        for _ in &live {
+            step_pos.push(next_index - ctx + 1);
+        }
+        // [n, 2, 1]: first all positions, then all block positions → reshape accordingly.
+        let step_pos = Tensor::from_slice(&step_pos)
+            .view([2, n, 1])
+            .permute([1, 0, 2])
+            .contiguous()
+            .to_device(dev);
+        let empty_mask = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        logits = tch::no_grad(|| {
+            model.chatglm.forward_cached(
+                &GlmInputs {
+                    input_ids: &step_ids,
+                    position_ids: &step_pos,
+                    attention_mask: &empty_mask,
+                    image_embeds: None,
+                    pre_image,
+                },
+                None,
+                &mut cache,
+            )
+        });
+        next_index += 1;
+    }
+    Ok(replies
+        .into_iter()
+        .zip(ended)
+        .map(|(tokens, ended)| Generated { tokens, ended })
+        .collect())
+}
+
+/// Image embeddings `[B, image_length, hidden]` for preprocessed images `[B, 3, H, W]`.
+pub fn image_embeds(model: &VisualGlm, images: &Tensor) -> Tensor {
+    let img = images.to_device(model.device()).to_kind(model.kind());
+    model.encode_image(&img, false).2
+}
