@@ -6,6 +6,8 @@
 #
 # What it installs:
 #   * apt: OpenMPI (libopenmpi-dev, openmpi-bin), libclang-dev and pkg-config (for the mpi crate)
+#   * for the web demo's browser test: apt chromium + fonts-noto-cjk, Node.js/npm, and
+#     playwright-core (npm, no browser download) under $XRAYGLM_PREFIX/node; --no-browser skips them
 #   * libtorch 2.11.0 (tch 0.24) from the PyPI wheel into a venv under $XRAYGLM_PREFIX
 #     (default /opt/xrayglm), linked as $XRAYGLM_PREFIX/libtorch. .cargo/config.toml points
 #     LIBTORCH there; with another prefix, export LIBTORCH=$XRAYGLM_PREFIX/libtorch.
@@ -15,10 +17,13 @@ set -euo pipefail
 PREFIX=${XRAYGLM_PREFIX:-/opt/xrayglm}
 TORCH_VERSION=2.11.0
 CUDA=0
+BROWSER=1
+PLAYWRIGHT_VERSION=1.49.1
 for a in "$@"; do
   case "$a" in
     --cuda) CUDA=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --no-browser) BROWSER=0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -77,6 +82,17 @@ if ! have_torch; then
   # The venv's scripts carry the old path in their shebangs; only the libraries are used.
 fi
 ln -sfn "$(torch_dir "$VENV")" "$PREFIX/libtorch"
+if [ "$BROWSER" = 1 ]; then
+  apt_install chromium fonts-noto-cjk
+  command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  if [ ! -f "$PREFIX/node/node_modules/playwright-core/package.json" ] ||
+     ! grep -q "\"version\": \"$PLAYWRIGHT_VERSION\"" "$PREFIX/node/node_modules/playwright-core/package.json"; then
+    echo "setup: npm install playwright-core@$PLAYWRIGHT_VERSION into $PREFIX/node (one time)"
+    mkdir -p "$PREFIX/node"
+    [ -f "$PREFIX/node/package.json" ] || echo '{"name": "xrayglm-browser-test", "private": true}' > "$PREFIX/node/package.json"
+    (cd "$PREFIX/node" && npm install --silent --no-audit --no-fund "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+  fi
+fi
 if [ "$PREFIX" != /opt/xrayglm ] && [ -z "${LIBTORCH:-}" ]; then
   echo "setup: export LIBTORCH=$PREFIX/libtorch before cargo build" >&2
 fi

@@ -40,7 +40,7 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
     Tokenize(TokenizeArgs),
-    /// Benchmarks: data, model, step, device, dist, allreduce (each against a baseline measured in the same run).
+    /// Benchmarks: data, model, step, device, dist, allreduce, generate (each against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
@@ -50,8 +50,123 @@ enum Command {
     /// Run a model on the inputs in a safetensors file and write its logits (and loss), to
     /// compare with the original implementation on the same inputs.
     Parity(ParityArgs),
+    /// Chat about an X-ray (XrayGLM's cli_demo.py): one-shot with --image, else interactive.
+    Chat(ChatArgs),
+    /// The web demo (XrayGLM's web_demo.py): one page and JSON endpoints, http://HOST:PORT.
+    Web(WebArgs),
     /// Print versions and the devices libtorch sees.
     Info,
+}
+
+/// Loading a model for inference, and its decoding settings (XrayGLM's cli/web defaults).
+#[derive(Args, Clone)]
+struct InferArgs {
+    /// Model directory: a training run or checkpoint folder (resolved against its base model),
+    /// xrayglm format, an XrayGLM/VisualGLM sat checkpoint, or HF visualglm-6b.
+    #[arg(long = "from_pretrained", alias = "from-pretrained", alias = "model")]
+    from_pretrained: PathBuf,
+    /// ice_text.model or tokenizer.json (default: in the model folder, then the search paths).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (default: fp16 on GPU, fp32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Keep the LoRA adapters separate instead of merging them into the weights.
+    #[arg(long = "no_merge", alias = "no-merge")]
+    no_merge: bool,
+    #[arg(long = "max_length", alias = "max-length", default_value_t = 2048)]
+    max_length: usize,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.4)]
+    top_p: f64,
+    #[arg(long = "top_k", alias = "top-k", default_value_t = 100)]
+    top_k: i64,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(
+        long = "repetition_penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.2
+    )]
+    repetition_penalty: f64,
+    /// Arg-max decoding instead of sampling.
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// English prompts (Q:/A:) and no CJK tokens in replies.
+    #[arg(long)]
+    english: bool,
+}
+
+impl InferArgs {
+    fn settings(&self) -> xrayglm::infer::chat::ChatSettings {
+        xrayglm::infer::chat::ChatSettings {
+            max_length: self.max_length,
+            english: self.english,
+            sampling: xrayglm::infer::sampling::SamplingConfig {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+                repetition_penalty: self.repetition_penalty,
+                greedy: self.greedy,
+                seed: self.seed,
+                invalid: Vec::new(),
+            },
+        }
+    }
+
+    fn load(&self) -> Result<xrayglm::infer::chat::ChatModel> {
+        let device = xrayglm::device::parse(&self.device)?;
+        let dtype = self
+            .dtype
+            .clone()
+            .unwrap_or_else(|| if device.is_cuda() { "fp16" } else { "fp32" }.into());
+        let opts = xrayglm::weights::source::LoadOptions {
+            device,
+            kind: parse_kind(&dtype)?,
+            ..Default::default()
+        };
+        self.settings().sampling.validate()?;
+        let tok =
+            xrayglm::infer::cli::tokenizer_for(&self.from_pretrained, self.tokenizer.as_deref())?;
+        xrayglm::infer::chat::ChatModel::load(&self.from_pretrained, tok, &opts, !self.no_merge)
+    }
+}
+
+#[derive(Args)]
+struct WebArgs {
+    #[command(flatten)]
+    infer: InferArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port (printed).
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// Largest image upload, MiB.
+    #[arg(
+        long = "max_upload_mib",
+        alias = "max-upload-mib",
+        default_value_t = 10
+    )]
+    max_upload_mib: usize,
+    /// Request threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    infer: InferArgs,
+    /// One-shot: report on this image and exit.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The question (default: XrayGLM's 详细描述这张胸部X光片的诊断结果 / Describe the image.).
+    #[arg(long, alias = "prompt_zh", alias = "prompt_en")]
+    prompt: Option<String>,
 }
 
 #[derive(Args)]
@@ -262,6 +377,17 @@ enum BenchCommand {
         iters: usize,
         #[arg(long, default_value_t = 30)]
         timeout_s: u64,
+    },
+    /// KV-cached greedy decoding of a preset (random weights): time to first token and tokens/s at
+    /// batch 1 and 8; `--vs-sat PYTHON` runs the original's filling_sequence in the same run.
+    Generate {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh).
+        #[arg(long)]
+        vs_sat: Option<PathBuf>,
     },
     /// 2-rank data-parallel scaling on CPU (mpirun -np 2 vs one process, 1 thread each).
     Dist {
@@ -767,8 +893,49 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench {
+            what:
+                BenchCommand::Generate {
+                    preset,
+                    new_tokens,
+                    vs_sat,
+                },
+        } => {
+            anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+            print!(
+                "{}",
+                xrayglm::bench::generate(&preset, new_tokens, vs_sat.as_deref())?
+            );
+            Ok(())
+        }
         Command::Convert(a) => convert(a),
         Command::Parity(a) => parity(a),
+        Command::Web(a) => {
+            let chat = a.infer.load()?;
+            let opts = xrayglm::infer::web::WebOptions {
+                host: a.host,
+                port: a.port,
+                max_upload: a.max_upload_mib << 20,
+                threads: a.threads,
+                settings: a.infer.settings(),
+                ..Default::default()
+            };
+            xrayglm::infer::web::serve(chat, opts, |addr| {
+                println!("XrayGLM web demo on http://{addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })
+        }
+        Command::Chat(a) => {
+            let chat = a.infer.load()?;
+            let opts = xrayglm::infer::cli::CliOptions {
+                image: a.image,
+                prompt: a.prompt,
+                settings: a.infer.settings(),
+            };
+            let stdin = std::io::stdin();
+            xrayglm::infer::cli::run(&chat, &opts, &mut stdin.lock(), &mut std::io::stdout())
+        }
         Command::Info => info(),
     }
 }

@@ -64,6 +64,8 @@ pub struct ChatGlmTokenizer {
     inner: std::sync::Arc<Tokenizer>,
     /// Ids of the user-defined pieces (`<n>`, `<|tab|>`, `<|blank_k|>`).
     user_defined: std::sync::Arc<std::collections::HashSet<u32>>,
+    /// `get_vocab_size(true)`, which builds the whole vocabulary map, computed once.
+    vocab_size: usize,
 }
 
 impl ChatGlmTokenizer {
@@ -228,9 +230,11 @@ impl ChatGlmTokenizer {
             .filter(|(_, t)| !t.special)
             .map(|(&id, _)| id)
             .collect();
+        let vocab_size = tok.get_vocab_size(true);
         Self {
             inner: std::sync::Arc::new(tok),
             user_defined: std::sync::Arc::new(user_defined),
+            vocab_size,
         }
     }
 
@@ -268,9 +272,10 @@ impl ChatGlmTokenizer {
 
     /// `ChatGLMTokenizer.decode(ids)`: pad ids dropped, control tokens decode to nothing.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let n = self.vocab_size() as i64;
         let ids: Vec<u32> = ids
             .iter()
-            .filter(|&&i| i != ids::PAD && i >= 0 && i < self.vocab_size() as i64)
+            .filter(|&&i| i != ids::PAD && i >= 0 && i < n)
             .map(|&i| i as u32)
             .collect();
         self.inner
@@ -289,7 +294,7 @@ impl ChatGlmTokenizer {
 
     /// Number of pieces (130,344 for ChatGLM-6B).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<i64> {

@@ -164,8 +164,42 @@ fn parity_cli_generates_from_a_sat_checkpoint() {
         .args(["--generate", "24", "--greedy", "--end-token", "5"])
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let got = map(path);
     let want = map(inputs);
     assert_eq!(tokens(&got["tokens"]), tokens(&want["tokens_greedy"]));
+}
+
+#[test]
+fn generate_bench_runs_and_reports_rates() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["bench", "generate", "--preset", "tiny", "--new-tokens", "4"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "time to first token",
+        "decoding, batch 1",
+        "decoding, batch 8",
+    ] {
+        let v: f64 = text
+            .lines()
+            .find(|l| l.contains(row))
+            .and_then(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                let i = w.iter().position(|x| *x == "xrayglm")?;
+                w.get(i + 1)?.parse().ok()
+            })
+            .unwrap_or_else(|| panic!("{row} missing:\n{text}"));
+        assert!(v > 0.0 && v.is_finite(), "{row}: {text}");
+    }
 }

@@ -210,7 +210,7 @@ impl ChatGlm {
             lm_head: (p / "mixins" / "chatglm-final" / "lm_head").var(
                 "weight",
                 &[s.vocab_size, h],
-                super::nn::weight_init(h),
+                super::nn::lm_head_init(h),
             ),
             cos: cos.to_device(p.device()),
             sin: sin.to_device(p.device()),

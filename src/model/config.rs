@@ -139,6 +139,12 @@ pub struct SatModelConfig {
     pub layer_range: Option<Vec<i64>>,
     #[serde(default)]
     pub lora_alpha: Option<f64>,
+    /// xrayglm extensions (sat ignores them): adapters on the MLP linears too, and the qkv
+    /// placement (absent = XrayGLM's head-first, no MLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_mlp: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_head_first: Option<bool>,
     #[serde(default)]
     pub qkv_layout: QkvLayout,
     /// Keys this struct does not model (sat writes many) are kept, so a round trip loses nothing.
@@ -249,6 +255,8 @@ impl ModelConfig {
         let lora = sat.use_lora.then(|| LoraConfig {
             rank: sat.lora_rank,
             alpha: sat.lora_alpha.unwrap_or(1.0),
+            mlp: sat.lora_mlp.unwrap_or(false),
+            head_first: sat.lora_head_first.unwrap_or(true),
             layers: sat
                 .layer_range
                 .clone()
@@ -272,6 +280,8 @@ impl ModelConfig {
                 s.lora_rank = l.rank;
                 s.layer_range = Some(l.layers.clone());
                 s.lora_alpha = Some(l.alpha);
+                s.lora_mlp = l.mlp.then_some(true);
+                s.lora_head_first = (!l.head_first).then_some(false);
             }
             None => s.use_lora = false,
         }
@@ -424,6 +434,8 @@ fn build(d: Dims) -> SatModelConfig {
         lora_rank: 10,
         layer_range: Some(vec![0, 14]),
         lora_alpha: None,
+        lora_mlp: None,
+        lora_head_first: None,
         qkv_layout: QkvLayout::Interleaved,
         extra: Default::default(),
     }

@@ -136,7 +136,7 @@ fn build_model(
 }
 
 /// Split records into train / validation deterministically.
-fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Vec<Record>) {
+pub fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Vec<Record>) {
     let n = records.len();
     let n_val = if fraction > 0.0 && n > 1 {
         ((n as f64 * fraction).ceil() as usize).clamp(1, n - 1)
@@ -432,7 +432,17 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let file = loaded.file.display().to_string();
     let (train_records, val_records) = split(loaded.records, tc.val_fraction, tc.seed);
-    let builder = SampleBuilder::new(tokenizer.clone(), cfg.sample.clone())?;
+    // The prompt holds as many image slots as the model has query tokens.
+    let mut sample_cfg = cfg.sample.clone();
+    sample_cfg.image_length = if cfg.model.path.as_os_str().is_empty() {
+        ModelConfig::preset(&cfg.model.preset)?.sat.image_length
+    } else {
+        crate::weights::source::read_config(&crate::weights::source::resolve_run(&cfg.model.path))
+            .with_context(|| format!("model.path {}", cfg.model.path.display()))?
+            .sat
+            .image_length
+    } as usize;
+    let builder = SampleBuilder::new(tokenizer.clone(), sample_cfg)?;
     let processor = cfg.image.processor();
     let mut loader_cfg = cfg.loader.clone();
     let pad_to = |mut ds: Dataset| -> Result<Dataset> {

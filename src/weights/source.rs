@@ -212,8 +212,22 @@ pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p } else { dir.join(p) })
 }
 
-/// Load a model directory of any format.
+/// A training run folder (`latest` naming a checkpoint subfolder) resolves to that checkpoint;
+/// anything else to itself.
+pub fn resolve_run(dir: &Path) -> PathBuf {
+    if let Ok(latest) = std::fs::read_to_string(dir.join("latest")) {
+        let ck = dir.join(latest.trim());
+        if ck.join("lora.safetensors").is_file() && ck.join("trainer_state.json").is_file() {
+            return ck;
+        }
+    }
+    dir.to_path_buf()
+}
+
+/// Load a model directory of any format (a training run folder loads its latest checkpoint).
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+    let resolved = resolve_run(dir);
+    let dir = resolved.as_path();
     let format = detect(dir)?;
     if format == Format::Checkpoint {
         let cfg = read_config(dir)?;

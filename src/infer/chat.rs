@@ -1,0 +1,337 @@
+//! Multi-turn chat about an X-ray, as XrayGLM's `chat()` builds it (VISUALGLM_SPEC.md §7.2–7.6):
+//!
+//! * prompt text `<img></img>` + `问：{q}\n答：{r}\n` per past turn + `问：{query}\n答：`
+//!   (English: `Q:`/`A:`); ids = `encode("<img>")` + image_length pads + `encode("</img>…")` +
+//!   `[gMASK] <sop>`; without an image, `encode(text)` + `[gMASK] <sop>`;
+//! * the image is preprocessed and encoded once per session and reused by later turns;
+//! * the reply: `decode(prompt + reply)` → `process_response` → the text after the last answer
+//!   marker (`答：` / `A:`).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tch::{Kind, Tensor};
+
+use super::generate::{generate, image_embeds, GenerateConfig, Prompt};
+use super::sampling::{SamplingConfig, ENGLISH_INVALID};
+use crate::data::image::ImageProcessor;
+use crate::model::visualglm::VisualGlm;
+use crate::tokenizer::{ids, process_response, ChatGlmTokenizer};
+use crate::weights::source::{load_model, LoadOptions};
+
+/// XrayGLM's report question (README, `train_cli` examples).
+pub const DEFAULT_PROMPT_ZH: &str = "详细描述这张胸部X光片的诊断结果";
+pub const DEFAULT_PROMPT_EN: &str = "Describe the image.";
+
+/// One finished exchange.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Turn {
+    pub query: String,
+    pub response: String,
+}
+
+/// A conversation: its image (encoded once) and its history.
+#[derive(Default)]
+pub struct Session {
+    image: Option<Tensor>,
+    pub history: Vec<Turn>,
+}
+
+impl Session {
+    pub fn has_image(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// Forget the image and the history (`clear`).
+    pub fn clear(&mut self) {
+        self.image = None;
+        self.history.clear();
+    }
+}
+
+/// Decoding settings of one question.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatSettings {
+    /// Prompt + reply tokens at most (XrayGLM: 2048).
+    pub max_length: usize,
+    pub english: bool,
+    pub sampling: SamplingConfig,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        Self {
+            max_length: 2048,
+            english: false,
+            sampling: SamplingConfig::default(),
+        }
+    }
+}
+
+/// The text after `<img></img>`: the history and the new question in the chat template.
+pub fn prompt_text(history: &[Turn], query: &str, english: bool) -> String {
+    let (q, a) = if english {
+        ("Q:", "A:")
+    } else {
+        ("问：", "答：")
+    };
+    let mut s = String::new();
+    for t in history {
+        s.push_str(&format!("{q}{}\n{a}{}\n", t.query, t.response));
+    }
+    s.push_str(&format!("{q}{query}\n{a}"));
+    s
+}
+
+/// A model, its tokenizer and image preprocessing, ready to answer.
+pub struct ChatModel {
+    pub model: VisualGlm,
+    pub tokenizer: ChatGlmTokenizer,
+    pub images: ImageProcessor,
+    /// The question asked when none is given: the fixed prompt the model was fine-tuned with
+    /// when its run's `config.toml` says so, else XrayGLM's [`DEFAULT_PROMPT_ZH`].
+    pub default_prompt: String,
+    img_open: Vec<i64>,
+}
+
+/// The fixed training question of the run a model folder came from, if it used one.
+pub fn training_prompt(dir: &Path) -> Option<String> {
+    let ck = crate::weights::source::resolve_run(dir);
+    let candidates = [
+        dir.join("config.toml"),
+        ck.join("config.toml"),
+        ck.parent()?.join("config.toml"),
+    ];
+    let path = candidates.iter().find(|p| p.is_file())?;
+    let cfg = crate::config::Config::load(Some(path), &[]).ok()?;
+    (cfg.data.prompt == crate::config::PromptMode::Fixed).then_some(cfg.data.fixed_prompt)
+}
+
+impl ChatModel {
+    pub fn new(model: VisualGlm, tokenizer: ChatGlmTokenizer) -> Result<Self> {
+        let size = model.cfg.sat.eva_args.image_size[0] as usize;
+        let img_open = tokenizer.encode("<img>")?;
+        Ok(Self {
+            model,
+            tokenizer,
+            images: ImageProcessor {
+                size,
+                ..Default::default()
+            },
+            default_prompt: DEFAULT_PROMPT_ZH.to_string(),
+            img_open,
+        })
+    }
+
+    /// Load any model directory (ours, a training run folder, sat, HF). `merge_lora` folds the
+    /// adapters into the frozen weights (faster; the same outputs).
+    pub fn load(
+        dir: &Path,
+        tokenizer: ChatGlmTokenizer,
+        opts: &LoadOptions,
+        merge_lora: bool,
+    ) -> Result<Self> {
+        let t0 = std::time::Instant::now();
+        let (mut model, report) = load_model(dir, opts)
+            .with_context(|| format!("loading the model from {}", dir.display()))?;
+        eprintln!(
+            "loaded {} tensors from {} in {:.1}s",
+            report.loaded,
+            dir.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        if merge_lora && model.cfg.lora.is_some() {
+            model.merge_lora()?;
+        }
+        model.set_fused_attention(opts.device.is_cuda());
+        let mut chat = Self::new(model, tokenizer)?;
+        if let Some(p) = training_prompt(dir) {
+            chat.default_prompt = p;
+        }
+        Ok(chat)
+    }
+
+    /// Image embeddings `[1, image_length, hidden]` of an encoded image file's bytes.
+    pub fn encode_image_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
+        let px = self.images.process_bytes(bytes)?;
+        let s = self.images.size as i64;
+        let t = Tensor::from_slice(&px).view([1, 3, s, s]);
+        Ok(tch::no_grad(|| image_embeds(&self.model, &t)))
+    }
+
+    /// Attach an image (file) to a session; it replaces the previous one and starts over.
+    pub fn set_image_file(&self, session: &mut Session, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read image", path.display()))?;
+        let e = self
+            .encode_image_bytes(&bytes)
+            .with_context(|| format!("{}: bad image", path.display()))?;
+        session.image = Some(e);
+        session.history.clear();
+        Ok(())
+    }
+
+    pub fn set_image_bytes(&self, session: &mut Session, bytes: &[u8]) -> Result<()> {
+        session.image = Some(self.encode_image_bytes(bytes)?);
+        session.history.clear();
+        Ok(())
+    }
+
+    /// Prompt ids and image slot for a question (spec §7.3).
+    pub fn prompt_ids(
+        &self,
+        history: &[Turn],
+        query: &str,
+        english: bool,
+        with_image: bool,
+    ) -> Result<(Vec<i64>, i64)> {
+        let text = prompt_text(history, query, english);
+        let mut ids = Vec::new();
+        let pre = if with_image {
+            ids.extend_from_slice(&self.img_open);
+            ids.extend(std::iter::repeat_n(
+                ids::PAD,
+                self.model.cfg.sat.image_length as usize,
+            ));
+            ids.extend(self.tokenizer.encode(&format!("</img>{text}"))?);
+            self.img_open.len() as i64
+        } else {
+            ids.extend(self.tokenizer.encode(&text)?);
+            0
+        };
+        ids.push(ids::GMASK);
+        ids.push(ids::SOP);
+        Ok((ids, pre))
+    }
+
+    fn generate_config(&self, s: &ChatSettings) -> GenerateConfig {
+        let mut sampling = s.sampling.clone();
+        if s.english && !sampling.invalid.contains(&ENGLISH_INVALID) {
+            sampling.invalid.push(ENGLISH_INVALID);
+        }
+        GenerateConfig {
+            max_length: s.max_length,
+            end_tokens: vec![ids::EOP],
+            sampling,
+        }
+    }
+
+    /// The reply text the reference shows: decode prompt + reply, `process_response`, keep what
+    /// follows the last answer marker.
+    pub fn response_text(&self, prompt: &[i64], reply: &[i64], english: bool) -> Result<String> {
+        let all: Vec<i64> = prompt
+            .iter()
+            .chain(reply)
+            .copied()
+            .filter(|&t| t != ids::PAD)
+            .collect();
+        let text = process_response(&self.tokenizer.decode(&all)?);
+        let marker = if english { "A:" } else { "答：" };
+        Ok(match text.rfind(marker) {
+            Some(i) => text[i + marker.len()..].trim().to_string(),
+            None => text,
+        })
+    }
+
+    /// Answer `query` in `session`, calling `on_text` with each new piece of the reply as it is
+    /// produced; the turn joins the history. Returns the whole reply.
+    pub fn ask(
+        &self,
+        session: &mut Session,
+        query: &str,
+        settings: &ChatSettings,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<String> {
+        let (ids, pre) = self.prompt_ids(
+            &session.history,
+            query,
+            settings.english,
+            session.image.is_some(),
+        )?;
+        if ids.len() + 1 >= settings.max_length {
+            anyhow::bail!(
+                "the conversation has {} tokens, at the max_length of {}: clear it or raise max_length",
+                ids.len(),
+                settings.max_length
+            );
+        }
+        let prompt = Prompt {
+            input_ids: ids.clone(),
+            image_embeds: session.image.as_ref().map(|t| t.shallow_clone()),
+            pre_image: pre,
+        };
+        let mut reply = Vec::new();
+        let mut shown = String::new();
+        let cfg = self.generate_config(settings);
+        let tok = &self.tokenizer;
+        generate(&self.model, &[prompt], &cfg, |_, t| {
+            reply.push(t);
+            // Stream what is stable: the processed text so far, when it extends what was shown.
+            if let Ok(text) = tok.decode(&reply) {
+                let text = process_response(&text);
+                if text.starts_with(&shown) && text.len() > shown.len() {
+                    on_text(&text[shown.len()..]);
+                    shown = text;
+                }
+            }
+        })?;
+        let response = self.response_text(&ids, &reply, settings.english)?;
+        session.history.push(Turn {
+            query: query.to_string(),
+            response: response.clone(),
+        });
+        Ok(response)
+    }
+
+    /// One report per image (batched decoding; no history): for evaluation.
+    pub fn answer_images(
+        &self,
+        images: &[Tensor],
+        query: &str,
+        settings: &ChatSettings,
+    ) -> Result<Vec<String>> {
+        let (ids, pre) = self.prompt_ids(&[], query, settings.english, true)?;
+        let prompts: Vec<Prompt> = images
+            .iter()
+            .map(|img| Prompt {
+                input_ids: ids.clone(),
+                image_embeds: Some(img.shallow_clone()),
+                pre_image: pre,
+            })
+            .collect();
+        let out = generate(
+            &self.model,
+            &prompts,
+            &self.generate_config(settings),
+            |_, _| {},
+        )?;
+        out.iter()
+            .map(|g| self.response_text(&ids, &g.tokens, settings.english))
+            .collect()
+    }
+
+    /// Preprocessed images `[B, 3, H, W]` → embeddings, one `[1, L, hidden]` per image.
+    pub fn embed_images(&self, pixels: &Tensor) -> Vec<Tensor> {
+        let e = tch::no_grad(|| image_embeds(&self.model, &pixels.to_kind(Kind::Float)));
+        (0..e.size()[0]).map(|i| e.narrow(0, i, 1)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_text_follows_the_reference_template() {
+        let h = vec![Turn {
+            query: "心脏大小？".into(),
+            response: "正常。".into(),
+        }];
+        assert_eq!(
+            prompt_text(&h, "有积液吗？", false),
+            "问：心脏大小？\n答：正常。\n问：有积液吗？\n答："
+        );
+        assert_eq!(prompt_text(&[], "Describe.", true), "Q:Describe.\nA:");
+    }
+}

@@ -1,0 +1,370 @@
+//! Inference on the CPU demo, on one `configs/demo.toml` training shared by the tests here:
+//! * `xrayglm chat` one-shot and interactive;
+//! * `xrayglm web`: upload limits (413), bad images (400), unknown sessions (404), independent
+//!   concurrent conversations, 32 concurrent requests;
+//! * the page in headless Chromium (playwright-core): upload an X-ray, ask, see the answer; the
+//!   screenshot goes to target/test-output/web_demo.png.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use xrayglm::config::Config;
+use xrayglm::data::records::FIXED_PROMPT;
+use xrayglm::data::records::{load_records, Record};
+
+struct Demo {
+    run: PathBuf,
+    held_out: Vec<Record>,
+    tokenizer: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Train the demo once for every test of this file.
+fn demo() -> Option<&'static Demo> {
+    static DEMO: OnceLock<Option<Demo>> = OnceLock::new();
+    DEMO.get_or_init(|| {
+        let shared = common::shared()?;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+        let data = dir.path().join("data");
+        let overrides = vec![
+            format!("synthetic.out_dir={:?}", data.display().to_string()),
+            format!(
+                "data.path={:?}",
+                data.join("Xray/synth-zh.json").display().to_string()
+            ),
+            format!("train.out_dir={:?}", dir.path().display().to_string()),
+            "train.progress=false".to_string(),
+            "model.device=\"cpu\"".to_string(),
+        ];
+        let tokenizer = common::ice_text(&shared);
+        let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("finetune")
+            .arg("--config")
+            .arg(&config)
+            .args(common::set_args(overrides.clone()))
+            .env("XRAYGLM_TOKENIZER", &tokenizer)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The trainer's own held-out split.
+        let cfg = Config::load(Some(&config), &overrides).unwrap();
+        let records = load_records(&cfg.data.path, &cfg.data.load_options())
+            .unwrap()
+            .records;
+        let (_, held_out) = xrayglm::train::split(records, cfg.train.val_fraction, cfg.train.seed);
+        Some(Demo {
+            run: dir.path().join(&cfg.train.name),
+            held_out,
+            tokenizer,
+            _dir: dir,
+        })
+    })
+    .as_ref()
+}
+
+fn xrayglm(d: &Demo) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xrayglm"));
+    c.env("XRAYGLM_TOKENIZER", &d.tokenizer);
+    c
+}
+
+#[test]
+fn chat_answers_one_shot_and_interactively() {
+    let Some(d) = demo() else { return };
+    let film = &d.held_out[0];
+    let out = xrayglm(d)
+        .args([
+            "chat",
+            "--greedy",
+            "--max_length",
+            "200",
+            "--from_pretrained",
+        ])
+        .arg(&d.run)
+        .arg("--image")
+        .arg(&film.image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.trim().starts_with("心脏"), "{text}");
+    // Interactive: an image, the automatic first question, a follow-up, clear, text-only, stop.
+    let mut child = xrayglm(d)
+        .args([
+            "chat",
+            "--greedy",
+            "--max_length",
+            "300",
+            "--from_pretrained",
+        ])
+        .arg(&d.run)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    write!(
+        child.stdin.take().unwrap(),
+        "{}\n心脏大小如何？\nclear\n\n你好\nstop\n",
+        film.image.display()
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("用户：{FIXED_PROMPT}")), "{text}");
+    assert!(text.matches("XrayGLM：").count() >= 3, "{text}");
+    assert!(text.matches("请输入图像路径").count() == 2, "{text}");
+}
+
+/// A running `xrayglm web`, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(d: &Demo) -> Server {
+    let mut child = xrayglm(d)
+        .args([
+            "web",
+            "--port",
+            "0",
+            "--greedy",
+            "--repetition_penalty",
+            "1",
+            "--max_length",
+            "200",
+            "--max_upload_mib",
+            "1",
+            "--from_pretrained",
+        ])
+        .arg(&d.run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+/// One HTTP/1.0 request (the server closes after the body; no chunked encoding).
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let code: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s:?}"))
+}
+
+fn new_session(addr: &str) -> String {
+    let (c, b) = http(addr, "POST", "/api/session", b"");
+    assert_eq!(c, 200, "{b}");
+    json(&b)["session"].as_str().unwrap().to_string()
+}
+
+/// The final NDJSON line of a streamed answer.
+fn ask(addr: &str, session: &str, q: &str) -> serde_json::Value {
+    let body = serde_json::json!({"session": session, "query": q}).to_string();
+    let (c, b) = http(addr, "POST", "/api/chat", body.as_bytes());
+    assert_eq!(c, 200, "{b}");
+    let last = b.lines().filter(|l| !l.is_empty()).last().unwrap();
+    let v = json(last);
+    assert_eq!(v["done"], true, "{b}");
+    assert!(v.get("error").is_none(), "{b}");
+    v
+}
+
+#[test]
+fn web_endpoints_check_input_and_keep_conversations_apart() {
+    let Some(d) = demo() else { return };
+    let srv = serve(d);
+    let a = &srv.addr;
+    let (c, page) = http(a, "GET", "/", b"");
+    assert_eq!(c, 200);
+    assert!(
+        page.contains("<title>XrayGLM</title>")
+            && !page.contains("http://")
+            && !page.contains("https://")
+    );
+    let s1 = new_session(a);
+    let s2 = new_session(a);
+    assert_ne!(s1, s2);
+    let png = std::fs::read(&d.held_out[0].image).unwrap();
+    let (c, b) = http(a, "POST", &format!("/api/image?session={s1}"), &png);
+    assert_eq!(c, 200, "{b}");
+    let (c, b) = http(
+        a,
+        "POST",
+        &format!("/api/image?session={s2}"),
+        b"not an image",
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(json(&b)["error"].as_str().unwrap().contains("image"), "{b}");
+    let big = vec![0u8; (1 << 20) + 1];
+    let (c, b) = http(a, "POST", &format!("/api/image?session={s2}"), &big);
+    assert_eq!(c, 413, "{b}");
+    let (c, _) = http(a, "POST", "/api/image?session=nope", &png);
+    assert_eq!(c, 404);
+    let (c, _) = http(
+        a,
+        "POST",
+        "/api/chat",
+        b"{\"session\": \"nope\", \"query\": \"hi\"}",
+    );
+    assert_eq!(c, 404);
+    let (c, _) = http(a, "POST", "/api/chat", b"{not json");
+    assert_eq!(c, 400);
+    // Two conversations in parallel: each history holds only its own turns.
+    let (h1, h2) = std::thread::scope(|sc| {
+        let t1 = sc.spawn(|| ask(a, &s1, FIXED_PROMPT));
+        let t2 = sc.spawn(|| ask(a, &s2, "你好"));
+        (t1.join().unwrap(), t2.join().unwrap())
+    });
+    let q = |v: &serde_json::Value| -> Vec<String> {
+        v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["query"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(q(&h1), vec![FIXED_PROMPT.to_string()]);
+    assert_eq!(q(&h2), vec!["你好".to_string()]);
+    assert!(h1["response"].as_str().unwrap().starts_with("心脏"), "{h1}");
+    let again = ask(a, &s1, "心脏大小如何？");
+    assert_eq!(q(&again).len(), 2);
+    let (c, _) = http(
+        a,
+        "POST",
+        "/api/clear",
+        format!("{{\"session\": \"{s1}\"}}").as_bytes(),
+    );
+    assert_eq!(c, 200);
+    assert_eq!(q(&ask(a, &s1, "你好")).len(), 1);
+    // 32 concurrent requests: every one is answered and the server stays up.
+    let sessions: Vec<String> = (0..32).map(|_| new_session(a)).collect();
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = sessions
+            .iter()
+            .map(|s| sc.spawn(move || ask(a, s, "你好")))
+            .collect();
+        for h in handles {
+            let v = h.join().unwrap();
+            assert_eq!(v["history"].as_array().unwrap().len(), 1);
+        }
+    });
+    let (c, b) = http(a, "GET", "/api/health", b"");
+    assert_eq!(c, 200);
+    assert_eq!(json(&b)["ok"], true);
+}
+
+#[test]
+fn the_page_works_in_headless_chromium() {
+    let Some(d) = demo() else { return };
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let pw = std::env::var("PLAYWRIGHT_CORE")
+        .unwrap_or_else(|_| "/opt/xrayglm/node/package.json".into());
+    let pw_ok = Path::new(&pw)
+        .parent()
+        .is_some_and(|p| p.join("node_modules/playwright-core").is_dir());
+    if !Path::new(&chromium).exists() || !pw_ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs chromium and playwright-core (scripts/setup.sh installs them)"
+        );
+        eprintln!("skipping: no chromium / playwright-core here (scripts/setup.sh installs them)");
+        return;
+    }
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let image = std::fs::read_dir(shared.join("data/Xray"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "png"))
+        .min()
+        .expect("an X-ray png in ../shared/data/Xray");
+    let srv = serve(d);
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let shot = out_dir.join("web_demo.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/web_demo.mjs"))
+        .arg(format!("http://{}/", srv.addr))
+        .arg(&image)
+        .arg(&shot)
+        .env("CHROMIUM", &chromium)
+        .env("PLAYWRIGHT_CORE", &pw)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(text.lines().last().unwrap());
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(!v["answer"].as_str().unwrap().is_empty(), "{v}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot"
+    );
+    eprintln!("screenshot: {}", shot.display());
+}
