@@ -778,7 +778,7 @@ impl std::fmt::Display for GenerateBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "generate bench: preset {}, greedy, {} new tokens, prompt 3+32+16+2 with a 224x224 image, {} threads",
+            "generate bench: preset {}, greedy, {} new tokens, prompt 3 + image slots + 16 + 2 with a 224x224 image, {} threads",
             self.preset, self.new_tokens, self.threads
         )?;
         let row = |f: &mut std::fmt::Formatter<'_>,

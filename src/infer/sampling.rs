@@ -90,19 +90,33 @@ impl Sampler {
     pub fn adjust(&self, logits: &Tensor, generated: &[Vec<i64>]) -> Tensor {
         let (b, v) = logits.size2().expect("logits [B, V]");
         let dev = logits.device();
-        let mut divisor = vec![self.cfg.temperature as f32; (b * v) as usize];
+        let mut out = logits.to_kind(Kind::Float);
+        if self.cfg.temperature != 1.0 {
+            out = out / self.cfg.temperature;
+        }
         if self.cfg.repetition_penalty != 1.0 {
-            let pen = (self.cfg.temperature * self.cfg.repetition_penalty) as f32;
-            for (row, ids) in generated.iter().enumerate() {
-                for &id in ids {
-                    if (0..v).contains(&id) {
-                        divisor[row * v as usize + id as usize] = pen;
-                    }
+            // Only the (row, id) pairs already generated get the extra division.
+            let mut flat: Vec<i64> = Vec::new();
+            for (row, ids) in generated.iter().enumerate().take(b as usize) {
+                let mut seen: Vec<i64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|&i| (0..v).contains(&i))
+                    .collect();
+                seen.sort_unstable();
+                seen.dedup();
+                flat.extend(seen.into_iter().map(|i| row as i64 * v + i));
+            }
+            if !flat.is_empty() {
+                if self.cfg.temperature == 1.0 {
+                    out = out.copy(); // never write into the caller's logits
                 }
+                let idx = Tensor::from_slice(&flat).to_device(dev);
+                let mut view = out.view([-1]);
+                let picked = view.index_select(0, &idx) / self.cfg.repetition_penalty;
+                let _ = view.index_copy_(0, &idx, &picked);
             }
         }
-        let divisor = Tensor::from_slice(&divisor).view([b, v]).to_device(dev);
-        let out = logits.to_kind(Kind::Float) / divisor;
         for r in &self.cfg.invalid {
             let (lo, hi) = (r.start.clamp(0, v), r.end.clamp(0, v));
             if hi > lo {
