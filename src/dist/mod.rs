@@ -33,40 +33,39 @@ pub trait Comm {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let mut host =
-            Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(Kind::Float).to_device(Device::Cpu))?;
-        self.all_reduce_sum(&mut host)?;
-        let back = Tensor::from_slice(&host)
-            .view_as(t)
-            .to_kind(t.kind())
-            .to_device(t.device());
-        tch::no_grad(|| t.copy_(&back));
-        Ok(())
+        through_host(t, |host| self.all_reduce_sum(host))
     }
     /// Replace `t` on every rank with rank `root`'s values. Default: staged through the host.
     fn broadcast_tensor(&self, t: &mut Tensor, root: usize) -> Result<()> {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let mut host =
-            Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(Kind::Float).to_device(Device::Cpu))?;
-        // SAFETY: viewing an owned, initialised Vec<f32> as its bytes; the view ends before
-        // `host` is used again.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, host.len() * 4) };
-        self.broadcast(bytes, root)?;
-        let back = Tensor::from_slice(&host)
-            .view_as(t)
-            .to_kind(t.kind())
-            .to_device(t.device());
-        tch::no_grad(|| t.copy_(&back));
-        Ok(())
+        through_host(t, |host| {
+            // SAFETY: viewing an initialised f32 slice as its bytes, only for this call.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut u8, host.len() * 4)
+            };
+            self.broadcast(bytes, root)
+        })
     }
     /// End the whole job (every rank) with `code`.
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
     fn name(&self) -> &'static str;
+}
+
+/// Run `f` on `t`'s values as host fp32 and copy the result back into `t`.
+fn through_host(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    let mut host =
+        Vec::<f32>::try_from(&t.flatten(0, -1).to_kind(Kind::Float).to_device(Device::Cpu))?;
+    f(&mut host)?;
+    let back = Tensor::from_slice(&host)
+        .view_as(t)
+        .to_kind(t.kind())
+        .to_device(t.device());
+    tch::no_grad(|| t.copy_(&back));
+    Ok(())
 }
 
 /// Who to blame when a collective stalls: with two ranks it can only be the other one.

@@ -271,13 +271,21 @@ impl Nccl {
         self.boot.abort(3)
     }
 
-    fn nccl_kind(t: &Tensor) -> Result<c_int> {
+    /// The NCCL data type of `t`, after checking it is contiguous and on this rank's GPU.
+    fn check_tensor(&self, t: &Tensor, what: &str) -> Result<c_int> {
+        if t.device() != tch::Device::Cuda(self.device as usize) || !t.is_contiguous() {
+            bail!(
+                "NCCL {what} needs a contiguous tensor on cuda:{}, got {:?}",
+                self.device,
+                t.device()
+            );
+        }
         Ok(match t.kind() {
             Kind::Float => NCCL_FLOAT32,
             Kind::Double => NCCL_FLOAT64,
             Kind::BFloat16 => NCCL_BFLOAT16,
             Kind::Half => NCCL_FLOAT16,
-            k => bail!("NCCL all-reduce of {k:?} tensors is not supported"),
+            k => bail!("NCCL {what} of {k:?} tensors is not supported"),
         })
     }
 }
@@ -309,17 +317,7 @@ impl Comm for Nccl {
         self.boot.broadcast(buf, root)
     }
     fn all_reduce_tensor(&self, t: &mut Tensor) -> Result<()> {
-        if t.device() != tch::Device::Cuda(self.device as usize) {
-            bail!(
-                "NCCL all-reduce needs a tensor on cuda:{}, got {:?}",
-                self.device,
-                t.device()
-            );
-        }
-        if !t.is_contiguous() {
-            bail!("NCCL all-reduce needs a contiguous tensor");
-        }
-        let kind = Self::nccl_kind(t)?;
+        let kind = self.check_tensor(t, "all-reduce")?;
         let ptr = t.data_ptr();
         // SAFETY: in-place all-reduce over `numel` elements of a live, contiguous CUDA tensor
         // on this rank's device, enqueued on the default stream.
@@ -339,13 +337,7 @@ impl Comm for Nccl {
         Ok(())
     }
     fn broadcast_tensor(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        if t.device() != tch::Device::Cuda(self.device as usize) || !t.is_contiguous() {
-            bail!(
-                "NCCL broadcast needs a contiguous tensor on cuda:{}",
-                self.device
-            );
-        }
-        let kind = Self::nccl_kind(t)?;
+        let kind = self.check_tensor(t, "broadcast")?;
         let ptr = t.data_ptr();
         // SAFETY: as in all_reduce_tensor.
         let r = unsafe {

@@ -158,7 +158,7 @@ fn generate_group(
     let mut ended = vec![false; rows.len()];
     let mut next_index = len as i64;
     loop {
-        let gen_live: Vec<Vec<i64>> = live.iter().map(|&i| replies[i].clone()).collect();
+        let gen_live: Vec<&[i64]> = live.iter().map(|&i| replies[i].as_slice()).collect();
         let picks = sampler.next(&logits, &gen_live)?;
         let mut keep = Vec::new();
         for (j, (&i, &t)) in live.iter().zip(&picks).enumerate() {

@@ -87,18 +87,20 @@ impl Sampler {
     }
 
     /// Step 1–2: fp32 logits `[B, V]` divided by temperature and penalty, invalid ids removed.
-    pub fn adjust(&self, logits: &Tensor, generated: &[Vec<i64>]) -> Tensor {
+    pub fn adjust<G: AsRef<[i64]>>(&self, logits: &Tensor, generated: &[G]) -> Tensor {
         let (b, v) = logits.size2().expect("logits [B, V]");
         let dev = logits.device();
         let mut out = logits.to_kind(Kind::Float);
         if self.cfg.temperature != 1.0 {
-            out = out / self.cfg.temperature;
+            // A new tensor: `out` may alias the caller's logits.
+            out = &out / self.cfg.temperature;
         }
         if self.cfg.repetition_penalty != 1.0 {
             // Only the (row, id) pairs already generated get the extra division.
             let mut flat: Vec<i64> = Vec::new();
             for (row, ids) in generated.iter().enumerate().take(b as usize) {
                 let mut seen: Vec<i64> = ids
+                    .as_ref()
                     .iter()
                     .copied()
                     .filter(|&i| (0..v).contains(&i))
@@ -127,7 +129,7 @@ impl Sampler {
     }
 
     /// The next token of every row. `generated[i]` = the ids already produced for row i.
-    pub fn next(&mut self, logits: &Tensor, generated: &[Vec<i64>]) -> Result<Vec<i64>> {
+    pub fn next<G: AsRef<[i64]>>(&mut self, logits: &Tensor, generated: &[G]) -> Result<Vec<i64>> {
         let adj = self.adjust(logits, generated);
         if self.cfg.greedy {
             return Ok(Vec::<i64>::try_from(

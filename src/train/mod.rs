@@ -306,21 +306,21 @@ fn all_reduce_grads(opt: &mut AdamW, comm: &dyn crate::dist::Comm) -> Result<()>
     Ok(())
 }
 
-/// The LoRA tensors sorted by name, and all their values as one flat host fp32 buffer.
-fn lora_flat(model: &VisualGlm) -> Result<(Vec<(String, Tensor)>, Vec<f32>)> {
+/// The LoRA tensors sorted by name, and all their values as one flat fp32 tensor (on their device).
+fn lora_flat(model: &VisualGlm) -> (Vec<(String, Tensor)>, Tensor) {
     let mut vars: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let parts: Vec<Tensor> = vars
         .iter()
         .map(|(_, v)| v.detach().to_kind(Kind::Float).flatten(0, -1))
         .collect();
-    let flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
-    Ok((vars, Vec::<f32>::try_from(&flat)?))
+    let flat = Tensor::cat(&parts, 0);
+    (vars, flat)
 }
 
 /// Largest |θ_rank − mean θ| over all LoRA elements and ranks (0 when the ranks agree).
 fn lora_divergence(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<f64> {
-    let (_, mine) = lora_flat(model)?;
+    let mine = Vec::<f32>::try_from(&lora_flat(model).1.to_device(Device::Cpu))?;
     let mut sum = mine.clone();
     comm.all_reduce_sum(&mut sum)?;
     let w = comm.world_size() as f32;
@@ -339,15 +339,7 @@ fn broadcast_lora(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<()>
     if comm.world_size() == 1 {
         return Ok(());
     }
-    let mut vars: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut flat = Tensor::cat(
-        &vars
-            .iter()
-            .map(|(_, v)| v.detach().to_kind(Kind::Float).flatten(0, -1))
-            .collect::<Vec<_>>(),
-        0,
-    );
+    let (mut vars, mut flat) = lora_flat(model);
     comm.broadcast_tensor(&mut flat, 0)?;
     let mut off = 0;
     tch::no_grad(|| {
