@@ -482,7 +482,7 @@ pub fn step(
     steps: usize,
 ) -> Result<StepBench> {
     use crate::model::config::ModelConfig;
-    use crate::model::visualglm::{lm_loss, VisualGlm};
+    use crate::model::visualglm::VisualGlm;
     use tch::nn::OptimizerConfig;
     let cfg = ModelConfig::preset(preset)?;
     tch::manual_seed(0);
@@ -503,10 +503,15 @@ pub fn step(
         amsgrad: false,
     }
     .build(&m.lora, 1e-3)?;
+    let (pos, ctx_lens) = crate::model::chatglm::positions_from_ids(
+        &ids,
+        cfg.sat.bos_token_id,
+        cfg.sat.mask_token_id,
+        cfg.sat.gmask_token_id,
+    )?;
     let mut losses = Vec::new();
     let run = |opt: &mut tch::nn::Optimizer| -> Result<f64> {
-        let out = m.forward(&ids, Some(&image), 3, None, None, true)?;
-        let loss = lm_loss(&out.logits, &labels);
+        let loss = m.loss(&ids, &image, 3, &pos, &ctx_lens, &labels, true);
         opt.zero_grad();
         loss.backward();
         opt.step();

@@ -345,3 +345,57 @@ fn mlp_lora_targets_merge_exactly() {
         rel_err(&fused, &before)
     );
 }
+
+/// The training loss applies `lm_head` at the target positions only; it equals the reference's
+/// full-logits loss, and so do the LoRA gradients (labels with −100 holes inside the target too).
+#[test]
+fn target_only_loss_equals_the_full_logits_loss() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    tch::manual_seed(11);
+    let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+        }
+    });
+    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, Device::Cpu);
+    let (pos, ctx) =
+        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
+    let _ = labels.narrow(1, 60, 4).fill_(-100);
+    let grads = |full: bool| -> (f64, Vec<Tensor>) {
+        for (_, v) in m.lora.variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let loss = if full {
+            let out = m
+                .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), true)
+                .unwrap();
+            lm_loss(&out.logits, &labels)
+        } else {
+            m.loss(&ids, &image, 3, &pos, &ctx, &labels, true)
+        };
+        loss.backward();
+        let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        (
+            loss.double_value(&[]),
+            vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
+        )
+    };
+    let (full, g_full) = grads(true);
+    let (fast, g_fast) = grads(false);
+    assert!(full > 1.0, "loss {full}");
+    assert!(((fast - full) / full).abs() <= 1e-6, "{fast} vs {full}");
+    for (a, b) in g_full.iter().zip(&g_fast) {
+        assert!(a.abs().max().double_value(&[]) > 0.0);
+        let e = rel_err(b, a);
+        assert!(e <= 1e-5, "gradient relative error {e:.3e}");
+    }
+}

@@ -94,7 +94,7 @@ pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
     let (du, dv) = (jitter(rng, 0.02), jitter(rng, 0.02));
     let exposure = 1.0 + jitter(rng, 0.08);
     let heart_ru = if f.cardiomegaly { 0.215 } else { 0.145 } + jitter(rng, 0.012);
-    let fluid = [0.17 + jitter(rng, 0.03), 0.17 + jitter(rng, 0.03)];
+    let fluid = [0.26 + jitter(rng, 0.03), 0.26 + jitter(rng, 0.03)];
     let (left_fluid, right_fluid) = match f.effusion {
         Effusion::None => (false, false),
         Effusion::Left => (true, false),

@@ -102,6 +102,9 @@ pub struct GlmInputs<'a> {
     pub pre_image: i64,
 }
 
+/// Label value the loss ignores.
+const IGNORE_LABEL: i64 = crate::data::sample::IGNORE;
+
 fn rotary_tables(head_dim: i64, max_len: i64, precision: RotaryPrecision) -> (Tensor, Tensor) {
     let dim = head_dim / 2;
     let opts = (Kind::Float, tch::Device::Cpu);
@@ -257,12 +260,40 @@ impl ChatGlm {
 
     /// Logits `[B, S, vocab]` (in the weights' kind).
     pub fn forward(&self, inp: &GlmInputs, train: bool) -> Tensor {
+        self.head(&self.hidden(inp, train))
+    }
+
+    /// The last layer's output `[B, S, hidden]` (before the final LayerNorm and `lm_head`).
+    pub fn hidden(&self, inp: &GlmInputs, train: bool) -> Tensor {
         let (mut x, pos, block, mask) = self.prepare(inp, train);
         for (i, l) in self.layers.iter().enumerate() {
             self.seed_layer(i);
             x = self.layer(l, i as i64, &x, &pos, &block, &mask, train);
         }
+        x
+    }
+
+    /// The reference's loss (next-token cross-entropy in fp32, −100 ignored, mean over the
+    /// counted tokens) from the last layer's output, with the final LayerNorm and `lm_head` applied
+    /// only at the positions that predict a counted label: a prompt position never reaches the
+    /// vocabulary-sized matmul. Equal to `lm_loss(forward(..))`.
+    pub fn target_loss(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
+        let (_, s, h) = hidden.size3().unwrap();
+        let next = labels.narrow(1, 1, s - 1).reshape([-1]);
+        let rows = next.ne(IGNORE_LABEL).nonzero().squeeze_dim(1);
+        let x = hidden
+            .narrow(1, 0, s - 1)
+            .reshape([-1, h])
+            .index_select(0, &rows);
         self.head(&x)
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(
+                &next.index_select(0, &rows),
+                None,
+                tch::Reduction::Mean,
+                IGNORE_LABEL,
+                0.0,
+            )
     }
 
     /// Incremental decoding (eval mode): the logits `[B, vocab]` of each sequence's last position,
@@ -322,13 +353,14 @@ impl ChatGlm {
     /// Loss and LoRA gradients with per-layer activation checkpointing: the forward keeps only each
     /// layer's input; the backward recomputes one layer at a time and pulls the incoming gradient
     /// through it (`∂(y·g)/∂θ`). Same gradients as `forward` + `backward`, O(1) layers of
-    /// activations. `loss_fn` maps logits to the (fp32) loss; the value returned is unscaled.
+    /// activations. The loss is [`ChatGlm::target_loss`] of `labels`; the value returned is
+    /// unscaled.
     pub fn loss_backward_checkpointed(
         &self,
         inp: &GlmInputs,
+        labels: &Tensor,
         train: bool,
         scale: f64,
-        loss_fn: impl Fn(&Tensor) -> Tensor,
     ) -> f64 {
         let (x0, pos, block, mask) = self.prepare(inp, train);
         let mut inputs = vec![x0];
@@ -348,7 +380,7 @@ impl ChatGlm {
             }
         });
         let last = inputs.pop().unwrap().detach().set_requires_grad(true);
-        let loss = loss_fn(&self.head(&last));
+        let loss = self.target_loss(&last, labels);
         let value = loss.double_value(&[]);
         (loss * scale).backward();
         let mut g = last.grad();

@@ -349,7 +349,7 @@ impl ModelConfig {
             "tiny" => build(Dims {
                 glm: (2, 64, 4, 256, 130528),
                 vit: (2, 48, 4, 192, 224, 14),
-                qf: (2, 32, 4, 8),
+                qf: (2, 32, 4, 32),
             }),
             other => bail!("unknown model preset {other:?} (visualglm-6b, small, tiny)"),
         };

@@ -223,15 +223,15 @@ impl VisualGlm {
         checkpoint: bool,
     ) -> Result<f64> {
         if !checkpoint {
-            let out = self.forward(
+            let loss = self.loss(
                 input_ids,
-                Some(image),
+                image,
                 pre_image,
-                Some(position_ids),
-                Some(context_lengths),
+                position_ids,
+                context_lengths,
+                labels,
                 true,
-            )?;
-            let loss = lm_loss(&out.logits, labels);
+            );
             let v = loss.double_value(&[]);
             (loss * scale).backward();
             return Ok(v);
@@ -247,7 +247,35 @@ impl VisualGlm {
         };
         Ok(self
             .chatglm
-            .loss_backward_checkpointed(&inp, true, scale, |logits| lm_loss(logits, labels)))
+            .loss_backward_checkpointed(&inp, labels, true, scale))
+    }
+
+    /// The training loss of a batch (fp32 scalar, with autograd history for the LoRA weights):
+    /// `lm_loss(forward(..).logits, labels)`, computing `lm_head` at the target positions only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        image: &Tensor,
+        pre_image: i64,
+        position_ids: &Tensor,
+        context_lengths: &[i64],
+        labels: &Tensor,
+        train: bool,
+    ) -> Tensor {
+        let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
+        let (_, _, embeds) = self.encode_image(image, train);
+        let hidden = self.chatglm.hidden(
+            &GlmInputs {
+                input_ids,
+                position_ids,
+                attention_mask: &mask,
+                image_embeds: Some(&embeds),
+                pre_image,
+            },
+            train,
+        );
+        self.chatglm.target_loss(&hidden, labels)
     }
 }
 

@@ -29,7 +29,7 @@ use crate::data::rng::PyRandom;
 use crate::data::sample::SampleBuilder;
 use crate::model::chatglm::Dropouts;
 use crate::model::config::ModelConfig;
-use crate::model::visualglm::{lm_loss, VisualGlm};
+use crate::model::visualglm::VisualGlm;
 use crate::tokenizer::ChatGlmTokenizer;
 use crate::weights::source::{load_model, LoadOptions};
 use metrics::{JsonLog, TensorBoard};
@@ -172,15 +172,15 @@ impl Step<'_> {
     /// Loss of one batch (fp32 scalar tensor with graph when `train`).
     fn loss(&self, b: &Batch, train: bool) -> Result<Tensor> {
         let t = b.to_tensors(self.dev);
-        let out = self.model.forward(
+        Ok(self.model.loss(
             &t.input_ids,
-            Some(&t.images),
+            &t.images,
             b.pre_image as i64,
-            Some(&t.position_ids),
-            Some(&b.context_lengths),
+            &t.position_ids,
+            &b.context_lengths,
+            &t.labels,
             train,
-        )?;
-        Ok(lm_loss(&out.logits, &t.labels))
+        ))
     }
 
     fn eval(&self, batches: &[Batch]) -> Result<f64> {
