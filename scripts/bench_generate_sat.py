@@ -3,7 +3,7 @@ with `CachedAutoregressiveMixin` and `BaseStrategy(top_k=1)`, as XrayGLM's chat 
 `small` preset with random weights: time to first token and tokens/s at batch 1 and batch 8.
 
 Same sizes and prompt layout as `xrayglm bench generate` (3 + 32 image slots + 16 text tokens +
-[gMASK] <sop>, 224x224 image, NEW tokens, no early stop). Prints `sat_ttft_ms`, `sat_b1_tps`,
+[gMASK] <sop>, 224x224 image, NEW tokens, no early stop; DTYPE fp32 or bf16). Prints `sat_ttft_ms`, `sat_b1_tps`,
 `sat_b8_tps`. Run by `xrayglm bench generate --vs-sat PYTHON` (same machine, same run, same
 thread count) or directly with THREADS / NEW set.
 """
@@ -27,6 +27,16 @@ def main():
     torch.set_num_threads(int(os.environ.get("THREADS", str(os.cpu_count()))))
     torch.manual_seed(0)
     model, _ = build(SMALL)
+    # DTYPE=bf16: the whole model in bfloat16, as the original runs its model in half precision.
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("DTYPE", "fp32")]
+    model = model.to(dtype)
+    if dtype == torch.bfloat16:
+        # sat 0.3.6's ChatGLM builds its rotary tables in fp16 (made for `--fp16`); bf16 needs them
+        # in bf16 or every q/k is promoted back to fp32.
+        from sat.model.position_embedding.rotary_embeddings import RotaryEmbedding
+        for mod in model.modules():
+            if isinstance(mod, RotaryEmbedding):
+                mod.precision, mod.max_seq_len_cached = dtype, None
     model.eval()
     model.add_mixin("auto-regressive", CachedAutoregressiveMixin())
     L = SMALL["qformer"]["queries"]
@@ -34,8 +44,11 @@ def main():
     ids[3:3 + L] = [3] * L
     ids += [SMALL["glm"]["gmask"], SMALL["glm"]["bos"]]
     mp, cl = len(ids) - 2, len(ids) - 1
-    image = torch.randn(1, 3, 224, 224)
-    pos = lambda s: glm_masks_and_positions(s, mp, cl)
+    image = torch.randn(1, 3, 224, 224).to(dtype)
+    def pos(s):
+        # The mask in the model's dtype (in half precision XrayGLM's chat does the same).
+        tokens, mask, position_ids = glm_masks_and_positions(s, mp, cl)
+        return tokens, mask.to(dtype), position_ids
 
     def run(batch, n):
         seq = torch.tensor(ids + [-1] * n)

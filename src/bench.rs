@@ -763,10 +763,19 @@ pub fn allreduce(
     }))
 }
 
+fn dtype_name(kind: tch::Kind) -> &'static str {
+    match kind {
+        tch::Kind::BFloat16 => "bf16",
+        tch::Kind::Half => "fp16",
+        _ => "fp32",
+    }
+}
+
 /// `xrayglm bench generate`: KV-cached greedy decoding of a preset with random weights.
 #[derive(Debug, Clone)]
 pub struct GenerateBench {
     pub preset: String,
+    pub dtype: &'static str,
     pub new_tokens: usize,
     pub threads: i32,
     pub ttft_ms: f64,
@@ -783,8 +792,8 @@ impl std::fmt::Display for GenerateBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "generate bench: preset {}, greedy, {} new tokens, prompt 3 + image slots + 16 + 2 with a 224x224 image, {} threads",
-            self.preset, self.new_tokens, self.threads
+            "generate bench: preset {}, {}, greedy, {} new tokens, prompt 3 + image slots + 16 + 2 with a 224x224 image, {} threads",
+            self.preset, self.dtype, self.new_tokens, self.threads
         )?;
         let row = |f: &mut std::fmt::Formatter<'_>,
                    name: &str,
@@ -845,6 +854,7 @@ impl std::fmt::Display for GenerateBench {
 pub fn generate(
     preset: &str,
     new_tokens: usize,
+    kind: tch::Kind,
     sat_python: Option<&Path>,
 ) -> Result<GenerateBench> {
     use crate::infer::generate::{generate as gen, image_embeds, GenerateConfig, Prompt};
@@ -853,8 +863,10 @@ pub fn generate(
     use crate::model::visualglm::VisualGlm;
     let cfg = ModelConfig::preset(preset)?;
     tch::manual_seed(0);
-    let mut m = VisualGlm::new(cfg.clone(), tch::Device::Cpu, tch::Kind::Float)?;
+    let mut m = VisualGlm::new(cfg.clone(), tch::Device::Cpu, kind)?;
     m.merge_lora()?;
+    // As `xrayglm chat` runs it: the fused attention kernel.
+    m.set_fused_attention(true);
     let l = cfg.sat.image_length as usize;
     let mut rng = PyRandom::new(0);
     let mut ids: Vec<i64> = (0..3 + l + 16)
@@ -907,6 +919,7 @@ pub fn generate(
                 .arg(&script)
                 .env("THREADS", threads.to_string())
                 .env("NEW", new_tokens.to_string())
+                .env("DTYPE", dtype_name(kind))
                 .output()
                 .with_context(|| format!("running {}", py.display()))?;
             let text = String::from_utf8_lossy(&out.stdout);
@@ -926,6 +939,7 @@ pub fn generate(
     };
     Ok(GenerateBench {
         preset: preset.into(),
+        dtype: dtype_name(kind),
         new_tokens,
         threads,
         ttft_ms: ttft * 1e3,

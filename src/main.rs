@@ -385,6 +385,10 @@ enum BenchCommand {
         preset: String,
         #[arg(long, default_value_t = 32)]
         new_tokens: usize,
+        /// Weights and activations of both implementations: fp32 or bf16 (the original runs its
+        /// model in half precision).
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
         /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh).
         #[arg(long)]
         vs_sat: Option<PathBuf>,
@@ -898,13 +902,19 @@ fn run() -> Result<()> {
                 BenchCommand::Generate {
                     preset,
                     new_tokens,
+                    dtype,
                     vs_sat,
                 },
         } => {
             anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+            let kind = parse_kind(&dtype)?;
+            anyhow::ensure!(
+                matches!(kind, tch::Kind::Float | tch::Kind::BFloat16),
+                "bench generate: --dtype fp32 or bf16"
+            );
             print!(
                 "{}",
-                xrayglm::bench::generate(&preset, new_tokens, vs_sat.as_deref())?
+                xrayglm::bench::generate(&preset, new_tokens, kind, vs_sat.as_deref())?
             );
             Ok(())
         }

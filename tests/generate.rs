@@ -176,8 +176,15 @@ fn parity_cli_generates_from_a_sat_checkpoint() {
 
 #[test]
 fn generate_bench_runs_and_reports_rates() {
+    for dtype in ["fp32", "bf16"] {
+        generate_bench_reports_rates(dtype);
+    }
+}
+
+fn generate_bench_reports_rates(dtype: &str) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
         .args(["bench", "generate", "--preset", "tiny", "--new-tokens", "4"])
+        .args(["--dtype", dtype])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -202,4 +209,5 @@ fn generate_bench_runs_and_reports_rates() {
             .unwrap_or_else(|| panic!("{row} missing:\n{text}"));
         assert!(v > 0.0 && v.is_finite(), "{row}: {text}");
     }
+    assert!(text.contains(&format!("preset tiny, {dtype},")), "{text}");
 }

@@ -130,12 +130,21 @@ impl Sampler {
 
     /// The next token of every row. `generated[i]` = the ids already produced for row i.
     pub fn next<G: AsRef<[i64]>>(&mut self, logits: &Tensor, generated: &[G]) -> Result<Vec<i64>> {
-        let adj = self.adjust(logits, generated);
         if self.cfg.greedy {
+            // Dividing every logit by the temperature leaves the arg-max where it is: without a
+            // penalty or banned ids the raw logits (widened to fp32, which is exact and argmax's fast
+            // path) give the same pick.
+            let plain = self.cfg.repetition_penalty == 1.0 && self.cfg.invalid.is_empty();
+            let adj = if plain {
+                logits.to_kind(Kind::Float)
+            } else {
+                self.adjust(logits, generated)
+            };
             return Ok(Vec::<i64>::try_from(
                 adj.argmax(-1, false).to_device(Device::Cpu),
             )?);
         }
+        let adj = self.adjust(logits, generated);
         let (b, v) = adj.size2()?;
         // Top-k (or everything) in descending order; only these can be drawn.
         let k = if self.cfg.top_k > 0 {

@@ -131,25 +131,43 @@ fn rotary_tables(head_dim: i64, max_len: i64, precision: RotaryPrecision) -> (Te
     }
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
-    let h = x.chunk(2, -1);
-    Tensor::cat(&[&h[1].neg(), &h[0]], -1)
+/// The rotary cos/sin rows of one position-id tensor `[B, S]`, gathered once per forward and
+/// shared by every layer, as `[B, S, 1, d]` in fp32 and (when the model runs in another kind) in
+/// that kind. `sin` has its first half negated, so that `rotate_half(x)·sin` becomes
+/// `roll(x, d/2)·sin` (one op instead of chunk, neg and cat; the same numbers).
+pub(crate) struct Rot {
+    cos: Tensor,
+    sin: Tensor,
+    low: Option<(Tensor, Tensor)>,
 }
 
-/// Rotate `x [B, S, n, d]` by the table rows at `pos [B, S]`.
-fn rotate(x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let (b, s) = pos.size2().unwrap();
-    let d = *x.size().last().unwrap();
-    let flat = pos.flatten(0, -1);
-    let c = cos
-        .index_select(0, &flat)
-        .view([b, s, 1, d])
-        .to_kind(x.kind());
-    let sn = sin
-        .index_select(0, &flat)
-        .view([b, s, 1, d])
-        .to_kind(x.kind());
-    x * c + rotate_half(x) * sn
+impl Rot {
+    fn new(pos: &Tensor, cos: &Tensor, sin: &Tensor, kind: Kind) -> Self {
+        let (b, s) = pos.size2().unwrap();
+        let d = cos.size()[1];
+        let flat = pos.flatten(0, -1);
+        let c = cos.index_select(0, &flat).view([b, s, 1, d]);
+        let sn = sin.index_select(0, &flat);
+        let half = sn.chunk(2, -1);
+        let sn = Tensor::cat(&[half[0].neg(), half[1].shallow_clone()], -1).view([b, s, 1, d]);
+        let low = (kind != Kind::Float).then(|| (c.to_kind(kind), sn.to_kind(kind)));
+        Self {
+            cos: c,
+            sin: sn,
+            low,
+        }
+    }
+
+    /// Rotate `x [B, S, n, d]`.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().unwrap();
+        let k = x.kind();
+        let (c, s) = match &self.low {
+            Some((c, s)) if c.kind() == k => (c.shallow_clone(), s.shallow_clone()),
+            _ => (self.cos.to_kind(k), self.sin.to_kind(k)),
+        };
+        x * c + x.roll([d / 2], [-1]) * s
+    }
 }
 
 impl ChatGlm {
@@ -306,8 +324,7 @@ impl ChatGlm {
         cache: &mut KvCache,
     ) -> Tensor {
         let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
-        let pos = inp.position_ids.select(1, 0);
-        let block = inp.position_ids.select(1, 1);
+        let (pos, block) = self.rot(inp.position_ids, x.kind());
         let mask = mask.map(|m| m.to_kind(Kind::Float));
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
@@ -330,12 +347,17 @@ impl ChatGlm {
     }
 
     /// Embeddings (with dropout) and the per-forward position / mask tensors.
-    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Tensor, Tensor, Tensor) {
+    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Rot, Rot, Tensor) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
         let x = dropout(&emb, self.dropout.embedding, train);
-        let pos = inp.position_ids.select(1, 0);
-        let block = inp.position_ids.select(1, 1);
+        let (pos, block) = self.rot(inp.position_ids, x.kind());
         (x, pos, block, inp.attention_mask.to_kind(Kind::Float))
+    }
+
+    /// Rotary rows of the positions and block positions `[B, 2, S]`.
+    fn rot(&self, position_ids: &Tensor, kind: Kind) -> (Rot, Rot) {
+        let r = |i| Rot::new(&position_ids.select(1, i), &self.cos, &self.sin, kind);
+        (r(0), r(1))
     }
 
     fn head(&self, x: &Tensor) -> Tensor {
@@ -408,8 +430,8 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         h: &Tensor,
-        pos: &Tensor,
-        block: &Tensor,
+        pos: &Rot,
+        block: &Rot,
         mask: &Tensor,
         train: bool,
     ) -> Tensor {
@@ -424,8 +446,8 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         h: &Tensor,
-        pos: &Tensor,
-        block: &Tensor,
+        pos: &Rot,
+        block: &Rot,
         mask: Option<&Tensor>,
         train: bool,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
@@ -453,8 +475,8 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         a: &Tensor,
-        pos: &Tensor,
-        block: &Tensor,
+        pos: &Rot,
+        block: &Rot,
         mask: Option<&Tensor>,
         train: bool,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
@@ -469,20 +491,8 @@ impl ChatGlm {
         let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
         let q12 = q.chunk(2, -1);
         let k12 = k.chunk(2, -1);
-        let q = Tensor::cat(
-            &[
-                rotate(&q12[0], pos, &self.cos, &self.sin),
-                rotate(&q12[1], block, &self.cos, &self.sin),
-            ],
-            -1,
-        );
-        let k = Tensor::cat(
-            &[
-                rotate(&k12[0], pos, &self.cos, &self.sin),
-                rotate(&k12[1], block, &self.cos, &self.sin),
-            ],
-            -1,
-        );
+        let q = Tensor::cat(&[pos.apply(&q12[0]), block.apply(&q12[1])], -1);
+        let k = Tensor::cat(&[pos.apply(&k12[0]), block.apply(&k12[1])], -1);
         // [B, S, n, d] → [B, n, S, d]
         let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         if let Some(cache) = kv {
