@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod dist;
+pub mod eval;
 pub mod infer;
 pub mod io;
 pub mod model;

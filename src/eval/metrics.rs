@@ -1,0 +1,335 @@
+//! Report-generation metrics with the conventions of R2Gen-style papers: pycocoevalcap's corpus
+//! BLEU-1..4 (closest reference length), ROUGE-L (β = 1.2) and CIDEr-D, on a defined tokenization.
+//!
+//! References: pycocoevalcap `bleu/bleu_scorer.py` (BleuScorer, option "closest", `tiny = 1e-15`,
+//! `small = 1e-9`), `rouge/rouge.py` (LCS F-measure, β = 1.2, best precision and best recall over
+//! the references), `cider/cider_scorer.py` (CIDEr-D: n = 1..4 tf-idf vectors with document
+//! frequencies from the references, idf `log(N) − log(max(1, df))`, clipped hypothesis weights,
+//! length penalty `exp(−δ²/2σ²)` with σ = 6 where δ is the difference of the *bigram* counts, × 10).
+//! Parity fixtures: scripts/make_metric_fixtures.py (pycocoevalcap from PyPI).
+//!
+//! Tokenization (both the fixtures and xrayglm use it): for Chinese every CJK character is a
+//! token, every run of ASCII letters / digits (with `.` inside numbers, e.g. `2.5`) is a token, and
+//! every other non-space character (punctuation, full-width marks) is a token of its own; English
+//! is lower-cased with the same rule (so words, numbers and punctuation marks).
+
+use std::collections::HashMap;
+
+/// Report language of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lang {
+    #[default]
+    Zh,
+    En,
+}
+
+/// Split a report into metric tokens (see the module documentation).
+pub fn tokenize(text: &str, lang: Lang) -> Vec<String> {
+    let text = match lang {
+        Lang::En => text.to_lowercase(),
+        Lang::Zh => text.to_string(),
+    };
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphanumeric() {
+            let start = i;
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric()
+                    || (chars[i] == '.'
+                        && chars[i - 1].is_ascii_digit()
+                        && chars.get(i + 1).is_some_and(|n| n.is_ascii_digit())))
+            {
+                i += 1;
+            }
+            out.push(chars[start..i].iter().collect());
+        } else {
+            out.push(c.to_string());
+            i += 1;
+        }
+    }
+    out
+}
+
+type Ngram<'a> = &'a [String];
+
+fn ngram_counts(words: &[String], n: usize) -> HashMap<Ngram<'_>, usize> {
+    let mut counts = HashMap::new();
+    for k in 1..=n {
+        for w in words.windows(k) {
+            *counts.entry(w).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Corpus BLEU-1..4 as pycocoevalcap's `Bleu(4)`: clipped n-gram matches and guesses summed over
+/// the corpus, BLEU-k the geometric mean of the first k precisions, one brevity penalty from the
+/// summed hypothesis length and the summed closest reference lengths (ties → the shorter).
+pub fn bleu(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> [f64; 4] {
+    const N: usize = 4;
+    let (tiny, small) = (1e-15, 1e-9);
+    let (mut testlen, mut reflen) = (0usize, 0usize);
+    let mut guess = [0usize; N];
+    let mut correct = [0usize; N];
+    for (h, rs) in hyps.iter().zip(refs) {
+        let mut maxcounts: HashMap<Ngram<'_>, usize> = HashMap::new();
+        for r in rs {
+            for (g, c) in ngram_counts(r, N) {
+                let e = maxcounts.entry(g).or_insert(0);
+                *e = (*e).max(c);
+            }
+        }
+        let tl = h.len();
+        testlen += tl;
+        reflen += rs
+            .iter()
+            .map(|r| r.len())
+            .min_by_key(|&l| (l.abs_diff(tl), l))
+            .unwrap_or(0);
+        for k in 0..N {
+            guess[k] += (tl + 1).saturating_sub(k + 1);
+        }
+        for (g, c) in ngram_counts(h, N) {
+            correct[g.len() - 1] += c.min(maxcounts.get(g).copied().unwrap_or(0));
+        }
+    }
+    let mut out = [0.0; N];
+    let mut prod = 1.0;
+    for k in 0..N {
+        prod *= (correct[k] as f64 + tiny) / (guess[k] as f64 + small);
+        out[k] = prod.powf(1.0 / (k + 1) as f64);
+    }
+    let ratio = (testlen as f64 + tiny) / (reflen as f64 + small);
+    if ratio < 1.0 {
+        for v in &mut out {
+            *v *= (1.0 - 1.0 / ratio).exp();
+        }
+    }
+    out
+}
+
+fn lcs(a: &[String], b: &[String]) -> usize {
+    let mut prev = vec![0usize; b.len() + 1];
+    let mut cur = vec![0usize; b.len() + 1];
+    for x in a {
+        for (j, y) in b.iter().enumerate() {
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                cur[j].max(prev[j + 1])
+            };
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// pycocoevalcap splits on single spaces, so an empty report is one empty token.
+fn coco_words(t: &[String]) -> Vec<String> {
+    if t.is_empty() {
+        vec![String::new()]
+    } else {
+        t.to_vec()
+    }
+}
+
+/// Mean ROUGE-L over the pairs (pycocoevalcap `Rouge`, β = 1.2).
+pub fn rouge_l(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 {
+    const BETA: f64 = 1.2;
+    let scores: Vec<f64> = hyps
+        .iter()
+        .zip(refs)
+        .map(|(h, rs)| {
+            let h = coco_words(h);
+            let (mut p, mut r) = (0f64, 0f64);
+            for rf in rs {
+                let rf = coco_words(rf);
+                let l = lcs(&rf, &h) as f64;
+                p = p.max(l / h.len() as f64);
+                r = r.max(l / rf.len() as f64);
+            }
+            if p != 0.0 && r != 0.0 {
+                (1.0 + BETA * BETA) * p * r / (r + BETA * BETA * p)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    mean(&scores)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// tf-idf vectors per n-gram order, their norms, and the bigram count (pycocoevalcap's "length").
+struct CiderVecs<'a> {
+    w: [HashMap<Ngram<'a>, f64>; 4],
+    norm: [f64; 4],
+    length: f64,
+}
+
+impl<'a> CiderVecs<'a> {
+    fn new(words: &'a [String], df: &HashMap<Ngram<'_>, f64>, ref_len: f64) -> Self {
+        let mut v = Self {
+            w: Default::default(),
+            norm: [0.0; 4],
+            length: 0.0,
+        };
+        for (g, tf) in ngram_counts(words, 4) {
+            let d = df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
+            let n = g.len() - 1;
+            let x = tf as f64 * (ref_len - d);
+            v.norm[n] += x * x;
+            v.w[n].insert(g, x);
+            if n == 1 {
+                v.length += tf as f64;
+            }
+        }
+        for x in &mut v.norm {
+            *x = x.sqrt();
+        }
+        v
+    }
+}
+
+/// Corpus CIDEr-D (pycocoevalcap `Cider`).
+pub fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 {
+    const N: usize = 4;
+    const SIGMA: f64 = 6.0;
+    let mut df: HashMap<Ngram<'_>, f64> = HashMap::new();
+    for rs in refs {
+        let mut seen: Vec<Ngram<'_>> = rs
+            .iter()
+            .flat_map(|r| ngram_counts(r, N).into_keys())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        for g in seen {
+            *df.entry(g).or_insert(0.0) += 1.0;
+        }
+    }
+    let ref_len = (refs.len() as f64).ln();
+    let scores: Vec<f64> = hyps
+        .iter()
+        .zip(refs)
+        .map(|(h, rs)| {
+            let vh = CiderVecs::new(h, &df, ref_len);
+            let mut score = [0.0; N];
+            for r in rs {
+                let vr = CiderVecs::new(r, &df, ref_len);
+                let delta = vh.length - vr.length;
+                for n in 0..N {
+                    let mut val = 0.0;
+                    for (g, &x) in &vh.w[n] {
+                        let y = vr.w[n].get(g).copied().unwrap_or(0.0);
+                        val += x.min(y) * y;
+                    }
+                    if vh.norm[n] != 0.0 && vr.norm[n] != 0.0 {
+                        val /= vh.norm[n] * vr.norm[n];
+                    }
+                    score[n] += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+                }
+            }
+            mean(&score) / rs.len() as f64 * 10.0
+        })
+        .collect();
+    mean(&scores)
+}
+
+/// Python's `round(x, digits)`: correctly rounded from the exact binary value, ties to even
+/// (as Rust's fixed-precision formatting does).
+pub fn py_round(x: f64, digits: usize) -> f64 {
+    format!("{x:.digits$}").parse().unwrap_or(x)
+}
+
+/// NLTK `sentence_bleu([list(reference)], list(hypothesis), smoothing_function=method3)`: BLEU-4
+/// over characters (spaces and punctuation included, as ChatGLM's and LLaMA-Factory's evaluation
+/// pass `list(str)`), uniform weights, NIST geometric smoothing of zero precisions
+/// (`1 / (2^k · count)`, k = 1, 2, … over the orders without a match), 0 without any matching
+/// character, brevity penalty `exp(1 − r/c)` when the hypothesis is not longer. In [0, 1].
+pub fn nltk_char_bleu4(hypothesis: &str, reference: &str) -> f64 {
+    let h: Vec<char> = hypothesis.chars().collect();
+    let r: Vec<char> = reference.chars().collect();
+    let mut logs = 0.0;
+    let mut k = 1;
+    for n in 1..=4usize {
+        let mut counts: HashMap<&[char], usize> = HashMap::new();
+        for g in h.windows(n) {
+            *counts.entry(g).or_insert(0) += 1;
+        }
+        let mut refc: HashMap<&[char], usize> = HashMap::new();
+        for g in r.windows(n) {
+            *refc.entry(g).or_insert(0) += 1;
+        }
+        let num: usize = counts
+            .iter()
+            .map(|(g, &c)| c.min(refc.get(g).copied().unwrap_or(0)))
+            .sum();
+        let den = counts.values().sum::<usize>().max(1);
+        if n == 1 && num == 0 {
+            return 0.0;
+        }
+        let p = if num == 0 {
+            let v = 1.0 / (2f64.powi(k) * den as f64);
+            k += 1;
+            v
+        } else {
+            num as f64 / den as f64
+        };
+        logs += 0.25 * p.ln();
+    }
+    let (c, rl) = (h.len() as f64, r.len() as f64);
+    let bp = if c > rl {
+        1.0
+    } else if c == 0.0 {
+        0.0
+    } else {
+        (1.0 - rl / c).exp()
+    };
+    bp * logs.exp()
+}
+
+/// ChatGLM / LLaMA-Factory "bleu-4": the mean over samples of `round(100 · nltk_char_bleu4, 4)`.
+pub fn chatglm_bleu4(pairs: &[(String, String)]) -> f64 {
+    let v: Vec<f64> = pairs
+        .iter()
+        .map(|(h, r)| py_round(100.0 * nltk_char_bleu4(h, r), 4))
+        .collect();
+    mean(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizes_characters_words_numbers_and_marks() {
+        assert_eq!(
+            tokenize("心影不大，T12椎体 2.5cm。", Lang::Zh),
+            ["心", "影", "不", "大", "，", "T12", "椎", "体", "2.5cm", "。"]
+        );
+        assert_eq!(
+            tokenize("No acute disease. Heart size 2.5.", Lang::En),
+            ["no", "acute", "disease", ".", "heart", "size", "2.5", "."]
+        );
+    }
+
+    #[test]
+    fn identical_reports_score_one() {
+        let t = tokenize("双肺纹理清晰，心影大小正常，未见胸腔积液。", Lang::Zh);
+        let b = bleu(&[t.clone()], &[vec![t.clone()]]);
+        assert!(b.iter().all(|v| (v - 1.0).abs() < 1e-9), "{b:?}");
+        assert!((rouge_l(&[t.clone()], &[vec![t]]) - 1.0).abs() < 1e-12);
+    }
+}

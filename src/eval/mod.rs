@@ -1,0 +1,3 @@
+//! Evaluation of generated reports: corpus metrics and (later) checkpoint evaluation.
+
+pub mod metrics;
