@@ -54,8 +54,22 @@ enum Command {
     Chat(ChatArgs),
     /// The web demo (XrayGLM's web_demo.py): one page and JSON endpoints, http://HOST:PORT.
     Web(WebArgs),
+    /// Score generated reports: `--hypotheses FILE.jsonl` (lines {"id", "reference",
+    /// "hypothesis"[, "lang"]}) → BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap conventions) and
+    /// ChatGLM's bleu-4, as JSON on stdout (and report.json + report.md with --out).
+    Eval(EvalArgs),
     /// Print versions and the devices libtorch sees.
     Info,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Reports produced anywhere; several files give one table row each.
+    #[arg(long, required = true, num_args = 1..)]
+    hypotheses: Vec<PathBuf>,
+    /// Folder for report.json and report.md (written atomically).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// Loading a model for inference, and its decoding settings (XrayGLM's cli/web defaults).
@@ -936,6 +950,7 @@ fn run() -> Result<()> {
                 let _ = std::io::stdout().flush();
             })
         }
+        Command::Eval(a) => eval(a),
         Command::Chat(a) => {
             let chat = a.infer.load()?;
             let opts = xrayglm::infer::cli::CliOptions {
@@ -958,4 +973,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for path in &a.hypotheses {
+        let items = xrayglm::eval::read_hypotheses(path)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        rows.push((name, xrayglm::eval::score(&items)?));
+    }
+    let json = serde_json::json!({
+        "reports": rows.iter().map(|(name, r)| serde_json::json!({"name": name, "metrics": r})).collect::<Vec<_>>()
+    });
+    let md = xrayglm::eval::markdown(&rows);
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        xrayglm::io::write_json_atomic(&dir.join("report.json"), &json)?;
+        xrayglm::io::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    eprint!("{md}");
+    Ok(())
 }

@@ -67,3 +67,103 @@ fn coco_metrics_equal_pycocoevalcap() {
         close(chatglm_bleu4(&pairs), &c["chatglm_bleu4"], "ChatGLM bleu-4");
     }
 }
+
+/// `xrayglm eval --hypotheses` scores JSONL files without a model: the same numbers as
+/// pycocoevalcap / nltk on single-reference cases, one table row per file; bad lines and empty
+/// files are errors naming the file (and line), and leave no report behind.
+#[test]
+fn eval_cli_scores_hypotheses_files() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/metrics/coco.json"
+    );
+    let fx: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut want = Vec::new();
+    for c in fx["cases"].as_array().unwrap() {
+        let single = c["refs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.as_array().unwrap().len() == 1);
+        if !single {
+            continue;
+        }
+        let lines: Vec<String> = c["hyps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(c["refs"].as_array().unwrap())
+            .enumerate()
+            .map(|(i, (h, r))| {
+                serde_json::json!({"id": i.to_string(), "reference": r[0], "hypothesis": h, "lang": c["lang"]})
+                    .to_string()
+            })
+            .collect();
+        let f = dir
+            .path()
+            .join(format!("{}.jsonl", c["name"].as_str().unwrap()));
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        files.push(f);
+        want.push(c.clone());
+    }
+    assert!(files.len() >= 2);
+    let out_dir = dir.path().join("report");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .arg("eval")
+        .arg("--hypotheses")
+        .args(&files)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (r, c) in got["reports"].as_array().unwrap().iter().zip(&want) {
+        let m = &r["metrics"];
+        let close = |a: &serde_json::Value, b: &serde_json::Value| {
+            assert!(
+                (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-6,
+                "{a} vs {b}"
+            )
+        };
+        for k in 0..4 {
+            close(&m[format!("bleu_{}", k + 1)], &c["bleu"][k]);
+        }
+        close(&m["rouge_l"], &c["rouge_l"]);
+        close(&m["cider_d"], &c["cider"]);
+        close(&m["chatglm_bleu_4"], &c["chatglm_bleu4"]);
+    }
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert_eq!(md.lines().count(), 2 + files.len(), "{md}");
+    assert!(out_dir.join("report.json").is_file());
+
+    // A bad line names the file and line; an empty file is refused; nothing is written.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"1\", \"reference\": \"a\", \"hypothesis\": \"a\"}\n{\"id\": 2}\n",
+    )
+    .unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    for (f, msg) in [(&bad, "bad.jsonl:2"), (&empty, "no hypotheses")] {
+        let o = dir.path().join("never");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("eval")
+            .arg("--hypotheses")
+            .arg(f)
+            .arg("--out")
+            .arg(&o)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(msg), "{err}");
+        assert!(!o.exists());
+    }
+}

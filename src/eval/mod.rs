@@ -1,3 +1,109 @@
-//! Evaluation of generated reports: corpus metrics and (later) checkpoint evaluation.
+//! Evaluation of generated reports: metrics (see [`metrics`]) over `{"id", "reference",
+//! "hypothesis"[, "lang"]}` JSONL files, as `xrayglm eval --hypotheses FILE.jsonl` prints them.
 
 pub mod metrics;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use metrics::{bleu, chatglm_bleu4, cider_d, rouge_l, tokenize, Lang};
+
+/// One generated report and its reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scored {
+    pub id: String,
+    pub reference: String,
+    pub hypothesis: String,
+    #[serde(default)]
+    pub lang: Lang,
+}
+
+/// Read a hypotheses file; a bad line is an error naming the file and the line.
+pub fn read_hypotheses(path: &Path) -> Result<Vec<Scored>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read hypotheses", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let s: Scored = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{}:{}: expected {{\"id\", \"reference\", \"hypothesis\"[, \"lang\": \"zh\"|\"en\"]}}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        out.push(s);
+    }
+    if out.is_empty() {
+        bail!("{}: no hypotheses to score", path.display());
+    }
+    Ok(out)
+}
+
+/// The metrics of a set of reports. pycocoevalcap-style scores are in [0, 1] (CIDEr-D in [0, 10]);
+/// `chatglm_bleu_4` is ×100 like ChatGLM's / LLaMA-Factory's `bleu-4`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub count: usize,
+    pub bleu_1: f64,
+    pub bleu_2: f64,
+    pub bleu_3: f64,
+    pub bleu_4: f64,
+    pub rouge_l: f64,
+    pub cider_d: f64,
+    pub chatglm_bleu_4: f64,
+    /// Reports whose hypothesis is empty (they score 0, and are counted).
+    pub empty_hypotheses: usize,
+}
+
+/// Score reports (one reference each).
+pub fn score(items: &[Scored]) -> Result<Report> {
+    if items.is_empty() {
+        bail!("no reports to score");
+    }
+    let hyps: Vec<Vec<String>> = items
+        .iter()
+        .map(|s| tokenize(&s.hypothesis, s.lang))
+        .collect();
+    let refs: Vec<Vec<Vec<String>>> = items
+        .iter()
+        .map(|s| vec![tokenize(&s.reference, s.lang)])
+        .collect();
+    let b = bleu(&hyps, &refs);
+    let pairs: Vec<(String, String)> = items
+        .iter()
+        .map(|s| (s.hypothesis.clone(), s.reference.clone()))
+        .collect();
+    Ok(Report {
+        count: items.len(),
+        bleu_1: b[0],
+        bleu_2: b[1],
+        bleu_3: b[2],
+        bleu_4: b[3],
+        rouge_l: rouge_l(&hyps, &refs),
+        cider_d: cider_d(&hyps, &refs),
+        chatglm_bleu_4: chatglm_bleu4(&pairs),
+        empty_hypotheses: items
+            .iter()
+            .filter(|s| s.hypothesis.trim().is_empty())
+            .count(),
+    })
+}
+
+/// A Markdown table of named reports, one row each.
+pub fn markdown(rows: &[(String, Report)]) -> String {
+    let mut s = String::from(
+        "| model | n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr-D | bleu-4 (ChatGLM) |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, r) in rows {
+        s.push_str(&format!(
+            "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} |\n",
+            r.count, r.bleu_1, r.bleu_2, r.bleu_3, r.bleu_4, r.rouge_l, r.cider_d, r.chatglm_bleu_4
+        ));
+    }
+    s
+}
