@@ -111,7 +111,7 @@ pub struct SyntheticSection {
 impl Default for SyntheticSection {
     fn default() -> Self {
         Self {
-            count: 256,
+            count: 512,
             size: 256,
             seed: 1234,
             out_dir: PathBuf::from("data/synthetic"),

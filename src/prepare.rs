@@ -90,14 +90,28 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary
     })
 }
 
-/// Generate the synthetic demo set when the config points at it and it is missing. Returns how
-/// many films were made.
+/// Generate the synthetic demo set when the config points at it and it is missing, or was drawn
+/// by another generator version or with another film count. Returns how many films were made.
 pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
-    if cfg.data.path.exists()
-        || cfg.synthetic.count == 0
-        || cfg.data.path != default_synthetic_path(cfg)
-    {
+    if cfg.synthetic.count == 0 || cfg.data.path != default_synthetic_path(cfg) {
         return Ok(None);
+    }
+    if cfg.data.path.exists() {
+        let current = std::fs::read(&cfg.data.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::data::synthetic::SyntheticFile>(&b).ok())
+            .is_none_or(|f| {
+                f.version == crate::data::synthetic::GENERATOR_VERSION
+                    && f.annotations.len() == cfg.synthetic.count
+            });
+        if current {
+            return Ok(None);
+        }
+        eprintln!(
+            "{}: made by another version of the synthetic generator or with another count; redrawing {} films",
+            cfg.data.path.display(),
+            cfg.synthetic.count
+        );
     }
     let s = &cfg.synthetic;
     crate::data::synthetic::generate(&s.out_dir, s.count, s.size, s.seed)?;

@@ -83,13 +83,29 @@ fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
     assert_eq!(items.len(), 10);
     assert_eq!(items[0]["img"], "synth_00000.png");
     // A second run finds the set and does not regenerate it.
-    let (ok, out, _) = run(xrayglm()
-        .current_dir(dir.path())
-        .args(["prepare-data", "--json"]));
-    assert!(ok);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let again = |count: usize| {
+        let (ok, out, err) = run(xrayglm().current_dir(dir.path()).args([
+            "prepare-data",
+            "--set",
+            &format!("synthetic.count={count}"),
+            "--json",
+        ]));
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = again(10);
     assert!(v["generated"].is_null());
     assert_eq!(v["usable"], 10);
+    // Another count, or a set drawn by an older generator, is redrawn.
+    let v = again(12);
+    assert_eq!(v["generated"], 12);
+    assert_eq!(v["usable"], 12);
+    let ann = dir.path().join("data/synthetic/Xray/synth-zh.json");
+    let mut old: serde_json::Value = serde_json::from_slice(&std::fs::read(&ann).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("version");
+    std::fs::write(&ann, old.to_string()).unwrap();
+    assert_eq!(again(12)["generated"], 12);
+    assert!(again(12)["generated"].is_null());
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! * `xrayglm web`: upload limits (413), bad images (400), unknown sessions (404), independent
 //!   concurrent conversations, 32 concurrent requests;
 //! * the page in headless Chromium (playwright-core): upload an X-ray, ask, see the answer; the
-//!   screenshot goes to target/test-output/web_demo.png.
+//!   screenshot goes to target/test-output/web_demo.png;
+//! * the quality check: greedy reports on the held-out films state the right findings (≥ 90 %).
 
 mod common;
 
