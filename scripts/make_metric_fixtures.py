@@ -1,6 +1,7 @@
 """Parity fixtures for xrayglm's report metrics (src/eval/metrics.rs), computed with pycocoevalcap
 from PyPI (Bleu(4) with option "closest", Rouge (beta 1.2), Cider = CIDEr-D) and nltk
-(sentence_bleu over characters with SmoothingFunction().method3, as ChatGLM's evaluation) on fixed
+(sentence_bleu over characters with SmoothingFunction().method3) and rouge-chinese on jieba words
+(LLaMA-Factory's ROUGE-1/2/L), as ChatGLM's / LLaMA-Factory's evaluation, on fixed
 hypothesis/reference corpora built from OpenI-zh / OpenI-en reports: identical, empty, unrelated,
 truncated and shuffled hypotheses, one and two references per image.
 
@@ -9,7 +10,7 @@ so the fixtures do not depend on our code: every CJK character, punctuation or o
 mark is a token; a run of ASCII letters/digits (with '.' between digits) is one token; English is
 lower-cased first. pycocoevalcap receives the tokens joined by single spaces.
 
-Run: $(bash scripts/fixtures_venv.sh) -m pip install pycocoevalcap nltk
+Run: $(bash scripts/fixtures_venv.sh) -m pip install pycocoevalcap nltk rouge-chinese jieba
      $(bash scripts/fixtures_venv.sh) scripts/make_metric_fixtures.py ../shared
 Writes tests/fixtures/metrics/coco.json.
 """
@@ -19,7 +20,9 @@ import random
 import sys
 
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+import jieba
 from pycocoevalcap.bleu.bleu import Bleu
+from rouge_chinese import Rouge as RougeChinese
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
@@ -58,8 +61,19 @@ def score(hyps, refs, lang):
     # ChatGLM ptuning / LLaMA-Factory: per sample, characters, first reference, rounded x100.
     nltk = [float(sentence_bleu([list(rs[0])], list(h), smoothing_function=SmoothingFunction().method3))
             for h, rs in zip(hyps, refs)]
+    # LLaMA-Factory (ChatGLM's ptuning plus an empty guard): jieba words, rouge-chinese F, x100.
+    rouge_cn = []
+    for h, rs in zip(hyps, refs):
+        hw, rw = list(jieba.cut(h)), list(jieba.cut(rs[0]))
+        if len(" ".join(hw).split()) == 0 or len(" ".join(rw).split()) == 0:
+            rouge_cn.append([0.0, 0.0, 0.0])
+        else:
+            sc = RougeChinese().get_scores(" ".join(hw), " ".join(rw))[0]
+            rouge_cn.append([float(sc[k]["f"]) for k in ("rouge-1", "rouge-2", "rouge-l")])
     return {"bleu": [float(b) for b in bleu], "rouge_l": float(rouge), "cider": float(cider),
-            "nltk_char_bleu4": nltk, "chatglm_bleu4": sum(round(b * 100, 4) for b in nltk) / len(nltk)}
+            "nltk_char_bleu4": nltk, "chatglm_bleu4": sum(round(b * 100, 4) for b in nltk) / len(nltk),
+            "rouge_chinese": rouge_cn,
+            "chatglm_rouge": [sum(round(r[k] * 100, 4) for r in rouge_cn) / len(rouge_cn) for k in range(3)]}
 
 
 def corpus(reports, rng, lang):
@@ -88,6 +102,7 @@ def corpus(reports, rng, lang):
 
 
 def main():
+    jieba.setLogLevel(60)
     shared = sys.argv[1] if len(sys.argv) > 1 else "../shared"
     zh = [a["caption"] for a in json.load(open(os.path.join(shared, "data/Xray/openi-zh.json")))["annotations"]]
     en = [a["caption"] for a in json.load(open(os.path.join(shared, "data/openi-en.json")))["annotations"]]
@@ -99,6 +114,10 @@ def main():
             cases.append({"name": f"{lang}-corpus-{c}", "lang": lang, "hyps": hyps, "refs": refs})
     one = zh[3]
     cases.append({"name": "zh-identical-pair", "lang": "zh", "hyps": [one, zh[4]], "refs": [[one], [zh[4]]]})
+    ranges = [z for z in zh if "-" in z][:2]
+    cases.append({"name": "zh-ranges-and-lines", "lang": "zh",
+                  "hyps": [ranges[0], ranges[1].replace("。", "。\n\n", 1), "印象：3-5个 \n 结节"],
+                  "refs": [[ranges[1]], [ranges[1]], [ranges[0]]]})
     cases.append({"name": "zh-unrelated-pairs", "lang": "zh", "hyps": [zh[5], zh[6]], "refs": [[en[5]], [zh[9]]]})
     for c in cases:
         c.update(score(c["hyps"], c["refs"], c["lang"]))

@@ -1,10 +1,12 @@
 //! Report metrics against pycocoevalcap (fixtures from scripts/make_metric_fixtures.py): corpus
 //! BLEU-1..4, ROUGE-L and CIDEr-D equal to 1e-6 on Chinese and English corpora with identical,
 //! empty, unrelated, truncated and shuffled hypotheses; NLTK's character BLEU-4 with smoothing
-//! method3 per pair and ChatGLM's rounded ×100 mean; the tokenization equals the script's.
+//! method3 per pair and ChatGLM's rounded ×100 mean; LLaMA-Factory's ROUGE-1/2/L (rouge-chinese on
+//! jieba words, incl. `3-5` ranges and blank lines); the tokenization equals the script's.
 
 use xrayglm::eval::metrics::{
-    bleu, chatglm_bleu4, cider_d, nltk_char_bleu4, rouge_l, tokenize, Lang,
+    bleu, chatglm_bleu4, chatglm_rouge, cider_d, nltk_char_bleu4, rouge_chinese, rouge_l, tokenize,
+    Lang,
 };
 
 #[test]
@@ -65,6 +67,24 @@ fn coco_metrics_equal_pycocoevalcap() {
             );
         }
         close(chatglm_bleu4(&pairs), &c["chatglm_bleu4"], "ChatGLM bleu-4");
+        for (i, (h, r)) in pairs.iter().enumerate() {
+            let got = rouge_chinese(h, r);
+            for k in 0..3 {
+                close(
+                    got[k],
+                    &c["rouge_chinese"][i][k],
+                    &format!("rouge-chinese {k} of pair {i}"),
+                );
+            }
+        }
+        let got = chatglm_rouge(&pairs);
+        for k in 0..3 {
+            close(
+                got[k],
+                &c["chatglm_rouge"][k],
+                &format!("ChatGLM rouge {k}"),
+            );
+        }
     }
 }
 
@@ -138,6 +158,12 @@ fn eval_cli_scores_hypotheses_files() {
         close(&m["rouge_l"], &c["rouge_l"]);
         close(&m["cider_d"], &c["cider"]);
         close(&m["chatglm_bleu_4"], &c["chatglm_bleu4"]);
+        for (k, key) in ["chatglm_rouge_1", "chatglm_rouge_2", "chatglm_rouge_l"]
+            .iter()
+            .enumerate()
+        {
+            close(&m[*key], &c["chatglm_rouge"][k]);
+        }
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert_eq!(md.lines().count(), 2 + files.len(), "{md}");

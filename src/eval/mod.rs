@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use metrics::{bleu, chatglm_bleu4, cider_d, rouge_l, tokenize, Lang};
+use metrics::{bleu, chatglm_bleu4, chatglm_rouge, cider_d, rouge_l, tokenize, Lang};
 
 /// One generated report and its reference.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ pub fn read_hypotheses(path: &Path) -> Result<Vec<Scored>> {
 }
 
 /// The metrics of a set of reports. pycocoevalcap-style scores are in [0, 1] (CIDEr-D in [0, 10]);
-/// `chatglm_bleu_4` is ×100 like ChatGLM's / LLaMA-Factory's `bleu-4`.
+/// the `chatglm_*` scores are ×100 like ChatGLM's / LLaMA-Factory's `bleu-4` and `rouge-*`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub count: usize,
@@ -56,6 +56,10 @@ pub struct Report {
     pub rouge_l: f64,
     pub cider_d: f64,
     pub chatglm_bleu_4: f64,
+    /// LLaMA-Factory's `rouge-1` / `rouge-2` / `rouge-l` (jieba words, rouge-chinese F, ×100).
+    pub chatglm_rouge_1: f64,
+    pub chatglm_rouge_2: f64,
+    pub chatglm_rouge_l: f64,
     /// Reports whose hypothesis is empty (they score 0, and are counted).
     pub empty_hypotheses: usize,
 }
@@ -78,6 +82,7 @@ pub fn score(items: &[Scored]) -> Result<Report> {
         .iter()
         .map(|s| (s.hypothesis.clone(), s.reference.clone()))
         .collect();
+    let rouge_cn = chatglm_rouge(&pairs);
     Ok(Report {
         count: items.len(),
         bleu_1: b[0],
@@ -87,6 +92,9 @@ pub fn score(items: &[Scored]) -> Result<Report> {
         rouge_l: rouge_l(&hyps, &refs),
         cider_d: cider_d(&hyps, &refs),
         chatglm_bleu_4: chatglm_bleu4(&pairs),
+        chatglm_rouge_1: rouge_cn[0],
+        chatglm_rouge_2: rouge_cn[1],
+        chatglm_rouge_l: rouge_cn[2],
         empty_hypotheses: items
             .iter()
             .filter(|s| s.hypothesis.trim().is_empty())
@@ -97,12 +105,22 @@ pub fn score(items: &[Scored]) -> Result<Report> {
 /// A Markdown table of named reports, one row each.
 pub fn markdown(rows: &[(String, Report)]) -> String {
     let mut s = String::from(
-        "| model | n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr-D | bleu-4 (ChatGLM) |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| model | n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr-D | bleu-4 | rouge-1 | rouge-2 | rouge-l |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, r) in rows {
         s.push_str(&format!(
-            "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} |\n",
-            r.count, r.bleu_1, r.bleu_2, r.bleu_3, r.bleu_4, r.rouge_l, r.cider_d, r.chatglm_bleu_4
+            "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            r.count,
+            r.bleu_1,
+            r.bleu_2,
+            r.bleu_3,
+            r.bleu_4,
+            r.rouge_l,
+            r.cider_d,
+            r.chatglm_bleu_4,
+            r.chatglm_rouge_1,
+            r.chatglm_rouge_2,
+            r.chatglm_rouge_l
         ));
     }
     s
