@@ -58,7 +58,8 @@ pub fn tokenize(text: &str, lang: Lang) -> Vec<String> {
 
 type Ngram<'a> = &'a [String];
 
-fn ngram_counts(words: &[String], n: usize) -> HashMap<Ngram<'_>, usize> {
+/// Counts of every n-gram of orders 1..=n.
+fn ngram_counts<T: Eq + std::hash::Hash>(words: &[T], n: usize) -> HashMap<&[T], usize> {
     let mut counts = HashMap::new();
     for k in 1..=n {
         for w in words.windows(k) {
@@ -263,20 +264,14 @@ pub fn nltk_char_bleu4(hypothesis: &str, reference: &str) -> f64 {
     let r: Vec<char> = reference.chars().collect();
     let mut logs = 0.0;
     let mut k = 1;
+    let (hc, rc) = (ngram_counts(&h, 4), ngram_counts(&r, 4));
     for n in 1..=4usize {
-        let mut counts: HashMap<&[char], usize> = HashMap::new();
-        for g in h.windows(n) {
-            *counts.entry(g).or_insert(0) += 1;
-        }
-        let mut refc: HashMap<&[char], usize> = HashMap::new();
-        for g in r.windows(n) {
-            *refc.entry(g).or_insert(0) += 1;
-        }
-        let num: usize = counts
-            .iter()
-            .map(|(g, &c)| c.min(refc.get(g).copied().unwrap_or(0)))
+        let of_order = hc.iter().filter(|(g, _)| g.len() == n);
+        let num: usize = of_order
+            .clone()
+            .map(|(g, &c)| c.min(rc.get(g).copied().unwrap_or(0)))
             .sum();
-        let den = counts.values().sum::<usize>().max(1);
+        let den = of_order.map(|(_, &c)| c).sum::<usize>().max(1);
         if n == 1 && num == 0 {
             return 0.0;
         }

@@ -236,18 +236,18 @@ impl VisualGlm {
             (loss * scale).backward();
             return Ok(v);
         }
-        let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
-        let (_, _, embeds) = self.encode_image(image, true);
-        let inp = GlmInputs {
+        Ok(self.with_inputs(
             input_ids,
-            position_ids,
-            attention_mask: &mask,
-            image_embeds: Some(&embeds),
+            image,
             pre_image,
-        };
-        Ok(self
-            .chatglm
-            .loss_backward_checkpointed(&inp, labels, true, scale))
+            position_ids,
+            context_lengths,
+            true,
+            |inp| {
+                self.chatglm
+                    .loss_backward_checkpointed(inp, labels, true, scale)
+            },
+        ))
     }
 
     /// The training loss of a batch (fp32 scalar, with autograd history for the LoRA weights):
@@ -263,19 +263,41 @@ impl VisualGlm {
         labels: &Tensor,
         train: bool,
     ) -> Tensor {
+        self.with_inputs(
+            input_ids,
+            image,
+            pre_image,
+            position_ids,
+            context_lengths,
+            train,
+            |inp| {
+                self.chatglm
+                    .target_loss(&self.chatglm.hidden(inp, train), labels)
+            },
+        )
+    }
+
+    /// ChatGLM's inputs for a training batch: the attention mask and the image embeddings.
+    #[allow(clippy::too_many_arguments)]
+    fn with_inputs<T>(
+        &self,
+        input_ids: &Tensor,
+        image: &Tensor,
+        pre_image: i64,
+        position_ids: &Tensor,
+        context_lengths: &[i64],
+        train: bool,
+        f: impl FnOnce(&GlmInputs) -> T,
+    ) -> T {
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
         let (_, _, embeds) = self.encode_image(image, train);
-        let hidden = self.chatglm.hidden(
-            &GlmInputs {
-                input_ids,
-                position_ids,
-                attention_mask: &mask,
-                image_embeds: Some(&embeds),
-                pre_image,
-            },
-            train,
-        );
-        self.chatglm.target_loss(&hidden, labels)
+        f(&GlmInputs {
+            input_ids,
+            position_ids,
+            attention_mask: &mask,
+            image_embeds: Some(&embeds),
+            pre_image,
+        })
     }
 }
 
