@@ -65,7 +65,7 @@ fn event(wall: f64, step: i64, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     e
 }
 
-/// Writes scalars to `events.out.tfevents.<time>.<host>` in a log folder.
+/// Writes scalars to `events.out.tfevents.<time>.<host>[.<n>]` in a log folder.
 pub struct TensorBoard {
     file: std::io::BufWriter<std::fs::File>,
     pub path: PathBuf,
@@ -82,9 +82,26 @@ impl TensorBoard {
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "xrayglm".into());
-        let path = dir.join(format!("events.out.tfevents.{}.{host}", now() as u64));
-        let file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        // A run resumed within the same second must not truncate the earlier file: take the
+        // first free name (TensorBoard reads any `*tfevents*` file in the folder).
+        let stem = format!("events.out.tfevents.{}.{host}", now() as u64);
+        let mut n = 0;
+        let (path, file) = loop {
+            let path = dir.join(if n == 0 {
+                stem.clone()
+            } else {
+                format!("{stem}.{n}")
+            });
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => break (path, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        };
         let mut tb = Self {
             file: std::io::BufWriter::new(file),
             path,
@@ -263,5 +280,29 @@ mod tests {
         assert_eq!(s[0], (3, "train/loss".to_string(), 2.5));
         assert_eq!(s[1].1, "train/lr");
         assert_eq!(s[2], (4, "train/loss".to_string(), 2.25));
+    }
+
+    #[test]
+    fn a_second_writer_in_the_same_second_keeps_the_first_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = TensorBoard::create(dir.path()).unwrap();
+        a.scalars(1, &[("train/loss", 1.0)]).unwrap();
+        drop(a);
+        let mut paths = Vec::new();
+        for _ in 0..3 {
+            let b = TensorBoard::create(dir.path()).unwrap();
+            paths.push(b.path.clone());
+        }
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), 3);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 4);
+        let first = files
+            .iter()
+            .map(|e| e.as_ref().unwrap().path())
+            .flat_map(|p| read_scalars(&p).unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(first, vec![(1, "train/loss".to_string(), 1.0)]);
     }
 }
