@@ -45,5 +45,13 @@ done
 for t in "${XRAYGLM_TOKENIZER:-}" checkpoints/tokenizer/ice_text.model ../shared/reference/tokenizer/ice_text.model; do
   [ -n "$t" ] && [ -f "$t" ] && cp "$t" "$OUT/ice_text.model" && break
 done
+# The original (SwissArmyTransformer 0.3.6 and dill, pure Python) for gpu_check.sh step 7; the GPU
+# image has torch, safetensors and transformers.
+SITE=$(ls -d /opt/xrayglm/fixtures-venv/lib/python3*/site-packages 2>/dev/null | head -n 1)
+if [ -n "$SITE" ] && [ -d "$SITE/sat" ]; then
+  mkdir -p "$OUT/py"
+  cp -r "$SITE/sat" "$SITE/dill" "$OUT/py/"
+  find "$OUT/py" -name __pycache__ -prune -exec rm -rf {} +
+fi
 du -sh "$OUT"
 echo "bundle ready: carry [\".gpu\"] and run: bash scripts/gpu_check.sh"

@@ -13,7 +13,9 @@
 #   5. 20 bf16 LoRA training steps of the real-size VisualGLM-6B (random weights) through the real
 #      trainer (NCCL backend, micro-batch 8 padded to 320 tokens, activation checkpointing):
 #      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
-#      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory.
+#      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory;
+#   6. real-size greedy decoding in bf16 with the KV cache: time to first token, tokens/s at batch 1, 8;
+#   7. the same training and decoding work by the original (scripts/bench_gpu_sat.py) and the ratios.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 B=${XRAYGLM_BUNDLE:-.gpu}
@@ -23,7 +25,9 @@ TORCH_DIR=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))
 NCCL_DIR=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) + "/lib")' 2>/dev/null || true)
 export LD_LIBRARY_PATH="$TORCH_DIR/lib${NCCL_DIR:+:$NCCL_DIR}:$PWD/$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 MPIRUN=mpirun
-if [ -x "$B/ompi/bin/mpirun" ] && ! command -v mpirun >/dev/null; then
+# The bundled OpenMPI whenever there is one: a system mpirun would load the bundle's PMIx from
+# LD_LIBRARY_PATH and fail (seen on the H200 image: "undefined symbol: PMIx_Info_create").
+if [ -x "$B/ompi/bin/mpirun" ]; then
   export OPAL_PREFIX=$PWD/$B/ompi PMIX_MCA_mca_base_component_path=$PWD/$B/pmix HWLOC_PLUGINS_PATH=$PWD/$B/hwloc
   MPIRUN=$B/ompi/bin/mpirun
 fi
@@ -72,10 +76,38 @@ sps = sum(r["samples_per_s"] for r in steps) / len(steps)
 tok = sps * 320  # padded to 320: every position is computed
 useful = sum(r["tokens_per_s"] for r in steps) / len(steps)
 mfu = tok * 6 * n / (float(sys.argv[2]) * 1e12)
+json.dump({"samples_per_s": sps, "mfu6": mfu}, open("/tmp/xrayglm_train.json", "w"))
 print(f"params {n/1e9:.3f}B (trainable {start['trainable_params']/1e6:.2f}M), backend {start['backend']}")
 print(f"steady state: {sps:.2f} samples/s, {tok:.0f} tokens/s computed ({useful:.0f} target tokens/s)")
 print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
 print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
 PY
+step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
+set -o pipefail
+timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \
+  || { echo "FAIL: real-size decoding"; FAIL=1; }
+set +o pipefail
+step "7. the original (SwissArmyTransformer 0.3.6) on the same GPU: same training and decoding work"
+if [ -d "$B/py/sat" ]; then
+  env -u LD_LIBRARY_PATH PYTHONPATH="$PWD/$B/py" PYTHONUNBUFFERED=1 NEW=64 timeout 240 python3 scripts/bench_gpu_sat.py 2>/tmp/xrayglm_sat.err \
+    | tee /tmp/xrayglm_sat.txt || { echo "FAIL: the original's benchmark"; tail -n 20 /tmp/xrayglm_sat.err; FAIL=1; }
+  python3 - <<'PY' || FAIL=1
+import json, re
+sat = dict(l.split() for l in open("/tmp/xrayglm_sat.txt") if l.startswith(("sat_", "torch_")))
+ours = json.load(open("/tmp/xrayglm_train.json"))
+gen = open("/tmp/xrayglm_gen.txt").read()
+num = lambda pat: float(re.search(pat + r"\s+xrayglm\s+([0-9.]+)", gen).group(1))
+rows = [("training samples/s", ours["samples_per_s"], float(sat["sat_train_samples_per_s"]), True),
+        ("time to first token ms", num("time to first token"), float(sat["sat_ttft_ms"]), False),
+        ("decoding batch 1 tokens/s", num("decoding, batch 1"), float(sat["sat_b1_tps"]), True),
+        ("decoding batch 8 tokens/s", num("decoding, batch 8"), float(sat["sat_b8_tps"]), True)]
+for name, o, s, hi in rows:
+    print(f"  {name:28s} xrayglm {o:10.2f}  original {s:10.2f}  ratio {(o / s if hi else s / o):.2f}x")
+print(f"  original's peak training memory (torch allocated): {float(sat.get('sat_train_peak_mib', 'nan')):.0f} MiB")
+print(f"  PyTorch eager, one tiny CUDA op: {float(sat['torch_eager_us_per_op']):.1f} us")
+PY
+else
+  echo "skipped: no SwissArmyTransformer in the bundle (scripts/gpu_bundle.sh copies it from /opt/xrayglm/fixtures-venv)"
+fi
 step "done: $([ $FAIL = 0 ] && echo ALL PASSED || echo SOME CHECKS FAILED)"
 exit $FAIL

@@ -776,11 +776,15 @@ fn dtype_name(kind: tch::Kind) -> &'static str {
 pub struct GenerateBench {
     pub preset: String,
     pub dtype: &'static str,
+    pub device: String,
     pub new_tokens: usize,
     pub threads: i32,
     pub ttft_ms: f64,
     pub b1_tps: f64,
     pub b8_tps: f64,
+    /// One tiny eager op (launch + dispatch) on the device, µs: what decoding at batch 1 is
+    /// bound by on a GPU.
+    pub op_us: f64,
     /// The original's numbers from scripts/bench_generate_sat.py, same run and threads.
     pub sat: Option<(f64, f64, f64)>,
 }
@@ -792,8 +796,8 @@ impl std::fmt::Display for GenerateBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "generate bench: preset {}, {}, greedy, {} new tokens, prompt 3 + image slots + 16 + 2 with a 224x224 image, {} threads",
-            self.preset, self.dtype, self.new_tokens, self.threads
+            "generate bench: preset {}, {} on {}, greedy, {} new tokens, prompt 3 + image slots + 16 + 2 with a 224x224 image, {} threads",
+            self.preset, self.dtype, self.device, self.new_tokens, self.threads
         )?;
         let row = |f: &mut std::fmt::Formatter<'_>,
                    name: &str,
@@ -833,6 +837,11 @@ impl std::fmt::Display for GenerateBench {
             "tokens/s",
             true,
         )?;
+        writeln!(
+            f,
+            "  one tiny eager op        xrayglm {:9.2} us (launch + dispatch)",
+            self.op_us
+        )?;
         if let Some((_, b1, b8)) = self.sat {
             let worst = (self.b1_tps / b1).min(self.b8_tps / b8);
             writeln!(
@@ -855,6 +864,7 @@ pub fn generate(
     preset: &str,
     new_tokens: usize,
     kind: tch::Kind,
+    device: &str,
     sat_python: Option<&Path>,
 ) -> Result<GenerateBench> {
     use crate::infer::generate::{generate as gen, image_embeds, GenerateConfig, Prompt};
@@ -863,7 +873,8 @@ pub fn generate(
     use crate::model::visualglm::VisualGlm;
     let cfg = ModelConfig::preset(preset)?;
     tch::manual_seed(0);
-    let mut m = VisualGlm::new(cfg.clone(), tch::Device::Cpu, kind)?;
+    let dev = crate::device::parse(device)?;
+    let mut m = VisualGlm::new(cfg.clone(), dev, kind)?;
     m.merge_lora()?;
     // As `xrayglm chat` runs it: the fused attention kernel.
     m.set_fused_attention(true);
@@ -874,7 +885,7 @@ pub fn generate(
         .collect();
     ids[3..3 + l].fill(crate::tokenizer::ids::PAD);
     ids.extend([cfg.sat.gmask_token_id, cfg.sat.bos_token_id]);
-    let image = tch::Tensor::randn([1, 3, 224, 224], (tch::Kind::Float, tch::Device::Cpu));
+    let image = tch::Tensor::randn([1, 3, 224, 224], (tch::Kind::Float, dev));
     let run = |batch: usize, n: usize| -> Result<(f64, f64)> {
         let t = Instant::now();
         // The image is encoded as part of the first token's latency, as in the original.
@@ -937,14 +948,29 @@ pub fn generate(
             Some((get("sat_ttft_ms")?, get("sat_b1_tps")?, get("sat_b8_tps")?))
         }
     };
+    let op_us = {
+        let mut x = tch::Tensor::ones([4], (tch::Kind::Float, dev));
+        let mut time = |n: usize| {
+            let t = Instant::now();
+            for _ in 0..n {
+                x = &x + 1.0;
+            }
+            let _ = x.sum(tch::Kind::Float).double_value(&[]);
+            t.elapsed().as_secs_f64()
+        };
+        time(100);
+        time(5000) / 5000.0 * 1e6
+    };
     Ok(GenerateBench {
         preset: preset.into(),
         dtype: dtype_name(kind),
+        device: format!("{dev:?}").to_lowercase(),
         new_tokens,
         threads,
         ttft_ms: ttft * 1e3,
         b1_tps: (new_tokens - 1) as f64 / (t1 - f1),
         b8_tps: (8 * (new_tokens - 1)) as f64 / (t8 - f8),
+        op_us,
         sat,
     })
 }

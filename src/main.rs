@@ -403,9 +403,12 @@ enum BenchCommand {
         /// model in half precision).
         #[arg(long, default_value = "fp32")]
         dtype: String,
-        /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh).
+        /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh); CPU only.
         #[arg(long)]
         vs_sat: Option<PathBuf>,
+        /// cpu, cuda, cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// 2-rank data-parallel scaling on CPU (mpirun -np 2 vs one process, 1 thread each).
     Dist {
@@ -918,9 +921,14 @@ fn run() -> Result<()> {
                     new_tokens,
                     dtype,
                     vs_sat,
+                    device,
                 },
         } => {
             anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+            anyhow::ensure!(
+                vs_sat.is_none() || device == "cpu",
+                "bench generate: --vs-sat compares on the CPU only (the original runs there from scripts/fixtures_venv.sh)"
+            );
             let kind = parse_kind(&dtype)?;
             anyhow::ensure!(
                 matches!(kind, tch::Kind::Float | tch::Kind::BFloat16),
@@ -928,7 +936,7 @@ fn run() -> Result<()> {
             );
             print!(
                 "{}",
-                xrayglm::bench::generate(&preset, new_tokens, kind, vs_sat.as_deref())?
+                xrayglm::bench::generate(&preset, new_tokens, kind, &device, vs_sat.as_deref())?
             );
             Ok(())
         }

@@ -504,7 +504,12 @@ impl ChatGlm {
             }
             *cache = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let ctx = if self.fused_attention {
+        let ctx = if self.fused_attention && mask.is_none() && s == 1 && q.device().is_cuda() {
+            // One new token per sequence on a GPU: three plain ops. libtorch's fused attention
+            // would pick its cuDNN backend for bf16, which plans anew for every key length: ~45 ms
+            // per decoding step on an H200 whatever the model size (scripts/gpu_check.sh step 6).
+            one_query_attention(&q, &k, &v)
+        } else if self.fused_attention {
             // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
             let bias = mask.map(|m| ((m - 1.0) * 10000.0).to_kind(q.kind()));
             let p = if train { self.dropout.attention } else { 0.0 };
@@ -564,6 +569,14 @@ impl ChatGlm {
 
 /// ChatGLM's mask for sequences whose bidirectional prefix has `context_lengths[b]` tokens:
 /// lower-triangular ones with every column `< context_length` set to 1. `[B, 1, S, S]` float.
+/// `softmax(q·kᵀ/√d)·v` without a mask for `q [B, n, 1, d]` (one new token attending to all keys),
+/// softmax in fp32: what the fused kernel computes, in three plain ops.
+fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let d = *q.size().last().unwrap();
+    let scores = (q * (1.0 / (d as f64).sqrt())).matmul(&k.transpose(-1, -2));
+    scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
+}
+
 pub fn attention_mask(context_lengths: &[i64], seq_len: i64, device: tch::Device) -> Tensor {
     let b = context_lengths.len() as i64;
     let tril = Tensor::ones([seq_len, seq_len], (Kind::Float, device)).tril(0);
@@ -647,6 +660,28 @@ mod tests {
         );
         // The second half repeats the first (emb = cat(freqs, freqs)).
         assert_eq!(c16.double_value(&[300, 1]), c16.double_value(&[300, 33]));
+    }
+
+    #[test]
+    fn one_query_attention_equals_the_fused_kernel() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let q = Tensor::randn([2, 4, 1, 16], opts);
+        let k = Tensor::randn([2, 4, 37, 16], opts);
+        let v = Tensor::randn([2, 4, 37, 16], opts);
+        let fused = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            Some(0.25),
+            false,
+        );
+        let plain = one_query_attention(&q, &k, &v);
+        let err = (fused - plain).abs().max().double_value(&[]);
+        assert!(err < 1e-6, "max abs difference {err}");
     }
 
     #[test]
