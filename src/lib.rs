@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod eval;
+pub mod export;
 pub mod infer;
 pub mod io;
 pub mod model;

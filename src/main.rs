@@ -47,6 +47,9 @@ enum Command {
     },
     /// Convert a model directory (xrayglm, sat or HF format) into xrayglm's format.
     Convert(ConvertArgs),
+    /// Export a fine-tuned model: `peft` (HF PEFT adapter), `merged` (HF names, sharded
+    /// safetensors), `sat` (merged, sat names) or `lora` (the adapters alone, sat names).
+    Export(ExportArgs),
     /// Run a model on the inputs in a safetensors file and write its logits (and loss), to
     /// compare with the original implementation on the same inputs.
     Parity(ParityArgs),
@@ -64,12 +67,92 @@ enum Command {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Reports produced anywhere; several files give one table row each.
-    #[arg(long, required = true, num_args = 1..)]
+    /// Model folders to evaluate side by side: training runs (their latest checkpoint),
+    /// checkpoints (`run/600`), XrayGLM / VisualGLM sat checkpoints, HF visualglm-6b.
+    #[arg(long = "checkpoint", alias = "from_pretrained", num_args = 1.., conflicts_with = "hypotheses")]
+    checkpoints: Vec<PathBuf>,
+    /// Reports produced anywhere (lines {"id", "reference", "hypothesis"[, "lang"]}), scored
+    /// without a model; several files give one table row each.
+    #[arg(long, num_args = 1..)]
     hypotheses: Vec<PathBuf>,
-    /// Folder for report.json and report.md (written atomically).
+    /// Image-report file (either schema). Default: the first checkpoint's training data.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Settings (data, prompt, sample lengths, image size). Default: the first checkpoint's
+    /// training config.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `key=value` overrides of those settings.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// heldout or all. Default: the run's held-out films for its own data, all records of --data.
+    #[arg(long)]
+    split: Option<String>,
+    /// Held-out fraction (default: the run's train.val_fraction).
+    #[arg(long = "val_fraction", alias = "val-fraction")]
+    val_fraction: Option<f64>,
+    /// Split seed (default: the run's train.seed).
+    #[arg(long = "split_seed", alias = "split-seed")]
+    split_seed: Option<u64>,
+    /// Only the first N films of the split.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 8)]
+    batch_size: usize,
+    /// New tokens per report at most.
+    #[arg(
+        long = "max_new_tokens",
+        alias = "max-new-tokens",
+        default_value_t = 256
+    )]
+    max_new_tokens: usize,
+    /// Sample reports (with --temperature/--top_p/--top_k/--seed) instead of greedy decoding.
+    #[arg(long)]
+    sample: bool,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.4)]
+    top_p: f64,
+    #[arg(long = "top_k", alias = "top-k", default_value_t = 100)]
+    top_k: i64,
+    /// sat's repetition penalty (1.0 = none, the default for evaluation; XrayGLM's chat: 1.2).
+    #[arg(
+        long = "repetition_penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.0
+    )]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// English prompt template (Q:/A:) and no CJK tokens in the reports.
+    #[arg(long)]
+    english: bool,
+    /// Only the teacher-forced loss and perplexity.
+    #[arg(long = "no_generate", alias = "no-generate")]
+    no_generate: bool,
+    /// Skip the teacher-forced loss.
+    #[arg(long = "no_loss", alias = "no-loss")]
+    no_loss: bool,
+    /// ice_text.model or tokenizer.json (default: in the model folder, then the search paths).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Folder for report.json, report.md and one `<name>.jsonl` of generated reports per
+    /// checkpoint (each written atomically). With --checkpoint the default is `eval`.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write the metrics as TensorBoard scalars (`eval/...`) at each checkpoint's step,
+    /// one folder per training run under this one.
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long = "no_progress", alias = "no-progress")]
+    no_progress: bool,
 }
 
 /// Loading a model for inference, and its decoding settings (XrayGLM's cli/web defaults).
@@ -202,6 +285,42 @@ struct ModelArgs {
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Model folder: a training run (its latest checkpoint) or checkpoint, an XrayGLM / VisualGLM
+    /// sat checkpoint, xrayglm format or HF.
+    #[arg(
+        long = "from_pretrained",
+        alias = "from-pretrained",
+        alias = "model",
+        alias = "checkpoint"
+    )]
+    from_pretrained: PathBuf,
+    /// peft, merged, sat or lora.
+    #[arg(long)]
+    format: String,
+    /// Output folder (must not exist, or be empty).
+    #[arg(long)]
+    to: PathBuf,
+    /// Kind of the exported base weights (merged, sat): fp16 (like the HF release), bf16 or fp32.
+    /// LoRA weights are always written in fp32.
+    #[arg(long, default_value = "fp16")]
+    dtype: String,
+    /// Largest shard of a merged export, MiB.
+    #[arg(long = "shard_mib", alias = "shard-mib", default_value_t = 4096)]
+    shard_mib: usize,
+    /// Tokenizer to save beside a merged model (default: found like `chat` finds it; none: skipped).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// `base_model_name_or_path` of a PEFT adapter.
+    #[arg(
+        long = "base_model_name",
+        alias = "base-model-name",
+        default_value = "THUDM/visualglm-6b"
+    )]
+    base_model_name: String,
 }
 
 #[derive(Args)]
@@ -626,6 +745,54 @@ fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
     Ok(m)
 }
 
+fn export(a: ExportArgs) -> Result<()> {
+    use xrayglm::export::{export, Format, Options};
+    let format: Format = a.format.parse()?;
+    if a.to.is_file() || (a.to.is_dir() && a.to.read_dir()?.next().is_some()) {
+        anyhow::bail!(
+            "--to {} already exists and is not empty: export into a new folder",
+            a.to.display()
+        );
+    }
+    let kind = match format {
+        Format::Merged | Format::Sat => parse_kind(&a.dtype)?,
+        // Only the fp32 adapters are written; the base is held in half precision meanwhile.
+        Format::Peft | Format::Lora => tch::Kind::Half,
+    };
+    let opts = xrayglm::weights::source::LoadOptions {
+        kind,
+        ..Default::default()
+    };
+    let t = std::time::Instant::now();
+    let (mut model, report) = xrayglm::weights::source::load_model(&a.from_pretrained, &opts)
+        .with_context(|| format!("loading {}", a.from_pretrained.display()))?;
+    eprintln!(
+        "loaded {} tensors from {} in {:.1}s",
+        report.loaded,
+        a.from_pretrained.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let tokenizer = match (&a.tokenizer, format) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Format::Merged | Format::Sat) => {
+            xrayglm::infer::cli::tokenizer_path_for(&a.from_pretrained)
+        }
+        _ => None,
+    };
+    let files = export(
+        &mut model,
+        &a.to,
+        &Options {
+            format,
+            shard_bytes: a.shard_mib << 20,
+            base_model_name: a.base_model_name.clone(),
+            tokenizer,
+        },
+    )?;
+    eprintln!("wrote {}: {}", a.to.display(), files.join(", "));
+    Ok(())
+}
+
 fn convert(a: ConvertArgs) -> Result<()> {
     let mut m = load_model(&a.model)?;
     if a.merge_lora {
@@ -941,6 +1108,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Convert(a) => convert(a),
+        Command::Export(a) => export(a),
         Command::Parity(a) => parity(a),
         Command::Web(a) => {
             let chat = a.infer.load()?;
@@ -984,23 +1152,155 @@ fn main() -> ExitCode {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let mut rows = Vec::new();
-    for path in &a.hypotheses {
-        let items = xrayglm::eval::read_hypotheses(path)?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
-        rows.push((name, xrayglm::eval::score(&items)?));
+    use xrayglm::eval::Row;
+    if a.checkpoints.is_empty() && a.hypotheses.is_empty() {
+        anyhow::bail!("xrayglm eval needs --checkpoint DIR… or --hypotheses FILE.jsonl…");
     }
-    let json = serde_json::json!({
-        "reports": rows.iter().map(|(name, r)| serde_json::json!({"name": name, "metrics": r})).collect::<Vec<_>>()
-    });
+    let mut rows = Vec::new();
+    let mut entries = Vec::new();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    if !a.hypotheses.is_empty() {
+        for path in &a.hypotheses {
+            let items = xrayglm::eval::read_hypotheses(path)?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let r = xrayglm::eval::score(&items)?;
+            entries.push(serde_json::json!({"name": name, "metrics": r}));
+            rows.push(Row {
+                name,
+                val_loss: None,
+                metrics: Some(r),
+            });
+        }
+    } else {
+        use xrayglm::eval::checkpoint as ck;
+        // Every folder must exist before anything runs.
+        for d in &a.checkpoints {
+            if !d.is_dir() {
+                anyhow::bail!("--checkpoint {}: no such folder", d.display());
+            }
+        }
+        let data = ck::resolve_data(
+            &a.checkpoints[0],
+            &ck::DataOptions {
+                config: a.config.clone(),
+                overrides: a.sets.clone(),
+                data: a.data.clone(),
+                split: a.split.clone(),
+                val_fraction: a.val_fraction,
+                seed: a.split_seed,
+                limit: a.limit,
+            },
+        )?;
+        eprintln!("evaluating on {}", data.split);
+        let device = xrayglm::device::parse(&a.device)?;
+        let dtype = a
+            .dtype
+            .clone()
+            .unwrap_or_else(|| if device.is_cuda() { "bf16" } else { "fp32" }.into());
+        let opts = xrayglm::weights::source::LoadOptions {
+            device,
+            kind: parse_kind(&dtype)?,
+            ..Default::default()
+        };
+        let run = ck::RunOptions {
+            batch_size: a.batch_size,
+            max_new_tokens: a.max_new_tokens,
+            settings: xrayglm::infer::chat::ChatSettings {
+                max_length: 0,
+                english: a.english,
+                sampling: xrayglm::infer::sampling::SamplingConfig {
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    top_k: a.top_k,
+                    repetition_penalty: a.repetition_penalty,
+                    greedy: !a.sample,
+                    seed: a.seed,
+                    invalid: Vec::new(),
+                },
+            },
+            loss: !a.no_loss,
+            generate: !a.no_generate,
+            progress: !a.no_progress,
+        };
+        run.settings.sampling.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for dir in &a.checkpoints {
+            let tok = xrayglm::infer::cli::tokenizer_for(dir, a.tokenizer.as_deref())?;
+            let chat = xrayglm::infer::chat::ChatModel::load(dir, tok, &opts, true)?;
+            let mut o = ck::evaluate(&chat, dir, &data, &run)
+                .with_context(|| format!("evaluating {}", dir.display()))?;
+            drop(chat);
+            // Distinct names: they name the table rows and the report files.
+            let base = o.name.clone();
+            let mut k = 2;
+            while !names.insert(o.name.clone()) {
+                o.name = format!("{base}-{k}");
+                k += 1;
+            }
+            eprintln!(
+                "{}: {} films in {:.1}s{}",
+                o.name,
+                o.films,
+                o.seconds,
+                o.val_loss
+                    .map(|l| format!(", val loss {l:.4} (ppl {:.3})", l.exp()))
+                    .unwrap_or_default()
+            );
+            if !o.generations.is_empty() {
+                let mut text = String::new();
+                for g in &o.generations {
+                    text.push_str(&serde_json::to_string(g)?);
+                    text.push('\n');
+                }
+                files.push((
+                    format!("{}.jsonl", o.name.replace('/', "_")),
+                    text.into_bytes(),
+                ));
+            }
+            if let Some(tb) = &a.tensorboard {
+                let run_name = o.name.split('/').next().unwrap_or(&o.name).to_string();
+                let mut w = xrayglm::train::metrics::TensorBoard::create(&tb.join(run_name))?;
+                let mut values: Vec<(&str, f64)> = Vec::new();
+                if let Some(l) = o.val_loss {
+                    values.extend([("eval/val_loss", l), ("eval/val_ppl", l.exp())]);
+                }
+                if let Some(m) = &o.metrics {
+                    values.extend([
+                        ("eval/bleu_1", m.bleu_1),
+                        ("eval/bleu_4", m.bleu_4),
+                        ("eval/rouge_l", m.rouge_l),
+                        ("eval/cider_d", m.cider_d),
+                        ("eval/chatglm_bleu_4", m.chatglm_bleu_4),
+                        ("eval/chatglm_rouge_l", m.chatglm_rouge_l),
+                    ]);
+                }
+                w.scalars(o.step.unwrap_or(0), &values)?;
+            }
+            rows.push(Row {
+                name: o.name.clone(),
+                val_loss: o.val_loss,
+                metrics: o.metrics.clone(),
+            });
+            entries.push(serde_json::to_value(&o)?);
+        }
+    }
+    let json = serde_json::json!({ "reports": entries });
     let md = xrayglm::eval::markdown(&rows);
-    if let Some(dir) = &a.out {
+    let out = a
+        .out
+        .clone()
+        .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
+    if let Some(dir) = &out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, bytes) in &files {
+            xrayglm::io::write_atomic(&dir.join(name), bytes)?;
+        }
         xrayglm::io::write_json_atomic(&dir.join("report.json"), &json)?;
         xrayglm::io::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+        eprintln!("wrote {}", dir.display());
     }
     println!("{}", serde_json::to_string_pretty(&json)?);
     eprint!("{md}");

@@ -420,3 +420,128 @@ fn held_out_reports_state_the_right_findings() {
         "{right}/{n} held-out reports state the right findings (heart size {heart}/{n})"
     );
 }
+
+/// `xrayglm eval --checkpoint` on the demo run: its own held-out films (the trainer's split), one
+/// report per film in order, metrics equal to scoring the written JSONL with `--hypotheses`, the
+/// findings right, a loss that does not depend on the batching (token-weighted), TensorBoard
+/// scalars at the checkpoint's step, and two checkpoints side by side.
+#[test]
+fn eval_scores_the_held_out_films_of_a_run() {
+    use xrayglm::infer::findings::agrees;
+    let Some(d) = demo() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> serde_json::Value {
+        let o = xrayglm(d)
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(&d.run)
+            .args(["--no_progress", "--max_new_tokens", "150"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let dir = out.path().join("e");
+    let tb = out.path().join("tb");
+    let full = run(&[
+        "--batch_size",
+        "5",
+        "--out",
+        dir.to_str().unwrap(),
+        "--tensorboard",
+        tb.to_str().unwrap(),
+    ]);
+    let r = &full["reports"][0];
+    let n = d.held_out.len();
+    assert_eq!(r["films"], n);
+    assert_eq!(r["name"], "demo/600");
+    assert_eq!(r["step"], 600);
+    let loss = r["val_loss"].as_f64().unwrap();
+    assert!((r["val_ppl"].as_f64().unwrap() - loss.exp()).abs() < 1e-12);
+    assert!(loss < 0.1, "val loss {loss}");
+    // The generated reports: one per held-out film, in the split's order, with its reference.
+    let jsonl = dir.join("demo_600.jsonl");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), n);
+    let mut right = 0;
+    for (g, rec) in lines.iter().zip(&d.held_out) {
+        assert_eq!(g["id"], rec.id.as_str());
+        assert_eq!(g["reference"], rec.label.as_str());
+        right += agrees(g["hypothesis"].as_str().unwrap(), &rec.label) as usize;
+    }
+    assert!(right * 10 >= n * 9, "{right}/{n} reports right");
+    // Scoring the written reports without a model gives the same metrics.
+    let o = xrayglm(d)
+        .arg("eval")
+        .arg("--hypotheses")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["reports"][0]["metrics"], r["metrics"]);
+    assert!(r["metrics"]["bleu_4"].as_f64().unwrap() > 0.5, "{r}");
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("| demo/600 | "), "{md}");
+    // TensorBoard scalars at the checkpoint's step.
+    let events: Vec<_> = std::fs::read_dir(tb.join("demo"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1);
+    let scalars = xrayglm::train::metrics::read_scalars(&events[0]).unwrap();
+    let bleu = scalars
+        .iter()
+        .find(|(_, tag, _)| tag == "eval/bleu_4")
+        .expect("eval/bleu_4");
+    assert_eq!(bleu.0, 600);
+    assert!((bleu.2 as f64 - r["metrics"]["bleu_4"].as_f64().unwrap()).abs() < 1e-6);
+    // The loss alone, all films in one batch: the same mean per target token.
+    let one = run(&[
+        "--no_generate",
+        "--batch_size",
+        "64",
+        "--out",
+        out.path().join("l").to_str().unwrap(),
+    ]);
+    let l1 = one["reports"][0]["val_loss"].as_f64().unwrap();
+    assert!(
+        (l1 - loss).abs() <= 1e-4 * loss.max(1e-3),
+        "loss {loss} in batches of 5, {l1} in one batch"
+    );
+    assert!(one["reports"][0]["metrics"].is_null());
+    // Two checkpoints side by side: the run's first save and its last.
+    let o = xrayglm(d)
+        .arg("eval")
+        .arg("--checkpoint")
+        .arg(d.run.join("200"))
+        .arg(&d.run)
+        .args(["--no_progress", "--no_generate", "--limit", "8", "--out"])
+        .arg(out.path().join("two"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let two: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = two["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["demo/200", "demo/600"]);
+    let (a, b) = (
+        two["reports"][0]["val_loss"].as_f64().unwrap(),
+        two["reports"][1]["val_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        b < a,
+        "val loss after 600 steps {b} is not below after 200 {a}"
+    );
+    let md = std::fs::read_to_string(out.path().join("two/report.md")).unwrap();
+    assert_eq!(md.lines().count(), 4, "{md}");
+}

@@ -193,3 +193,72 @@ fn eval_cli_scores_hypotheses_files() {
         assert!(!o.exists());
     }
 }
+
+/// `xrayglm eval --checkpoint` refuses bad input before writing anything: a missing folder, a
+/// checkpoint without a training config and no `--data`, an unknown split, a file without records, and
+/// `--checkpoint` together with `--hypotheses`.
+#[test]
+fn eval_checkpoint_errors_name_the_problem_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sat = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/model/a/sat");
+    let o = dir.path().join("never");
+    let data = dir.path().join("none.json");
+    std::fs::write(&data, "[]").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--checkpoint".into(),
+                dir.path().join("nope").display().to_string(),
+            ],
+            "nope: no such folder",
+        ),
+        (
+            vec!["--checkpoint".into(), sat.into()],
+            "has no training config.toml",
+        ),
+        (
+            vec![
+                "--checkpoint".into(),
+                sat.into(),
+                "--data".into(),
+                data.display().to_string(),
+                "--split".into(),
+                "sideways".into(),
+            ],
+            "unknown --split \"sideways\"",
+        ),
+        (
+            vec![
+                "--checkpoint".into(),
+                sat.into(),
+                "--data".into(),
+                data.display().to_string(),
+            ],
+            "none.json: no usable records",
+        ),
+        (
+            vec![
+                "--checkpoint".into(),
+                sat.into(),
+                "--hypotheses".into(),
+                "x.jsonl".into(),
+            ],
+            "cannot be used with",
+        ),
+    ];
+    for (args, msg) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("eval")
+            .args(&args)
+            .arg("--out")
+            .arg(&o)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(msg),
+            "{args:?}: {err}"
+        );
+        assert!(!o.exists());
+    }
+}

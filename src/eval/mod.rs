@@ -1,6 +1,7 @@
 //! Evaluation of generated reports: metrics (see [`metrics`]) over `{"id", "reference",
 //! "hypothesis"[, "lang"]}` JSONL files, as `xrayglm eval --hypotheses FILE.jsonl` prints them.
 
+pub mod checkpoint;
 pub mod metrics;
 
 use std::path::Path;
@@ -102,26 +103,42 @@ pub fn score(items: &[Scored]) -> Result<Report> {
     })
 }
 
-/// A Markdown table of named reports, one row each.
-pub fn markdown(rows: &[(String, Report)]) -> String {
+/// One row of the Markdown table: a model (or hypotheses file) with what was measured for it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub name: String,
+    pub val_loss: Option<f64>,
+    pub metrics: Option<Report>,
+}
+
+/// A Markdown table, one row per model; `-` where something was not measured.
+pub fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| model | n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr-D | bleu-4 | rouge-1 | rouge-2 | rouge-l |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| model | n | val loss | ppl | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr-D | bleu-4 | rouge-1 | rouge-2 | rouge-l |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for (name, r) in rows {
-        s.push_str(&format!(
-            "| {name} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
-            r.count,
-            r.bleu_1,
-            r.bleu_2,
-            r.bleu_3,
-            r.bleu_4,
-            r.rouge_l,
-            r.cider_d,
-            r.chatglm_bleu_4,
-            r.chatglm_rouge_1,
-            r.chatglm_rouge_2,
-            r.chatglm_rouge_l
-        ));
+    for row in rows {
+        let loss = row
+            .val_loss
+            .map(|l| format!("{l:.4} | {:.3}", l.exp()))
+            .unwrap_or_else(|| "- | -".into());
+        let m = match &row.metrics {
+            Some(r) => format!(
+                "{} | {loss} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2}",
+                r.count,
+                r.bleu_1,
+                r.bleu_2,
+                r.bleu_3,
+                r.bleu_4,
+                r.rouge_l,
+                r.cider_d,
+                r.chatglm_bleu_4,
+                r.chatglm_rouge_1,
+                r.chatglm_rouge_2,
+                r.chatglm_rouge_l
+            ),
+            None => format!("- | {loss} | - | - | - | - | - | - | - | - | - | -"),
+        };
+        s.push_str(&format!("| {} | {m} |\n", row.name));
     }
     s
 }

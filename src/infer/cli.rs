@@ -17,6 +17,15 @@ pub fn tokenizer_for(dir: &Path, explicit: Option<&Path>) -> Result<ChatGlmToken
     if let Some(p) = explicit {
         return ChatGlmTokenizer::from_path(p);
     }
+    let p = tokenizer_path_for(dir).context(
+        "no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model), put ice_text.model in the model folder, or set XRAYGLM_TOKENIZER",
+    )?;
+    ChatGlmTokenizer::from_path(&p)
+}
+
+/// Where the tokenizer of a model folder is: in the folder, in its base model's, or on the
+/// search paths ([`crate::tokenizer::find`]).
+pub fn tokenizer_path_for(dir: &Path) -> Option<std::path::PathBuf> {
     let mut dirs = vec![dir.to_path_buf()];
     let ck = resolve_run(dir);
     if let Ok(base) = checkpoint_base(&ck) {
@@ -25,14 +34,11 @@ pub fn tokenizer_for(dir: &Path, explicit: Option<&Path>) -> Result<ChatGlmToken
     for d in dirs {
         for f in ["ice_text.model", "tokenizer.json"] {
             if d.join(f).is_file() {
-                return ChatGlmTokenizer::from_path(&d.join(f));
+                return Some(d.join(f));
             }
         }
     }
-    let p = crate::tokenizer::find(None).context(
-        "no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model), put ice_text.model in the model folder, or set XRAYGLM_TOKENIZER",
-    )?;
-    ChatGlmTokenizer::from_path(&p)
+    crate::tokenizer::find(None)
 }
 
 /// Options of the terminal chat.

@@ -567,8 +567,6 @@ impl ChatGlm {
     }
 }
 
-/// ChatGLM's mask for sequences whose bidirectional prefix has `context_lengths[b]` tokens:
-/// lower-triangular ones with every column `< context_length` set to 1. `[B, 1, S, S]` float.
 /// `softmax(q·kᵀ/√d)·v` without a mask for `q [B, n, 1, d]` (one new token attending to all keys),
 /// softmax in fp32: what the fused kernel computes, in three plain ops.
 fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
@@ -577,6 +575,8 @@ fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
 }
 
+/// ChatGLM's mask for sequences whose bidirectional prefix has `context_lengths[b]` tokens:
+/// lower-triangular ones with every column `< context_length` set to 1. `[B, 1, S, S]` float.
 pub fn attention_mask(context_lengths: &[i64], seq_len: i64, device: tch::Device) -> Tensor {
     let b = context_lengths.len() as i64;
     let tril = Tensor::ones([seq_len, seq_len], (Kind::Float, device)).tril(0);

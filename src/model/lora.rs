@@ -99,6 +99,41 @@ impl Lora {
         }
     }
 
+    /// The adapter as one plain LoRA of rank `partitions · r` (fp32): `A [n·r, in]` stacks the
+    /// `A_p`; `B [out, n·r]` is block-diagonal, each `B_p`'s rows placed where this layer puts
+    /// partition p's output (head-first: ChatGLM's interleaved `[q_h k_h v_h]` rows). Then
+    /// `scaling · x·Aᵀ·Bᵀ = Δ(x)` exactly (the extra products are zeros) — PEFT's layout.
+    pub fn as_single_rank(&self) -> (Tensor, Tensor) {
+        let n = self.a.len() as i64;
+        let a = Tensor::cat(
+            &self
+                .a
+                .iter()
+                .map(|t| t.to_kind(Kind::Float))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        if n == 1 {
+            return (a, self.b[0].to_kind(Kind::Float));
+        }
+        let (rows, r) = self.b[0].size2().unwrap();
+        // [n (part of the output), rows, n (column block), r]
+        let bd = Tensor::zeros([n, rows, n, r], (Kind::Float, self.b[0].device()));
+        for (p, b) in self.b.iter().enumerate() {
+            bd.get(p as i64)
+                .select(1, p as i64)
+                .copy_(&b.to_kind(Kind::Float));
+        }
+        let b = match self.head_first {
+            Some((heads, head_dim)) => bd
+                .view([n, heads, head_dim, n * r])
+                .permute([1, 0, 2, 3])
+                .reshape([self.out_dim, n * r]),
+            None => bd.reshape([self.out_dim, n * r]),
+        };
+        (a, b)
+    }
+
     /// `ΔW [out, in]` (fp32) such that `x·ΔWᵀ = Δ(x)` — for merging into the base weight.
     pub fn delta_weight(&self) -> Tensor {
         let parts: Vec<Tensor> = self

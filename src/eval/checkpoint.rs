@@ -1,0 +1,341 @@
+//! Evaluation of model checkpoints (`xrayglm eval --checkpoint DIR…`): on one split of an
+//! image-report file, the teacher-forced loss and perplexity (the trainer's loss, weighted by
+//! target tokens), one generated report per film (batched KV-cached decoding; greedy by default),
+//! and the report metrics of [`super::score`].
+//!
+//! The split: a training run's own held-out films by default (its `config.toml`: data file,
+//! `train.val_fraction`, `train.seed`, prompt and sample settings — exactly the trainer's split), or
+//! every record of a separate file (`--data FILE`), or a held-out fraction of it with a seed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tch::Tensor;
+
+use super::metrics::Lang;
+use super::{score, Report, Scored};
+use crate::config::Config;
+use crate::data::batch::{Dataset, Loader, LoaderConfig, LoaderState, Sampler, Shard};
+use crate::data::records::{load_records, Record};
+use crate::data::sample::{Language, SampleBuilder};
+use crate::infer::chat::{ChatModel, ChatSettings};
+
+/// Where the films come from and which of them are evaluated.
+#[derive(Debug, Clone, Default)]
+pub struct DataOptions {
+    /// Settings file (data, prompt, sample lengths, image size); default: the first checkpoint's
+    /// training `config.toml`.
+    pub config: Option<PathBuf>,
+    /// `key=value` overrides on that config, as for `finetune`.
+    pub overrides: Vec<String>,
+    /// Image-report file (either schema); default: the config's `data.path`.
+    pub data: Option<PathBuf>,
+    /// `"heldout"` or `"all"`; default: held-out for the config's own data, all for `--data`.
+    pub split: Option<String>,
+    /// Held-out fraction and seed (default: the config's `train.val_fraction`, `train.seed`).
+    pub val_fraction: Option<f64>,
+    pub seed: Option<u64>,
+    /// Evaluate only the first N films of the split.
+    pub limit: Option<usize>,
+}
+
+/// The evaluated films and the settings they are turned into samples with.
+pub struct EvalData {
+    pub cfg: Config,
+    pub file: String,
+    pub records: Vec<Record>,
+    /// How the records were chosen, for the report.
+    pub split: String,
+    pub lang: Lang,
+}
+
+/// The training `config.toml` that belongs to a model folder (a run, one of its checkpoints, or
+/// a folder holding one), if any.
+pub fn run_config_path(dir: &Path) -> Option<PathBuf> {
+    let ck = crate::weights::source::resolve_run(dir);
+    let mut candidates = vec![dir.join("config.toml"), ck.join("config.toml")];
+    if let Some(p) = ck.parent() {
+        candidates.push(p.join("config.toml"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Read and split the data once for all checkpoints.
+pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData> {
+    if let Some(sp) = o
+        .split
+        .as_deref()
+        .filter(|s| !matches!(*s, "heldout" | "all"))
+    {
+        bail!("unknown --split {sp:?} (heldout, all)");
+    }
+    let cfg_path = o
+        .config
+        .clone()
+        .or_else(|| run_config_path(first_checkpoint));
+    if cfg_path.is_none() && o.data.is_none() {
+        bail!(
+            "{} has no training config.toml to take the evaluation data from: pass --data FILE (and --config for prompt and sample settings)",
+            first_checkpoint.display()
+        );
+    }
+    let mut cfg = Config::load(cfg_path.as_deref(), &o.overrides)?;
+    let own_data = o.data.is_none();
+    if let Some(d) = &o.data {
+        cfg.data.path = d.clone();
+    }
+    crate::prepare::ensure_synthetic(&cfg)?;
+    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let file = loaded.file.display().to_string();
+    let fraction = o.val_fraction.unwrap_or(if own_data {
+        cfg.train.val_fraction
+    } else {
+        0.0
+    });
+    let seed = o.seed.unwrap_or(cfg.train.seed);
+    let split = o
+        .split
+        .clone()
+        .unwrap_or_else(|| if fraction > 0.0 { "heldout" } else { "all" }.to_string());
+    let (mut records, what) = match split.as_str() {
+        "all" => {
+            let n = loaded.records.len();
+            (loaded.records, format!("all {n} records of {file}"))
+        }
+        "heldout" => {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                bail!("--split heldout needs a held-out fraction in (0, 1) (--val_fraction; the config has train.val_fraction = {})", cfg.train.val_fraction);
+            }
+            let (_, val) = crate::train::split(loaded.records, fraction, seed);
+            let n = val.len();
+            (
+                val,
+                format!("held-out {n} records of {file} (fraction {fraction}, seed {seed})"),
+            )
+        }
+        other => bail!("unknown --split {other:?} (heldout, all)"),
+    };
+    if let Some(n) = o.limit {
+        records.truncate(n);
+    }
+    if records.is_empty() {
+        bail!("{file}: the evaluation split ({what}) has no records");
+    }
+    let lang = match cfg.sample.language {
+        Language::English => Lang::En,
+        _ => Lang::Zh,
+    };
+    Ok(EvalData {
+        cfg,
+        file,
+        records,
+        split: what,
+        lang,
+    })
+}
+
+/// How each checkpoint is run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub batch_size: usize,
+    /// New tokens per report at most (stops earlier at `<eop>`).
+    pub max_new_tokens: usize,
+    pub settings: ChatSettings,
+    /// Teacher-forced loss and perplexity.
+    pub loss: bool,
+    /// Generated reports and their metrics.
+    pub generate: bool,
+    pub progress: bool,
+}
+
+/// One checkpoint's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub name: String,
+    pub checkpoint: String,
+    /// The training step of the checkpoint, when it records one.
+    pub step: Option<i64>,
+    pub split: String,
+    pub films: usize,
+    /// Mean cross-entropy per target token (nats), and its exponential.
+    pub val_loss: Option<f64>,
+    pub val_ppl: Option<f64>,
+    pub target_tokens: usize,
+    pub metrics: Option<Report>,
+    pub seconds: f64,
+    #[serde(skip)]
+    pub generations: Vec<Scored>,
+}
+
+/// The step recorded in a checkpoint's `trainer_state.json`.
+pub fn checkpoint_step(dir: &Path) -> Option<i64> {
+    let ck = crate::weights::source::resolve_run(dir);
+    let text = std::fs::read_to_string(ck.join("trainer_state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_i64()
+}
+
+/// A short display name: `run/step` for a checkpoint folder, else the folder name.
+pub fn checkpoint_name(dir: &Path) -> String {
+    let leaf = |p: &Path| {
+        p.file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| p.display().to_string())
+    };
+    let ck = crate::weights::source::resolve_run(dir);
+    let l = leaf(&ck);
+    match ck.parent() {
+        Some(p) if l.parse::<i64>().is_ok() && p.file_name().is_some() => {
+            format!("{}/{l}", leaf(p))
+        }
+        _ => l,
+    }
+}
+
+/// Evaluate one loaded model on the data.
+pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -> Result<Outcome> {
+    if !o.loss && !o.generate {
+        bail!("nothing to evaluate: both the loss and generation are switched off");
+    }
+    if o.batch_size == 0 {
+        bail!("--batch_size must be at least 1");
+    }
+    let t0 = std::time::Instant::now();
+    let model = &chat.model;
+    let size = model.cfg.sat.eva_args.image_size[0] as usize;
+    if data.cfg.image.size != size {
+        bail!(
+            "{}: image.size {} of the evaluation settings does not match the model's {size}",
+            dir.display(),
+            data.cfg.image.size
+        );
+    }
+    let mut sample_cfg = data.cfg.sample.clone();
+    sample_cfg.image_length = model.cfg.sat.image_length as usize;
+    let builder = SampleBuilder::new(chat.tokenizer.clone(), sample_cfg)?;
+    let ds = Arc::new(Dataset::new(
+        data.records.clone(),
+        &builder,
+        data.cfg.image.processor(),
+        &data.file,
+    )?);
+    let lcfg = LoaderConfig {
+        sampler: Sampler::Epoch,
+        batch_size: o.batch_size,
+        shuffle: false,
+        drop_last: false,
+        ..data.cfg.loader.clone()
+    };
+    let loader = Loader::new(
+        Arc::clone(&ds),
+        lcfg,
+        Shard::default(),
+        LoaderState::default(),
+    )?;
+    let n_batches = loader.batches_per_epoch();
+    let name = checkpoint_name(dir);
+    let bar = if o.progress {
+        let b = indicatif::ProgressBar::new(data.records.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} films {elapsed_precise} (eta {eta})",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        b.set_message(name.clone());
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let dev = model.device();
+    let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+    let mut hyps: Vec<Option<String>> = vec![None; data.records.len()];
+    for batch in loader.take(n_batches) {
+        let b = batch?;
+        if o.loss {
+            let n = b.target_tokens();
+            if n > 0 {
+                let t = b.to_tensors(dev);
+                let l = tch::no_grad(|| {
+                    model.loss(
+                        &t.input_ids,
+                        &t.images,
+                        b.pre_image as i64,
+                        &t.position_ids,
+                        &b.context_lengths,
+                        &t.labels,
+                        false,
+                    )
+                })
+                .double_value(&[]);
+                loss_sum += l * n as f64;
+                tokens += n;
+            }
+        }
+        if o.generate {
+            let s = b.image_size as i64;
+            let pixels = Tensor::from_slice(&b.images).view([b.batch_size as i64, 3, s, s]);
+            let embeds = chat.embed_images(&pixels);
+            // One decoding call per distinct question in the batch (random-prompt data).
+            let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for (row, &i) in b.indices.iter().enumerate() {
+                by_prompt
+                    .entry(data.records[i].prompt.as_str())
+                    .or_default()
+                    .push(row);
+            }
+            for (query, rows) in by_prompt {
+                let (ids, _) = chat.prompt_ids(&[], query, o.settings.english, true)?;
+                let settings = ChatSettings {
+                    max_length: ids.len() + o.max_new_tokens,
+                    ..o.settings.clone()
+                };
+                let imgs: Vec<Tensor> = rows.iter().map(|&r| embeds[r].shallow_clone()).collect();
+                let out = chat.answer_images(&imgs, query, &settings)?;
+                for (&r, h) in rows.iter().zip(out) {
+                    hyps[b.indices[r]] = Some(h);
+                }
+            }
+        }
+        bar.inc(b.batch_size as u64);
+    }
+    bar.finish_and_clear();
+    let generations: Vec<Scored> = if o.generate {
+        data.records
+            .iter()
+            .zip(hyps)
+            .map(|(r, h)| {
+                Ok(Scored {
+                    id: r.id.clone(),
+                    reference: r.label.clone(),
+                    hypothesis: h.with_context(|| format!("no report generated for {}", r.id))?,
+                    lang: data.lang,
+                })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let metrics = if o.generate {
+        Some(score(&generations)?)
+    } else {
+        None
+    };
+    let val_loss = (o.loss && tokens > 0).then(|| loss_sum / tokens as f64);
+    Ok(Outcome {
+        name,
+        checkpoint: dir.display().to_string(),
+        step: checkpoint_step(dir),
+        split: data.split.clone(),
+        films: data.records.len(),
+        val_loss,
+        val_ppl: val_loss.map(f64::exp),
+        target_tokens: tokens,
+        metrics,
+        seconds: t0.elapsed().as_secs_f64(),
+        generations,
+    })
+}

@@ -1,0 +1,273 @@
+//! `xrayglm export` on the tiny XrayGLM-format sat checkpoint of the model fixtures
+//! (tests/fixtures/model/a/sat, made by scripts/make_model_fixtures.py with sat 0.3.6):
+//! * `peft`: the files equal the adapter that scripts/make_export_fixtures.py applied with the
+//!   `peft` package (max abs error against sat's LoraLinear ≤ 1e-5, recorded there), and PEFT's
+//!   `lora_alpha / r · B·A` equals sat's merged ΔW of every adapted layer (≤ 1e-6);
+//! * `merged` (HF names, sharded) and `sat` reload into our model with logits identical to the sat
+//!   checkpoint's with the LoRA merged in process, and equal to sat's own logits (≤ 1e-4 relative);
+//! * `lora`: the checkpoint's adapters under sat names, bit for bit;
+//! * bad input: unknown format, missing folder, no adapters, a non-empty target — clear errors and
+//!   nothing written.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tch::{Kind, Tensor};
+use xrayglm::weights::source::{load_model, LoadOptions};
+
+fn sat_dir() -> PathBuf {
+    common::fixture("model").join("a").join("sat")
+}
+
+fn export(format: &str, to: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["export", "--format", format, "--from_pretrained"])
+        .arg(sat_dir())
+        .arg("--to")
+        .arg(to)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    common::tensors(path)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn logits(dir: &Path, merge: bool) -> Tensor {
+    let (mut m, _) = load_model(dir, &LoadOptions::default()).unwrap();
+    if merge {
+        m.merge_lora().unwrap();
+    }
+    let inputs = tensors(&common::fixture("model").join("a/inputs.safetensors"));
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    tch::no_grad(|| {
+        m.forward(
+            &inputs["input_ids"],
+            Some(&inputs["image"]),
+            pre,
+            None,
+            None,
+            false,
+        )
+        .unwrap()
+        .logits
+    })
+}
+
+#[test]
+fn peft_export_is_the_adapter_peft_verified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let to = tmp.path().join("peft");
+    ok(&export("peft", &to, &[]));
+    let fx = common::fixture("export");
+    // Today's export is the adapter the script applied with peft.
+    let got = tensors(&to.join("adapter_model.safetensors"));
+    let want = tensors(&fx.join("adapter_model.safetensors"));
+    assert_eq!(got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        8,
+        "lora_A and lora_B of qkv and dense in 2 layers"
+    );
+    for (k, w) in &want {
+        let g = got.get(k).unwrap_or_else(|| panic!("missing {k}"));
+        assert!(g.equal(w), "{k} differs from the PEFT-checked fixture");
+    }
+    let cfg = common::read_json(&to.join("adapter_config.json"));
+    assert_eq!(cfg, common::read_json(&fx.join("adapter_config.json")));
+    let check = common::read_json(&fx.join("peft_check.json"));
+    assert!(check["max_abs_error"].as_f64().unwrap() <= check["tolerance"].as_f64().unwrap());
+    assert!(check["tolerance"].as_f64().unwrap() <= 1e-5);
+    let adapted = check["modules"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|m| m["adapted_by_peft"] == true && m["delta_norm"].as_f64().unwrap() > 0.1)
+        .count();
+    assert_eq!(adapted, 4, "{check}");
+    // PEFT's update, as PEFT computes it from these files, is sat's merged update.
+    let (m, _) = load_model(&sat_dir(), &LoadOptions::default()).unwrap();
+    let (r, alpha) = (
+        cfg["r"].as_f64().unwrap(),
+        cfg["lora_alpha"].as_f64().unwrap(),
+    );
+    assert_eq!(
+        (r, alpha),
+        (12.0, 3.0),
+        "rank 3·4, alpha 3·1: scaling 1/4 as sat's"
+    );
+    for (name, lora) in m.chatglm.loras() {
+        let kind = name
+            .rsplit_once("layers.")
+            .unwrap()
+            .1
+            .split_once('.')
+            .unwrap()
+            .1;
+        let (r, alpha) = match cfg["rank_pattern"].get(kind) {
+            Some(rp) => (
+                rp.as_f64().unwrap(),
+                cfg["alpha_pattern"][kind].as_f64().unwrap(),
+            ),
+            None => (r, alpha),
+        };
+        let a = &got[&format!("base_model.model.{name}.lora_A.weight")];
+        let b = &got[&format!("base_model.model.{name}.lora_B.weight")];
+        assert_eq!(a.size()[0] as f64, r, "{name}");
+        let peft_delta = b.matmul(a) * (alpha / r);
+        let d = max_diff(&peft_delta, &lora.delta_weight());
+        assert!(d <= 1e-6, "{name}: PEFT's ΔW differs from sat's by {d}");
+    }
+}
+
+#[test]
+fn merged_exports_reload_with_identical_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let want = logits(&sat_dir(), true);
+    let sat_ref = tensors(&common::fixture("model").join("a/outputs.safetensors"));
+    let hf = tmp.path().join("merged");
+    ok(&export(
+        "merged",
+        &hf,
+        &["--dtype", "fp32", "--shard_mib", "1"],
+    ));
+    let sat = tmp.path().join("sat");
+    ok(&export("sat", &sat, &["--dtype", "fp32"]));
+    // HF layout: shards, an index naming each tensor's shard, HF names, per-layer inv_freq.
+    let index = common::read_json(&hf.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
+    assert!(shards.len() >= 2, "{shards:?}");
+    let mut total = 0usize;
+    let mut names = Vec::new();
+    for s in &shards {
+        for (k, t) in tensors(&hf.join(s)) {
+            assert_eq!(map[&k], *s, "{k}");
+            total += t.numel() * 4;
+            names.push(k);
+        }
+    }
+    assert_eq!(names.len(), map.len());
+    assert_eq!(index["metadata"]["total_size"], total);
+    assert!(names.contains(&"lm_head.weight".to_string()));
+    assert!(names.iter().any(|n| n.starts_with("image_encoder.vit.")));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("matrix_") || n.contains("original")));
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.ends_with("rotary_emb.inv_freq"))
+            .count(),
+        3
+    );
+    let config = common::read_json(&hf.join("config.json"));
+    assert_eq!(config["model_type"], "chatglm");
+    assert_eq!(config["torch_dtype"], "float32");
+    for dir in [&hf, &sat] {
+        let got = logits(dir, false);
+        assert_eq!(max_diff(&got, &want), 0.0, "{}", dir.display());
+        let (m, _) = load_model(dir, &LoadOptions::default()).unwrap();
+        assert!(
+            m.cfg.lora.is_none(),
+            "{}: the LoRA is merged",
+            dir.display()
+        );
+    }
+    let e = max_diff(&want, &sat_ref["logits"]) / sat_ref["logits"].abs().max().double_value(&[]);
+    assert!(e <= 1e-4, "merged logits vs sat's: relative {e:.2e}");
+    // fp16 by default, like the HF release.
+    let half = tmp.path().join("half");
+    ok(&export("merged", &half, &[]));
+    assert_eq!(
+        common::read_json(&half.join("config.json"))["torch_dtype"],
+        "float16"
+    );
+}
+
+#[test]
+fn lora_export_holds_the_checkpoint_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let to = tmp.path().join("lora");
+    ok(&export("lora", &to, &[]));
+    let got = tensors(&to.join("lora.safetensors"));
+    let (m, _) = load_model(&sat_dir(), &LoadOptions::default()).unwrap();
+    let want = xrayglm::weights::lora_tensors(&m);
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got.len(), 16, "3 + 1 partitions × A, B × 2 layers");
+    for (k, w) in &want {
+        assert!(k.contains(".matrix_A.") || k.contains(".matrix_B."), "{k}");
+        assert!(got[k].equal(w), "{k}");
+    }
+    let cfg = common::read_json(&to.join("model_config.json"));
+    assert_eq!(cfg["use_lora"], true);
+    assert_eq!(cfg["lora_rank"], 4);
+    assert_eq!(cfg["layer_range"], serde_json::json!([0, 2]));
+}
+
+#[test]
+fn export_errors_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |o: std::process::Output| -> String {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let to = tmp.path().join("out");
+    let e = err(export("onnx", &to, &[]));
+    assert!(e.contains("unknown export format \"onnx\""), "{e}");
+    // A missing checkpoint names the folder.
+    let e = err(Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["export", "--format", "peft", "--from_pretrained"])
+        .arg(tmp.path().join("nope"))
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap());
+    assert!(e.contains("nope"), "{e}");
+    // A merged model has no adapters to export.
+    let sat = tmp.path().join("sat");
+    ok(&export("sat", &sat, &["--dtype", "fp32"]));
+    let e = err(Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["export", "--format", "peft", "--from_pretrained"])
+        .arg(&sat)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap());
+    assert!(e.contains("no LoRA adapters"), "{e}");
+    // A target that holds files is left as it was.
+    let full = tmp.path().join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), "mine").unwrap();
+    let e = err(export("peft", &full, &[]));
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(full.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(std::fs::read_dir(&full).unwrap().count(), 1);
+    // Nothing else appeared: no output folder, no partial folder.
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["full", "sat"]);
+}
