@@ -271,3 +271,61 @@ fn export_errors_leave_nothing_behind() {
     left.sort();
     assert_eq!(left, ["full", "sat"]);
 }
+
+/// A training checkpoint whose base model is not the one its adapters were trained on, and a sat
+/// checkpoint whose weights file is missing: both refused with the reason, nothing written.
+#[test]
+fn mismatched_base_and_missing_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = || Command::new(env!("CARGO_BIN_EXE_xrayglm"));
+    // The fixture's adapters (hidden 64) over a random `tiny` base (another size).
+    let ck = tmp.path().join("ck");
+    ok(&export("lora", &ck, &[]));
+    let base = tmp.path().join("base");
+    ok(&bin()
+        .args(["convert", "--model", "preset:tiny", "--to"])
+        .arg(&base)
+        .output()
+        .unwrap());
+    std::fs::write(
+        ck.join("trainer_state.json"),
+        serde_json::json!({"step": 300, "base_model": base.display().to_string()}).to_string(),
+    )
+    .unwrap();
+    let to = tmp.path().join("out");
+    let o = bin()
+        .args(["export", "--format", "peft", "--from_pretrained"])
+        .arg(&ck)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("is not the model it was trained on")
+            && e.contains("num_layers 3 (checkpoint) vs 2 (base)"),
+        "{e}"
+    );
+    assert!(!to.exists());
+    // A sat checkpoint whose `latest` names a missing weights file.
+    let sat = tmp.path().join("sat");
+    std::fs::create_dir_all(&sat).unwrap();
+    for f in ["latest", "model_config.json"] {
+        std::fs::copy(sat_dir().join(f), sat.join(f)).unwrap();
+    }
+    let o = bin()
+        .args(["export", "--format", "merged", "--from_pretrained"])
+        .arg(&sat)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("mp_rank_00_model_states.pt") && e.contains("missing"),
+        "{e}"
+    );
+    assert!(!to.exists());
+}

@@ -197,6 +197,7 @@ fn generate_bench_reports_rates(dtype: &str) {
         "time to first token",
         "decoding, batch 1",
         "decoding, batch 8",
+        "one tiny eager op",
     ] {
         let v: f64 = text
             .lines()
@@ -209,5 +210,8 @@ fn generate_bench_reports_rates(dtype: &str) {
             .unwrap_or_else(|| panic!("{row} missing:\n{text}"));
         assert!(v > 0.0 && v.is_finite(), "{row}: {text}");
     }
-    assert!(text.contains(&format!("preset tiny, {dtype},")), "{text}");
+    assert!(
+        text.contains(&format!("preset tiny, {dtype} on cpu,")),
+        "{text}"
+    );
 }

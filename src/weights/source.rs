@@ -232,6 +232,32 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
     if format == Format::Checkpoint {
         let cfg = read_config(dir)?;
         let base = checkpoint_base(dir)?;
+        if let Ok(b) = read_config(&resolve_run(&base)) {
+            let (x, y) = (&cfg.sat, &b.sat);
+            let diffs: Vec<String> = [
+                ("num_layers", x.num_layers, y.num_layers),
+                ("hidden_size", x.hidden_size, y.hidden_size),
+                (
+                    "num_attention_heads",
+                    x.num_attention_heads,
+                    y.num_attention_heads,
+                ),
+                ("vocab_size", x.vocab_size, y.vocab_size),
+                ("image_length", x.image_length, y.image_length),
+            ]
+            .iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(k, a, b)| format!("{k} {a} (checkpoint) vs {b} (base)"))
+            .collect();
+            if !diffs.is_empty() {
+                bail!(
+                    "{}: its base model {} is not the model it was trained on: {}",
+                    dir.display(),
+                    base.display(),
+                    diffs.join(", ")
+                );
+            }
+        }
         let base_opts = LoadOptions {
             lora: Some(cfg.lora.clone()),
             ..opts.clone()
