@@ -511,6 +511,34 @@ enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         timeout_s: u64,
     },
+    /// LoRA fine-tuning throughput of a preset (random weights) on the OpenI-zh report length mix:
+    /// xrayglm's trainer, and with `--vs-sat PYTHON` the original's recipe (pad to 320, vision
+    /// recomputed every step) in the same run.
+    Train {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 12)]
+        steps: usize,
+        /// Steps left out of the timing.
+        #[arg(long, default_value_t = 2)]
+        warm: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        films: usize,
+        /// OpenI-zh reports (default: ../shared/data/Xray/openi-zh.json).
+        #[arg(long)]
+        reports: Option<PathBuf>,
+        /// ice_text.model (default: the search paths).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh).
+        #[arg(long)]
+        vs_sat: Option<PathBuf>,
+        /// Overrides of xrayglm's side, e.g. `loader.padding="fixed"`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// KV-cached greedy decoding of a preset (random weights): time to first token and tokens/s at
     /// batch 1 and 8; `--vs-sat PYTHON` runs the original's filling_sequence in the same run.
     Generate {
@@ -1079,6 +1107,41 @@ fn run() -> Result<()> {
             if let Some(r) = xrayglm::bench::allreduce(&backend, &device, mib, iters, timeout_s)? {
                 print!("{r}");
             }
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Train {
+                    preset,
+                    steps,
+                    warm,
+                    batch,
+                    films,
+                    reports,
+                    tokenizer,
+                    vs_sat,
+                    sets,
+                },
+        } => {
+            let reports = reports.unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/Xray/openi-zh.json")
+            });
+            let tokenizer = xrayglm::tokenizer::find(tokenizer.as_deref()).context(
+                "no tokenizer: pass --tokenizer ice_text.model or set XRAYGLM_TOKENIZER",
+            )?;
+            let r = xrayglm::bench::train(&xrayglm::bench::TrainBenchOptions {
+                preset,
+                steps,
+                warm,
+                batch,
+                films,
+                reports,
+                tokenizer,
+                binary: std::env::current_exe()?,
+                sat_python: vs_sat,
+                overrides: sets,
+            })?;
+            print!("{r}");
             Ok(())
         }
         Command::Bench {

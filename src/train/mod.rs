@@ -354,11 +354,20 @@ fn broadcast_lora(model: &VisualGlm, comm: &dyn crate::dist::Comm) -> Result<()>
 
 /// Resident memory of this process in MiB (Linux), for the logs.
 fn rss_mib() -> f64 {
+    proc_status_mib("VmRSS:")
+}
+
+/// The largest resident set of this process so far.
+fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+fn proc_status_mib(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)
@@ -752,7 +761,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 "step": state.step, "loss": avg, "lr": schedule.lr(state.opt_steps.max(1)), "grad_norm": norm,
                 "loss_scale": state.scaler.map(|s| s.scale), "skipped": state.skipped,
                 "tokens_per_s": window_tokens as f64 / secs, "samples_per_s": window_samples as f64 / secs,
-                "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(),
+                "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib(),
             });
             let mut rec = rec;
             if world > 1 {

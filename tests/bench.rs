@@ -1,0 +1,60 @@
+//! The benchmark harness in CI's reduced mode: it must run and report sane numbers; speed itself
+//! is never asserted (ratios are printed by `xrayglm bench …` and recorded in the README).
+
+mod common;
+
+use std::process::Command;
+
+/// `xrayglm bench train` on the tiny preset, few steps, xrayglm's side only (the original needs the
+/// fixtures venv): OpenI-zh report lengths, every number present and positive.
+#[test]
+fn train_bench_runs_in_reduced_mode() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args([
+            "bench",
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--warm",
+            "1",
+            "--batch",
+            "2",
+            "--films",
+            "4",
+            "--reports",
+        ])
+        .arg(shared.join("data/Xray/openi-zh.json"))
+        .arg("--tokenizer")
+        .arg(common::ice_text(&shared))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    let mean: f64 = text
+        .split("mean sample ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no mean sample length:\n{text}"));
+    // OpenI-zh samples: prompt + 32 image slots + a report of ~70 tokens (spec §8.4: ~105).
+    assert!((60.0..200.0).contains(&mean), "mean sample {mean}");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("xrayglm"))
+        .unwrap_or_else(|| panic!("no xrayglm row:\n{text}"));
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 4, "{line}");
+    assert!(nums.iter().all(|v| *v > 0.0 && v.is_finite()), "{line}");
+}
