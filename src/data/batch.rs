@@ -45,6 +45,12 @@ pub enum Sampler {
     /// Seeded epoch shuffles, sharded over ranks (every sample once per epoch).
     #[default]
     Epoch,
+    /// Seeded epoch shuffles like `Epoch`, then global batches of similar length: the shuffled
+    /// order is cut into groups of 50 global batches, each group sorted by length and cut into
+    /// batches, and the batches are shuffled again (the longest first, so memory peaks at once).
+    /// Every sample once per epoch, a new grouping every epoch; less padding under dynamic
+    /// padding.
+    LengthGrouped,
     /// sat's `RandomMappingDataset`: global position i → sample `sat_random_mapping(i, N)`, drawn
     /// with replacement; global batch k covers positions [k·W·B, (k+1)·W·B), rank r the slice
     /// [(k·W + r)·B, …+B) — exactly the reference's order. `seed` and `shuffle` do not apply.
@@ -231,6 +237,40 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize>
     order
 }
 
+/// Global batches per sorted group of [`Sampler::LengthGrouped`].
+pub const LENGTH_GROUP_BATCHES: usize = 50;
+
+/// [`Sampler::LengthGrouped`]'s sample order of one epoch: consecutive runs of `global` indices
+/// are the global batches (a shorter last one stays last).
+pub fn length_grouped_order(lens: &[usize], seed: u64, epoch: u64, global: usize) -> Vec<usize> {
+    let order = epoch_order(lens.len(), seed, epoch, true);
+    let global = global.max(1);
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for group in order.chunks(global * LENGTH_GROUP_BATCHES) {
+        let mut g = group.to_vec();
+        g.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
+        batches.extend(g.chunks(global).map(<[usize]>::to_vec));
+    }
+    let tail = match batches.last() {
+        Some(b) if b.len() < global => batches.pop(),
+        _ => None,
+    };
+    let key = [
+        seed as u32,
+        (seed >> 32) as u32,
+        epoch as u32,
+        (epoch >> 32) as u32,
+        0x6c65_6e67, // "leng": another stream than the sample shuffle
+    ];
+    PyRandom::from_key(&key).shuffle(&mut batches);
+    let longest = (0..batches.len()).max_by_key(|&k| (lens[batches[k][0]], std::cmp::Reverse(k)));
+    if let Some(k) = longest {
+        batches.swap(0, k);
+    }
+    batches.extend(tail);
+    batches.concat()
+}
+
 /// The micro-batches (dataset indices) of `shard` in one epoch.
 pub fn shard_batches(
     order: &[usize],
@@ -367,7 +407,7 @@ impl Loader {
                 loader.cfg.batch_size * shard.world_size
             );
         }
-        if loader.cfg.sampler == Sampler::Epoch && start.offset > per_epoch {
+        if loader.cfg.sampler != Sampler::Sat && start.offset > per_epoch {
             bail!(
                 "resume offset {} is past the {} batches of an epoch",
                 start.offset,
@@ -411,12 +451,22 @@ impl Loader {
             return self.send(indices, after);
         }
         if self.plan_epoch != Some(self.plan.epoch) {
-            let order = epoch_order(
-                self.dataset.len(),
-                self.cfg.seed,
-                self.plan.epoch,
-                self.cfg.shuffle,
-            );
+            let order = if self.cfg.sampler == Sampler::LengthGrouped {
+                let lens: Vec<usize> = self.dataset.samples.iter().map(|s| s.len()).collect();
+                length_grouped_order(
+                    &lens,
+                    self.cfg.seed,
+                    self.plan.epoch,
+                    self.cfg.batch_size * self.shard.world_size,
+                )
+            } else {
+                epoch_order(
+                    self.dataset.len(),
+                    self.cfg.seed,
+                    self.plan.epoch,
+                    self.cfg.shuffle,
+                )
+            };
             self.plan_batches =
                 shard_batches(&order, self.shard, self.cfg.batch_size, self.cfg.drop_last);
             self.plan_epoch = Some(self.plan.epoch);
