@@ -245,6 +245,9 @@ pub struct TrainSection {
     /// Recompute each ChatGLM layer in the backward pass instead of keeping its activations
     /// (sat's `--checkpoint-activations`; same gradients, less memory, ~1/3 more compute).
     pub checkpoint_activations: bool,
+    /// Compute each film's image embeddings once and reuse them (only when
+    /// `model.vision_dropout = 0`: XrayGLM's 0.1 makes them differ at every step).
+    pub vision_cache: bool,
     /// Stop (with a checkpoint) once this many iterations are done, without changing the schedule;
     /// 0 = run to train_iters. For splitting a run over several sessions.
     pub stop_at: i64,
@@ -285,6 +288,7 @@ impl Default for TrainSection {
             backend: "auto".into(),
             dist_timeout_s: 30,
             checkpoint_activations: false,
+            vision_cache: true,
             stop_at: 0,
         }
     }

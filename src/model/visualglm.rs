@@ -252,6 +252,8 @@ impl VisualGlm {
 
     /// The training loss of a batch (fp32 scalar, with autograd history for the LoRA weights):
     /// `lm_loss(forward(..).logits, labels)`, computing `lm_head` at the target positions only.
+    /// `image`: pixels `[B, 3, H, W]`, or the image embeddings `[B, image_length, hidden]` when
+    /// they were computed before (train::vision_cache).
     #[allow(clippy::too_many_arguments)]
     pub fn loss(
         &self,
@@ -290,7 +292,12 @@ impl VisualGlm {
         f: impl FnOnce(&GlmInputs) -> T,
     ) -> T {
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
-        let (_, _, embeds) = self.encode_image(image, train);
+        // `[B, 3, H, W]` pixels, or `[B, image_length, hidden]` embeddings from the vision cache.
+        let embeds = if image.dim() == 3 {
+            image.to_kind(self.kind())
+        } else {
+            self.encode_image(image, train).2
+        };
         f(&GlmInputs {
             input_ids,
             position_ids,

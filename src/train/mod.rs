@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod optim;
 pub mod scaler;
 pub mod schedule;
+pub mod vision_cache;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -587,6 +588,9 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    // Frozen vision without dropout: each film's embeddings are computed once.
+    let mut vision_cache = (tc.vision_cache && cfg.model.vision_dropout == 0.0)
+        .then(vision_cache::VisionCache::default);
     let bar = if tc.progress && root {
         let b = indicatif::ProgressBar::new(tc.train_iters as u64);
         b.set_style(
@@ -607,6 +611,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             "device": format!("{dev:?}"), "params": params, "trainable_params": trainable,
             "global_batch": world as i64 * cfg.loader.batch_size as i64 * tc.grad_accum,
             "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,
+            "vision_cache": vision_cache.is_some(),
         });
         logs.write(&rec)?;
         eprintln!(
@@ -669,9 +674,13 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 .layer_seed
                 .set(Some(seed.wrapping_mul(31).wrapping_add(17)));
             let t = b.to_tensors(dev);
+            let images = match vision_cache.as_mut() {
+                Some(c) => c.embeds(&model, &b.images, &t.images),
+                None => t.images.shallow_clone(),
+            };
             let l = model.loss_backward(
                 &t.input_ids,
-                &t.images,
+                &images,
                 b.pre_image as i64,
                 &t.position_ids,
                 &b.context_lengths,
@@ -764,6 +773,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib(),
             });
             let mut rec = rec;
+            if let Some(c) = &vision_cache {
+                rec["vision_cache_hits"] = serde_json::json!(c.hits);
+                rec["vision_cache_films"] = serde_json::json!(c.len());
+            }
             if world > 1 {
                 rec["comm_fraction"] = serde_json::json!(window_comm / secs);
                 rec["lora_rank_divergence"] =
