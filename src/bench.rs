@@ -1060,6 +1060,14 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
     let cfg = ModelConfig::preset(&o.preset)?;
     let layers = cfg.sat.num_layers;
     let tmp = tempfile_dir("xrayglm-bench-train")?;
+    // Removed however the benchmark ends.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(tmp.clone());
     // Films from the synthetic generator, reports from OpenI-zh (a seeded sample).
     let n = o.films.max(o.batch);
     crate::data::synthetic::generate(&tmp, n, 256, 11)?;
@@ -1229,7 +1237,6 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
             })
         }
     };
-    let _ = std::fs::remove_dir_all(&tmp);
     Ok(TrainBench {
         preset: o.preset.clone(),
         batch: o.batch,
