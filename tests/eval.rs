@@ -262,3 +262,38 @@ fn eval_checkpoint_errors_name_the_problem_and_write_nothing() {
         assert!(!o.exists());
     }
 }
+
+/// CIDEr-D sums floats over n-grams: in a fixed order, so the same corpus gives the same bits
+/// every time (re-scoring a JSONL reproduces a report exactly).
+#[test]
+fn cider_is_bitwise_reproducible() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/metrics/coco.json"
+    );
+    let fx: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for c in fx["cases"].as_array().unwrap() {
+        let lang = if c["lang"] == "en" {
+            Lang::En
+        } else {
+            Lang::Zh
+        };
+        let tok = |v: &serde_json::Value| tokenize(v.as_str().unwrap(), lang);
+        let hyps: Vec<Vec<String>> = c["hyps"].as_array().unwrap().iter().map(tok).collect();
+        let refs: Vec<Vec<Vec<String>>> = c["refs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|rs| rs.as_array().unwrap().iter().map(tok).collect())
+            .collect();
+        let first = cider_d(&hyps, &refs);
+        for _ in 0..20 {
+            assert_eq!(
+                cider_d(&hyps, &refs).to_bits(),
+                first.to_bits(),
+                "{}",
+                c["name"]
+            );
+        }
+    }
+}

@@ -174,8 +174,10 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// tf-idf vectors per n-gram order, their norms, and the bigram count (pycocoevalcap's "length").
+/// Ordered maps: the float sums run in one fixed order, so a score is the same bits in every
+/// process (a `HashMap`'s order changes from run to run).
 struct CiderVecs<'a> {
-    w: [HashMap<Ngram<'a>, f64>; 4],
+    w: [std::collections::BTreeMap<Ngram<'a>, f64>; 4],
     norm: [f64; 4],
     length: f64,
 }
@@ -187,7 +189,9 @@ impl<'a> CiderVecs<'a> {
             norm: [0.0; 4],
             length: 0.0,
         };
-        for (g, tf) in ngram_counts(words, 4) {
+        let mut counts: Vec<(Ngram<'a>, usize)> = ngram_counts(words, 4).into_iter().collect();
+        counts.sort_unstable();
+        for (g, tf) in counts {
             let d = df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
             let n = g.len() - 1;
             let x = tf as f64 * (ref_len - d);
