@@ -173,6 +173,9 @@ pub struct ModelSection {
     pub glm_dropout: f64,
     /// The adapters (XrayGLM: rank 10, alpha 1, layers [0, 14], q/k/v + dense).
     pub lora: crate::model::config::LoraConfig,
+    /// Frozen ChatGLM linears as "none" or "int8" (weight-only, per-row scales; the original's
+    /// `--quant 8`).
+    pub quantize: String,
 }
 
 impl Default for ModelSection {
@@ -192,6 +195,7 @@ impl Default for ModelSection {
                 rank: 4,
                 ..Default::default()
             },
+            quantize: "none".into(),
         }
     }
 }
@@ -395,6 +399,12 @@ impl Config {
             bail!(
                 "train.backend {:?}: use auto, single, mpi or nccl",
                 t.backend
+            );
+        }
+        if !["none", "int8"].contains(&self.model.quantize.as_str()) {
+            bail!(
+                "model.quantize {:?}: use \"none\" or \"int8\"",
+                self.model.quantize
             );
         }
         if !["fp32", "bf16", "fp16"].contains(&t.precision.as_str()) {

@@ -399,3 +399,47 @@ fn target_only_loss_equals_the_full_logits_loss() {
         assert!(e <= 1e-5, "gradient relative error {e:.3e}");
     }
 }
+
+/// Weight-only int8 (`--quant 8`, `model.quantize = "int8"`) on the sat-checked model a: logits
+/// within 2 % (relative to their range) of fp32, the four layer linears held as int8 with their
+/// float storage released, LoRA gradients still flowing, and merge / save refused.
+#[test]
+fn int8_layer_weights_stay_close_and_still_train() {
+    let name = "a";
+    let inputs = map(dir(name).join("inputs.safetensors"));
+    let weights = || read_safetensors(&dir(name).join("weights.safetensors")).unwrap();
+    let full = build(name, QkvLayout::Interleaved, weights());
+    let mut q = build(name, QkvLayout::Interleaved, weights());
+    q.quantize_int8();
+    assert!(q.chatglm.is_quantized());
+    let vars = q.base.variables();
+    let w = &vars["transformer.layers.0.attention.query_key_value.weight"];
+    assert_eq!(w.numel(), 0, "the float weight is released");
+    let ids = &inputs["input_ids"];
+    let pre = inputs["pre_image"].int64_value(&[0]);
+    let run = |m: &VisualGlm| {
+        m.forward(ids, Some(&inputs["image"]), pre, None, None, false)
+            .unwrap()
+            .logits
+    };
+    let (a, b) = (tch::no_grad(|| run(&full)), run(&q));
+    let e = rel_err(&b, &a);
+    eprintln!("int8 logits: relative error {e:.2e}");
+    assert!(e > 0.0 && e < 2e-2, "relative error {e}");
+    let loss = lm_loss(&b, &inputs["labels"]);
+    loss.backward();
+    let grads: f64 = q
+        .lora
+        .variables()
+        .values()
+        .map(|v| v.grad().abs().sum(Kind::Double).double_value(&[]))
+        .sum();
+    assert!(grads > 0.0, "LoRA gradients through int8 layers");
+    let err = q.merge_lora().unwrap_err().to_string();
+    assert!(err.contains("int8"), "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let err = xrayglm::weights::source::save_xrayglm(&q, tmp.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("int8"), "{err}");
+}

@@ -546,6 +546,21 @@ impl ChatGlm {
         dropout(&out, self.dropout.output, train)
     }
 
+    /// Weight-only int8 for the four linears of every layer (the embedding table and lm_head stay
+    /// in their kind, as in the original's `quantize(model.transformer, 8)`).
+    pub fn quantize_int8(&mut self) {
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.dense, &mut l.h_to_4h, &mut l.h4_to_h] {
+                lin.quantize_int8();
+            }
+        }
+    }
+
+    /// Whether the layers' linears are held in int8.
+    pub fn is_quantized(&self) -> bool {
+        self.layers.iter().any(|l| l.qkv.int8.is_some())
+    }
+
     /// The LoRA adapters, with the sat name prefix of the layer each adapts.
     pub fn loras(&self) -> Vec<(String, &Lora)> {
         let mut out = Vec::new();

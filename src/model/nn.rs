@@ -96,6 +96,9 @@ pub fn normal() -> Init {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Weight-only int8 form (see [`Linear::quantize_int8`]): `[out, in]` int8 values and the
+    /// per-row scales `[out]`; the float weight is then freed.
+    pub int8: Option<(Tensor, Tensor)>,
 }
 
 impl Linear {
@@ -103,6 +106,7 @@ impl Linear {
         Self {
             weight: p.var("weight", &[out_dim, in_dim], weight_init(in_dim)),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            int8: None,
         }
     }
 
@@ -111,11 +115,44 @@ impl Linear {
         Self {
             weight: p.var("weight", &[out_dim, in_dim], init),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            int8: None,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match &self.int8 {
+            None => x.linear(&self.weight, self.bias.as_ref()),
+            Some((q, scale)) => {
+                // Dequantized on the fly in x's kind, the row scales applied to the output:
+                // x·(s ⊙ Q)ᵀ = (x·Qᵀ) ⊙ s.
+                let y = x.matmul(&q.to_kind(x.kind()).tr()) * scale.to_kind(x.kind());
+                match &self.bias {
+                    Some(b) => y + b.to_kind(x.kind()),
+                    None => y,
+                }
+            }
+        }
+    }
+
+    /// Weight-only int8 quantization, as the original's `--quant 8` (ChatGLM's
+    /// `quantization.py`): per output row, `scale = max|W_row| / 127`, `Q = round(W / scale)`;
+    /// the float weight's storage is released. Idempotent.
+    pub fn quantize_int8(&mut self) {
+        if self.int8.is_some() {
+            return;
+        }
+        tch::no_grad(|| {
+            let kind = self.weight.kind();
+            let w = self.weight.to_kind(tch::Kind::Float);
+            let scale = w.abs().amax([1], true).clamp_min(1e-12) / 127.0;
+            let q = (&w / &scale)
+                .round()
+                .clamp(-127.0, 127.0)
+                .to_kind(tch::Kind::Int8);
+            self.int8 = Some((q, scale.squeeze_dim(1).to_kind(kind)));
+            let empty = Tensor::empty([0], (kind, self.weight.device()));
+            self.weight.set_data(&empty);
+        });
     }
 }
 

@@ -125,6 +125,10 @@ fn build_model(
         (load_model(&abs, &opts)?.0, abs.display().to_string())
     };
     model.set_fused_attention(m.fused_attention);
+    // After the base of a random preset was saved above: a quantized model cannot be saved.
+    if m.quantize == "int8" {
+        model.quantize_int8();
+    }
     model.set_dropout(
         m.vision_dropout,
         Dropouts {
