@@ -14,6 +14,7 @@
 #      trainer (NCCL backend, micro-batch 8 padded to 320 tokens, activation checkpointing):
 #      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
 #      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory;
+#   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
 #   6. real-size greedy decoding in bf16 with the KV cache: time to first token, tokens/s at batch 1, 8;
 #   7. the same training and decoding work by the original (scripts/bench_gpu_sat.py) and the ratios.
 set -uo pipefail
@@ -82,6 +83,21 @@ print(f"steady state: {sps:.2f} samples/s, {tok:.0f} tokens/s computed ({useful:
 print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
 print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
 PY
+step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak memory (goal: fits in 24 GB)"
+rm -rf "$OUTD/gpu-check-int8"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/xrayglm_mem8.txt &
+MON=$!
+timeout 180 "$BIN" finetune --config configs/xrayglm.toml --tokenizer "$TOK" \
+  --set 'model.path=""' --set 'model.preset="visualglm-6b"' --set 'model.dtype="bf16"' --set 'model.device="cuda"' \
+  --set 'model.quantize="int8"' \
+  --set 'data.path="'$OUTD'/data/Xray/synth-zh.json"' --set 'synthetic.out_dir="'$OUTD'/data"' \
+  --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
+  --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
+  --set train.train_iters=10 --set train.log_interval=5 --set train.save_interval=10 \
+  --set 'train.out_dir="'$OUTD'"' --set 'train.name="gpu-check-int8"' --set train.progress=false \
+  || { echo "FAIL: int8 training"; FAIL=1; }
+kill "$MON" 2>/dev/null || true
+echo "peak GPU memory used with int8 layers (nvidia-smi, whole device): $(sort -n /tmp/xrayglm_mem8.txt | tail -n 1) MiB"
 step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
 set -o pipefail
 timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \
