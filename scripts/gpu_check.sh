@@ -55,18 +55,26 @@ done
 [ -n "$TOK" ] || { echo "FAIL: no ice_text.model (scripts/gpu_bundle.sh copies one into the bundle)"; exit 1; }
 OUTD=/tmp/xrayglm-gpu
 rm -rf "$OUTD"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/xrayglm_mem.txt &
-MON=$!
-"$BIN" finetune --config configs/xrayglm.toml --tokenizer "$TOK" \
-  --set 'model.path=""' --set 'model.preset="visualglm-6b"' --set 'model.dtype="bf16"' --set 'model.device="cuda"' \
-  --set 'data.path="'$OUTD'/data/Xray/synth-zh.json"' --set 'synthetic.out_dir="'$OUTD'/data"' \
-  --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
-  --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
-  --set train.train_iters=20 --set train.log_interval=5 --set train.save_interval=20 \
-  --set 'train.out_dir="'$OUTD'"' --set 'train.name="gpu-check"' --set train.progress=false \
-  || { echo "FAIL: real-size training"; FAIL=1; }
-kill "$MON" 2>/dev/null || true
-echo "peak GPU memory used (nvidia-smi, whole device): $(sort -n /tmp/xrayglm_mem.txt | tail -n 1) MiB"
+# Real-size LoRA training through the trainer, peak device memory sampled meanwhile:
+# train_real NAME ITERS [--set …]; prints the peak (nvidia-smi, whole device) in MiB.
+train_real() {
+  local name=$1 iters=$2
+  shift 2
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "/tmp/xrayglm_mem_$name.txt" &
+  local mon=$!
+  timeout 240 "$BIN" finetune --config configs/xrayglm.toml --tokenizer "$TOK" \
+    --set 'model.path=""' --set 'model.preset="visualglm-6b"' --set 'model.dtype="bf16"' --set 'model.device="cuda"' \
+    --set 'data.path="'$OUTD'/data/Xray/synth-zh.json"' --set 'synthetic.out_dir="'$OUTD'/data"' \
+    --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
+    --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
+    --set train.train_iters="$iters" --set train.log_interval=5 --set train.save_interval="$iters" \
+    --set 'train.out_dir="'$OUTD'"' --set "train.name=\"$name\"" --set train.progress=false "$@"
+  local rc=$?
+  kill "$mon" 2>/dev/null || true
+  echo "peak GPU memory used (nvidia-smi, whole device): $(sort -n "/tmp/xrayglm_mem_$name.txt" | tail -n 1) MiB"
+  return $rc
+}
+train_real gpu-check 20 || { echo "FAIL: real-size training"; FAIL=1; }
 python3 - "$OUTD/gpu-check/metrics.jsonl" "$PEAK_TFLOPS" <<'PY' || FAIL=1
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
@@ -84,20 +92,7 @@ print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)"
 print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
 PY
 step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak memory (goal: fits in 24 GB)"
-rm -rf "$OUTD/gpu-check-int8"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/xrayglm_mem8.txt &
-MON=$!
-timeout 180 "$BIN" finetune --config configs/xrayglm.toml --tokenizer "$TOK" \
-  --set 'model.path=""' --set 'model.preset="visualglm-6b"' --set 'model.dtype="bf16"' --set 'model.device="cuda"' \
-  --set 'model.quantize="int8"' \
-  --set 'data.path="'$OUTD'/data/Xray/synth-zh.json"' --set 'synthetic.out_dir="'$OUTD'/data"' \
-  --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
-  --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
-  --set train.train_iters=10 --set train.log_interval=5 --set train.save_interval=10 \
-  --set 'train.out_dir="'$OUTD'"' --set 'train.name="gpu-check-int8"' --set train.progress=false \
-  || { echo "FAIL: int8 training"; FAIL=1; }
-kill "$MON" 2>/dev/null || true
-echo "peak GPU memory used with int8 layers (nvidia-smi, whole device): $(sort -n /tmp/xrayglm_mem8.txt | tail -n 1) MiB"
+train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8 training"; FAIL=1; }
 step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
 set -o pipefail
 timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \

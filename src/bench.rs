@@ -924,27 +924,17 @@ pub fn generate(
     let sat = match sat_python {
         None => None,
         Some(py) => {
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_generate_sat.py");
-            let out = std::process::Command::new(py)
-                .arg(&script)
-                .env("THREADS", threads.to_string())
-                .env("NEW", new_tokens.to_string())
-                .env("DTYPE", dtype_name(kind))
-                .output()
-                .with_context(|| format!("running {}", py.display()))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let get = |k: &str| -> Result<f64> {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
-                    .with_context(|| {
-                        format!(
-                            "{} printed no {k}:\n{text}\n{}",
-                            script.display(),
-                            String::from_utf8_lossy(&out.stderr)
-                        )
-                    })
-            };
+            let out = SatScript::run(
+                py,
+                "bench_generate_sat.py",
+                &[],
+                &[
+                    ("THREADS", threads.to_string()),
+                    ("NEW", new_tokens.to_string()),
+                    ("DTYPE", dtype_name(kind).to_string()),
+                ],
+            )?;
+            let get = |k: &str| out.get(k);
             Some((get("sat_ttft_ms")?, get("sat_b1_tps")?, get("sat_b8_tps")?))
         }
     };
@@ -973,6 +963,52 @@ pub fn generate(
         op_us,
         sat,
     })
+}
+
+/// What one of the original's benchmark scripts (`scripts/bench_*_sat.py`) printed: lines
+/// `<key> <number>`.
+struct SatScript {
+    script: PathBuf,
+    stdout: String,
+    stderr: String,
+}
+
+impl SatScript {
+    fn run(
+        python: &Path,
+        name: &str,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name);
+        let out = std::process::Command::new(python)
+            .arg(&script)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        Ok(Self {
+            script,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<f64> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .with_context(|| {
+                format!(
+                    "{} printed no {key}:\n{}\n{}",
+                    self.script.display(),
+                    self.stdout,
+                    self.stderr
+                )
+            })
+    }
 }
 
 /// `xrayglm bench train`: LoRA fine-tuning throughput on a preset (random weights) with the real
@@ -1210,25 +1246,13 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
                     "preset": o.preset, "samples": samples,
                 }),
             )?;
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_sat.py");
-            let out = std::process::Command::new(py)
-                .arg(&script)
-                .arg(&spec)
-                .env("THREADS", threads.to_string())
-                .output()
-                .with_context(|| format!("running {}", py.display()))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let get = |k: &str| -> Result<f64> {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
-                    .with_context(|| {
-                        format!(
-                            "{} printed no {k}:\n{text}\n{}",
-                            script.display(),
-                            String::from_utf8_lossy(&out.stderr)
-                        )
-                    })
-            };
+            let out = SatScript::run(
+                py,
+                "bench_train_sat.py",
+                &[spec.as_os_str()],
+                &[("THREADS", threads.to_string())],
+            )?;
+            let get = |k: &str| out.get(k);
             Some(TrainSide {
                 samples_per_s: get("sat_samples_per_s")?,
                 tokens_per_s: get("sat_tokens_per_s")?,

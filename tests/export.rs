@@ -55,19 +55,7 @@ fn logits(dir: &Path, merge: bool) -> Tensor {
         m.merge_lora().unwrap();
     }
     let inputs = tensors(&common::fixture("model").join("a/inputs.safetensors"));
-    let pre = inputs["pre_image"].int64_value(&[0]);
-    tch::no_grad(|| {
-        m.forward(
-            &inputs["input_ids"],
-            Some(&inputs["image"]),
-            pre,
-            None,
-            None,
-            false,
-        )
-        .unwrap()
-        .logits
-    })
+    tch::no_grad(|| common::run_inputs(&m, &inputs).logits)
 }
 
 #[test]

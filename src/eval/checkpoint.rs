@@ -255,14 +255,16 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     let mut hyps: Vec<Option<String>> = vec![None; data.records.len()];
     for batch in loader.take(n_batches) {
         let b = batch?;
+        let t = b.to_tensors(dev);
+        // The frozen vision tower runs once per batch, for the loss and the reports alike.
+        let embeds = tch::no_grad(|| model.encode_image(&t.images.to_kind(model.kind()), false).2);
         if o.loss {
             let n = b.target_tokens();
             if n > 0 {
-                let t = b.to_tensors(dev);
                 let l = tch::no_grad(|| {
                     model.loss(
                         &t.input_ids,
-                        &t.images,
+                        &embeds,
                         b.pre_image as i64,
                         &t.position_ids,
                         &b.context_lengths,
@@ -276,9 +278,6 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
             }
         }
         if o.generate {
-            let s = b.image_size as i64;
-            let pixels = Tensor::from_slice(&b.images).view([b.batch_size as i64, 3, s, s]);
-            let embeds = chat.embed_images(&pixels);
             // One decoding call per distinct question in the batch (random-prompt data).
             let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (row, &i) in b.indices.iter().enumerate() {
@@ -293,7 +292,10 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
                     max_length: ids.len() + o.max_new_tokens,
                     ..o.settings.clone()
                 };
-                let imgs: Vec<Tensor> = rows.iter().map(|&r| embeds[r].shallow_clone()).collect();
+                let imgs: Vec<Tensor> = rows
+                    .iter()
+                    .map(|&r| embeds.narrow(0, r as i64, 1))
+                    .collect();
                 let out = chat.answer_images(&imgs, query, &settings)?;
                 for (&r, h) in rows.iter().zip(out) {
                     hyps[b.indices[r]] = Some(h);
