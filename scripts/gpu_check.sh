@@ -15,6 +15,8 @@
 #      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
 #      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory;
 #   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
+#   5c. `bench layer`: the default kernels (fused GELU, one rotary for q and k, LoRA as two thin
+#      matmuls, frozen weights outside autograd) against each alternative at the real width;
 #   6. real-size greedy decoding in bf16 with the KV cache: time to first token, tokens/s at batch 1, 8;
 #   7. the same training and decoding work by the original (scripts/bench_gpu_sat.py) and the ratios.
 set -uo pipefail
@@ -93,6 +95,9 @@ print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
 PY
 step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak memory (goal: fits in 24 GB)"
 train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8 training"; FAIL=1; }
+step "5c. kernel choices at the real width: 4 ChatGLM layers, bf16, micro-batch 8 x 320, checkpointing"
+timeout 120 "$BIN" bench layer --device cuda --dtype bf16 --layers 4 --batch 8 --seq 320 --steps 5 \
+  || { echo "FAIL: layer bench"; FAIL=1; }
 step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
 set -o pipefail
 timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \

@@ -429,6 +429,25 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// `configs/xrayglm.toml` carries finetune_XrayGLM.sh's settings (VISUALGLM_SPEC.md §5).
+    #[test]
+    fn xrayglm_config_is_the_reference_script() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/xrayglm.toml");
+        let c = Config::load(Some(&path), &[]).unwrap();
+        let t = &c.train;
+        assert!(t.checkpoint_activations, "--checkpoint-activations");
+        assert_eq!(t.train_iters, 300);
+        assert_eq!(t.lr, 1e-4);
+        assert_eq!(t.clip_grad, 0.1);
+        assert_eq!(t.weight_decay, 0.01);
+        assert_eq!(t.precision, "fp16");
+        assert_eq!(c.loader.batch_size, 8);
+        assert_eq!(c.sample.max_source_length, 64);
+        assert_eq!(c.sample.max_target_length, 256);
+        let lora = &c.model.lora;
+        assert_eq!((lora.rank, &lora.layers[..]), (10, &[0, 14][..]));
+    }
+
     #[test]
     fn overrides_parse_types_and_reject_unknown_keys() {
         let c = Config::load(

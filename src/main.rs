@@ -596,6 +596,29 @@ enum BenchCommand {
         tokenizer: Option<PathBuf>,
     },
     /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
+    /// A LoRA training step through ChatGLM layers at a preset's width: the default kernels
+    /// against sat's GELU arithmetic, a materialized LoRA ΔW, frozen weights tracked by autograd,
+    /// and the other activation-checkpointing choice, in one run.
+    Layer {
+        #[arg(long, default_value = "visualglm-6b")]
+        preset: String,
+        #[arg(long, default_value_t = 2)]
+        layers: i64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Frozen weights: fp32, bf16 or fp16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+        #[arg(long, default_value_t = 160)]
+        seq: i64,
+        /// Time without activation checkpointing as the default (and with it as the variant).
+        #[arg(long)]
+        no_checkpoint: bool,
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+    },
     Step {
         #[arg(long, default_value = "tiny")]
         preset: String,
@@ -1076,6 +1099,36 @@ fn run() -> Result<()> {
             print!(
                 "{}",
                 xrayglm::bench::model(&preset, batch, seq, iters, dev)?
+            );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Layer {
+                    preset,
+                    layers,
+                    device,
+                    dtype,
+                    batch,
+                    seq,
+                    no_checkpoint,
+                    steps,
+                },
+        } => {
+            let dev = xrayglm::device::parse(&device)?;
+            let kind = parse_kind(&dtype)?;
+            print!(
+                "{}",
+                xrayglm::bench::layer(
+                    &preset,
+                    layers,
+                    dev,
+                    kind,
+                    batch,
+                    seq,
+                    !no_checkpoint,
+                    steps
+                )?
             );
             Ok(())
         }

@@ -58,3 +58,40 @@ fn train_bench_runs_in_reduced_mode() {
     assert_eq!(nums.len(), 4, "{line}");
     assert!(nums.iter().all(|v| *v > 0.0 && v.is_finite()), "{line}");
 }
+
+/// `xrayglm bench layer` on the small preset's width: one row per kernel choice, every time
+/// positive. Needs nothing from ../shared.
+#[test]
+fn layer_bench_times_every_kernel_choice() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args([
+            "bench", "layer", "--preset", "small", "--layers", "2", "--batch", "2", "--seq", "80",
+            "--steps", "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    let times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("ms/step")
+                .next()?
+                .split_whitespace()
+                .last()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(times.len(), 6, "{text}");
+    assert!(times.iter().all(|t| *t > 0.0 && t.is_finite()), "{text}");
+    assert!(
+        text.contains("frozen weights tracked by autograd"),
+        "{text}"
+    );
+}

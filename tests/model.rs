@@ -443,3 +443,70 @@ fn int8_layer_weights_stay_close_and_still_train() {
         .to_string();
     assert!(err.contains("int8"), "{err}");
 }
+
+/// Every kernel choice `xrayglm bench layer` times computes the reference's function: logits and
+/// LoRA gradients within the parity tolerances of the sat fixtures (1e-4), and the two rotary
+/// paths bit for bit the same.
+#[test]
+fn kernel_variants_match_the_reference() {
+    use xrayglm::model::chatglm::Kernels;
+    for name in ["a", "b"] {
+        let inputs = map(dir(name).join("inputs.safetensors"));
+        let want = map(dir(name).join("outputs.safetensors"));
+        let mut m = build(
+            name,
+            QkvLayout::Interleaved,
+            read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
+        );
+        let default = common::run_inputs(&m, &inputs).logits;
+        for (what, k) in [
+            (
+                "sat gelu",
+                Kernels {
+                    sat_gelu: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "split rotary",
+                Kernels {
+                    split_rotary: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "lora as weight",
+                Kernels {
+                    lora_as_weight: true,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            m.chatglm.kernels = k;
+            for v in m.lora.trainable_variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let out = common::run_inputs(&m, &inputs);
+            let e = rel_err(&out.logits, &want["logits"]);
+            assert!(e <= 1e-4, "{name} {what} logits: {e:.3e}");
+            if k.split_rotary {
+                assert!(
+                    out.logits.equal(&default),
+                    "{name}: the rotary paths differ"
+                );
+            }
+            lm_loss(&out.logits, &inputs["labels"]).backward();
+            for (key, g) in &want {
+                let Some(param) = key.strip_prefix("grad.") else {
+                    continue;
+                };
+                let ours = m.lora.variables()[&canonical_name(param).unwrap()].grad();
+                let e = rel_err(&ours, g);
+                assert!(e <= 1e-4, "{name} {what} grad {param}: {e:.3e}");
+            }
+        }
+    }
+}

@@ -56,8 +56,26 @@ pub struct ChatGlm {
     pub lora_active: bool,
     /// Fused scaled-dot-product attention (additive −10000 mask) instead of sat's arithmetic.
     pub fused_attention: bool,
+    /// Kernel choices measured by `xrayglm bench layer`; the defaults are the fast ones.
+    pub kernels: Kernels,
     /// Base seed for per-layer dropout generators (see [`ChatGlm::loss_backward_checkpointed`]).
     pub layer_seed: std::cell::Cell<Option<i64>>,
+}
+
+/// How a layer's elementwise work is done. The defaults are the measured-fast choices; the
+/// alternatives exist so that `xrayglm bench layer` can time both in one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Kernels {
+    /// sat's `gelu_impl` op for op (8 elementwise kernels and their autograd nodes) instead of
+    /// libtorch's one-kernel tanh GELU (the same formula evaluated in fp32 inside the kernel).
+    pub sat_gelu: bool,
+    /// Add each LoRA's `ΔW = B·A·scaling` to the frozen weight and run one matmul (how a merged
+    /// model runs), instead of the two thin matmuls `(x·Aᵀ)·Bᵀ` beside the frozen one. The LoRA
+    /// dropout is not applied on this path.
+    pub lora_as_weight: bool,
+    /// Rotate the four quarter-tensors (q and k, position and block halves) one by one and
+    /// concatenate them back, instead of one rotation of the stacked q and k.
+    pub split_rotary: bool,
 }
 
 /// Per-layer keys (after rotary) and values `[B, heads, T, head_dim]` of the tokens decoded so
@@ -158,15 +176,12 @@ impl Rot {
         }
     }
 
-    /// Rotate `x [B, S, n, d]`.
-    fn apply(&self, x: &Tensor) -> Tensor {
-        let d = *x.size().last().unwrap();
-        let k = x.kind();
-        let (c, s) = match &self.low {
+    /// The cos and (half-negated) sin rows `[B, S, 1, d]` in kind `k`.
+    fn tables(&self, k: Kind) -> (Tensor, Tensor) {
+        match &self.low {
             Some((c, s)) if c.kind() == k => (c.shallow_clone(), s.shallow_clone()),
             _ => (self.cos.to_kind(k), self.sin.to_kind(k)),
-        };
-        x * c + x.roll([d / 2], [-1]) * s
+        }
     }
 }
 
@@ -241,6 +256,7 @@ impl ChatGlm {
             dropout: Dropouts::default(),
             lora_active: true,
             fused_attention: false,
+            kernels: Kernels::default(),
             layer_seed: std::cell::Cell::new(None),
         }
     }
@@ -457,15 +473,13 @@ impl ChatGlm {
         let attn = self.attention(l, idx, &a, pos, block, mask, train, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
-        let mut up = l.h_to_4h.forward(&m);
-        if let Some(lo) = l.h_to_4h_lora.as_ref().filter(|_| self.lora_active) {
-            up = up + lo.delta(&m, train);
-        }
-        let act = gelu_tanh(&up);
-        let mut down = l.h4_to_h.forward(&act);
-        if let Some(lo) = l.h4_to_h_lora.as_ref().filter(|_| self.lora_active) {
-            down = down + lo.delta(&act, train);
-        }
+        let up = self.adapted(&l.h_to_4h, l.h_to_4h_lora.as_ref(), &m, train);
+        let act = if self.kernels.sat_gelu {
+            gelu_tanh(&up)
+        } else {
+            up.gelu("tanh")
+        };
+        let down = self.adapted(&l.h4_to_h, l.h4_to_h_lora.as_ref(), &act, train);
         &m * self.alpha + dropout(&down, d.output, train)
     }
 
@@ -483,16 +497,28 @@ impl ChatGlm {
     ) -> Tensor {
         let (b, s, hidden) = a.size3().unwrap();
         let (n, hd) = (self.heads, self.head_dim);
-        let mut qkv = l.qkv.forward(a);
-        if let Some(lo) = l.qkv_lora.as_ref().filter(|_| self.lora_active) {
-            qkv = qkv + lo.delta(a, train);
-        }
-        let parts = qkv.view([b, s, n, 3 * hd]).chunk(3, -1);
-        let (q, k, v) = (&parts[0], &parts[1], &parts[2]);
-        let q12 = q.chunk(2, -1);
-        let k12 = k.chunk(2, -1);
-        let q = Tensor::cat(&[pos.apply(&q12[0]), block.apply(&q12[1])], -1);
-        let k = Tensor::cat(&[pos.apply(&k12[0]), block.apply(&k12[1])], -1);
+        let qkv = self
+            .adapted(&l.qkv, l.qkv_lora.as_ref(), a, train)
+            .view([b, s, n, 3 * hd]);
+        // Per head `[q k v]`; q and k rotated together: `[B, S, n, q|k, pos|block, d/4·2]`.
+        let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
+        let (q, k) = if self.kernels.split_rotary {
+            let half = |t: i64, r: i64, rot: &Rot| {
+                let x = qk.select(3, t).select(3, r);
+                let (c, sn) = rot.tables(x.kind());
+                &x * c + x.roll([hd / 4], [-1]) * sn
+            };
+            let q = Tensor::cat(&[half(0, 0, pos), half(0, 1, block)], -1);
+            let k = Tensor::cat(&[half(1, 0, pos), half(1, 1, block)], -1);
+            (q, k)
+        } else {
+            let qk = rotate(&qk, pos, block);
+            (
+                qk.select(3, 0).reshape([b, s, n, hd]),
+                qk.select(3, 1).reshape([b, s, n, hd]),
+            )
+        };
+        let v = qkv.narrow(-1, 2 * hd, hd);
         // [B, S, n, d] → [B, n, S, d]
         let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         if let Some(cache) = kv {
@@ -539,11 +565,20 @@ impl ChatGlm {
             dropout(&probs, self.dropout.attention, train).matmul(&v)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
-        let mut out = l.dense.forward(&ctx);
-        if let Some(lo) = l.dense_lora.as_ref().filter(|_| self.lora_active) {
-            out = out + lo.delta(&ctx, train);
-        }
+        let out = self.adapted(&l.dense, l.dense_lora.as_ref(), &ctx, train);
         dropout(&out, self.dropout.output, train)
+    }
+
+    /// A frozen linear with its LoRA (when present and not merged).
+    fn adapted(&self, lin: &Linear, lora: Option<&Lora>, x: &Tensor, train: bool) -> Tensor {
+        match lora.filter(|_| self.lora_active) {
+            None => lin.forward(x),
+            Some(lo) if self.kernels.lora_as_weight && lin.int8.is_none() => {
+                let w = &lin.weight + lo.delta_weight().to_kind(lin.weight.kind());
+                x.linear(&w, lin.bias.as_ref())
+            }
+            Some(lo) => lin.forward(x) + lo.delta(x, train),
+        }
     }
 
     /// Weight-only int8 for the four linears of every layer (the embedding table and lm_head stay
@@ -580,6 +615,20 @@ impl ChatGlm {
         }
         out
     }
+}
+
+/// Rotary for q and k together, `x [B, S, n, 2, 2, d/2]` (q|k, then the position half and the
+/// block-position half of each head): `x·cos + roll(x, d/4)·sin` on the stacked tables, four
+/// kernels where rotating the four quarter-tensors apart took sixteen and two concatenations.
+fn rotate(x: &Tensor, pos: &Rot, block: &Rot) -> Tensor {
+    let k = x.kind();
+    let (pc, ps) = pos.tables(k);
+    let (bc, bs) = block.tables(k);
+    // [B, S, 1, d/2] each → [B, S, 1, 1, 2, d/2]
+    let c = Tensor::stack(&[pc, bc], 3).unsqueeze(3);
+    let s = Tensor::stack(&[ps, bs], 3).unsqueeze(3);
+    let d = *x.size().last().unwrap();
+    x * c + x.roll([d / 2], [-1]) * s
 }
 
 /// `softmax(q·kᵀ/√d)·v` without a mask for `q [B, n, 1, d]` (one new token attending to all keys),

@@ -81,8 +81,6 @@ impl VisualGlm {
         super::nn::with_skip_init(|| Self::new(cfg, device, kind))
     }
 
-    /// Use libtorch's fused scaled-dot-product attention in every attention (ViT, Q-Former,
-    /// ChatGLM) instead of the reference's op-by-op arithmetic. Same function; faster on GPU.
     /// Where the frozen weights live.
     pub fn device(&self) -> Device {
         self.glm_proj.weight.device()
@@ -93,6 +91,8 @@ impl VisualGlm {
         self.glm_proj.weight.kind()
     }
 
+    /// Use libtorch's fused scaled-dot-product attention in every attention (ViT, Q-Former,
+    /// ChatGLM) instead of the reference's op-by-op arithmetic. Same function; faster on GPU.
     pub fn set_fused_attention(&mut self, on: bool) {
         self.vit.fused_attention = on;
         self.qformer.fused_attention = on;
