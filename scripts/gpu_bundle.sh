@@ -45,6 +45,10 @@ done
 for t in "${XRAYGLM_TOKENIZER:-}" checkpoints/tokenizer/ice_text.model ../shared/reference/tokenizer/ice_text.model; do
   [ -n "$t" ] && [ -f "$t" ] && cp "$t" "$OUT/ice_text.model" && break
 done
+# OpenI-zh reports for step 5d (the real report length mix; films are synthetic).
+for r in "${XRAYGLM_REPORTS:-}" ../shared/data/Xray/openi-zh.json; do
+  [ -n "$r" ] && [ -f "$r" ] && cp "$r" "$OUT/openi-zh.json" && break
+done
 # The original (SwissArmyTransformer 0.3.6 and dill, pure Python) for gpu_check.sh step 7; the GPU
 # image has torch, safetensors and transformers.
 SITE=$(ls -d /opt/xrayglm/fixtures-venv/lib/python3*/site-packages 2>/dev/null | head -n 1)

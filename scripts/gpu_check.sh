@@ -17,6 +17,8 @@
 #   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
 #   5c. `bench layer`: the default kernels (fused GELU, one rotary for q and k, LoRA as two thin
 #      matmuls, frozen weights outside autograd) against each alternative at the real width;
+#   5d. the same model through `bench train` on the OpenI-zh report length mix with xrayglm's
+#      defaults (dynamic padding): samples/s and report tokens/s (the original pads to 320);
 #   6. real-size greedy decoding in bf16 with the KV cache: time to first token, tokens/s at batch 1, 8;
 #   7. the same training and decoding work by the original (scripts/bench_gpu_sat.py) and the ratios.
 set -uo pipefail
@@ -98,6 +100,19 @@ train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8
 step "5c. kernel choices at the real width: 4 ChatGLM layers, bf16, micro-batch 8 x 320, checkpointing"
 timeout 120 "$BIN" bench layer --device cuda --dtype bf16 --layers 4 --batch 8 --seq 320 --steps 5 \
   || { echo "FAIL: layer bench"; FAIL=1; }
+step "5d. real-size training on the OpenI-zh report length mix, xrayglm's defaults (dynamic padding), bf16, micro-batch 8"
+rm -f /tmp/xrayglm_mix.txt
+if [ -f "$B/openi-zh.json" ]; then
+  set -o pipefail
+  timeout 240 "$BIN" bench train --preset visualglm-6b --batch 8 --steps 14 --warm 4 --films 64 \
+    --reports "$B/openi-zh.json" --tokenizer "$TOK" \
+    --set 'model.device="cuda"' --set 'model.dtype="bf16"' --set 'train.precision="bf16"' \
+    --set train.checkpoint_activations=true --set 'train.backend="nccl"' | tee /tmp/xrayglm_mix.txt \
+    || { echo "FAIL: real-size training on the OpenI-zh mix"; FAIL=1; }
+  set +o pipefail
+else
+  echo "skipped: no openi-zh.json in the bundle (scripts/gpu_bundle.sh copies ../shared/data/Xray/openi-zh.json)"
+fi
 step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
 set -o pipefail
 timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \
@@ -108,7 +123,7 @@ if [ -d "$B/py/sat" ]; then
   env -u LD_LIBRARY_PATH PYTHONPATH="$PWD/$B/py" PYTHONUNBUFFERED=1 NEW=64 timeout 240 python3 scripts/bench_gpu_sat.py 2>/tmp/xrayglm_sat.err \
     | tee /tmp/xrayglm_sat.txt || { echo "FAIL: the original's benchmark"; tail -n 20 /tmp/xrayglm_sat.err; FAIL=1; }
   python3 - <<'PY' || FAIL=1
-import json, re
+import json, os, re
 sat = dict(l.split() for l in open("/tmp/xrayglm_sat.txt") if l.startswith(("sat_", "torch_")))
 ours = json.load(open("/tmp/xrayglm_train.json"))
 gen = open("/tmp/xrayglm_gen.txt").read()
@@ -117,6 +132,10 @@ rows = [("training samples/s", ours["samples_per_s"], float(sat["sat_train_sampl
         ("time to first token ms", num("time to first token"), float(sat["sat_ttft_ms"]), False),
         ("decoding batch 1 tokens/s", num("decoding, batch 1"), float(sat["sat_b1_tps"]), True),
         ("decoding batch 8 tokens/s", num("decoding, batch 8"), float(sat["sat_b8_tps"]), True)]
+mix = open("/tmp/xrayglm_mix.txt").read() if os.path.exists("/tmp/xrayglm_mix.txt") else ""
+m = re.search(r"^\s*xrayglm\s+([0-9.]+) samples/s", mix, re.M)
+if m:
+    rows.insert(1, ("training, OpenI-zh mix (dyn.)", float(m.group(1)), float(sat["sat_train_samples_per_s"]), True))
 for name, o, s, hi in rows:
     print(f"  {name:28s} xrayglm {o:10.2f}  original {s:10.2f}  ratio {(o / s if hi else s / o):.2f}x")
 print(f"  original's peak training memory (torch allocated): {float(sat.get('sat_train_peak_mib', 'nan')):.0f} MiB")

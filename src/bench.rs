@@ -1051,6 +1051,8 @@ pub struct TrainBench {
     pub warm: usize,
     pub threads: i32,
     pub mean_len: f64,
+    /// xrayglm's side: what its `--set` overrides leave, e.g. `fp32 on cpu`.
+    pub setting: String,
     pub ours: TrainSide,
     pub sat: Option<TrainSide>,
 }
@@ -1062,8 +1064,8 @@ impl std::fmt::Display for TrainBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "train bench: preset {}, fp32 on cpu, micro-batch {}, {} timed steps after {} warm-up, OpenI-zh report lengths (mean sample {:.0} tokens), LoRA r10 on 2 layers, dropout 0.1, {} threads",
-            self.preset, self.batch, self.steps - self.warm, self.warm, self.mean_len, self.threads
+            "train bench: preset {}, {}, micro-batch {}, {} timed steps after {} warm-up, OpenI-zh report lengths (mean sample {:.0} tokens), LoRA r10 on 2 layers, dropout 0.1, {} threads",
+            self.preset, self.setting, self.batch, self.steps - self.warm, self.warm, self.mean_len, self.threads
         )?;
         let row = |f: &mut std::fmt::Formatter<'_>, name: &str, s: &TrainSide| {
             writeln!(
@@ -1268,6 +1270,22 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
         warm: o.warm,
         threads,
         mean_len: len_sum as f64 / total.max(1) as f64,
+        setting: {
+            // The last `--set` of a key wins, as in the trainer.
+            let last = |key: &str, default: &str| {
+                sets.iter()
+                    .rev()
+                    .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_string())
+                    .unwrap_or_else(|| default.to_string())
+            };
+            format!(
+                "{} weights, {} precision, on {}",
+                last("model.dtype", "fp32"),
+                last("train.precision", "fp32"),
+                last("model.device", "cpu")
+            )
+        },
         ours,
         sat,
     })
