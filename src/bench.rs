@@ -1485,6 +1485,14 @@ pub fn layer(
         },
         ms: time(&glm, !checkpoint),
     });
+    if checkpoint && layers > 1 {
+        glm.recompute_layers = Some(layers as usize / 2);
+        rows.push(LayerRow {
+            name: "recompute the first half of the layers only",
+            ms: time(&glm, true),
+        });
+        glm.recompute_layers = None;
+    }
     // Last: the frozen weights' gradients stay allocated afterwards.
     for v in base.variables().into_values() {
         let _ = v.set_requires_grad(true);

@@ -249,6 +249,10 @@ pub struct TrainSection {
     /// Recompute each ChatGLM layer in the backward pass instead of keeping its activations
     /// (sat's `--checkpoint-activations`; same gradients, less memory, ~1/3 more compute).
     pub checkpoint_activations: bool,
+    /// With `checkpoint_activations`, recompute only the first this-many ChatGLM layers and keep
+    /// the others' activations (memory for speed, like Megatron's `recompute_num_layers`);
+    /// -1: every layer.
+    pub checkpoint_layers: i64,
     /// Compute each film's image embeddings once and reuse them (only when
     /// `model.vision_dropout = 0`: XrayGLM's 0.1 makes them differ at every step).
     pub vision_cache: bool,
@@ -292,6 +296,7 @@ impl Default for TrainSection {
             backend: "auto".into(),
             dist_timeout_s: 30,
             checkpoint_activations: false,
+            checkpoint_layers: -1,
             vision_cache: true,
             stop_at: 0,
         }
@@ -413,6 +418,12 @@ impl Config {
         if !(0.0..1.0).contains(&t.val_fraction) {
             bail!("train.val_fraction must be in [0, 1)");
         }
+        if t.checkpoint_layers < -1 {
+            bail!(
+                "train.checkpoint_layers {}: use -1 (every layer) or a layer count",
+                t.checkpoint_layers
+            );
+        }
         if t.log_interval <= 0 || t.save_interval <= 0 || t.eval_interval <= 0 {
             bail!("train.log_interval, save_interval and eval_interval must be positive");
         }
@@ -428,6 +439,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoint_layers_must_be_a_count_or_minus_one() {
+        let ok = Config::load(None, &["train.checkpoint_layers=3".into()]).unwrap();
+        assert_eq!(ok.train.checkpoint_layers, 3);
+        assert_eq!(Config::load(None, &[]).unwrap().train.checkpoint_layers, -1);
+        let e = Config::load(None, &["train.checkpoint_layers=-2".into()])
+            .and_then(|c| c.validate())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checkpoint_layers"), "{e}");
+    }
 
     /// `configs/xrayglm.toml` carries finetune_XrayGLM.sh's settings (VISUALGLM_SPEC.md §5).
     #[test]

@@ -88,7 +88,7 @@ fn layer_bench_times_every_kernel_choice() {
                 .ok()
         })
         .collect();
-    assert_eq!(times.len(), 6, "{text}");
+    assert_eq!(times.len(), 7, "{text}");
     assert!(times.iter().all(|t| *t > 0.0 && t.is_finite()), "{text}");
     assert!(
         text.contains("frozen weights tracked by autograd"),

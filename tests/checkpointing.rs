@@ -1,4 +1,5 @@
-//! Activation checkpointing gives the same gradients as the plain backward. In its own test
+//! Activation checkpointing (of every layer, or of some) gives the same gradients as the plain
+//! backward. In its own test
 //! binary: it relies on libtorch's global generator for dropout, which tests running in parallel
 //! in the same process would disturb.
 
@@ -44,7 +45,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
-    let grads = |checkpoint: bool| -> (f64, Vec<(String, Tensor)>) {
+    let grads = |m: &VisualGlm, checkpoint: bool| -> (f64, Vec<(String, Tensor)>) {
         for (_, v) in m.lora.variables() {
             let mut g = v.grad();
             if g.defined() {
@@ -65,12 +66,16 @@ fn activation_checkpointing_gives_the_same_gradients() {
         g.sort_by(|a, b| a.0.cmp(&b.0));
         (loss, g)
     };
-    let (l1, g1) = grads(false);
-    let (l2, g2) = grads(true);
-    assert_eq!(l1, l2);
-    for ((k, a), (_, b)) in g1.iter().zip(&g2) {
-        let e = rel_err(b, a);
-        assert!(e <= 1e-6, "{k}: {e:.3e}");
-        assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
+    let (l1, g1) = grads(&m, false);
+    // Every layer recomputed, then only the first (the second keeps its activations), then none.
+    for recompute in [None, Some(1), Some(0)] {
+        m.chatglm.recompute_layers = recompute;
+        let (l2, g2) = grads(&m, true);
+        assert_eq!(l1, l2, "recompute {recompute:?}");
+        for ((k, a), (_, b)) in g1.iter().zip(&g2) {
+            let e = rel_err(b, a);
+            assert!(e <= 1e-6, "recompute {recompute:?}: {k}: {e:.3e}");
+            assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
+        }
     }
 }

@@ -371,6 +371,29 @@ fn bad_configs_fail_before_any_work() {
         "{err}"
     );
     assert!(!dir.path().join("checkpoints").exists());
+    // More layers to recompute than the model has: caught before anything is written.
+    let out = xrayglm()
+        .args([
+            "finetune",
+            "--set",
+            "train.checkpoint_activations=true",
+            "--set",
+            "train.checkpoint_layers=9",
+            "--set",
+            "synthetic.count=8",
+            "--set",
+            "synthetic.size=32",
+        ])
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("checkpoint_layers 9 exceeds"),
+        "{err}"
+    );
+    assert!(!dir.path().join("checkpoints").exists());
 }
 
 /// The README's main command: the demo fine-tune lowers the held-out validation loss of the tiny

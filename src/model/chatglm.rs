@@ -58,6 +58,9 @@ pub struct ChatGlm {
     pub fused_attention: bool,
     /// Kernel choices measured by `xrayglm bench layer`; the defaults are the fast ones.
     pub kernels: Kernels,
+    /// With activation checkpointing, how many layers (the first ones) are recomputed in the
+    /// backward; the others keep their activations. `None`: every layer.
+    pub recompute_layers: Option<usize>,
     /// Base seed for per-layer dropout generators (see [`ChatGlm::loss_backward_checkpointed`]).
     pub layer_seed: std::cell::Cell<Option<i64>>,
 }
@@ -71,7 +74,7 @@ pub struct Kernels {
     pub sat_gelu: bool,
     /// Add each LoRA's `ΔW = B·A·scaling` to the frozen weight and run one matmul (how a merged
     /// model runs), instead of the two thin matmuls `(x·Aᵀ)·Bᵀ` beside the frozen one. The LoRA
-    /// dropout is not applied on this path.
+    /// dropout is not applied on this path; int8 layers keep the two matmuls.
     pub lora_as_weight: bool,
     /// Rotate the four quarter-tensors (q and k, position and block halves) one by one and
     /// concatenate them back, instead of one rotation of the stacked q and k.
@@ -257,6 +260,7 @@ impl ChatGlm {
             lora_active: true,
             fused_attention: false,
             kernels: Kernels::default(),
+            recompute_layers: None,
             layer_seed: std::cell::Cell::new(None),
         }
     }
@@ -389,10 +393,10 @@ impl ChatGlm {
     }
 
     /// Loss and LoRA gradients with per-layer activation checkpointing: the forward keeps only each
-    /// layer's input; the backward recomputes one layer at a time and pulls the incoming gradient
-    /// through it (`∂(y·g)/∂θ`). Same gradients as `forward` + `backward`, O(1) layers of
-    /// activations. The loss is [`ChatGlm::target_loss`] of `labels`; the value returned is
-    /// unscaled.
+    /// recomputed layer's input; the backward recomputes one layer at a time and pulls the incoming
+    /// gradient through it (`∂(y·g)/∂θ`). Layers past [`ChatGlm::recompute_layers`] keep their
+    /// activations from the forward instead. Same gradients as `forward` + `backward`. The loss is
+    /// [`ChatGlm::target_loss`] of `labels`; the value returned is unscaled.
     pub fn loss_backward_checkpointed(
         &self,
         inp: &GlmInputs,
@@ -400,41 +404,58 @@ impl ChatGlm {
         train: bool,
         scale: f64,
     ) -> f64 {
+        /// What the forward leaves for the backward of one layer.
+        enum Saved {
+            /// The layer's input: the layer runs again in the backward.
+            Recompute(Tensor),
+            /// The input (a leaf) and the output with its autograd graph.
+            Kept(Tensor, Tensor),
+        }
+        let recompute = self.recompute_layers.unwrap_or(self.layers.len());
         let (x0, pos, block, mask) = self.prepare(inp, train);
-        let mut inputs = vec![x0];
-        tch::no_grad(|| {
-            for (i, l) in self.layers.iter().enumerate() {
-                self.seed_layer(i);
-                let y = self.layer(
-                    l,
-                    i as i64,
-                    inputs.last().unwrap(),
-                    &pos,
-                    &block,
-                    &mask,
-                    train,
-                );
-                inputs.push(y);
+        let leaf = |x: &Tensor, i: usize| {
+            if i > 0 || x.requires_grad() {
+                x.detach().set_requires_grad(true)
+            } else {
+                x.detach()
             }
-        });
-        let last = inputs.pop().unwrap().detach().set_requires_grad(true);
+        };
+        let mut saved = Vec::with_capacity(self.layers.len());
+        let mut x = x0;
+        for (i, l) in self.layers.iter().enumerate() {
+            self.seed_layer(i);
+            if i < recompute {
+                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &pos, &block, &mask, train));
+                saved.push(Saved::Recompute(x));
+                x = y;
+            } else {
+                let input = leaf(&x, i);
+                let y = self.layer(l, i as i64, &input, &pos, &block, &mask, train);
+                x = y.detach();
+                saved.push(Saved::Kept(input, y));
+            }
+        }
+        let last = x.detach().set_requires_grad(true);
         let loss = self.target_loss(&last, labels);
         let value = loss.double_value(&[]);
         (loss * scale).backward();
         let mut g = last.grad();
         for (i, l) in self.layers.iter().enumerate().rev() {
-            let x = inputs.pop().unwrap();
-            let needs_input_grad = i > 0 || x.requires_grad();
-            let x = if needs_input_grad {
-                x.detach().set_requires_grad(true)
-            } else {
-                x.detach()
+            let input = match saved.pop().unwrap() {
+                Saved::Recompute(x) => {
+                    let input = leaf(&x, i);
+                    self.seed_layer(i);
+                    let y = self.layer(l, i as i64, &input, &pos, &block, &mask, train);
+                    (y * &g).sum(Kind::Float).backward();
+                    input
+                }
+                Saved::Kept(input, y) => {
+                    (y * &g).sum(Kind::Float).backward();
+                    input
+                }
             };
-            self.seed_layer(i);
-            let y = self.layer(l, i as i64, &x, &pos, &block, &mask, train);
-            (y * &g).sum(Kind::Float).backward();
             if i > 0 {
-                g = x.grad();
+                g = input.grad();
             }
         }
         value
@@ -500,7 +521,7 @@ impl ChatGlm {
         let qkv = self
             .adapted(&l.qkv, l.qkv_lora.as_ref(), a, train)
             .view([b, s, n, 3 * hd]);
-        // Per head `[q k v]`; q and k rotated together: `[B, S, n, q|k, pos|block, d/4·2]`.
+        // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
         let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
         let (q, k) = if self.kernels.split_rotary {
             let half = |t: i64, r: i64, rot: &Rot| {

@@ -440,14 +440,21 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let (train_records, val_records) = split(loaded.records, tc.val_fraction, tc.seed);
     // The prompt holds as many image slots as the model has query tokens.
     let mut sample_cfg = cfg.sample.clone();
-    sample_cfg.image_length = if cfg.model.path.as_os_str().is_empty() {
-        ModelConfig::preset(&cfg.model.preset)?.sat.image_length
+    let model_sat = if cfg.model.path.as_os_str().is_empty() {
+        ModelConfig::preset(&cfg.model.preset)?.sat
     } else {
         crate::weights::source::read_config(&crate::weights::source::resolve_run(&cfg.model.path))
             .with_context(|| format!("model.path {}", cfg.model.path.display()))?
             .sat
-            .image_length
-    } as usize;
+    };
+    sample_cfg.image_length = model_sat.image_length as usize;
+    if tc.checkpoint_layers > model_sat.num_layers {
+        bail!(
+            "train.checkpoint_layers {} exceeds the model's {} ChatGLM layers",
+            tc.checkpoint_layers,
+            model_sat.num_layers
+        );
+    }
     let builder = SampleBuilder::new(tokenizer.clone(), sample_cfg)?;
     let processor = cfg.image.processor();
     let mut loader_cfg = cfg.loader.clone();
@@ -483,6 +490,8 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             model.cfg.sat.eva_args.image_size[0]
         );
     }
+    model.chatglm.recompute_layers =
+        (tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize);
     let val_batches: Vec<Batch> = if val_records.is_empty() {
         Vec::new()
     } else {
