@@ -30,6 +30,19 @@ pub struct DataBench {
     pub single_ips: f64,
     pub parallel_ips: f64,
     pub loader_sps: Option<f64>,
+    /// The original's data path in the same run (`--vs-sat`).
+    pub sat: Option<DataSat>,
+}
+
+/// XrayGLM's FewShotDataset construction on the same films and reports.
+#[derive(Debug, Clone)]
+pub struct DataSat {
+    /// Films preprocessed and samples laid out, per second (one process).
+    pub samples_per_s: f64,
+    /// Films alone, per second.
+    pub images_per_s: f64,
+    /// fp32 films the original keeps in memory for the whole run.
+    pub held_mib: f64,
 }
 
 impl std::fmt::Display for DataBench {
@@ -66,9 +79,26 @@ impl std::fmt::Display for DataBench {
                 self.threads,
                 s,
                 s / self.baseline_ips
-            ),
-            None => writeln!(f, "  loader: skipped (no tokenizer found)"),
+            )?,
+            None => writeln!(f, "  loader: skipped (no tokenizer found)")?,
         }
+        if let Some(o) = &self.sat {
+            writeln!(
+                f,
+                "  original: PIL + torchvision, 1 process       {:8.1} images/s  (xrayglm 1 thread {:.2}x)",
+                o.images_per_s,
+                self.single_ips / o.images_per_s
+            )?;
+            writeln!(
+                f,
+                "  original: FewShotDataset (films + tokens)    {:8.1} samples/s (xrayglm loader {:.2}x); holds every film as fp32: {:.0} MiB here, {:.0} MiB for OpenI-zh's 6,423",
+                o.samples_per_s,
+                self.loader_sps.unwrap_or(f64::NAN) / o.samples_per_s,
+                o.held_mib,
+                o.held_mib / self.images as f64 * 6423.0
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -129,6 +159,7 @@ pub fn data(
     threads: usize,
     from: Option<&Path>,
     tokenizer: Option<&ChatGlmTokenizer>,
+    vs_sat: Option<(&Path, &Path)>,
 ) -> Result<DataBench> {
     let threads = crate::data::worker_threads(threads);
     let dir = std::env::temp_dir().join(format!("xrayglm-bench-{}", std::process::id()));
@@ -168,6 +199,9 @@ pub fn data(
                     .try_for_each(|h| h.join().expect("bench thread panicked"))
             })
         })?;
+        let labels: Vec<String> = (0..n)
+            .map(|i| findings_for(&mut PyRandom::new(i as i64)).report())
+            .collect();
         let loader_sps = match tokenizer {
             Some(tok) => {
                 let records: Vec<Record> = paths
@@ -179,9 +213,11 @@ pub fn data(
                         img: p.display().to_string(),
                         image: p.clone(),
                         prompt: crate::data::records::FIXED_PROMPT.into(),
-                        label: findings_for(&mut PyRandom::new(i as i64)).report(),
+                        label: labels[i].clone(),
                     })
                     .collect();
+                // From records: tokenizing every sample, then one epoch of batches.
+                let t = Instant::now();
                 let builder = SampleBuilder::new(tok.clone(), SampleConfig::default())?;
                 let ds = Arc::new(Dataset::new(records, &builder, proc, "bench")?);
                 let cfg = LoaderConfig {
@@ -192,14 +228,41 @@ pub fn data(
                 };
                 let loader = Loader::new(ds, cfg, Shard::default(), LoaderState::default())?;
                 let batches = loader.batches_per_epoch();
-                Some(rate(n, || {
-                    for b in loader.take(batches) {
-                        b?;
-                    }
-                    Ok(())
-                })?)
+                for b in loader.take(batches) {
+                    b?;
+                }
+                Some(n as f64 / t.elapsed().as_secs_f64())
             }
             None => None,
+        };
+        let sat = match vs_sat {
+            None => None,
+            Some((python, ice_text)) => {
+                let spec = dir.join("sat_data.json");
+                let sample = SampleConfig::default();
+                crate::io::write_json_atomic(
+                    &spec,
+                    &serde_json::json!({
+                        "images": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                        "labels": labels,
+                        "prompt": crate::data::records::FIXED_PROMPT,
+                        "tokenizer": ice_text.display().to_string(),
+                        "max_source_length": sample.max_source_length,
+                        "max_target_length": sample.max_target_length,
+                    }),
+                )?;
+                let out = SatScript::run(
+                    python,
+                    "bench_data_sat.py",
+                    &[spec.as_os_str()],
+                    &[("THREADS", threads.to_string())],
+                )?;
+                Some(DataSat {
+                    samples_per_s: out.get("sat_samples_per_s")?,
+                    images_per_s: out.get("sat_images_per_s")?,
+                    held_mib: out.get("sat_held_mib")?,
+                })
+            }
         };
         Ok(DataBench {
             images: n,
@@ -209,6 +272,7 @@ pub fn data(
             single_ips,
             parallel_ips,
             loader_sps,
+            sat,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);

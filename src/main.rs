@@ -503,6 +503,10 @@ enum BenchCommand {
         from: Option<PathBuf>,
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Python with torchvision and sentencepiece (scripts/fixtures_venv.sh): XrayGLM's
+        /// FewShotDataset construction on the same films and reports, in the same run.
+        #[arg(long)]
+        vs_sat: Option<PathBuf>,
     },
     /// bf16 vs fp32 matmul throughput and a bf16 training step on the device (GPU check).
     Device {
@@ -1067,12 +1071,25 @@ fn run() -> Result<()> {
                     threads,
                     from,
                     tokenizer,
+                    vs_sat,
                 },
         } => {
+            let ice_text = match &vs_sat {
+                None => None,
+                Some(_) => {
+                    let p = tokenizer::find(tokenizer.as_deref())
+                        .filter(|p| p.extension().is_some_and(|e| e == "model"))
+                        .context(
+                            "--vs-sat: the original tokenizes with ice_text.model; pass --tokenizer path/to/ice_text.model",
+                        )?;
+                    Some(p)
+                }
+            };
             let tok = load_tokenizer(tokenizer.as_ref(), None)?;
+            let sat = vs_sat.as_deref().zip(ice_text.as_deref());
             print!(
                 "{}",
-                xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref())?
+                xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref(), sat)?
             );
             Ok(())
         }

@@ -95,3 +95,55 @@ fn layer_bench_times_every_kernel_choice() {
         "{text}"
     );
 }
+
+/// `xrayglm bench data` on a few of the public X-rays, tokenized through the loader: every rate
+/// present and positive. (`--vs-sat` needs the fixtures venv, which CI does not build.)
+#[test]
+fn data_bench_runs_in_reduced_mode() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args(["bench", "data", "--images", "16", "--from"])
+        .arg(shared.join("data/Xray"))
+        .arg("--tokenizer")
+        .arg(common::ice_text(&shared))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    let rates: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let (head, _) = l
+                .split_once(" images/s")
+                .or_else(|| l.split_once(" samples/s"))?;
+            head.split_whitespace().last()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(rates.len(), 4, "{text}");
+    assert!(rates.iter().all(|r| *r > 0.0 && r.is_finite()), "{text}");
+    // The original needs sentencepiece's model file, not a tokenizer.json.
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .args([
+            "bench",
+            "data",
+            "--images",
+            "2",
+            "--tokenizer",
+            "tokenizer.json",
+        ])
+        .args(["--vs-sat", "python3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ice_text.model"),
+        "{err}"
+    );
+}
