@@ -95,6 +95,7 @@ print(f"params {n/1e9:.3f}B (trainable {start['trainable_params']/1e6:.2f}M), ba
 print(f"steady state: {sps:.2f} samples/s, {tok:.0f} tokens/s computed ({useful:.0f} target tokens/s)")
 print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
 print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
+print(f"trainer's peak_gpu_used_mib (cudaMemGetInfo at each log line): {max(r.get('peak_gpu_used_mib', 0) for r in recs):.0f} MiB")
 PY
 step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak memory (goal: fits in 24 GB)"
 train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8 training"; FAIL=1; }

@@ -1105,6 +1105,8 @@ pub struct TrainSide {
     pub tokens_per_s: f64,
     pub step_ms: f64,
     pub peak_rss_mib: f64,
+    /// Peak memory in use on the GPU (whole device), when training ran on one.
+    pub peak_gpu_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -1132,11 +1134,15 @@ impl std::fmt::Display for TrainBench {
             self.preset, self.setting, self.batch, self.steps - self.warm, self.warm, self.mean_len, self.threads
         )?;
         let row = |f: &mut std::fmt::Formatter<'_>, name: &str, s: &TrainSide| {
-            writeln!(
+            write!(
                 f,
                 "  {name:9} {:8.2} samples/s {:9.1} report tokens/s {:9.1} ms/step  peak RSS {:7.0} MiB",
                 s.samples_per_s, s.tokens_per_s, s.step_ms, s.peak_rss_mib
-            )
+            )?;
+            match s.peak_gpu_mib {
+                Some(g) => writeln!(f, "  peak GPU (device) {g:.0} MiB"),
+                None => writeln!(f),
+            }
         };
         row(f, "xrayglm", &self.ours)?;
         if let Some(s) = &self.sat {
@@ -1298,6 +1304,10 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
             .iter()
             .filter_map(|r| r["peak_rss_mib"].as_f64())
             .fold(0.0, f64::max),
+        peak_gpu_mib: recs
+            .iter()
+            .filter_map(|r| r["peak_gpu_used_mib"].as_f64())
+            .reduce(f64::max),
     };
     let threads = tch::get_num_threads();
     let sat = match &o.sat_python {
@@ -1324,6 +1334,7 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
                 tokens_per_s: get("sat_tokens_per_s")?,
                 step_ms: get("sat_step_ms")?,
                 peak_rss_mib: get("sat_peak_rss_mib")?,
+                peak_gpu_mib: None,
             })
         }
     };

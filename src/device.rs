@@ -48,3 +48,52 @@ pub fn parse(spec: &str) -> anyhow::Result<tch::Device> {
         other => anyhow::bail!("unknown device {other:?} (auto, cpu, cuda, cuda:N)"),
     }
 }
+
+type CudaSetDevice = unsafe extern "C" fn(std::os::raw::c_int) -> std::os::raw::c_int;
+type CudaMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> std::os::raw::c_int;
+
+/// The CUDA runtime's `cudaSetDevice` and `cudaMemGetInfo`, from the libcudart that libtorch's
+/// CUDA build already loaded; `None` on a CPU-only libtorch.
+fn cudart() -> Option<(CudaSetDevice, CudaMemGetInfo)> {
+    static API: OnceLock<Option<(CudaSetDevice, CudaMemGetInfo)>> = OnceLock::new();
+    *API.get_or_init(|| {
+        if !register_cuda() {
+            return None;
+        }
+        ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+            .iter()
+            .find_map(|name| {
+                // SAFETY: the runtime is already mapped by libtorch_cuda; the two symbols are
+                // looked up with their signatures from cuda_runtime_api.h. The handle is leaked
+                // so that the function pointers stay valid.
+                unsafe {
+                    let lib = libloading::Library::new(name).ok()?;
+                    let set = *lib.get::<CudaSetDevice>(b"cudaSetDevice").ok()?;
+                    let info = *lib.get::<CudaMemGetInfo>(b"cudaMemGetInfo").ok()?;
+                    std::mem::forget(lib);
+                    Some((set, info))
+                }
+            })
+    })
+}
+
+/// Memory in use on a CUDA device, in MiB: the whole device (every process, libtorch's cache
+/// included), as `nvidia-smi` reports it. `None` for the CPU or when the runtime is not found.
+pub fn cuda_used_mib(dev: tch::Device) -> Option<f64> {
+    let tch::Device::Cuda(idx) = dev else {
+        return None;
+    };
+    let (set, info) = cudart()?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: plain CUDA runtime calls with valid out-pointers; this thread works on `idx`.
+    let ok = unsafe { set(idx as i32) == 0 && info(&mut free, &mut total) == 0 };
+    ok.then(|| (total - free) as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_has_no_cuda_memory() {
+        assert_eq!(super::cuda_used_mib(tch::Device::Cpu), None);
+    }
+}

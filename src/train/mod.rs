@@ -657,6 +657,8 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         (0.0, 0, 0usize, 0usize);
     // Seconds spent in the per-step collectives (loss/flags + gradient bucket) in this window.
     let mut window_comm = 0.0;
+    // Device memory in use, sampled at each log line (libtorch's cache keeps its peak reserved).
+    let mut peak_gpu_mib = 0f64;
     let mut window_t = Instant::now();
     let mut stopped = false;
     while state.step < tc.train_iters {
@@ -786,6 +788,11 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
                 "epoch": state.loader.epoch, "elapsed_s": t0.elapsed().as_secs_f64(), "rss_mib": rss_mib(), "peak_rss_mib": peak_rss_mib(),
             });
             let mut rec = rec;
+            if let Some(used) = crate::device::cuda_used_mib(dev) {
+                peak_gpu_mib = peak_gpu_mib.max(used);
+                rec["gpu_used_mib"] = serde_json::json!(used);
+                rec["peak_gpu_used_mib"] = serde_json::json!(peak_gpu_mib);
+            }
             if let Some(c) = &vision_cache {
                 rec["vision_cache_hits"] = serde_json::json!(c.hits);
                 rec["vision_cache_films"] = serde_json::json!(c.len());
