@@ -599,10 +599,10 @@ enum BenchCommand {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
-    /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
     /// A LoRA training step through ChatGLM layers at a preset's width: the default kernels
-    /// against sat's GELU arithmetic, a materialized LoRA ΔW, frozen weights tracked by autograd,
-    /// and the other activation-checkpointing choice, in one run.
+    /// against sat's GELU arithmetic, the split rotary, a materialized LoRA ΔW, the other
+    /// activation-checkpointing choice, recomputing half the layers, and frozen weights tracked
+    /// by autograd, in one run.
     Layer {
         #[arg(long, default_value = "visualglm-6b")]
         preset: String,
@@ -623,6 +623,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         steps: usize,
     },
+    /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
     Step {
         #[arg(long, default_value = "tiny")]
         preset: String,
