@@ -40,7 +40,7 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
     Tokenize(TokenizeArgs),
-    /// Benchmarks: data, model, step, device, dist, allreduce, generate (each against a baseline measured in the same run).
+    /// Benchmarks: data, model, step, layer, device, dist, allreduce, generate, train (each against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
