@@ -339,6 +339,7 @@ fn ranks_with_different_configs_refuse_to_start() {
 
 #[test]
 fn tensor_all_reduce_and_broadcast_are_exact_over_two_ranks() {
+    let _s = common::serial();
     let bin = env!("CARGO_BIN_EXE_xrayglm");
     let out = Command::new("mpirun")
         .args(["-np", "2", "--oversubscribe", "--allow-run-as-root", bin])
