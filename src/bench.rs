@@ -1527,30 +1527,13 @@ pub fn layer(
         name: "default: fused GELU, one rotary, LoRA as 2 matmuls",
         ms: time(&glm, checkpoint),
     }];
-    glm.kernels = Kernels {
-        sat_gelu: true,
-        ..Default::default()
-    };
-    rows.push(LayerRow {
-        name: "sat's GELU arithmetic (8 kernels)",
-        ms: time(&glm, checkpoint),
-    });
-    glm.kernels = Kernels {
-        split_rotary: true,
-        ..Default::default()
-    };
-    rows.push(LayerRow {
-        name: "rotary on the four quarter-tensors apart",
-        ms: time(&glm, checkpoint),
-    });
-    glm.kernels = Kernels {
-        lora_as_weight: true,
-        ..Default::default()
-    };
-    rows.push(LayerRow {
-        name: "LoRA as a materialized dW = B.A",
-        ms: time(&glm, checkpoint),
-    });
+    for (name, kernels) in Kernels::alternatives() {
+        glm.kernels = kernels;
+        rows.push(LayerRow {
+            name,
+            ms: time(&glm, checkpoint),
+        });
+    }
     glm.kernels = Kernels::default();
     rows.push(LayerRow {
         name: if checkpoint {

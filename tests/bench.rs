@@ -3,7 +3,25 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::process::Command;
+
+/// Run `xrayglm bench <args>`; its stdout, after asserting that it succeeded.
+fn bench<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(args: I) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    text
+}
 
 /// `xrayglm bench train` on the tiny preset, few steps, xrayglm's side only (the original needs the
 /// fixtures venv): OpenI-zh report lengths, every number present and positive.
@@ -12,34 +30,18 @@ fn train_bench_runs_in_reduced_mode() {
     let Some(shared) = common::shared() else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args([
-            "bench",
-            "train",
-            "--preset",
-            "tiny",
-            "--steps",
-            "3",
-            "--warm",
-            "1",
-            "--batch",
-            "2",
-            "--films",
-            "4",
-            "--reports",
-        ])
-        .arg(shared.join("data/Xray/openi-zh.json"))
-        .arg("--tokenizer")
-        .arg(common::ice_text(&shared))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let mut args: Vec<std::ffi::OsString> = [
+        "train", "--preset", "tiny", "--steps", "3", "--warm", "1", "--batch", "2", "--films", "4",
+    ]
+    .map(Into::into)
+    .into();
+    args.extend([
+        "--reports".into(),
+        shared.join("data/Xray/openi-zh.json").into(),
+        "--tokenizer".into(),
+        common::ice_text(&shared).into(),
+    ]);
+    let text = bench(args);
     let mean: f64 = text
         .split("mean sample ")
         .nth(1)
@@ -63,20 +65,10 @@ fn train_bench_runs_in_reduced_mode() {
 /// positive. Needs nothing from ../shared.
 #[test]
 fn layer_bench_times_every_kernel_choice() {
-    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args([
-            "bench", "layer", "--preset", "small", "--layers", "2", "--batch", "2", "--seq", "80",
-            "--steps", "1",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let text = bench([
+        "layer", "--preset", "small", "--layers", "2", "--batch", "2", "--seq", "80", "--steps",
+        "1",
+    ]);
     let times: Vec<f64> = text
         .lines()
         .filter_map(|l| {
@@ -103,20 +95,15 @@ fn data_bench_runs_in_reduced_mode() {
     let Some(shared) = common::shared() else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args(["bench", "data", "--images", "16", "--from"])
-        .arg(shared.join("data/Xray"))
-        .arg("--tokenizer")
-        .arg(common::ice_text(&shared))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
+    let text = bench([
+        OsStr::new("data"),
+        OsStr::new("--images"),
+        OsStr::new("16"),
+        OsStr::new("--from"),
+        shared.join("data/Xray").as_os_str(),
+        OsStr::new("--tokenizer"),
+        common::ice_text(&shared).as_os_str(),
+    ]);
     let rates: Vec<f64> = text
         .lines()
         .filter_map(|l| {

@@ -43,6 +43,28 @@ fn build(name: &str, layout: QkvLayout, weights: Vec<(String, Tensor)>) -> Visua
     m
 }
 
+/// Every LoRA gradient the fixture holds (`grad.<sat name>`) is within 1e-4 of the model's;
+/// returns how many there were.
+fn assert_reference_grads(m: &VisualGlm, want: &HashMap<String, Tensor>, what: &str) -> usize {
+    let lora = m.lora.variables();
+    let mut n = 0;
+    for (k, g) in want {
+        let Some(param) = k.strip_prefix("grad.") else {
+            continue;
+        };
+        let canon = canonical_name(param).unwrap();
+        let ours = lora
+            .get(&canon)
+            .unwrap_or_else(|| panic!("{what}: no LoRA parameter {canon}"))
+            .grad();
+        let e = rel_err(&ours, g);
+        eprintln!("{what} grad {param}: relative error {e:.2e}");
+        assert!(e <= 1e-4, "{what} grad {param}: relative error {e:.3e}");
+        n += 1;
+    }
+    n
+}
+
 fn check(name: &str) {
     let inputs = map(dir(name).join("inputs.safetensors"));
     let want = map(dir(name).join("outputs.safetensors"));
@@ -76,25 +98,10 @@ fn check(name: &str) {
         want["loss"].double_value(&[0])
     );
     loss.backward();
-    let lora = m.lora.variables();
-    let mut n = 0;
-    for (k, g) in &want {
-        let Some(param) = k.strip_prefix("grad.") else {
-            continue;
-        };
-        let canon = canonical_name(param).unwrap();
-        let ours = lora
-            .get(&canon)
-            .unwrap_or_else(|| panic!("{name}: no LoRA parameter {canon}"))
-            .grad();
-        let e = rel_err(&ours, g);
-        eprintln!("{name} grad {param}: relative error {e:.2e}");
-        assert!(e <= 1e-4, "{name} grad {param}: relative error {e:.3e}");
-        n += 1;
-    }
+    let n = assert_reference_grads(&m, &want, name);
     assert_eq!(
         n,
-        lora.len(),
+        m.lora.variables().len(),
         "{name}: every LoRA parameter has a reference gradient"
     );
     assert!(n > 0);
@@ -262,14 +269,7 @@ fn fused_attention_matches_the_reference_too() {
         assert!(e <= 1e-4, "{name} fused logits: {e:.3e}");
         let loss = lm_loss(&out.logits, &inputs["labels"]);
         loss.backward();
-        for (k, g) in &want {
-            let Some(param) = k.strip_prefix("grad.") else {
-                continue;
-            };
-            let ours = m.lora.variables()[&canonical_name(param).unwrap()].grad();
-            let e = rel_err(&ours, g);
-            assert!(e <= 1e-4, "{name} fused grad {param}: {e:.3e}");
-        }
+        assert_reference_grads(&m, &want, &format!("{name} fused"));
     }
 }
 
@@ -459,29 +459,7 @@ fn kernel_variants_match_the_reference() {
             read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
         );
         let default = common::run_inputs(&m, &inputs).logits;
-        for (what, k) in [
-            (
-                "sat gelu",
-                Kernels {
-                    sat_gelu: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "split rotary",
-                Kernels {
-                    split_rotary: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "lora as weight",
-                Kernels {
-                    lora_as_weight: true,
-                    ..Default::default()
-                },
-            ),
-        ] {
+        for (what, k) in Kernels::alternatives() {
             m.chatglm.kernels = k;
             for v in m.lora.trainable_variables() {
                 let mut g = v.grad();
@@ -499,14 +477,7 @@ fn kernel_variants_match_the_reference() {
                 );
             }
             lm_loss(&out.logits, &inputs["labels"]).backward();
-            for (key, g) in &want {
-                let Some(param) = key.strip_prefix("grad.") else {
-                    continue;
-                };
-                let ours = m.lora.variables()[&canonical_name(param).unwrap()].grad();
-                let e = rel_err(&ours, g);
-                assert!(e <= 1e-4, "{name} {what} grad {param}: {e:.3e}");
-            }
+            assert_reference_grads(&m, &want, &format!("{name} {what}"));
         }
     }
 }

@@ -350,50 +350,24 @@ fn bad_configs_fail_before_any_work() {
         !dir.path().join("checkpoints").exists(),
         "nothing is written before the inputs check out"
     );
-    // data.pad_to shorter than a sample is caught before anything is written.
-    let out = xrayglm()
-        .args([
-            "finetune",
-            "--set",
-            "data.pad_to=40",
-            "--set",
-            "synthetic.count=8",
-            "--set",
-            "synthetic.size=32",
-        ])
-        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("data.pad_to 40 is shorter"),
-        "{err}"
-    );
-    assert!(!dir.path().join("checkpoints").exists());
-    // More layers to recompute than the model has: caught before anything is written.
-    let out = xrayglm()
-        .args([
-            "finetune",
-            "--set",
-            "train.checkpoint_activations=true",
-            "--set",
-            "train.checkpoint_layers=9",
-            "--set",
-            "synthetic.count=8",
-            "--set",
-            "synthetic.size=32",
-        ])
-        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("checkpoint_layers 9 exceeds"),
-        "{err}"
-    );
-    assert!(!dir.path().join("checkpoints").exists());
+    // Inputs that only the data or the model can refute, caught before anything is written:
+    // data.pad_to shorter than a sample; more layers to recompute than the model has.
+    for (set, want) in [
+        ("data.pad_to=40", "data.pad_to 40 is shorter"),
+        ("train.checkpoint_layers=9", "checkpoint_layers 9 exceeds"),
+    ] {
+        let out = xrayglm()
+            .args(["finetune", "--set", set])
+            .args(["--set", "train.checkpoint_activations=true"])
+            .args(["--set", "synthetic.count=8", "--set", "synthetic.size=32"])
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{set}: {err}");
+        assert!(!dir.path().join("checkpoints").exists(), "{set}");
+    }
 }
 
 /// The README's main command: the demo fine-tune lowers the held-out validation loss of the tiny

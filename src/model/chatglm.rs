@@ -81,6 +81,37 @@ pub struct Kernels {
     pub split_rotary: bool,
 }
 
+impl Kernels {
+    /// Each non-default choice alone, with its name: what `xrayglm bench layer` times against the
+    /// default and what the tests hold to the reference.
+    pub fn alternatives() -> [(&'static str, Kernels); 3] {
+        let none = Kernels::default();
+        [
+            (
+                "sat's GELU arithmetic (8 kernels)",
+                Kernels {
+                    sat_gelu: true,
+                    ..none
+                },
+            ),
+            (
+                "rotary on the four quarter-tensors apart",
+                Kernels {
+                    split_rotary: true,
+                    ..none
+                },
+            ),
+            (
+                "LoRA as a materialized dW = B.A",
+                Kernels {
+                    lora_as_weight: true,
+                    ..none
+                },
+            ),
+        ]
+    }
+}
+
 /// Per-layer keys (after rotary) and values `[B, heads, T, head_dim]` of the tokens decoded so
 /// far; empty before the first pass.
 #[derive(Debug, Default)]
@@ -184,6 +215,38 @@ impl Rot {
         match &self.low {
             Some((c, s)) if c.kind() == k => (c.shallow_clone(), s.shallow_clone()),
             _ => (self.cos.to_kind(k), self.sin.to_kind(k)),
+        }
+    }
+}
+
+/// A forward's rotary rows: per half (positions, block positions) and, for the single rotation of
+/// q and k, both stacked as `[B, S, 1, 1, 2, d]` in the model's kind — built once, used by every
+/// layer.
+pub(crate) struct Rotary {
+    pos: Rot,
+    block: Rot,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(pos: Rot, block: Rot, kind: Kind) -> Self {
+        let (pc, ps) = pos.tables(kind);
+        let (bc, bs) = block.tables(kind);
+        Self {
+            cos: Tensor::stack(&[pc, bc], 3).unsqueeze(3),
+            sin: Tensor::stack(&[ps, bs], 3).unsqueeze(3),
+            pos,
+            block,
+        }
+    }
+
+    /// The stacked tables in kind `k`.
+    fn stacked(&self, k: Kind) -> (Tensor, Tensor) {
+        if self.cos.kind() == k {
+            (self.cos.shallow_clone(), self.sin.shallow_clone())
+        } else {
+            (self.cos.to_kind(k), self.sin.to_kind(k))
         }
     }
 }
@@ -303,10 +366,10 @@ impl ChatGlm {
 
     /// The last layer's output `[B, S, hidden]` (before the final LayerNorm and `lm_head`).
     pub fn hidden(&self, inp: &GlmInputs, train: bool) -> Tensor {
-        let (mut x, pos, block, mask) = self.prepare(inp, train);
+        let (mut x, rot, mask) = self.prepare(inp, train);
         for (i, l) in self.layers.iter().enumerate() {
             self.seed_layer(i);
-            x = self.layer(l, i as i64, &x, &pos, &block, &mask, train);
+            x = self.layer(l, i as i64, &x, &rot, &mask, train);
         }
         x
     }
@@ -344,40 +407,31 @@ impl ChatGlm {
         cache: &mut KvCache,
     ) -> Tensor {
         let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
-        let (pos, block) = self.rot(inp.position_ids, x.kind());
+        let rot = self.rot(inp.position_ids, x.kind());
         let mask = mask.map(|m| m.to_kind(Kind::Float));
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let mut x = x;
         for (i, (l, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = self.layer_kv(
-                l,
-                i as i64,
-                &x,
-                &pos,
-                &block,
-                mask.as_ref(),
-                false,
-                Some(kv),
-            );
+            x = self.layer_kv(l, i as i64, &x, &rot, mask.as_ref(), false, Some(kv));
         }
         let s = x.size()[1];
         self.head(&x.narrow(1, s - 1, 1)).squeeze_dim(1)
     }
 
     /// Embeddings (with dropout) and the per-forward position / mask tensors.
-    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Rot, Rot, Tensor) {
+    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Rotary, Tensor) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
         let x = dropout(&emb, self.dropout.embedding, train);
-        let (pos, block) = self.rot(inp.position_ids, x.kind());
-        (x, pos, block, inp.attention_mask.to_kind(Kind::Float))
+        let rot = self.rot(inp.position_ids, x.kind());
+        (x, rot, inp.attention_mask.to_kind(Kind::Float))
     }
 
     /// Rotary rows of the positions and block positions `[B, 2, S]`.
-    fn rot(&self, position_ids: &Tensor, kind: Kind) -> (Rot, Rot) {
+    fn rot(&self, position_ids: &Tensor, kind: Kind) -> Rotary {
         let r = |i| Rot::new(&position_ids.select(1, i), &self.cos, &self.sin, kind);
-        (r(0), r(1))
+        Rotary::new(r(0), r(1), kind)
     }
 
     fn head(&self, x: &Tensor) -> Tensor {
@@ -412,7 +466,7 @@ impl ChatGlm {
             Kept(Tensor, Tensor),
         }
         let recompute = self.recompute_layers.unwrap_or(self.layers.len());
-        let (x0, pos, block, mask) = self.prepare(inp, train);
+        let (x0, rot, mask) = self.prepare(inp, train);
         let leaf = |x: &Tensor, i: usize| {
             if i > 0 || x.requires_grad() {
                 x.detach().set_requires_grad(true)
@@ -425,12 +479,12 @@ impl ChatGlm {
         for (i, l) in self.layers.iter().enumerate() {
             self.seed_layer(i);
             if i < recompute {
-                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &pos, &block, &mask, train));
+                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &rot, &mask, train));
                 saved.push(Saved::Recompute(x));
                 x = y;
             } else {
                 let input = leaf(&x, i);
-                let y = self.layer(l, i as i64, &input, &pos, &block, &mask, train);
+                let y = self.layer(l, i as i64, &input, &rot, &mask, train);
                 x = y.detach();
                 saved.push(Saved::Kept(input, y));
             }
@@ -445,7 +499,7 @@ impl ChatGlm {
                 Saved::Recompute(x) => {
                     let input = leaf(&x, i);
                     self.seed_layer(i);
-                    let y = self.layer(l, i as i64, &input, &pos, &block, &mask, train);
+                    let y = self.layer(l, i as i64, &input, &rot, &mask, train);
                     (y * &g).sum(Kind::Float).backward();
                     input
                 }
@@ -467,12 +521,11 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         h: &Tensor,
-        pos: &Rot,
-        block: &Rot,
+        rot: &Rotary,
         mask: &Tensor,
         train: bool,
     ) -> Tensor {
-        self.layer_kv(l, idx, h, pos, block, Some(mask), train, None)
+        self.layer_kv(l, idx, h, rot, Some(mask), train, None)
     }
 
     /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
@@ -483,15 +536,14 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         h: &Tensor,
-        pos: &Rot,
-        block: &Rot,
+        rot: &Rotary,
         mask: Option<&Tensor>,
         train: bool,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
         let d = self.dropout;
         let a = l.input_layernorm.forward(h);
-        let attn = self.attention(l, idx, &a, pos, block, mask, train, kv);
+        let attn = self.attention(l, idx, &a, rot, mask, train, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
         let up = self.adapted(&l.h_to_4h, l.h_to_4h_lora.as_ref(), &m, train);
@@ -510,8 +562,7 @@ impl ChatGlm {
         l: &Layer,
         idx: i64,
         a: &Tensor,
-        pos: &Rot,
-        block: &Rot,
+        rot: &Rotary,
         mask: Option<&Tensor>,
         train: bool,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
@@ -524,16 +575,16 @@ impl ChatGlm {
         // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
         let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
         let (q, k) = if self.kernels.split_rotary {
-            let half = |t: i64, r: i64, rot: &Rot| {
+            let half = |t: i64, r: i64, table: &Rot| {
                 let x = qk.select(3, t).select(3, r);
-                let (c, sn) = rot.tables(x.kind());
+                let (c, sn) = table.tables(x.kind());
                 &x * c + x.roll([hd / 4], [-1]) * sn
             };
-            let q = Tensor::cat(&[half(0, 0, pos), half(0, 1, block)], -1);
-            let k = Tensor::cat(&[half(1, 0, pos), half(1, 1, block)], -1);
+            let q = Tensor::cat(&[half(0, 0, &rot.pos), half(0, 1, &rot.block)], -1);
+            let k = Tensor::cat(&[half(1, 0, &rot.pos), half(1, 1, &rot.block)], -1);
             (q, k)
         } else {
-            let qk = rotate(&qk, pos, block);
+            let qk = rotate(&qk, rot);
             (
                 qk.select(3, 0).reshape([b, s, n, hd]),
                 qk.select(3, 1).reshape([b, s, n, hd]),
@@ -641,13 +692,8 @@ impl ChatGlm {
 /// Rotary for q and k together, `x [B, S, n, 2, 2, d/2]` (q|k, then the position half and the
 /// block-position half of each head): `x·cos + roll(x, d/4)·sin` on the stacked tables, four
 /// kernels where rotating the four quarter-tensors apart took sixteen and two concatenations.
-fn rotate(x: &Tensor, pos: &Rot, block: &Rot) -> Tensor {
-    let k = x.kind();
-    let (pc, ps) = pos.tables(k);
-    let (bc, bs) = block.tables(k);
-    // [B, S, 1, d/2] each → [B, S, 1, 1, 2, d/2]
-    let c = Tensor::stack(&[pc, bc], 3).unsqueeze(3);
-    let s = Tensor::stack(&[ps, bs], 3).unsqueeze(3);
+fn rotate(x: &Tensor, rot: &Rotary) -> Tensor {
+    let (c, s) = rot.stacked(x.kind());
     let d = *x.size().last().unwrap();
     x * c + x.roll([d / 2], [-1]) * s
 }
