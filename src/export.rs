@@ -94,6 +94,7 @@ fn in_fresh_dir(to: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<Vec<St
         .with_context(|| format!("{}: not a folder name", to.display()))?
         .to_string_lossy()
         .to_string();
+    crate::io::remove_dead_leftovers(&parent);
     let tmp = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -104,10 +105,12 @@ fn in_fresh_dir(to: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<Vec<St
             .map(|e| Ok(e?.file_name().to_string_lossy().to_string()))
             .collect::<Result<_>>()?;
         names.sort();
+        crate::io::sync_dir(&tmp)?;
         if to.is_dir() {
             std::fs::remove_dir(to)?;
         }
         std::fs::rename(&tmp, to).with_context(|| format!("renaming into {}", to.display()))?;
+        crate::io::sync_dir(&parent)?;
         Ok(names)
     });
     if done.is_err() {

@@ -75,6 +75,13 @@ struct EvalArgs {
     /// without a model; several files give one table row each.
     #[arg(long, num_args = 1..)]
     hypotheses: Vec<PathBuf>,
+    /// With --hypotheses: score lines that repeat an id (otherwise an error naming both lines).
+    #[arg(long)]
+    allow_duplicates: bool,
+    /// With --hypotheses: the longest reference or hypothesis scored, in characters (ROUGE-L is
+    /// quadratic in the length).
+    #[arg(long, default_value_t = xrayglm::eval::MAX_REPORT_CHARS)]
+    max_chars: usize,
     /// Image-report file (either schema). Default: the first checkpoint's training data.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -440,6 +447,9 @@ struct PrepareArgs {
     /// Skip and count bad records instead of failing.
     #[arg(long)]
     skip_bad: bool,
+    /// Replace an existing --out file (an input — the records file or an image — never is).
+    #[arg(long)]
+    force: bool,
     /// Generate N synthetic films first and prepare those.
     #[arg(long, value_name = "N")]
     synthetic: Option<usize>,
@@ -667,7 +677,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
             cfg.synthetic.seed,
         )?;
         cfg.data.path = xrayglm::prepare::default_synthetic_path(&cfg);
-        eprintln!(
+        xrayglm::errln!(
             "generated {n} synthetic films in {}",
             cfg.synthetic.out_dir.display()
         );
@@ -696,11 +706,11 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     }
     cfg.data.skip_bad |= a.skip_bad;
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?;
-    let summary = xrayglm::prepare::run(&cfg, tok.as_ref())?;
+    let summary = xrayglm::prepare::run(&cfg, tok.as_ref(), a.force)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        xrayglm::outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{summary}");
+        xrayglm::out!("{summary}");
     }
     Ok(())
 }
@@ -714,10 +724,13 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         "no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",
     )?;
     let s = xrayglm::train::finetune(&cfg, &tok)?;
+    // An interrupted run exits 128 + signal after its save (130 SIGINT, 143 SIGTERM), like a
+    // process the signal ended, so `&&` chains and Slurm requeue see it did not finish.
+    let interrupted = s.signal;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        xrayglm::outln!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        println!(
+        xrayglm::outln!(
             "run {}: {} steps ({} skipped) in {:.1}s; train loss {} → {:.4}; val loss {} → {}",
             s.run_dir.display(),
             s.steps,
@@ -735,6 +748,11 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
                 .unwrap_or("-".into()),
         );
     }
+    if let Some(sig) = interrupted {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(128 + sig);
+    }
     Ok(())
 }
 
@@ -744,7 +762,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = ChatGlmTokenizer::from_path(&path)?;
     if let Some(out) = &a.save {
         tok.save(out)?;
-        eprintln!("saved {}", out.display());
+        xrayglm::errln!("saved {}", out.display());
     }
     let Some(text) = a.text else {
         anyhow::ensure!(
@@ -757,7 +775,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
         let ids: Vec<i64> = serde_json::from_str(&text)
             .context("--decode expects a JSON list of ids, e.g. [46, 2265, 33]")?;
         let s = tok.decode(&ids)?;
-        println!(
+        xrayglm::outln!(
             "{}",
             if a.process_response {
                 tokenizer::process_response(&s)
@@ -766,9 +784,9 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             }
         );
     } else {
-        println!("{}", serde_json::to_string(&tok.encode(&text)?)?);
+        xrayglm::outln!("{}", serde_json::to_string(&tok.encode(&text)?)?);
         if a.pieces {
-            println!("{}", serde_json::to_string(&tok.pieces(&text)?)?);
+            xrayglm::outln!("{}", serde_json::to_string(&tok.pieces(&text)?)?);
         }
     }
     Ok(())
@@ -810,14 +828,14 @@ fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
         let mut cfg = xrayglm::model::config::ModelConfig::preset(preset)?;
         cfg.rotary = rotary;
         let m = xrayglm::model::visualglm::VisualGlm::new(cfg, opts.device, kind)?;
-        eprintln!(
+        xrayglm::errln!(
             "built preset {preset} with random weights in {:.2}s",
             t.elapsed().as_secs_f64()
         );
         return Ok(m);
     }
     let (m, report) = xrayglm::weights::source::load_model(&a.model, &opts)?;
-    eprintln!(
+    xrayglm::errln!(
         "loaded {} tensors from {} in {:.1}s ({} ignored)",
         report.loaded,
         a.model.display(),
@@ -848,7 +866,7 @@ fn export(a: ExportArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let (mut model, report) = xrayglm::weights::source::load_model(&a.from_pretrained, &opts)
         .with_context(|| format!("loading {}", a.from_pretrained.display()))?;
-    eprintln!(
+    xrayglm::errln!(
         "loaded {} tensors from {} in {:.1}s",
         report.loaded,
         a.from_pretrained.display(),
@@ -871,7 +889,7 @@ fn export(a: ExportArgs) -> Result<()> {
             tokenizer,
         },
     )?;
-    eprintln!("wrote {}: {}", a.to.display(), files.join(", "));
+    xrayglm::errln!("wrote {}: {}", a.to.display(), files.join(", "));
     Ok(())
 }
 
@@ -886,7 +904,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
     if let Some(t) = &a.tokenizer {
         ChatGlmTokenizer::from_path(t)?.save(&a.to.join("tokenizer.json"))?;
     }
-    eprintln!("wrote {}", a.to.display());
+    xrayglm::errln!("wrote {}", a.to.display());
     Ok(())
 }
 
@@ -930,7 +948,7 @@ fn parity_train(
     let (losses, lrs) = xrayglm::train::fixed_batch_steps(
         m, ids, &image, &labels, pre, steps, &schedule, adam, a.clip,
     )?;
-    eprintln!("losses {losses:?}");
+    xrayglm::errln!("losses {losses:?}");
     let mut list: Vec<(String, tch::Tensor)> = vec![
         ("train_losses".into(), tch::Tensor::from_slice(&losses)),
         ("train_lrs".into(), tch::Tensor::from_slice(&lrs)),
@@ -941,7 +959,7 @@ fn parity_train(
     list.sort_by(|x, y| x.0.cmp(&y.0));
     let refs: Vec<(String, &tch::Tensor)> = list.iter().map(|(k, v)| (k.clone(), v)).collect();
     xrayglm::weights::st::write(&a.out, &refs, &[])?;
-    eprintln!("wrote {}", a.out.display());
+    xrayglm::errln!("wrote {}", a.out.display());
     Ok(())
 }
 
@@ -980,10 +998,10 @@ fn parity_generate(
         pre_image: pre,
     };
     let out = generate(m, &[prompt], &cfg, |_, _| {})?;
-    eprintln!("tokens {:?}", out[0].tokens);
+    xrayglm::errln!("tokens {:?}", out[0].tokens);
     let t = tch::Tensor::from_slice(&out[0].tokens);
     xrayglm::weights::st::write(&a.out, &[("tokens".to_string(), &t)], &[])?;
-    eprintln!("wrote {}", a.out.display());
+    xrayglm::errln!("wrote {}", a.out.display());
     Ok(())
 }
 
@@ -1019,7 +1037,7 @@ fn parity(a: ParityArgs) -> Result<()> {
             &out.logits,
             &labels.to_kind(tch::Kind::Int64).to_device(dev),
         );
-        eprintln!("loss {:.6}", loss.double_value(&[]));
+        xrayglm::errln!("loss {:.6}", loss.double_value(&[]));
         list.push(("loss".into(), loss.reshape([1])));
     }
     for (k, v) in [
@@ -1033,28 +1051,28 @@ fn parity(a: ParityArgs) -> Result<()> {
     }
     let refs: Vec<(String, &tch::Tensor)> = list.iter().map(|(k, v)| (k.clone(), v)).collect();
     xrayglm::weights::st::write(&a.out, &refs, &[])?;
-    eprintln!("wrote {}", a.out.display());
+    xrayglm::errln!("wrote {}", a.out.display());
     Ok(())
 }
 
 fn info() -> Result<()> {
     let cuda_lib = xrayglm::device::register_cuda();
-    println!(
+    xrayglm::outln!(
         "xrayglm {} ({})",
         env!("CARGO_PKG_VERSION"),
         env!("XRAYGLM_GIT_REV")
     );
-    println!("libtorch_cuda loaded: {cuda_lib}");
+    xrayglm::outln!("libtorch_cuda loaded: {cuda_lib}");
     match xrayglm::dist::nccl_version() {
-        Ok(v) => println!("nccl: {v}"),
-        Err(e) => println!("nccl: unavailable ({e})"),
+        Ok(v) => xrayglm::outln!("nccl: {v}"),
+        Err(e) => xrayglm::outln!("nccl: unavailable ({e})"),
     }
-    println!(
+    xrayglm::outln!(
         "cuda available: {}  devices: {}",
         tch::Cuda::is_available(),
         tch::Cuda::device_count()
     );
-    println!("default device: {:?}", xrayglm::device::parse("auto")?);
+    xrayglm::outln!("default device: {:?}", xrayglm::device::parse("auto")?);
     Ok(())
 }
 
@@ -1088,7 +1106,7 @@ fn run() -> Result<()> {
             };
             let tok = load_tokenizer(tokenizer.as_ref(), None)?;
             let sat = vs_sat.as_deref().zip(ice_text.as_deref());
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::data(images, threads, from.as_deref(), tok.as_ref(), sat)?
             );
@@ -1097,7 +1115,7 @@ fn run() -> Result<()> {
         Command::Bench {
             what: BenchCommand::Device { device },
         } => {
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::device(xrayglm::device::parse(&device)?)?
             );
@@ -1114,7 +1132,7 @@ fn run() -> Result<()> {
                 },
         } => {
             let dev = xrayglm::device::parse(&device)?;
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::model(&preset, batch, seq, iters, dev)?
             );
@@ -1135,7 +1153,7 @@ fn run() -> Result<()> {
         } => {
             let dev = xrayglm::device::parse(&device)?;
             let kind = parse_kind(&dtype)?;
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::layer(
                     &preset,
@@ -1163,7 +1181,7 @@ fn run() -> Result<()> {
         } => {
             let dev = xrayglm::device::parse(&device)?;
             let kind = parse_kind(&dtype)?;
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::step(&preset, dev, kind, batch, seq, steps)?
             );
@@ -1179,7 +1197,7 @@ fn run() -> Result<()> {
                 },
         } => {
             let tok = tokenizer::find(tokenizer.as_deref());
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::dist(
                     cfg.config.as_deref(),
@@ -1202,7 +1220,7 @@ fn run() -> Result<()> {
                 },
         } => {
             if let Some(r) = xrayglm::bench::allreduce(&backend, &device, mib, iters, timeout_s)? {
-                print!("{r}");
+                xrayglm::out!("{r}");
             }
             Ok(())
         }
@@ -1238,7 +1256,7 @@ fn run() -> Result<()> {
                 sat_python: vs_sat,
                 overrides: sets,
             })?;
-            print!("{r}");
+            xrayglm::out!("{r}");
             Ok(())
         }
         Command::Bench {
@@ -1261,7 +1279,7 @@ fn run() -> Result<()> {
                 matches!(kind, tch::Kind::Float | tch::Kind::BFloat16),
                 "bench generate: --dtype fp32 or bf16"
             );
-            print!(
+            xrayglm::out!(
                 "{}",
                 xrayglm::bench::generate(&preset, new_tokens, kind, &device, vs_sat.as_deref())?
             );
@@ -1281,7 +1299,7 @@ fn run() -> Result<()> {
                 ..Default::default()
             };
             xrayglm::infer::web::serve(chat, opts, |addr| {
-                println!("XrayGLM web demo on http://{addr}");
+                xrayglm::outln!("XrayGLM web demo on http://{addr}");
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             })
@@ -1305,7 +1323,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            xrayglm::errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -1321,7 +1339,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     if !a.hypotheses.is_empty() {
         for path in &a.hypotheses {
-            let items = xrayglm::eval::read_hypotheses(path)?;
+            let items = xrayglm::eval::read_hypotheses(
+                path,
+                &xrayglm::eval::ReadOptions {
+                    allow_duplicates: a.allow_duplicates,
+                    max_chars: a.max_chars,
+                },
+            )?;
             let name = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
@@ -1354,7 +1378,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 limit: a.limit,
             },
         )?;
-        eprintln!("evaluating on {}", data.split);
+        xrayglm::errln!("evaluating on {}", data.split);
         let device = xrayglm::device::parse(&a.device)?;
         let dtype = a
             .dtype
@@ -1401,7 +1425,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 o.name = format!("{base}-{k}");
                 k += 1;
             }
-            eprintln!(
+            xrayglm::errln!(
                 "{}: {} films in {:.1}s{}",
                 o.name,
                 o.films,
@@ -1456,14 +1480,15 @@ fn eval(a: EvalArgs) -> Result<()> {
         .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
     if let Some(dir) = &out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        xrayglm::io::remove_dead_leftovers(dir);
         for (name, bytes) in &files {
             xrayglm::io::write_atomic(&dir.join(name), bytes)?;
         }
         xrayglm::io::write_json_atomic(&dir.join("report.json"), &json)?;
         xrayglm::io::write_atomic(&dir.join("report.md"), md.as_bytes())?;
-        eprintln!("wrote {}", dir.display());
+        xrayglm::errln!("wrote {}", dir.display());
     }
-    println!("{}", serde_json::to_string_pretty(&json)?);
-    eprint!("{md}");
+    xrayglm::outln!("{}", serde_json::to_string_pretty(&json)?);
+    xrayglm::err!("{md}");
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -20,6 +20,9 @@ pub struct TokenStats {
     pub target_max: usize,
     pub longest_sample: usize,
     pub truncated: usize,
+    /// Records whose prompt or report contains a control-token string (`[gMASK]`, `<eop>`, …):
+    /// tokenized as literal text, never as control ids.
+    pub control_literals: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,9 +62,10 @@ impl std::fmt::Display for Summary {
         match &self.tokens {
             Some(t) => writeln!(
                 f,
-                "tokens: prompt {}–{}, report {}–{} (median {}, p95 {}), longest sample {}, truncated {}",
+                "tokens: prompt {}–{}, report {}–{} (median {}, p95 {}), longest sample {}, truncated {}\n\
+                 control-token strings (kept as literal text): {} record(s)",
                 t.source_min, t.source_max, t.target_min, t.target_max, t.target_median, t.target_p95,
-                t.longest_sample, t.truncated
+                t.longest_sample, t.truncated, t.control_literals
             ),
             None => writeln!(f, "tokens: no tokenizer found (set tokenizer.path or XRAYGLM_TOKENIZER); skipped"),
         }
@@ -69,10 +73,13 @@ impl std::fmt::Display for Summary {
 }
 
 /// Run the preparation. `tokenizer` adds token statistics (and checks every record tokenizes).
-pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary> {
+/// The training list never replaces one of its inputs (the records file or an image), nor any
+/// other existing file unless `force`.
+pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> Result<Summary> {
     let generated = ensure_synthetic(cfg)?;
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let out = cfg.data.out_path();
+    check_out(&out, &loaded.file, &loaded.records, force)?;
     write_training_list(&out, &loaded.records)?;
     let tokens = match tokenizer {
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
@@ -88,6 +95,44 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>) -> Result<Summary
         out,
         tokens,
     })
+}
+
+/// Refuse to write the training list over an input, or over any existing file without `force`.
+fn check_out(
+    out: &std::path::Path,
+    records_file: &std::path::Path,
+    records: &[crate::data::records::Record],
+    force: bool,
+) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if out.is_dir() {
+        bail!("--out {}: is a folder; give a file name", out.display());
+    }
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let target = canon(out);
+    if target.is_some() && target == canon(records_file) {
+        bail!(
+            "--out {} is the records file being read; refusing to overwrite an input (choose another --out)",
+            out.display()
+        );
+    }
+    if let Some(r) = records.iter().find(|r| target.is_some() && canon(&r.image) == target) {
+        bail!(
+            "--out {} is the image of record {} ({}); refusing to overwrite an input",
+            out.display(),
+            r.index,
+            r.id
+        );
+    }
+    if !force {
+        bail!(
+            "--out {} already exists; pass --force to replace it",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Generate the synthetic demo set when the config points at it and it is missing, or was drawn
@@ -107,7 +152,7 @@ pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
         if current {
             return Ok(None);
         }
-        eprintln!(
+        crate::errln!(
             "{}: made by another version of the synthetic generator or with another count; redrawing {} films",
             cfg.data.path.display(),
             cfg.synthetic.count
@@ -133,6 +178,15 @@ fn token_stats(
     let mut tgt = Vec::with_capacity(records.len());
     let mut longest = 0;
     let mut truncated = 0;
+    let controls = tok.control_pieces();
+    let control_literals = records
+        .iter()
+        .filter(|r| {
+            controls
+                .iter()
+                .any(|c| r.prompt.contains(c.as_str()) || r.label.contains(c.as_str()))
+        })
+        .count();
     for r in records {
         src.push(builder.source_ids(&r.prompt)?.len());
         tgt.push(tok.encode(&r.label)?.len());
@@ -152,5 +206,6 @@ fn token_stats(
         target_max: *sorted.last().unwrap_or(&0),
         longest_sample: longest,
         truncated,
+        control_literals,
     })
 }

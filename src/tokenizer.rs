@@ -61,7 +61,10 @@ fn blank_token(k: usize) -> String {
 /// ChatGLM's tokenizer. Cheap to clone (the inner tokenizer is shared).
 #[derive(Clone)]
 pub struct ChatGlmTokenizer {
+    /// The full tokenizer (control pieces as special tokens): decoding and `tokenizer.json`.
     inner: std::sync::Arc<Tokenizer>,
+    /// The same pipeline for encoding text, without control pieces: see [`text_only`].
+    encoder: std::sync::Arc<Tokenizer>,
     /// Ids of the user-defined pieces (`<n>`, `<|tab|>`, `<|blank_k|>`).
     user_defined: std::sync::Arc<std::collections::HashSet<u32>>,
     /// `get_vocab_size(true)`, which builds the whole vocabulary map, computed once.
@@ -89,7 +92,7 @@ impl ChatGlmTokenizer {
         if is_json {
             let t = Tokenizer::from_file(path)
                 .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", path.display()))?;
-            Ok(Self::wrap(t))
+            Self::wrap(t)
         } else {
             Self::from_sentencepiece(path)
         }
@@ -220,10 +223,10 @@ impl ChatGlmTokenizer {
             .map(|s| AddedToken::from(s.clone(), true).normalized(false))
             .collect();
         tok.add_special_tokens(&special);
-        Ok(Self::wrap(tok))
+        Self::wrap(tok)
     }
 
-    fn wrap(tok: Tokenizer) -> Self {
+    fn wrap(tok: Tokenizer) -> Result<Self> {
         let user_defined = tok
             .get_added_tokens_decoder()
             .iter()
@@ -231,11 +234,13 @@ impl ChatGlmTokenizer {
             .map(|(&id, _)| id)
             .collect();
         let vocab_size = tok.get_vocab_size(true);
-        Self {
+        let encoder = text_only(&tok)?;
+        Ok(Self {
             inner: std::sync::Arc::new(tok),
+            encoder: std::sync::Arc::new(encoder),
             user_defined: std::sync::Arc::new(user_defined),
             vocab_size,
-        }
+        })
     }
 
     /// Write a self-contained `tokenizer.json` (atomically: temp file + rename).
@@ -250,7 +255,7 @@ impl ChatGlmTokenizer {
     /// `ChatGLMTokenizer.encode(text, add_special_tokens=False)`.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
-            .inner
+            .encoder
             .encode(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
         let mut ids: Vec<i64> = Vec::with_capacity(enc.len() + 1);
@@ -297,9 +302,55 @@ impl ChatGlmTokenizer {
         self.vocab_size
     }
 
+    /// The control pieces' strings (`[gMASK]`, `<sop>`, `<eop>`, `<s>`, …): text never encodes to
+    /// them ([`ChatGlmTokenizer::encode`]); prompt templates place their ids.
+    pub fn control_pieces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .inner
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(|i| i as i64)
     }
+}
+
+/// The encoding pipeline for user text: sentencepiece never turns text into a control piece
+/// (`[gMASK]`, `<sop>`, `<eop>`, `<s>`, …) — SPTokenizer tokenizes such strings as the literal
+/// characters — so the special added tokens are dropped and the control pieces' scores put out of
+/// the Unigram lattice's reach. Control ids then appear only where a prompt template places them.
+fn text_only(tok: &Tokenizer) -> Result<Tokenizer> {
+    let mut v: serde_json::Value = serde_json::from_str(
+        &tok.to_string(false)
+            .map_err(|e| anyhow::anyhow!("serializing tokenizer: {e}"))?,
+    )?;
+    let mut control = Vec::new();
+    if let Some(added) = v["added_tokens"].as_array_mut() {
+        added.retain(|t| {
+            let special = t["special"].as_bool().unwrap_or(false);
+            if special {
+                control.extend(t["id"].as_u64());
+            }
+            !special
+        });
+    }
+    let vocab = v["model"]["vocab"]
+        .as_array_mut()
+        .context("tokenizer.json: the model has no Unigram vocab")?;
+    for id in control {
+        if let Some(score) = vocab.get_mut(id as usize).and_then(|p| p.get_mut(1)) {
+            *score = serde_json::json!(-1e9);
+        }
+    }
+    v.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| anyhow::anyhow!("building the text encoder: {e}"))
 }
 
 fn regex_escape(s: &str) -> String {

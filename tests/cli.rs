@@ -89,6 +89,7 @@ fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
             "--set",
             &format!("synthetic.count={count}"),
             "--json",
+            "--force",
         ]));
         assert!(ok, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
@@ -331,4 +332,53 @@ fn train_steps_follow_the_original_trajectory() {
         n += 1;
     }
     assert_eq!(n, 16);
+}
+
+/// `prepare-data` never writes its training list over an input (the records file, an image), nor
+/// over another existing file without `--force` (issue 15: `--out` equal to the input replaced the
+/// source annotations).
+#[test]
+fn prepare_data_never_overwrites_inputs_or_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let prep = |extra: &[&str]| {
+        let mut c = xrayglm();
+        c.current_dir(dir.path())
+            .args(["prepare-data", "--set", "synthetic.count=4", "--set", "synthetic.size=32"])
+            .args(extra);
+        run(&mut c)
+    };
+    let (ok, _, err) = prep(&[]);
+    assert!(ok, "{err}");
+    let xray = dir.path().join("data/synthetic/Xray");
+    let ann = xray.join("synth-zh.json");
+    let list = xray.join("synth-zh-prompt.json");
+    let (ann_before, list_before) = (std::fs::read(&ann).unwrap(), std::fs::read(&list).unwrap());
+    let ann_s = ann.to_str().unwrap();
+    let (ok, _, err) = prep(&["--out", ann_s, "--force"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "--out {ann_s} is the records file being read; refusing to overwrite an input"
+        )),
+        "{err}"
+    );
+    let img = xray.join("synth_00000.png");
+    let img_before = std::fs::read(&img).unwrap();
+    let (ok, _, err) = prep(&["--out", img.to_str().unwrap(), "--force"]);
+    assert!(!ok);
+    assert!(
+        err.contains("is the image of record 0 (synth_00000); refusing to overwrite an input"),
+        "{err}"
+    );
+    let (ok, _, err) = prep(&[]);
+    assert!(!ok);
+    assert!(
+        err.contains("synth-zh-prompt.json already exists; pass --force to replace it"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&ann).unwrap(), ann_before);
+    assert_eq!(std::fs::read(&img).unwrap(), img_before);
+    assert_eq!(std::fs::read(&list).unwrap(), list_before);
+    let (ok, _, err) = prep(&["--force"]);
+    assert!(ok, "{err}");
 }

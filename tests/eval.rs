@@ -297,3 +297,68 @@ fn cider_is_bitwise_reproducible() {
         }
     }
 }
+
+/// Issue 15: a repeated id is an error naming both lines (or scored twice with
+/// `--allow-duplicates`); a report over the length limit is refused at once with the limit and how
+/// to raise it (a 200,000-character pair took over 300 s before), nothing written.
+#[test]
+fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |id: &str, r: &str, h: &str| {
+        serde_json::json!({"id": id, "reference": r, "hypothesis": h}).to_string() + "\n"
+    };
+    let dup = dir.path().join("dup.jsonl");
+    std::fs::write(
+        &dup,
+        line("a", "心脏大小正常", "心脏大小正常") + &line("b", "肺野清晰", "肺野清晰")
+            + &line("a", "心脏大小正常", "心脏增大"),
+    )
+    .unwrap();
+    let long = dir.path().join("long.jsonl");
+    std::fs::write(
+        &long,
+        line("a", "心脏大小正常", "心脏大小正常") + &line("x", &"肺".repeat(200_000), "肺野清晰"),
+    )
+    .unwrap();
+    let eval = |f: &std::path::Path, extra: &[&str], out: &std::path::Path| {
+        let t = std::time::Instant::now();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("eval")
+            .arg("--hypotheses")
+            .arg(f)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            t.elapsed(),
+        )
+    };
+    let never = dir.path().join("never");
+    let (ok, err, _) = eval(&dup, &[], &never);
+    assert!(!ok);
+    assert!(
+        err.contains("dup.jsonl: id \"a\" appears on lines 1 and 3")
+            && err.contains("--allow-duplicates"),
+        "{err}"
+    );
+    let (ok, err, took) = eval(&long, &[], &never);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "long.jsonl:2: the reference of \"x\" has 200000 characters, over the limit of 20000"
+        ) && err.contains("--max-chars"),
+        "{err}"
+    );
+    assert!(took.as_secs() < 30, "refused after {took:?}");
+    assert!(!never.exists());
+    let both = dir.path().join("both");
+    let (ok, err, _) = eval(&dup, &["--allow-duplicates"], &both);
+    assert!(ok, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(both.join("report.json")).unwrap()).unwrap();
+    assert!(report.to_string().contains("\"count\":3"), "{report}");
+}

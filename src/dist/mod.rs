@@ -156,7 +156,7 @@ impl Mpi {
                 Err(r) => req = r,
             }
             if start.elapsed() > self.timeout {
-                eprintln!(
+                crate::errln!(
                     "error: rank {} of {}: {what} did not complete in {:.0} s — {}; aborting the job",
                     self.rank(),
                     self.world_size(),

@@ -261,7 +261,7 @@ impl Nccl {
     }
 
     fn fail(&self, what: &str, why: &str) -> ! {
-        eprintln!(
+        crate::errln!(
             "error: rank {} of {}: NCCL {what} {why}; aborting the job",
             self.boot.rank(),
             self.boot.world_size()

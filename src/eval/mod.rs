@@ -21,11 +21,35 @@ pub struct Scored {
     pub lang: Lang,
 }
 
+/// The longest reference or hypothesis `eval` scores by default, in characters: ROUGE-L's longest
+/// common subsequence is quadratic in the length (OpenI reports are under 1,000 characters; one
+/// 200,000-character pair took over 300 s).
+pub const MAX_REPORT_CHARS: usize = 20_000;
+
+/// How [`read_hypotheses`] treats unusual files.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    /// Score several lines with the same id (otherwise an error naming both lines).
+    pub allow_duplicates: bool,
+    /// Longest reference or hypothesis accepted, in characters.
+    pub max_chars: usize,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self {
+            allow_duplicates: false,
+            max_chars: MAX_REPORT_CHARS,
+        }
+    }
+}
+
 /// Read a hypotheses file; a bad line is an error naming the file and the line.
-pub fn read_hypotheses(path: &Path) -> Result<Vec<Scored>> {
+pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read hypotheses", path.display()))?;
     let mut out = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -37,6 +61,30 @@ pub fn read_hypotheses(path: &Path) -> Result<Vec<Scored>> {
                 i + 1
             )
         })?;
+        for (what, t) in [("reference", &s.reference), ("hypothesis", &s.hypothesis)] {
+            let n = t.chars().count();
+            if n > opts.max_chars {
+                bail!(
+                    "{}:{}: the {what} of {:?} has {n} characters, over the limit of {} \
+                     (scoring is quadratic in the length); raise it with --max-chars N",
+                    path.display(),
+                    i + 1,
+                    s.id,
+                    opts.max_chars
+                );
+            }
+        }
+        if let Some(first) = seen.insert(s.id.clone(), i + 1) {
+            if !opts.allow_duplicates {
+                bail!(
+                    "{}: id {:?} appears on lines {first} and {}; each report is scored once \
+                     (pass --allow-duplicates to score both)",
+                    path.display(),
+                    s.id,
+                    i + 1
+                );
+            }
+        }
         out.push(s);
     }
     if out.is_empty() {

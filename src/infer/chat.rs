@@ -135,7 +135,7 @@ impl ChatModel {
         let t0 = std::time::Instant::now();
         let (mut model, report) = load_model(dir, opts)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
-        eprintln!(
+        crate::errln!(
             "loaded {} tensors from {} in {:.1}s",
             report.loaded,
             dir.display(),

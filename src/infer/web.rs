@@ -276,7 +276,7 @@ fn handle(state: &Arc<State>, mut req: Request) {
         _ => req.respond(error(404, &format!("no such endpoint: {path}"))),
     };
     if let Err(e) = result {
-        eprintln!("web: responding to {path}: {e}");
+        crate::errln!("web: responding to {path}: {e}");
     }
 }
 
@@ -364,7 +364,7 @@ fn chat(state: &Arc<State>, mut req: Request) {
         None,
     );
     if let Err(e) = req.respond(resp) {
-        eprintln!("web: streaming an answer: {e}");
+        crate::errln!("web: streaming an answer: {e}");
     }
 }
 

@@ -76,6 +76,30 @@ impl VisualGlm {
         })
     }
 
+    /// Draw the LoRA weights afresh from `seed` alone (A ~ U(±1/√in), B = 0, in name order), so
+    /// a fresh run starts from the same adapters whether its base was just drawn or loaded.
+    pub fn init_lora(&self, seed: i64) {
+        let vars = self.lora.variables();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        // Drawn on the CPU whatever the device, so the adapters do not depend on it.
+        tch::no_grad(|| {
+            tch::manual_seed(seed);
+            for n in names {
+                let mut t = vars[n].shallow_clone();
+                if n.contains("matrix_A") {
+                    let fan_in = *t.size().last().unwrap_or(&1) as f64;
+                    let bound = 1.0 / fan_in.sqrt();
+                    let draw = Tensor::empty(t.size(), (Kind::Float, Device::Cpu))
+                        .uniform_(-bound, bound);
+                    t.copy_(&draw);
+                } else {
+                    let _ = t.zero_();
+                }
+            }
+        });
+    }
+
     /// Build with zero-filled frozen weights that are about to be loaded (fast, no random init).
     pub fn new_for_loading(cfg: ModelConfig, device: Device, kind: Kind) -> Result<Self> {
         super::nn::with_skip_init(|| Self::new(cfg, device, kind))

@@ -8,6 +8,7 @@
 //! `metrics.jsonl`, `tb/` (TensorBoard). Every file is written atomically, so killing the process
 //! at any moment leaves the previous checkpoint loadable.
 
+pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
 pub mod scaler;
@@ -15,7 +16,7 @@ pub mod schedule;
 pub mod vision_cache;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -65,6 +66,9 @@ pub struct Summary {
     pub last_val_loss: Option<f64>,
     pub seconds: f64,
     pub stopped_by_signal: bool,
+    /// The signal that stopped the run (SIGINT 2 / SIGTERM 15; SIGTERM when another rank got it):
+    /// the process exits with 128 + it after saving, so schedulers see an interrupted run.
+    pub signal: Option<i32>,
 }
 
 fn kind_of(s: &str) -> Result<Kind> {
@@ -74,6 +78,21 @@ fn kind_of(s: &str) -> Result<Kind> {
         "fp16" => Kind::Half,
         other => bail!("unknown dtype {other:?} (fp32, bf16, fp16)"),
     })
+}
+
+/// The seed of a fresh run's adapters: train.seed alone, so every fresh start of a run is the same
+/// (a resume then loads its checkpoint's adapters over them).
+fn lora_seed(cfg: &Config) -> i64 {
+    (cfg.train.seed as i64) ^ 0x4c6f_5241
+}
+
+/// A loaded base whose source held no adapters gets them drawn from [`lora_seed`]; adapters that
+/// came with the weights (fine-tuning on from a LoRA checkpoint) are kept.
+fn fresh_lora((model, report): (VisualGlm, crate::weights::LoadReport), cfg: &Config) -> VisualGlm {
+    if report.lora_loaded == 0 {
+        model.init_lora(lora_seed(cfg));
+    }
+    model
 }
 
 /// The frozen base model and its location (writing a random preset's weights into the run folder
@@ -100,13 +119,14 @@ fn build_model(
                 lora: Some(Some(m.lora.clone())),
                 rotary: m.rotary,
             };
-            (load_model(&base_dir, &opts)?.0, "base".to_string())
+            (fresh_lora(load_model(&base_dir, &opts)?, cfg), "base".to_string())
         } else {
             let mut mc = ModelConfig::preset(&m.preset)?;
             mc.lora = Some(m.lora.clone());
             mc.rotary = m.rotary;
             tch::manual_seed(cfg.train.seed as i64);
             let model = VisualGlm::new(mc, dev, kind)?;
+            model.init_lora(lora_seed(cfg));
             if root {
                 crate::weights::source::save_base(&model, &base_dir)?;
             }
@@ -122,7 +142,7 @@ fn build_model(
         };
         let abs = std::fs::canonicalize(&m.path)
             .with_context(|| format!("model.path {}", m.path.display()))?;
-        (load_model(&abs, &opts)?.0, abs.display().to_string())
+        (fresh_lora(load_model(&abs, &opts)?, cfg), abs.display().to_string())
     };
     model.set_fused_attention(m.fused_attention);
     // After the base of a random preset was saved above: a quantized model cannot be saved.
@@ -162,12 +182,6 @@ pub fn split(records: Vec<Record>, fraction: f64, seed: u64) -> (Vec<Record>, Ve
     (train, val)
 }
 
-fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
-    let s = std::fs::read_to_string(run_dir.join("latest")).ok()?;
-    let dir = run_dir.join(s.trim());
-    dir.join("trainer_state.json").is_file().then_some(dir)
-}
-
 struct Step<'a> {
     model: &'a VisualGlm,
     dev: Device,
@@ -195,62 +209,6 @@ impl Step<'_> {
         }
         Ok(total / batches.len().max(1) as f64)
     }
-}
-
-/// Save a checkpoint atomically: files into `<step>/`, then `latest`, then prune.
-fn save_checkpoint(
-    run_dir: &Path,
-    model: &VisualGlm,
-    opt: &AdamW,
-    state: &TrainerState,
-    keep: usize,
-) -> Result<()> {
-    let dir = run_dir.join(state.step.to_string());
-    let tmp = run_dir.join(format!(".{}.partial", state.step));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let lora = model.lora.variables();
-    let mut names: Vec<&String> = lora.keys().collect();
-    names.sort();
-    let list: Vec<(String, &Tensor)> = names.iter().map(|n| ((*n).clone(), &lora[*n])).collect();
-    crate::weights::st::write(
-        &tmp.join("lora.safetensors"),
-        &list,
-        &[("format", "xrayglm-lora".into())],
-    )?;
-    let ost: Vec<(String, &Tensor)> = opt.state_tensors();
-    crate::weights::st::write(&tmp.join("optimizer.safetensors"), &ost, &[])?;
-    let mut sat = model.cfg.to_sat();
-    sat.qkv_layout = crate::model::config::QkvLayout::Interleaved;
-    crate::io::write_json_atomic(&tmp.join("model_config.json"), &sat)?;
-    let base = if Path::new(&state.base_model).is_absolute() {
-        state.base_model.clone()
-    } else {
-        format!("../{}", state.base_model)
-    };
-    crate::io::write_json_atomic(
-        &tmp.join("trainer_state.json"),
-        &TrainerState {
-            base_model: base,
-            ..state.clone()
-        },
-    )?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir)?;
-    crate::io::write_atomic(&run_dir.join("latest"), state.step.to_string().as_bytes())?;
-    // Keep the newest `keep` checkpoints.
-    let mut steps: Vec<i64> = std::fs::read_dir(run_dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
-        .collect();
-    steps.sort_unstable();
-    let keep = keep.max(1);
-    if steps.len() > keep {
-        for s in &steps[..steps.len() - keep] {
-            let _ = std::fs::remove_dir_all(run_dir.join(s.to_string()));
-        }
-    }
-    Ok(())
 }
 
 /// Rank 0's logs; other ranks log nothing.
@@ -410,30 +368,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         world_size: world,
     };
     let run_dir = tc.out_dir.join(&tc.name);
-    let resume_from = match tc.resume.as_str() {
-        "never" => None,
-        "auto" => latest_checkpoint(&run_dir),
-        path => Some(PathBuf::from(path))
-            .filter(|p| p.join("trainer_state.json").is_file())
-            .map(Some)
-            .unwrap_or_else(|| {
-                eprintln!(
-                    "warning: train.resume {path:?} has no trainer_state.json; starting fresh"
-                );
-                None
-            }),
-    };
-    if resume_from.is_none() && tc.resume == "never" {
-        for e in std::fs::read_dir(&run_dir).into_iter().flatten() {
-            let e = e?;
-            if e.file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<i64>().is_ok() || n == "latest")
-            {
-                bail!("{} already holds checkpoints; use train.resume = \"auto\" or another train.name", run_dir.display());
-            }
-        }
-    }
+    let resume_from = checkpoint::resume_from(&run_dir, &tc.resume)?;
     crate::prepare::ensure_synthetic(cfg)?;
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let file = loaded.file.display().to_string();
@@ -482,6 +417,12 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     )?)?);
     // The inputs check out: only now is anything written.
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if root {
+        let n = checkpoint::remove_stale(&run_dir);
+        if n > 0 {
+            crate::errln!("removed {n} unfinished save(s) of an earlier process in {}", run_dir.display());
+        }
+    }
     let (mut model, base) = build_model(cfg, dev, &run_dir, root)?;
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
@@ -573,7 +514,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             base_model: state.base_model,
             ..saved
         };
-        eprintln!("resuming from {} (step {})", ck.display(), state.step);
+        crate::errln!("resuming from {} (step {})", ck.display(), state.step);
     }
     if root {
         crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
@@ -597,9 +538,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             None
         },
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    // The number of the signal received (0: none).
+    let stop = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+        signal_hook::flag::register_usize(sig, Arc::clone(&stop), sig as usize)?;
     }
     // Frozen vision without dropout: each film's embeddings are computed once.
     let mut vision_cache = (tc.vision_cache && cfg.model.vision_dropout == 0.0)
@@ -627,7 +569,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             "vision_cache": vision_cache.is_some(),
         });
         logs.write(&rec)?;
-        eprintln!(
+        crate::errln!(
             "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {}",
             comm.name(),
             params as f64 / 1e9,
@@ -661,12 +603,15 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     let mut peak_gpu_mib = 0f64;
     let mut window_t = Instant::now();
     let mut stopped = false;
+    let mut signal = None;
     while state.step < tc.train_iters {
         // Stop together: a signal may reach the ranks at different steps.
-        let mut flag = [stop.load(Ordering::Relaxed) as u8 as f64];
+        let got = stop.load(Ordering::Relaxed) as i32;
+        let mut flag = [(got > 0) as u8 as f64];
         comm.all_reduce_sum_f64(&mut flag)?;
         if flag[0] > 0.0 {
             stopped = true;
+            signal = Some(if got > 0 { got } else { signal_hook::consts::SIGTERM });
             break;
         }
         if tc.stop_at > 0 && state.step >= tc.stop_at {
@@ -735,10 +680,10 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         window_comm += tc0.elapsed().as_secs_f64();
         let mut norm = f64::NAN;
         let ok = if let Some(msg) = bad_loss {
-            eprintln!("warning: rank {rank}: skipping step: {msg}");
+            crate::errln!("warning: rank {rank}: skipping step: {msg}");
             false
         } else if scalars[1] > 0.0 {
-            eprintln!(
+            crate::errln!(
                 "warning: rank {rank}: skipping step {}: a bad loss on another rank",
                 state.step
             );
@@ -816,7 +761,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             }
             logs.scalars(state.step, &sc)?;
             if !tc.progress {
-                eprintln!(
+                crate::errln!(
                     "step {}/{} loss {avg:.4} lr {:.3e} grad_norm {norm:.4}",
                     state.step,
                     tc.train_iters,
@@ -839,17 +784,17 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             )?;
         }
         if root && state.step % tc.save_interval == 0 && state.step < tc.train_iters {
-            save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
+            checkpoint::save(&run_dir, &model, &opt, &state, tc.keep_last)?;
         }
     }
     bar.finish_and_clear();
 
     // ---- save + cleanup ----
     if root && state.step > 0 {
-        save_checkpoint(&run_dir, &model, &opt, &state, tc.keep_last)?;
+        checkpoint::save(&run_dir, &model, &opt, &state, tc.keep_last)?;
     }
     if stopped {
-        eprintln!(
+        crate::errln!(
             "stopped by signal at step {}; checkpoint saved in {}",
             state.step,
             run_dir.display()
@@ -865,6 +810,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         last_val_loss: last_val,
         seconds: t0.elapsed().as_secs_f64(),
         stopped_by_signal: stopped,
+        signal,
     })
 }
 

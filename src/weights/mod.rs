@@ -65,6 +65,8 @@ pub enum Require {
 #[derive(Debug, Default)]
 pub struct LoadReport {
     pub loaded: usize,
+    /// How many of the loaded tensors were LoRA weights (0: the adapters are freshly made).
+    pub lora_loaded: usize,
     pub ignored: Vec<String>,
 }
 
@@ -130,6 +132,7 @@ impl<'m> Loader<'m> {
             return;
         }
         tch::no_grad(|| target.copy_(&t));
+        self.report.lora_loaded += self.lora.contains_key(&canon) as usize;
         self.seen.insert(canon);
         self.report.loaded += 1;
     }

@@ -274,9 +274,9 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
             let (n, x) = t?;
             loader.put(n, x);
         }
-        report.loaded += loader
-            .finish(Require::Lora, &dir.display().to_string())?
-            .loaded;
+        let lora = loader.finish(Require::Lora, &dir.display().to_string())?;
+        report.loaded += lora.loaded;
+        report.lora_loaded += lora.lora_loaded;
         return Ok((model, report));
     }
     let mut cfg = read_config(dir)?;

@@ -171,7 +171,7 @@ pub fn write(
         let f = f.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        Ok(())
+        crate::io::sync_parent(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
