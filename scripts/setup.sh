@@ -5,7 +5,8 @@
 #   bash scripts/setup.sh --cuda    # the full CUDA torch==2.11.0 wheel with its NVIDIA deps (~4.7 GB)
 #
 # What it installs:
-#   * apt: OpenMPI (libopenmpi-dev, openmpi-bin), libclang-dev and pkg-config (for the mpi crate)
+#   * apt: OpenMPI (libopenmpi-dev, openmpi-bin), libclang-dev and pkg-config (for the mpi crate),
+#     strace (the durability test watches the fsync / rename order)
 #   * for the web demo's browser test: apt chromium + fonts-noto-cjk, Node.js/npm, and
 #     playwright-core (npm, no browser download) under $XRAYGLM_PREFIX/node; --no-browser skips them
 #   * libtorch 2.11.0 (tch 0.24) from the PyPI wheel into a venv under $XRAYGLM_PREFIX
@@ -43,7 +44,7 @@ apt_install() {
   fi
 }
 
-apt_install libopenmpi-dev openmpi-bin libclang-dev pkg-config
+apt_install libopenmpi-dev openmpi-bin libclang-dev pkg-config strace
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
