@@ -40,6 +40,8 @@ pub struct DataSection {
     pub check_images: ImageCheck,
     /// Skip and count bad records instead of failing.
     pub skip_bad: bool,
+    /// Accept image paths outside the image root (absolute paths, `..` climbing out of it).
+    pub allow_outside_root: bool,
     /// Training list written by `prepare-data`; empty = `<records stem>-prompt.json` beside it.
     pub out: PathBuf,
     /// Pad every sample to this many tokens (the reference: 320 = 64 + 256); 0 = `loader.padding`
@@ -58,6 +60,7 @@ impl Default for DataSection {
             prompt_seed: 1234,
             check_images: ImageCheck::Decode,
             skip_bad: false,
+            allow_outside_root: false,
             out: PathBuf::new(),
             pad_to: 0,
         }
@@ -79,6 +82,7 @@ impl DataSection {
             image_ext: self.image_ext.clone(),
             check_images: self.check_images,
             skip_bad: self.skip_bad,
+            allow_outside_root: self.allow_outside_root,
             threads: 0,
         }
     }

@@ -90,6 +90,21 @@ pub fn cuda_used_mib(dev: tch::Device) -> Option<f64> {
     ok.then(|| (total - free) as f64 / (1024.0 * 1024.0))
 }
 
+/// Bytes that can still be allocated on `dev`: free device memory on CUDA, MemAvailable +
+/// SwapFree on the CPU; `None` when unknown.
+pub fn available_bytes(dev: tch::Device) -> Option<u64> {
+    match dev {
+        tch::Device::Cuda(idx) => {
+            let (set, info) = cudart()?;
+            let (mut free, mut total) = (0usize, 0usize);
+            // SAFETY: as in `cuda_used_mib`.
+            let ok = unsafe { set(idx as i32) == 0 && info(&mut free, &mut total) == 0 };
+            ok.then_some(free as u64)
+        }
+        _ => crate::model::config::cpu_available_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -285,6 +285,13 @@ struct WebArgs {
     /// Request threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Seconds a request body may take to arrive (else 408); idle connections close after it.
+    #[arg(
+        long = "body_timeout_s",
+        alias = "body-timeout-s",
+        default_value_t = 10.0
+    )]
+    body_timeout_s: f64,
 }
 
 #[derive(Args)]
@@ -450,6 +457,9 @@ struct PrepareArgs {
     /// Replace an existing --out file (an input — the records file or an image — never is).
     #[arg(long)]
     force: bool,
+    /// Accept image paths outside the image root (absolute, or `..` climbing out of it).
+    #[arg(long)]
+    allow_outside_root: bool,
     /// Generate N synthetic films first and prepare those.
     #[arg(long, value_name = "N")]
     synthetic: Option<usize>,
@@ -705,6 +715,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         cfg.data.out = o;
     }
     cfg.data.skip_bad |= a.skip_bad;
+    cfg.data.allow_outside_root |= a.allow_outside_root;
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?;
     let summary = xrayglm::prepare::run(&cfg, tok.as_ref(), a.force)?;
     if a.json {
@@ -1295,6 +1306,7 @@ fn run() -> Result<()> {
                 port: a.port,
                 max_upload: a.max_upload_mib << 20,
                 threads: a.threads,
+                body_timeout_s: a.body_timeout_s,
                 settings: a.infer.settings(),
                 ..Default::default()
             };

@@ -34,6 +34,9 @@ pub struct Summary {
     pub usable: usize,
     pub bad: Vec<(BadKind, usize)>,
     pub out: PathBuf,
+    /// Films outside the training list's folder: written as absolute paths, which training reads
+    /// only with `data.allow_outside_root = true`.
+    pub absolute_paths: usize,
     pub tokens: Option<TokenStats>,
 }
 
@@ -59,6 +62,14 @@ impl std::fmt::Display for Summary {
             writeln!(f, "  skipped {n} × {k:?}")?;
         }
         writeln!(f, "training list: {}", self.out.display())?;
+        if self.absolute_paths > 0 {
+            writeln!(
+                f,
+                "  {} film(s) are outside the list's folder and written as absolute paths: \
+                 train on it with --set data.allow_outside_root=true",
+                self.absolute_paths
+            )?;
+        }
         match &self.tokens {
             Some(t) => writeln!(
                 f,
@@ -81,6 +92,12 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
     let out = cfg.data.out_path();
     check_out(&out, &loaded.file, &loaded.records, force)?;
     write_training_list(&out, &loaded.records)?;
+    let base = out.parent().map(PathBuf::from).unwrap_or_default();
+    let absolute_paths = loaded
+        .records
+        .iter()
+        .filter(|r| std::path::Path::new(&crate::data::records::relative_to(&r.image, &base)).is_absolute())
+        .count();
     let tokens = match tokenizer {
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
         None => None,
@@ -93,6 +110,7 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         usable: loaded.records.len(),
         bad: loaded.bad_counts(),
         out,
+        absolute_paths,
         tokens,
     })
 }

@@ -109,10 +109,17 @@ fn annotations_convert_with_fixed_and_seeded_random_prompts() {
         assert_eq!(r.prompt, *py.choice(&RANDOM_PROMPTS));
     }
 
-    // The training list round-trips through the list schema, relative to its own folder.
+    // The training list round-trips through the list schema. The films are outside its folder,
+    // so the list holds absolute paths, which load only when allowed (issue 15 item 10).
     let out = dir.path().join("sub/train.json");
     xrayglm::data::records::write_training_list(&out, &random.records).unwrap();
-    let back = load_records(&out, &LoadOptions::default()).unwrap();
+    let e = format!("{:#}", load_records(&out, &LoadOptions::default()).unwrap_err());
+    assert!(e.contains("is absolute"), "{e}");
+    let allowed = LoadOptions {
+        allow_outside_root: true,
+        ..Default::default()
+    };
+    let back = load_records(&out, &allowed).unwrap();
     assert_eq!(back.schema, Schema::TrainingList);
     assert_eq!(back.records.len(), 5);
     for (a, b) in random.records.iter().zip(&back.records) {
@@ -777,4 +784,124 @@ fn length_grouped_loader_resumes_exactly() {
         assert_eq!(a.indices, b.indices);
         assert_eq!(a.state_after, b.state_after);
     }
+}
+
+/// Issue 15 item 10: image paths stay inside the image root — `../x`, an absolute path, an
+/// `image_id` that climbs out — unless allowed; the error names the record and the flag.
+#[test]
+fn image_paths_may_not_leave_the_image_root() {
+    let b = Bad::new();
+    let sub = b.dir.path().join("sub");
+    std::fs::create_dir_all(sub.join("a")).unwrap();
+    std::fs::create_dir_all(sub.join("x")).unwrap();
+    let ok = b.dir.path().join("ok.png");
+    let write = |name: &str, text: String| {
+        let p = sub.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let cases = [
+        (
+            write("up.json", r#"[{"img":"../ok.png","prompt":"p","label":"l"}]"#.into()),
+            "up.json: record 0 (img ../ok.png): image path \"../ok.png\" leaves the image root",
+        ),
+        (
+            write(
+                "abs.json",
+                serde_json::json!([{"img": ok.to_str().unwrap(), "prompt": "p", "label": "l"}])
+                    .to_string(),
+            ),
+            "is absolute; give it relative to the image root",
+        ),
+        (
+            write(
+                "ann.json",
+                r#"{"annotations":[{"image_id":"a/../../ok","caption":"c"}]}"#.into(),
+            ),
+            "ann.json: record 0 (image_id a/../../ok): image path \"a/../../ok.png\" leaves the image root",
+        ),
+    ];
+    for (file, want) in &cases {
+        let e = format!(
+            "{:#}",
+            load_records(file, &LoadOptions::default()).unwrap_err()
+        );
+        assert!(e.contains(want) && e.contains("allow_outside_root"), "{e}");
+        // Allowed explicitly, the same file loads the film.
+        let allowed = LoadOptions {
+            allow_outside_root: true,
+            ..Default::default()
+        };
+        let r = load_records(file, &allowed).unwrap();
+        assert_eq!(std::fs::canonicalize(&r.records[0].image).unwrap(), std::fs::canonicalize(&ok).unwrap());
+    }
+    // Going down and back up inside the root is fine.
+    std::fs::copy(&ok, sub.join("in.png")).unwrap();
+    let f = write("in.json", r#"[{"img":"x/../in.png","prompt":"p","label":"l"}]"#.into());
+    assert_eq!(load_records(&f, &LoadOptions::default()).unwrap().records.len(), 1);
+}
+
+/// A PNG that claims `w`×`h` gray pixels and carries one compressed empty row: a few dozen bytes
+/// that would unpack to gigabytes (a decompression bomb).
+fn bomb_png(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |out: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend(kind);
+        out.extend(data);
+        out.extend(crc.sum().to_be_bytes());
+    };
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(w.to_be_bytes());
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut z, &vec![0u8; w as usize + 1]).unwrap();
+    chunk(&mut png, b"IDAT", &z.finish().unwrap());
+    chunk(&mut png, b"IEND", b"");
+    png
+}
+
+/// Issue 15 item 14: a decompression bomb is not "corrupt": the error says which limit was hit
+/// and how to raise it (`XRAYGLM_MAX_IMAGE_MIB`), and the limit is honoured both ways.
+#[test]
+fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bomb.png"), bomb_png(100_000, 100_000)).unwrap();
+    let file = dir.path().join("b.json");
+    std::fs::write(&file, r#"[{"img":"bomb.png","prompt":"p","label":"l"}]"#).unwrap();
+    let e = format!("{:#}", load_records(&file, &LoadOptions::default()).unwrap_err());
+    assert!(
+        e.contains("b.json: record 0 (img bomb.png): image")
+            && e.contains("is too large to decode: decoding it (100000x100000 pixels) needs more memory than the limit of 512 MiB per image")
+            && e.contains("XRAYGLM_MAX_IMAGE_MIB=<MiB>")
+            && !e.contains("corrupt"),
+        "{e}"
+    );
+    // A real 1,000 x 1,000 film against a 1 MiB limit, and with the limit raised (CLI, so the
+    // variable is the child's own).
+    let img = image::RgbImage::from_pixel(1000, 1000, image::Rgb([90, 90, 90]));
+    img.save(dir.path().join("big.png")).unwrap();
+    let list = dir.path().join("big.json");
+    std::fs::write(&list, r#"[{"img":"big.png","prompt":"p","label":"l"}]"#).unwrap();
+    let run = |mib: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("prepare-data")
+            .arg(&list)
+            .arg("--out")
+            .arg(dir.path().join(format!("out{mib}.json")))
+            .env("XRAYGLM_MAX_IMAGE_MIB", mib)
+            .env_remove("XRAYGLM_TOKENIZER")
+            .output()
+            .unwrap()
+    };
+    let o = run("1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("the limit of 1 MiB per image"), "{err}");
+    let o = run("16");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -220,3 +220,42 @@ fn hf_safetensors_shards_load_like_the_bin_shards() {
     let e = rel_err(&logits(&m), &reference_logits());
     assert!(e <= 1e-4, "{e:.3e}");
 }
+
+/// Issue 15 item 5: a `model_config.json` with absurd sizes is an error naming the problem, not a
+/// panic inside libtorch's allocator (`hidden_size` 2^40 used to abort in var_store.rs); zero or
+/// negative sizes are refused by name (a zero head count used to divide by zero). The CLI exits 1.
+#[test]
+fn absurd_model_config_sizes_are_errors_not_panics() {
+    let src = common::fixture("model").join("a").join("sat");
+    let (m, _) = load_model(&src, &LoadOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_xrayglm(&m, dir.path()).unwrap();
+    let cfg_path = dir.path().join("model_config.json");
+    let good: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    for (key, value, want) in [
+        ("hidden_size", 1i64 << 40, "these sizes need about"),
+        ("vocab_size", 1i64 << 50, "these sizes need about"),
+        ("num_attention_heads", 0, "num_attention_heads is 0; it must be positive"),
+        ("num_layers", -3, "num_layers is -3; it must be positive"),
+    ] {
+        let mut bad = good.clone();
+        bad[key] = value.into();
+        std::fs::write(&cfg_path, bad.to_string()).unwrap();
+        let err = load_model(dir.path(), &LoadOptions::default())
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} loaded"));
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{key}: {msg}");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .args(["convert", "--model"])
+            .arg(dir.path())
+            .arg("--to")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{key}: {stderr}");
+        assert!(stderr.contains(want), "{key}: {stderr}");
+    }
+}

@@ -46,6 +46,31 @@ impl Rgb8 {
     }
 }
 
+/// The environment variable that sets the decoding memory limit per image, in MiB.
+pub const MAX_DECODE_ENV: &str = "XRAYGLM_MAX_IMAGE_MIB";
+
+/// The decoding memory limit per image (MiB): `XRAYGLM_MAX_IMAGE_MIB`, default 512 (the image
+/// crate's own default). It stops decompression bombs: a small file that unpacks to gigabytes.
+pub fn max_decode_mib() -> u64 {
+    std::env::var(MAX_DECODE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(512)
+}
+
+/// An image whose decoding would pass the memory limit (not a corrupt file).
+#[derive(Debug)]
+pub struct ImageTooLarge(pub String);
+
+impl std::fmt::Display for ImageTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ImageTooLarge {}
+
 /// Decode PNG or JPEG bytes into RGB the way `PIL.Image.open(..).convert('RGB')` does: gray is
 /// replicated, alpha is dropped (not composited), palettes are expanded.
 pub fn decode_rgb(bytes: &[u8], sixteen: SixteenBit) -> Result<Rgb8> {
@@ -60,7 +85,28 @@ pub fn decode_rgb(bytes: &[u8], sixteen: SixteenBit) -> Result<Rgb8> {
         Some(f) => bail!("unsupported image format {f:?} (PNG and JPEG are supported)"),
         None => bail!("not a PNG or JPEG file"),
     }
-    let img = img.decode().context("decoding image")?;
+    let limit_mib = max_decode_mib();
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(limit_mib << 20);
+    let mut img = img;
+    img.limits(limits);
+    let img = match img.decode() {
+        Ok(i) => i,
+        Err(image::ImageError::Limits(e)) => {
+            let dims = image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .ok()
+                .and_then(|r| r.into_dimensions().ok())
+                .map(|(w, h)| format!("{w}x{h} pixels"))
+                .unwrap_or_else(|| "its size".into());
+            return Err(ImageTooLarge(format!(
+                "decoding it ({dims}) needs more memory than the limit of {limit_mib} MiB per \
+                 image ({e}); raise the limit with {MAX_DECODE_ENV}=<MiB> if the film is genuine"
+            ))
+            .into());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("decoding image")),
+    };
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         bail!("image has zero size {w}x{h}");

@@ -96,6 +96,10 @@ pub enum BadKind {
     MissingImage,
     EmptyImage,
     CorruptImage,
+    /// An image that would pass the decoding memory limit (`XRAYGLM_MAX_IMAGE_MIB`).
+    TooLarge,
+    /// An image path outside the image root (`../x`, an absolute path) without the flag allowing it.
+    OutsideRoot,
 }
 
 /// A record that was rejected, with a message naming the file and the record.
@@ -134,6 +138,9 @@ pub struct LoadOptions {
     /// Threads for image checks (0 = all cores).
     #[serde(default)]
     pub threads: usize,
+    /// Accept image paths outside the image root (absolute, or climbing out with `..`).
+    #[serde(default)]
+    pub allow_outside_root: bool,
 }
 
 fn default_ext() -> String {
@@ -148,6 +155,7 @@ impl Default for LoadOptions {
             image_ext: default_ext(),
             check_images: ImageCheck::default(),
             skip_bad: false,
+            allow_outside_root: false,
             threads: 0,
         }
     }
@@ -205,13 +213,43 @@ pub fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-fn resolve(root: &Path, p: &str) -> PathBuf {
+/// The image file a record names: relative to the root, and — unless `allow_outside` — kept
+/// inside it (no absolute path, no `..` that climbs above the root).
+fn resolve(root: &Path, p: &str, allow_outside: bool) -> Result<PathBuf, (BadKind, String)> {
+    use std::path::Component;
     let pb = PathBuf::from(p);
     if pb.is_absolute() {
-        pb
-    } else {
-        root.join(pb)
+        if allow_outside {
+            return Ok(pb);
+        }
+        return Err((
+            BadKind::OutsideRoot,
+            format!(
+                "image path {p:?} is absolute; give it relative to the image root {} \
+                 (or allow paths outside it: data.allow_outside_root / --allow-outside-root)",
+                root.display()
+            ),
+        ));
     }
+    let mut depth = 0i64;
+    for c in pb.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 && !allow_outside {
+            return Err((
+                BadKind::OutsideRoot,
+                format!(
+                    "image path {p:?} leaves the image root {} \
+                     (allow it with data.allow_outside_root / --allow-outside-root)",
+                    root.display()
+                ),
+            ));
+        }
+    }
+    Ok(root.join(pb))
 }
 
 /// Load a records file in either schema, validating every record.
@@ -373,6 +411,7 @@ fn parse_one(
                 return Err((BadKind::EmptyLabel, "empty caption".into()));
             }
             let name = format!("{id}.{}", opts.image_ext);
+            let image = resolve(root, &name, opts.allow_outside_root)?;
             let prompt = match (&opts.prompt, drawn) {
                 (_, Some(p)) => p,
                 (PromptPolicy::Fixed { prompt }, None) => prompt.clone(),
@@ -381,7 +420,7 @@ fn parse_one(
             Ok(Record {
                 index: 0,
                 id: id.to_string(),
-                image: root.join(&name),
+                image,
                 img: name,
                 prompt,
                 label: caption.to_string(),
@@ -397,7 +436,7 @@ fn parse_one(
             if label.trim().is_empty() {
                 return Err((BadKind::EmptyLabel, "empty label".into()));
             }
-            let image = resolve(root, img);
+            let image = resolve(root, img, opts.allow_outside_root)?;
             let id = match obj.get("image_id").and_then(Value::as_str) {
                 Some(id) => id.to_string(),
                 None => image
@@ -445,10 +484,17 @@ pub fn check_image(path: &Path, check: ImageCheck) -> Result<(), (BadKind, Strin
             )
         })?;
         decode_rgb(&bytes, SixteenBit::Scale).map_err(|e| {
-            (
-                BadKind::CorruptImage,
-                format!("image {} is corrupt: {e:#}", path.display()),
-            )
+            if e.is::<crate::data::image::ImageTooLarge>() {
+                (
+                    BadKind::TooLarge,
+                    format!("image {} is too large to decode: {e:#}", path.display()),
+                )
+            } else {
+                (
+                    BadKind::CorruptImage,
+                    format!("image {} is corrupt: {e:#}", path.display()),
+                )
+            }
         })?;
     }
     Ok(())

@@ -202,6 +202,24 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     if o.batch_size == 0 {
         bail!("--batch_size must be at least 1");
     }
+    if o.generate {
+        // Prompt + report must fit the model's positions: refused before any work.
+        let prompts: std::collections::BTreeSet<&str> =
+            data.records.iter().map(|r| r.prompt.as_str()).collect();
+        let mut longest = 0;
+        for p in prompts {
+            longest = longest.max(chat.prompt_ids(&[], p, o.settings.english, true)?.0.len());
+        }
+        let max = chat.max_positions();
+        if longest + o.max_new_tokens > max {
+            bail!(
+                "--max_new_tokens {} after the longest prompt ({longest} tokens) is beyond the \
+                 model's {max} positions (max_sequence_length): use at most {}",
+                o.max_new_tokens,
+                max.saturating_sub(longest)
+            );
+        }
+    }
     let t0 = std::time::Instant::now();
     let model = &chat.model;
     let size = model.cfg.sat.eva_args.image_size[0] as usize;

@@ -181,6 +181,23 @@ impl ChatModel {
         Ok(())
     }
 
+    /// Positions the model has (ChatGLM's `max_sequence_length`): the longest prompt + reply.
+    pub fn max_positions(&self) -> usize {
+        self.model.cfg.sat.max_sequence_length.max(0) as usize
+    }
+
+    /// Refuse a `max_length` (prompt + reply tokens) beyond the model's positions.
+    pub fn check_max_length(&self, max_length: usize) -> Result<()> {
+        let max = self.max_positions();
+        if max_length > max {
+            anyhow::bail!(
+                "max_length {max_length} is beyond the model's {max} positions \
+                 (max_sequence_length in its model_config.json): use at most {max}"
+            );
+        }
+        Ok(())
+    }
+
     /// Prompt ids and image slot for a question (spec §7.3).
     pub fn prompt_ids(
         &self,
@@ -246,6 +263,7 @@ impl ChatModel {
         settings: &ChatSettings,
         mut on_text: impl FnMut(&str),
     ) -> Result<String> {
+        self.check_max_length(settings.max_length)?;
         let (ids, pre) = self.prompt_ids(
             &session.history,
             query,

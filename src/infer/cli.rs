@@ -71,6 +71,7 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<()> {
     let s = &opts.settings;
+    chat.check_max_length(s.max_length)?;
     let default_q = opts.prompt.clone().unwrap_or_else(|| {
         if s.english {
             DEFAULT_PROMPT_EN.to_string()

@@ -89,6 +89,13 @@ fn generate_group(
     let len = prompts[rows[0]].input_ids.len();
     ensure!(len >= 2, "a prompt needs at least [gMASK] <sop>");
     ensure!(
+        cfg.max_length as i64 <= s.max_sequence_length,
+        "max_length {} is beyond the model's {} positions (max_sequence_length): use at most {}",
+        cfg.max_length,
+        s.max_sequence_length,
+        s.max_sequence_length
+    );
+    ensure!(
         cfg.max_length > len,
         "max_length {} leaves no room after a {len}-token prompt",
         cfg.max_length

@@ -11,17 +11,25 @@
 //!
 //! One model, one generation at a time (a mutex); each conversation is checked out of the
 //! session table while it is answered, so two requests can't interleave one history (the second
-//! gets 409). Requests are served by a pool of threads; a streamed answer is produced on its own
-//! thread and handed to the client chunk by chunk.
+//! gets 409). HTTP is hyper on tokio, routed by axum: connections are tasks, not threads, so slow
+//! clients hold no thread; the headers of each request and its body must arrive within
+//! `body_timeout_s` (else the connection is closed / 408), and at most `max_connections` are open
+//! (more are answered 503 at once). Model work runs on tokio's blocking threads; a streamed answer
+//! is handed to the client line by line. Session ids are 128 bits from the OS's CSPRNG.
 
 use std::collections::HashMap;
-use std::io::Read;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State as Shared};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
 use super::chat::{ChatModel, ChatSettings, Session, Turn};
 
@@ -34,10 +42,15 @@ pub struct WebOptions {
     pub port: u16,
     /// Largest accepted upload, bytes.
     pub max_upload: usize,
-    /// Request threads.
+    /// Threads that run the HTTP tasks (model work runs on tokio's blocking threads).
     pub threads: usize,
     /// Conversations kept (the least recently used go first).
     pub max_sessions: usize,
+    /// A request's headers, and then its body, must arrive within this many seconds (else the
+    /// connection is closed / 408); an idle kept-alive connection closes after it too.
+    pub body_timeout_s: f64,
+    /// Open connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
     /// Defaults for questions (web_demo.py: max_length 2048, temperature 0.8, top_p 0.4, top_k 100).
     pub settings: ChatSettings,
 }
@@ -50,6 +63,8 @@ impl Default for WebOptions {
             max_upload: 10 << 20,
             threads: 8,
             max_sessions: 1000,
+            body_timeout_s: 10.0,
+            max_connections: 1024,
             settings: ChatSettings::default(),
         }
     }
@@ -64,64 +79,42 @@ struct State {
     model: Mutex<ChatModel>,
     sessions: Mutex<(HashMap<String, (Slot, u64)>, u64)>,
     opts: WebOptions,
-    ids: Mutex<crate::data::rng::PyRandom>,
+    /// The model's positions: the largest `max_length` a question may ask for.
+    max_positions: usize,
 }
 
-fn json_response(code: u16, v: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(serde_json::to_vec(v).unwrap_or_default())
-        .with_status_code(StatusCode(code))
-        .with_header(header("Content-Type", "application/json; charset=utf-8"))
-}
+/// An error answer: `{"error": message}` with its status.
+struct Failure(StatusCode, String);
 
-fn error(code: u16, msg: &str) -> Response<std::io::Cursor<Vec<u8>>> {
-    json_response(code, &json!({ "error": msg }))
-}
+type Answer = std::result::Result<Response, Failure>;
 
-fn header(k: &str, v: &str) -> Header {
-    Header::from_bytes(k.as_bytes(), v.as_bytes()).expect("static header")
-}
-
-fn query_param(url: &str, key: &str) -> Option<String> {
-    let q = url.split_once('?')?.1;
-    q.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| v.to_string())
-    })
-}
-
-/// A reader over chunks sent by the generating thread (the streamed body).
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos >= self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
     }
+}
+
+fn fail(code: u16, msg: impl Into<String>) -> Failure {
+    Failure(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        msg.into(),
+    )
+}
+
+fn ok(v: Value) -> Answer {
+    Ok(axum::Json(v).into_response())
+}
+
+/// 128 random bits from the operating system (getrandom), as 32 hex digits.
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the operating system's random source is available");
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl State {
-    fn new_id(&self) -> String {
-        let mut r = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        format!("{:016x}{:016x}", r.getrandbits(64), r.getrandbits(64))
-    }
-
     fn create_session(&self) -> String {
-        let id = self.new_id();
+        let id = new_id();
         let mut g = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let (map, clock) = &mut *g;
         *clock += 1;
@@ -141,13 +134,13 @@ impl State {
     }
 
     /// Take a conversation out of the table for exclusive use.
-    fn checkout(&self, id: &str) -> std::result::Result<Box<Session>, (u16, String)> {
+    fn checkout(&self, id: &str) -> std::result::Result<Box<Session>, Failure> {
         let mut g = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let (map, clock) = &mut *g;
         *clock += 1;
         let now = *clock;
         match map.get_mut(id) {
-            None => Err((
+            None => Err(fail(
                 404,
                 format!("unknown session {id:?}: create one with POST /api/session"),
             )),
@@ -156,7 +149,7 @@ impl State {
                     *t = now;
                     Ok(s)
                 }
-                Slot::Busy => Err((409, "this conversation is answering another request".into())),
+                Slot::Busy => Err(fail(409, "this conversation is answering another request")),
             },
         }
     }
@@ -167,29 +160,73 @@ impl State {
             *slot = Slot::Idle(s);
         }
     }
+
+    /// Run model work on a blocking thread; a panic becomes an error, the model stays usable.
+    async fn with_model<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ChatModel) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let st = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let m = st.model.lock().unwrap_or_else(|e| e.into_inner());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&m)))
+                .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&p))))
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("internal error: {e}")))
+    }
 }
 
-fn read_body(req: &mut Request, limit: usize) -> std::result::Result<Vec<u8>, (u16, String)> {
-    if let Some(n) = req.body_length() {
-        if n > limit {
-            return Err((
-                413,
-                format!("upload of {n} bytes is over the limit of {limit} bytes"),
-            ));
-        }
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| (400, format!("reading the request: {e}")))?;
-    if body.len() > limit {
-        return Err((413, format!("upload is over the limit of {limit} bytes")));
-    }
-    Ok(body)
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
-fn settings_from(v: &Value, base: &ChatSettings) -> std::result::Result<ChatSettings, String> {
+/// The request body, at most `limit` bytes, arriving within the body timeout (else 408: a slow
+/// sender is cut off).
+async fn read_body(st: &State, req: Request, limit: usize) -> std::result::Result<Bytes, Failure> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        return Err(fail(
+            413,
+            format!("upload of {n} bytes is over the limit of {limit} bytes"),
+        ));
+    }
+    let timeout = Duration::from_secs_f64(st.opts.body_timeout_s);
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => Err(fail(
+            408,
+            format!(
+                "the request body did not arrive within {} s",
+                st.opts.body_timeout_s
+            ),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(fail(
+            413,
+            format!("upload is over the limit of {limit} bytes"),
+        )),
+        Ok(Err(e)) => Err(fail(400, format!("reading the request: {e}"))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+async fn read_json(st: &State, req: Request) -> std::result::Result<Value, Failure> {
+    let body = read_body(st, req, 1 << 20).await?;
+    serde_json::from_slice(&body).map_err(|e| fail(400, format!("bad JSON: {e}")))
+}
+
+fn settings_from(
+    v: &Value,
+    base: &ChatSettings,
+    max_positions: usize,
+) -> std::result::Result<ChatSettings, String> {
     let mut s = base.clone();
     let num = |k: &str| v.get(k).and_then(Value::as_f64);
     if let Some(t) = num("temperature") {
@@ -205,6 +242,11 @@ fn settings_from(v: &Value, base: &ChatSettings) -> std::result::Result<ChatSett
         s.sampling.repetition_penalty = r;
     }
     if let Some(m) = num("max_length") {
+        if !(m >= 1.0 && m <= max_positions as f64) {
+            return Err(format!(
+                "max_length {m} is outside 1..={max_positions} (the model's positions)"
+            ));
+        }
         s.max_length = m as usize;
     }
     if let Some(g) = v.get("greedy").and_then(Value::as_bool) {
@@ -220,192 +262,214 @@ fn settings_from(v: &Value, base: &ChatSettings) -> std::result::Result<ChatSett
     Ok(s)
 }
 
-fn handle(state: &Arc<State>, mut req: Request) {
-    let url = req.url().to_string();
-    let path = url.split('?').next().unwrap_or("").to_string();
-    let method = req.method().clone();
-    let result = match (method, path.as_str()) {
-        (Method::Get, "/") | (Method::Get, "/index.html") => {
-            let r = Response::from_string(PAGE)
-                .with_header(header("Content-Type", "text/html; charset=utf-8"));
-            req.respond(r)
-        }
-        (Method::Get, "/api/health") => {
-            let default_prompt = state
-                .model
-                .lock()
-                .map(|m| m.default_prompt.clone())
-                .unwrap_or_default();
-            let sessions = state.sessions.lock().map(|g| g.0.len()).unwrap_or_default();
-            req.respond(json_response(
-                200,
-                &json!({"ok": true, "sessions": sessions, "defaults": state.opts.settings,
-                        "default_prompt": default_prompt}),
-            ))
-        }
-        (Method::Post, "/api/session") => {
-            let id = state.create_session();
-            req.respond(json_response(200, &json!({ "session": id })))
-        }
-        (Method::Post, "/api/image") => {
-            let r = upload(state, &mut req, &url);
-            req.respond(match r {
-                Ok(v) => json_response(200, &v),
-                Err((c, m)) => error(c, &m),
-            })
-        }
-        (Method::Post, "/api/clear") => {
-            let r = (|| {
-                let body = read_body(&mut req, 1 << 20)?;
-                let v: Value =
-                    serde_json::from_slice(&body).map_err(|e| (400, format!("bad JSON: {e}")))?;
-                let id = v["session"]
-                    .as_str()
-                    .ok_or((400, "no session".to_string()))?;
-                let mut s = state.checkout(id)?;
-                s.clear();
-                state.checkin(id, s);
-                Ok(json!({"ok": true}))
-            })();
-            req.respond(match r {
-                Ok(v) => json_response(200, &v),
-                Err((c, m)) => error(c, &m),
-            })
-        }
-        (Method::Post, "/api/chat") => return chat(state, req),
-        _ => req.respond(error(404, &format!("no such endpoint: {path}"))),
-    };
-    if let Err(e) = result {
-        crate::errln!("web: responding to {path}: {e}");
-    }
+async fn page() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        PAGE,
+    )
+        .into_response()
 }
 
-fn upload(
-    state: &Arc<State>,
-    req: &mut Request,
-    url: &str,
-) -> std::result::Result<Value, (u16, String)> {
-    let id = query_param(url, "session").ok_or((400, "missing ?session=ID".to_string()))?;
-    let body = read_body(req, state.opts.max_upload)?;
+async fn health(Shared(st): Shared<Arc<State>>) -> Answer {
+    let default_prompt = st
+        .model
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .default_prompt
+        .clone();
+    let sessions = st.sessions.lock().unwrap_or_else(|e| e.into_inner()).0.len();
+    ok(json!({"ok": true, "sessions": sessions, "defaults": st.opts.settings,
+              "default_prompt": default_prompt}))
+}
+
+async fn session(Shared(st): Shared<Arc<State>>) -> Answer {
+    ok(json!({ "session": st.create_session() }))
+}
+
+async fn clear(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
+    let v = read_json(&st, req).await?;
+    let id = v["session"]
+        .as_str()
+        .ok_or_else(|| fail(400, "no session"))?;
+    let mut s = st.checkout(id)?;
+    s.clear();
+    st.checkin(id, s);
+    ok(json!({"ok": true}))
+}
+
+async fn image(
+    Shared(st): Shared<Arc<State>>,
+    Query(q): Query<HashMap<String, String>>,
+    req: Request,
+) -> Answer {
+    let id = q
+        .get("session")
+        .cloned()
+        .ok_or_else(|| fail(400, "missing ?session=ID"))?;
+    let body = read_body(&st, req, st.opts.max_upload).await?;
     if body.is_empty() {
-        return Err((
+        return Err(fail(
             400,
-            "empty upload: send the image file as the request body".into(),
+            "empty upload: send the image file as the request body",
         ));
     }
-    let mut s = state.checkout(&id)?;
-    let r = {
-        let m = state.model.lock().unwrap_or_else(|e| e.into_inner());
-        m.set_image_bytes(&mut s, &body)
+    let n = body.len();
+    let mut s = st.checkout(&id)?;
+    let (s, r) = {
+        let st2 = Arc::clone(&st);
+        let out = st2
+            .with_model(move |m| {
+                let r = m.set_image_bytes(&mut s, &body);
+                Ok((s, r))
+            })
+            .await;
+        match out {
+            Ok(x) => x,
+            // The session went down with the failed call: start it afresh.
+            Err(e) => (Box::default(), Err(e)),
+        }
     };
-    state.checkin(&id, s);
-    r.map_err(|e| (400, format!("not a readable image: {e:#}")))?;
-    Ok(json!({"ok": true, "bytes": body.len()}))
+    st.checkin(&id, s);
+    r.map_err(|e| fail(400, format!("not a readable image: {e:#}")))?;
+    ok(json!({"ok": true, "bytes": n}))
 }
 
-fn chat(state: &Arc<State>, mut req: Request) {
-    let parsed = (|| {
-        let body = read_body(&mut req, 1 << 20)?;
-        let v: Value =
-            serde_json::from_slice(&body).map_err(|e| (400, format!("bad JSON: {e}")))?;
-        let id = v["session"]
-            .as_str()
-            .ok_or((400, "no session".to_string()))?
-            .to_string();
-        let query = v["query"].as_str().unwrap_or("").trim().to_string();
-        if query.is_empty() {
-            return Err((400, "empty question".to_string()));
-        }
-        let settings = settings_from(&v, &state.opts.settings).map_err(|e| (400, e))?;
-        let session = state.checkout(&id)?;
-        Ok((id, query, settings, session))
-    })();
-    let (id, query, settings, mut session) = match parsed {
-        Ok(x) => x,
-        Err((c, m)) => {
-            let _ = req.respond(error(c, &m));
-            return;
-        }
+async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
+    let v = read_json(&st, req).await?;
+    let id = v["session"]
+        .as_str()
+        .ok_or_else(|| fail(400, "no session"))?
+        .to_string();
+    let query = v["query"].as_str().unwrap_or("").trim().to_string();
+    if query.is_empty() {
+        return Err(fail(400, "empty question"));
+    }
+    let settings = settings_from(&v, &st.opts.settings, st.max_positions).map_err(|e| fail(400, e))?;
+    let session = st.checkout(&id)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let line = |v: Value| {
+        let mut b = serde_json::to_vec(&v).unwrap_or_default();
+        b.push(b'\n');
+        Bytes::from(b)
     };
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let st = Arc::clone(state);
-    std::thread::spawn(move || {
-        let line = |v: Value| {
-            let mut b = serde_json::to_vec(&v).unwrap_or_default();
-            b.push(b'\n');
-            b
-        };
-        let result = {
-            let m = st.model.lock().unwrap_or_else(|e| e.into_inner());
-            m.ask(&mut session, &query, &settings, |piece| {
-                let _ = tx.send(line(json!({ "delta": piece })));
+    let st2 = Arc::clone(&st);
+    tokio::spawn(async move {
+        // A failure — an error or even a panic in the model — still ends the stream with an
+        // error line and gives the conversation back.
+        let stream = tx.clone();
+        let out = st2
+            .with_model(move |m| {
+                let mut session = session;
+                let r = m.ask(&mut session, &query, &settings, |piece| {
+                    let _ = stream.send(line(json!({ "delta": piece })));
+                });
+                Ok((session, r))
             })
+            .await;
+        let (session, result) = match out {
+            Ok(x) => x,
+            Err(e) => (Box::default(), Err(e)),
         };
         let history: Vec<Turn> = session.history.clone();
-        st.checkin(&id, session);
+        st2.checkin(&id, session);
         let _ = tx.send(line(match result {
             Ok(r) => json!({"done": true, "response": r, "history": history}),
             Err(e) => json!({"done": true, "error": format!("{e:#}")}),
         }));
     });
-    let reader = ChannelReader {
-        rx,
-        buf: Vec::new(),
-        pos: 0,
-    };
-    let resp = Response::new(
-        StatusCode(200),
-        vec![
-            header("Content-Type", "application/x-ndjson; charset=utf-8"),
-            header("Cache-Control", "no-cache"),
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<Bytes, std::convert::Infallible>(b), rx))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
         ],
-        reader,
-        None,
-        None,
-    );
-    if let Err(e) = req.respond(resp) {
-        crate::errln!("web: streaming an answer: {e}");
-    }
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
-/// Serve until the process is stopped. `ready` gets the bound address once listening.
+async fn not_found(req: Request) -> Failure {
+    fail(404, format!("no such endpoint: {}", req.uri().path()))
+}
+
+fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/index.html", get(page))
+        .route("/api/health", get(health))
+        .route("/api/session", post(session))
+        .route("/api/image", post(image))
+        .route("/api/clear", post(clear))
+        .route("/api/chat", post(chat))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serve until SIGINT / SIGTERM. `ready` gets the bound address once listening.
 pub fn serve(
     chat: ChatModel,
     opts: WebOptions,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<()> {
-    let server = Server::http((opts.host.as_str(), opts.port))
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", opts.host, opts.port))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .context("the server has no IP address")?;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-        ^ std::process::id() as i64;
-    let state = Arc::new(State {
-        model: Mutex::new(chat),
-        sessions: Mutex::new((HashMap::new(), 0)),
-        ids: Mutex::new(crate::data::rng::PyRandom::new(seed)),
-        opts,
-    });
-    let server = Arc::new(server);
-    ready(addr);
-    let workers: Vec<_> = (0..state.opts.threads.max(1))
-        .map(|_| {
-            let server = Arc::clone(&server);
-            let state = Arc::clone(&state);
-            std::thread::spawn(move || {
-                while let Ok(req) = server.recv() {
-                    handle(&state, req);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+    chat.check_max_length(opts.settings.max_length)?;
+    if !(opts.body_timeout_s > 0.0 && opts.body_timeout_s.is_finite()) {
+        anyhow::bail!("the body timeout must be a positive number of seconds");
     }
-    Ok(())
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads.max(1))
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", opts.host, opts.port))?;
+        let addr = listener.local_addr().context("the server has no address")?;
+        let timeout = Duration::from_secs_f64(opts.body_timeout_s);
+        let open = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
+        let state = Arc::new(State {
+            max_positions: chat.max_positions(),
+            model: Mutex::new(chat),
+            sessions: Mutex::new((HashMap::new(), 0)),
+            opts,
+        });
+        let app = router(state);
+        ready(addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(x) => x,
+                    // Out of descriptors and the like: wait a moment and go on accepting.
+                    Err(e) => {
+                        crate::errln!("web: accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            };
+            let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+                let _ = stream.try_write(
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                continue;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                let _ = conn.await;
+                drop(permit);
+            });
+        }
+        Ok(())
+    })
 }

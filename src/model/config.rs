@@ -290,6 +290,32 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<()> {
         let s = &self.sat;
+        let (v, q) = (&s.eva_args, &s.qformer_args);
+        for (key, x) in [
+            ("num_layers", s.num_layers),
+            ("hidden_size", s.hidden_size),
+            ("num_attention_heads", s.num_attention_heads),
+            ("vocab_size", s.vocab_size),
+            ("inner_hidden_size", s.inner_hidden_size.unwrap_or(4 * s.hidden_size)),
+            ("max_sequence_length", s.max_sequence_length),
+            ("image_length", s.image_length),
+            ("eva_args.num_layers", v.num_layers),
+            ("eva_args.hidden_size", v.hidden_size),
+            ("eva_args.num_attention_heads", v.num_attention_heads),
+            ("eva_args.inner_hidden_size", v.inner_hidden_size),
+            ("eva_args.image_size", v.image_size[0].min(v.image_size[1])),
+            ("eva_args.patch_size", v.patch_size),
+            ("eva_args.in_channels", v.in_channels),
+            ("qformer_args.num_layers", q.num_layers),
+            ("qformer_args.hidden_size", q.hidden_size),
+            ("qformer_args.num_attention_heads", q.num_attention_heads),
+            ("qformer_args.vocab_size", q.vocab_size),
+            ("qformer_args.cross_attn_hidden_size", q.cross_attn_hidden_size),
+        ] {
+            if x <= 0 {
+                bail!("model config: {key} is {x}; it must be positive");
+            }
+        }
         if s.hidden_size % s.num_attention_heads != 0 {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -300,11 +326,9 @@ impl ModelConfig {
         if (s.hidden_size / s.num_attention_heads) % 4 != 0 {
             bail!("ChatGLM head dim must be a multiple of 4 (2-D rotary on two halves)");
         }
-        let v = &s.eva_args;
         if v.hidden_size % v.num_attention_heads != 0 || v.image_size[0] % v.patch_size != 0 {
             bail!("eva_args: hidden_size/heads or image_size/patch_size do not divide");
         }
-        let q = &s.qformer_args;
         if q.is_decoder.len() != q.num_layers as usize {
             bail!(
                 "qformer_args.is_decoder has {} entries for {} layers",
@@ -459,4 +483,62 @@ mod tests {
         assert_eq!(real.lora.as_ref().unwrap().layers, vec![0, 14]);
         assert!((real.lora.unwrap().scaling() - 0.1).abs() < 1e-12);
     }
+}
+
+impl ModelConfig {
+    /// Parameters of the model this config builds (ChatGLM, EVA ViT, Q-Former, glm_proj; LoRA
+    /// left out), counted from the sizes as floating point so absurd sizes cannot overflow.
+    pub fn parameter_estimate(&self) -> f64 {
+        let s = &self.sat;
+        let f = |x: i64| x as f64;
+        let block = |h: f64, ffn: f64| 4.0 * h * h + 2.0 * h * ffn + 9.0 * h + ffn;
+        let (h, v, q) = (f(s.hidden_size), &s.eva_args, &s.qformer_args);
+        let glm = f(s.vocab_size) * h
+            + f(s.num_layers) * block(h, f(s.inner_hidden_size.unwrap_or(4 * s.hidden_size)))
+            + 2.0 * h;
+        let vh = f(v.hidden_size);
+        let patches = f(v.image_size[0] / v.patch_size.max(1)).powi(2) + 1.0;
+        let vit = f(v.num_layers) * block(vh, f(v.inner_hidden_size))
+            + vh * f(v.in_channels) * f(v.patch_size).powi(2)
+            + patches * vh;
+        let qh = f(q.hidden_size);
+        let qffn = f(q.inner_hidden_size.unwrap_or(4 * q.hidden_size));
+        let qformer = f(q.num_layers) * (block(qh, qffn) + 2.0 * qh * f(q.cross_attn_hidden_size))
+            + f(q.vocab_size) * qh;
+        glm + vit + qformer + qh * h
+    }
+
+    /// Refuse, before allocating, a model whose weights in `kind` (bytes per element) cannot fit
+    /// in `available` bytes (`None`: unknown, only the absolute bound applies).
+    pub fn check_fits(&self, bytes_per_param: usize, available: Option<u64>) -> Result<()> {
+        let need = self.parameter_estimate() * bytes_per_param as f64;
+        // Beyond any machine: 1 PiB.
+        let limit = available.map(|a| a as f64).unwrap_or(f64::MAX).min(1024f64.powi(5));
+        if !need.is_finite() || need > limit {
+            let gib = |x: f64| x / 1024f64.powi(3);
+            bail!(
+                "model config: these sizes need about {:.1} GiB for the weights ({:.3e} parameters), \
+                 more than the {:.1} GiB available; check hidden_size, num_layers, vocab_size and \
+                 the eva_args / qformer_args sizes",
+                gib(need),
+                self.parameter_estimate(),
+                gib(limit)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Memory that can still be allocated on the CPU: MemAvailable + SwapFree from /proc/meminfo.
+pub fn cpu_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
 }

@@ -49,6 +49,12 @@ impl VisualGlm {
             return Ok(m);
         }
         cfg.validate()?;
+        // Sizes from a file are checked against the memory there is before anything is allocated
+        // (libtorch's allocation failure would be a panic inside tch).
+        cfg.check_fits(
+            kind.elt_size_in_bytes(),
+            crate::device::available_bytes(device),
+        )?;
         let mut base = VarStore::new(device);
         // Set the kind first so variables are created in it (no transient fp32 copy).
         base.set_kind(kind);

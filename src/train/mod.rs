@@ -95,13 +95,16 @@ fn fresh_lora((model, report): (VisualGlm, crate::weights::LoadReport), cfg: &Co
     model
 }
 
-/// The frozen base model and its location (writing a random preset's weights into the run folder
-/// once, so checkpoints can be loaded later).
+/// The frozen base model and its location. A random preset is drawn from train.seed (frozen
+/// weights, then adapters) on every fresh start — so a run that died before its first checkpoint
+/// starts again identically — and written into the run folder for its checkpoints; a resume loads
+/// the weights written there.
 fn build_model(
     cfg: &Config,
     dev: Device,
     run_dir: &Path,
     root: bool,
+    resuming: bool,
 ) -> Result<(VisualGlm, String)> {
     let m = &cfg.model;
     let kind = match cfg.train.precision.as_str() {
@@ -111,7 +114,7 @@ fn build_model(
     };
     let (mut model, base) = if m.path.as_os_str().is_empty() {
         let base_dir = run_dir.join("base");
-        if base_dir.join("model.safetensors").is_file() {
+        if resuming && base_dir.join("model.safetensors").is_file() {
             let opts = LoadOptions {
                 device: dev,
                 kind,
@@ -126,7 +129,6 @@ fn build_model(
             mc.rotary = m.rotary;
             tch::manual_seed(cfg.train.seed as i64);
             let model = VisualGlm::new(mc, dev, kind)?;
-            model.init_lora(lora_seed(cfg));
             if root {
                 crate::weights::source::save_base(&model, &base_dir)?;
             }
@@ -415,6 +417,14 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
         processor,
         &file,
     )?)?);
+    if train_ds.max_seq_len as i64 > model_sat.max_sequence_length {
+        bail!(
+            "the longest training sample has {} tokens, beyond the model's {} positions \
+             (max_sequence_length): lower sample.max_source_length / sample.max_target_length",
+            train_ds.max_seq_len,
+            model_sat.max_sequence_length
+        );
+    }
     // The inputs check out: only now is anything written.
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if root {
@@ -423,7 +433,7 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
             crate::errln!("removed {n} unfinished save(s) of an earlier process in {}", run_dir.display());
         }
     }
-    let (mut model, base) = build_model(cfg, dev, &run_dir, root)?;
+    let (mut model, base) = build_model(cfg, dev, &run_dir, root, resume_from.is_some())?;
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
             "image.size {} does not match the model's image size {}",
