@@ -602,6 +602,14 @@ fn lengths_beyond_the_models_positions_are_refused() {
             .contains("max_length 6000 is outside 1..=2048"),
         "{b}"
     );
+    // A generation that fails (no room left for a reply) ends its stream with an error line and
+    // gives the conversation back.
+    let body = serde_json::json!({"session": s, "query": "你好", "max_length": 5}).to_string();
+    let (c, b) = http(a, "POST", "/api/chat", body.as_bytes());
+    assert_eq!(c, 200, "{b}");
+    let last = json(b.lines().filter(|l| !l.is_empty()).last().unwrap());
+    assert_eq!(last["done"], true, "{b}");
+    assert!(last["error"].as_str().unwrap().contains("max_length of 5"), "{b}");
     // The conversation is free, answers, and the server's defaults are intact.
     let v = ask(a, &s, "你好");
     assert_eq!(v["history"].as_array().unwrap().len(), 1);
