@@ -62,7 +62,7 @@ fn demo() -> Option<&'static Demo> {
         let records = load_records(&cfg.data.path, &cfg.data.load_options())
             .unwrap()
             .records;
-        let (_, held_out) = xrayglm::train::split(records, cfg.train.val_fraction, cfg.train.seed);
+        let (_, held_out) = xrayglm::data::split(records, cfg.train.val_fraction, cfg.train.seed);
         Some(Demo {
             run: dir.path().join(&cfg.train.name),
             held_out,

@@ -663,3 +663,34 @@ fn every_published_file_is_fsynced_before_and_after_its_rename() {
         }
     }
 }
+
+/// Issue 16: where no terminal is (mpirun, Slurm, `nohup … > log`) the default `train.progress =
+/// true` prints plain lines — step, loss, lr, tokens/s, ETA — every `log_interval`, instead of a
+/// hidden bar and silence.
+#[test]
+fn without_a_terminal_progress_is_plain_log_lines() {
+    let _serial = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = cli_args(dir.path(), "log", &["train.train_iters=4", "train.log_interval=2"]);
+    args.extend(["--set".into(), "train.progress=true".into()]);
+    let out = xrayglm()
+        .args(&args)
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for step in ["step 2/4 loss", "step 4/4 loss"] {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("no {step:?} line in\n{err}"));
+        assert!(
+            line.contains(" lr ") && line.contains(" tok/s ") && line.contains(" eta "),
+            "{line}"
+        );
+    }
+}

@@ -5,7 +5,10 @@ pub mod image;
 pub mod records;
 pub mod rng;
 pub mod sample;
+pub mod split;
 pub mod synthetic;
+
+pub use split::split;
 
 /// Threads to use: `n`, or all cores when 0.
 pub fn worker_threads(n: usize) -> usize {

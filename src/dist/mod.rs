@@ -14,6 +14,7 @@ use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
 mod nccl;
+pub mod lora;
 pub use nccl::{nccl_version, Nccl};
 
 /// Collectives across the data-parallel ranks.

@@ -109,7 +109,7 @@ pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData
             if !(fraction > 0.0 && fraction < 1.0) {
                 bail!("--split heldout needs a held-out fraction in (0, 1) (--val_fraction; the config has train.val_fraction = {})", cfg.train.val_fraction);
             }
-            let (_, val) = crate::train::split(loaded.records, fraction, seed);
+            let (_, val) = crate::data::split(loaded.records, fraction, seed);
             let n = val.len();
             (
                 val,
@@ -254,20 +254,17 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     )?;
     let n_batches = loader.batches_per_epoch();
     let name = checkpoint_name(dir);
-    let bar = if o.progress {
-        let b = indicatif::ProgressBar::new(data.records.len() as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} films {elapsed_precise} (eta {eta})",
-            )
-            .unwrap()
-            .progress_chars("=> "),
-        );
-        b.set_message(name.clone());
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    // A bar on a terminal; elsewhere a line for about every tenth of the films.
+    let total = data.records.len() as u64;
+    let progress = crate::train::progress::Progress::new(
+        o.progress,
+        true,
+        total,
+        0,
+        "{msg} [{bar:30}] {pos}/{len} films {elapsed_precise} (eta {eta})",
+    );
+    let mut done = 0u64;
+    let mut next_line = 0u64;
     let dev = model.device();
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     let mut hyps: Vec<Option<String>> = vec![None; data.records.len()];
@@ -320,9 +317,14 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
                 }
             }
         }
-        bar.inc(b.batch_size as u64);
+        done += b.batch_size as u64;
+        progress.set(done, || name.clone());
+        if o.progress && (done >= next_line || done == total) {
+            progress.line(done, total, || format!("{name}: {done}/{total} films"));
+            next_line = done + total.div_ceil(10).max(1);
+        }
     }
-    bar.finish_and_clear();
+    progress.finish();
     let generations: Vec<Scored> = if o.generate {
         data.records
             .iter()

@@ -121,6 +121,18 @@ impl VisualGlm {
         self.glm_proj.weight.kind()
     }
 
+    /// Activation checkpointing: recompute only the first `k` ChatGLM layers in the backward
+    /// (`None`: every layer), when [`VisualGlm::loss_backward`] checkpoints.
+    pub fn set_recompute_layers(&mut self, k: Option<usize>) {
+        self.chatglm.recompute_layers = k;
+    }
+
+    /// The base seed of the per-layer dropout generators for the next step (the checkpointed
+    /// backward recomputes the same masks from it).
+    pub fn set_dropout_seed(&self, seed: i64) {
+        self.chatglm.layer_seed.set(Some(seed));
+    }
+
     /// Use libtorch's fused scaled-dot-product attention in every attention (ViT, Q-Former,
     /// ChatGLM) instead of the reference's op-by-op arithmetic. Same function; faster on GPU.
     pub fn set_fused_attention(&mut self, on: bool) {

@@ -66,6 +66,11 @@ impl AdamW {
         }
     }
 
+    /// The parameters, in name order (the same on every rank).
+    pub fn params(&self) -> impl Iterator<Item = &Tensor> + Clone {
+        self.slots.iter().map(|s| &s.param)
+    }
+
     /// Global L2 norm of the gradients (fp32), as a 0-d tensor (no host sync).
     pub fn grad_norm(&self) -> Tensor {
         let sq: Vec<Tensor> = self

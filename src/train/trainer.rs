@@ -1,0 +1,825 @@
+//! The fine-tuning recipe: `setup` (device and ranks → data → model → optimizer → resume →
+//! logs), then `run`: per iteration `step` (micro-batches, all-reduce, skip / loss scale,
+//! optimizer), `log`, `validate`, `save`; then the final save.
+//!
+//! Reference: XrayGLM's `finetune_XrayGLM.sh` on sat 0.3.6 (VISUALGLM_SPEC.md §5).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::checkpoint;
+use super::metrics::{JsonLog, TensorBoard};
+use super::optim::{AdamW, AdamWConfig};
+use super::progress::Progress;
+use super::scaler::LossScaler;
+use super::schedule::Schedule;
+use super::vision_cache::VisionCache;
+use super::{Summary, TrainerState};
+use crate::config::Config;
+use crate::data::batch::{Batch, Dataset, Loader, LoaderConfig, LoaderState, Shard};
+use crate::data::records::{load_records, Record};
+use crate::data::sample::SampleBuilder;
+use crate::dist::Comm;
+use crate::model::chatglm::Dropouts;
+use crate::model::config::{ModelConfig, SatModelConfig};
+use crate::model::visualglm::VisualGlm;
+use crate::tokenizer::ChatGlmTokenizer;
+use crate::weights::source::{load_model, LoadOptions};
+
+/// A fine-tuning run, set up and ready to train.
+pub struct Trainer<'c> {
+    cfg: &'c Config,
+    dev: Device,
+    comm: Box<dyn Comm>,
+    run_dir: PathBuf,
+    resumed: bool,
+    model: VisualGlm,
+    opt: AdamW,
+    schedule: Schedule,
+    state: TrainerState,
+    train_ds: Arc<Dataset>,
+    loader: Loader,
+    val_batches: Vec<Batch>,
+    vision_cache: Option<VisionCache>,
+    logs: Logs,
+    progress: Progress,
+    /// The number of the signal received (0: none).
+    stop: Arc<AtomicUsize>,
+    window: Window,
+    t0: Instant,
+    first_loss: Option<f64>,
+    first_val: Option<f64>,
+    last_val: Option<f64>,
+    /// Device memory in use, sampled at each log line (libtorch's cache keeps its peak reserved).
+    peak_gpu_mib: f64,
+}
+
+/// Totals since the last log line.
+struct Window {
+    loss: f64,
+    steps: usize,
+    tokens: usize,
+    samples: usize,
+    /// Seconds spent in the per-step collectives (loss/flags + gradient bucket).
+    comm_s: f64,
+    start: Instant,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            loss: 0.0,
+            steps: 0,
+            tokens: 0,
+            samples: 0,
+            comm_s: 0.0,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// Rank 0's logs; other ranks log nothing.
+struct Logs {
+    jsonl: Option<JsonLog>,
+    tb: Option<TensorBoard>,
+}
+
+impl Logs {
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        match &mut self.jsonl {
+            Some(j) => j.write(v),
+            None => Ok(()),
+        }
+    }
+
+    fn scalars(&mut self, step: i64, values: &[(&str, f64)]) -> Result<()> {
+        match &mut self.tb {
+            Some(t) => t.scalars(step, values),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The training and held-out data, checked before anything is written.
+struct Data {
+    train: Arc<Dataset>,
+    val: Vec<Record>,
+    builder: SampleBuilder,
+    loader: LoaderConfig,
+    file: String,
+}
+
+impl<'c> Trainer<'c> {
+    /// Everything before the first step, in order; nothing is written until the inputs check out.
+    pub fn setup(cfg: &'c Config, tokenizer: &ChatGlmTokenizer) -> Result<Self> {
+        let t0 = Instant::now();
+        let (dev, comm) = setup_ranks(cfg)?;
+        let root = comm.rank() == 0;
+        let run_dir = cfg.train.out_dir.join(&cfg.train.name);
+        let resume_from = checkpoint::resume_from(&run_dir, &cfg.train.resume)?;
+        let model_sat = model_sizes(cfg)?;
+        let data = setup_data(cfg, tokenizer, &model_sat)?;
+        // The inputs check out: only now is anything written.
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        if root {
+            let n = checkpoint::remove_stale(&run_dir);
+            if n > 0 {
+                crate::errln!(
+                    "removed {n} unfinished save(s) of an earlier process in {}",
+                    run_dir.display()
+                );
+            }
+        }
+        let (mut model, base) = setup_model(cfg, dev, &run_dir, root, resume_from.is_some())?;
+        let val_batches = held_out_batches(cfg, &data)?;
+        let (mut opt, schedule) = setup_optimizer(cfg, &model)?;
+        let mut state = TrainerState {
+            step: 0,
+            opt_steps: 0,
+            skipped: 0,
+            loader: LoaderState::default(),
+            scaler: (cfg.train.precision == "fp16").then(|| {
+                LossScaler::new(
+                    cfg.train.initial_scale_power,
+                    cfg.train.loss_scale_window,
+                    cfg.train.hysteresis,
+                    cfg.train.min_loss_scale,
+                )
+            }),
+            base_model: base,
+            last_loss: f64::NAN,
+        };
+        if let Some(ck) = &resume_from {
+            state = resume(ck, &mut model, &mut opt, state)?;
+        }
+        if root {
+            crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
+        }
+        // Every rank starts from rank 0's LoRA weights.
+        crate::dist::lora::broadcast_lora(&model, comm.as_ref())?;
+        let shard = Shard {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+        };
+        let loader = Loader::new(Arc::clone(&data.train), data.loader, shard, state.loader)?;
+        let logs = Logs {
+            jsonl: root
+                .then(|| JsonLog::open(&run_dir.join("metrics.jsonl")))
+                .transpose()?,
+            tb: root
+                .then(|| TensorBoard::create(&run_dir.join("tb")))
+                .transpose()?,
+        };
+        let stop = Arc::new(AtomicUsize::new(0));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_usize(sig, Arc::clone(&stop), sig as usize)?;
+        }
+        // Frozen vision without dropout: each film's embeddings are computed once.
+        let vision_cache =
+            (cfg.train.vision_cache && cfg.model.vision_dropout == 0.0).then(VisionCache::default);
+        let progress = Progress::new(
+            cfg.train.progress,
+            root,
+            cfg.train.train_iters as u64,
+            state.step as u64,
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        );
+        let mut trainer = Self {
+            cfg,
+            dev,
+            comm,
+            run_dir,
+            resumed: resume_from.is_some(),
+            model,
+            opt,
+            schedule,
+            state,
+            train_ds: data.train,
+            loader,
+            val_batches,
+            vision_cache,
+            logs,
+            progress,
+            stop,
+            window: Window::new(),
+            t0,
+            first_loss: None,
+            first_val: None,
+            last_val: None,
+            peak_gpu_mib: 0.0,
+        };
+        trainer.log_start()?;
+        Ok(trainer)
+    }
+
+    /// Train to `train.train_iters` (or `stop_at`, or a signal), then save.
+    pub fn run(mut self) -> Result<Summary> {
+        let tc = &self.cfg.train;
+        // The starting validation loss (not on a resume: the run logged it already).
+        if !self.val_batches.is_empty() && !self.resumed {
+            self.first_val = Some(self.validate()?);
+        }
+        let mut signal = None;
+        while self.state.step < tc.train_iters {
+            // Stop together: a signal may reach the ranks at different steps.
+            if let Some(sig) = self.agreed_signal()? {
+                signal = Some(sig);
+                break;
+            }
+            if tc.stop_at > 0 && self.state.step >= tc.stop_at {
+                break;
+            }
+            let grad_norm = self.step()?;
+            let step = self.state.step;
+            if step % tc.log_interval == 0 || step == tc.train_iters {
+                self.log(grad_norm)?;
+            }
+            if !self.val_batches.is_empty() && (step % tc.eval_interval == 0 || step == tc.train_iters) {
+                self.validate()?;
+            }
+            if step % tc.save_interval == 0 && step < tc.train_iters {
+                self.save()?;
+            }
+        }
+        self.progress.finish();
+        // The final save (also after a signal), then the summary.
+        if self.state.step > 0 {
+            self.save()?;
+        }
+        if signal.is_some() {
+            crate::errln!(
+                "stopped by signal at step {}; checkpoint saved in {}",
+                self.state.step,
+                self.run_dir.display()
+            );
+        }
+        Ok(Summary {
+            run_dir: self.run_dir,
+            steps: self.state.step,
+            skipped: self.state.skipped,
+            first_loss: self.first_loss,
+            last_loss: self.state.last_loss,
+            first_val_loss: self.first_val,
+            last_val_loss: self.last_val,
+            seconds: self.t0.elapsed().as_secs_f64(),
+            stopped_by_signal: signal.is_some(),
+            signal,
+        })
+    }
+
+    /// The signal any rank received (its number on that rank; SIGTERM on the others).
+    fn agreed_signal(&self) -> Result<Option<i32>> {
+        let got = self.stop.load(Ordering::Relaxed) as i32;
+        let mut flag = [(got > 0) as u8 as f64];
+        self.comm.all_reduce_sum_f64(&mut flag)?;
+        Ok((flag[0] > 0.0).then_some(if got > 0 {
+            got
+        } else {
+            signal_hook::consts::SIGTERM
+        }))
+    }
+
+    /// One optimizer iteration: the micro-batches' forward and backward, gradients averaged over
+    /// ranks, then the optimizer step — or a skipped step on a bad loss or an fp16 overflow.
+    /// Returns the gradient norm before clipping (NaN for a skipped step).
+    fn step(&mut self) -> Result<f64> {
+        let tc = &self.cfg.train;
+        let rank = self.comm.rank();
+        self.opt.zero_grad();
+        let scale = self.state.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let mut loss_sum = 0.0;
+        let mut bad_loss = None;
+        for micro in 0..tc.grad_accum {
+            let b = self.loader.next().context("the loader ended")??;
+            // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
+            // activation checkpointing recomputes the same masks.
+            let seed = (tc.seed as i64)
+                .wrapping_mul(1_000_003)
+                .wrapping_add(self.state.step * 64 + (rank as i64) * tc.grad_accum + micro);
+            tch::manual_seed(seed);
+            self.model
+                .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
+            let t = b.to_tensors(self.dev);
+            let images = match self.vision_cache.as_mut() {
+                Some(c) => c.embeds(&self.model, &b.images, &t.images),
+                None => t.images.shallow_clone(),
+            };
+            let l = self.model.loss_backward(
+                &t.input_ids,
+                &images,
+                b.pre_image as i64,
+                &t.position_ids,
+                &b.context_lengths,
+                &t.labels,
+                scale / tc.grad_accum as f64,
+                tc.checkpoint_activations,
+            )?;
+            if !l.is_finite() {
+                let ids: Vec<&str> = b
+                    .indices
+                    .iter()
+                    .map(|&i| self.train_ds.records[i].id.as_str())
+                    .collect();
+                bad_loss = Some(format!(
+                    "loss {l} at step {} on samples {ids:?}",
+                    self.state.step + 1
+                ));
+                break;
+            }
+            self.window.tokens += b.target_tokens();
+            self.window.samples += b.batch_size;
+            loss_sum += l;
+        }
+        self.state.loader = self.loader.state();
+        self.state.step += 1;
+        // Average gradients over ranks (the reference's mean of per-rank token means); the loss,
+        // a bad loss anywhere, and (through inf/NaN in the averaged gradients) an fp16 overflow
+        // are agreed by every rank, so all ranks skip or step together.
+        let mut scalars = [
+            loss_sum / tc.grad_accum as f64,
+            bad_loss.is_some() as u8 as f64,
+        ];
+        let comm_t = Instant::now();
+        self.comm.all_reduce_sum_f64(&mut scalars)?;
+        let loss = scalars[0] / self.comm.world_size() as f64;
+        crate::dist::lora::all_reduce_grads(self.opt.params(), self.comm.as_ref())?;
+        self.window.comm_s += comm_t.elapsed().as_secs_f64();
+        let ok = if let Some(msg) = bad_loss {
+            crate::errln!("warning: rank {rank}: skipping step: {msg}");
+            false
+        } else if scalars[1] > 0.0 {
+            crate::errln!(
+                "warning: rank {rank}: skipping step {}: a bad loss on another rank",
+                self.state.step
+            );
+            false
+        } else if let Some(sc) = self.state.scaler.as_mut() {
+            let overflow = !self.opt.grad_norm().double_value(&[]).is_finite();
+            sc.update(overflow);
+            if !overflow {
+                self.opt.scale_grads(1.0 / scale);
+            }
+            !overflow
+        } else {
+            true
+        };
+        let mut grad_norm = f64::NAN;
+        if ok {
+            grad_norm = self.opt.clip(tc.clip_grad);
+            self.opt.step(self.schedule.lr(self.state.opt_steps + 1));
+            self.state.opt_steps += 1;
+            self.state.last_loss = loss;
+            self.first_loss.get_or_insert(loss);
+            self.window.loss += loss;
+            self.window.steps += 1;
+        } else {
+            self.state.skipped += 1;
+        }
+        let lr = self.lr();
+        let (last, tps, sps) = (self.state.last_loss, self.rate().0, self.rate().1);
+        self.progress.set(self.state.step as u64, || {
+            format!("loss {last:.4} lr {lr:.2e} {tps:.0} tok/s {sps:.1} samples/s")
+        });
+        Ok(grad_norm)
+    }
+
+    /// The current learning rate.
+    fn lr(&self) -> f64 {
+        self.schedule.lr(self.state.opt_steps.max(1))
+    }
+
+    /// Report tokens/s and samples/s of the current window.
+    fn rate(&self) -> (f64, f64) {
+        let secs = self.window.start.elapsed().as_secs_f64().max(1e-9);
+        (
+            self.window.tokens as f64 / secs,
+            self.window.samples as f64 / secs,
+        )
+    }
+
+    /// A log line: metrics.jsonl, TensorBoard, and a plain line where no bar is shown.
+    fn log(&mut self, grad_norm: f64) -> Result<()> {
+        let w = &self.window;
+        let secs = w.start.elapsed().as_secs_f64();
+        let avg = if w.steps > 0 {
+            w.loss / w.steps as f64
+        } else {
+            f64::NAN
+        };
+        let (tps, sps) = (w.tokens as f64 / secs, w.samples as f64 / secs);
+        let (step, lr, norm) = (self.state.step, self.lr(), grad_norm);
+        let mut rec = serde_json::json!({
+            "step": step, "loss": avg, "lr": lr, "grad_norm": norm,
+            "loss_scale": self.state.scaler.map(|s| s.scale), "skipped": self.state.skipped,
+            "tokens_per_s": tps, "samples_per_s": sps, "epoch": self.state.loader.epoch,
+            "elapsed_s": self.t0.elapsed().as_secs_f64(), "rss_mib": super::metrics::rss_mib(),
+            "peak_rss_mib": super::metrics::peak_rss_mib(),
+        });
+        if let Some(used) = crate::device::cuda_used_mib(self.dev) {
+            self.peak_gpu_mib = self.peak_gpu_mib.max(used);
+            rec["gpu_used_mib"] = serde_json::json!(used);
+            rec["peak_gpu_used_mib"] = serde_json::json!(self.peak_gpu_mib);
+        }
+        if let Some(c) = &self.vision_cache {
+            rec["vision_cache_hits"] = serde_json::json!(c.hits);
+            rec["vision_cache_films"] = serde_json::json!(c.len());
+        }
+        if self.comm.world_size() > 1 {
+            rec["comm_fraction"] = serde_json::json!(w.comm_s / secs);
+            rec["lora_rank_divergence"] = serde_json::json!(crate::dist::lora::lora_divergence(
+                &self.model,
+                self.comm.as_ref()
+            )?);
+        }
+        self.logs.write(&rec)?;
+        let mut sc = vec![
+            ("train/loss", avg),
+            ("train/lr", lr),
+            ("train/grad_norm", norm),
+            ("train/tokens_per_s", tps),
+            ("train/samples_per_s", sps),
+            ("memory/rss_mib", super::metrics::rss_mib()),
+        ];
+        if let Some(s) = self.state.scaler {
+            sc.push(("train/loss_scale", s.scale));
+        }
+        self.logs.scalars(step, &sc)?;
+        let total = self.cfg.train.train_iters;
+        self.progress.line(step as u64, total as u64, || {
+            format!(
+                "step {step}/{total} loss {avg:.4} lr {lr:.3e} grad_norm {norm:.4} \
+                 {tps:.0} tok/s {sps:.1} samples/s"
+            )
+        });
+        self.window = Window::new();
+        Ok(())
+    }
+
+    /// The held-out loss (mean over the fixed validation batches), logged.
+    fn validate(&mut self) -> Result<f64> {
+        let mut total = 0.0;
+        for b in &self.val_batches {
+            let t = b.to_tensors(self.dev);
+            let l = tch::no_grad(|| {
+                self.model.loss(
+                    &t.input_ids,
+                    &t.images,
+                    b.pre_image as i64,
+                    &t.position_ids,
+                    &b.context_lengths,
+                    &t.labels,
+                    false,
+                )
+            });
+            total += l.double_value(&[]);
+        }
+        let v = total / self.val_batches.len().max(1) as f64;
+        let step = self.state.step;
+        self.logs.write(
+            &serde_json::json!({"step": step, "val_loss": v, "val_ppl": v.min(20.0).exp()}),
+        )?;
+        self.logs
+            .scalars(step, &[("val/loss", v), ("val/ppl", v.min(20.0).exp())])?;
+        if let Progress::Lines { .. } = self.progress {
+            crate::errln!("step {step}: validation loss {v:.4}");
+        }
+        self.last_val = Some(v);
+        Ok(v)
+    }
+
+    /// A checkpoint of the current step (rank 0 writes it).
+    fn save(&self) -> Result<()> {
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
+        checkpoint::save(
+            &self.run_dir,
+            &self.model,
+            &self.opt,
+            &self.state,
+            self.cfg.train.keep_last,
+        )
+    }
+
+    /// The start record and line: ranks, backend, device, parameters, global batch.
+    fn log_start(&mut self) -> Result<()> {
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
+        let count = |vs: &tch::nn::VarStore| -> i64 {
+            vs.variables().values().map(|t| t.numel() as i64).sum()
+        };
+        let trainable = count(&self.model.lora);
+        let params = count(&self.model.base) + trainable;
+        let (tc, world) = (&self.cfg.train, self.comm.world_size());
+        let global_batch = world as i64 * self.cfg.loader.batch_size as i64 * tc.grad_accum;
+        let dev = self.dev;
+        self.logs.write(&serde_json::json!({
+            "event": "start", "step": self.state.step, "world_size": world,
+            "backend": self.comm.name(), "device": format!("{dev:?}"), "params": params,
+            "trainable_params": trainable, "global_batch": global_batch,
+            "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,
+            "vision_cache": self.vision_cache.is_some(),
+        }))?;
+        crate::errln!(
+            "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {global_batch}",
+            self.comm.name(),
+            params as f64 / 1e9,
+            trainable as f64 / 1e6,
+        );
+        Ok(())
+    }
+}
+
+/// The device of this rank (one GPU per rank on a node) and the ranks' communicator; every rank
+/// must run the same config.
+fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
+    let dev = match (
+        cfg.model.device.as_str(),
+        crate::device::parse(&cfg.model.device)?,
+    ) {
+        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(
+            crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
+        ),
+        (_, d) => d,
+    };
+    let comm = crate::dist::init(
+        &cfg.train.backend,
+        std::time::Duration::from_secs(cfg.train.dist_timeout_s),
+        match dev {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        },
+    )?;
+    crate::dist::check_same_config(comm.as_ref(), &cfg.to_toml()?)?;
+    Ok((dev, comm))
+}
+
+/// The sizes of the model the config names (read before the model is built: the prompt's image
+/// slots and the limits the data is checked against).
+fn model_sizes(cfg: &Config) -> Result<SatModelConfig> {
+    let sat = if cfg.model.path.as_os_str().is_empty() {
+        ModelConfig::preset(&cfg.model.preset)?.sat
+    } else {
+        crate::weights::source::read_config(&crate::weights::source::resolve_run(&cfg.model.path))
+            .with_context(|| format!("model.path {}", cfg.model.path.display()))?
+            .sat
+    };
+    if cfg.train.checkpoint_layers > sat.num_layers {
+        bail!(
+            "train.checkpoint_layers {} exceeds the model's {} ChatGLM layers",
+            cfg.train.checkpoint_layers,
+            sat.num_layers
+        );
+    }
+    Ok(sat)
+}
+
+/// Records → train / held-out split → training samples, checked against the model's limits.
+fn setup_data(cfg: &Config, tokenizer: &ChatGlmTokenizer, sat: &SatModelConfig) -> Result<Data> {
+    crate::prepare::ensure_synthetic(cfg)?;
+    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let file = loaded.file.display().to_string();
+    let (train, val) = crate::data::split(loaded.records, cfg.train.val_fraction, cfg.train.seed);
+    // The prompt holds as many image slots as the model has query tokens.
+    let mut sample_cfg = cfg.sample.clone();
+    sample_cfg.image_length = sat.image_length as usize;
+    let builder = SampleBuilder::new(tokenizer.clone(), sample_cfg)?;
+    let mut loader = cfg.loader.clone();
+    if cfg.data.pad_to > 0 {
+        loader.padding = crate::data::batch::Padding::Fixed;
+    }
+    let ds = pad_to(
+        cfg,
+        Dataset::new(train, &builder, cfg.image.processor(), &file)?,
+    )?;
+    if ds.max_seq_len as i64 > sat.max_sequence_length {
+        bail!(
+            "the longest training sample has {} tokens, beyond the model's {} positions \
+             (max_sequence_length): lower sample.max_source_length / sample.max_target_length",
+            ds.max_seq_len,
+            sat.max_sequence_length
+        );
+    }
+    Ok(Data {
+        train: Arc::new(ds),
+        val,
+        builder,
+        loader,
+        file,
+    })
+}
+
+/// `data.pad_to`: every sample padded to that length (refused when a sample is longer).
+fn pad_to(cfg: &Config, mut ds: Dataset) -> Result<Dataset> {
+    if cfg.data.pad_to > 0 {
+        let longest = ds.samples.iter().map(|s| s.len()).max().unwrap_or(0);
+        if longest > cfg.data.pad_to {
+            bail!(
+                "data.pad_to {} is shorter than the longest sample ({longest} tokens)",
+                cfg.data.pad_to
+            );
+        }
+        ds.max_seq_len = cfg.data.pad_to;
+    }
+    Ok(ds)
+}
+
+/// The fixed validation batches: the first `train.eval_batches` of the held-out films, in order.
+fn held_out_batches(cfg: &Config, data: &Data) -> Result<Vec<Batch>> {
+    if data.val.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ds = pad_to(
+        cfg,
+        Dataset::new(
+            data.val.clone(),
+            &data.builder,
+            cfg.image.processor(),
+            &data.file,
+        )?,
+    )?;
+    let vcfg = LoaderConfig {
+        shuffle: false,
+        ..data.loader.clone()
+    };
+    let vl = Loader::new(
+        Arc::new(ds),
+        vcfg,
+        Shard::default(),
+        LoaderState::default(),
+    )?;
+    let n = vl.batches_per_epoch().min(cfg.train.eval_batches.max(1));
+    vl.take(n).collect()
+}
+
+/// The frozen base and its LoRA adapters, with the run's dropout and recompute settings.
+fn setup_model(
+    cfg: &Config,
+    dev: Device,
+    run_dir: &Path,
+    root: bool,
+    resuming: bool,
+) -> Result<(VisualGlm, String)> {
+    let (mut model, base) = build_model(cfg, dev, run_dir, root, resuming)?;
+    if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
+        bail!(
+            "image.size {} does not match the model's image size {}",
+            cfg.image.size,
+            model.cfg.sat.eva_args.image_size[0]
+        );
+    }
+    let tc = &cfg.train;
+    model.set_recompute_layers((tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize));
+    Ok((model, base))
+}
+
+fn kind_of(s: &str) -> Result<Kind> {
+    Ok(match s {
+        "fp32" => Kind::Float,
+        "bf16" => Kind::BFloat16,
+        "fp16" => Kind::Half,
+        other => bail!("unknown dtype {other:?} (fp32, bf16, fp16)"),
+    })
+}
+
+/// The seed of a fresh run's adapters over a loaded base: train.seed alone, so every fresh start
+/// of a run is the same (a resume then loads its checkpoint's adapters over them).
+fn lora_seed(cfg: &Config) -> i64 {
+    (cfg.train.seed as i64) ^ 0x4c6f_5241
+}
+
+/// A loaded base whose source held no adapters gets them drawn from [`lora_seed`]; adapters that
+/// came with the weights (fine-tuning on from a LoRA checkpoint) are kept.
+fn fresh_lora((model, report): (VisualGlm, crate::weights::LoadReport), cfg: &Config) -> VisualGlm {
+    if report.lora_loaded == 0 {
+        model.init_lora(lora_seed(cfg));
+    }
+    model
+}
+
+/// The frozen base model and its location. A random preset is drawn from train.seed (frozen
+/// weights, then adapters) on every fresh start — so a run that died before its first checkpoint
+/// starts again identically — and written into the run folder for its checkpoints; a resume loads
+/// the weights written there.
+fn build_model(
+    cfg: &Config,
+    dev: Device,
+    run_dir: &Path,
+    root: bool,
+    resuming: bool,
+) -> Result<(VisualGlm, String)> {
+    let m = &cfg.model;
+    let kind = match cfg.train.precision.as_str() {
+        "bf16" => Kind::BFloat16,
+        "fp16" => Kind::Half,
+        _ => kind_of(&m.dtype)?,
+    };
+    let opts = |qkv_layout| LoadOptions {
+        device: dev,
+        kind,
+        qkv_layout,
+        lora: Some(Some(m.lora.clone())),
+        rotary: m.rotary,
+    };
+    let (mut model, base) = if m.path.as_os_str().is_empty() {
+        let base_dir = run_dir.join("base");
+        if resuming && base_dir.join("model.safetensors").is_file() {
+            (fresh_lora(load_model(&base_dir, &opts(None))?, cfg), "base".to_string())
+        } else {
+            let mut mc = ModelConfig::preset(&m.preset)?;
+            mc.lora = Some(m.lora.clone());
+            mc.rotary = m.rotary;
+            tch::manual_seed(cfg.train.seed as i64);
+            let model = VisualGlm::new(mc, dev, kind)?;
+            if root {
+                crate::weights::source::save_base(&model, &base_dir)?;
+            }
+            (model, "base".to_string())
+        }
+    } else {
+        let abs = std::fs::canonicalize(&m.path)
+            .with_context(|| format!("model.path {}", m.path.display()))?;
+        let loaded = load_model(&abs, &opts(Some(m.qkv_layout)))?;
+        (fresh_lora(loaded, cfg), abs.display().to_string())
+    };
+    model.set_fused_attention(m.fused_attention);
+    // After the base of a random preset was saved above: a quantized model cannot be saved.
+    if m.quantize == "int8" {
+        model.quantize_int8();
+    }
+    model.set_dropout(
+        m.vision_dropout,
+        Dropouts {
+            embedding: m.glm_dropout,
+            attention: m.glm_dropout,
+            output: m.glm_dropout,
+        },
+    );
+    Ok((model, base))
+}
+
+/// AdamW over the LoRA weights and the learning-rate schedule.
+fn setup_optimizer(cfg: &Config, model: &VisualGlm) -> Result<(AdamW, Schedule)> {
+    let tc = &cfg.train;
+    let lora_params: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
+    if lora_params.is_empty() {
+        bail!("the model has no LoRA parameters to train (model.lora.layers is empty)");
+    }
+    let opt = AdamW::new(
+        lora_params,
+        AdamWConfig {
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            eps: tc.eps,
+            weight_decay: tc.weight_decay,
+        },
+    );
+    let schedule = Schedule {
+        kind: tc.schedule,
+        lr: tc.lr,
+        train_iters: tc.train_iters,
+        warmup: tc.warmup,
+        min_lr_ratio: tc.min_lr_ratio,
+        auto_warmup_steps: tc.auto_warmup_steps,
+        auto_warmup_rate: tc.auto_warmup_rate,
+    };
+    Ok((opt, schedule))
+}
+
+/// Load a checkpoint's adapters, optimizer moments and trainer state.
+fn resume(
+    ck: &Path,
+    model: &mut VisualGlm,
+    opt: &mut AdamW,
+    fresh: TrainerState,
+) -> Result<TrainerState> {
+    let saved: TrainerState =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
+            .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
+    let lora = crate::weights::read_safetensors(&ck.join("lora.safetensors"))?;
+    crate::weights::load_into(
+        model,
+        lora.into_iter().map(Ok),
+        crate::model::config::QkvLayout::Interleaved,
+        crate::weights::Require::Lora,
+        &ck.display().to_string(),
+    )?;
+    let ost: std::collections::HashMap<String, Tensor> =
+        crate::weights::read_safetensors(&ck.join("optimizer.safetensors"))?
+            .into_iter()
+            .collect();
+    opt.load_state(&ost, saved.opt_steps)?;
+    crate::errln!("resuming from {} (step {})", ck.display(), saved.step);
+    Ok(TrainerState {
+        base_model: fresh.base_model,
+        ..saved
+    })
+}
