@@ -68,7 +68,11 @@ pub fn remove_dead_leftovers(dir: &Path) -> usize {
         return 0;
     }
     let mut removed = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok()) {
+    for e in std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') {
             continue;

@@ -96,7 +96,9 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
     let absolute_paths = loaded
         .records
         .iter()
-        .filter(|r| std::path::Path::new(&crate::data::records::relative_to(&r.image, &base)).is_absolute())
+        .filter(|r| {
+            std::path::Path::new(&crate::data::records::relative_to(&r.image, &base)).is_absolute()
+        })
         .count();
     let tokens = match tokenizer {
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
@@ -136,7 +138,10 @@ fn check_out(
             out.display()
         );
     }
-    if let Some(r) = records.iter().find(|r| target.is_some() && canon(&r.image) == target) {
+    if let Some(r) = records
+        .iter()
+        .find(|r| target.is_some() && canon(&r.image) == target)
+    {
         bail!(
             "--out {} is the image of record {} ({}); refusing to overwrite an input",
             out.display(),

@@ -343,7 +343,13 @@ fn prepare_data_never_overwrites_inputs_or_existing_files() {
     let prep = |extra: &[&str]| {
         let mut c = xrayglm();
         c.current_dir(dir.path())
-            .args(["prepare-data", "--set", "synthetic.count=4", "--set", "synthetic.size=32"])
+            .args([
+                "prepare-data",
+                "--set",
+                "synthetic.count=4",
+                "--set",
+                "synthetic.size=32",
+            ])
             .args(extra);
         run(&mut c)
     };

@@ -113,7 +113,10 @@ fn annotations_convert_with_fixed_and_seeded_random_prompts() {
     // so the list holds absolute paths, which load only when allowed (issue 15 item 10).
     let out = dir.path().join("sub/train.json");
     xrayglm::data::records::write_training_list(&out, &random.records).unwrap();
-    let e = format!("{:#}", load_records(&out, &LoadOptions::default()).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_records(&out, &LoadOptions::default()).unwrap_err()
+    );
     assert!(e.contains("is absolute"), "{e}");
     let allowed = LoadOptions {
         allow_outside_root: true,
@@ -833,12 +836,24 @@ fn image_paths_may_not_leave_the_image_root() {
             ..Default::default()
         };
         let r = load_records(file, &allowed).unwrap();
-        assert_eq!(std::fs::canonicalize(&r.records[0].image).unwrap(), std::fs::canonicalize(&ok).unwrap());
+        assert_eq!(
+            std::fs::canonicalize(&r.records[0].image).unwrap(),
+            std::fs::canonicalize(&ok).unwrap()
+        );
     }
     // Going down and back up inside the root is fine.
     std::fs::copy(&ok, sub.join("in.png")).unwrap();
-    let f = write("in.json", r#"[{"img":"x/../in.png","prompt":"p","label":"l"}]"#.into());
-    assert_eq!(load_records(&f, &LoadOptions::default()).unwrap().records.len(), 1);
+    let f = write(
+        "in.json",
+        r#"[{"img":"x/../in.png","prompt":"p","label":"l"}]"#.into(),
+    );
+    assert_eq!(
+        load_records(&f, &LoadOptions::default())
+            .unwrap()
+            .records
+            .len(),
+        1
+    );
 }
 
 /// A PNG that claims `w`×`h` gray pixels and carries one compressed empty row: a few dozen bytes
@@ -874,7 +889,10 @@ fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
     std::fs::write(dir.path().join("bomb.png"), bomb_png(100_000, 100_000)).unwrap();
     let file = dir.path().join("b.json");
     std::fs::write(&file, r#"[{"img":"bomb.png","prompt":"p","label":"l"}]"#).unwrap();
-    let e = format!("{:#}", load_records(&file, &LoadOptions::default()).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_records(&file, &LoadOptions::default()).unwrap_err()
+    );
     assert!(
         e.contains("b.json: record 0 (img bomb.png): image")
             && e.contains("is too large to decode: decoding it (100000x100000 pixels) needs more memory than the limit of 512 MiB per image")
@@ -901,7 +919,10 @@ fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
     };
     let o = run("1");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("the limit of 1 MiB per image"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("the limit of 1 MiB per image"),
+        "{err}"
+    );
     let o = run("16");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

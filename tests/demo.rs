@@ -560,7 +560,13 @@ fn lengths_beyond_the_models_positions_are_refused() {
     let Some(d) = demo() else { return };
     let film = &d.held_out[0];
     let out = xrayglm(d)
-        .args(["chat", "--greedy", "--max_length", "6000", "--from_pretrained"])
+        .args([
+            "chat",
+            "--greedy",
+            "--max_length",
+            "6000",
+            "--from_pretrained",
+        ])
         .arg(&d.run)
         .arg("--image")
         .arg(&film.image)
@@ -575,7 +581,14 @@ fn lengths_beyond_the_models_positions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().join("ev");
     let out = xrayglm(d)
-        .args(["eval", "--max_new_tokens", "3000", "--limit", "2", "--checkpoint"])
+        .args([
+            "eval",
+            "--max_new_tokens",
+            "3000",
+            "--limit",
+            "2",
+            "--checkpoint",
+        ])
         .arg(&d.run)
         .arg("--out")
         .arg(&o)
@@ -609,13 +622,19 @@ fn lengths_beyond_the_models_positions_are_refused() {
     assert_eq!(c, 200, "{b}");
     let last = json(b.lines().filter(|l| !l.is_empty()).last().unwrap());
     assert_eq!(last["done"], true, "{b}");
-    assert!(last["error"].as_str().unwrap().contains("max_length of 5"), "{b}");
+    assert!(
+        last["error"].as_str().unwrap().contains("max_length of 5"),
+        "{b}"
+    );
     // The conversation is free, answers, and the server's defaults are intact.
     let v = ask(a, &s, "你好");
     assert_eq!(v["history"].as_array().unwrap().len(), 1);
     let (c, b) = http(a, "GET", "/api/health", b"");
     assert_eq!(c, 200);
-    assert!(!json(&b)["default_prompt"].as_str().unwrap().is_empty(), "{b}");
+    assert!(
+        !json(&b)["default_prompt"].as_str().unwrap().is_empty(),
+        "{b}"
+    );
 }
 
 /// MT19937 cloned from 624 consecutive 32-bit outputs (untempered), as an attacker would.
@@ -739,7 +758,12 @@ fn slow_senders_do_not_stall_other_requests() {
     let (c, _) = http(&a, "GET", "/api/health", b"");
     assert_eq!(c, 200);
     let s = new_session(&a);
-    let (c, _) = http(&a, "POST", "/api/clear", format!("{{\"session\": \"{s}\"}}").as_bytes());
+    let (c, _) = http(
+        &a,
+        "POST",
+        "/api/clear",
+        format!("{{\"session\": \"{s}\"}}").as_bytes(),
+    );
     assert_eq!(c, 200);
     let took = t.elapsed();
     assert!(took.as_secs_f64() < 1.5, "other requests waited {took:?}");
@@ -748,6 +772,9 @@ fn slow_senders_do_not_stall_other_requests() {
             .unwrap();
         let mut raw = String::new();
         let _ = s.read_to_string(&mut raw);
-        assert!(raw.starts_with("HTTP/1.0 408") || raw.starts_with("HTTP/1.1 408"), "{raw:?}");
+        assert!(
+            raw.starts_with("HTTP/1.0 408") || raw.starts_with("HTTP/1.1 408"),
+            "{raw:?}"
+        );
     }
 }

@@ -310,7 +310,8 @@ fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
     let dup = dir.path().join("dup.jsonl");
     std::fs::write(
         &dup,
-        line("a", "心脏大小正常", "心脏大小正常") + &line("b", "肺野清晰", "肺野清晰")
+        line("a", "心脏大小正常", "心脏大小正常")
+            + &line("b", "肺野清晰", "肺野清晰")
             + &line("a", "心脏大小正常", "心脏增大"),
     )
     .unwrap();

@@ -477,11 +477,8 @@ fn a_broken_latest_resumes_from_the_newest_complete_checkpoint() {
         std::fs::remove_file(run.join(s.to_string()).join("trainer_state.json")).unwrap();
     }
     let before = xrayglm::train::checkpoint::step_folders(&run);
-    let err = xrayglm::train::finetune(
-        &cfg(dir.path(), "r", &["train.train_iters=30"]),
-        &tok,
-    )
-    .unwrap_err();
+    let err = xrayglm::train::finetune(&cfg(dir.path(), "r", &["train.train_iters=30"]), &tok)
+        .unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("no complete checkpoint") && msg.contains("--resume DIR"),
@@ -540,7 +537,10 @@ fn a_fresh_start_is_the_same_every_time() {
         for ((n, a), (_, b)) in first.iter().zip(&again) {
             assert!(a.equal(b), "{n} differs after a fresh restart");
         }
-        assert_eq!(losses(&run).last_chunk::<5>().unwrap()[0].1.to_bits(), first_loss.to_bits());
+        assert_eq!(
+            losses(&run).last_chunk::<5>().unwrap()[0].1.to_bits(),
+            first_loss.to_bits()
+        );
     }
 }
 
@@ -553,7 +553,11 @@ fn closed_stdout_and_stderr_do_not_stop_training() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let args = cli_args(dir.path(), "pipe", &["train.train_iters=3", "train.log_interval=1"]);
+    let args = cli_args(
+        dir.path(),
+        "pipe",
+        &["train.train_iters=3", "train.log_interval=1"],
+    );
     let mut child = xrayglm()
         .args(&args)
         .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
@@ -593,19 +597,34 @@ fn every_published_file_is_fsynced_before_and_after_its_rename() {
     };
     if Command::new("strace").arg("-V").output().is_err() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "CI=true but strace is missing (scripts/setup.sh installs it)");
+        assert!(
+            !ci,
+            "CI=true but strace is missing (scripts/setup.sh installs it)"
+        );
         eprintln!("SKIPPED: no strace");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let cwd = std::fs::canonicalize(dir.path()).unwrap();
     let hyp = cwd.join("h.jsonl");
-    std::fs::write(&hyp, "{\"id\":\"1\",\"reference\":\"心脏正常\",\"hypothesis\":\"心脏正常\"}\n").unwrap();
+    std::fs::write(
+        &hyp,
+        "{\"id\":\"1\",\"reference\":\"心脏正常\",\"hypothesis\":\"心脏正常\"}\n",
+    )
+    .unwrap();
     let mut cmds: Vec<Vec<String>> = vec![cli_args(&cwd, "d", &["train.train_iters=2"])];
     cmds.push(
-        ["export", "--from_pretrained", "d", "--format", "lora", "--to", "exp"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "export",
+            "--from_pretrained",
+            "d",
+            "--format",
+            "lora",
+            "--to",
+            "exp",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     cmds.push(
         ["eval", "--hypotheses", "h.jsonl", "--out", "ev"]
@@ -615,7 +634,14 @@ fn every_published_file_is_fsynced_before_and_after_its_rename() {
     for args in cmds {
         let trace = cwd.join("trace.txt");
         let out = Command::new("strace")
-            .args(["-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o"])
+            .args([
+                "-f",
+                "-y",
+                "-qq",
+                "-e",
+                "trace=fsync,rename,renameat,renameat2",
+                "-o",
+            ])
             .arg(&trace)
             .arg(env!("CARGO_BIN_EXE_xrayglm"))
             .args(&args)
@@ -674,7 +700,11 @@ fn without_a_terminal_progress_is_plain_log_lines() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut args = cli_args(dir.path(), "log", &["train.train_iters=4", "train.log_interval=2"]);
+    let mut args = cli_args(
+        dir.path(),
+        "log",
+        &["train.train_iters=4", "train.log_interval=2"],
+    );
     args.extend(["--set".into(), "train.progress=true".into()]);
     let out = xrayglm()
         .args(&args)

@@ -236,7 +236,11 @@ fn absurd_model_config_sizes_are_errors_not_panics() {
     for (key, value, want) in [
         ("hidden_size", 1i64 << 40, "these sizes need about"),
         ("vocab_size", 1i64 << 50, "these sizes need about"),
-        ("num_attention_heads", 0, "num_attention_heads is 0; it must be positive"),
+        (
+            "num_attention_heads",
+            0,
+            "num_attention_heads is 0; it must be positive",
+        ),
         ("num_layers", -3, "num_layers is -3; it must be positive"),
     ] {
         let mut bad = good.clone();

@@ -13,8 +13,8 @@ use mpi::collective::SystemOperation;
 use mpi::traits::*;
 use tch::{Device, Kind, Tensor};
 
-mod nccl;
 pub mod lora;
+mod nccl;
 pub use nccl::{nccl_version, Nccl};
 
 /// Collectives across the data-parallel ranks.

@@ -263,11 +263,7 @@ fn settings_from(
 }
 
 async fn page() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        PAGE,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
 }
 
 async fn health(Shared(st): Shared<Arc<State>>) -> Answer {
@@ -277,9 +273,16 @@ async fn health(Shared(st): Shared<Arc<State>>) -> Answer {
         .unwrap_or_else(|e| e.into_inner())
         .default_prompt
         .clone();
-    let sessions = st.sessions.lock().unwrap_or_else(|e| e.into_inner()).0.len();
-    ok(json!({"ok": true, "sessions": sessions, "defaults": st.opts.settings,
-              "default_prompt": default_prompt}))
+    let sessions = st
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        .len();
+    ok(
+        json!({"ok": true, "sessions": sessions, "defaults": st.opts.settings,
+              "default_prompt": default_prompt}),
+    )
 }
 
 async fn session(Shared(st): Shared<Arc<State>>) -> Answer {
@@ -344,7 +347,8 @@ async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
     if query.is_empty() {
         return Err(fail(400, "empty question"));
     }
-    let settings = settings_from(&v, &st.opts.settings, st.max_positions).map_err(|e| fail(400, e))?;
+    let settings =
+        settings_from(&v, &st.opts.settings, st.max_positions).map_err(|e| fail(400, e))?;
     let session = st.checkout(&id)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
     let line = |v: Value| {

@@ -296,7 +296,10 @@ impl ModelConfig {
             ("hidden_size", s.hidden_size),
             ("num_attention_heads", s.num_attention_heads),
             ("vocab_size", s.vocab_size),
-            ("inner_hidden_size", s.inner_hidden_size.unwrap_or(4 * s.hidden_size)),
+            (
+                "inner_hidden_size",
+                s.inner_hidden_size.unwrap_or(4 * s.hidden_size),
+            ),
             ("max_sequence_length", s.max_sequence_length),
             ("image_length", s.image_length),
             ("eva_args.num_layers", v.num_layers),
@@ -310,7 +313,10 @@ impl ModelConfig {
             ("qformer_args.hidden_size", q.hidden_size),
             ("qformer_args.num_attention_heads", q.num_attention_heads),
             ("qformer_args.vocab_size", q.vocab_size),
-            ("qformer_args.cross_attn_hidden_size", q.cross_attn_hidden_size),
+            (
+                "qformer_args.cross_attn_hidden_size",
+                q.cross_attn_hidden_size,
+            ),
         ] {
             if x <= 0 {
                 bail!("model config: {key} is {x}; it must be positive");
@@ -513,7 +519,10 @@ impl ModelConfig {
     pub fn check_fits(&self, bytes_per_param: usize, available: Option<u64>) -> Result<()> {
         let need = self.parameter_estimate() * bytes_per_param as f64;
         // Beyond any machine: 1 PiB.
-        let limit = available.map(|a| a as f64).unwrap_or(f64::MAX).min(1024f64.powi(5));
+        let limit = available
+            .map(|a| a as f64)
+            .unwrap_or(f64::MAX)
+            .min(1024f64.powi(5));
         if !need.is_finite() || need > limit {
             let gib = |x: f64| x / 1024f64.powi(3);
             bail!(

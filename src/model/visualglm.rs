@@ -96,8 +96,8 @@ impl VisualGlm {
                 if n.contains("matrix_A") {
                     let fan_in = *t.size().last().unwrap_or(&1) as f64;
                     let bound = 1.0 / fan_in.sqrt();
-                    let draw = Tensor::empty(t.size(), (Kind::Float, Device::Cpu))
-                        .uniform_(-bound, bound);
+                    let draw =
+                        Tensor::empty(t.size(), (Kind::Float, Device::Cpu)).uniform_(-bound, bound);
                     t.copy_(&draw);
                 } else {
                     let _ = t.zero_();

@@ -131,9 +131,17 @@ pub fn resume_from(run_dir: &Path, resume: &str) -> Result<Option<PathBuf>> {
 pub fn remove_stale(run_dir: &Path) -> usize {
     let mut removed = crate::io::remove_dead_leftovers(run_dir);
     let mut dirs = vec![run_dir.to_path_buf()];
-    dirs.extend(step_folders(run_dir).iter().map(|s| run_dir.join(s.to_string())));
+    dirs.extend(
+        step_folders(run_dir)
+            .iter()
+            .map(|s| run_dir.join(s.to_string())),
+    );
     for d in dirs {
-        for e in std::fs::read_dir(&d).into_iter().flatten().filter_map(|e| e.ok()) {
+        for e in std::fs::read_dir(&d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = e.path();
             let gone = if name.starts_with('.') && name.ends_with(".partial") && path.is_dir() {

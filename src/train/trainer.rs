@@ -241,7 +241,9 @@ impl<'c> Trainer<'c> {
             if step % tc.log_interval == 0 || step == tc.train_iters {
                 self.log(grad_norm)?;
             }
-            if !self.val_batches.is_empty() && (step % tc.eval_interval == 0 || step == tc.train_iters) {
+            if !self.val_batches.is_empty()
+                && (step % tc.eval_interval == 0 || step == tc.train_iters)
+            {
                 self.validate()?;
             }
             if step % tc.save_interval == 0 && step < tc.train_iters {
@@ -650,12 +652,7 @@ fn held_out_batches(cfg: &Config, data: &Data) -> Result<Vec<Batch>> {
         shuffle: false,
         ..data.loader.clone()
     };
-    let vl = Loader::new(
-        Arc::new(ds),
-        vcfg,
-        Shard::default(),
-        LoaderState::default(),
-    )?;
+    let vl = Loader::new(Arc::new(ds), vcfg, Shard::default(), LoaderState::default())?;
     let n = vl.batches_per_epoch().min(cfg.train.eval_batches.max(1));
     vl.take(n).collect()
 }
@@ -677,7 +674,8 @@ fn setup_model(
         );
     }
     let tc = &cfg.train;
-    model.set_recompute_layers((tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize));
+    model
+        .set_recompute_layers((tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize));
     Ok((model, base))
 }
 
@@ -732,7 +730,10 @@ fn build_model(
     let (mut model, base) = if m.path.as_os_str().is_empty() {
         let base_dir = run_dir.join("base");
         if resuming && base_dir.join("model.safetensors").is_file() {
-            (fresh_lora(load_model(&base_dir, &opts(None))?, cfg), "base".to_string())
+            (
+                fresh_lora(load_model(&base_dir, &opts(None))?, cfg),
+                "base".to_string(),
+            )
         } else {
             let mut mc = ModelConfig::preset(&m.preset)?;
             mc.lora = Some(m.lora.clone());

@@ -1,0 +1,300 @@
+//! `xrayglm bench train`: LoRA fine-tuning throughput on the OpenI-zh report length mix, xrayglm's
+//! trainer against the original's recipe in the same run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::data::rng::PyRandom;
+use crate::data::sample::{SampleBuilder, SampleConfig};
+
+/// `xrayglm bench train`: LoRA fine-tuning throughput on a preset (random weights) with the real
+/// OpenI-zh report length mix, xrayglm's trainer against the original's recipe in the same run.
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    pub preset: String,
+    pub steps: usize,
+    /// Steps left out of the timing at the start.
+    pub warm: usize,
+    pub batch: usize,
+    /// Films drawn (reports cycle through them).
+    pub films: usize,
+    /// `{"annotations": [{"image_id", "caption"}]}` reports (OpenI-zh).
+    pub reports: PathBuf,
+    pub tokenizer: PathBuf,
+    /// This program (its `finetune` runs as a child, so its peak memory is its own).
+    pub binary: PathBuf,
+    /// Python with SwissArmyTransformer 0.3.6 for scripts/bench_train_sat.py.
+    pub sat_python: Option<PathBuf>,
+    /// `key=value` overrides of xrayglm's side (e.g. `loader.padding="fixed"`).
+    pub overrides: Vec<String>,
+}
+
+/// One side's steady-state numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainSide {
+    pub samples_per_s: f64,
+    /// Target (report) tokens per second: the useful ones, not padding or prompt.
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    pub peak_rss_mib: f64,
+    /// Peak memory in use on the GPU (whole device), when training ran on one.
+    pub peak_gpu_mib: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub preset: String,
+    pub batch: usize,
+    pub steps: usize,
+    pub warm: usize,
+    pub threads: i32,
+    pub mean_len: f64,
+    /// xrayglm's side: what its `--set` overrides leave, e.g. `fp32 on cpu`.
+    pub setting: String,
+    pub ours: TrainSide,
+    pub sat: Option<TrainSide>,
+}
+
+/// Goal from the issue: xrayglm's time for the same samples ≤ this fraction of the original's.
+pub const GOAL_TRAIN_TIME_RATIO: f64 = 0.5;
+
+impl std::fmt::Display for TrainBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "train bench: preset {}, {}, micro-batch {}, {} timed steps after {} warm-up, OpenI-zh report lengths (mean sample {:.0} tokens), LoRA r10 on 2 layers, dropout 0.1, {} threads",
+            self.preset, self.setting, self.batch, self.steps - self.warm, self.warm, self.mean_len, self.threads
+        )?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, s: &TrainSide| {
+            write!(
+                f,
+                "  {name:9} {:8.2} samples/s {:9.1} report tokens/s {:9.1} ms/step  peak RSS {:7.0} MiB",
+                s.samples_per_s, s.tokens_per_s, s.step_ms, s.peak_rss_mib
+            )?;
+            match s.peak_gpu_mib {
+                Some(g) => writeln!(f, "  peak GPU (device) {g:.0} MiB"),
+                None => writeln!(f),
+            }
+        };
+        row(f, "xrayglm", &self.ours)?;
+        if let Some(s) = &self.sat {
+            row(f, "original", s)?;
+            let ratio = s.samples_per_s / self.ours.samples_per_s;
+            writeln!(
+                f,
+                "  time for the same samples: {ratio:.2}x the original's ({:.2}x faster), memory {:.2}x; goal <= {GOAL_TRAIN_TIME_RATIO}x: {}",
+                1.0 / ratio,
+                self.ours.peak_rss_mib / s.peak_rss_mib,
+                if ratio <= GOAL_TRAIN_TIME_RATIO { "met" } else { "NOT met" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Run the training benchmark (see [`TrainBench`]).
+pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
+    use crate::data::records::{load_records, LoadOptions, FIXED_PROMPT};
+    use crate::model::config::ModelConfig;
+    anyhow::ensure!(o.steps > o.warm, "bench train: --steps must exceed --warm");
+    let cfg = ModelConfig::preset(&o.preset)?;
+    let layers = cfg.sat.num_layers;
+    let tmp = super::tempfile_dir("xrayglm-bench-train")?;
+    // Removed however the benchmark ends.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(tmp.clone());
+    // Films from the synthetic generator, reports from OpenI-zh (a seeded sample).
+    let n = o.films.max(o.batch);
+    crate::data::synthetic::generate(&tmp, n, 256, 11)?;
+    // Only the reports are used (their films are not needed).
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&o.reports).with_context(|| format!("reading {}", o.reports.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", o.reports.display()))?;
+    let reports: Vec<String> = v["annotations"]
+        .as_array()
+        .with_context(|| {
+            format!(
+                "{}: expected {{\"annotations\": [...]}}",
+                o.reports.display()
+            )
+        })?
+        .iter()
+        .filter_map(|a| a["caption"].as_str().map(str::to_string))
+        .filter(|c| !c.trim().is_empty())
+        .collect();
+    anyhow::ensure!(!reports.is_empty(), "{}: no reports", o.reports.display());
+    let mut order: Vec<usize> = (0..reports.len()).collect();
+    PyRandom::new(5).shuffle(&mut order);
+    let total = o.steps * o.batch;
+    let list: Vec<serde_json::Value> = (0..total)
+        .map(|i| {
+            serde_json::json!({
+                "img": format!("Xray/synth_{:05}.png", i % n),
+                "prompt": FIXED_PROMPT,
+                "label": reports[order[i % order.len()]],
+            })
+        })
+        .collect();
+    let data = tmp.join("bench.json");
+    crate::io::write_json_atomic(&data, &serde_json::Value::Array(list))?;
+    // The samples as xrayglm builds them, for the original (which pads them to 320 tokens).
+    let tok = crate::tokenizer::ChatGlmTokenizer::from_path(&o.tokenizer)?;
+    let builder = SampleBuilder::new(
+        tok,
+        SampleConfig {
+            image_length: cfg.sat.image_length as usize,
+            ..Default::default()
+        },
+    )?;
+    let recs = load_records(&data, &LoadOptions::default())?.records;
+    let mut samples = Vec::new();
+    let mut len_sum = 0usize;
+    for r in &recs {
+        let s = builder.build(&r.prompt, &r.label)?;
+        len_sum += s.input_ids.len();
+        samples.push(serde_json::json!({
+            "image": r.image, "input_ids": s.input_ids, "labels": s.labels,
+        }));
+    }
+    let l = &cfg.sat;
+    let lora_layers = [0, layers / 2];
+    // xrayglm: its trainer, as a user runs it.
+    let mut sets = vec![
+        "model.path=\"\"".to_string(),
+        format!("model.preset={:?}", o.preset),
+        "model.device=\"cpu\"".into(),
+        "model.dtype=\"fp32\"".into(),
+        format!("model.lora.layers=[{}, {}]", lora_layers[0], lora_layers[1]),
+        "model.lora.rank=10".into(),
+        "model.lora.alpha=1.0".into(),
+        "model.lora.mlp=false".into(),
+        "model.vision_dropout=0.1".into(),
+        "model.glm_dropout=0.1".into(),
+        format!("data.path={:?}", data.display().to_string()),
+        "synthetic.count=0".into(),
+        format!("loader.batch_size={}", o.batch),
+        format!("train.train_iters={}", o.steps),
+        "train.log_interval=1".into(),
+        "train.save_interval=1000000".into(),
+        "train.eval_interval=1000000".into(),
+        "train.val_fraction=0.0".into(),
+        "train.precision=\"fp32\"".into(),
+        "train.lr=1e-4".into(),
+        "train.progress=false".into(),
+        format!("train.out_dir={:?}", tmp.display().to_string()),
+        "train.name=\"bench\"".into(),
+    ];
+    sets.extend(o.overrides.iter().cloned());
+    let mut cmd = std::process::Command::new(&o.binary);
+    cmd.arg("finetune").arg("--tokenizer").arg(&o.tokenizer);
+    for s in &sets {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().context("running xrayglm finetune")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "xrayglm finetune failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let metrics = std::fs::read_to_string(tmp.join("bench/metrics.jsonl"))?;
+    let recs: Vec<serde_json::Value> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v.get("samples_per_s").is_some())
+        .collect();
+    let at = |step: usize| -> Result<&serde_json::Value> {
+        recs.iter()
+            .find(|r| r["step"] == step)
+            .with_context(|| format!("no metrics for step {step}"))
+    };
+    let (t0, t1) = (
+        at(o.warm)?["elapsed_s"].as_f64().unwrap_or(0.0),
+        at(o.steps)?["elapsed_s"].as_f64().unwrap_or(0.0),
+    );
+    let mut tokens = 0.0;
+    let mut prev = t0;
+    for s in o.warm + 1..=o.steps {
+        let r = at(s)?;
+        let e = r["elapsed_s"].as_f64().unwrap_or(prev);
+        tokens += r["tokens_per_s"].as_f64().unwrap_or(0.0) * (e - prev);
+        prev = e;
+    }
+    let secs = (t1 - t0).max(1e-9);
+    let timed = (o.steps - o.warm) as f64;
+    let ours = TrainSide {
+        samples_per_s: timed * o.batch as f64 / secs,
+        tokens_per_s: tokens / secs,
+        step_ms: secs * 1e3 / timed,
+        peak_rss_mib: recs
+            .iter()
+            .filter_map(|r| r["peak_rss_mib"].as_f64())
+            .fold(0.0, f64::max),
+        peak_gpu_mib: recs
+            .iter()
+            .filter_map(|r| r["peak_gpu_used_mib"].as_f64())
+            .reduce(f64::max),
+    };
+    let threads = tch::get_num_threads();
+    let sat = match &o.sat_python {
+        None => None,
+        Some(py) => {
+            let spec = tmp.join("sat_bench.json");
+            crate::io::write_json_atomic(
+                &spec,
+                &serde_json::json!({
+                    "batch": o.batch, "steps": o.steps, "warm": o.warm, "pad_to": 320,
+                    "image_size": l.eva_args.image_size[0], "lora_layers": lora_layers, "rank": 10,
+                    "preset": o.preset, "samples": samples,
+                }),
+            )?;
+            let out = super::SatScript::run(
+                py,
+                "bench_train_sat.py",
+                &[spec.as_os_str()],
+                &[("THREADS", threads.to_string())],
+            )?;
+            let get = |k: &str| out.get(k);
+            Some(TrainSide {
+                samples_per_s: get("sat_samples_per_s")?,
+                tokens_per_s: get("sat_tokens_per_s")?,
+                step_ms: get("sat_step_ms")?,
+                peak_rss_mib: get("sat_peak_rss_mib")?,
+                peak_gpu_mib: None,
+            })
+        }
+    };
+    Ok(TrainBench {
+        preset: o.preset.clone(),
+        batch: o.batch,
+        steps: o.steps,
+        warm: o.warm,
+        threads,
+        mean_len: len_sum as f64 / total.max(1) as f64,
+        setting: {
+            // The last `--set` of a key wins, as in the trainer.
+            let last = |key: &str, default: &str| {
+                sets.iter()
+                    .rev()
+                    .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_string())
+                    .unwrap_or_else(|| default.to_string())
+            };
+            format!(
+                "{} weights, {} precision, on {}",
+                last("model.dtype", "fp32"),
+                last("train.precision", "fp32"),
+                last("model.device", "cpu")
+            )
+        },
+        ours,
+        sat,
+    })
+}
