@@ -1,0 +1,106 @@
+//! `xrayglm convert`: any model folder into xrayglm's format; and `--model DIR|preset:NAME` loading
+//! shared with `parity`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use xrayglm::tokenizer::ChatGlmTokenizer;
+
+use super::parse_kind;
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model directory: xrayglm format, a sat checkpoint (`latest` + `<iter>/mp_rank_00_model_states.pt`)
+    /// or an HF folder (config.json + pytorch_model*.bin / *.safetensors); or `preset:NAME`
+    /// (visualglm-6b, small, tiny) with random weights.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (LoRA weights stay fp32).
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// Fused-qkv layout of ChatGLM in the files: interleaved (sat 0.3.6, HF, XrayGLM) or blocks (sat >= 0.4).
+    #[arg(long)]
+    pub qkv_layout: Option<String>,
+    /// Rotary table rounding: sat_fp32 (default), sat_fp16 (the reference's fp16 model), fp32 (exact).
+    #[arg(long, default_value = "sat_fp32")]
+    pub rotary: String,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output directory (xrayglm format).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Fold the LoRA weights into the base weights and drop them.
+    #[arg(long)]
+    pub merge_lora: bool,
+    /// Tokenizer to save beside the weights as tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
+    use xrayglm::model::config::{QkvLayout, RotaryPrecision};
+    let kind = parse_kind(&a.dtype)?;
+    let qkv_layout = match a.qkv_layout.as_deref() {
+        None => None,
+        Some("interleaved") => Some(QkvLayout::Interleaved),
+        Some("blocks") => Some(QkvLayout::Blocks),
+        Some(other) => anyhow::bail!("--qkv-layout {other:?}: use interleaved or blocks"),
+    };
+    let rotary = match a.rotary.as_str() {
+        "sat_fp32" => RotaryPrecision::SatFp32,
+        "sat_fp16" => RotaryPrecision::SatFp16,
+        "fp32" => RotaryPrecision::Fp32,
+        other => anyhow::bail!("--rotary {other:?}: use sat_fp32, sat_fp16 or fp32"),
+    };
+    let opts = xrayglm::weights::source::LoadOptions {
+        device: xrayglm::device::parse(&a.device)?,
+        kind,
+        qkv_layout,
+        lora: None,
+        rotary,
+    };
+    let t = std::time::Instant::now();
+    if let Some(preset) = a.model.to_str().and_then(|s| s.strip_prefix("preset:")) {
+        let mut cfg = xrayglm::model::config::ModelConfig::preset(preset)?;
+        cfg.rotary = rotary;
+        let m = xrayglm::model::visualglm::VisualGlm::new(cfg, opts.device, kind)?;
+        xrayglm::errln!(
+            "built preset {preset} with random weights in {:.2}s",
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(m);
+    }
+    let (m, report) = xrayglm::weights::source::load_model(&a.model, &opts)?;
+    xrayglm::errln!(
+        "loaded {} tensors from {} in {:.1}s ({} ignored)",
+        report.loaded,
+        a.model.display(),
+        t.elapsed().as_secs_f64(),
+        report.ignored.len()
+    );
+    Ok(m)
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let mut m = load_model(&a.model)?;
+    if a.merge_lora {
+        m.merge_lora()?;
+        m.cfg.lora = None;
+        m.lora = tch::nn::VarStore::new(m.lora.device());
+    }
+    xrayglm::weights::source::save_xrayglm(&m, &a.to)?;
+    if let Some(t) = &a.tokenizer {
+        ChatGlmTokenizer::from_path(t)?.save(&a.to.join("tokenizer.json"))?;
+    }
+    xrayglm::errln!("wrote {}", a.to.display());
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! `xrayglm eval`: checkpoints or hypotheses files → report metrics, `report.json` + `report.md`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::infer::quantize;
+use super::parse_kind;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model folders to evaluate side by side: training runs (their latest checkpoint),
+    /// checkpoints (`run/600`), XrayGLM / VisualGLM sat checkpoints, HF visualglm-6b.
+    #[arg(long = "checkpoint", alias = "from_pretrained", num_args = 1.., conflicts_with = "hypotheses")]
+    pub checkpoints: Vec<PathBuf>,
+    /// Reports produced anywhere (lines {"id", "reference", "hypothesis"[, "lang"]}), scored
+    /// without a model; several files give one table row each.
+    #[arg(long, num_args = 1..)]
+    pub hypotheses: Vec<PathBuf>,
+    /// With --hypotheses: score lines that repeat an id (otherwise an error naming both lines).
+    #[arg(long)]
+    pub allow_duplicates: bool,
+    /// With --hypotheses: the longest reference or hypothesis scored, in characters (ROUGE-L is
+    /// quadratic in the length).
+    #[arg(long, default_value_t = xrayglm::eval::MAX_REPORT_CHARS)]
+    pub max_chars: usize,
+    /// Image-report file (either schema). Default: the first checkpoint's training data.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Settings (data, prompt, sample lengths, image size). Default: the first checkpoint's
+    /// training config.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `key=value` overrides of those settings.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// heldout or all. Default: the run's held-out films for its own data, all records of --data.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Held-out fraction (default: the run's train.val_fraction).
+    #[arg(long = "val_fraction", alias = "val-fraction")]
+    pub val_fraction: Option<f64>,
+    /// Split seed (default: the run's train.seed).
+    #[arg(long = "split_seed", alias = "split-seed")]
+    pub split_seed: Option<u64>,
+    /// Only the first N films of the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 8)]
+    pub batch_size: usize,
+    /// New tokens per report at most.
+    #[arg(
+        long = "max_new_tokens",
+        alias = "max-new-tokens",
+        default_value_t = 256
+    )]
+    pub max_new_tokens: usize,
+    /// Sample reports (with --temperature/--top_p/--top_k/--seed) instead of greedy decoding.
+    #[arg(long)]
+    pub sample: bool,
+    #[command(flatten)]
+    pub sampling: super::SamplingArgs,
+    /// sat's repetition penalty (1.0 = none, the default for evaluation; XrayGLM's chat: 1.2).
+    #[arg(
+        long = "repetition_penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.0
+    )]
+    pub repetition_penalty: f64,
+    /// English prompt template (Q:/A:) and no CJK tokens in the reports.
+    #[arg(long)]
+    pub english: bool,
+    /// Only the teacher-forced loss and perplexity.
+    #[arg(long = "no_generate", alias = "no-generate")]
+    pub no_generate: bool,
+    /// Skip the teacher-forced loss.
+    #[arg(long = "no_loss", alias = "no-loss")]
+    pub no_loss: bool,
+    /// ice_text.model or tokenizer.json (default: in the model folder, then the search paths).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// 8: int8 ChatGLM layer weights (to measure the quality cost of `--quant 8`).
+    #[arg(long)]
+    pub quant: Option<u8>,
+    /// Folder for report.json, report.md and one `<name>.jsonl` of generated reports per
+    /// checkpoint (each written atomically). With --checkpoint the default is `eval`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the metrics as TensorBoard scalars (`eval/...`) at each checkpoint's step,
+    /// one folder per training run under this one.
+    #[arg(long)]
+    pub tensorboard: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long = "no_progress", alias = "no-progress")]
+    pub no_progress: bool,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    use xrayglm::eval::Row;
+    if a.checkpoints.is_empty() && a.hypotheses.is_empty() {
+        anyhow::bail!("xrayglm eval needs --checkpoint DIR… or --hypotheses FILE.jsonl…");
+    }
+    let mut rows = Vec::new();
+    let mut entries = Vec::new();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    if !a.hypotheses.is_empty() {
+        for path in &a.hypotheses {
+            let items = xrayglm::eval::read_hypotheses(
+                path,
+                &xrayglm::eval::ReadOptions {
+                    allow_duplicates: a.allow_duplicates,
+                    max_chars: a.max_chars,
+                },
+            )?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let r = xrayglm::eval::score(&items)?;
+            entries.push(serde_json::json!({"name": name, "metrics": r}));
+            rows.push(Row {
+                name,
+                val_loss: None,
+                metrics: Some(r),
+            });
+        }
+    } else {
+        use xrayglm::eval::checkpoint as ck;
+        // Every folder must exist before anything runs.
+        for d in &a.checkpoints {
+            if !d.is_dir() {
+                anyhow::bail!("--checkpoint {}: no such folder", d.display());
+            }
+        }
+        let data = ck::resolve_data(
+            &a.checkpoints[0],
+            &ck::DataOptions {
+                config: a.config.clone(),
+                overrides: a.sets.clone(),
+                data: a.data.clone(),
+                split: a.split.clone(),
+                val_fraction: a.val_fraction,
+                seed: a.split_seed,
+                limit: a.limit,
+            },
+        )?;
+        xrayglm::errln!("evaluating on {}", data.split);
+        let device = xrayglm::device::parse(&a.device)?;
+        let dtype = a
+            .dtype
+            .clone()
+            .unwrap_or_else(|| if device.is_cuda() { "bf16" } else { "fp32" }.into());
+        let opts = xrayglm::weights::source::LoadOptions {
+            device,
+            kind: parse_kind(&dtype)?,
+            ..Default::default()
+        };
+        let run = ck::RunOptions {
+            batch_size: a.batch_size,
+            max_new_tokens: a.max_new_tokens,
+            settings: xrayglm::infer::chat::ChatSettings {
+                max_length: 0,
+                english: a.english,
+                sampling: xrayglm::infer::sampling::SamplingConfig {
+                    temperature: a.sampling.temperature,
+                    top_p: a.sampling.top_p,
+                    top_k: a.sampling.top_k,
+                    repetition_penalty: a.repetition_penalty,
+                    greedy: !a.sample,
+                    seed: a.sampling.seed,
+                    invalid: Vec::new(),
+                },
+            },
+            loss: !a.no_loss,
+            generate: !a.no_generate,
+            progress: !a.no_progress,
+        };
+        run.settings.sampling.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for dir in &a.checkpoints {
+            let tok = xrayglm::infer::cli::tokenizer_for(dir, a.tokenizer.as_deref())?;
+            let mut chat = xrayglm::infer::chat::ChatModel::load(dir, tok, &opts, true)?;
+            quantize(&mut chat.model, a.quant)?;
+            let mut o = ck::evaluate(&chat, dir, &data, &run)
+                .with_context(|| format!("evaluating {}", dir.display()))?;
+            drop(chat);
+            // Distinct names: they name the table rows and the report files.
+            let base = o.name.clone();
+            let mut k = 2;
+            while !names.insert(o.name.clone()) {
+                o.name = format!("{base}-{k}");
+                k += 1;
+            }
+            xrayglm::errln!(
+                "{}: {} films in {:.1}s{}",
+                o.name,
+                o.films,
+                o.seconds,
+                o.val_loss
+                    .map(|l| format!(", val loss {l:.4} (ppl {:.3})", l.exp()))
+                    .unwrap_or_default()
+            );
+            if !o.generations.is_empty() {
+                let mut text = String::new();
+                for g in &o.generations {
+                    text.push_str(&serde_json::to_string(g)?);
+                    text.push('\n');
+                }
+                files.push((
+                    format!("{}.jsonl", o.name.replace('/', "_")),
+                    text.into_bytes(),
+                ));
+            }
+            if let Some(tb) = &a.tensorboard {
+                let run_name = o.name.split('/').next().unwrap_or(&o.name).to_string();
+                let mut w = xrayglm::train::metrics::TensorBoard::create(&tb.join(run_name))?;
+                let mut values: Vec<(&str, f64)> = Vec::new();
+                if let Some(l) = o.val_loss {
+                    values.extend([("eval/val_loss", l), ("eval/val_ppl", l.exp())]);
+                }
+                if let Some(m) = &o.metrics {
+                    values.extend([
+                        ("eval/bleu_1", m.bleu_1),
+                        ("eval/bleu_4", m.bleu_4),
+                        ("eval/rouge_l", m.rouge_l),
+                        ("eval/cider_d", m.cider_d),
+                        ("eval/chatglm_bleu_4", m.chatglm_bleu_4),
+                        ("eval/chatglm_rouge_l", m.chatglm_rouge_l),
+                    ]);
+                }
+                w.scalars(o.step.unwrap_or(0), &values)?;
+            }
+            rows.push(Row {
+                name: o.name.clone(),
+                val_loss: o.val_loss,
+                metrics: o.metrics.clone(),
+            });
+            entries.push(serde_json::to_value(&o)?);
+        }
+    }
+    let json = serde_json::json!({ "reports": entries });
+    let md = xrayglm::eval::markdown(&rows);
+    let out = a
+        .out
+        .clone()
+        .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
+    if let Some(dir) = &out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        xrayglm::io::remove_dead_leftovers(dir);
+        for (name, bytes) in &files {
+            xrayglm::io::write_atomic(&dir.join(name), bytes)?;
+        }
+        xrayglm::io::write_json_atomic(&dir.join("report.json"), &json)?;
+        xrayglm::io::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+        xrayglm::errln!("wrote {}", dir.display());
+    }
+    xrayglm::outln!("{}", serde_json::to_string_pretty(&json)?);
+    xrayglm::err!("{md}");
+    Ok(())
+}

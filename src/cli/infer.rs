@@ -1,0 +1,174 @@
+//! `xrayglm chat` and `xrayglm web`: loading a model for inference and its decoding settings.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::parse_kind;
+
+/// Loading a model for inference, and its decoding settings (XrayGLM's cli/web defaults).
+#[derive(Args, Clone)]
+pub struct InferArgs {
+    /// Model directory: a training run or checkpoint folder (resolved against its base model),
+    /// xrayglm format, an XrayGLM/VisualGLM sat checkpoint, or HF visualglm-6b.
+    #[arg(long = "from_pretrained", alias = "from-pretrained", alias = "model")]
+    pub from_pretrained: PathBuf,
+    /// ice_text.model or tokenizer.json (default: in the model folder, then the search paths).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Kind of the frozen weights: fp32, bf16 or fp16 (default: fp16 on GPU, fp32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Keep the LoRA adapters separate instead of merging them into the weights.
+    #[arg(long = "no_merge", alias = "no-merge")]
+    pub no_merge: bool,
+    /// 8: hold ChatGLM's layer weights in int8 (weight-only, per-row scales; the original's
+    /// `--quant 8`), about a quarter of their memory.
+    #[arg(long)]
+    pub quant: Option<u8>,
+    #[arg(long = "max_length", alias = "max-length", default_value_t = 2048)]
+    pub max_length: usize,
+    #[command(flatten)]
+    pub sampling: super::SamplingArgs,
+    #[arg(
+        long = "repetition_penalty",
+        alias = "repetition-penalty",
+        default_value_t = 1.2
+    )]
+    pub repetition_penalty: f64,
+    /// Arg-max decoding instead of sampling.
+    #[arg(long)]
+    pub greedy: bool,
+    /// English prompts (Q:/A:) and no CJK tokens in replies.
+    #[arg(long)]
+    pub english: bool,
+}
+
+impl InferArgs {
+    pub fn settings(&self) -> xrayglm::infer::chat::ChatSettings {
+        xrayglm::infer::chat::ChatSettings {
+            max_length: self.max_length,
+            english: self.english,
+            sampling: xrayglm::infer::sampling::SamplingConfig {
+                temperature: self.sampling.temperature,
+                top_p: self.sampling.top_p,
+                top_k: self.sampling.top_k,
+                repetition_penalty: self.repetition_penalty,
+                greedy: self.greedy,
+                seed: self.sampling.seed,
+                invalid: Vec::new(),
+            },
+        }
+    }
+
+    pub fn load(&self) -> Result<xrayglm::infer::chat::ChatModel> {
+        let device = xrayglm::device::parse(&self.device)?;
+        let dtype = self
+            .dtype
+            .clone()
+            .unwrap_or_else(|| if device.is_cuda() { "fp16" } else { "fp32" }.into());
+        let opts = xrayglm::weights::source::LoadOptions {
+            device,
+            kind: parse_kind(&dtype)?,
+            ..Default::default()
+        };
+        self.settings().sampling.validate()?;
+        let tok =
+            xrayglm::infer::cli::tokenizer_for(&self.from_pretrained, self.tokenizer.as_deref())?;
+        let mut chat = xrayglm::infer::chat::ChatModel::load(
+            &self.from_pretrained,
+            tok,
+            &opts,
+            !self.no_merge,
+        )?;
+        quantize(&mut chat.model, self.quant)?;
+        Ok(chat)
+    }
+}
+
+/// `--quant 8` → int8 layer weights (after any LoRA merge).
+pub fn quantize(model: &mut xrayglm::model::visualglm::VisualGlm, quant: Option<u8>) -> Result<()> {
+    match quant {
+        None => Ok(()),
+        Some(8) => {
+            model.quantize_int8();
+            Ok(())
+        }
+        Some(b) => anyhow::bail!("--quant {b}: only 8 (int8 weights) is supported"),
+    }
+}
+
+#[derive(Args)]
+pub struct WebArgs {
+    #[command(flatten)]
+    pub infer: InferArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Largest image upload, MiB.
+    #[arg(
+        long = "max_upload_mib",
+        alias = "max-upload-mib",
+        default_value_t = 10
+    )]
+    pub max_upload_mib: usize,
+    /// Request threads.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// Seconds a request body may take to arrive (else 408); idle connections close after it.
+    #[arg(
+        long = "body_timeout_s",
+        alias = "body-timeout-s",
+        default_value_t = 10.0
+    )]
+    pub body_timeout_s: f64,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub infer: InferArgs,
+    /// One-shot: report on this image and exit.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// The question (default: XrayGLM's 详细描述这张胸部X光片的诊断结果 / Describe the image.).
+    #[arg(long, alias = "prompt_zh", alias = "prompt_en")]
+    pub prompt: Option<String>,
+}
+
+/// `xrayglm web`: serve the page and its endpoints until stopped.
+pub fn web(a: WebArgs) -> Result<()> {
+    let chat = a.infer.load()?;
+    let opts = xrayglm::infer::web::WebOptions {
+        host: a.host,
+        port: a.port,
+        max_upload: a.max_upload_mib << 20,
+        threads: a.threads,
+        body_timeout_s: a.body_timeout_s,
+        settings: a.infer.settings(),
+        ..Default::default()
+    };
+    xrayglm::infer::web::serve(chat, opts, |addr| {
+        xrayglm::outln!("XrayGLM web demo on http://{addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+}
+
+/// `xrayglm chat`: one-shot with `--image`, else interactive on stdin / stdout.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let chat = a.infer.load()?;
+    let opts = xrayglm::infer::cli::CliOptions {
+        image: a.image,
+        prompt: a.prompt,
+        settings: a.infer.settings(),
+    };
+    let stdin = std::io::stdin();
+    xrayglm::infer::cli::run(&chat, &opts, &mut stdin.lock(), &mut std::io::stdout())
+}

@@ -1,0 +1,158 @@
+//! The `xrayglm` command line: one file per command family, each with its `#[derive(Args)]`
+//! structs and a short handler that calls the library; this file parses and dispatches.
+
+pub mod bench;
+pub mod convert;
+pub mod data;
+pub mod eval;
+pub mod export;
+pub mod infer;
+pub mod parity;
+pub mod train;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use xrayglm::tokenizer::{self, ChatGlmTokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "xrayglm",
+    version,
+    about = "XrayGLM (VisualGLM-6B + LoRA) for chest X-ray reports, in Rust"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML config file (see configs/); without it the embedded default (synthetic demo) is used.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set loader.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+/// Sampling settings shared by `chat`, `web` and `eval` (XrayGLM's cli/web defaults). The
+/// repetition penalty and greedy/sampling switch stay with each command: their defaults differ.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long = "top_p", alias = "top-p", default_value_t = 0.4)]
+    pub top_p: f64,
+    #[arg(long = "top_k", alias = "top-k", default_value_t = 100)]
+    pub top_k: i64,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Validate records (either OpenI schema) and write XrayGLM's training list. With no input,
+    /// makes and prepares the synthetic demo set.
+    PrepareData(data::PrepareArgs),
+    /// Fine-tune LoRA weights (XrayGLM's recipe). `--config configs/demo.toml` trains the tiny
+    /// preset on the synthetic X-ray set on CPU.
+    Finetune(train::FinetuneArgs),
+    /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
+    Tokenize(data::TokenizeArgs),
+    /// Benchmarks: data, model, step, layer, device, dist, allreduce, generate, train (each against a baseline measured in the same run).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Convert a model directory (xrayglm, sat or HF format) into xrayglm's format.
+    Convert(convert::ConvertArgs),
+    /// Export a fine-tuned model: `peft` (HF PEFT adapter), `merged` (HF names, sharded
+    /// safetensors), `sat` (merged, sat names) or `lora` (the adapters alone, sat names).
+    Export(export::ExportArgs),
+    /// Run a model on the inputs in a safetensors file and write its logits (and loss), to
+    /// compare with the original implementation on the same inputs.
+    Parity(parity::ParityArgs),
+    /// Chat about an X-ray (XrayGLM's cli_demo.py): one-shot with --image, else interactive.
+    Chat(infer::ChatArgs),
+    /// The web demo (XrayGLM's web_demo.py): one page and JSON endpoints, http://HOST:PORT.
+    Web(infer::WebArgs),
+    /// Score generated reports: `--hypotheses FILE.jsonl` (lines {"id", "reference",
+    /// "hypothesis"[, "lang"]}) → BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap conventions) and
+    /// ChatGLM's bleu-4, as JSON on stdout (and report.json + report.md with --out).
+    Eval(eval::EvalArgs),
+    /// Print versions and the devices libtorch sees.
+    Info,
+}
+
+pub fn load_tokenizer(
+    explicit: Option<&PathBuf>,
+    cfg_path: Option<&PathBuf>,
+) -> Result<Option<ChatGlmTokenizer>> {
+    let explicit = explicit.or(cfg_path.filter(|p| !p.as_os_str().is_empty()));
+    match tokenizer::find(explicit.map(|p| p.as_path())) {
+        Some(p) => Ok(Some(ChatGlmTokenizer::from_path(&p)?)),
+        None => Ok(None),
+    }
+}
+
+pub fn parse_kind(s: &str) -> Result<tch::Kind> {
+    Ok(match s {
+        "fp32" | "float32" => tch::Kind::Float,
+        "bf16" | "bfloat16" => tch::Kind::BFloat16,
+        "fp16" | "float16" => tch::Kind::Half,
+        other => anyhow::bail!("--dtype {other:?}: use fp32, bf16 or fp16"),
+    })
+}
+
+pub fn info() -> Result<()> {
+    let cuda_lib = xrayglm::device::register_cuda();
+    xrayglm::outln!(
+        "xrayglm {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("XRAYGLM_GIT_REV")
+    );
+    xrayglm::outln!("libtorch_cuda loaded: {cuda_lib}");
+    match xrayglm::dist::nccl_version() {
+        Ok(v) => xrayglm::outln!("nccl: {v}"),
+        Err(e) => xrayglm::outln!("nccl: unavailable ({e})"),
+    }
+    xrayglm::outln!(
+        "cuda available: {}  devices: {}",
+        tch::Cuda::is_available(),
+        tch::Cuda::device_count()
+    );
+    xrayglm::outln!("default device: {:?}", xrayglm::device::parse("auto")?);
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    xrayglm::device::register_cuda();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench { what } => what.run(),
+        Command::PrepareData(a) => data::prepare(a),
+        Command::Tokenize(a) => data::tokenize(a),
+        Command::Finetune(a) => train::finetune(a),
+        Command::Convert(a) => convert::convert(a),
+        Command::Export(a) => export::export(a),
+        Command::Parity(a) => parity::parity(a),
+        Command::Web(a) => infer::web(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::Chat(a) => infer::chat(a),
+        Command::Info => info(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            xrayglm::errln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
