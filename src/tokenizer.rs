@@ -406,25 +406,6 @@ pub fn process_response(response: &str) -> String {
     chars.into_iter().collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn process_response_matches_reference_rules() {
-        assert_eq!(
-            process_response("  答:心脏正常,肺部清晰?  "),
-            "答：心脏正常，肺部清晰？"
-        );
-        assert_eq!(process_response("a,b: c"), "a,b: c");
-        assert_eq!(process_response("[[训练时间]]"), "2023年");
-        // Non-overlapping like re.sub: only the first of a doubled comma follows the CJK char,
-        // the second is then caught by the `half([CJK])` pass.
-        assert_eq!(process_response("中,,文"), "中，，文");
-        assert_eq!(process_response("X,心"), "X，心");
-    }
-}
-
 /// Where a tokenizer is looked for when none is named: `$XRAYGLM_TOKENIZER`, then these paths
 /// relative to the current directory.
 pub const SEARCH_PATHS: [&str; 3] = [
@@ -446,4 +427,23 @@ pub fn find(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
         .iter()
         .map(std::path::PathBuf::from)
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_response_matches_reference_rules() {
+        assert_eq!(
+            process_response("  答:心脏正常,肺部清晰?  "),
+            "答：心脏正常，肺部清晰？"
+        );
+        assert_eq!(process_response("a,b: c"), "a,b: c");
+        assert_eq!(process_response("[[训练时间]]"), "2023年");
+        // Non-overlapping like re.sub: only the first of a doubled comma follows the CJK char,
+        // the second is then caught by the `half([CJK])` pass.
+        assert_eq!(process_response("中,,文"), "中，，文");
+        assert_eq!(process_response("X,心"), "X，心");
+    }
 }

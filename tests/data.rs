@@ -377,7 +377,7 @@ fn skip_bad_skips_and_counts_every_kind() {
 fn order_padded(order: &[usize], global: usize) -> Vec<usize> {
     let mut o = order.to_vec();
     let mut i = 0;
-    while o.len() % global != 0 {
+    while !o.len().is_multiple_of(global) {
         o.push(order[i % order.len()]);
         i += 1;
     }

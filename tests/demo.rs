@@ -228,7 +228,7 @@ fn ask(addr: &str, session: &str, q: &str) -> serde_json::Value {
     let body = serde_json::json!({"session": session, "query": q}).to_string();
     let (c, b) = http(addr, "POST", "/api/chat", body.as_bytes());
     assert_eq!(c, 200, "{b}");
-    let last = b.lines().filter(|l| !l.is_empty()).last().unwrap();
+    let last = b.lines().rfind(|l| !l.is_empty()).unwrap();
     let v = json(last);
     assert_eq!(v["done"], true, "{b}");
     assert!(v.get("error").is_none(), "{b}");
@@ -620,7 +620,7 @@ fn lengths_beyond_the_models_positions_are_refused() {
     let body = serde_json::json!({"session": s, "query": "你好", "max_length": 5}).to_string();
     let (c, b) = http(a, "POST", "/api/chat", body.as_bytes());
     assert_eq!(c, 200, "{b}");
-    let last = json(b.lines().filter(|l| !l.is_empty()).last().unwrap());
+    let last = json(b.lines().rfind(|l| !l.is_empty()).unwrap());
     assert_eq!(last["done"], true, "{b}");
     assert!(
         last["error"].as_str().unwrap().contains("max_length of 5"),
@@ -648,16 +648,16 @@ impl MtClone {
         let untemper = |mut y: u32| {
             y ^= y >> 18;
             y ^= (y << 15) & 0xefc6_0000;
-            let mut x = y;
+            // Undo y ^= (y << 7) & mask, then y ^= y >> 11, each by iterating to its fixed point.
+            let mut a = y;
             for _ in 0..5 {
-                x = y ^ ((x << 7) & 0x9d2c_5680);
+                a = y ^ ((a << 7) & 0x9d2c_5680);
             }
-            y = x;
-            let mut x = y;
+            let mut b = a;
             for _ in 0..3 {
-                x = y ^ (x >> 11);
+                b = a ^ (b >> 11);
             }
-            x
+            b
         };
         let mut mt = [0u32; 624];
         for (m, &o) in mt.iter_mut().zip(out) {

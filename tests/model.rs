@@ -181,7 +181,7 @@ fn merged_lora_gives_the_same_logits_and_unmerges() {
         QkvLayout::Interleaved,
         read_safetensors(&dir(name).join("weights.safetensors")).unwrap(),
     );
-    let run = |m: &VisualGlm| common::run_inputs(&m, &inputs).logits;
+    let run = |m: &VisualGlm| common::run_inputs(m, &inputs).logits;
     let before = run(&m);
     let w0 = m.base.variables()["transformer.layers.1.attention.query_key_value.weight"].copy();
     m.merge_lora().unwrap();

@@ -74,8 +74,7 @@ fn vision_cache_keeps_the_losses_and_resumes_exactly() {
     let last: serde_json::Value = start
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .last()
+        .rfind(|v| v.get("loss").is_some())
         .unwrap();
     assert_eq!(last["step"], 16);
     // 21 training films: epoch 1 is 11 steps (the last with one film), steps 12-16 hit.

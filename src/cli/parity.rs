@@ -97,9 +97,13 @@ pub fn parity_train(
         weight_decay: a.weight_decay,
         ..Default::default()
     };
-    let (losses, lrs) = xrayglm::train::fixed_batch_steps(
-        m, ids, &image, &labels, pre, steps, &schedule, adam, a.clip,
-    )?;
+    let recipe = xrayglm::train::FixedBatchRecipe {
+        steps,
+        schedule: &schedule,
+        adam,
+        clip: a.clip,
+    };
+    let (losses, lrs) = xrayglm::train::fixed_batch_steps(m, ids, &image, &labels, pre, &recipe)?;
     xrayglm::errln!("losses {losses:?}");
     let mut list: Vec<(String, tch::Tensor)> = vec![
         ("train_losses".into(), tch::Tensor::from_slice(&losses)),

@@ -283,7 +283,7 @@ pub fn shard_batches(
     let mut order = order.to_vec();
     if drop_last {
         order.truncate(order.len() / global * global);
-    } else if w > 1 && !order.is_empty() && order.len() % global != 0 {
+    } else if w > 1 && !order.is_empty() && !order.len().is_multiple_of(global) {
         // Every rank gets full batches and the same number of steps.
         let pad = global - order.len() % global;
         for i in 0..pad {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// CLIP normalisation constants, as float32 like torchvision's `Normalize`.
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.261_302_6, 0.275_777_1];
 
 /// How 16-bit images become 8-bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -218,13 +218,13 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
         let mut ww = 0.0;
-        for x in 0..xmax {
+        for (x, wx) in w.iter_mut().enumerate().take(xmax) {
             let v = bicubic(((x + xmin) as f64 - center + 0.5) * ss);
-            w[x] = v;
+            *wx = v;
             ww += v;
         }
-        for x in 0..xmax {
-            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+        for (x, &wx) in w.iter().enumerate().take(xmax) {
+            let v = if ww != 0.0 { wx / ww } else { wx };
             let f = v * (1u32 << PRECISION_BITS) as f64;
             t.k[xx * ksize + x] = if v < 0.0 {
                 (f - 0.5) as i32

@@ -93,8 +93,8 @@ pub fn bleu(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> [f64; 4] {
             .map(|r| r.len())
             .min_by_key(|&l| (l.abs_diff(tl), l))
             .unwrap_or(0);
-        for k in 0..N {
-            guess[k] += (tl + 1).saturating_sub(k + 1);
+        for (k, g) in guess.iter_mut().enumerate() {
+            *g += (tl + 1).saturating_sub(k + 1);
         }
         for (g, c) in ngram_counts(h, N) {
             correct[g.len() - 1] += c.min(maxcounts.get(g).copied().unwrap_or(0));
@@ -234,7 +234,7 @@ pub fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 {
             for r in rs {
                 let vr = CiderVecs::new(r, &df, ref_len);
                 let delta = vh.length - vr.length;
-                for n in 0..N {
+                for (n, sn) in score.iter_mut().enumerate() {
                     let mut val = 0.0;
                     for (g, &x) in &vh.w[n] {
                         let y = vr.w[n].get(g).copied().unwrap_or(0.0);
@@ -243,7 +243,7 @@ pub fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 {
                     if vh.norm[n] != 0.0 && vr.norm[n] != 0.0 {
                         val /= vh.norm[n] * vr.norm[n];
                     }
-                    score[n] += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+                    *sn += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
                 }
             }
             mean(&score) / rs.len() as f64 * 10.0
@@ -445,8 +445,8 @@ mod tests {
     #[test]
     fn identical_reports_score_one() {
         let t = tokenize("双肺纹理清晰，心影大小正常，未见胸腔积液。", Lang::Zh);
-        let b = bleu(&[t.clone()], &[vec![t.clone()]]);
+        let b = bleu(std::slice::from_ref(&t), &[vec![t.clone()]]);
         assert!(b.iter().all(|v| (v - 1.0).abs() < 1e-9), "{b:?}");
-        assert!((rouge_l(&[t.clone()], &[vec![t]]) - 1.0).abs() < 1e-12);
+        assert!((rouge_l(std::slice::from_ref(&t), &[vec![t.clone()]]) - 1.0).abs() < 1e-12);
     }
 }

@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn invalid_slices_are_never_chosen() {
         let mut s = sampler(|c| {
-            c.invalid = vec![1..3];
+            c.invalid = vec![std::ops::Range { start: 1, end: 3 }];
             c.top_p = 1.0;
             c.top_k = 0;
         });

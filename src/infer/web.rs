@@ -75,9 +75,12 @@ enum Slot {
     Busy,
 }
 
+/// Conversations by id, with the clock tick of their last use; and the clock.
+type Sessions = (HashMap<String, (Slot, u64)>, u64);
+
 struct State {
     model: Mutex<ChatModel>,
-    sessions: Mutex<(HashMap<String, (Slot, u64)>, u64)>,
+    sessions: Mutex<Sessions>,
     opts: WebOptions,
     /// The model's positions: the largest `max_length` a question may ask for.
     max_positions: usize,

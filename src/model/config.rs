@@ -471,26 +471,6 @@ fn build(d: Dims) -> SatModelConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presets_validate_and_round_trip_through_model_config_json() {
-        for name in ["visualglm-6b", "small", "tiny"] {
-            let c = ModelConfig::preset(name).unwrap();
-            c.validate().unwrap();
-            let json = serde_json::to_string(&c.to_sat()).unwrap();
-            let back = ModelConfig::from_sat(serde_json::from_str(&json).unwrap());
-            assert_eq!(back.sat, c.to_sat());
-            assert_eq!(back.lora, c.lora);
-        }
-        let real = ModelConfig::preset("visualglm-6b").unwrap();
-        assert_eq!(real.lora.as_ref().unwrap().layers, vec![0, 14]);
-        assert!((real.lora.unwrap().scaling() - 0.1).abs() < 1e-12);
-    }
-}
-
 impl ModelConfig {
     /// Parameters of the model this config builds (ChatGLM, EVA ViT, Q-Former, glm_proj; LoRA
     /// left out), counted from the sizes as floating point so absurd sizes cannot overflow.
@@ -550,4 +530,24 @@ pub fn cpu_available_bytes() -> Option<u64> {
             .ok()
     };
     Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_round_trip_through_model_config_json() {
+        for name in ["visualglm-6b", "small", "tiny"] {
+            let c = ModelConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            let json = serde_json::to_string(&c.to_sat()).unwrap();
+            let back = ModelConfig::from_sat(serde_json::from_str(&json).unwrap());
+            assert_eq!(back.sat, c.to_sat());
+            assert_eq!(back.lora, c.lora);
+        }
+        let real = ModelConfig::preset("visualglm-6b").unwrap();
+        assert_eq!(real.lora.as_ref().unwrap().layers, vec![0, 14]);
+        assert!((real.lora.unwrap().scaling() - 0.1).abs() < 1e-12);
+    }
 }

@@ -141,12 +141,12 @@ impl Vit {
                 self.fused_attention,
             );
             let attn = dropout(&blk.dense.forward(&merge_heads(&ctx)), self.dropout, train);
-            x = x + attn;
+            x += attn;
             let m = blk.h4_to_h.forward(&gelu_erf(
                 &blk.h_to_4h
                     .forward(&blk.post_attention_layernorm.forward(&x)),
             ));
-            x = x + dropout(&m, self.dropout, train);
+            x += dropout(&m, self.dropout, train);
         }
         self.ln_vision.forward(&x)
     }

@@ -256,6 +256,28 @@ impl JsonLog {
     }
 }
 
+/// Resident memory of this process in MiB (Linux), for the logs.
+pub fn rss_mib() -> f64 {
+    proc_status_mib("VmRSS:")
+}
+
+/// The largest resident set of this process so far.
+pub fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+fn proc_status_mib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,26 +327,4 @@ mod tests {
             .collect::<Vec<_>>();
         assert_eq!(first, vec![(1, "train/loss".to_string(), 1.0)]);
     }
-}
-
-/// Resident memory of this process in MiB (Linux), for the logs.
-pub fn rss_mib() -> f64 {
-    proc_status_mib("VmRSS:")
-}
-
-/// The largest resident set of this process so far.
-pub fn peak_rss_mib() -> f64 {
-    proc_status_mib("VmHWM:")
-}
-
-fn proc_status_mib(key: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }

@@ -68,6 +68,15 @@ pub fn finetune(cfg: &Config, tokenizer: &ChatGlmTokenizer) -> Result<Summary> {
     trainer::Trainer::setup(cfg, tokenizer)?.run()
 }
 
+/// How [`fixed_batch_steps`] trains: steps, learning-rate schedule, AdamW and gradient clipping.
+#[derive(Clone, Copy)]
+pub struct FixedBatchRecipe<'a> {
+    pub steps: usize,
+    pub schedule: &'a Schedule,
+    pub adam: AdamWConfig,
+    pub clip: f64,
+}
+
 /// `xrayglm parity --train-steps N`: N optimizer steps on one fixed batch with the given
 /// optimizer, schedule and clipping (no dropout), returning the per-step losses and learning
 /// rates — to compare a trajectory with the original implementation's.
@@ -77,11 +86,14 @@ pub fn fixed_batch_steps(
     image: &Tensor,
     labels: &Tensor,
     pre_image: i64,
-    steps: usize,
-    schedule: &Schedule,
-    adam: AdamWConfig,
-    clip: f64,
+    recipe: &FixedBatchRecipe,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
+    let FixedBatchRecipe {
+        steps,
+        schedule,
+        adam,
+        clip,
+    } = *recipe;
     let s = &model.cfg.sat;
     let (pos, ctx) = crate::model::chatglm::positions_from_ids(
         input_ids,

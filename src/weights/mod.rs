@@ -224,6 +224,25 @@ pub fn lora_tensors(model: &VisualGlm) -> BTreeMap<String, Tensor> {
     model.lora.variables().into_iter().collect()
 }
 
+/// Read `shape`×`kind` bytes at `offset` of `file` straight into a new CPU tensor (no staging copy).
+pub(crate) fn read_tensor_at(
+    file: &std::fs::File,
+    offset: u64,
+    shape: &[i64],
+    kind: tch::Kind,
+) -> Result<Tensor> {
+    use std::os::unix::fs::FileExt;
+    let t = Tensor::empty(shape, (kind, tch::Device::Cpu));
+    let nbytes = t.numel() * t.kind().elt_size_in_bytes();
+    if nbytes > 0 {
+        // SAFETY: `t` is a freshly allocated, contiguous CPU tensor of exactly `nbytes` bytes that
+        // nothing else references yet; the slice does not outlive this block.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes) };
+        file.read_exact_at(buf, offset)?;
+    }
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,23 +282,4 @@ mod tests {
             vec![0., 2., 4., 1., 3., 5.]
         );
     }
-}
-
-/// Read `shape`×`kind` bytes at `offset` of `file` straight into a new CPU tensor (no staging copy).
-pub(crate) fn read_tensor_at(
-    file: &std::fs::File,
-    offset: u64,
-    shape: &[i64],
-    kind: tch::Kind,
-) -> Result<Tensor> {
-    use std::os::unix::fs::FileExt;
-    let t = Tensor::empty(shape, (kind, tch::Device::Cpu));
-    let nbytes = t.numel() * t.kind().elt_size_in_bytes();
-    if nbytes > 0 {
-        // SAFETY: `t` is a freshly allocated, contiguous CPU tensor of exactly `nbytes` bytes that
-        // nothing else references yet; the slice does not outlive this block.
-        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, nbytes) };
-        file.read_exact_at(buf, offset)?;
-    }
-    Ok(t)
 }

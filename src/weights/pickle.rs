@@ -350,7 +350,7 @@ impl Machine<'_> {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(items))
                 }
-                0x85 | 0x86 | 0x87 => {
+                0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
                         bail!("pickle: stack underflow");
@@ -511,7 +511,7 @@ fn long_le(b: &[u8]) -> Result<i64> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("pickle: odd number of dict items");
     }
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -543,10 +543,9 @@ fn set_items(target: &mut Value, kv: Vec<(Value, Value)>) -> Result<()> {
 }
 
 fn build(target: &mut Value, state: Value) {
-    match target {
-        Value::Object { state: s, .. } => *s = Some(Box::new(state)),
-        // `_rebuild_parameter`'s BUILD or OrderedDict's `__dict__`: nothing to keep.
-        _ => {}
+    // Otherwise `_rebuild_parameter`'s BUILD or OrderedDict's `__dict__`: nothing to keep.
+    if let Value::Object { state: s, .. } = target {
+        *s = Some(Box::new(state));
     }
 }
 
