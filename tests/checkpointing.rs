@@ -53,10 +53,16 @@ fn activation_checkpointing_gives_the_same_gradients() {
             }
         }
         tch::manual_seed(77);
-        m.chatglm.layer_seed.set(Some(1234));
-        let loss = m
-            .loss_backward(&ids, &image, 3, &pos, &ctx, &labels, 8.0, checkpoint)
-            .unwrap();
+        m.set_dropout_seed(1234);
+        let inputs = xrayglm::model::visualglm::BatchInputs {
+            input_ids: &ids,
+            images: &image,
+            pre_image: 3,
+            position_ids: &pos,
+            context_lengths: &ctx,
+            labels: &labels,
+        };
+        let loss = m.loss_backward(&inputs, 8.0, checkpoint).unwrap();
         let mut g: Vec<(String, Tensor)> = m
             .lora
             .variables()
@@ -69,7 +75,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
     let (l1, g1) = grads(&m, false);
     // Every layer recomputed, then only the first (the second keeps its activations), then none.
     for recompute in [None, Some(1), Some(0)] {
-        m.chatglm.recompute_layers = recompute;
+        m.set_recompute_layers(recompute);
         let (l2, g2) = grads(&m, true);
         assert_eq!(l1, l2, "recompute {recompute:?}");
         for ((k, a), (_, b)) in g1.iter().zip(&g2) {

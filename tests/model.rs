@@ -379,7 +379,15 @@ fn target_only_loss_equals_the_full_logits_loss() {
                 .unwrap();
             lm_loss(&out.logits, &labels)
         } else {
-            m.loss(&ids, &image, 3, &pos, &ctx, &labels, true)
+            let inputs = xrayglm::model::visualglm::BatchInputs {
+                input_ids: &ids,
+                images: &image,
+                pre_image: 3,
+                position_ids: &pos,
+                context_lengths: &ctx,
+                labels: &labels,
+            };
+            m.loss(&inputs, true)
         };
         loss.backward();
         let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();

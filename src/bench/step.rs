@@ -81,7 +81,15 @@ pub fn step(
     )?;
     let mut losses = Vec::new();
     let run = |opt: &mut tch::nn::Optimizer| -> Result<f64> {
-        let loss = m.loss(&ids, &image, 3, &pos, &ctx_lens, &labels, true);
+        let inputs = crate::model::visualglm::BatchInputs {
+            input_ids: &ids,
+            images: &image,
+            pre_image: 3,
+            position_ids: &pos,
+            context_lengths: &ctx_lens,
+            labels: &labels,
+        };
+        let loss = m.loss(&inputs, true);
         opt.zero_grad();
         loss.backward();
         opt.step();

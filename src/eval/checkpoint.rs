@@ -277,15 +277,15 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
             let n = b.target_tokens();
             if n > 0 {
                 let l = tch::no_grad(|| {
-                    model.loss(
-                        &t.input_ids,
-                        &embeds,
-                        b.pre_image as i64,
-                        &t.position_ids,
-                        &b.context_lengths,
-                        &t.labels,
-                        false,
-                    )
+                    let inputs = crate::model::visualglm::BatchInputs {
+                        input_ids: &t.input_ids,
+                        images: &embeds,
+                        pre_image: b.pre_image as i64,
+                        position_ids: &t.position_ids,
+                        context_lengths: &b.context_lengths,
+                        labels: &t.labels,
+                    };
+                    model.loss(&inputs, false)
                 })
                 .double_value(&[]);
                 loss_sum += l * n as f64;

@@ -261,90 +261,59 @@ impl VisualGlm {
     }
 }
 
+/// One training batch as the model takes it (the loss, the training step, evaluation).
+#[derive(Clone, Copy)]
+pub struct BatchInputs<'a> {
+    /// `[B, T]` token ids in XrayGLM's layout.
+    pub input_ids: &'a Tensor,
+    /// Pixels `[B, 3, H, W]`, or image embeddings `[B, image_length, hidden]` computed before
+    /// (train::vision_cache, eval's one vision pass per batch).
+    pub images: &'a Tensor,
+    /// Index of the first image slot.
+    pub pre_image: i64,
+    /// `[B, 2, T]` ChatGLM 2-D positions.
+    pub position_ids: &'a Tensor,
+    /// Per row: the index of `<sop>` (the bidirectional prefix length).
+    pub context_lengths: &'a [i64],
+    /// `[B, T]` targets, −100 where no loss is taken.
+    pub labels: &'a Tensor,
+}
+
 impl VisualGlm {
     /// Training step body: loss (fp32 value) and LoRA gradients (of `loss · scale`), with or
     /// without per-layer activation checkpointing.
-    #[allow(clippy::too_many_arguments)]
-    pub fn loss_backward(
-        &self,
-        input_ids: &Tensor,
-        image: &Tensor,
-        pre_image: i64,
-        position_ids: &Tensor,
-        context_lengths: &[i64],
-        labels: &Tensor,
-        scale: f64,
-        checkpoint: bool,
-    ) -> Result<f64> {
+    pub fn loss_backward(&self, b: &BatchInputs, scale: f64, checkpoint: bool) -> Result<f64> {
         if !checkpoint {
-            let loss = self.loss(
-                input_ids,
-                image,
-                pre_image,
-                position_ids,
-                context_lengths,
-                labels,
-                true,
-            );
+            let loss = self.loss(b, true);
             let v = loss.double_value(&[]);
             (loss * scale).backward();
             return Ok(v);
         }
-        Ok(self.with_inputs(
-            input_ids,
-            image,
-            pre_image,
-            position_ids,
-            context_lengths,
-            true,
-            |inp| {
-                self.chatglm
-                    .loss_backward_checkpointed(inp, labels, true, scale)
-            },
-        ))
+        Ok(self.with_inputs(b, true, |inp| {
+            self.chatglm
+                .loss_backward_checkpointed(inp, b.labels, true, scale)
+        }))
     }
 
     /// The training loss of a batch (fp32 scalar, with autograd history for the LoRA weights):
     /// `lm_loss(forward(..).logits, labels)`, computing `lm_head` at the target positions only.
-    /// `image`: pixels `[B, 3, H, W]`, or the image embeddings `[B, image_length, hidden]` when
-    /// they were computed before (train::vision_cache).
-    #[allow(clippy::too_many_arguments)]
-    pub fn loss(
-        &self,
-        input_ids: &Tensor,
-        image: &Tensor,
-        pre_image: i64,
-        position_ids: &Tensor,
-        context_lengths: &[i64],
-        labels: &Tensor,
-        train: bool,
-    ) -> Tensor {
-        self.with_inputs(
-            input_ids,
-            image,
-            pre_image,
-            position_ids,
-            context_lengths,
-            train,
-            |inp| {
-                self.chatglm
-                    .target_loss(&self.chatglm.hidden(inp, train), labels)
-            },
-        )
+    pub fn loss(&self, b: &BatchInputs, train: bool) -> Tensor {
+        self.with_inputs(b, train, |inp| {
+            self.chatglm
+                .target_loss(&self.chatglm.hidden(inp, train), b.labels)
+        })
     }
 
     /// ChatGLM's inputs for a training batch: the attention mask and the image embeddings.
-    #[allow(clippy::too_many_arguments)]
-    fn with_inputs<T>(
-        &self,
-        input_ids: &Tensor,
-        image: &Tensor,
-        pre_image: i64,
-        position_ids: &Tensor,
-        context_lengths: &[i64],
-        train: bool,
-        f: impl FnOnce(&GlmInputs) -> T,
-    ) -> T {
+    fn with_inputs<T>(&self, b: &BatchInputs, train: bool, f: impl FnOnce(&GlmInputs) -> T) -> T {
+        let BatchInputs {
+            input_ids,
+            images: image,
+            pre_image,
+            position_ids,
+            context_lengths,
+            ..
+        } = *b;
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
         // `[B, 3, H, W]` pixels, or `[B, image_length, hidden]` embeddings from the vision cache.
         let embeds = if image.dim() == 3 {

@@ -105,7 +105,15 @@ pub fn fixed_batch_steps(
     let (mut losses, mut lrs) = (Vec::new(), Vec::new());
     for k in 1..=steps as i64 {
         opt.zero_grad();
-        let l = model.loss_backward(input_ids, image, pre_image, &pos, &ctx, labels, 1.0, false)?;
+        let inputs = crate::model::visualglm::BatchInputs {
+            input_ids,
+            images: image,
+            pre_image,
+            position_ids: &pos,
+            context_lengths: &ctx,
+            labels,
+        };
+        let l = model.loss_backward(&inputs, 1.0, false)?;
         opt.clip(clip);
         let lr = schedule.lr(k);
         opt.step(lr);

@@ -27,7 +27,7 @@ use crate::data::sample::SampleBuilder;
 use crate::dist::Comm;
 use crate::model::chatglm::Dropouts;
 use crate::model::config::{ModelConfig, SatModelConfig};
-use crate::model::visualglm::VisualGlm;
+use crate::model::visualglm::{BatchInputs, VisualGlm};
 use crate::tokenizer::ChatGlmTokenizer;
 use crate::weights::source::{load_model, LoadOptions};
 
@@ -313,13 +313,16 @@ impl<'c> Trainer<'c> {
                 Some(c) => c.embeds(&self.model, &b.images, &t.images),
                 None => t.images.shallow_clone(),
             };
+            let inputs = BatchInputs {
+                input_ids: &t.input_ids,
+                images: &images,
+                pre_image: b.pre_image as i64,
+                position_ids: &t.position_ids,
+                context_lengths: &b.context_lengths,
+                labels: &t.labels,
+            };
             let l = self.model.loss_backward(
-                &t.input_ids,
-                &images,
-                b.pre_image as i64,
-                &t.position_ids,
-                &b.context_lengths,
-                &t.labels,
+                &inputs,
                 scale / tc.grad_accum as f64,
                 tc.checkpoint_activations,
             )?;
@@ -469,17 +472,15 @@ impl<'c> Trainer<'c> {
         let mut total = 0.0;
         for b in &self.val_batches {
             let t = b.to_tensors(self.dev);
-            let l = tch::no_grad(|| {
-                self.model.loss(
-                    &t.input_ids,
-                    &t.images,
-                    b.pre_image as i64,
-                    &t.position_ids,
-                    &b.context_lengths,
-                    &t.labels,
-                    false,
-                )
-            });
+            let inputs = BatchInputs {
+                input_ids: &t.input_ids,
+                images: &t.images,
+                pre_image: b.pre_image as i64,
+                position_ids: &t.position_ids,
+                context_lengths: &b.context_lengths,
+                labels: &t.labels,
+            };
+            let l = tch::no_grad(|| self.model.loss(&inputs, false));
             total += l.double_value(&[]);
         }
         let v = total / self.val_batches.len().max(1) as f64;
