@@ -165,7 +165,7 @@ pub struct ModelSection {
     /// A model directory (xrayglm, sat or HF format).
     pub path: PathBuf,
     /// Kind of the frozen weights: fp32, bf16 or fp16.
-    pub dtype: String,
+    pub dtype: crate::device::Dtype,
     /// `[Q|K|V]` ChatGLM weights (sat ≥ 0.4): "blocks"; else "interleaved".
     pub qkv_layout: crate::model::config::QkvLayout,
     pub rotary: crate::model::config::RotaryPrecision,
@@ -179,7 +179,7 @@ pub struct ModelSection {
     pub lora: crate::model::config::LoraConfig,
     /// Frozen ChatGLM linears as "none" or "int8" (weight-only, per-row scales; the original's
     /// `--quant 8`).
-    pub quantize: String,
+    pub quantize: crate::model::config::Quantize,
 }
 
 impl Default for ModelSection {
@@ -187,7 +187,7 @@ impl Default for ModelSection {
         Self {
             preset: "tiny".into(),
             path: PathBuf::new(),
-            dtype: "fp32".into(),
+            dtype: crate::device::Dtype::Fp32,
             qkv_layout: Default::default(),
             rotary: Default::default(),
             fused_attention: false,
@@ -199,7 +199,7 @@ impl Default for ModelSection {
                 rank: 4,
                 ..Default::default()
             },
-            quantize: "none".into(),
+            quantize: crate::model::config::Quantize::None,
         }
     }
 }
@@ -228,7 +228,7 @@ pub struct TrainSection {
     pub clip_grad: f64,
     pub grad_accum: i64,
     /// fp32, bf16 (no scaling) or fp16 (dynamic loss scaling).
-    pub precision: String,
+    pub precision: crate::device::Dtype,
     pub initial_scale_power: u32,
     pub loss_scale_window: i64,
     pub hysteresis: i64,
@@ -247,7 +247,7 @@ pub struct TrainSection {
     pub progress: bool,
     /// Data-parallel backend: auto (with >1 rank under mpirun/srun: NCCL on CUDA, MPI on CPU),
     /// single, mpi (CUDA tensors staged through the host) or nccl.
-    pub backend: String,
+    pub backend: crate::dist::Backend,
     /// Seconds a collective may wait for the other ranks before the job is aborted.
     pub dist_timeout_s: u64,
     /// Recompute each ChatGLM layer in the backward pass instead of keeping its activations
@@ -283,7 +283,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             clip_grad: 0.1,
             grad_accum: 1,
-            precision: "fp32".into(),
+            precision: crate::device::Dtype::Fp32,
             initial_scale_power: 16,
             loss_scale_window: 400,
             hysteresis: 2,
@@ -297,7 +297,7 @@ impl Default for TrainSection {
             seed: 1234,
             resume: "auto".into(),
             progress: true,
-            backend: "auto".into(),
+            backend: crate::dist::Backend::Auto,
             dist_timeout_s: 30,
             checkpoint_activations: false,
             checkpoint_layers: -1,
@@ -404,21 +404,6 @@ impl Config {
         if t.grad_accum <= 0 {
             bail!("train.grad_accum must be positive");
         }
-        if !["auto", "single", "mpi", "nccl"].contains(&t.backend.as_str()) {
-            bail!(
-                "train.backend {:?}: use auto, single, mpi or nccl",
-                t.backend
-            );
-        }
-        if !["none", "int8"].contains(&self.model.quantize.as_str()) {
-            bail!(
-                "model.quantize {:?}: use \"none\" or \"int8\"",
-                self.model.quantize
-            );
-        }
-        if !["fp32", "bf16", "fp16"].contains(&t.precision.as_str()) {
-            bail!("train.precision {:?}: use fp32, bf16 or fp16", t.precision);
-        }
         if !(0.0..1.0).contains(&t.val_fraction) {
             bail!("train.val_fraction must be in [0, 1)");
         }
@@ -467,7 +452,7 @@ mod tests {
         assert_eq!(t.lr, 1e-4);
         assert_eq!(t.clip_grad, 0.1);
         assert_eq!(t.weight_decay, 0.01);
-        assert_eq!(t.precision, "fp16");
+        assert_eq!(t.precision, crate::device::Dtype::Fp16);
         assert_eq!(c.loader.batch_size, 8);
         assert_eq!(c.sample.max_source_length, 64);
         assert_eq!(c.sample.max_target_length, 256);

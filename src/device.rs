@@ -105,6 +105,54 @@ pub fn available_bytes(dev: tch::Device) -> Option<u64> {
     }
 }
 
+/// A floating-point kind for weights or training: the closed set of `model.dtype`,
+/// `train.precision` and every `--dtype` flag ("fp32", "bf16", "fp16"), and the one conversion
+/// to a tensor kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::Fp32 => tch::Kind::Float,
+            Self::Bf16 => tch::Kind::BFloat16,
+            Self::Fp16 => tch::Kind::Half,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+            Self::Fp16 => "fp16",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "fp32" | "float32" => Ok(Self::Fp32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "fp16" | "float16" => Ok(Self::Fp16),
+            other => anyhow::bail!("dtype {other:?}: use fp32, bf16 or fp16"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

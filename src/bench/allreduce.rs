@@ -24,7 +24,7 @@ pub fn allreduce(
         d => d,
     };
     let comm = crate::dist::init(
-        backend,
+        backend.parse()?,
         std::time::Duration::from_secs(timeout_s),
         match dev {
             tch::Device::Cuda(i) => Some(i),

@@ -100,12 +100,7 @@ pub fn load_tokenizer(
 }
 
 pub fn parse_kind(s: &str) -> Result<tch::Kind> {
-    Ok(match s {
-        "fp32" | "float32" => tch::Kind::Float,
-        "bf16" | "bfloat16" => tch::Kind::BFloat16,
-        "fp16" | "float16" => tch::Kind::Half,
-        other => anyhow::bail!("--dtype {other:?}: use fp32, bf16 or fp16"),
-    })
+    Ok(s.parse::<xrayglm::device::Dtype>()?.kind())
 }
 
 pub fn info() -> Result<()> {

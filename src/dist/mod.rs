@@ -223,7 +223,37 @@ impl Comm for Mpi {
 /// The communicator for `backend`: "auto" (MPI when launched with more than one rank, with NCCL
 /// for tensors when training on CUDA), "single", "mpi" or "nccl" (NCCL over an MPI bootstrap, or
 /// alone for one process). `cuda_device` is this rank's GPU, when training on one.
-pub fn init(backend: &str, timeout: Duration, cuda_device: Option<usize>) -> Result<Box<dyn Comm>> {
+/// `train.backend`: how ranks talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// With >1 rank under mpirun/srun: NCCL on CUDA, MPI on CPU; else one process.
+    #[default]
+    Auto,
+    Single,
+    /// MPI (CUDA tensors staged through the host).
+    Mpi,
+    Nccl,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "single" => Ok(Self::Single),
+            "mpi" => Ok(Self::Mpi),
+            "nccl" => Ok(Self::Nccl),
+            other => bail!("backend {other:?}: use auto, single, mpi or nccl"),
+        }
+    }
+}
+
+pub fn init(
+    backend: Backend,
+    timeout: Duration,
+    cuda_device: Option<usize>,
+) -> Result<Box<dyn Comm>> {
     let boot = || -> Result<Box<dyn Comm>> {
         if launched_with_mpi() {
             Ok(Box::new(Mpi::init(timeout)?))
@@ -232,13 +262,14 @@ pub fn init(backend: &str, timeout: Duration, cuda_device: Option<usize>) -> Res
         }
     };
     match (backend, cuda_device) {
-        ("single", _) => Ok(Box::new(Single)),
-        ("mpi", _) => Ok(Box::new(Mpi::init(timeout)?)),
-        ("nccl", Some(d)) => Ok(Box::new(Nccl::init(boot()?, d, timeout)?)),
-        ("nccl", None) => bail!("train.backend \"nccl\" needs model.device on CUDA"),
-        ("auto", Some(d)) if launched_with_mpi() => Ok(Box::new(Nccl::init(boot()?, d, timeout)?)),
-        ("auto", _) => boot(),
-        (other, _) => bail!("train.backend {other:?}: use auto, single, mpi or nccl"),
+        (Backend::Single, _) => Ok(Box::new(Single)),
+        (Backend::Mpi, _) => Ok(Box::new(Mpi::init(timeout)?)),
+        (Backend::Nccl, Some(d)) => Ok(Box::new(Nccl::init(boot()?, d, timeout)?)),
+        (Backend::Nccl, None) => bail!("train.backend \"nccl\" needs model.device on CUDA"),
+        (Backend::Auto, Some(d)) if launched_with_mpi() => {
+            Ok(Box::new(Nccl::init(boot()?, d, timeout)?))
+        }
+        (Backend::Auto, _) => boot(),
     }
 }
 

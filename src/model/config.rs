@@ -88,6 +88,17 @@ fn eps12() -> f64 {
 }
 
 /// How the fused `query_key_value` rows of ChatGLM are laid out in a checkpoint.
+/// `model.quantize`: how the frozen ChatGLM layer linears are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    /// In the model's dtype.
+    #[default]
+    None,
+    /// int8, weight-only with per-row absmax scales (the original's `--quant 8`).
+    Int8,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum QkvLayout {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::checkpoint;
 use super::metrics::{JsonLog, TensorBoard};
@@ -24,9 +24,10 @@ use crate::config::Config;
 use crate::data::batch::{Batch, Dataset, Loader, LoaderConfig, LoaderState, Shard};
 use crate::data::records::{load_records, Record};
 use crate::data::sample::SampleBuilder;
+use crate::device::Dtype;
 use crate::dist::Comm;
 use crate::model::chatglm::Dropouts;
-use crate::model::config::{ModelConfig, SatModelConfig};
+use crate::model::config::{ModelConfig, Quantize, SatModelConfig};
 use crate::model::visualglm::{BatchInputs, VisualGlm};
 use crate::tokenizer::ChatGlmTokenizer;
 use crate::weights::source::{load_model, LoadOptions};
@@ -144,7 +145,7 @@ impl<'c> Trainer<'c> {
             opt_steps: 0,
             skipped: 0,
             loader: LoaderState::default(),
-            scaler: (cfg.train.precision == "fp16").then(|| {
+            scaler: (cfg.train.precision == Dtype::Fp16).then(|| {
                 LossScaler::new(
                     cfg.train.initial_scale_power,
                     cfg.train.loss_scale_window,
@@ -554,7 +555,7 @@ fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
         (_, d) => d,
     };
     let comm = crate::dist::init(
-        &cfg.train.backend,
+        cfg.train.backend,
         std::time::Duration::from_secs(cfg.train.dist_timeout_s),
         match dev {
             Device::Cuda(i) => Some(i),
@@ -680,15 +681,6 @@ fn setup_model(
     Ok((model, base))
 }
 
-fn kind_of(s: &str) -> Result<Kind> {
-    Ok(match s {
-        "fp32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        "fp16" => Kind::Half,
-        other => bail!("unknown dtype {other:?} (fp32, bf16, fp16)"),
-    })
-}
-
 /// The seed of a fresh run's adapters over a loaded base: train.seed alone, so every fresh start
 /// of a run is the same (a resume then loads its checkpoint's adapters over them).
 fn lora_seed(cfg: &Config) -> i64 {
@@ -716,10 +708,10 @@ fn build_model(
     resuming: bool,
 ) -> Result<(VisualGlm, String)> {
     let m = &cfg.model;
-    let kind = match cfg.train.precision.as_str() {
-        "bf16" => Kind::BFloat16,
-        "fp16" => Kind::Half,
-        _ => kind_of(&m.dtype)?,
+    // Mixed-precision training runs the frozen weights in its half kind.
+    let kind = match cfg.train.precision {
+        Dtype::Fp32 => m.dtype.kind(),
+        half => half.kind(),
     };
     let opts = |qkv_layout| LoadOptions {
         device: dev,
@@ -754,7 +746,7 @@ fn build_model(
     };
     model.set_fused_attention(m.fused_attention);
     // After the base of a random preset was saved above: a quantized model cannot be saved.
-    if m.quantize == "int8" {
+    if m.quantize == Quantize::Int8 {
         model.quantize_int8();
     }
     model.set_dropout(
