@@ -204,6 +204,16 @@ impl Default for ModelSection {
     }
 }
 
+/// `train.schedule`: the learning-rate schedule (see `train::schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    #[default]
+    Sat,
+    WarmupCosine,
+    Constant,
+}
+
 /// The training recipe (VISUALGLM_SPEC.md §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -213,7 +223,7 @@ pub struct TrainSection {
     pub name: String,
     pub train_iters: i64,
     pub lr: f64,
-    pub schedule: crate::train::schedule::ScheduleKind,
+    pub schedule: ScheduleKind,
     /// Warmup as a fraction of train_iters (XrayGLM 0.02).
     pub warmup: f64,
     pub min_lr_ratio: f64,

@@ -178,7 +178,7 @@ fn a_missing_tensor_is_named_and_fresh_adapters_can_be_added() {
     let (with, _) = load_model(
         &hf,
         &LoadOptions {
-            lora: Some(Some(lora)),
+            lora: xrayglm::weights::source::LoraSetting::Use(lora),
             ..Default::default()
         },
     )

@@ -166,14 +166,17 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
     let l = &cfg.sat;
     let lora_layers = [0, layers / 2];
     // xrayglm: its trainer, as a user runs it.
+    // XrayGLM's adapters (rank 10, alpha 1): the one default in model::config::LoraConfig.
+    let xrayglm_lora = crate::model::config::LoraConfig::default();
+    let xrayglm_rank = xrayglm_lora.rank;
     let mut sets = vec![
         "model.path=\"\"".to_string(),
         format!("model.preset={:?}", o.preset),
         "model.device=\"cpu\"".into(),
         "model.dtype=\"fp32\"".into(),
         format!("model.lora.layers=[{}, {}]", lora_layers[0], lora_layers[1]),
-        "model.lora.rank=10".into(),
-        "model.lora.alpha=1.0".into(),
+        format!("model.lora.rank={xrayglm_rank}"),
+        format!("model.lora.alpha={:?}", xrayglm_lora.alpha),
         "model.lora.mlp=false".into(),
         "model.vision_dropout=0.1".into(),
         "model.glm_dropout=0.1".into(),
@@ -251,7 +254,7 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
                 &spec,
                 &serde_json::json!({
                     "batch": o.batch, "steps": o.steps, "warm": o.warm, "pad_to": 320,
-                    "image_size": l.eva_args.image_size[0], "lora_layers": lora_layers, "rank": 10,
+                    "image_size": l.eva_args.image_size[0], "lora_layers": lora_layers, "rank": xrayglm_rank,
                     "preset": o.preset, "samples": samples,
                 }),
             )?;

@@ -65,7 +65,7 @@ pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm>
         device: xrayglm::device::parse(&a.device)?,
         kind,
         qkv_layout,
-        lora: None,
+        lora: Default::default(),
         rotary,
     };
     let t = std::time::Instant::now();

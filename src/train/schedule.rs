@@ -9,14 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ScheduleKind {
-    #[default]
-    Sat,
-    WarmupCosine,
-    Constant,
-}
+pub use crate::config::ScheduleKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {

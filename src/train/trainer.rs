@@ -717,7 +717,7 @@ fn build_model(
         device: dev,
         kind,
         qkv_layout,
-        lora: Some(Some(m.lora.clone())),
+        lora: crate::weights::source::LoraSetting::Use(m.lora.clone()),
         rotary: m.rotary,
     };
     let (mut model, base) = if m.path.as_os_str().is_empty() {

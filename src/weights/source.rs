@@ -57,6 +57,24 @@ pub fn detect(dir: &Path) -> Result<Format> {
     )
 }
 
+/// Which LoRA adapters a loaded model gets.
+#[derive(Debug, Clone, Default)]
+pub enum LoraSetting {
+    /// Those its `model_config.json` describes (loaded with the weights when the files hold them).
+    #[default]
+    AsSaved,
+    /// None.
+    Without,
+    /// These (fresh, unless the files hold adapters of this shape).
+    Use(LoraConfig),
+}
+
+impl From<Option<LoraConfig>> for LoraSetting {
+    fn from(l: Option<LoraConfig>) -> Self {
+        l.map_or(Self::Without, Self::Use)
+    }
+}
+
 /// How to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -66,8 +84,8 @@ pub struct LoadOptions {
     /// Layout of ChatGLM's fused qkv in the files; `None` = the config's `qkv_layout` (default
     /// interleaved).
     pub qkv_layout: Option<QkvLayout>,
-    /// Replace the checkpoint's LoRA setting (e.g. add fresh adapters to a base model).
-    pub lora: Option<Option<LoraConfig>>,
+    /// The adapters to build (e.g. fresh adapters over a base model).
+    pub lora: LoraSetting,
     pub rotary: RotaryPrecision,
 }
 
@@ -77,7 +95,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
             qkv_layout: None,
-            lora: None,
+            lora: LoraSetting::AsSaved,
             rotary: RotaryPrecision::default(),
         }
     }
@@ -214,14 +232,13 @@ pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
 
 /// A training run folder (`latest` naming a checkpoint subfolder) resolves to that checkpoint;
 /// anything else to itself.
+/// The run folder's layout is [`crate::train::checkpoint`]'s: the checkpoint `latest` names, or
+/// when `latest` is broken the newest complete step folder.
 pub fn resolve_run(dir: &Path) -> PathBuf {
-    if let Ok(latest) = std::fs::read_to_string(dir.join("latest")) {
-        let ck = dir.join(latest.trim());
-        if ck.join("lora.safetensors").is_file() && ck.join("trainer_state.json").is_file() {
-            return ck;
-        }
-    }
-    dir.to_path_buf()
+    use crate::train::checkpoint;
+    checkpoint::latest(dir)
+        .or_else(|| checkpoint::newest_complete(dir).map(|s| dir.join(s.to_string())))
+        .unwrap_or_else(|| dir.to_path_buf())
 }
 
 /// Load a model directory of any format (a training run folder loads its latest checkpoint).
@@ -259,7 +276,7 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
             }
         }
         let base_opts = LoadOptions {
-            lora: Some(cfg.lora.clone()),
+            lora: LoraSetting::from(cfg.lora.clone()),
             ..opts.clone()
         };
         let (mut model, mut report) = load_model(&base, &base_opts).with_context(|| {
@@ -282,8 +299,10 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
     let mut cfg = read_config(dir)?;
     cfg.rotary = opts.rotary;
     let had_lora = cfg.lora.is_some();
-    if let Some(l) = &opts.lora {
-        cfg.lora = l.clone();
+    match &opts.lora {
+        LoraSetting::AsSaved => {}
+        LoraSetting::Without => cfg.lora = None,
+        LoraSetting::Use(l) => cfg.lora = Some(l.clone()),
     }
     let layout = opts.qkv_layout.unwrap_or(cfg.sat.qkv_layout);
     // Our own files always hold the model's interleaved layout.
