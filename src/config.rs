@@ -171,7 +171,7 @@ pub struct ModelSection {
     pub rotary: crate::model::config::RotaryPrecision,
     pub fused_attention: bool,
     /// auto, cpu, cuda, cuda:N
-    pub device: String,
+    pub device: crate::device::DeviceSpec,
     /// Dropout in train mode: the vision tower and Q-Former, and ChatGLM (reference: 0.1 each).
     pub vision_dropout: f64,
     pub glm_dropout: f64,
@@ -191,7 +191,7 @@ impl Default for ModelSection {
             qkv_layout: Default::default(),
             rotary: Default::default(),
             fused_attention: false,
-            device: "auto".into(),
+            device: crate::device::DeviceSpec::Auto,
             vision_dropout: 0.1,
             glm_dropout: 0.1,
             lora: crate::model::config::LoraConfig {
@@ -200,6 +200,37 @@ impl Default for ModelSection {
                 ..Default::default()
             },
             quantize: crate::model::config::Quantize::None,
+        }
+    }
+}
+
+/// `train.resume`: "auto" (the run folder's latest complete checkpoint, if any), "never" (a fresh
+/// run; refused over existing checkpoints) or a checkpoint / run folder.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Resume {
+    #[default]
+    Auto,
+    Never,
+    From(PathBuf),
+}
+
+impl From<String> for Resume {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "auto" => Self::Auto,
+            "never" => Self::Never,
+            _ => Self::From(PathBuf::from(s)),
+        }
+    }
+}
+
+impl From<Resume> for String {
+    fn from(r: Resume) -> String {
+        match r {
+            Resume::Auto => "auto".into(),
+            Resume::Never => "never".into(),
+            Resume::From(p) => p.display().to_string(),
         }
     }
 }
@@ -252,7 +283,7 @@ pub struct TrainSection {
     pub val_fraction: f64,
     pub seed: u64,
     /// "auto" (continue the run folder's latest checkpoint if any), "never", or a checkpoint folder.
-    pub resume: String,
+    pub resume: Resume,
     /// Print a progress bar (off: one log line per log_interval).
     pub progress: bool,
     /// Data-parallel backend: auto (with >1 rank under mpirun/srun: NCCL on CUDA, MPI on CPU),
@@ -305,7 +336,7 @@ impl Default for TrainSection {
             eval_batches: 4,
             val_fraction: 0.1,
             seed: 1234,
-            resume: "auto".into(),
+            resume: Resume::Auto,
             progress: true,
             backend: crate::dist::Backend::Auto,
             dist_timeout_s: 30,
@@ -494,5 +525,49 @@ mod tests {
         let c = Config::default();
         let back: Config = toml::from_str(&c.to_toml().unwrap()).unwrap();
         assert_eq!(back, c);
+    }
+
+    /// The closed sets read and write the same TOML strings as before they were enums.
+    #[test]
+    fn enum_settings_keep_their_toml_strings() {
+        use crate::device::{DeviceSpec, Dtype};
+        let c = Config::load(
+            None,
+            &[
+                "train.resume=\"runs/demo/600\"".into(),
+                "model.device=\"cuda:1\"".into(),
+                "model.dtype=\"bf16\"".into(),
+                "train.backend=\"mpi\"".into(),
+                "model.quantize=\"int8\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.resume, Resume::From("runs/demo/600".into()));
+        assert_eq!(c.model.device, DeviceSpec::CudaIndex(1));
+        assert_eq!(c.model.dtype, Dtype::Bf16);
+        let text = c.to_toml().unwrap();
+        for line in [
+            "resume = \"runs/demo/600\"",
+            "device = \"cuda:1\"",
+            "dtype = \"bf16\"",
+            "backend = \"mpi\"",
+            "quantize = \"int8\"",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        for (set, want) in [
+            ("train.resume=\"never\"", None),
+            ("model.device=\"gpu\"", Some("auto, cpu, cuda, cuda:N")),
+            ("train.backend=\"tcp\"", Some("single")),
+        ] {
+            let r = Config::load(None, &[set.into()]);
+            match want {
+                None => assert_eq!(r.unwrap().train.resume, Resume::Never),
+                Some(w) => {
+                    let e = format!("{:#}", r.unwrap_err());
+                    assert!(e.contains(w), "{set}: {e}");
+                }
+            }
+        }
     }
 }

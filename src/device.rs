@@ -27,6 +27,66 @@ pub fn register_cuda() -> bool {
 }
 
 /// The device to run on: `"auto"` (CUDA when available), `"cpu"`, `"cuda"` or `"cuda:N"`.
+/// `model.device` and every `--device`: "auto" (CUDA when there is one), "cpu", "cuda" or
+/// "cuda:N". Kept as written (the trainer maps `auto` / `cuda` to one GPU per local rank);
+/// [`DeviceSpec::device`] resolves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    /// "cuda": the first GPU (or this rank's, in training).
+    Cuda,
+    /// "cuda:N".
+    CudaIndex(usize),
+}
+
+impl DeviceSpec {
+    /// The device (an error when CUDA is asked for and not there).
+    pub fn device(self) -> anyhow::Result<tch::Device> {
+        parse(&String::from(self))
+    }
+
+    /// `auto` or `cuda` without an index: the trainer picks this rank's GPU.
+    pub fn any_gpu(self) -> bool {
+        matches!(self, Self::Auto | Self::Cuda)
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        s.parse()
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda,
+            s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Self::CudaIndex(i),
+                _ => anyhow::bail!("unknown device {s:?} (auto, cpu, cuda, cuda:N)"),
+            },
+        })
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        match d {
+            DeviceSpec::Auto => "auto".into(),
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda => "cuda".into(),
+            DeviceSpec::CudaIndex(i) => format!("cuda:{i}"),
+        }
+    }
+}
+
 pub fn parse(spec: &str) -> anyhow::Result<tch::Device> {
     register_cuda();
     match spec {

@@ -27,7 +27,7 @@ pub struct FinetuneArgs {
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let mut cfg = Config::load(a.cfg.config.as_deref(), &a.cfg.overrides)?;
     if let Some(r) = a.resume {
-        cfg.train.resume = r;
+        cfg.train.resume = r.into();
     }
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?.context(
         "no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",

@@ -100,10 +100,11 @@ pub fn resume_auto(run_dir: &Path) -> Result<Option<PathBuf>> {
 
 /// The checkpoint for `train.resume` (`auto`, `never` or a folder). Refuses, before anything is
 /// written, to start a fresh run in a folder that already holds checkpoints.
-pub fn resume_from(run_dir: &Path, resume: &str) -> Result<Option<PathBuf>> {
+pub fn resume_from(run_dir: &Path, resume: &crate::config::Resume) -> Result<Option<PathBuf>> {
+    use crate::config::Resume;
     match resume {
-        "auto" => resume_auto(run_dir),
-        "never" => {
+        Resume::Auto => resume_auto(run_dir),
+        Resume::Never => {
             if run_dir.join("latest").exists() || !step_folders(run_dir).is_empty() {
                 bail!(
                     "{} already holds checkpoints; use train.resume = \"auto\" or another train.name",
@@ -112,11 +113,12 @@ pub fn resume_from(run_dir: &Path, resume: &str) -> Result<Option<PathBuf>> {
             }
             Ok(None)
         }
-        path => {
-            let dir = crate::weights::source::resolve_run(Path::new(path));
+        Resume::From(path) => {
+            let dir = crate::weights::source::resolve_run(path);
             if !is_complete(&dir) {
                 bail!(
-                    "train.resume {path:?}: not a complete checkpoint (needs {})",
+                    "train.resume {}: not a complete checkpoint (needs {})",
+                    path.display(),
                     CHECKPOINT_FILES.join(", ")
                 );
             }

@@ -545,11 +545,9 @@ impl<'c> Trainer<'c> {
 /// The device of this rank (one GPU per rank on a node) and the ranks' communicator; every rank
 /// must run the same config.
 fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
-    let dev = match (
-        cfg.model.device.as_str(),
-        crate::device::parse(&cfg.model.device)?,
-    ) {
-        ("auto" | "cuda", Device::Cuda(_)) => Device::Cuda(
+    let spec = cfg.model.device;
+    let dev = match (spec, spec.device()?) {
+        (s, Device::Cuda(_)) if s.any_gpu() => Device::Cuda(
             crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
         ),
         (_, d) => d,
