@@ -91,15 +91,7 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
     let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
     let out = cfg.data.out_path();
     check_out(&out, &loaded.file, &loaded.records, force)?;
-    write_training_list(&out, &loaded.records)?;
-    let base = out.parent().map(PathBuf::from).unwrap_or_default();
-    let absolute_paths = loaded
-        .records
-        .iter()
-        .filter(|r| {
-            std::path::Path::new(&crate::data::records::relative_to(&r.image, &base)).is_absolute()
-        })
-        .count();
+    let absolute_paths = write_training_list(&out, &loaded.records)?;
     let tokens = match tokenizer {
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
         None => None,

@@ -583,7 +583,8 @@ pub fn relative_to(path: &Path, base: &Path) -> String {
 
 /// Write the training list for `records`, with image paths relative to the output's folder where
 /// possible. Atomic.
-pub fn write_training_list(path: &Path, records: &[Record]) -> Result<()> {
+/// Returns how many image paths it had to write absolute (films outside the list's folder).
+pub fn write_training_list(path: &Path, records: &[Record]) -> Result<usize> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let entries: Vec<TrainEntry> = records
         .iter()
@@ -593,7 +594,12 @@ pub fn write_training_list(path: &Path, records: &[Record]) -> Result<()> {
             label: r.label.clone(),
         })
         .collect();
+    let absolute = entries
+        .iter()
+        .filter(|e| Path::new(&e.img).is_absolute())
+        .count();
     let mut s = serde_json::to_string_pretty(&entries)?;
     s.push('\n');
-    crate::io::write_atomic(path, s.as_bytes())
+    crate::io::write_atomic(path, s.as_bytes())?;
+    Ok(absolute)
 }

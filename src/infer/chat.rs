@@ -263,7 +263,6 @@ impl ChatModel {
         settings: &ChatSettings,
         mut on_text: impl FnMut(&str),
     ) -> Result<String> {
-        self.check_max_length(settings.max_length)?;
         let (ids, pre) = self.prompt_ids(
             &session.history,
             query,

@@ -388,10 +388,13 @@ impl<'c> Trainer<'c> {
         } else {
             self.state.skipped += 1;
         }
-        let lr = self.lr();
-        let (last, tps, sps) = (self.state.last_loss, self.rate().0, self.rate().1);
+        // The message is made only when a bar shows it.
         self.progress.set(self.state.step as u64, || {
-            format!("loss {last:.4} lr {lr:.2e} {tps:.0} tok/s {sps:.1} samples/s")
+            let ((tps, sps), lr) = (self.rate(), self.lr());
+            format!(
+                "loss {:.4} lr {lr:.2e} {tps:.0} tok/s {sps:.1} samples/s",
+                self.state.last_loss
+            )
         });
         Ok(grad_norm)
     }
