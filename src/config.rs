@@ -235,6 +235,24 @@ impl From<Resume> for String {
     }
 }
 
+/// A closed set spelled on the command line exactly as in TOML: `--rotary sat_fp16` parses like
+/// `rotary = "sat_fp16"`, and an unknown value names the allowed ones (clap's `value_parser`).
+pub fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    use serde::de::value::{Error, StrDeserializer};
+    T::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
+}
+
+/// The flags every command that reads a config takes: `--config FILE` and `--set KEY=VALUE`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML config file (see configs/); without it the embedded default (synthetic demo) is used.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set loader.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
 /// `train.schedule`: the learning-rate schedule (see `train::schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

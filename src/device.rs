@@ -26,7 +26,6 @@ pub fn register_cuda() -> bool {
     })
 }
 
-/// The device to run on: `"auto"` (CUDA when available), `"cpu"`, `"cuda"` or `"cuda:N"`.
 /// `model.device` and every `--device`: "auto" (CUDA when there is one), "cpu", "cuda" or
 /// "cuda:N". Kept as written (the trainer maps `auto` / `cuda` to one GPU per local rank);
 /// [`DeviceSpec::device`] resolves it.
@@ -45,7 +44,19 @@ pub enum DeviceSpec {
 impl DeviceSpec {
     /// The device (an error when CUDA is asked for and not there).
     pub fn device(self) -> anyhow::Result<tch::Device> {
-        parse(&String::from(self))
+        register_cuda();
+        let index = match self {
+            Self::Auto => return Ok(tch::Device::cuda_if_available()),
+            Self::Cpu => return Ok(tch::Device::Cpu),
+            Self::Cuda => 0,
+            Self::CudaIndex(i) => i,
+        };
+        anyhow::ensure!(
+            tch::Cuda::is_available(),
+            "device {} requested but CUDA is not available (CPU-only libtorch or no GPU)",
+            String::from(self)
+        );
+        Ok(tch::Device::Cuda(index))
     }
 
     /// `auto` or `cuda` without an index: the trainer picks this rank's GPU.
@@ -84,28 +95,6 @@ impl From<DeviceSpec> for String {
             DeviceSpec::Cuda => "cuda".into(),
             DeviceSpec::CudaIndex(i) => format!("cuda:{i}"),
         }
-    }
-}
-
-pub fn parse(spec: &str) -> anyhow::Result<tch::Device> {
-    register_cuda();
-    match spec {
-        "auto" => Ok(tch::Device::cuda_if_available()),
-        "cpu" => Ok(tch::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            if !tch::Cuda::is_available() {
-                anyhow::bail!(
-                    "device {s} requested but CUDA is not available (CPU-only libtorch or no GPU)"
-                );
-            }
-            let idx = s
-                .strip_prefix("cuda:")
-                .map(str::parse::<usize>)
-                .transpose()?
-                .unwrap_or(0);
-            Ok(tch::Device::Cuda(idx))
-        }
-        other => anyhow::bail!("unknown device {other:?} (auto, cpu, cuda, cuda:N)"),
     }
 }
 

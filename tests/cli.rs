@@ -179,6 +179,70 @@ fn unknown_config_keys_are_errors() {
     assert!(err.contains("c.toml") && err.contains("paht"), "{err}");
 }
 
+/// Closed sets on the command line are spelled as in TOML, and a wrong value is refused by the
+/// parser (exit 2, before any work) with the flag and the allowed values named.
+#[test]
+fn closed_set_flags_name_the_allowed_values() {
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["bench", "model", "--device", "gpu"],
+            &["--device", "auto, cpu, cuda, cuda:N"],
+        ),
+        (
+            &["bench", "step", "--dtype", "fp8"],
+            &["--dtype", "fp32, bf16 or fp16"],
+        ),
+        (
+            &["bench", "allreduce", "--backend", "gloo"],
+            &["--backend", "auto, single, mpi or nccl"],
+        ),
+        (
+            &[
+                "parity",
+                "--model",
+                "preset:tiny",
+                "--inputs",
+                "x",
+                "--out",
+                "y",
+                "--schedule",
+                "linear",
+            ],
+            &["--schedule", "`sat`, `warmup_cosine`, `constant`"],
+        ),
+        (
+            &[
+                "convert",
+                "--model",
+                "preset:tiny",
+                "--to",
+                "y",
+                "--rotary",
+                "fp64",
+            ],
+            &["--rotary", "`sat_fp32`, `sat_fp16`, `fp32`"],
+        ),
+    ];
+    for (args, words) in cases {
+        let out = xrayglm().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: no {w:?} in {err}");
+        }
+    }
+    // Each accepted spelling parses to the value TOML would give.
+    use xrayglm::config::{parse_enum, ScheduleKind};
+    assert_eq!(
+        parse_enum::<ScheduleKind>("warmup_cosine"),
+        Ok(ScheduleKind::WarmupCosine)
+    );
+    assert_eq!(
+        parse_enum::<xrayglm::device::DeviceSpec>("cuda:3"),
+        Ok(xrayglm::device::DeviceSpec::CudaIndex(3))
+    );
+}
+
 #[test]
 fn every_config_in_configs_parses() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");

@@ -5,27 +5,39 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+/// `xrayglm bench allreduce`: correctness and bandwidth of the tensor all-reduce (under mpirun;
+/// NCCL on GPUs).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AllreduceArgs {
+    /// auto, single, mpi or nccl
+    #[arg(long, default_value = "auto")]
+    pub backend: crate::dist::Backend,
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+    #[arg(long, default_value_t = 64.0)]
+    pub mib: f64,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 30)]
+    pub timeout_s: u64,
+}
+
 /// `xrayglm bench allreduce`: correctness and bandwidth of the data-parallel backend's tensor
 /// collectives (run under mpirun for several ranks; NCCL with world size 1 on one GPU).
 /// Every rank checks its own result and fails if it is wrong; rank 0 returns the report.
-pub fn allreduce(
-    backend: &str,
-    device: &str,
-    mib: f64,
-    iters: usize,
-    timeout_s: u64,
-) -> Result<Option<String>> {
-    let dev = crate::device::parse(device)?;
+pub fn allreduce(a: &AllreduceArgs) -> Result<Option<String>> {
+    let (mib, iters) = (a.mib, a.iters);
+    let dev = a.device.device()?;
     let dev = match dev {
         // One GPU per local rank, as in training (two ranks share GPU 0 on a one-GPU machine).
-        tch::Device::Cuda(_) if device == "cuda" => tch::Device::Cuda(
+        tch::Device::Cuda(_) if a.device == crate::device::DeviceSpec::Cuda => tch::Device::Cuda(
             crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
         ),
         d => d,
     };
     let comm = crate::dist::init(
-        backend.parse()?,
-        std::time::Duration::from_secs(timeout_s),
+        a.backend,
+        std::time::Duration::from_secs(a.timeout_s),
         match dev {
             tch::Device::Cuda(i) => Some(i),
             _ => None,

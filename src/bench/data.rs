@@ -154,15 +154,48 @@ fn images_from(dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
     Ok((0..n).map(|i| found[i % found.len()].clone()).collect())
 }
 
-/// Run the data benchmark on `n` images: generated 512×512 RGB films, or those in `from`.
-pub fn data(
-    n: usize,
-    threads: usize,
-    from: Option<&Path>,
-    tokenizer: Option<&ChatGlmTokenizer>,
-    vs_sat: Option<(&Path, &Path)>,
-) -> Result<DataBench> {
-    let threads = crate::data::worker_threads(threads);
+/// `xrayglm bench data`: images/s and samples/s of the data path on 512x512 PNGs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    #[arg(long, default_value_t = 200)]
+    pub images: usize,
+    /// Threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Use the PNG/JPEG images in this folder (repeated as needed) instead of generated films.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Python with torchvision and sentencepiece (scripts/fixtures_venv.sh): XrayGLM's
+    /// FewShotDataset construction on the same films and reports, in the same run.
+    #[arg(long)]
+    pub vs_sat: Option<PathBuf>,
+}
+
+/// Run the data benchmark on `a.images` images: generated 512×512 RGB films, or those in
+/// `a.from`; the loader with the tokenizer found (if any); the original's with `a.vs_sat`.
+pub fn data(a: &DataArgs) -> Result<DataBench> {
+    let (n, from) = (a.images, a.from.as_deref());
+    let tokenizer_path = crate::tokenizer::find(a.tokenizer.as_deref());
+    let vs_sat = match &a.vs_sat {
+        None => None,
+        Some(py) => {
+            let ice_text = tokenizer_path
+                .as_deref()
+                .filter(|p| p.extension().is_some_and(|e| e == "model"))
+                .context(
+                    "--vs-sat: the original tokenizes with ice_text.model; pass --tokenizer path/to/ice_text.model",
+                )?;
+            Some((py.as_path(), ice_text))
+        }
+    };
+    let tokenizer = tokenizer_path
+        .as_deref()
+        .map(ChatGlmTokenizer::from_path)
+        .transpose()?;
+    let tokenizer = tokenizer.as_ref();
+    let threads = crate::data::worker_threads(a.threads);
     let dir = std::env::temp_dir().join(format!("xrayglm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> Result<DataBench> {

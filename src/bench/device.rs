@@ -48,7 +48,16 @@ impl std::fmt::Display for DeviceBench {
 
 /// Matmul throughput (fp32 baseline vs bf16) and a bf16 training step of one ChatGLM-sized MLP
 /// block. Real-size on CUDA (hidden 4096, 8×320 tokens); scaled down on CPU.
-pub fn device(dev: tch::Device) -> Result<DeviceBench> {
+/// `xrayglm bench device`: bf16 vs fp32 matmul throughput and a bf16 training step.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceSpec,
+}
+
+pub fn device(a: &DeviceArgs) -> Result<DeviceBench> {
+    let dev = a.device.device()?;
     use tch::{nn, nn::Module, nn::OptimizerConfig, Kind, Tensor};
     let cuda = dev.is_cuda();
     let (hidden, tokens, iters) = if cuda {

@@ -1,7 +1,7 @@
 //! `xrayglm bench dist`: 2-rank data-parallel scaling on this machine (mpirun -np 2 against one
 //! process).
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
@@ -60,16 +60,29 @@ impl std::fmt::Display for DistBench {
     }
 }
 
+/// `xrayglm bench dist`: 2-rank data-parallel scaling on CPU (mpirun -np 2 vs one process, 1
+/// thread each).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DistArgs {
+    #[command(flatten)]
+    pub cfg: crate::config::ConfigArgs,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Micro-batch per rank.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
 /// Train the same config for `steps` steps as one process and as `mpirun -np 2` (each process
 /// one thread, one loader worker, micro-batch `batch`) and compare steady-state samples/s (the
 /// first logged window, with warm-up, is left out).
-pub fn dist(
-    config: Option<&Path>,
-    overrides: &[String],
-    steps: usize,
-    batch: usize,
-    tokenizer: Option<&Path>,
-) -> Result<DistBench> {
+pub fn dist(a: &DistArgs) -> Result<DistBench> {
+    let (config, overrides, steps, batch) =
+        (a.cfg.config.as_deref(), &a.cfg.overrides, a.steps, a.batch);
+    let tokenizer = crate::tokenizer::find(a.tokenizer.as_deref());
+    let tokenizer = tokenizer.as_deref();
     anyhow::ensure!(steps >= 6, "--steps must be at least 6");
     let exe = std::env::current_exe()?;
     let tmp = std::env::temp_dir().join(format!("xrayglm-bench-dist-{}", std::process::id()));

@@ -1,7 +1,7 @@
 //! `xrayglm bench generate`: KV-cached greedy decoding of a preset with random weights, against
 //! the original's `filling_sequence` in the same run.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -95,22 +95,48 @@ impl std::fmt::Display for GenerateBench {
     }
 }
 
+/// `xrayglm bench generate`: KV-cached greedy decoding of a preset (random weights) at batch 1
+/// and 8.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: usize,
+    /// Weights and activations of both implementations: fp32 or bf16 (the original runs its
+    /// model in half precision).
+    #[arg(long, default_value = "fp32")]
+    pub dtype: crate::device::Dtype,
+    /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh); CPU only.
+    #[arg(long)]
+    pub vs_sat: Option<PathBuf>,
+    /// cpu, cuda, cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+}
+
 /// Time to first token (prompt pass with the image, best of 3) and decoding tokens/s (time after
 /// the first token) at batch 1 and 8; with `sat_python`, the original's in the same run.
-pub fn generate(
-    preset: &str,
-    new_tokens: usize,
-    kind: tch::Kind,
-    device: &str,
-    sat_python: Option<&Path>,
-) -> Result<GenerateBench> {
+pub fn generate(a: &GenerateArgs) -> Result<GenerateBench> {
+    use crate::device::{DeviceSpec, Dtype};
+    anyhow::ensure!(a.new_tokens >= 2, "--new-tokens must be at least 2");
+    anyhow::ensure!(
+        a.vs_sat.is_none() || a.device == DeviceSpec::Cpu,
+        "bench generate: --vs-sat compares on the CPU only (the original runs there from scripts/fixtures_venv.sh)"
+    );
+    anyhow::ensure!(
+        matches!(a.dtype, Dtype::Fp32 | Dtype::Bf16),
+        "bench generate: --dtype fp32 or bf16"
+    );
+    let (preset, new_tokens, kind) = (a.preset.as_str(), a.new_tokens, a.dtype.kind());
+    let sat_python = a.vs_sat.as_deref();
     use crate::infer::generate::{generate as gen, image_embeds, GenerateConfig, Prompt};
     use crate::infer::sampling::SamplingConfig;
     use crate::model::config::ModelConfig;
     use crate::model::visualglm::VisualGlm;
     let cfg = ModelConfig::preset(preset)?;
     tch::manual_seed(0);
-    let dev = crate::device::parse(device)?;
+    let dev = a.device.device()?;
     let mut m = VisualGlm::new(cfg.clone(), dev, kind)?;
     m.merge_lora()?;
     // As `xrayglm chat` runs it: the fused attention kernel.

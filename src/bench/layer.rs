@@ -62,21 +62,38 @@ impl std::fmt::Display for LayerBench {
     }
 }
 
+/// `xrayglm bench layer`: a LoRA training step through ChatGLM layers at a preset's width, the
+/// default kernels against each alternative, in one run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LayerArgs {
+    #[arg(long, default_value = "visualglm-6b")]
+    pub preset: String,
+    #[arg(long, default_value_t = 2)]
+    pub layers: i64,
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+    /// Frozen weights: fp32, bf16 or fp16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: crate::device::Dtype,
+    #[arg(long, default_value_t = 1)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 160)]
+    pub seq: i64,
+    /// Time without activation checkpointing as the default (and with it as the variant).
+    #[arg(long)]
+    pub no_checkpoint: bool,
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+}
+
 /// Time LoRA training steps through `layers` ChatGLM layers of `preset` (random weights, a
 /// vocabulary of 8,192 rows: the layers are what is measured), with the default kernels and with
 /// each alternative: sat's GELU arithmetic, LoRA as a materialized ΔW, frozen weights tracked by
 /// autograd, and (informative) the other checkpointing choice.
-#[allow(clippy::too_many_arguments)]
-pub fn layer(
-    preset: &str,
-    layers: i64,
-    dev: tch::Device,
-    kind: tch::Kind,
-    batch: i64,
-    seq: i64,
-    checkpoint: bool,
-    steps: usize,
-) -> Result<LayerBench> {
+pub fn layer(a: &LayerArgs) -> Result<LayerBench> {
+    let (preset, layers, batch, seq, steps) =
+        (a.preset.as_str(), a.layers, a.batch, a.seq, a.steps);
+    let (dev, kind, checkpoint) = (a.device.device()?, a.dtype.kind(), !a.no_checkpoint);
     use crate::model::chatglm::{attention_mask, ChatGlm, Dropouts, GlmInputs, Kernels};
     use crate::model::config::ModelConfig;
     use tch::{nn::VarStore, Kind, Tensor};

@@ -74,14 +74,26 @@ pub fn model_inputs(
     )
 }
 
+/// `xrayglm bench model`: forward time of a preset (random weights), sat arithmetic vs fused
+/// attention.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 2)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 128)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+}
+
 /// Forward time of a preset with random weights: sat's arithmetic vs the fused attention path.
-pub fn model(
-    preset: &str,
-    batch: i64,
-    seq: i64,
-    iters: usize,
-    dev: tch::Device,
-) -> Result<ModelBench> {
+pub fn model(a: &ModelArgs) -> Result<ModelBench> {
+    let (preset, batch, seq, iters) = (a.preset.as_str(), a.batch, a.seq, a.iters);
+    let dev = a.device.device()?;
     use crate::model::config::ModelConfig;
     use crate::model::visualglm::VisualGlm;
     let cfg = ModelConfig::preset(preset)?;

@@ -41,16 +41,30 @@ impl std::fmt::Display for StepBench {
     }
 }
 
+/// `xrayglm bench step`: LoRA training steps of a preset with random weights (GPU check: real
+/// size in bf16).
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepArgs {
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+    /// Frozen weights: fp32, bf16 or fp16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: crate::device::Dtype,
+    #[arg(long, default_value_t = 2)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 96)]
+    pub seq: i64,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+}
+
 /// LoRA training steps (random weights, one fixed batch) of a preset: proves that mixed-precision
 /// LoRA training runs at that size and measures the step time.
-pub fn step(
-    preset: &str,
-    dev: tch::Device,
-    kind: tch::Kind,
-    batch: i64,
-    seq: i64,
-    steps: usize,
-) -> Result<StepBench> {
+pub fn step(a: &StepArgs) -> Result<StepBench> {
+    let (preset, batch, seq, steps) = (a.preset.as_str(), a.batch, a.seq, a.steps);
+    let (dev, kind) = (a.device.device()?, a.dtype.kind());
     use crate::model::config::ModelConfig;
     use crate::model::visualglm::VisualGlm;
     use tch::nn::OptimizerConfig;

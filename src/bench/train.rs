@@ -10,23 +10,33 @@ use crate::data::sample::{SampleBuilder, SampleConfig};
 
 /// `xrayglm bench train`: LoRA fine-tuning throughput on a preset (random weights) with the real
 /// OpenI-zh report length mix, xrayglm's trainer against the original's recipe in the same run.
-#[derive(Debug, Clone)]
-pub struct TrainBenchOptions {
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "small")]
     pub preset: String,
+    #[arg(long, default_value_t = 12)]
     pub steps: usize,
-    /// Steps left out of the timing at the start.
+    /// Steps left out of the timing.
+    #[arg(long, default_value_t = 2)]
     pub warm: usize,
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Films drawn (reports cycle through them).
+    #[arg(long, default_value_t = 64)]
     pub films: usize,
-    /// `{"annotations": [{"image_id", "caption"}]}` reports (OpenI-zh).
-    pub reports: PathBuf,
-    pub tokenizer: PathBuf,
-    /// This program (its `finetune` runs as a child, so its peak memory is its own).
-    pub binary: PathBuf,
-    /// Python with SwissArmyTransformer 0.3.6 for scripts/bench_train_sat.py.
-    pub sat_python: Option<PathBuf>,
-    /// `key=value` overrides of xrayglm's side (e.g. `loader.padding="fixed"`).
+    /// OpenI-zh reports, `{"annotations": [{"image_id", "caption"}]}` (default:
+    /// ../shared/data/Xray/openi-zh.json beside the source tree).
+    #[arg(long)]
+    pub reports: Option<PathBuf>,
+    /// ice_text.model (default: the search paths).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Python with SwissArmyTransformer 0.3.6 (scripts/fixtures_venv.sh) for
+    /// scripts/bench_train_sat.py.
+    #[arg(long)]
+    pub vs_sat: Option<PathBuf>,
+    /// Overrides of xrayglm's side, e.g. `loader.padding="fixed"`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
 }
 
@@ -94,10 +104,17 @@ impl std::fmt::Display for TrainBench {
 }
 
 /// Run the training benchmark (see [`TrainBench`]).
-pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
+pub fn train(o: &TrainArgs) -> Result<TrainBench> {
     use crate::data::records::{load_records, LoadOptions, FIXED_PROMPT};
     use crate::model::config::ModelConfig;
     anyhow::ensure!(o.steps > o.warm, "bench train: --steps must exceed --warm");
+    let reports_path = o.reports.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/Xray/openi-zh.json")
+    });
+    let tokenizer = crate::tokenizer::find(o.tokenizer.as_deref())
+        .context("no tokenizer: pass --tokenizer ice_text.model or set XRAYGLM_TOKENIZER")?;
+    // This program: its `finetune` runs as a child, so its peak memory is its own.
+    let binary = std::env::current_exe()?;
     let cfg = ModelConfig::preset(&o.preset)?;
     let layers = cfg.sat.num_layers;
     let tmp = super::tempfile_dir("xrayglm-bench-train")?;
@@ -114,22 +131,27 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
     crate::data::synthetic::generate(&tmp, n, 256, 11)?;
     // Only the reports are used (their films are not needed).
     let v: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&o.reports).with_context(|| format!("reading {}", o.reports.display()))?,
+        &std::fs::read(&reports_path)
+            .with_context(|| format!("reading {}", reports_path.display()))?,
     )
-    .with_context(|| format!("{}: not JSON", o.reports.display()))?;
+    .with_context(|| format!("{}: not JSON", reports_path.display()))?;
     let reports: Vec<String> = v["annotations"]
         .as_array()
         .with_context(|| {
             format!(
                 "{}: expected {{\"annotations\": [...]}}",
-                o.reports.display()
+                reports_path.display()
             )
         })?
         .iter()
         .filter_map(|a| a["caption"].as_str().map(str::to_string))
         .filter(|c| !c.trim().is_empty())
         .collect();
-    anyhow::ensure!(!reports.is_empty(), "{}: no reports", o.reports.display());
+    anyhow::ensure!(
+        !reports.is_empty(),
+        "{}: no reports",
+        reports_path.display()
+    );
     let mut order: Vec<usize> = (0..reports.len()).collect();
     PyRandom::new(5).shuffle(&mut order);
     let total = o.steps * o.batch;
@@ -145,7 +167,7 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
     let data = tmp.join("bench.json");
     crate::io::write_json_atomic(&data, &serde_json::Value::Array(list))?;
     // The samples as xrayglm builds them, for the original (which pads them to 320 tokens).
-    let tok = crate::tokenizer::ChatGlmTokenizer::from_path(&o.tokenizer)?;
+    let tok = crate::tokenizer::ChatGlmTokenizer::from_path(&tokenizer)?;
     let builder = SampleBuilder::new(
         tok,
         SampleConfig {
@@ -195,8 +217,8 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
         "train.name=\"bench\"".into(),
     ];
     sets.extend(o.overrides.iter().cloned());
-    let mut cmd = std::process::Command::new(&o.binary);
-    cmd.arg("finetune").arg("--tokenizer").arg(&o.tokenizer);
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.arg("finetune").arg("--tokenizer").arg(&tokenizer);
     for s in &sets {
         cmd.arg("--set").arg(s);
     }
@@ -246,7 +268,7 @@ pub fn train(o: &TrainBenchOptions) -> Result<TrainBench> {
             .reduce(f64::max),
     };
     let threads = tch::get_num_threads();
-    let sat = match &o.sat_python {
+    let sat = match &o.vs_sat {
         None => None,
         Some(py) => {
             let spec = tmp.join("sat_bench.json");

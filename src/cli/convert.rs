@@ -8,7 +8,9 @@ use clap::Args;
 
 use xrayglm::tokenizer::ChatGlmTokenizer;
 
-use super::parse_kind;
+use xrayglm::config::parse_enum;
+use xrayglm::device::{DeviceSpec, Dtype};
+use xrayglm::model::config::{QkvLayout, RotaryPrecision};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -19,16 +21,16 @@ pub struct ModelArgs {
     pub model: PathBuf,
     /// Kind of the frozen weights: fp32, bf16 or fp16 (LoRA weights stay fp32).
     #[arg(long, default_value = "fp32")]
-    pub dtype: String,
+    pub dtype: Dtype,
     /// Fused-qkv layout of ChatGLM in the files: interleaved (sat 0.3.6, HF, XrayGLM) or blocks (sat >= 0.4).
-    #[arg(long)]
-    pub qkv_layout: Option<String>,
+    #[arg(long, value_parser = parse_enum::<QkvLayout>)]
+    pub qkv_layout: Option<QkvLayout>,
     /// Rotary table rounding: sat_fp32 (default), sat_fp16 (the reference's fp16 model), fp32 (exact).
-    #[arg(long, default_value = "sat_fp32")]
-    pub rotary: String,
+    #[arg(long, default_value = "sat_fp32", value_parser = parse_enum::<RotaryPrecision>)]
+    pub rotary: RotaryPrecision,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: DeviceSpec,
 }
 
 #[derive(Args)]
@@ -47,31 +49,18 @@ pub struct ConvertArgs {
 }
 
 pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
-    use xrayglm::model::config::{QkvLayout, RotaryPrecision};
-    let kind = parse_kind(&a.dtype)?;
-    let qkv_layout = match a.qkv_layout.as_deref() {
-        None => None,
-        Some("interleaved") => Some(QkvLayout::Interleaved),
-        Some("blocks") => Some(QkvLayout::Blocks),
-        Some(other) => anyhow::bail!("--qkv-layout {other:?}: use interleaved or blocks"),
-    };
-    let rotary = match a.rotary.as_str() {
-        "sat_fp32" => RotaryPrecision::SatFp32,
-        "sat_fp16" => RotaryPrecision::SatFp16,
-        "fp32" => RotaryPrecision::Fp32,
-        other => anyhow::bail!("--rotary {other:?}: use sat_fp32, sat_fp16 or fp32"),
-    };
+    let kind = a.dtype.kind();
     let opts = xrayglm::weights::source::LoadOptions {
-        device: xrayglm::device::parse(&a.device)?,
+        device: a.device.device()?,
         kind,
-        qkv_layout,
+        qkv_layout: a.qkv_layout,
         lora: Default::default(),
-        rotary,
+        rotary: a.rotary,
     };
     let t = std::time::Instant::now();
     if let Some(preset) = a.model.to_str().and_then(|s| s.strip_prefix("preset:")) {
         let mut cfg = xrayglm::model::config::ModelConfig::preset(preset)?;
-        cfg.rotary = rotary;
+        cfg.rotary = a.rotary;
         let m = xrayglm::model::visualglm::VisualGlm::new(cfg, opts.device, kind)?;
         xrayglm::errln!(
             "built preset {preset} with random weights in {:.2}s",

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::infer::quantize;
-use super::parse_kind;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -82,10 +81,10 @@ pub struct EvalArgs {
     pub tokenizer: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: xrayglm::device::DeviceSpec,
     /// Kind of the frozen weights: fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
     #[arg(long)]
-    pub dtype: Option<String>,
+    pub dtype: Option<xrayglm::device::Dtype>,
     /// 8: int8 ChatGLM layer weights (to measure the quality cost of `--quant 8`).
     #[arg(long)]
     pub quant: Option<u8>,
@@ -152,14 +151,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             },
         )?;
         xrayglm::errln!("evaluating on {}", data.split);
-        let device = xrayglm::device::parse(&a.device)?;
-        let dtype = a
-            .dtype
-            .clone()
-            .unwrap_or_else(|| if device.is_cuda() { "bf16" } else { "fp32" }.into());
+        let device = a.device.device()?;
+        let dtype = a.dtype.unwrap_or(if device.is_cuda() {
+            xrayglm::device::Dtype::Bf16
+        } else {
+            xrayglm::device::Dtype::Fp32
+        });
         let opts = xrayglm::weights::source::LoadOptions {
             device,
-            kind: parse_kind(&dtype)?,
+            kind: dtype.kind(),
             ..Default::default()
         };
         let run = ck::RunOptions {

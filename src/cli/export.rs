@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::parse_kind;
-
 #[derive(Args)]
 pub struct ExportArgs {
     /// Model folder: a training run (its latest checkpoint) or checkpoint, an XrayGLM / VisualGLM
@@ -27,7 +25,7 @@ pub struct ExportArgs {
     /// Kind of the exported base weights (merged, sat): fp16 (like the HF release), bf16 or fp32.
     /// LoRA weights are always written in fp32.
     #[arg(long, default_value = "fp16")]
-    pub dtype: String,
+    pub dtype: xrayglm::device::Dtype,
     /// Largest shard of a merged export, MiB.
     #[arg(long = "shard_mib", alias = "shard-mib", default_value_t = 4096)]
     pub shard_mib: usize,
@@ -53,7 +51,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         );
     }
     let kind = match format {
-        Format::Merged | Format::Sat => parse_kind(&a.dtype)?,
+        Format::Merged | Format::Sat => a.dtype.kind(),
         // Only the fp32 adapters are written; the base is held in half precision meanwhile.
         Format::Peft | Format::Lora => tch::Kind::Half,
     };

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::parse_kind;
-
 /// Loading a model for inference, and its decoding settings (XrayGLM's cli/web defaults).
 #[derive(Args, Clone)]
 pub struct InferArgs {
@@ -19,10 +17,10 @@ pub struct InferArgs {
     pub tokenizer: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: xrayglm::device::DeviceSpec,
     /// Kind of the frozen weights: fp32, bf16 or fp16 (default: fp16 on GPU, fp32 on CPU).
     #[arg(long)]
-    pub dtype: Option<String>,
+    pub dtype: Option<xrayglm::device::Dtype>,
     /// Keep the LoRA adapters separate instead of merging them into the weights.
     #[arg(long = "no_merge", alias = "no-merge")]
     pub no_merge: bool,
@@ -66,14 +64,15 @@ impl InferArgs {
     }
 
     pub fn load(&self) -> Result<xrayglm::infer::chat::ChatModel> {
-        let device = xrayglm::device::parse(&self.device)?;
-        let dtype = self
-            .dtype
-            .clone()
-            .unwrap_or_else(|| if device.is_cuda() { "fp16" } else { "fp32" }.into());
+        let device = self.device.device()?;
+        let dtype = self.dtype.unwrap_or(if device.is_cuda() {
+            xrayglm::device::Dtype::Fp16
+        } else {
+            xrayglm::device::Dtype::Fp32
+        });
         let opts = xrayglm::weights::source::LoadOptions {
             device,
-            kind: parse_kind(&dtype)?,
+            kind: dtype.kind(),
             ..Default::default()
         };
         self.settings().sampling.validate()?;

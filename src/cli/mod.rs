@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
+pub use xrayglm::config::ConfigArgs;
 use xrayglm::tokenizer::{self, ChatGlmTokenizer};
 
 #[derive(Parser)]
@@ -27,16 +28,6 @@ use xrayglm::tokenizer::{self, ChatGlmTokenizer};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Args, Clone, Default)]
-pub struct ConfigArgs {
-    /// TOML config file (see configs/); without it the embedded default (synthetic demo) is used.
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// Override a config key, e.g. --set loader.batch_size=4 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
 }
 
 /// Sampling settings shared by `chat`, `web` and `eval` (XrayGLM's cli/web defaults). The
@@ -99,10 +90,6 @@ pub fn load_tokenizer(
     }
 }
 
-pub fn parse_kind(s: &str) -> Result<tch::Kind> {
-    Ok(s.parse::<xrayglm::device::Dtype>()?.kind())
-}
-
 pub fn info() -> Result<()> {
     let cuda_lib = xrayglm::device::register_cuda();
     xrayglm::outln!(
@@ -120,7 +107,10 @@ pub fn info() -> Result<()> {
         tch::Cuda::is_available(),
         tch::Cuda::device_count()
     );
-    xrayglm::outln!("default device: {:?}", xrayglm::device::parse("auto")?);
+    xrayglm::outln!(
+        "default device: {:?}",
+        xrayglm::device::DeviceSpec::Auto.device()?
+    );
     Ok(())
 }
 

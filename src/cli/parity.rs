@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use xrayglm::config::ScheduleKind;
+
 use super::convert::{load_model, ModelArgs};
 
 #[derive(Args)]
@@ -26,8 +28,8 @@ pub struct ParityArgs {
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// sat, warmup_cosine or constant
-    #[arg(long, default_value = "sat")]
-    pub schedule: String,
+    #[arg(long, default_value = "sat", value_parser = xrayglm::config::parse_enum::<ScheduleKind>)]
+    pub schedule: ScheduleKind,
     /// Schedule length (sat's num_iters).
     #[arg(long, default_value_t = 300)]
     pub train_iters: i64,
@@ -60,25 +62,24 @@ pub struct ParityArgs {
     pub end_token: i64,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The fixed batch read from `--inputs`, on the model's device.
+pub struct ParityBatch {
+    pub ids: tch::Tensor,
+    pub image: Option<tch::Tensor>,
+    /// Tokens before the image (`pre_image`, default 3).
+    pub pre: i64,
+}
+
 pub fn parity_train(
     a: &ParityArgs,
     m: &xrayglm::model::visualglm::VisualGlm,
     inputs: &std::collections::HashMap<String, tch::Tensor>,
-    ids: &tch::Tensor,
-    image: Option<tch::Tensor>,
-    pre: i64,
+    batch: ParityBatch,
     steps: usize,
 ) -> Result<()> {
-    use xrayglm::train::schedule::{Schedule, ScheduleKind};
-    let kind = match a.schedule.as_str() {
-        "sat" => ScheduleKind::Sat,
-        "warmup_cosine" => ScheduleKind::WarmupCosine,
-        "constant" => ScheduleKind::Constant,
-        other => anyhow::bail!("--schedule {other:?}: use sat, warmup_cosine or constant"),
-    };
-    let schedule = Schedule {
-        kind,
+    let ParityBatch { ids, image, pre } = batch;
+    let schedule = xrayglm::train::schedule::Schedule {
+        kind: a.schedule,
         lr: a.lr,
         train_iters: a.train_iters,
         warmup: a.warmup,
@@ -103,7 +104,7 @@ pub fn parity_train(
         adam,
         clip: a.clip,
     };
-    let (losses, lrs) = xrayglm::train::fixed_batch_steps(m, ids, &image, &labels, pre, &recipe)?;
+    let (losses, lrs) = xrayglm::train::fixed_batch_steps(m, &ids, &image, &labels, pre, &recipe)?;
     xrayglm::errln!("losses {losses:?}");
     let mut list: Vec<(String, tch::Tensor)> = vec![
         ("train_losses".into(), tch::Tensor::from_slice(&losses)),
@@ -182,7 +183,8 @@ pub fn parity(a: ParityArgs) -> Result<()> {
         .map(|t| t.int64_value(&[0]))
         .unwrap_or(3);
     if let Some(steps) = a.train_steps {
-        return parity_train(&a, &m, &inputs, &ids, image, pre, steps);
+        let batch = ParityBatch { ids, image, pre };
+        return parity_train(&a, &m, &inputs, batch, steps);
     }
 
     let out = tch::no_grad(|| m.forward(&ids, image.as_ref(), pre, None, None, false))?;

@@ -219,6 +219,14 @@ impl Rot {
     }
 }
 
+/// What every layer of one forward shares: the rotary tables of its positions, its attention
+/// mask (`None`: every key is visible, one new token per sequence) and whether it trains.
+struct Pass {
+    rot: Rotary,
+    mask: Option<Tensor>,
+    train: bool,
+}
+
 /// A forward's rotary rows: per half (positions, block positions) and, for the single rotation of
 /// q and k, both stacked as `[B, S, 1, 1, 2, d]` in the model's kind — built once, used by every
 /// layer.
@@ -366,10 +374,10 @@ impl ChatGlm {
 
     /// The last layer's output `[B, S, hidden]` (before the final LayerNorm and `lm_head`).
     pub fn hidden(&self, inp: &GlmInputs, train: bool) -> Tensor {
-        let (mut x, rot, mask) = self.prepare(inp, train);
+        let (mut x, pass) = self.prepare(inp, train);
         for (i, l) in self.layers.iter().enumerate() {
             self.seed_layer(i);
-            x = self.layer(l, i as i64, &x, &rot, &mask, train);
+            x = self.layer(l, i as i64, &x, &pass, None);
         }
         x
     }
@@ -407,25 +415,32 @@ impl ChatGlm {
         cache: &mut KvCache,
     ) -> Tensor {
         let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
-        let rot = self.rot(inp.position_ids, x.kind());
-        let mask = mask.map(|m| m.to_kind(Kind::Float));
+        let pass = Pass {
+            rot: self.rot(inp.position_ids, x.kind()),
+            mask: mask.map(|m| m.to_kind(Kind::Float)),
+            train: false,
+        };
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let mut x = x;
         for (i, (l, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = self.layer_kv(l, i as i64, &x, &rot, mask.as_ref(), false, Some(kv));
+            x = self.layer(l, i as i64, &x, &pass, Some(kv));
         }
         let s = x.size()[1];
         self.head(&x.narrow(1, s - 1, 1)).squeeze_dim(1)
     }
 
-    /// Embeddings (with dropout) and the per-forward position / mask tensors.
-    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Rotary, Tensor) {
+    /// Embeddings (with dropout) and what every layer of this forward shares.
+    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
         let x = dropout(&emb, self.dropout.embedding, train);
-        let rot = self.rot(inp.position_ids, x.kind());
-        (x, rot, inp.attention_mask.to_kind(Kind::Float))
+        let pass = Pass {
+            rot: self.rot(inp.position_ids, x.kind()),
+            mask: Some(inp.attention_mask.to_kind(Kind::Float)),
+            train,
+        };
+        (x, pass)
     }
 
     /// Rotary rows of the positions and block positions `[B, 2, S]`.
@@ -466,7 +481,7 @@ impl ChatGlm {
             Kept(Tensor, Tensor),
         }
         let recompute = self.recompute_layers.unwrap_or(self.layers.len());
-        let (x0, rot, mask) = self.prepare(inp, train);
+        let (x0, pass) = self.prepare(inp, train);
         let leaf = |x: &Tensor, i: usize| {
             if i > 0 || x.requires_grad() {
                 x.detach().set_requires_grad(true)
@@ -479,12 +494,12 @@ impl ChatGlm {
         for (i, l) in self.layers.iter().enumerate() {
             self.seed_layer(i);
             if i < recompute {
-                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &rot, &mask, train));
+                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &pass, None));
                 saved.push(Saved::Recompute(x));
                 x = y;
             } else {
                 let input = leaf(&x, i);
-                let y = self.layer(l, i as i64, &input, &rot, &mask, train);
+                let y = self.layer(l, i as i64, &input, &pass, None);
                 x = y.detach();
                 saved.push(Saved::Kept(input, y));
             }
@@ -499,7 +514,7 @@ impl ChatGlm {
                 Saved::Recompute(x) => {
                     let input = leaf(&x, i);
                     self.seed_layer(i);
-                    let y = self.layer(l, i as i64, &input, &rot, &mask, train);
+                    let y = self.layer(l, i as i64, &input, &pass, None);
                     (y * &g).sum(Kind::Float).backward();
                     input
                 }
@@ -515,35 +530,19 @@ impl ChatGlm {
         value
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
+    /// call's are appended.
     fn layer(
         &self,
         l: &Layer,
         idx: i64,
         h: &Tensor,
-        rot: &Rotary,
-        mask: &Tensor,
-        train: bool,
-    ) -> Tensor {
-        self.layer_kv(l, idx, h, rot, Some(mask), train, None)
-    }
-
-    /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
-    /// call's are appended. `mask: None` = attend to every key (one new token per sequence).
-    #[allow(clippy::too_many_arguments)]
-    fn layer_kv(
-        &self,
-        l: &Layer,
-        idx: i64,
-        h: &Tensor,
-        rot: &Rotary,
-        mask: Option<&Tensor>,
-        train: bool,
+        pass: &Pass,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let d = self.dropout;
+        let (d, train) = (self.dropout, pass.train);
         let a = l.input_layernorm.forward(h);
-        let attn = self.attention(l, idx, &a, rot, mask, train, kv);
+        let attn = self.attention(l, idx, &a, pass, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
         let up = self.adapted(&l.h_to_4h, l.h_to_4h_lora.as_ref(), &m, train);
@@ -556,17 +555,15 @@ impl ChatGlm {
         &m * self.alpha + dropout(&down, d.output, train)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: &Layer,
         idx: i64,
         a: &Tensor,
-        rot: &Rotary,
-        mask: Option<&Tensor>,
-        train: bool,
+        pass: &Pass,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
+        let (rot, mask, train) = (&pass.rot, pass.mask.as_ref(), pass.train);
         let (b, s, hidden) = a.size3().unwrap();
         let (n, hd) = (self.heads, self.head_dim);
         let qkv = self

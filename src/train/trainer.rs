@@ -123,8 +123,8 @@ impl<'c> Trainer<'c> {
         let root = comm.rank() == 0;
         let run_dir = cfg.train.out_dir.join(&cfg.train.name);
         let resume_from = checkpoint::resume_from(&run_dir, &cfg.train.resume)?;
-        let model_sat = model_sizes(cfg)?;
-        let data = setup_data(cfg, tokenizer, &model_sat)?;
+        let source = base_source(cfg)?;
+        let data = setup_data(cfg, tokenizer, source.sizes())?;
         // The inputs check out: only now is anything written.
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
@@ -137,7 +137,8 @@ impl<'c> Trainer<'c> {
                 );
             }
         }
-        let (mut model, base) = setup_model(cfg, dev, &run_dir, root, resume_from.is_some())?;
+        let (mut model, base) =
+            setup_model(cfg, source, dev, &run_dir, root, resume_from.is_some())?;
         let val_batches = held_out_batches(cfg, &data)?;
         let (mut opt, schedule) = setup_optimizer(cfg, &model)?;
         let mut state = TrainerState {
@@ -567,24 +568,43 @@ fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
     Ok((dev, comm))
 }
 
-/// The sizes of the model the config names (read before the model is built: the prompt's image
-/// slots and the limits the data is checked against).
-fn model_sizes(cfg: &Config) -> Result<SatModelConfig> {
-    let sat = if cfg.model.path.as_os_str().is_empty() {
-        ModelConfig::preset(&cfg.model.preset)?.sat
+/// Where the frozen base comes from, its config read once before anything is built (the
+/// prompt's image slots and the limits the data is checked against come from it).
+enum BaseSource {
+    /// `model.preset` with random weights (`model.path` empty).
+    Preset(ModelConfig),
+    /// `model.path` (canonical, as the run records it) and what it holds.
+    Dir(PathBuf, crate::weights::source::ModelDir),
+}
+
+impl BaseSource {
+    fn sizes(&self) -> &SatModelConfig {
+        match self {
+            Self::Preset(c) => &c.sat,
+            Self::Dir(_, d) => &d.config.sat,
+        }
+    }
+}
+
+fn base_source(cfg: &Config) -> Result<BaseSource> {
+    let m = &cfg.model;
+    let source = if m.path.as_os_str().is_empty() {
+        BaseSource::Preset(ModelConfig::preset(&m.preset)?)
     } else {
-        crate::weights::source::read_config(&crate::weights::source::resolve_run(&cfg.model.path))
-            .with_context(|| format!("model.path {}", cfg.model.path.display()))?
-            .sat
+        let abs = std::fs::canonicalize(&m.path)
+            .with_context(|| format!("model.path {}", m.path.display()))?;
+        let dir = crate::weights::source::ModelDir::open(&abs)
+            .with_context(|| format!("model.path {}", m.path.display()))?;
+        BaseSource::Dir(abs, dir)
     };
-    if cfg.train.checkpoint_layers > sat.num_layers {
+    let layers = source.sizes().num_layers;
+    if cfg.train.checkpoint_layers > layers {
         bail!(
-            "train.checkpoint_layers {} exceeds the model's {} ChatGLM layers",
+            "train.checkpoint_layers {} exceeds the model's {layers} ChatGLM layers",
             cfg.train.checkpoint_layers,
-            sat.num_layers
         );
     }
-    Ok(sat)
+    Ok(source)
 }
 
 /// Records → train / held-out split → training samples, checked against the model's limits.
@@ -663,12 +683,13 @@ fn held_out_batches(cfg: &Config, data: &Data) -> Result<Vec<Batch>> {
 /// The frozen base and its LoRA adapters, with the run's dropout and recompute settings.
 fn setup_model(
     cfg: &Config,
+    source: BaseSource,
     dev: Device,
     run_dir: &Path,
     root: bool,
     resuming: bool,
 ) -> Result<(VisualGlm, String)> {
-    let (mut model, base) = build_model(cfg, dev, run_dir, root, resuming)?;
+    let (mut model, base) = build_model(cfg, source, dev, run_dir, root, resuming)?;
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
             "image.size {} does not match the model's image size {}",
@@ -703,6 +724,7 @@ fn fresh_lora((model, report): (VisualGlm, crate::weights::LoadReport), cfg: &Co
 /// the weights written there.
 fn build_model(
     cfg: &Config,
+    source: BaseSource,
     dev: Device,
     run_dir: &Path,
     root: bool,
@@ -721,29 +743,27 @@ fn build_model(
         lora: crate::weights::source::LoraSetting::Use(m.lora.clone()),
         rotary: m.rotary,
     };
-    let (mut model, base) = if m.path.as_os_str().is_empty() {
-        let base_dir = run_dir.join("base");
-        if resuming && base_dir.join("model.safetensors").is_file() {
-            (
-                fresh_lora(load_model(&base_dir, &opts(None))?, cfg),
-                "base".to_string(),
-            )
-        } else {
-            let mut mc = ModelConfig::preset(&m.preset)?;
-            mc.lora = Some(m.lora.clone());
-            mc.rotary = m.rotary;
-            tch::manual_seed(cfg.train.seed as i64);
-            let model = VisualGlm::new(mc, dev, kind)?;
-            if root {
-                crate::weights::source::save_base(&model, &base_dir)?;
+    let (mut model, base) = match source {
+        BaseSource::Preset(mut mc) => {
+            let base_dir = run_dir.join("base");
+            if resuming && base_dir.join("model.safetensors").is_file() {
+                let loaded = load_model(&base_dir, &opts(None))?;
+                (fresh_lora(loaded, cfg), "base".to_string())
+            } else {
+                mc.lora = Some(m.lora.clone());
+                mc.rotary = m.rotary;
+                tch::manual_seed(cfg.train.seed as i64);
+                let model = VisualGlm::new(mc, dev, kind)?;
+                if root {
+                    crate::weights::source::save_base(&model, &base_dir)?;
+                }
+                (model, "base".to_string())
             }
-            (model, "base".to_string())
         }
-    } else {
-        let abs = std::fs::canonicalize(&m.path)
-            .with_context(|| format!("model.path {}", m.path.display()))?;
-        let loaded = load_model(&abs, &opts(Some(m.qkv_layout)))?;
-        (fresh_lora(loaded, cfg), abs.display().to_string())
+        BaseSource::Dir(abs, d) => {
+            let loaded = d.load(&opts(Some(m.qkv_layout)))?;
+            (fresh_lora(loaded, cfg), abs.display().to_string())
+        }
     };
     model.set_fused_attention(m.fused_attention);
     // After the base of a random preset was saved above: a quantized model cannot be saved.

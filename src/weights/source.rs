@@ -243,11 +243,41 @@ pub fn resolve_run(dir: &Path) -> PathBuf {
 
 /// Load a model directory of any format (a training run folder loads its latest checkpoint).
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
-    let resolved = resolve_run(dir);
-    let dir = resolved.as_path();
-    let format = detect(dir)?;
-    if format == Format::Checkpoint {
-        let cfg = read_config(dir)?;
+    ModelDir::open(dir)?.load(opts)
+}
+
+/// A model directory as found: a run folder resolved to its checkpoint, its format detected and
+/// its config read — once, so that a caller can size things by the model before loading it.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub format: Format,
+    pub config: ModelConfig,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let dir = resolve_run(dir);
+        let format = detect(&dir)?;
+        let config = read_config(&dir)?;
+        Ok(Self {
+            dir,
+            format,
+            config,
+        })
+    }
+
+    /// The weights (for a checkpoint: its base model's, then its adapters).
+    pub fn load(&self, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+        match self.format {
+            Format::Checkpoint => self.load_checkpoint(opts),
+            _ => self.load_weights(opts),
+        }
+    }
+
+    /// A training checkpoint: adapters over the base model it names (which must have its sizes).
+    fn load_checkpoint(&self, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+        let (dir, cfg) = (self.dir.as_path(), &self.config);
         let base = checkpoint_base(dir)?;
         if let Ok(b) = read_config(&resolve_run(&base)) {
             let (x, y) = (&cfg.sat, &b.sat);
@@ -294,60 +324,65 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<(VisualGlm, LoadRepo
         let lora = loader.finish(Require::Lora, &dir.display().to_string())?;
         report.loaded += lora.loaded;
         report.lora_loaded += lora.lora_loaded;
-        return Ok((model, report));
+        Ok((model, report))
     }
-    let mut cfg = read_config(dir)?;
-    cfg.rotary = opts.rotary;
-    let had_lora = cfg.lora.is_some();
-    match &opts.lora {
-        LoraSetting::AsSaved => {}
-        LoraSetting::Without => cfg.lora = None,
-        LoraSetting::Use(l) => cfg.lora = Some(l.clone()),
-    }
-    let layout = opts.qkv_layout.unwrap_or(cfg.sat.qkv_layout);
-    // Our own files always hold the model's interleaved layout.
-    let layout = if format == Format::Xrayglm {
-        QkvLayout::Interleaved
-    } else {
-        layout
-    };
-    let require = if had_lora && cfg.lora.is_some() {
-        Require::All
-    } else {
-        Require::Base
-    };
-    let mut model = VisualGlm::new_for_loading(cfg, opts.device, opts.kind)?;
-    let source = dir.display().to_string();
-    let files: Vec<PathBuf> = match format {
-        Format::Xrayglm => {
-            let mut v = vec![dir.join("model.safetensors")];
-            if dir.join("lora.safetensors").is_file() {
-                v.push(dir.join("lora.safetensors"));
-            }
-            v
+
+    /// The weights of an xrayglm, sat or HF directory.
+    fn load_weights(&self, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+        let (dir, format) = (self.dir.as_path(), self.format);
+        let mut cfg = self.config.clone();
+        cfg.rotary = opts.rotary;
+        let had_lora = cfg.lora.is_some();
+        match &opts.lora {
+            LoraSetting::AsSaved => {}
+            LoraSetting::Without => cfg.lora = None,
+            LoraSetting::Use(l) => cfg.lora = Some(l.clone()),
         }
-        Format::Sat => vec![sat_weights_file(dir)?],
-        Format::Hf => hf_weight_files(dir)?,
-        Format::Checkpoint => unreachable!("handled above"),
-    };
-    let mut loader = Loader::new(&mut model, layout);
-    for file in &files {
-        for_each_tensor(file, |t| {
-            let (n, x) = t?;
-            loader.put(
-                if format == Format::Hf {
-                    hf_to_sat(&n)
-                } else {
-                    n
-                },
-                x,
-            );
-            Ok(())
-        })
-        .with_context(|| format!("loading {}", file.display()))?;
+        let layout = opts.qkv_layout.unwrap_or(cfg.sat.qkv_layout);
+        // Our own files always hold the model's interleaved layout.
+        let layout = if format == Format::Xrayglm {
+            QkvLayout::Interleaved
+        } else {
+            layout
+        };
+        let require = if had_lora && cfg.lora.is_some() {
+            Require::All
+        } else {
+            Require::Base
+        };
+        let mut model = VisualGlm::new_for_loading(cfg, opts.device, opts.kind)?;
+        let source = dir.display().to_string();
+        let files: Vec<PathBuf> = match format {
+            Format::Xrayglm => {
+                let mut v = vec![dir.join("model.safetensors")];
+                if dir.join("lora.safetensors").is_file() {
+                    v.push(dir.join("lora.safetensors"));
+                }
+                v
+            }
+            Format::Sat => vec![sat_weights_file(dir)?],
+            Format::Hf => hf_weight_files(dir)?,
+            Format::Checkpoint => return self.load_checkpoint(opts),
+        };
+        let mut loader = Loader::new(&mut model, layout);
+        for file in &files {
+            for_each_tensor(file, |t| {
+                let (n, x) = t?;
+                loader.put(
+                    if format == Format::Hf {
+                        hf_to_sat(&n)
+                    } else {
+                        n
+                    },
+                    x,
+                );
+                Ok(())
+            })
+            .with_context(|| format!("loading {}", file.display()))?;
+        }
+        let report = loader.finish(require, &source)?;
+        Ok((model, report))
     }
-    let report = loader.finish(require, &source)?;
-    Ok((model, report))
 }
 
 /// Write a model in xrayglm's own format: `model.safetensors` (frozen weights, sat names, in
