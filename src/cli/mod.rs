@@ -6,6 +6,7 @@ pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod findings;
 pub mod infer;
 pub mod parity;
 pub mod train;
@@ -75,6 +76,10 @@ pub enum Command {
     /// "hypothesis"[, "lang"]}) → BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap conventions) and
     /// ChatGLM's bleu-4, as JSON on stdout (and report.json + report.md with --out).
     Eval(eval::EvalArgs),
+    /// Label the findings of reports (14 CheXpert observations: positive, negative, uncertain,
+    /// not mentioned) with readable rules (rules/findings/*.toml); with --against, the agreement
+    /// with a second labelling of the same reports.
+    Findings(findings::FindingsArgs),
     /// Print versions and the devices libtorch sees.
     Info,
 }
@@ -128,6 +133,7 @@ pub fn run() -> Result<()> {
         Command::Web(a) => infer::web(a),
         Command::Eval(a) => eval::eval(a),
         Command::Chat(a) => infer::chat(a),
+        Command::Findings(a) => findings::findings(a),
         Command::Info => info(),
     }
 }

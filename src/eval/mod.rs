@@ -2,6 +2,7 @@
 //! "hypothesis"[, "lang"]}` JSONL files, as `xrayglm eval --hypotheses FILE.jsonl` prints them.
 
 pub mod checkpoint;
+pub mod findings;
 pub mod metrics;
 
 use std::path::Path;
@@ -187,6 +188,40 @@ pub fn markdown(rows: &[Row]) -> String {
             None => format!("- | {loss} | - | - | - | - | - | - | - | - | - | -"),
         };
         s.push_str(&format!("| {} | {m} |\n", row.name));
+    }
+    s
+}
+
+/// The CE table (Markdown): one row per model with micro / macro scores, each observation's F1
+/// and the collapse detectors.
+pub fn ce_markdown(rows: &[(&str, &findings::ce::CeReport)]) -> String {
+    use findings::Observation;
+    let mut s = String::from("\n| model | CE-P | CE-R | CE-F1 | macro-F1 |");
+    for o in Observation::ALL {
+        s.push_str(&format!(" {} |", o.code()));
+    }
+    s.push_str(" No Finding hyp / ref | distinct hyp | length hyp/ref |\n|---|---|---|---|---|");
+    for _ in Observation::ALL {
+        s.push_str("---|");
+    }
+    s.push_str("---|---|---|\n");
+    for (name, r) in rows {
+        s.push_str(&format!(
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            r.micro.precision, r.micro.recall, r.micro.f1, r.macro_f1
+        ));
+        for o in &r.observations {
+            if o.references + o.hypotheses == 0 {
+                s.push_str(" - |");
+            } else {
+                s.push_str(&format!(" {:.2} |", o.prf.f1));
+            }
+        }
+        let c = &r.collapse;
+        s.push_str(&format!(
+            " {:.2} / {:.2} | {:.2} | {:.2} |\n",
+            c.no_finding_hypotheses, c.no_finding_references, c.distinct_hypotheses, c.length_ratio
+        ));
     }
     s
 }
