@@ -82,6 +82,9 @@ pub struct Cues {
     /// `near` characters away, on either side.
     #[serde(default)]
     pub uncertain_near: Vec<String>,
+    /// Negation that holds only for a mention right beside it ("the tube has been removed").
+    #[serde(default)]
+    pub negation_near: Vec<String>,
     #[serde(default = "default_near")]
     pub near: usize,
     #[serde(default)]
@@ -91,8 +94,8 @@ pub struct Cues {
     #[serde(default)]
     pub clause_continue: Vec<String>,
     /// Breaks that may also separate the items of a negated list ("没有肺不张，胸腔积液或气胸"):
-    /// a clause after one that begins with a mention (within 6 characters) and has no cue of its
-    /// own takes the negation that ended the clause before it.
+    /// a clause after one that is a list item (a mention with at most three characters before and
+    /// after it) and has no cue of its own takes the negation that ended the clause before it.
     #[serde(default)]
     pub list_break: Vec<String>,
     /// NegEx's pseudo-cues: text that contains a cue but is none ("no change", 不规则, 无意识);
@@ -258,6 +261,7 @@ pub struct Labeler {
     unc_after: Phrases,
     unc_strong: Phrases,
     unc_near: Phrases,
+    neg_near: Phrases,
     near: usize,
     breaks: Phrases,
     continues: Phrases,
@@ -313,6 +317,7 @@ impl Labeler {
             unc_after: ph(&c.uncertain_after, "uncertain_after")?,
             unc_strong: ph(&c.uncertain_strong, "uncertain_strong")?,
             unc_near: ph(&c.uncertain_near, "uncertain_near")?,
+            neg_near: ph(&c.negation_near, "negation_near")?,
             near: c.near,
             breaks: ph(&c.clause_break, "clause_break")?,
             continues: ph(&c.clause_continue, "clause_continue")?,
@@ -434,6 +439,7 @@ impl Labeler {
         let unc_b = cues(&self.unc_before, &mask);
         let unc_a = cues(&self.unc_after, &mask);
         let unc_n = cues(&self.unc_near, &mask);
+        let neg_n = cues(&self.neg_near, &mask);
         let sides: Vec<(Side, Hit)> = self
             .sides
             .iter()
@@ -476,15 +482,21 @@ impl Labeler {
         // A list carried over from the clause before: this clause starts with a mention and has
         // no cue of its own.
         let first = kept.iter().map(|(_, _, h)| h.start).min().unwrap_or(0);
-        let own_cues = [&strong, &neg_b, &neg_a, &unc_b, &unc_a, &unc_n]
+        let own_cues = [&strong, &neg_b, &neg_a, &unc_b, &unc_a, &unc_n, &neg_n]
             .iter()
             .any(|l| !l.is_empty());
         let mut negs = neg_b.clone();
         negs.extend(&neg_a);
         let affirmed = cues(&self.affirm, &negs).iter().any(|a| a.end <= first);
-        let carried =
-            carried.filter(|_| !own_cues && !affirmed && clause[..first].chars().count() <= 6);
+        // A list item: at most three characters before the first mention ("局灶性") and after
+        // the last ("的证据"); "右肺基底瘢痕也很稳定" is a sentence of its own.
         let last_end = kept.iter().map(|(_, _, h)| h.end).max().unwrap_or(0);
+        let carried = carried.filter(|_| {
+            !own_cues
+                && !affirmed
+                && clause[..first].chars().count() <= 3
+                && clause[last_end..].trim_end().chars().count() <= 3
+        });
         let mut last_negated: Option<(usize, String)> = None;
         for (obs, kind, h) in kept {
             let (state, cue) = match kind {
@@ -499,7 +511,7 @@ impl Labeler {
                             last_negated = Some((h.end, clause[c.start..c.end].to_string()));
                         }
                         (State::Negative, text(c))
-                    } else if let Some(c) = after(&neg_a, &h) {
+                    } else if let Some(c) = after(&neg_a, &h).or_else(|| near(&neg_n, &h)) {
                         (State::Negative, text(c))
                     } else if let Some(c) = before(&unc_b, &h)
                         .or_else(|| after(&unc_a, &h))
