@@ -482,7 +482,8 @@ impl Labeler {
         // A list carried over from the clause before: this clause starts with a mention and has
         // no cue of its own.
         let first = kept.iter().map(|(_, _, h)| h.start).min().unwrap_or(0);
-        let own_cues = [&strong, &neg_b, &neg_a, &unc_b, &unc_a, &unc_n, &neg_n]
+        // ("或" beside a mention is not a cue of its own here: "…，胸腔积液或气胸" goes on the list.)
+        let own_cues = [&strong, &neg_b, &neg_a, &unc_b, &unc_a, &neg_n]
             .iter()
             .any(|l| !l.is_empty());
         let mut negs = neg_b.clone();
@@ -513,14 +514,14 @@ impl Labeler {
                         (State::Negative, text(c))
                     } else if let Some(c) = after(&neg_a, &h).or_else(|| near(&neg_n, &h)) {
                         (State::Negative, text(c))
+                    } else if let Some(c) = &carried {
+                        last_negated = Some((h.end, c.clone()));
+                        (State::Negative, Some(c.clone()))
                     } else if let Some(c) = before(&unc_b, &h)
                         .or_else(|| after(&unc_a, &h))
                         .or_else(|| near(&unc_n, &h))
                     {
                         (State::Uncertain, text(c))
-                    } else if let Some(c) = &carried {
-                        last_negated = Some((h.end, c.clone()));
-                        (State::Negative, Some(c.clone()))
                     } else {
                         (State::Positive, None)
                     }
