@@ -480,6 +480,19 @@ fn eval_scores_the_held_out_films_of_a_run() {
         right += agrees(g["hypothesis"].as_str().unwrap(), &rec.label) as usize;
     }
     assert!(right * 10 >= n * 9, "{right}/{n} reports right");
+    // Each line carries its own scores and the findings of both sides.
+    assert!(lines
+        .iter()
+        .all(|l| l["bleu_4"].is_number() && l["rouge_l"].is_number()));
+    assert!(
+        lines[0]["reference_findings"]["Cardiomegaly"].is_string(),
+        "{}",
+        lines[0]
+    );
+    // Clinical efficacy: the trained demo states its films' findings.
+    let ce = &r["metrics"]["ce"];
+    let ce_f1 = ce["micro"]["f1"].as_f64().unwrap();
+    assert!(ce_f1 >= 0.9, "CE-F1 {ce_f1}: {ce}");
     // Scoring the written reports without a model gives the same metrics.
     let o = xrayglm(d)
         .arg("eval")
@@ -506,6 +519,11 @@ fn eval_scores_the_held_out_films_of_a_run() {
         .expect("eval/bleu_4");
     assert_eq!(bleu.0, 600);
     assert!((bleu.2 as f64 - r["metrics"]["bleu_4"].as_f64().unwrap()).abs() < 1e-6);
+    let tb_ce = scalars
+        .iter()
+        .find(|(_, tag, _)| tag == "eval/ce_f1")
+        .expect("eval/ce_f1");
+    assert!((tb_ce.2 as f64 - ce_f1).abs() < 1e-6);
     // The loss alone, all films in one batch: the same mean per target token.
     let one = run(&[
         "--no_generate",

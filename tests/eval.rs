@@ -89,8 +89,10 @@ fn coco_metrics_equal_pycocoevalcap() {
 }
 
 /// `xrayglm eval --hypotheses` scores JSONL files without a model: the same numbers as
-/// pycocoevalcap / nltk on single-reference cases, one table row per file; bad lines and empty
-/// files are errors naming the file (and line), and leave no report behind.
+/// pycocoevalcap (every reference, `"references": [..]`) and nltk / rouge-chinese (the first
+/// reference), one row per file in the n-gram table and in the CE table, one scored line per
+/// report; bad lines and empty files are errors naming the file (and line), and leave no report
+/// behind.
 #[test]
 fn eval_cli_scores_hypotheses_files() {
     let path = concat!(
@@ -101,15 +103,14 @@ fn eval_cli_scores_hypotheses_files() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     let mut want = Vec::new();
+    let mut several = 0;
     for c in fx["cases"].as_array().unwrap() {
-        let single = c["refs"]
+        several += c["refs"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|r| r.as_array().unwrap().len() == 1);
-        if !single {
-            continue;
-        }
+            .filter(|r| r.as_array().unwrap().len() > 1)
+            .count();
         let lines: Vec<String> = c["hyps"]
             .as_array()
             .unwrap()
@@ -117,7 +118,7 @@ fn eval_cli_scores_hypotheses_files() {
             .zip(c["refs"].as_array().unwrap())
             .enumerate()
             .map(|(i, (h, r))| {
-                serde_json::json!({"id": i.to_string(), "reference": r[0], "hypothesis": h, "lang": c["lang"]})
+                serde_json::json!({"id": i.to_string(), "references": r, "hypothesis": h, "lang": c["lang"]})
                     .to_string()
             })
             .collect();
@@ -128,7 +129,7 @@ fn eval_cli_scores_hypotheses_files() {
         files.push(f);
         want.push(c.clone());
     }
-    assert!(files.len() >= 2);
+    assert!(files.len() >= 2 && several > 0);
     let out_dir = dir.path().join("report");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
         .arg("eval")
@@ -166,8 +167,32 @@ fn eval_cli_scores_hypotheses_files() {
         }
     }
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
-    assert_eq!(md.lines().count(), 2 + files.len(), "{md}");
+    let tables: Vec<&str> = md
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|t| t.starts_with('|'))
+        .collect();
+    assert_eq!(tables.len(), 2, "{md}");
+    assert_eq!(tables[0].lines().count(), 2 + files.len(), "{md}");
+    assert!(tables[1].contains("CE-F1"), "{md}");
+    assert_eq!(tables[1].lines().count(), 2 + files.len(), "{md}");
     assert!(out_dir.join("report.json").is_file());
+    // One scored line per report, with its own BLEU-4 / ROUGE-L and both sides' findings.
+    for (f, c) in files.iter().zip(&want) {
+        let stem = f.file_stem().unwrap().to_string_lossy();
+        let text = std::fs::read_to_string(out_dir.join(format!("{stem}.scores.jsonl"))).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), c["hyps"].as_array().unwrap().len());
+        for l in &lines {
+            let b = l["bleu_4"].as_f64().unwrap();
+            let r = l["rouge_l"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&b) && (0.0..=1.0).contains(&r), "{l}");
+            assert!(l["hypothesis_findings"].is_object() && l["reference_findings"].is_object());
+        }
+    }
 
     // A bad line names the file and line; an empty file is refused; nothing is written.
     let bad = dir.path().join("bad.jsonl");

@@ -409,3 +409,54 @@ fn findings_of_a_hypotheses_file_score_ce_and_see_collapse() {
     assert_eq!(lines[1]["reference"]["sides"]["Pleural Effusion"], "left");
     assert_eq!(lines[1]["hypothesis"]["labels"]["No Finding"], "positive");
 }
+
+/// The collapse a CE table is for: a "model" that writes the commonest report for every film keeps
+/// a high BLEU-4 on templated reports while its CE-F1 and distinct-report ratio fall to their floor.
+#[test]
+fn one_report_for_every_film_scores_high_bleu_and_floor_ce() {
+    use xrayglm::eval::{score, Scored};
+    let mut rng = xrayglm::data::rng::PyRandom::new(3);
+    let refs: Vec<String> = (0..120)
+        .map(|_| xrayglm::data::synthetic::findings_for(&mut rng).report())
+        .collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &refs {
+        *counts.entry(r.as_str()).or_default() += 1;
+    }
+    let commonest = counts
+        .iter()
+        .max_by_key(|(_, &c)| c)
+        .map(|(r, _)| *r)
+        .unwrap();
+    let items = |hyp: &dyn Fn(&str) -> String| -> Vec<Scored> {
+        refs.iter()
+            .enumerate()
+            .map(|(i, r)| Scored {
+                id: i.to_string(),
+                reference: r.clone(),
+                references: Vec::new(),
+                hypothesis: hyp(r),
+                lang: Lang::Zh,
+            })
+            .collect()
+    };
+    let right = score(&items(&|r| r.to_string())).unwrap();
+    let collapsed = score(&items(&|_| commonest.to_string())).unwrap();
+    let (ce_right, ce_collapsed) = (right.ce.unwrap(), collapsed.ce.unwrap());
+    eprintln!(
+        "right: BLEU-4 {:.3} CE-F1 {:.3}; one report: BLEU-4 {:.3} CE-F1 {:.3} distinct {:.3}",
+        right.bleu_4,
+        ce_right.micro.f1,
+        collapsed.bleu_4,
+        ce_collapsed.micro.f1,
+        ce_collapsed.collapse.distinct_hypotheses
+    );
+    assert!((ce_right.micro.f1 - 1.0).abs() < 1e-12);
+    assert!(collapsed.bleu_4 > 0.5, "BLEU-4 {}", collapsed.bleu_4);
+    assert!(
+        ce_collapsed.micro.f1 < 0.5,
+        "CE-F1 {}",
+        ce_collapsed.micro.f1
+    );
+    assert!((ce_collapsed.collapse.distinct_hypotheses - 1.0 / 120.0).abs() < 1e-12);
+}

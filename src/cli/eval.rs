@@ -13,8 +13,8 @@ pub struct EvalArgs {
     /// checkpoints (`run/600`), XrayGLM / VisualGLM sat checkpoints, HF visualglm-6b.
     #[arg(long = "checkpoint", alias = "from_pretrained", num_args = 1.., conflicts_with = "hypotheses")]
     pub checkpoints: Vec<PathBuf>,
-    /// Reports produced anywhere (lines {"id", "reference", "hypothesis"[, "lang"]}), scored
-    /// without a model; several files give one table row each.
+    /// Reports produced anywhere (lines {"id", "reference" or "references": [..], "hypothesis"[,
+    /// "lang"]}), scored without a model; several files give one table row each.
     #[arg(long, num_args = 1..)]
     pub hypotheses: Vec<PathBuf>,
     /// With --hypotheses: score lines that repeat an id (otherwise an error naming both lines).
@@ -99,57 +99,41 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long = "no_progress", alias = "no-progress")]
     pub no_progress: bool,
+    /// CE metrics: count uncertain findings ("possible effusion") as present (default: absent).
+    #[arg(long = "uncertain_positive", alias = "uncertain-positive")]
+    pub uncertain_positive: bool,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    use xrayglm::eval::Row;
+    use xrayglm::eval::checkpoint as ck;
     if a.checkpoints.is_empty() && a.hypotheses.is_empty() {
         anyhow::bail!("xrayglm eval needs --checkpoint DIR… or --hypotheses FILE.jsonl…");
     }
-    let mut rows = Vec::new();
-    let mut entries = Vec::new();
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    if !a.hypotheses.is_empty() {
-        for path in &a.hypotheses {
-            let items = xrayglm::eval::read_hypotheses(
-                path,
-                &xrayglm::eval::ReadOptions {
-                    allow_duplicates: a.allow_duplicates,
-                    max_chars: a.max_chars,
-                },
-            )?;
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default();
-            let r = xrayglm::eval::score(&items)?;
-            entries.push(serde_json::json!({"name": name, "metrics": r}));
-            rows.push(Row {
-                name,
-                val_loss: None,
-                metrics: Some(r),
-            });
-        }
+    let uncertain_as = if a.uncertain_positive {
+        xrayglm::eval::findings::ce::UncertainAs::Positive
     } else {
-        use xrayglm::eval::checkpoint as ck;
-        // Every folder must exist before anything runs.
-        for d in &a.checkpoints {
-            if !d.is_dir() {
-                anyhow::bail!("--checkpoint {}: no such folder", d.display());
-            }
-        }
-        let data = ck::resolve_data(
-            &a.checkpoints[0],
-            &ck::DataOptions {
-                config: a.config.clone(),
-                overrides: a.sets.clone(),
-                data: a.data.clone(),
-                split: a.split.clone(),
-                val_fraction: a.val_fraction,
-                seed: a.split_seed,
-                limit: a.limit,
-            },
-        )?;
+        xrayglm::eval::findings::ce::UncertainAs::Negative
+    };
+    let mut report = xrayglm::eval::report::EvalReport::new(uncertain_as);
+    // Hypotheses files: scored as they are.
+    for path in &a.hypotheses {
+        let read = xrayglm::eval::ReadOptions {
+            allow_duplicates: a.allow_duplicates,
+            max_chars: a.max_chars,
+        };
+        let items = xrayglm::eval::read_hypotheses(path, &read)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        report.add_hypotheses(&name, &items)?;
+    }
+    // Checkpoints: every folder must exist before anything runs.
+    if let Some(d) = a.checkpoints.iter().find(|d| !d.is_dir()) {
+        anyhow::bail!("--checkpoint {}: no such folder", d.display());
+    }
+    if let Some(first) = a.checkpoints.first() {
+        let data = ck::resolve_data(first, &data_options(&a))?;
         xrayglm::errln!("evaluating on {}", data.split);
         let device = a.device.device()?;
         let dtype = a.dtype.unwrap_or(if device.is_cuda() {
@@ -162,42 +146,16 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             kind: dtype.kind(),
             ..Default::default()
         };
-        let run = ck::RunOptions {
-            batch_size: a.batch_size,
-            max_new_tokens: a.max_new_tokens,
-            settings: xrayglm::infer::chat::ChatSettings {
-                max_length: 0,
-                english: a.english,
-                sampling: xrayglm::infer::sampling::SamplingConfig {
-                    temperature: a.sampling.temperature,
-                    top_p: a.sampling.top_p,
-                    top_k: a.sampling.top_k,
-                    repetition_penalty: a.repetition_penalty,
-                    greedy: !a.sample,
-                    seed: a.sampling.seed,
-                    invalid: Vec::new(),
-                },
-            },
-            loss: !a.no_loss,
-            generate: !a.no_generate,
-            progress: !a.no_progress,
-        };
+        let run = run_options(&a, uncertain_as);
         run.settings.sampling.validate()?;
-        let mut names = std::collections::HashSet::new();
         for dir in &a.checkpoints {
             let tok = xrayglm::infer::cli::tokenizer_for(dir, a.tokenizer.as_deref())?;
             let mut chat = xrayglm::infer::chat::ChatModel::load(dir, tok, &opts, true)?;
             quantize(&mut chat.model, a.quant)?;
-            let mut o = ck::evaluate(&chat, dir, &data, &run)
+            let o = ck::evaluate(&chat, dir, &data, &run)
                 .with_context(|| format!("evaluating {}", dir.display()))?;
             drop(chat);
-            // Distinct names: they name the table rows and the report files.
-            let base = o.name.clone();
-            let mut k = 2;
-            while !names.insert(o.name.clone()) {
-                o.name = format!("{base}-{k}");
-                k += 1;
-            }
+            let o = report.add_checkpoint(o)?;
             xrayglm::errln!(
                 "{}: {} films in {:.1}s{}",
                 o.name,
@@ -207,61 +165,59 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     .map(|l| format!(", val loss {l:.4} (ppl {:.3})", l.exp()))
                     .unwrap_or_default()
             );
-            if !o.generations.is_empty() {
-                let mut text = String::new();
-                for g in &o.generations {
-                    text.push_str(&serde_json::to_string(g)?);
-                    text.push('\n');
-                }
-                files.push((
-                    format!("{}.jsonl", o.name.replace('/', "_")),
-                    text.into_bytes(),
-                ));
-            }
             if let Some(tb) = &a.tensorboard {
-                let run_name = o.name.split('/').next().unwrap_or(&o.name).to_string();
-                let mut w = xrayglm::train::metrics::TensorBoard::create(&tb.join(run_name))?;
-                let mut values: Vec<(&str, f64)> = Vec::new();
-                if let Some(l) = o.val_loss {
-                    values.extend([("eval/val_loss", l), ("eval/val_ppl", l.exp())]);
-                }
-                if let Some(m) = &o.metrics {
-                    values.extend([
-                        ("eval/bleu_1", m.bleu_1),
-                        ("eval/bleu_4", m.bleu_4),
-                        ("eval/rouge_l", m.rouge_l),
-                        ("eval/cider_d", m.cider_d),
-                        ("eval/chatglm_bleu_4", m.chatglm_bleu_4),
-                        ("eval/chatglm_rouge_l", m.chatglm_rouge_l),
-                    ]);
-                }
-                w.scalars(o.step.unwrap_or(0), &values)?;
+                xrayglm::eval::report::log_tensorboard(tb, &o)?;
             }
-            rows.push(Row {
-                name: o.name.clone(),
-                val_loss: o.val_loss,
-                metrics: o.metrics.clone(),
-            });
-            entries.push(serde_json::to_value(&o)?);
         }
     }
-    let json = serde_json::json!({ "reports": entries });
-    let md = xrayglm::eval::markdown(&rows);
     let out = a
         .out
         .clone()
         .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
     if let Some(dir) = &out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        xrayglm::io::remove_dead_leftovers(dir);
-        for (name, bytes) in &files {
-            xrayglm::io::write_atomic(&dir.join(name), bytes)?;
-        }
-        xrayglm::io::write_json_atomic(&dir.join("report.json"), &json)?;
-        xrayglm::io::write_atomic(&dir.join("report.md"), md.as_bytes())?;
+        report.write(dir)?;
         xrayglm::errln!("wrote {}", dir.display());
     }
-    xrayglm::outln!("{}", serde_json::to_string_pretty(&json)?);
-    xrayglm::err!("{md}");
+    xrayglm::outln!("{}", serde_json::to_string_pretty(&report.json())?);
+    xrayglm::err!("{}", report.markdown());
     Ok(())
+}
+
+fn data_options(a: &EvalArgs) -> xrayglm::eval::checkpoint::DataOptions {
+    xrayglm::eval::checkpoint::DataOptions {
+        config: a.config.clone(),
+        overrides: a.sets.clone(),
+        data: a.data.clone(),
+        split: a.split.clone(),
+        val_fraction: a.val_fraction,
+        seed: a.split_seed,
+        limit: a.limit,
+    }
+}
+
+fn run_options(
+    a: &EvalArgs,
+    uncertain_as: xrayglm::eval::findings::ce::UncertainAs,
+) -> xrayglm::eval::checkpoint::RunOptions {
+    xrayglm::eval::checkpoint::RunOptions {
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        settings: xrayglm::infer::chat::ChatSettings {
+            max_length: 0,
+            english: a.english,
+            sampling: xrayglm::infer::sampling::SamplingConfig {
+                temperature: a.sampling.temperature,
+                top_p: a.sampling.top_p,
+                top_k: a.sampling.top_k,
+                repetition_penalty: a.repetition_penalty,
+                greedy: !a.sample,
+                seed: a.sampling.seed,
+                invalid: Vec::new(),
+            },
+        },
+        loss: !a.no_loss,
+        generate: !a.no_generate,
+        progress: !a.no_progress,
+        uncertain_as,
+    }
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::metrics::Lang;
-use super::{score, Report, Scored};
+use super::{Report, Scored};
 use crate::config::Config;
 use crate::data::batch::{Dataset, Loader, LoaderConfig, LoaderState, Sampler, Shard};
 use crate::data::records::{load_records, Record};
@@ -149,6 +149,8 @@ pub struct RunOptions {
     /// Generated reports and their metrics.
     pub generate: bool,
     pub progress: bool,
+    /// How uncertain findings count in the CE metrics.
+    pub uncertain_as: super::findings::ce::UncertainAs,
 }
 
 /// One checkpoint's results.
@@ -333,6 +335,7 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
                 Ok(Scored {
                     id: r.id.clone(),
                     reference: r.label.clone(),
+                    references: Vec::new(),
                     hypothesis: h.with_context(|| format!("no report generated for {}", r.id))?,
                     lang: data.lang,
                 })
@@ -342,7 +345,11 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
         Vec::new()
     };
     let metrics = if o.generate {
-        Some(score(&generations)?)
+        Some(super::score_with(
+            &generations,
+            o.uncertain_as,
+            &super::Labelers::builtin(),
+        )?)
     } else {
         None
     };

@@ -1,9 +1,12 @@
-//! Evaluation of generated reports: metrics (see [`metrics`]) over `{"id", "reference",
-//! "hypothesis"[, "lang"]}` JSONL files, as `xrayglm eval --hypotheses FILE.jsonl` prints them.
+//! Evaluation of generated reports: n-gram metrics (see [`metrics`]) and clinical-efficacy metrics
+//! (see [`findings`]) over `{"id", "reference" | "references", "hypothesis"[, "lang"]}` JSONL
+//! files, as `xrayglm eval --hypotheses FILE.jsonl` prints them, and of checkpoints
+//! ([`checkpoint`]); [`report`] assembles `report.json`, `report.md` and the per-report lines.
 
 pub mod checkpoint;
 pub mod findings;
 pub mod metrics;
+pub mod report;
 
 use std::path::Path;
 
@@ -12,14 +15,39 @@ use serde::{Deserialize, Serialize};
 
 use metrics::{bleu, chatglm_bleu4, chatglm_rouge, cider_d, rouge_l, tokenize, Lang};
 
-/// One generated report and its reference.
+/// One generated report and its reference(s): `"reference"`, `"references": [..]` (several, as
+/// pycocoevalcap allows), or both.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scored {
+    #[serde(deserialize_with = "id_string")]
     pub id: String,
+    #[serde(default)]
     pub reference: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
     pub hypothesis: String,
     #[serde(default)]
     pub lang: Lang,
+}
+
+impl Scored {
+    /// Every reference: `reference` (when given) then `references`.
+    pub fn all_references(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = Vec::new();
+        if !self.reference.is_empty() {
+            v.push(&self.reference);
+        }
+        v.extend(self.references.iter().map(String::as_str));
+        v
+    }
+}
+
+/// Ids may be written as strings or numbers.
+fn id_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    })
 }
 
 /// The longest reference or hypothesis `eval` scores by default, in characters: ROUGE-L's longest
@@ -57,12 +85,22 @@ pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
         }
         let s: Scored = serde_json::from_str(line).with_context(|| {
             format!(
-                "{}:{}: expected {{\"id\", \"reference\", \"hypothesis\"[, \"lang\": \"zh\"|\"en\"]}}",
+                "{}:{}: expected {{\"id\", \"reference\" or \"references\": [..], \"hypothesis\"[, \"lang\": \"zh\"|\"en\"]}}",
                 path.display(),
                 i + 1
             )
         })?;
-        for (what, t) in [("reference", &s.reference), ("hypothesis", &s.hypothesis)] {
+        if s.all_references().is_empty() {
+            bail!(
+                "{}:{}: {:?} has no reference (\"reference\" or \"references\": [..])",
+                path.display(),
+                i + 1,
+                s.id
+            );
+        }
+        let texts = std::iter::once(("hypothesis", s.hypothesis.as_str()))
+            .chain(s.all_references().into_iter().map(|r| ("reference", r)));
+        for (what, t) in texts {
             let n = t.chars().count();
             if n > opts.max_chars {
                 bail!(
@@ -95,7 +133,8 @@ pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
 }
 
 /// The metrics of a set of reports. pycocoevalcap-style scores are in [0, 1] (CIDEr-D in [0, 10]);
-/// the `chatglm_*` scores are ×100 like ChatGLM's / LLaMA-Factory's `bleu-4` and `rouge-*`.
+/// the `chatglm_*` scores are ×100 like ChatGLM's / LLaMA-Factory's `bleu-4` and `rouge-*` (with
+/// several references, those two use the first: their scripts take one label).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub count: usize,
@@ -112,10 +151,58 @@ pub struct Report {
     pub chatglm_rouge_l: f64,
     /// Reports whose hypothesis is empty (they score 0, and are counted).
     pub empty_hypotheses: usize,
+    /// Clinical efficacy: the findings of hypotheses against references ([`findings::ce`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce: Option<findings::ce::CeReport>,
 }
 
-/// Score reports (one reference each).
+/// The labelers of both languages, built once per scoring.
+pub struct Labelers {
+    zh: findings::Labeler,
+    en: findings::Labeler,
+}
+
+impl Labelers {
+    pub fn builtin() -> Self {
+        Self {
+            zh: findings::Labeler::builtin(Lang::Zh),
+            en: findings::Labeler::builtin(Lang::En),
+        }
+    }
+
+    pub fn get(&self, lang: Lang) -> &findings::Labeler {
+        match lang {
+            Lang::Zh => &self.zh,
+            Lang::En => &self.en,
+        }
+    }
+
+    /// The labels of a hypothesis and of its references (pooled, CheXpert's aggregation).
+    pub fn label(&self, s: &Scored) -> (findings::Labels, findings::Labels) {
+        let l = self.get(s.lang);
+        let refs: Vec<String> = s.all_references().into_iter().map(String::from).collect();
+        (
+            l.label(&s.hypothesis),
+            findings::files::label_references(l, &refs),
+        )
+    }
+}
+
+/// Score reports with the default CE convention (uncertain findings count as absent).
 pub fn score(items: &[Scored]) -> Result<Report> {
+    score_with(
+        items,
+        findings::ce::UncertainAs::default(),
+        &Labelers::builtin(),
+    )
+}
+
+/// Score reports: n-gram metrics against every reference, CE metrics of their findings.
+pub fn score_with(
+    items: &[Scored],
+    uncertain_as: findings::ce::UncertainAs,
+    labelers: &Labelers,
+) -> Result<Report> {
     if items.is_empty() {
         bail!("no reports to score");
     }
@@ -125,14 +212,31 @@ pub fn score(items: &[Scored]) -> Result<Report> {
         .collect();
     let refs: Vec<Vec<Vec<String>>> = items
         .iter()
-        .map(|s| vec![tokenize(&s.reference, s.lang)])
+        .map(|s| {
+            s.all_references()
+                .into_iter()
+                .map(|r| tokenize(r, s.lang))
+                .collect()
+        })
         .collect();
     let b = bleu(&hyps, &refs);
     let pairs: Vec<(String, String)> = items
         .iter()
-        .map(|s| (s.hypothesis.clone(), s.reference.clone()))
+        .map(|s| {
+            let first = s
+                .all_references()
+                .first()
+                .copied()
+                .unwrap_or("")
+                .to_string();
+            (s.hypothesis.clone(), first)
+        })
         .collect();
     let rouge_cn = chatglm_rouge(&pairs);
+    let (hyp_labels, ref_labels): (Vec<_>, Vec<_>) =
+        items.iter().map(|s| labelers.label(s)).unzip();
+    let hyp_texts: Vec<&str> = items.iter().map(|s| s.hypothesis.as_str()).collect();
+    let ref_texts: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
     Ok(Report {
         count: items.len(),
         bleu_1: b[0],
@@ -149,7 +253,38 @@ pub fn score(items: &[Scored]) -> Result<Report> {
             .iter()
             .filter(|s| s.hypothesis.trim().is_empty())
             .count(),
+        ce: Some(findings::ce::score(
+            &hyp_labels,
+            &ref_labels,
+            &hyp_texts,
+            &ref_texts,
+            uncertain_as,
+        )),
     })
+}
+
+/// One report's own scores, as the per-report lines carry them: sentence BLEU-4 and ROUGE-L
+/// (pycocoevalcap's scorers on this pair alone) and the findings of hypothesis and reference, so
+/// that a user can sort and read the worst reports.
+pub fn sample_lines(items: &[Scored], labelers: &Labelers) -> Vec<serde_json::Value> {
+    items
+        .iter()
+        .map(|s| {
+            let h = vec![tokenize(&s.hypothesis, s.lang)];
+            let r = vec![s
+                .all_references()
+                .into_iter()
+                .map(|x| tokenize(x, s.lang))
+                .collect::<Vec<_>>()];
+            let (hl, rl) = labelers.label(s);
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["bleu_4"] = serde_json::json!(bleu(&h, &r)[3]);
+            v["rouge_l"] = serde_json::json!(rouge_l(&h, &r));
+            v["hypothesis_findings"] = hl.to_json();
+            v["reference_findings"] = rl.to_json();
+            v
+        })
+        .collect()
 }
 
 /// One row of the Markdown table: a model (or hypotheses file) with what was measured for it.

@@ -195,7 +195,7 @@ impl Phrases {
             return Ok(Self { re: None });
         }
         // Longer phrases first: at one position the longest alternative wins.
-        pats.sort_by(|a, b| b.0.cmp(&a.0));
+        pats.sort_by_key(|p| std::cmp::Reverse(p.0));
         let alt = pats
             .iter()
             .map(|(_, p)| p.as_str())

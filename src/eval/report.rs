@@ -1,0 +1,170 @@
+//! What `xrayglm eval` writes: `report.json` (every model's metrics), `report.md` (the n-gram
+//! table and the CE table), one line per report with its own scores and findings, and TensorBoard
+//! scalars — assembled here so that the command line only reads flags.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::checkpoint::Outcome;
+use super::findings::ce::UncertainAs;
+use super::{markdown, sample_lines, score_with, Labelers, Row, Scored};
+
+/// The evaluation of several models (checkpoints or hypotheses files), in order.
+pub struct EvalReport {
+    labelers: Labelers,
+    uncertain_as: UncertainAs,
+    entries: Vec<serde_json::Value>,
+    rows: Vec<Row>,
+    /// Per-report lines: (file name, JSONL bytes).
+    files: Vec<(String, Vec<u8>)>,
+    names: std::collections::HashSet<String>,
+}
+
+impl EvalReport {
+    pub fn new(uncertain_as: UncertainAs) -> Self {
+        Self {
+            labelers: Labelers::builtin(),
+            uncertain_as,
+            entries: Vec::new(),
+            rows: Vec::new(),
+            files: Vec::new(),
+            names: Default::default(),
+        }
+    }
+
+    pub fn labelers(&self) -> &Labelers {
+        &self.labelers
+    }
+
+    /// A name not used by an earlier row (they name the rows and the per-report files).
+    fn distinct(&mut self, name: String) -> String {
+        let mut n = name.clone();
+        let mut k = 2;
+        while !self.names.insert(n.clone()) {
+            n = format!("{name}-{k}");
+            k += 1;
+        }
+        n
+    }
+
+    /// Score a hypotheses file's reports; their lines go to `<name>.scores.jsonl`.
+    pub fn add_hypotheses(&mut self, name: &str, items: &[Scored]) -> Result<()> {
+        let name = self.distinct(name.to_string());
+        let r = score_with(items, self.uncertain_as, &self.labelers)?;
+        self.entries
+            .push(serde_json::json!({"name": name, "metrics": r}));
+        self.add_lines(&format!("{name}.scores.jsonl"), items)?;
+        self.rows.push(Row {
+            name,
+            val_loss: None,
+            metrics: Some(r),
+        });
+        Ok(())
+    }
+
+    /// A checkpoint's outcome (given back with its row's distinct name); its generated reports,
+    /// with their scores, go to `<name>.jsonl`.
+    pub fn add_checkpoint(&mut self, mut o: Outcome) -> Result<Outcome> {
+        o.name = self.distinct(o.name.clone());
+        if !o.generations.is_empty() {
+            let file = format!("{}.jsonl", o.name.replace('/', "_"));
+            self.add_lines(&file, &o.generations)?;
+        }
+        self.rows.push(Row {
+            name: o.name.clone(),
+            val_loss: o.val_loss,
+            metrics: o.metrics.clone(),
+        });
+        self.entries.push(serde_json::to_value(&o)?);
+        Ok(o)
+    }
+
+    fn add_lines(&mut self, file: &str, items: &[Scored]) -> Result<()> {
+        let mut text = String::new();
+        for line in sample_lines(items, &self.labelers) {
+            text.push_str(&serde_json::to_string(&line)?);
+            text.push('\n');
+        }
+        self.files.push((file.to_string(), text.into_bytes()));
+        Ok(())
+    }
+
+    /// `{"reports": [...]}`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "reports": self.entries })
+    }
+
+    /// The n-gram table, then the CE table of the rows that have one.
+    pub fn markdown(&self) -> String {
+        let mut s = markdown(&self.rows);
+        let ce: Vec<(&str, &super::findings::ce::CeReport)> = self
+            .rows
+            .iter()
+            .filter_map(|r| Some((r.name.as_str(), r.metrics.as_ref()?.ce.as_ref()?)))
+            .collect();
+        if !ce.is_empty() {
+            s.push_str(&super::ce_markdown(&ce));
+            s.push_str(&format!(
+                "\nCE: positive findings of the 14 CheXpert observations (rules/findings), uncertain counted as {}; micro over the observations, macro over those present in a reference or hypothesis.\n",
+                match self.uncertain_as {
+                    UncertainAs::Negative => "absent",
+                    UncertainAs::Positive => "present",
+                }
+            ));
+        }
+        s
+    }
+
+    /// Write everything into `dir` (each file atomically).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::io::remove_dead_leftovers(dir);
+        for (name, bytes) in &self.files {
+            crate::io::write_atomic(&dir.join(name), bytes)?;
+        }
+        crate::io::write_json_atomic(&dir.join("report.json"), &self.json())?;
+        crate::io::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())?;
+        Ok(())
+    }
+}
+
+/// The scalars of one checkpoint's evaluation as TensorBoard logs them (`eval/...`, at the
+/// checkpoint's step), one folder per training run under `tb`.
+pub fn log_tensorboard(tb: &Path, o: &Outcome) -> Result<()> {
+    let run_name = o.name.split('/').next().unwrap_or(&o.name).to_string();
+    let mut w = crate::train::metrics::TensorBoard::create(&tb.join(run_name))?;
+    w.scalars(
+        o.step.unwrap_or(0),
+        &scalars(o.val_loss, o.metrics.as_ref()),
+    )
+}
+
+/// `eval/...` scalars of a loss and a report (also what the trainer logs for its generations).
+pub fn scalars(val_loss: Option<f64>, m: Option<&super::Report>) -> Vec<(&'static str, f64)> {
+    let mut values: Vec<(&'static str, f64)> = Vec::new();
+    if let Some(l) = val_loss {
+        values.extend([("eval/val_loss", l), ("eval/val_ppl", l.exp())]);
+    }
+    if let Some(m) = m {
+        values.extend([
+            ("eval/bleu_1", m.bleu_1),
+            ("eval/bleu_4", m.bleu_4),
+            ("eval/rouge_l", m.rouge_l),
+            ("eval/cider_d", m.cider_d),
+            ("eval/chatglm_bleu_4", m.chatglm_bleu_4),
+            ("eval/chatglm_rouge_l", m.chatglm_rouge_l),
+        ]);
+        if let Some(ce) = &m.ce {
+            values.extend([
+                ("eval/ce_precision", ce.micro.precision),
+                ("eval/ce_recall", ce.micro.recall),
+                ("eval/ce_f1", ce.micro.f1),
+                ("eval/ce_macro_f1", ce.macro_f1),
+                ("eval/distinct_reports", ce.collapse.distinct_hypotheses),
+                ("eval/no_finding_share", ce.collapse.no_finding_hypotheses),
+            ]);
+        }
+    }
+    values
+}
