@@ -119,9 +119,17 @@ def main():
                   "hyps": [ranges[0], ranges[1].replace("。", "。\n\n", 1), "印象：3-5个 \n 结节"],
                   "refs": [[ranges[1]], [ranges[1]], [ranges[0]]]})
     cases.append({"name": "zh-unrelated-pairs", "lang": "zh", "hyps": [zh[5], zh[6]], "refs": [[en[5]], [zh[9]]]})
+    # ASCII runs that jieba's HMM step cuts with ([a-zA-Z0-9]+(?:\.\d+)?%?): ranges, ordinals,
+    # units glued to numbers, percentages, abbreviations, dictionary words with symbols.
+    runs = ["The 5th and 7th ribs; a 3.5cm nodule, 2nd-3rd ribs, T12-L1 and C5-6. andVpumona.7 e.g. 12.5%",
+            "x-ray 2cm 10mm 4.5th 1.2.3 H2O AP/PA COPD-related AT&T c++ a--b x_1 #3",
+            "右肺3-5mm结节，第5th肋骨，2nd-3rd肋骨骨折，12.5%，T7-T8。"]
+    cases.append({"name": "mixed-ascii-runs", "lang": "en", "hyps": runs,
+                  "refs": [[runs[1]], [runs[0]], [runs[2].replace("3-5", "3.5")]]})
     for c in cases:
         c.update(score(c["hyps"], c["refs"], c["lang"]))
         c["tokens_first_hyp"] = tokenize(c["hyps"][0], c["lang"])
+        c["jieba_hyps"] = [list(jieba.cut(h)) for h in c["hyps"]]
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests/fixtures/metrics/coco.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"generator": "scripts/make_metric_fixtures.py (pycocoevalcap)", "cases": cases}, f,

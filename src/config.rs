@@ -136,6 +136,10 @@ pub struct ImageSection {
     pub size: usize,
     /// `scale` (default) or `pillow` (clip like PIL's `convert('RGB')` of a 16-bit PNG).
     pub sixteen_bit: SixteenBit,
+    /// Train on other films than the records' own: `none` (default), `blank` (a black film for
+    /// every record: a text-only baseline) or `shuffled` (a fixed derangement). What a model
+    /// learns without its images, to compare with `eval --image-ablation`.
+    pub ablation: crate::data::batch::ImageAblation,
 }
 
 impl Default for ImageSection {
@@ -143,6 +147,7 @@ impl Default for ImageSection {
         Self {
             size: 224,
             sixteen_bit: SixteenBit::Scale,
+            ablation: Default::default(),
         }
     }
 }
@@ -322,6 +327,56 @@ pub struct TrainSection {
     /// Stop (with a checkpoint) once this many iterations are done, without changing the schedule;
     /// 0 = run to train_iters. For splitting a run over several sessions.
     pub stop_at: i64,
+    /// Every this many steps (and at the end): greedy reports on a fixed set of held-out films,
+    /// their BLEU-4 / ROUGE-L / CIDEr-D / CE metrics logged as `gen/*`; 0 = never.
+    pub eval_generate_interval: i64,
+    /// How many held-out films (the first of the split) those reports are made for.
+    pub eval_generate_films: usize,
+    /// New tokens per report at most, during training.
+    pub eval_max_new_tokens: usize,
+    /// The metric that picks the run's `best` checkpoint (judged at every save; never pruned):
+    /// none, val_loss, ce_f1, bleu_4, rouge_l or cider_d.
+    pub best_metric: BestMetric,
+    /// Stop (with a checkpoint) after this many saves in a row without a better `best_metric`;
+    /// 0 = never.
+    pub early_stop_patience: usize,
+}
+
+/// `train.best_metric`: what makes a checkpoint the run's best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BestMetric {
+    #[default]
+    None,
+    ValLoss,
+    CeF1,
+    #[serde(rename = "bleu_4")]
+    Bleu4,
+    RougeL,
+    CiderD,
+}
+
+impl BestMetric {
+    /// Larger is better for every metric but the loss.
+    pub fn higher_is_better(self) -> bool {
+        self != BestMetric::ValLoss
+    }
+
+    /// Whether the metric needs generated reports.
+    pub fn generates(self) -> bool {
+        !matches!(self, BestMetric::None | BestMetric::ValLoss)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::ValLoss => "val_loss",
+            Self::CeF1 => "ce_f1",
+            Self::Bleu4 => "bleu_4",
+            Self::RougeL => "rouge_l",
+            Self::CiderD => "cider_d",
+        }
+    }
 }
 
 impl Default for TrainSection {
@@ -362,6 +417,11 @@ impl Default for TrainSection {
             checkpoint_layers: -1,
             vision_cache: true,
             stop_at: 0,
+            eval_generate_interval: 0,
+            eval_generate_films: 32,
+            eval_max_new_tokens: 128,
+            best_metric: BestMetric::None,
+            early_stop_patience: 0,
         }
     }
 }

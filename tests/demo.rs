@@ -796,3 +796,134 @@ fn slow_senders_do_not_stall_other_requests() {
         );
     }
 }
+
+/// `eval --image_ablation both`: the trained demo model states its films' findings, so its CE-F1
+/// falls when every film is shown another film's image or a black one; a model trained on black
+/// films (`image.ablation = "blank"`) learnt only how reports are written, and scores the same with
+/// and without its films — the report says which is which.
+#[test]
+fn image_ablation_tells_a_model_that_reads_its_films_from_one_that_does_not() {
+    let Some(d) = demo() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let eval = |run: &Path, name: &str| -> (serde_json::Value, String) {
+        let dir = out.path().join(name);
+        let o = xrayglm(d)
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(run)
+            .args(["--no_progress", "--no_loss", "--max_new_tokens", "150"])
+            .args(["--image_ablation", "both", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        (v["reports"][0].clone(), md)
+    };
+    let f1 = |m: &serde_json::Value| m["ce"]["micro"]["f1"].as_f64().unwrap();
+    let (r, md) = eval(&d.run, "trained");
+    let own = f1(&r["metrics"]);
+    let abl = r["ablations"].as_array().unwrap();
+    assert_eq!(abl.len(), 2);
+    assert_eq!(
+        (abl[0]["image"].as_str(), abl[1]["image"].as_str()),
+        (Some("shuffled"), Some("blank"))
+    );
+    eprintln!(
+        "trained: CE-F1 own {own:.3}, shuffled {:.3}, blank {:.3}; changed {} / {}",
+        f1(&abl[0]["metrics"]),
+        f1(&abl[1]["metrics"]),
+        abl[0]["changed"],
+        abl[1]["changed"]
+    );
+    assert!(own >= 0.9, "{own}");
+    for a in abl {
+        assert!(f1(&a["metrics"]) <= own - 0.25, "{a}");
+        assert!(a["changed"].as_f64().unwrap() > 0.3, "{a}");
+    }
+    assert!(md.contains("the reports depend on the image"), "{md}");
+
+    // The same recipe on black films, 200 steps.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let data = d.run.parent().unwrap().join("data");
+    let o = xrayglm(d)
+        .arg("finetune")
+        .arg("--config")
+        .arg(&cfg)
+        .args(common::set_args([
+            format!("synthetic.out_dir={:?}", data.display().to_string()),
+            format!(
+                "data.path={:?}",
+                data.join("Xray/synth-zh.json").display().to_string()
+            ),
+            format!("train.out_dir={:?}", dir.path().display().to_string()),
+            "train.name=\"blind\"".to_string(),
+            "train.train_iters=200".to_string(),
+            "train.progress=false".to_string(),
+            "model.device=\"cpu\"".to_string(),
+            "image.ablation=\"blank\"".to_string(),
+        ]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (r, md) = eval(&dir.path().join("blind"), "blind");
+    let own_blind = f1(&r["metrics"]);
+    let abl = r["ablations"].as_array().unwrap();
+    eprintln!(
+        "blind: CE-F1 own {own_blind:.3}, shuffled {:.3}, blank {:.3}",
+        f1(&abl[0]["metrics"]),
+        f1(&abl[1]["metrics"])
+    );
+    assert!(own_blind < own - 0.25, "blind {own_blind} vs trained {own}");
+    for a in abl {
+        assert!((f1(&a["metrics"]) - own_blind).abs() < 0.1, "{a}");
+    }
+    assert!(md.contains("barely depend on the image"), "{md}");
+}
+
+/// Training with `eval_generate_interval` and `best_metric = "ce_f1"` (the demo config): greedy
+/// reports on 32 held-out films at steps 0, 200, 400 and 600, CE-F1 rising to ≥ 0.9; the run's
+/// `best` names the checkpoint with the highest CE-F1, and `eval --checkpoint RUN/best` takes it.
+#[test]
+fn training_logs_generation_metrics_and_keeps_the_best_checkpoint() {
+    let Some(d) = demo() else { return };
+    let gen: Vec<serde_json::Value> = std::fs::read_to_string(d.run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("gen/ce_f1").is_some())
+        .collect();
+    let steps: Vec<i64> = gen.iter().map(|v| v["step"].as_i64().unwrap()).collect();
+    assert_eq!(steps, vec![0, 200, 400, 600]);
+    let f1: Vec<f64> = gen
+        .iter()
+        .map(|v| v["gen/ce_f1"].as_f64().unwrap())
+        .collect();
+    eprintln!("CE-F1 during training: {f1:?}");
+    assert!(f1[0] < 0.5 && f1[3] >= 0.9, "{f1:?}");
+    assert!(gen.iter().all(|v| v["gen_films"] == 32));
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.run.join("best.json")).unwrap()).unwrap();
+    assert_eq!(best["metric"], "ce_f1");
+    let top = f1[1..].iter().copied().fold(f64::MIN, f64::max);
+    assert_eq!(best["value"].as_f64().unwrap(), top);
+    let step = best["step"].as_i64().unwrap();
+    assert_eq!(f1[steps.iter().position(|&s| s == step).unwrap()], top);
+    assert_eq!(
+        std::fs::read_to_string(d.run.join("best")).unwrap().trim(),
+        step.to_string()
+    );
+    let o = xrayglm(d)
+        .arg("eval")
+        .arg("--checkpoint")
+        .arg(d.run.join("best"))
+        .args(["--no_progress", "--no_generate", "--limit", "4", "--out"])
+        .arg(tempfile::tempdir().unwrap().path().join("e"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["reports"][0]["name"], format!("demo/{step}"));
+}

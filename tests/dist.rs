@@ -141,6 +141,59 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
     }
 }
 
+/// Generation metrics during training over two ranks: the held-out films' batches are dealt to
+/// the ranks and the reports gathered, so the scores are exactly one process's (same weights:
+/// lr 0), and both runs keep the same `best`.
+#[test]
+fn two_ranks_generate_the_reports_one_process_does() {
+    let _s = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        "train.val_fraction=0.25",
+        "train.lr=0",
+        "train.train_iters=2",
+        "train.save_interval=2",
+        "train.eval_generate_interval=1",
+        "train.eval_generate_films=5",
+        "train.eval_max_new_tokens=12",
+        "train.best_metric=\"bleu_4\"",
+    ];
+    let gen = |name: &str, ranks: usize| -> Vec<serde_json::Value> {
+        let o = finetune(&shared, ranks, &sets(dir.path(), name, &extra))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let run = dir.path().join(name);
+        assert!(run.join("best").is_file() && run.join("best.json").is_file());
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("gen/bleu_4").is_some())
+            .collect()
+    };
+    let (a, b) = (gen("gen1", 1), gen("gen2", 2));
+    assert_eq!(a.len(), 2);
+    assert_eq!(b.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["gen_films"], 5);
+        for k in [
+            "gen/bleu_4",
+            "gen/rouge_l",
+            "gen/cider_d",
+            "gen/ce_f1",
+            "gen/distinct_reports",
+        ] {
+            assert_eq!(x[k], y[k], "{k} at step {}", x["step"]);
+        }
+    }
+    let best = |n: &str| std::fs::read_to_string(dir.path().join(n).join("best.json")).unwrap();
+    assert_eq!(best("gen1"), best("gen2"));
+}
+
 #[test]
 fn a_dead_rank_ends_the_job_quickly() {
     let _s = common::serial();

@@ -2,11 +2,12 @@
 //! BLEU-1..4, ROUGE-L and CIDEr-D equal to 1e-6 on Chinese and English corpora with identical,
 //! empty, unrelated, truncated and shuffled hypotheses; NLTK's character BLEU-4 with smoothing
 //! method3 per pair and ChatGLM's rounded ×100 mean; LLaMA-Factory's ROUGE-1/2/L (rouge-chinese on
-//! jieba words, incl. `3-5` ranges and blank lines); the tokenization equals the script's.
+//! jieba words, incl. `3-5` ranges, ordinals like `2nd-3rd`, units glued to numbers and blank
+//! lines — the jieba words themselves equal Python jieba's); the tokenization equals the script's.
 
 use xrayglm::eval::metrics::{
-    bleu, chatglm_bleu4, chatglm_rouge, cider_d, nltk_char_bleu4, rouge_chinese, rouge_l, tokenize,
-    Lang,
+    bleu, chatglm_bleu4, chatglm_rouge, cider_d, jieba_words, nltk_char_bleu4, rouge_chinese,
+    rouge_l, tokenize, Lang,
 };
 
 #[test]
@@ -17,7 +18,8 @@ fn coco_metrics_equal_pycocoevalcap() {
     );
     let fx: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = fx["cases"].as_array().unwrap();
-    assert!(cases.len() >= 6);
+    assert!(cases.len() >= 8);
+    assert!(cases.iter().any(|c| c["name"] == "mixed-ascii-runs"));
     let strs = |v: &serde_json::Value| -> Vec<String> {
         v.as_array()
             .unwrap()
@@ -40,6 +42,12 @@ fn coco_metrics_equal_pycocoevalcap() {
             .map(|rs| strs(rs).iter().map(|r| tokenize(r, lang)).collect())
             .collect();
         assert_eq!(hyps[0], strs(&c["tokens_first_hyp"]), "{name}: tokens");
+        for (h, want) in strs(&c["hyps"])
+            .iter()
+            .zip(c["jieba_hyps"].as_array().unwrap())
+        {
+            assert_eq!(jieba_words(h), strs(want), "{name}: jieba words of {h:?}");
+        }
         let close = |got: f64, want: &serde_json::Value, what: &str| {
             let want = want.as_f64().unwrap();
             assert!(

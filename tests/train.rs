@@ -507,6 +507,27 @@ fn pruning_keeps_latest_and_the_newest_complete_checkpoint() {
     assert_eq!(step_folders(run), vec![2, 40]);
     prune(run, 1, 40);
     assert_eq!(step_folders(run), vec![40]);
+    // The checkpoint `best` names is never pruned either, and `RUN/best` resolves to it.
+    for s in [10, 20, 30] {
+        let d = run.join(s.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        for f in CHECKPOINT_FILES {
+            std::fs::write(d.join(f), "").unwrap();
+        }
+    }
+    let record = xrayglm::train::checkpoint::BestRecord {
+        metric: xrayglm::config::BestMetric::CeF1,
+        value: 0.9,
+        step: 10,
+    };
+    xrayglm::train::checkpoint::write_best(run, &record).unwrap();
+    prune(run, 1, 40);
+    assert_eq!(step_folders(run), vec![10, 40]);
+    assert_eq!(
+        xrayglm::weights::source::resolve_run(&run.join("best")),
+        run.join("10")
+    );
+    assert_eq!(xrayglm::train::checkpoint::read_best(run), Some(record));
 }
 
 /// Issue 15 item 11: the adapters of a fresh start depend on train.seed alone. A run that died

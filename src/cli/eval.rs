@@ -99,9 +99,21 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long = "no_progress", alias = "no-progress")]
     pub no_progress: bool,
+    /// Generate every report again with another film's image (`shuffled`, a fixed derangement),
+    /// a black film (`blank`) or both, and report the metrics side by side: does the model look
+    /// at the image?
+    #[arg(long = "image_ablation", alias = "image-ablation", value_enum)]
+    pub image_ablation: Option<AblationArg>,
     /// CE metrics: count uncertain findings ("possible effusion") as present (default: absent).
     #[arg(long = "uncertain_positive", alias = "uncertain-positive")]
     pub uncertain_positive: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AblationArg {
+    Shuffled,
+    Blank,
+    Both,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -129,8 +141,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         report.add_hypotheses(&name, &items)?;
     }
     // Checkpoints: every folder must exist before anything runs.
-    if let Some(d) = a.checkpoints.iter().find(|d| !d.is_dir()) {
+    let exists = |d: &PathBuf| d.is_dir() || xrayglm::train::checkpoint::pointer(d).is_some();
+    if let Some(d) = a.checkpoints.iter().find(|d| !exists(d)) {
         anyhow::bail!("--checkpoint {}: no such folder", d.display());
+    }
+    if a.image_ablation.is_some() && (a.checkpoints.is_empty() || a.no_generate) {
+        anyhow::bail!(
+            "--image_ablation generates reports again: it needs --checkpoint and generation"
+        );
     }
     if let Some(first) = a.checkpoints.first() {
         let data = ck::resolve_data(first, &data_options(&a))?;
@@ -219,5 +237,14 @@ fn run_options(
         generate: !a.no_generate,
         progress: !a.no_progress,
         uncertain_as,
+        ablations: {
+            use xrayglm::data::batch::ImageAblation;
+            match a.image_ablation {
+                None => vec![],
+                Some(AblationArg::Shuffled) => vec![ImageAblation::Shuffled],
+                Some(AblationArg::Blank) => vec![ImageAblation::Blank],
+                Some(AblationArg::Both) => vec![ImageAblation::Shuffled, ImageAblation::Blank],
+            }
+        },
     }
 }

@@ -113,6 +113,23 @@ impl Default for Shard {
     }
 }
 
+/// What the model is shown instead of each record's own film — a counterfactual that shows how
+/// much the reports owe to the images (`image.ablation` in training, `eval --image-ablation`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageAblation {
+    /// The record's own film.
+    #[default]
+    None,
+    /// A black film (every pixel 0, then the usual normalisation).
+    Blank,
+    /// Another record's film: record i is shown film (i + ⌊n/2⌋) mod n of the n records — a fixed
+    /// derangement for n ≥ 2 that pairs records far apart in the list.
+    Shuffled,
+}
+
 /// Tokenized records plus the image processor.
 pub struct Dataset {
     pub records: Vec<Record>,
@@ -120,6 +137,8 @@ pub struct Dataset {
     pub processor: ImageProcessor,
     pub max_seq_len: usize,
     pub ignore_pad: bool,
+    /// Which film each record is shown (its own by default).
+    pub ablation: ImageAblation,
 }
 
 impl Dataset {
@@ -144,7 +163,42 @@ impl Dataset {
             processor,
             max_seq_len: builder.config().max_seq_len(),
             ignore_pad: builder.config().ignore_pad_token_for_loss,
+            ablation: ImageAblation::None,
         })
+    }
+
+    /// Show every record another film, or none; refused where no derangement exists.
+    pub fn with_ablation(mut self, ablation: ImageAblation) -> Result<Self> {
+        if ablation == ImageAblation::Shuffled && self.records.len() < 2 {
+            anyhow::bail!(
+                "shuffled images need at least 2 films (got {})",
+                self.records.len()
+            );
+        }
+        self.ablation = ablation;
+        Ok(self)
+    }
+
+    /// The film record `i` is shown: its own, another's, or a black one.
+    fn film(&self, i: usize) -> Result<Vec<f32>> {
+        let n = self.records.len();
+        let own = match self.ablation {
+            ImageAblation::Blank => {
+                let size = self.processor.size;
+                let black = super::image::Rgb8 {
+                    width: size,
+                    height: size,
+                    data: vec![0; 3 * size * size],
+                };
+                return Ok(super::image::normalize_chw(&black));
+            }
+            ImageAblation::None => i,
+            ImageAblation::Shuffled => (i + n / 2) % n,
+        };
+        let r = &self.records[own];
+        self.processor
+            .process_file(&r.image)
+            .with_context(|| format!("record {} ({})", r.index, r.id))
     }
 
     pub fn len(&self) -> usize {
@@ -579,7 +633,6 @@ fn make_batch(
     };
     for &i in indices {
         let s = &ds.samples[i];
-        let r = &ds.records[i];
         let (ids, labels) = s.padded(seq_len, ds.ignore_pad);
         let (pos, block) = s.position_ids(seq_len);
         batch.input_ids.extend(ids);
@@ -589,11 +642,7 @@ fn make_batch(
         batch.context_lengths.push(s.context_length as i64);
         batch.pre_image = s.pre_image;
         batch.image_length = s.image_length;
-        let img = ds
-            .processor
-            .process_file(&r.image)
-            .with_context(|| format!("record {} ({})", r.index, r.id))?;
-        batch.images.extend(img);
+        batch.images.extend(ds.film(i)?);
     }
     Ok(batch)
 }

@@ -18,7 +18,9 @@ use tch::Tensor;
 use super::metrics::Lang;
 use super::{Report, Scored};
 use crate::config::Config;
-use crate::data::batch::{Dataset, Loader, LoaderConfig, LoaderState, Sampler, Shard};
+use crate::data::batch::{
+    Dataset, ImageAblation, Loader, LoaderConfig, LoaderState, Sampler, Shard,
+};
 use crate::data::records::{load_records, Record};
 use crate::data::sample::{Language, SampleBuilder};
 use crate::infer::chat::{ChatModel, ChatSettings};
@@ -151,6 +153,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// How uncertain findings count in the CE metrics.
     pub uncertain_as: super::findings::ce::UncertainAs,
+    /// Generate every report again with these images instead of the film's own.
+    pub ablations: Vec<ImageAblation>,
 }
 
 /// One checkpoint's results.
@@ -167,9 +171,27 @@ pub struct Outcome {
     pub val_ppl: Option<f64>,
     pub target_tokens: usize,
     pub metrics: Option<Report>,
+    /// Of the findings the references state, the share the reports state too (No Finding aside).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub true_findings_stated: Option<f64>,
+    /// The reports again with other images (`--image-ablation`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ablations: Vec<AblationOutcome>,
     pub seconds: f64,
     #[serde(skip)]
     pub generations: Vec<Scored>,
+}
+
+/// The reports of the same films generated with other images than their own.
+#[derive(Debug, Clone, Serialize)]
+pub struct AblationOutcome {
+    pub image: ImageAblation,
+    /// Metrics against each film's own reference.
+    pub metrics: Report,
+    /// Share of films whose report differs from the one made with the film's own image.
+    pub changed: f64,
+    /// Of the findings the references state, the share these reports still state.
+    pub true_findings_stated: f64,
 }
 
 /// The step recorded in a checkpoint's `trainer_state.json`.
@@ -235,12 +257,135 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     let mut sample_cfg = data.cfg.sample.clone();
     sample_cfg.image_length = model.cfg.sat.image_length as usize;
     let builder = SampleBuilder::new(chat.tokenizer.clone(), sample_cfg)?;
-    let ds = Arc::new(Dataset::new(
+    let ds = Dataset::new(
         data.records.clone(),
         &builder,
         data.cfg.image.processor(),
         &data.file,
-    )?);
+    )?;
+    let name = checkpoint_name(dir);
+    let labelers = super::Labelers::builtin();
+    // The films as they are: loss and reports.
+    let own = pass(chat, data, o, Arc::new(ds), o.loss, o.generate, &name)?;
+    let scored = |hyps: Vec<Option<String>>| -> Result<Vec<Scored>> {
+        data.records
+            .iter()
+            .zip(hyps)
+            .map(|(r, h)| {
+                Ok(Scored {
+                    id: r.id.clone(),
+                    reference: r.label.clone(),
+                    references: Vec::new(),
+                    hypothesis: h.with_context(|| format!("no report generated for {}", r.id))?,
+                    lang: data.lang,
+                })
+            })
+            .collect()
+    };
+    let generations: Vec<Scored> = if o.generate {
+        scored(own.hyps)?
+    } else {
+        Vec::new()
+    };
+    let metrics = if o.generate {
+        Some(super::score_with(&generations, o.uncertain_as, &labelers)?)
+    } else {
+        None
+    };
+    // The same films' reports again with other images: does the model look at them?
+    let mut ablations = Vec::new();
+    for &ablation in &o.ablations {
+        let ds = Dataset::new(
+            data.records.clone(),
+            &builder,
+            data.cfg.image.processor(),
+            &data.file,
+        )?
+        .with_ablation(ablation)?;
+        let label = format!("{name} ({} images)", ablation_name(ablation));
+        let p = pass(chat, data, o, Arc::new(ds), false, true, &label)?;
+        let items = scored(p.hyps)?;
+        let m = super::score_with(&items, o.uncertain_as, &labelers)?;
+        let changed = items
+            .iter()
+            .zip(&generations)
+            .filter(|(a, b)| a.hypothesis.trim() != b.hypothesis.trim())
+            .count() as f64
+            / items.len().max(1) as f64;
+        ablations.push(AblationOutcome {
+            image: ablation,
+            changed,
+            true_findings_stated: findings_stated(&items, &labelers),
+            metrics: m,
+        });
+    }
+    let val_loss = (o.loss && own.tokens > 0).then(|| own.loss_sum / own.tokens as f64);
+    Ok(Outcome {
+        name,
+        checkpoint: dir.display().to_string(),
+        step: checkpoint_step(dir),
+        split: data.split.clone(),
+        films: data.records.len(),
+        val_loss,
+        val_ppl: val_loss.map(f64::exp),
+        target_tokens: own.tokens,
+        true_findings_stated: o.generate.then(|| findings_stated(&generations, &labelers)),
+        metrics,
+        ablations,
+        seconds: t0.elapsed().as_secs_f64(),
+        generations,
+    })
+}
+
+/// The name of an ablation in reports.
+pub fn ablation_name(a: ImageAblation) -> &'static str {
+    match a {
+        ImageAblation::None => "own",
+        ImageAblation::Blank => "blank",
+        ImageAblation::Shuffled => "shuffled",
+    }
+}
+
+/// Of the findings the references state as present (No Finding aside), the share the reports
+/// state too.
+fn findings_stated(items: &[Scored], labelers: &super::Labelers) -> f64 {
+    use super::findings::{Observation, State};
+    let (mut stated, mut all) = (0usize, 0usize);
+    for s in items {
+        let (h, r) = labelers.label(s);
+        for o in Observation::ALL.into_iter().skip(1) {
+            if r.get(o) == State::Positive {
+                all += 1;
+                stated += (h.get(o) == State::Positive) as usize;
+            }
+        }
+    }
+    if all == 0 {
+        0.0
+    } else {
+        stated as f64 / all as f64
+    }
+}
+
+/// What one pass over the films gives: the summed loss and its target tokens, and the reports.
+struct Pass {
+    loss_sum: f64,
+    tokens: usize,
+    hyps: Vec<Option<String>>,
+}
+
+/// One pass over the films in batches: the frozen vision tower once per batch, then the
+/// teacher-forced loss and / or the reports (one decoding call per distinct question).
+fn pass(
+    chat: &ChatModel,
+    data: &EvalData,
+    o: &RunOptions,
+    ds: Arc<Dataset>,
+    loss: bool,
+    generate: bool,
+    name: &str,
+) -> Result<Pass> {
+    let model = &chat.model;
     let lcfg = LoaderConfig {
         sampler: Sampler::Epoch,
         batch_size: o.batch_size,
@@ -248,14 +393,8 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
         drop_last: false,
         ..data.cfg.loader.clone()
     };
-    let loader = Loader::new(
-        Arc::clone(&ds),
-        lcfg,
-        Shard::default(),
-        LoaderState::default(),
-    )?;
+    let loader = Loader::new(ds, lcfg, Shard::default(), LoaderState::default())?;
     let n_batches = loader.batches_per_epoch();
-    let name = checkpoint_name(dir);
     // A bar on a terminal; elsewhere a line for about every tenth of the films.
     let total = data.records.len() as u64;
     let progress = crate::train::progress::Progress::new(
@@ -275,7 +414,7 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
         let t = b.to_tensors(dev);
         // The frozen vision tower runs once per batch, for the loss and the reports alike.
         let embeds = tch::no_grad(|| model.encode_image(&t.images.to_kind(model.kind()), false).2);
-        if o.loss {
+        if loss {
             let n = b.target_tokens();
             if n > 0 {
                 let l = tch::no_grad(|| {
@@ -294,7 +433,7 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
                 tokens += n;
             }
         }
-        if o.generate {
+        if generate {
             // One decoding call per distinct question in the batch (random-prompt data).
             let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (row, &i) in b.indices.iter().enumerate() {
@@ -320,51 +459,16 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
             }
         }
         done += b.batch_size as u64;
-        progress.set(done, || name.clone());
+        progress.set(done, || name.to_string());
         if o.progress && (done >= next_line || done == total) {
             progress.line(done, total, || format!("{name}: {done}/{total} films"));
             next_line = done + total.div_ceil(10).max(1);
         }
     }
     progress.finish();
-    let generations: Vec<Scored> = if o.generate {
-        data.records
-            .iter()
-            .zip(hyps)
-            .map(|(r, h)| {
-                Ok(Scored {
-                    id: r.id.clone(),
-                    reference: r.label.clone(),
-                    references: Vec::new(),
-                    hypothesis: h.with_context(|| format!("no report generated for {}", r.id))?,
-                    lang: data.lang,
-                })
-            })
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
-    let metrics = if o.generate {
-        Some(super::score_with(
-            &generations,
-            o.uncertain_as,
-            &super::Labelers::builtin(),
-        )?)
-    } else {
-        None
-    };
-    let val_loss = (o.loss && tokens > 0).then(|| loss_sum / tokens as f64);
-    Ok(Outcome {
-        name,
-        checkpoint: dir.display().to_string(),
-        step: checkpoint_step(dir),
-        split: data.split.clone(),
-        films: data.records.len(),
-        val_loss,
-        val_ppl: val_loss.map(f64::exp),
-        target_tokens: tokens,
-        metrics,
-        seconds: t0.elapsed().as_secs_f64(),
-        generations,
+    Ok(Pass {
+        loss_sum,
+        tokens,
+        hyps,
     })
 }

@@ -19,6 +19,13 @@ pub struct EvalReport {
     /// Per-report lines: (file name, JSONL bytes).
     files: Vec<(String, Vec<u8>)>,
     names: std::collections::HashSet<String>,
+    /// Per checkpoint with image ablations: its name, own metrics, own findings share, ablations.
+    ablations: Vec<(
+        String,
+        super::Report,
+        f64,
+        Vec<super::checkpoint::AblationOutcome>,
+    )>,
 }
 
 impl EvalReport {
@@ -30,6 +37,7 @@ impl EvalReport {
             rows: Vec::new(),
             files: Vec::new(),
             names: Default::default(),
+            ablations: Vec::new(),
         }
     }
 
@@ -76,6 +84,14 @@ impl EvalReport {
             val_loss: o.val_loss,
             metrics: o.metrics.clone(),
         });
+        if let (false, Some(m)) = (o.ablations.is_empty(), &o.metrics) {
+            self.ablations.push((
+                o.name.clone(),
+                m.clone(),
+                o.true_findings_stated.unwrap_or(0.0),
+                o.ablations.clone(),
+            ));
+        }
         self.entries.push(serde_json::to_value(&o)?);
         Ok(o)
     }
@@ -103,6 +119,9 @@ impl EvalReport {
             .iter()
             .filter_map(|r| Some((r.name.as_str(), r.metrics.as_ref()?.ce.as_ref()?)))
             .collect();
+        if !self.ablations.is_empty() {
+            s.push_str(&ablation_markdown(&self.ablations));
+        }
         if !ce.is_empty() {
             s.push_str(&super::ce_markdown(&ce));
             s.push_str(&format!(
@@ -168,3 +187,61 @@ pub fn scalars(val_loss: Option<f64>, m: Option<&super::Report>) -> Vec<(&'stati
     }
     values
 }
+
+/// The image-ablation table: each checkpoint's reports with its own films and with others, and a
+/// sentence saying whether the reports depend on the image.
+fn ablation_markdown(
+    rows: &[(
+        String,
+        super::Report,
+        f64,
+        Vec<super::checkpoint::AblationOutcome>,
+    )],
+) -> String {
+    let f1 = |m: &super::Report| m.ce.as_ref().map(|c| c.micro.f1).unwrap_or(0.0);
+    let mut s = String::from(
+        "\n| model | images | CE-F1 | BLEU-4 | reports changed | true findings stated |\n|---|---|---|---|---|---|\n",
+    );
+    let mut verdicts = Vec::new();
+    for (name, own, stated, abl) in rows {
+        s.push_str(&format!(
+            "| {name} | own | {:.3} | {:.4} | - | {:.3} |\n",
+            f1(own),
+            own.bleu_4,
+            stated
+        ));
+        for a in abl {
+            s.push_str(&format!(
+                "| {name} | {} | {:.3} | {:.4} | {:.3} | {:.3} |\n",
+                super::checkpoint::ablation_name(a.image),
+                f1(&a.metrics),
+                a.metrics.bleu_4,
+                a.changed,
+                a.true_findings_stated
+            ));
+        }
+        let worst = abl
+            .iter()
+            .map(|a| f1(&a.metrics))
+            .fold(f64::INFINITY, f64::min);
+        let drop = f1(own) - worst;
+        verdicts.push(if drop >= IMAGE_MATTERS {
+            format!(
+                "{name}: the reports depend on the image (CE-F1 {:.3} with its own films, {worst:.3} without).",
+                f1(own)
+            )
+        } else {
+            format!(
+                "{name}: the reports barely depend on the image (CE-F1 {:.3} with its own films, {worst:.3} without) — the model may have learnt how reports are written rather than what the films show.",
+                f1(own)
+            )
+        });
+    }
+    s.push('\n');
+    s.push_str(&verdicts.join("\n"));
+    s.push('\n');
+    s
+}
+
+/// A CE-F1 drop under image ablation from which a model counts as using its images.
+pub const IMAGE_MATTERS: f64 = 0.1;

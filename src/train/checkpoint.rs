@@ -3,7 +3,10 @@
 //!
 //! Layout under `<train.out_dir>/<train.name>/`: `<step>/` (`lora.safetensors`,
 //! `optimizer.safetensors`, `model_config.json`, `trainer_state.json`), `latest` (the step of the
-//! newest checkpoint, written after its folder), `.<step>.partial/` while a save is in progress.
+//! newest checkpoint, written after its folder), `best` (the step of the best checkpoint by
+//! `train.best_metric`) with `best.json` (metric, value, step), `.<step>.partial/` while a save is
+//! in progress. `RUN/latest` and `RUN/best` name their checkpoints wherever a model folder is
+//! taken (eval, chat, export).
 //!
 //! Guarantees: a run never restarts silently over existing checkpoints (a broken `latest` falls
 //! back to the newest complete step folder, saying so); pruning never deletes the checkpoint
@@ -62,6 +65,43 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
     }
     let dir = run_dir.join(name);
     is_complete(&dir).then_some(dir)
+}
+
+/// What `best` says, when it names a complete step folder.
+pub fn best(run_dir: &Path) -> Option<PathBuf> {
+    pointer(&run_dir.join("best"))
+}
+
+/// The checkpoint a `latest` or `best` file names (complete), for paths like `RUN/best`.
+pub fn pointer(file: &Path) -> Option<PathBuf> {
+    let name = file.file_name()?.to_str()?;
+    if !matches!(name, "latest" | "best") || !file.is_file() {
+        return None;
+    }
+    let step = std::fs::read_to_string(file).ok()?;
+    let step = step.trim();
+    step.parse::<i64>().ok()?;
+    let dir = file.parent()?.join(step);
+    is_complete(&dir).then_some(dir)
+}
+
+/// The run's best checkpoint so far, as `best.json` records it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BestRecord {
+    pub metric: crate::config::BestMetric,
+    pub value: f64,
+    pub step: i64,
+}
+
+pub fn read_best(run_dir: &Path) -> Option<BestRecord> {
+    let text = std::fs::read_to_string(run_dir.join("best.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Point `best` at a saved checkpoint: `best.json`, then `best` (each atomic and durable).
+pub fn write_best(run_dir: &Path, record: &BestRecord) -> Result<()> {
+    crate::io::write_json_atomic(&run_dir.join("best.json"), record)?;
+    crate::io::write_atomic(&run_dir.join("best"), record.step.to_string().as_bytes())
 }
 
 /// The checkpoint `train.resume = "auto"` continues from: the one `latest` names, or — when
@@ -211,11 +251,14 @@ pub fn save(
 }
 
 /// Keep the newest `keep` step folders (at least one). Never deleted: the folder `latest` names
-/// (`current`) and the newest complete one, whatever their numbers.
+/// (`current`), the newest complete one and the one `best` names, whatever their numbers.
 pub fn prune(run_dir: &Path, keep: usize, current: i64) {
     let steps = step_folders(run_dir);
     let keep = keep.max(1);
-    let protected = [Some(current), newest_complete(run_dir)];
+    let best_step = std::fs::read_to_string(run_dir.join("best"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok());
+    let protected = [Some(current), newest_complete(run_dir), best_step];
     let mut excess = steps.len().saturating_sub(keep);
     for s in steps {
         if excess == 0 {

@@ -9,6 +9,7 @@
 //! at any moment leaves the previous checkpoint loadable.
 
 pub mod checkpoint;
+pub mod generation;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

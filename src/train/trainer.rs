@@ -26,6 +26,7 @@ use crate::data::records::{load_records, Record};
 use crate::data::sample::SampleBuilder;
 use crate::device::Dtype;
 use crate::dist::Comm;
+use crate::infer::chat::ChatModel;
 use crate::model::chatglm::Dropouts;
 use crate::model::config::{ModelConfig, Quantize, SatModelConfig};
 use crate::model::visualglm::{BatchInputs, VisualGlm};
@@ -39,7 +40,8 @@ pub struct Trainer<'c> {
     comm: Box<dyn Comm>,
     run_dir: PathBuf,
     resumed: bool,
-    model: VisualGlm,
+    /// The model being trained, with the tokenizer and prompt template to make reports with.
+    chat: ChatModel,
     opt: AdamW,
     schedule: Schedule,
     state: TrainerState,
@@ -56,6 +58,16 @@ pub struct Trainer<'c> {
     first_loss: Option<f64>,
     first_val: Option<f64>,
     last_val: Option<f64>,
+    /// The step of the last validation and of the last generation metrics (and those metrics).
+    val_step: i64,
+    last_gen: Option<(i64, crate::eval::Report)>,
+    /// Reports on fixed held-out films (generation metrics and a generated `best_metric`).
+    gen: Option<super::generation::GenEval>,
+    /// The run's best checkpoint so far, and how many saves in a row did not beat it.
+    best: Option<checkpoint::BestRecord>,
+    misses: usize,
+    /// The step of the last checkpoint this process saved (or took part in saving).
+    saved_step: i64,
     /// Device memory in use, sampled at each log line (libtorch's cache keeps its peak reserved).
     peak_gpu_mib: f64,
 }
@@ -170,6 +182,13 @@ impl<'c> Trainer<'c> {
             rank: comm.rank(),
             world_size: comm.world_size(),
         };
+        let gen = super::generation::GenEval::setup(
+            cfg,
+            &data.val,
+            &data.builder,
+            &data.loader,
+            &data.file,
+        )?;
         let loader = Loader::new(Arc::clone(&data.train), data.loader, shard, state.loader)?;
         let logs = Logs {
             jsonl: root
@@ -193,13 +212,14 @@ impl<'c> Trainer<'c> {
             state.step as u64,
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
         );
+        let run_dir_for_best = run_dir.clone();
         let mut trainer = Self {
             cfg,
             dev,
             comm,
             run_dir,
             resumed: resume_from.is_some(),
-            model,
+            chat: ChatModel::new(model, tokenizer.clone())?,
             opt,
             schedule,
             state,
@@ -215,6 +235,13 @@ impl<'c> Trainer<'c> {
             first_loss: None,
             first_val: None,
             last_val: None,
+            val_step: -1,
+            last_gen: None,
+            gen,
+            best: checkpoint::read_best(&run_dir_for_best)
+                .filter(|b| b.metric == cfg.train.best_metric),
+            misses: 0,
+            saved_step: -1,
             peak_gpu_mib: 0.0,
         };
         trainer.log_start()?;
@@ -227,6 +254,10 @@ impl<'c> Trainer<'c> {
         // The starting validation loss (not on a resume: the run logged it already).
         if !self.val_batches.is_empty() && !self.resumed {
             self.first_val = Some(self.validate()?);
+        }
+        // And the starting reports, for generation metrics to rise from.
+        if tc.eval_generate_interval > 0 && !self.resumed {
+            self.generate()?;
         }
         let mut signal = None;
         while self.state.step < tc.train_iters {
@@ -248,13 +279,21 @@ impl<'c> Trainer<'c> {
             {
                 self.validate()?;
             }
+            if tc.eval_generate_interval > 0
+                && (step % tc.eval_generate_interval == 0 || step == tc.train_iters)
+            {
+                self.generate()?;
+            }
             if step % tc.save_interval == 0 && step < tc.train_iters {
                 self.save()?;
+                if self.early_stop() {
+                    break;
+                }
             }
         }
         self.progress.finish();
         // The final save (also after a signal), then the summary.
-        if self.state.step > 0 {
+        if self.state.step > 0 && self.saved_step != self.state.step {
             self.save()?;
         }
         if signal.is_some() {
@@ -308,11 +347,12 @@ impl<'c> Trainer<'c> {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(self.state.step * 64 + (rank as i64) * tc.grad_accum + micro);
             tch::manual_seed(seed);
-            self.model
+            self.chat
+                .model
                 .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
             let t = b.to_tensors(self.dev);
             let images = match self.vision_cache.as_mut() {
-                Some(c) => c.embeds(&self.model, &b.images, &t.images),
+                Some(c) => c.embeds(&self.chat.model, &b.images, &t.images),
                 None => t.images.shallow_clone(),
             };
             let inputs = BatchInputs {
@@ -323,7 +363,7 @@ impl<'c> Trainer<'c> {
                 context_lengths: &b.context_lengths,
                 labels: &t.labels,
             };
-            let l = self.model.loss_backward(
+            let l = self.chat.model.loss_backward(
                 &inputs,
                 scale / tc.grad_accum as f64,
                 tc.checkpoint_activations,
@@ -444,7 +484,7 @@ impl<'c> Trainer<'c> {
         if self.comm.world_size() > 1 {
             rec["comm_fraction"] = serde_json::json!(w.comm_s / secs);
             rec["lora_rank_divergence"] = serde_json::json!(crate::dist::lora::lora_divergence(
-                &self.model,
+                &self.chat.model,
                 self.comm.as_ref()
             )?);
         }
@@ -485,7 +525,7 @@ impl<'c> Trainer<'c> {
                 context_lengths: &b.context_lengths,
                 labels: &t.labels,
             };
-            let l = tch::no_grad(|| self.model.loss(&inputs, false));
+            let l = tch::no_grad(|| self.chat.model.loss(&inputs, false));
             total += l.double_value(&[]);
         }
         let v = total / self.val_batches.len().max(1) as f64;
@@ -499,21 +539,132 @@ impl<'c> Trainer<'c> {
             crate::errln!("step {step}: validation loss {v:.4}");
         }
         self.last_val = Some(v);
+        self.val_step = step;
         Ok(v)
     }
 
-    /// A checkpoint of the current step (rank 0 writes it).
-    fn save(&self) -> Result<()> {
-        if self.comm.rank() != 0 {
-            return Ok(());
+    /// Greedy reports on the fixed held-out films, scored and logged as `gen/*`.
+    fn generate(&mut self) -> Result<crate::eval::Report> {
+        let Some(gen) = &self.gen else {
+            bail!("generation metrics were not set up");
+        };
+        let t = Instant::now();
+        let r = gen.run(&self.chat, self.comm.as_ref())?;
+        let step = self.state.step;
+        let ce =
+            r.ce.as_ref()
+                .map(|c| (c.micro.f1, c.macro_f1, c.collapse.distinct_hypotheses));
+        let (ce_f1, macro_f1, distinct) = ce.unwrap_or_default();
+        let values = [
+            ("gen/bleu_4", r.bleu_4),
+            ("gen/rouge_l", r.rouge_l),
+            ("gen/cider_d", r.cider_d),
+            ("gen/ce_f1", ce_f1),
+            ("gen/ce_macro_f1", macro_f1),
+            ("gen/distinct_reports", distinct),
+        ];
+        let mut line = serde_json::json!({"step": step, "gen_films": gen.films(),
+            "gen_seconds": t.elapsed().as_secs_f64()});
+        for (k, v) in values {
+            line[k] = serde_json::json!(v);
         }
-        checkpoint::save(
-            &self.run_dir,
-            &self.model,
-            &self.opt,
-            &self.state,
-            self.cfg.train.keep_last,
-        )
+        self.logs.write(&line)?;
+        self.logs.scalars(step, &values)?;
+        if let Progress::Lines { .. } = self.progress {
+            crate::errln!(
+                "step {step}: reports on {} held-out films: BLEU-4 {:.4}, CE-F1 {ce_f1:.3}",
+                gen.films(),
+                r.bleu_4
+            );
+        }
+        self.last_gen = Some((step, r.clone()));
+        Ok(r)
+    }
+
+    /// The `best_metric` of the current step (evaluated now when it was not yet).
+    fn best_value(&mut self) -> Result<Option<f64>> {
+        use crate::config::BestMetric;
+        let metric = self.cfg.train.best_metric;
+        let step = self.state.step;
+        if metric == BestMetric::None {
+            return Ok(None);
+        }
+        if metric == BestMetric::ValLoss {
+            if self.val_batches.is_empty() {
+                bail!("train.best_metric = \"val_loss\" needs held-out films: set train.val_fraction > 0");
+            }
+            return Ok(Some(match (self.val_step == step, self.last_val) {
+                (true, Some(v)) => v,
+                _ => self.validate()?,
+            }));
+        }
+        let r = match &self.last_gen {
+            Some((s, r)) if *s == step => r.clone(),
+            _ => self.generate()?,
+        };
+        Ok(Some(match metric {
+            BestMetric::CeF1 => r.ce.as_ref().map_or(0.0, |c| c.micro.f1),
+            BestMetric::Bleu4 => r.bleu_4,
+            BestMetric::RougeL => r.rouge_l,
+            BestMetric::CiderD => r.cider_d,
+            BestMetric::None | BestMetric::ValLoss => unreachable!("handled above"),
+        }))
+    }
+
+    /// Whether `train.early_stop_patience` saves in a row did not beat the best.
+    fn early_stop(&self) -> bool {
+        let p = self.cfg.train.early_stop_patience;
+        let stop = p > 0 && self.misses >= p;
+        if stop {
+            crate::errln!(
+                "early stop at step {}: {} saves without a better {} (best {:?})",
+                self.state.step,
+                self.misses,
+                self.cfg.train.best_metric.name(),
+                self.best.map(|b| (b.step, b.value))
+            );
+        }
+        stop
+    }
+
+    /// A checkpoint of the current step (rank 0 writes it), judged by `train.best_metric`
+    /// (every rank evaluates it: it may take collectives) and made the run's `best` when better.
+    fn save(&mut self) -> Result<()> {
+        let value = self.best_value()?;
+        let (step, root) = (self.state.step, self.comm.rank() == 0);
+        if root {
+            checkpoint::save(
+                &self.run_dir,
+                &self.chat.model,
+                &self.opt,
+                &self.state,
+                self.cfg.train.keep_last,
+            )?;
+        }
+        self.saved_step = step;
+        if let Some(value) = value {
+            let metric = self.cfg.train.best_metric;
+            let better = match self.best {
+                None => !value.is_nan(),
+                Some(b) if metric.higher_is_better() => value > b.value,
+                Some(b) => value < b.value,
+            };
+            if better {
+                let record = checkpoint::BestRecord {
+                    metric,
+                    value,
+                    step,
+                };
+                if root {
+                    checkpoint::write_best(&self.run_dir, &record)?;
+                }
+                self.best = Some(record);
+                self.misses = 0;
+            } else {
+                self.misses += 1;
+            }
+        }
+        Ok(())
     }
 
     /// The start record and line: ranks, backend, device, parameters, global batch.
@@ -524,8 +675,8 @@ impl<'c> Trainer<'c> {
         let count = |vs: &tch::nn::VarStore| -> i64 {
             vs.variables().values().map(|t| t.numel() as i64).sum()
         };
-        let trainable = count(&self.model.lora);
-        let params = count(&self.model.base) + trainable;
+        let trainable = count(&self.chat.model.lora);
+        let params = count(&self.chat.model.base) + trainable;
         let (tc, world) = (&self.cfg.train, self.comm.world_size());
         let global_batch = world as i64 * self.cfg.loader.batch_size as i64 * tc.grad_accum;
         let dev = self.dev;
@@ -623,7 +774,8 @@ fn setup_data(cfg: &Config, tokenizer: &ChatGlmTokenizer, sat: &SatModelConfig) 
     }
     let ds = pad_to(
         cfg,
-        Dataset::new(train, &builder, cfg.image.processor(), &file)?,
+        Dataset::new(train, &builder, cfg.image.processor(), &file)?
+            .with_ablation(cfg.image.ablation)?,
     )?;
     if ds.max_seq_len as i64 > sat.max_sequence_length {
         bail!(
@@ -669,7 +821,8 @@ fn held_out_batches(cfg: &Config, data: &Data) -> Result<Vec<Batch>> {
             &data.builder,
             cfg.image.processor(),
             &data.file,
-        )?,
+        )?
+        .with_ablation(cfg.image.ablation)?,
     )?;
     let vcfg = LoaderConfig {
         shuffle: false,

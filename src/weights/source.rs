@@ -236,6 +236,10 @@ pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
 /// when `latest` is broken the newest complete step folder.
 pub fn resolve_run(dir: &Path) -> PathBuf {
     use crate::train::checkpoint;
+    // `RUN/best`, `RUN/latest`: the checkpoint the file names.
+    if let Some(ck) = checkpoint::pointer(dir) {
+        return ck;
+    }
     checkpoint::latest(dir)
         .or_else(|| checkpoint::newest_complete(dir).map(|s| dir.join(s.to_string())))
         .unwrap_or_else(|| dir.to_path_buf())
