@@ -744,3 +744,42 @@ fn without_a_terminal_progress_is_plain_log_lines() {
         );
     }
 }
+
+/// `train.early_stop_patience`: a run whose `best_metric` stops improving ends (with a checkpoint)
+/// after that many saves without a better value. An untrained tiny model's 4-token reports state
+/// no finding, so its CE-F1 is the same at every save: the first save is the best, the second
+/// misses, and patience 1 stops there — at step 4 of 10; `best` names step 2.
+#[test]
+fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(
+        dir.path(),
+        "es",
+        &[
+            "train.save_interval=2",
+            "train.val_fraction=0.25",
+            "train.eval_generate_films=3",
+            "train.eval_max_new_tokens=4",
+            "train.best_metric=\"ce_f1\"",
+            "train.early_stop_patience=1",
+        ],
+    );
+    let summary = xrayglm::train::finetune(&c, &tok).unwrap();
+    assert_eq!(summary.steps, 4);
+    let run = summary.run_dir;
+    assert_eq!(
+        std::fs::read_to_string(run.join("latest")).unwrap().trim(),
+        "4"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("best")).unwrap().trim(),
+        "2"
+    );
+    let best = xrayglm::train::checkpoint::read_best(&run).unwrap();
+    assert_eq!(
+        (best.metric, best.step),
+        (xrayglm::config::BestMetric::CeF1, 2)
+    );
+}

@@ -380,18 +380,11 @@ impl Labeler {
         Labels::from_mentions(mentions)
     }
 
-    /// Label the mentions of one clause; returns the negation cue of its last mention when that
-    /// one was negated by a cue before it (a list that may go on after a list break).
-    fn label_clause(
-        &self,
-        clause: &str,
-        carried: Option<String>,
-        out: &mut Vec<Mention>,
-    ) -> Option<String> {
-        // Every phrase of every observation; a longer hit of one observation hides the
-        // shorter ones inside it (and `ignore` hits hide that observation's mentions).
+    /// Every phrase of every observation in a clause, with the shorter hits of one observation
+    /// inside a longer one dropped (and its mentions under an `ignore` hit); also the spans of
+    /// the phrases' own words, inside which cues do not count (不 in 肺不张; a gap's do).
+    fn mentions_in(&self, clause: &str) -> (Vec<(Observation, Kind, Hit)>, Vec<Hit>) {
         let mut hits: Vec<(Observation, Kind, Hit)> = Vec::new();
-        // Cues never count inside a phrase's own words (不 in 肺不张); they do inside a gap.
         let mut words: Vec<Hit> = Vec::new();
         for (obs, kind, plain, gapped) in &self.mentions {
             for (s, e) in plain.find(clause) {
@@ -404,7 +397,7 @@ impl Labeler {
                 hits.push((*obs, *kind, Hit { start: s, end: e }));
             }
         }
-        let kept: Vec<(Observation, Kind, Hit)> = hits
+        let kept = hits
             .iter()
             .filter(|(o, k, h)| {
                 *k != Kind::Ignore
@@ -416,85 +409,73 @@ impl Labeler {
             })
             .copied()
             .collect();
-        let cues = |p: &Phrases, mask: &[Hit]| -> Vec<Hit> {
+        (kept, words)
+    }
+
+    /// The cues of a clause (none inside a mention's words, a pseudo-cue, or a strong
+    /// uncertainty cue) and the sides it names.
+    fn cues_in<'t>(&self, clause: &'t str, words: &[Hit]) -> ClauseCues<'t> {
+        let find = |p: &Phrases, mask: &[Hit]| -> Vec<Hit> {
             p.find(clause)
                 .into_iter()
                 .map(|(s, e)| Hit { start: s, end: e })
-                .filter(|c| {
-                    !words.iter().any(|m| m.overlaps(c)) && !mask.iter().any(|m| m.overlaps(c))
-                })
+                .filter(|c| !words.iter().chain(mask).any(|m| m.overlaps(c)))
                 .collect()
         };
-        let pseudo: Vec<Hit> = self
-            .pseudo
-            .find(clause)
-            .into_iter()
-            .map(|(s, e)| Hit { start: s, end: e })
-            .collect();
-        let strong = cues(&self.unc_strong, &pseudo);
+        let pseudo = find(&self.pseudo, &[]);
+        let strong = find(&self.unc_strong, &pseudo);
         let mut mask = strong.clone();
         mask.extend(&pseudo);
-        let neg_b = cues(&self.neg_before, &mask);
-        let neg_a = cues(&self.neg_after, &mask);
-        let unc_b = cues(&self.unc_before, &mask);
-        let unc_a = cues(&self.unc_after, &mask);
-        let unc_n = cues(&self.unc_near, &mask);
-        let neg_n = cues(&self.neg_near, &mask);
-        let sides: Vec<(Side, Hit)> = self
-            .sides
-            .iter()
-            .flat_map(|(side, p)| {
-                p.find(clause)
-                    .into_iter()
-                    .map(move |(s, e)| (*side, Hit { start: s, end: e }))
-            })
-            .collect();
-        // A cue before the mention (or inside its gap) / after it (or inside its gap).
-        let before = |list: &[Hit], h: &Hit| {
-            list.iter()
-                .rev()
-                .find(|c| c.end <= h.start || h.contains(c))
-                .copied()
-        };
-        let near = |list: &[Hit], h: &Hit| {
-            list.iter()
-                .find(|c| {
-                    let gap = if c.end <= h.start {
-                        clause[c.end..h.start].chars().count()
-                    } else if c.start >= h.end {
-                        clause[h.end..c.start].chars().count()
-                    } else {
-                        0
-                    };
-                    gap <= self.near
+        let neg_before = find(&self.neg_before, &mask);
+        let neg_after = find(&self.neg_after, &mask);
+        let mut negs = neg_before.clone();
+        negs.extend(&neg_after);
+        ClauseCues {
+            clause,
+            near: self.near,
+            unc_before: find(&self.unc_before, &mask),
+            unc_after: find(&self.unc_after, &mask),
+            unc_near: find(&self.unc_near, &mask),
+            neg_near: find(&self.neg_near, &mask),
+            affirm: find(&self.affirm, &negs),
+            neg_before,
+            neg_after,
+            strong,
+            sides: self
+                .sides
+                .iter()
+                .flat_map(|(side, p)| {
+                    p.find(clause)
+                        .into_iter()
+                        .map(move |(s, e)| (*side, Hit { start: s, end: e }))
                 })
-                .copied()
-        };
-        let after = |list: &[Hit], h: &Hit| {
-            list.iter()
-                .find(|c| c.start >= h.end || h.contains(c))
-                .copied()
-        };
+                .collect(),
+        }
+    }
+
+    /// Label the mentions of one clause; returns the negation cue of its last mention when that
+    /// one was negated by a cue before it (a list that may go on after a list break).
+    fn label_clause(
+        &self,
+        clause: &str,
+        carried: Option<String>,
+        out: &mut Vec<Mention>,
+    ) -> Option<String> {
+        let (kept, words) = self.mentions_in(clause);
+        let c = self.cues_in(clause, &words);
         if kept.is_empty() {
             // No mention: a negation at the end still opens a list ("没有任何病灶巩固，气胸或…").
-            return neg_b.last().map(|c| clause[c.start..c.end].to_string());
+            return c.neg_before.last().map(|h| c.text(*h));
         }
-        // A list carried over from the clause before: this clause starts with a mention and has
-        // no cue of its own.
+        // A list carried over from the clause before: this clause is a list item — at most three
+        // characters before its first mention ("局灶性") and after its last ("的证据"), no cue
+        // and no "有" of its own ("右肺基底瘢痕也很稳定" is a sentence of its own). "或" beside a
+        // mention is no cue here: "…，胸腔积液或气胸" goes on the list.
         let first = kept.iter().map(|(_, _, h)| h.start).min().unwrap_or(0);
-        // ("或" beside a mention is not a cue of its own here: "…，胸腔积液或气胸" goes on the list.)
-        let own_cues = [&strong, &neg_b, &neg_a, &unc_b, &unc_a, &neg_n]
-            .iter()
-            .any(|l| !l.is_empty());
-        let mut negs = neg_b.clone();
-        negs.extend(&neg_a);
-        let affirmed = cues(&self.affirm, &negs).iter().any(|a| a.end <= first);
-        // A list item: at most three characters before the first mention ("局灶性") and after
-        // the last ("的证据"); "右肺基底瘢痕也很稳定" is a sentence of its own.
         let last_end = kept.iter().map(|(_, _, h)| h.end).max().unwrap_or(0);
         let carried = carried.filter(|_| {
-            !own_cues
-                && !affirmed
+            !c.has_own_cues()
+                && !c.affirm.iter().any(|a| a.end <= first)
                 && clause[..first].chars().count() <= 3
                 && clause[last_end..].trim_end().chars().count() <= 3
         });
@@ -504,53 +485,135 @@ impl Labeler {
                 Kind::Negative => (State::Negative, None),
                 Kind::Uncertain => (State::Uncertain, None),
                 _ => {
-                    let text = |c: Hit| Some(clause[c.start..c.end].to_string());
-                    if let Some(c) = strong.first() {
-                        (State::Uncertain, text(*c))
-                    } else if let Some(c) = before(&neg_b, &h) {
-                        if last_negated.as_ref().is_none_or(|(end, _)| h.end >= *end) {
-                            last_negated = Some((h.end, clause[c.start..c.end].to_string()));
-                        }
-                        (State::Negative, text(c))
-                    } else if let Some(c) = after(&neg_a, &h).or_else(|| near(&neg_n, &h)) {
-                        (State::Negative, text(c))
-                    } else if let Some(c) = &carried {
-                        last_negated = Some((h.end, c.clone()));
-                        (State::Negative, Some(c.clone()))
-                    } else if let Some(c) = before(&unc_b, &h)
-                        .or_else(|| after(&unc_a, &h))
-                        .or_else(|| near(&unc_n, &h))
+                    let (state, cue) = c.classify(&h, carried.as_deref());
+                    let negated_before = c.before(&c.neg_before, &h).is_some();
+                    if state == State::Negative
+                        && (negated_before || carried.is_some())
+                        && last_negated.as_ref().is_none_or(|(end, _)| h.end >= *end)
                     {
-                        (State::Uncertain, text(c))
-                    } else {
-                        (State::Positive, None)
+                        last_negated = cue.clone().map(|t| (h.end, t));
                     }
+                    (state, cue)
                 }
             };
-            // The side named nearest before the mention in its clause, else nearest after.
-            let side = sides
-                .iter()
-                .filter(|(_, s)| s.end <= h.start)
-                .max_by_key(|(_, s)| s.end)
-                .or_else(|| {
-                    sides
-                        .iter()
-                        .filter(|(_, s)| s.start >= h.end)
-                        .min_by_key(|(_, s)| s.start)
-                })
-                .map(|(side, _)| *side);
             out.push(Mention {
                 observation: obs,
                 state,
-                text: clause[h.start..h.end].to_string(),
+                text: c.text(h),
                 cue,
-                side: (state == State::Positive).then_some(side).flatten(),
+                side: (state == State::Positive).then(|| c.side_of(&h)).flatten(),
             });
         }
         // Carried on only when the negated mention is the clause's last.
         last_negated
             .filter(|(end, _)| *end >= last_end)
             .map(|(_, c)| c)
+    }
+}
+
+/// The cues found in one clause.
+struct ClauseCues<'t> {
+    clause: &'t str,
+    near: usize,
+    strong: Vec<Hit>,
+    neg_before: Vec<Hit>,
+    neg_after: Vec<Hit>,
+    neg_near: Vec<Hit>,
+    unc_before: Vec<Hit>,
+    unc_after: Vec<Hit>,
+    unc_near: Vec<Hit>,
+    affirm: Vec<Hit>,
+    sides: Vec<(Side, Hit)>,
+}
+
+impl ClauseCues<'_> {
+    fn text(&self, h: Hit) -> String {
+        self.clause[h.start..h.end].to_string()
+    }
+
+    fn has_own_cues(&self) -> bool {
+        [
+            &self.strong,
+            &self.neg_before,
+            &self.neg_after,
+            &self.unc_before,
+            &self.unc_after,
+            &self.neg_near,
+        ]
+        .iter()
+        .any(|l| !l.is_empty())
+    }
+
+    /// The nearest cue before the mention (or inside its gap).
+    fn before(&self, list: &[Hit], h: &Hit) -> Option<Hit> {
+        list.iter()
+            .rev()
+            .find(|c| c.end <= h.start || h.contains(c))
+            .copied()
+    }
+
+    /// The nearest cue after the mention (or inside its gap).
+    fn after(&self, list: &[Hit], h: &Hit) -> Option<Hit> {
+        list.iter()
+            .find(|c| c.start >= h.end || h.contains(c))
+            .copied()
+    }
+
+    /// A cue at most `near` characters from the mention, on either side.
+    fn beside(&self, list: &[Hit], h: &Hit) -> Option<Hit> {
+        list.iter()
+            .find(|c| {
+                let gap = if c.end <= h.start {
+                    self.clause[c.end..h.start].chars().count()
+                } else if c.start >= h.end {
+                    self.clause[h.end..c.start].chars().count()
+                } else {
+                    0
+                };
+                gap <= self.near
+            })
+            .copied()
+    }
+
+    /// A positive-kind mention's state and the cue that set it: strong uncertainty, then
+    /// negation, then a negated list carried over, then uncertainty, else positive.
+    fn classify(&self, h: &Hit, carried: Option<&str>) -> (State, Option<String>) {
+        if let Some(c) = self.strong.first() {
+            return (State::Uncertain, Some(self.text(*c)));
+        }
+        if let Some(c) = self
+            .before(&self.neg_before, h)
+            .or_else(|| self.after(&self.neg_after, h))
+            .or_else(|| self.beside(&self.neg_near, h))
+        {
+            return (State::Negative, Some(self.text(c)));
+        }
+        if let Some(c) = carried {
+            return (State::Negative, Some(c.to_string()));
+        }
+        if let Some(c) = self
+            .before(&self.unc_before, h)
+            .or_else(|| self.after(&self.unc_after, h))
+            .or_else(|| self.beside(&self.unc_near, h))
+        {
+            return (State::Uncertain, Some(self.text(c)));
+        }
+        (State::Positive, None)
+    }
+
+    /// The side named nearest before the mention in its clause, else nearest after.
+    fn side_of(&self, h: &Hit) -> Option<Side> {
+        self.sides
+            .iter()
+            .filter(|(_, s)| s.end <= h.start)
+            .max_by_key(|(_, s)| s.end)
+            .or_else(|| {
+                self.sides
+                    .iter()
+                    .filter(|(_, s)| s.start >= h.end)
+                    .min_by_key(|(_, s)| s.start)
+            })
+            .map(|(side, _)| *side)
     }
 }
 
