@@ -606,8 +606,8 @@ impl<'c> Trainer<'c> {
             BestMetric::CeF1 => r.ce.as_ref().map_or(0.0, |c| c.micro.f1),
             BestMetric::Bleu4 => r.bleu_4,
             BestMetric::RougeL => r.rouge_l,
-            BestMetric::CiderD => r.cider_d,
-            BestMetric::None | BestMetric::ValLoss => unreachable!("handled above"),
+            // CIDEr-D (None and ValLoss returned above).
+            _ => r.cider_d,
         }))
     }
 

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::{Labeler, Labels, Observation, State};
+use crate::eval::metrics::Lang;
 
 /// One report of a file: its id, its text and, in a hypotheses file, its reference(s).
 #[derive(Debug, Clone)]
@@ -165,4 +166,181 @@ pub fn label_line(id: &str, labels: &Labels, evidence: bool) -> serde_json::Valu
         v["mentions"] = serde_json::to_value(&labels.mentions).unwrap_or_default();
     }
     v
+}
+
+/// zh when a CJK character occurs in the first reports, else en.
+pub fn detect_lang(texts: &[ReportText]) -> Lang {
+    let cjk = texts
+        .iter()
+        .take(50)
+        .flat_map(|t| t.text.chars())
+        .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c));
+    if cjk {
+        Lang::Zh
+    } else {
+        Lang::En
+    }
+}
+
+/// A rule file's labeler, or the embedded rules of the given (else detected) language.
+pub fn labeler_for(
+    lang: Option<Lang>,
+    rules: Option<&Path>,
+    texts: &[ReportText],
+) -> Result<Labeler> {
+    match rules {
+        Some(p) => Labeler::new(&super::RuleSet::load(p)?),
+        None => Ok(Labeler::builtin(lang.unwrap_or_else(|| detect_lang(texts)))),
+    }
+}
+
+/// The reports of a file with their labels (and, for a hypotheses file, their references').
+pub struct Labelled {
+    pub reports: Vec<ReportText>,
+    pub lang: Lang,
+    pub labels: Vec<Labels>,
+    /// The references' labels, when the file is a hypotheses file.
+    pub references: Option<Vec<Labels>>,
+}
+
+impl Labelled {
+    /// Label every report of a file (each distinct text once with `distinct`).
+    pub fn file(
+        path: &Path,
+        distinct: bool,
+        lang: Option<Lang>,
+        rules: Option<&Path>,
+    ) -> Result<Self> {
+        let mut reports = read_reports(path)?;
+        if distinct {
+            let mut seen = std::collections::HashSet::new();
+            reports.retain(|r| seen.insert(r.text.trim().to_string()));
+        }
+        let labeler = labeler_for(lang, rules, &reports)?;
+        let labels = reports.iter().map(|r| labeler.label(&r.text)).collect();
+        let references = reports.iter().any(|r| !r.references.is_empty()).then(|| {
+            reports
+                .iter()
+                .map(|r| label_references(&labeler, &r.references))
+                .collect()
+        });
+        Ok(Self {
+            reports,
+            lang: labeler.lang(),
+            labels,
+            references,
+        })
+    }
+
+    /// CE metrics of a hypotheses file's reports against their references.
+    pub fn ce(&self, uncertain_as: super::ce::UncertainAs) -> Option<super::ce::CeReport> {
+        let refs = self.references.as_ref()?;
+        let hyp: Vec<&str> = self.reports.iter().map(|r| r.text.as_str()).collect();
+        let first: Vec<&str> = self
+            .reports
+            .iter()
+            .map(|r| r.references.first().map(String::as_str).unwrap_or(""))
+            .collect();
+        Some(super::ce::score(
+            &self.labels,
+            refs,
+            &hyp,
+            &first,
+            uncertain_as,
+        ))
+    }
+
+    /// Agreement with a second labelling of the same reports (matched by id; one missing is an
+    /// error naming it): the other file's language detected unless given.
+    pub fn agreement(
+        &self,
+        other: &Path,
+        lang: Option<Lang>,
+        rules: Option<&Path>,
+    ) -> Result<(Lang, Vec<super::ce::Agreement>)> {
+        let theirs = read_reports(other)?;
+        let by_id: std::collections::HashMap<&str, &ReportText> =
+            theirs.iter().map(|r| (r.id.as_str(), r)).collect();
+        let paired: Vec<ReportText> = self
+            .reports
+            .iter()
+            .map(|r| {
+                by_id
+                    .get(r.id.as_str())
+                    .map(|t| (*t).clone())
+                    .with_context(|| format!("{}: no report with id {:?}", other.display(), r.id))
+            })
+            .collect::<Result<_>>()?;
+        let labeler = labeler_for(lang, rules, &paired)?;
+        let theirs: Vec<Labels> = paired.iter().map(|r| labeler.label(&r.text)).collect();
+        Ok((labeler.lang(), super::ce::agreement(&self.labels, &theirs)))
+    }
+
+    /// One JSON line per report (hypotheses files: both sides' labels).
+    pub fn lines(&self, evidence: bool) -> Result<String> {
+        let mut text = String::new();
+        for (i, (r, l)) in self.reports.iter().zip(&self.labels).enumerate() {
+            let line = match &self.references {
+                Some(refs) => serde_json::json!({
+                    "id": r.id,
+                    "hypothesis": label_line(&r.id, l, evidence),
+                    "reference": label_line(&r.id, &refs[i], evidence),
+                }),
+                None => label_line(&r.id, l, evidence),
+            };
+            text.push_str(&serde_json::to_string(&line)?);
+            text.push('\n');
+        }
+        Ok(text)
+    }
+}
+
+/// Per-observation state counts as a Markdown table.
+pub fn counts_markdown(what: &str, labels: &[Labels]) -> String {
+    let mut s = format!(
+        "\n| observation ({what}: {}) | positive | uncertain | negative | not mentioned |\n|---|---|---|---|---|\n",
+        labels.len()
+    );
+    for c in counts(labels) {
+        let o = c.observation.map(|o| o.name()).unwrap_or("");
+        s.push_str(&format!(
+            "| {o} | {} | {} | {} | {} |\n",
+            c.positive, c.uncertain, c.negative, c.not_mentioned
+        ));
+    }
+    s
+}
+
+/// Per-observation agreement as a Markdown table.
+pub fn agreement_markdown(rows: &[super::ce::Agreement], la: Lang, lb: Lang) -> String {
+    let name = |l: Lang| match l {
+        Lang::Zh => "zh",
+        Lang::En => "en",
+    };
+    let (a, b) = (name(la), name(lb));
+    let mut s = format!(
+        "\n| observation | κ (4 states) | κ (positive) | positive {a} / {b} | negative {a} / {b} | uncertain {a} / {b} | commonest disagreements ({a} → {b}) |\n|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        let dis: Vec<String> = r
+            .disagreements
+            .iter()
+            .take(3)
+            .map(|(x, y, n)| format!("{}→{} {n}", x.mark(), y.mark()))
+            .collect();
+        s.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {} / {} | {} / {} | {} / {} | {} |\n",
+            r.observation.name(),
+            r.kappa,
+            r.kappa_positive,
+            r.a[3],
+            r.b[3],
+            r.a[1],
+            r.b[1],
+            r.a[2],
+            r.b[2],
+            dis.join(", ")
+        ));
+    }
+    s
 }
