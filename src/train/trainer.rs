@@ -182,6 +182,11 @@ impl<'c> Trainer<'c> {
             rank: comm.rank(),
             world_size: comm.world_size(),
         };
+        if cfg.train.best_metric == crate::config::BestMetric::ValLoss && data.val.is_empty() {
+            bail!(
+                "train.best_metric = \"val_loss\" needs held-out films: set train.val_fraction > 0"
+            );
+        }
         let gen = super::generation::GenEval::setup(
             cfg,
             &data.val,
