@@ -32,17 +32,7 @@ fn demo() -> Option<&'static Demo> {
         let shared = common::shared()?;
         let dir = tempfile::tempdir().unwrap();
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
-        let data = dir.path().join("data");
-        let overrides = vec![
-            format!("synthetic.out_dir={:?}", data.display().to_string()),
-            format!(
-                "data.path={:?}",
-                data.join("Xray/synth-zh.json").display().to_string()
-            ),
-            format!("train.out_dir={:?}", dir.path().display().to_string()),
-            "train.progress=false".to_string(),
-            "model.device=\"cpu\"".to_string(),
-        ];
+        let overrides = demo_overrides(&dir.path().join("data"), dir.path());
         let tokenizer = common::ice_text(&shared);
         let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
             .arg("finetune")
@@ -71,6 +61,20 @@ fn demo() -> Option<&'static Demo> {
         })
     })
     .as_ref()
+}
+
+/// The demo config's overrides for a run in `out` on the synthetic set in `data`, on the CPU.
+fn demo_overrides(data: &Path, out: &Path) -> Vec<String> {
+    vec![
+        format!("synthetic.out_dir={:?}", data.display().to_string()),
+        format!(
+            "data.path={:?}",
+            data.join("Xray/synth-zh.json").display().to_string()
+        ),
+        format!("train.out_dir={:?}", out.display().to_string()),
+        "train.progress=false".to_string(),
+        "model.device=\"cpu\"".to_string(),
+    ]
 }
 
 fn xrayglm(d: &Demo) -> Command {
@@ -853,19 +857,13 @@ fn image_ablation_tells_a_model_that_reads_its_films_from_one_that_does_not() {
         .arg("finetune")
         .arg("--config")
         .arg(&cfg)
-        .args(common::set_args([
-            format!("synthetic.out_dir={:?}", data.display().to_string()),
-            format!(
-                "data.path={:?}",
-                data.join("Xray/synth-zh.json").display().to_string()
-            ),
-            format!("train.out_dir={:?}", dir.path().display().to_string()),
-            "train.name=\"blind\"".to_string(),
-            "train.train_iters=200".to_string(),
-            "train.progress=false".to_string(),
-            "model.device=\"cpu\"".to_string(),
-            "image.ablation=\"blank\"".to_string(),
-        ]))
+        .args(common::set_args(
+            demo_overrides(&data, dir.path()).into_iter().chain([
+                "train.name=\"blind\"".to_string(),
+                "train.train_iters=200".to_string(),
+                "image.ablation=\"blank\"".to_string(),
+            ]),
+        ))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

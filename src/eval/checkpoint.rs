@@ -7,13 +7,11 @@
 //! `train.val_fraction`, `train.seed`, prompt and sample settings — exactly the trainer's split), or
 //! every record of a separate file (`--data FILE`), or a held-out fraction of it with a seed.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use tch::Tensor;
 
 use super::metrics::Lang;
 use super::{Report, Scored};
@@ -22,7 +20,7 @@ use crate::data::batch::{
     Dataset, ImageAblation, Loader, LoaderConfig, LoaderState, Sampler, Shard,
 };
 use crate::data::records::{load_records, Record};
-use crate::data::sample::{Language, SampleBuilder};
+use crate::data::sample::SampleBuilder;
 use crate::infer::chat::{ChatModel, ChatSettings};
 
 /// Where the films come from and which of them are evaluated.
@@ -126,10 +124,7 @@ pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData
     if records.is_empty() {
         bail!("{file}: the evaluation split ({what}) has no records");
     }
-    let lang = match cfg.sample.language {
-        Language::English => Lang::En,
-        _ => Lang::Zh,
-    };
+    let lang = Lang::of(cfg.sample.language);
     Ok(EvalData {
         cfg,
         file,
@@ -434,28 +429,14 @@ fn pass(
             }
         }
         if generate {
-            // One decoding call per distinct question in the batch (random-prompt data).
-            let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-            for (row, &i) in b.indices.iter().enumerate() {
-                by_prompt
-                    .entry(data.records[i].prompt.as_str())
-                    .or_default()
-                    .push(row);
-            }
-            for (query, rows) in by_prompt {
-                let (ids, _) = chat.prompt_ids(&[], query, o.settings.english, true)?;
-                let settings = ChatSettings {
-                    max_length: ids.len() + o.max_new_tokens,
-                    ..o.settings.clone()
-                };
-                let imgs: Vec<Tensor> = rows
-                    .iter()
-                    .map(|&r| embeds.narrow(0, r as i64, 1))
-                    .collect();
-                let out = chat.answer_images(&imgs, query, &settings)?;
-                for (&r, h) in rows.iter().zip(out) {
-                    hyps[b.indices[r]] = Some(h);
-                }
+            let questions: Vec<&str> = b
+                .indices
+                .iter()
+                .map(|&i| data.records[i].prompt.as_str())
+                .collect();
+            let reports = chat.answer_batch(&embeds, &questions, &o.settings, o.max_new_tokens)?;
+            for (&i, h) in b.indices.iter().zip(reports) {
+                hyps[i] = Some(h);
             }
         }
         done += b.batch_size as u64;

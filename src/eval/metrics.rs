@@ -24,6 +24,16 @@ pub enum Lang {
     En,
 }
 
+impl Lang {
+    /// The report language of a `sample.language` setting.
+    pub fn of(language: crate::data::sample::Language) -> Self {
+        match language {
+            crate::data::sample::Language::English => Lang::En,
+            _ => Lang::Zh,
+        }
+    }
+}
+
 /// Split a report into metric tokens (see the module documentation).
 pub fn tokenize(text: &str, lang: Lang) -> Vec<String> {
     let text = match lang {

@@ -155,6 +155,38 @@ impl ChatModel {
         Ok(chat)
     }
 
+    /// One report per image of a batch, each answering its own question (`questions[r]` for row
+    /// r of `embeds`): one decoding call per distinct question (random-prompt data), at most
+    /// `max_new_tokens` new tokens and never past the model's positions.
+    pub fn answer_batch(
+        &self,
+        embeds: &Tensor,
+        questions: &[&str],
+        settings: &ChatSettings,
+        max_new_tokens: usize,
+    ) -> Result<Vec<String>> {
+        let mut by_question: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for (row, q) in questions.iter().enumerate() {
+            by_question.entry(q).or_default().push(row);
+        }
+        let mut out = vec![String::new(); questions.len()];
+        for (query, rows) in by_question {
+            let (ids, _) = self.prompt_ids(&[], query, settings.english, true)?;
+            let s = ChatSettings {
+                max_length: (ids.len() + max_new_tokens).min(self.max_positions()),
+                ..settings.clone()
+            };
+            let imgs: Vec<Tensor> = rows
+                .iter()
+                .map(|&r| embeds.narrow(0, r as i64, 1))
+                .collect();
+            for (&r, h) in rows.iter().zip(self.answer_images(&imgs, query, &s)?) {
+                out[r] = h;
+            }
+        }
+        Ok(out)
+    }
+
     /// Image embeddings `[1, image_length, hidden]` of an encoded image file's bytes.
     pub fn encode_image_bytes(&self, bytes: &[u8]) -> Result<Tensor> {
         let px = self.images.process_bytes(bytes)?;

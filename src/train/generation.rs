@@ -7,16 +7,14 @@
 //! are the ones a single process gets — and the reports are gathered to every rank through one
 //! sum all-reduce of their UTF-8 bytes (each film's row written by one rank only).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use tch::Tensor;
 
 use crate::config::Config;
 use crate::data::batch::{Dataset, Loader, LoaderConfig, LoaderState, Sampler, Shard};
 use crate::data::records::Record;
-use crate::data::sample::{Language, SampleBuilder};
+use crate::data::sample::SampleBuilder;
 use crate::dist::Comm;
 use crate::eval::metrics::Lang;
 use crate::eval::{Labelers, Report, Scored};
@@ -62,10 +60,7 @@ impl GenEval {
                 drop_last: false,
                 ..loader.clone()
             },
-            lang: match cfg.sample.language {
-                Language::English => Lang::En,
-                _ => Lang::Zh,
-            },
+            lang: Lang::of(cfg.sample.language),
             max_new_tokens: tc.eval_max_new_tokens.max(1),
             labelers: Labelers::builtin(),
         }))
@@ -87,7 +82,10 @@ impl GenEval {
             LoaderState::default(),
         )?;
         let batches = loader.batches_per_epoch();
-        let mut settings = ChatSettings::default();
+        let mut settings = ChatSettings {
+            english: self.lang == Lang::En,
+            ..Default::default()
+        };
         settings.sampling.greedy = true;
         settings.sampling.repetition_penalty = 1.0;
         let model = &chat.model;
@@ -99,27 +97,14 @@ impl GenEval {
             let t = b.to_tensors(model.device());
             let embeds =
                 tch::no_grad(|| model.encode_image(&t.images.to_kind(model.kind()), false).2);
-            let mut by_prompt: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-            for (row, &i) in b.indices.iter().enumerate() {
-                by_prompt
-                    .entry(self.ds.records[i].prompt.as_str())
-                    .or_default()
-                    .push(row);
-            }
-            for (query, rows) in by_prompt {
-                let (ids, _) = chat.prompt_ids(&[], query, self.lang == Lang::En, true)?;
-                let s = ChatSettings {
-                    max_length: (ids.len() + self.max_new_tokens).min(chat.max_positions()),
-                    english: self.lang == Lang::En,
-                    ..settings.clone()
-                };
-                let imgs: Vec<Tensor> = rows
-                    .iter()
-                    .map(|&r| embeds.narrow(0, r as i64, 1))
-                    .collect();
-                for (&r, h) in rows.iter().zip(chat.answer_images(&imgs, query, &s)?) {
-                    reports[b.indices[r]] = Some(h);
-                }
+            let questions: Vec<&str> = b
+                .indices
+                .iter()
+                .map(|&i| self.ds.records[i].prompt.as_str())
+                .collect();
+            let out = chat.answer_batch(&embeds, &questions, &settings, self.max_new_tokens)?;
+            for (&i, h) in b.indices.iter().zip(out) {
+                reports[i] = Some(h);
             }
         }
         let reports = gather(&reports, comm)?;

@@ -217,7 +217,8 @@ impl<'c> Trainer<'c> {
             state.step as u64,
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
         );
-        let run_dir_for_best = run_dir.clone();
+        // The best checkpoint so far (a resume keeps it), by this run's metric.
+        let best = checkpoint::read_best(&run_dir).filter(|b| b.metric == cfg.train.best_metric);
         let mut trainer = Self {
             cfg,
             dev,
@@ -243,8 +244,7 @@ impl<'c> Trainer<'c> {
             val_step: -1,
             last_gen: None,
             gen,
-            best: checkpoint::read_best(&run_dir_for_best)
-                .filter(|b| b.metric == cfg.train.best_metric),
+            best,
             misses: 0,
             saved_step: -1,
             peak_gpu_mib: 0.0,
