@@ -33,12 +33,14 @@ pub struct FindingsArgs {
     /// per-observation agreement (Cohen's κ), counts and the commonest disagreements.
     #[arg(long)]
     pub against: Option<PathBuf>,
-    #[arg(long, value_parser = xrayglm::config::parse_enum::<Lang>)]
+    /// The second file's language (default: detected).
+    #[arg(long = "against_lang", alias = "against-lang", value_parser = xrayglm::config::parse_enum::<Lang>)]
     pub against_lang: Option<Lang>,
-    #[arg(long)]
+    /// A rule file for the second file.
+    #[arg(long = "against_rules", alias = "against-rules")]
     pub against_rules: Option<PathBuf>,
     /// With a hypotheses file: count uncertain findings as positive (default: as negative).
-    #[arg(long)]
+    #[arg(long = "uncertain_positive", alias = "uncertain-positive")]
     pub uncertain_positive: bool,
 }
 
