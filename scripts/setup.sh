@@ -9,6 +9,8 @@
 #     strace (the durability test watches the fsync / rename order)
 #   * for the web demo's browser test: apt chromium + fonts-noto-cjk, Node.js/npm, and
 #     playwright-core (npm, no browser download) under $XRAYGLM_PREFIX/node; --no-browser skips them
+#   * for the API test: the official `openai` Python client (pinned) in a venv at
+#     $XRAYGLM_PREFIX/openai-venv
 #   * libtorch 2.11.0 (tch 0.24) from the PyPI wheel into a venv under $XRAYGLM_PREFIX
 #     (default /opt/xrayglm), linked as $XRAYGLM_PREFIX/libtorch. .cargo/config.toml points
 #     LIBTORCH there; with another prefix, export LIBTORCH=$XRAYGLM_PREFIX/libtorch.
@@ -20,6 +22,7 @@ TORCH_VERSION=2.11.0
 CUDA=0
 BROWSER=1
 PLAYWRIGHT_VERSION=1.49.1
+OPENAI_VERSION=3.60.0
 for a in "$@"; do
   case "$a" in
     --cuda) CUDA=1 ;;
@@ -93,6 +96,18 @@ if [ "$BROWSER" = 1 ]; then
     [ -f "$PREFIX/node/package.json" ] || echo '{"name": "xrayglm-browser-test", "private": true}' > "$PREFIX/node/package.json"
     (cd "$PREFIX/node" && npm install --silent --no-audit --no-fund "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
   fi
+fi
+# The official OpenAI client, for the API test (tests/openai/check_serve.py).
+OPENAI_VENV="$PREFIX/openai-venv"
+if ! "$OPENAI_VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  echo "setup: pip install openai==$OPENAI_VERSION into $OPENAI_VENV (one time)"
+  $SUDO mkdir -p "$PREFIX"
+  [ -w "$PREFIX" ] || $SUDO chown "$(id -u):$(id -g)" "$PREFIX"
+  rm -rf "$OPENAI_VENV.partial"
+  python3 -m venv "$OPENAI_VENV.partial"
+  "$OPENAI_VENV.partial/bin/pip" install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
+  rm -rf "$OPENAI_VENV"
+  mv "$OPENAI_VENV.partial" "$OPENAI_VENV"
 fi
 if [ "$PREFIX" != /opt/xrayglm ] && [ -z "${LIBTORCH:-}" ]; then
   echo "setup: export LIBTORCH=$PREFIX/libtorch before cargo build" >&2

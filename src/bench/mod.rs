@@ -9,6 +9,7 @@ pub mod dist;
 pub mod generate;
 pub mod layer;
 pub mod model;
+pub mod serve;
 pub mod step;
 pub mod train;
 
@@ -19,6 +20,7 @@ pub use dist::*;
 pub use generate::*;
 pub use layer::*;
 pub use model::*;
+pub use serve::*;
 pub use step::*;
 pub use train::*;
 

@@ -23,6 +23,9 @@ pub enum BenchCommand {
     /// KV-cached greedy decoding of a preset (random weights): time to first token and tokens/s at
     /// batch 1 and 8; `--vs-sat PYTHON` runs the original's filling_sequence in the same run.
     Generate(bench::GenerateArgs),
+    /// The OpenAI-compatible server (continuous batching) under 1, 4, 8, 16 concurrent clients
+    /// against the same requests one at a time: tokens/s, time to first token, latency.
+    Serve(bench::ServeArgs),
     /// 2-rank data-parallel scaling on CPU (mpirun -np 2 vs one process, 1 thread each).
     Dist(bench::DistArgs),
     /// A LoRA training step through ChatGLM layers at a preset's width: the default kernels
@@ -48,6 +51,7 @@ impl BenchCommand {
             }
             Self::Train(a) => xrayglm::out!("{}", bench::train(&a)?),
             Self::Generate(a) => xrayglm::out!("{}", bench::generate(&a)?),
+            Self::Serve(a) => xrayglm::out!("{}", bench::serve(&a)?),
             Self::Dist(a) => xrayglm::out!("{}", bench::dist(&a)?),
             Self::Layer(a) => xrayglm::out!("{}", bench::layer(&a)?),
             Self::Step(a) => xrayglm::out!("{}", bench::step(&a)?),

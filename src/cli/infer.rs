@@ -1,4 +1,4 @@
-//! `xrayglm chat` and `xrayglm web`: loading a model for inference and its decoding settings.
+//! `xrayglm chat`, `serve` and `web`: loading a model for inference and its decoding settings.
 
 use std::path::PathBuf;
 
@@ -101,22 +101,43 @@ pub fn quantize(model: &mut xrayglm::model::visualglm::VisualGlm, quant: Option<
     }
 }
 
+/// What `serve` and `web` share: the model, its adapters, the engine's and the server's limits.
 #[derive(Args)]
-pub struct WebArgs {
+pub struct ServerArgs {
     #[command(flatten)]
     pub infer: InferArgs,
+    /// An adapter served beside the base model, chosen by `"model": NAME`: a training run or
+    /// checkpoint folder (or an xrayglm folder with lora.safetensors) trained on the same base.
+    /// Repeatable. The base's own adapters, if any, stay in place for the base name.
+    #[arg(long = "lora", value_name = "NAME=DIR")]
+    pub lora: Vec<String>,
+    /// The base model's name in `/v1/models` (default: the model folder's name).
+    #[arg(long = "served_model_name", alias = "served-model-name")]
+    pub served_model_name: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// 0 picks a free port (printed).
-    #[arg(long, default_value_t = 7860)]
-    pub port: u16,
-    /// Largest image upload, MiB.
+    /// Require `Authorization: Bearer KEY` on /v1/* (default: $XRAYGLM_API_KEY, else none).
+    #[arg(long = "api_key", alias = "api-key")]
+    pub api_key: Option<String>,
+    /// Rows decoded together at most (continuous batching); more requests wait.
+    #[arg(long = "max_batch", alias = "max-batch", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Requests waiting at most; more are answered 503.
+    #[arg(long = "max_queue", alias = "max-queue", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest API request body, MiB (images travel inside as base64).
+    #[arg(long = "max_body_mib", alias = "max-body-mib", default_value_t = 20)]
+    pub max_body_mib: usize,
+    /// Largest web-page image upload, MiB.
     #[arg(
         long = "max_upload_mib",
         alias = "max-upload-mib",
         default_value_t = 10
     )]
     pub max_upload_mib: usize,
+    /// Image URLs that are local paths are read from inside this folder only (default: refused).
+    #[arg(long = "allowed_local_media_path", alias = "allowed-local-media-path")]
+    pub allowed_local_media_path: Option<PathBuf>,
     /// Request threads.
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
@@ -127,6 +148,31 @@ pub struct WebArgs {
         default_value_t = 10.0
     )]
     pub body_timeout_s: f64,
+    /// Seconds the replies in flight get to finish after SIGTERM / Ctrl-C.
+    #[arg(
+        long = "shutdown_grace_s",
+        alias = "shutdown-grace-s",
+        default_value_t = 30.0
+    )]
+    pub shutdown_grace_s: f64,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// 0 picks a free port (printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+}
+
+#[derive(Args)]
+pub struct WebArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// 0 picks a free port (printed).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
 }
 
 #[derive(Args)]
@@ -141,20 +187,73 @@ pub struct ChatArgs {
     pub prompt: Option<String>,
 }
 
-/// `xrayglm web`: serve the page and its endpoints until stopped.
+/// `xrayglm serve`: the OpenAI-compatible API (and the page) until stopped.
+pub fn serve(a: ServeArgs) -> Result<()> {
+    run_server(a.server, a.port, "xrayglm serve: OpenAI-compatible API on")
+}
+
+/// `xrayglm web`: the page and its endpoints (and the API) until stopped.
 pub fn web(a: WebArgs) -> Result<()> {
-    let chat = a.infer.load()?;
-    let opts = xrayglm::infer::web::WebOptions {
+    run_server(a.server, a.port, "XrayGLM web demo on")
+}
+
+fn run_server(a: ServerArgs, port: u16, banner: &str) -> Result<()> {
+    use xrayglm::infer::engine::{Engine, EngineOptions, NamedAdapter};
+    let mut infer = a.infer.clone();
+    // Adapters swap over the base's weights: the base's own must stay unmerged beside them.
+    infer.no_merge |= !a.lora.is_empty();
+    let chat = infer.load()?;
+    let mut adapters = Vec::new();
+    for spec in &a.lora {
+        let (name, dir) = spec
+            .split_once('=')
+            .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("--lora {spec:?}: expected NAME=DIR"))?;
+        let weights = xrayglm::weights::source::load_adapter(
+            std::path::Path::new(dir),
+            &chat.model.cfg,
+            chat.model.device(),
+        )?;
+        xrayglm::errln!("adapter {name}: {}", weights.dir.display());
+        adapters.push(NamedAdapter {
+            name: name.to_string(),
+            weights,
+        });
+    }
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        let p = std::fs::canonicalize(&a.infer.from_pretrained)
+            .unwrap_or_else(|_| a.infer.from_pretrained.clone());
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "xrayglm".into())
+    });
+    let engine = Engine::start(
+        chat,
+        name,
+        adapters,
+        EngineOptions {
+            max_batch: a.max_batch,
+            max_queue: a.max_queue,
+        },
+    )?;
+    let opts = xrayglm::infer::server::ServerOptions {
         host: a.host,
-        port: a.port,
+        port,
         max_upload: a.max_upload_mib << 20,
+        max_body: a.max_body_mib << 20,
         threads: a.threads,
         body_timeout_s: a.body_timeout_s,
         settings: a.infer.settings(),
+        api_key: a
+            .api_key
+            .or_else(|| std::env::var("XRAYGLM_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
+        local_media: a.allowed_local_media_path,
+        shutdown_grace_s: a.shutdown_grace_s,
         ..Default::default()
     };
-    xrayglm::infer::web::serve(chat, opts, |addr| {
-        xrayglm::outln!("XrayGLM web demo on http://{addr}");
+    xrayglm::infer::server::serve(engine, opts, |addr| {
+        xrayglm::outln!("{banner} http://{addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
     })

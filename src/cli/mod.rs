@@ -70,8 +70,12 @@ pub enum Command {
     Parity(parity::ParityArgs),
     /// Chat about an X-ray (XrayGLM's cli_demo.py): one-shot with --image, else interactive.
     Chat(infer::ChatArgs),
-    /// The web demo (XrayGLM's web_demo.py): one page and JSON endpoints, http://HOST:PORT.
+    /// The web demo (XrayGLM's web_demo.py): one page and JSON endpoints, http://HOST:PORT
+    /// (the same server as `serve`, on port 7860).
     Web(infer::WebArgs),
+    /// An OpenAI-compatible API server (GET /v1/models, POST /v1/chat/completions, streaming)
+    /// with continuous batching and several LoRA adapters over one base (--lora NAME=DIR).
+    Serve(infer::ServeArgs),
     /// Score generated reports: `--hypotheses FILE.jsonl` (lines {"id", "reference",
     /// "hypothesis"[, "lang"]}) → BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap conventions) and
     /// ChatGLM's bleu-4, as JSON on stdout (and report.json + report.md with --out).
@@ -131,6 +135,7 @@ pub fn run() -> Result<()> {
         Command::Export(a) => export::export(a),
         Command::Parity(a) => parity::parity(a),
         Command::Web(a) => infer::web(a),
+        Command::Serve(a) => infer::serve(a),
         Command::Eval(a) => eval::eval(a),
         Command::Chat(a) => infer::chat(a),
         Command::Findings(a) => findings::findings(a),

@@ -238,7 +238,23 @@ impl ChatModel {
         english: bool,
         with_image: bool,
     ) -> Result<(Vec<i64>, i64)> {
-        let text = prompt_text(history, query, english);
+        self.prompt_ids_with_system("", history, query, english, with_image)
+    }
+
+    /// [`ChatModel::prompt_ids`] with a system text in front of the first question (VisualGLM
+    /// has no system role: the text and a line break go right after `</img>`; empty: none).
+    pub fn prompt_ids_with_system(
+        &self,
+        system: &str,
+        history: &[Turn],
+        query: &str,
+        english: bool,
+        with_image: bool,
+    ) -> Result<(Vec<i64>, i64)> {
+        let mut text = prompt_text(history, query, english);
+        if !system.is_empty() {
+            text = format!("{system}\n{text}");
+        }
         let mut ids = Vec::new();
         let pre = if with_image {
             ids.extend_from_slice(&self.img_open);

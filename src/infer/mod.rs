@@ -3,7 +3,10 @@
 
 pub mod chat;
 pub mod cli;
+pub mod engine;
 pub mod findings;
 pub mod generate;
+pub mod openai;
 pub mod sampling;
+pub mod server;
 pub mod web;

@@ -14,7 +14,7 @@
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::config::{LoraConfig, ModelConfig, RotaryPrecision};
+use super::config::{ModelConfig, RotaryPrecision};
 use super::lora::Lora;
 use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
 
@@ -22,14 +22,48 @@ use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
 struct Layer {
     input_layernorm: LayerNorm,
     qkv: Linear,
-    qkv_lora: Option<Lora>,
     dense: Linear,
-    dense_lora: Option<Lora>,
     post_attention_layernorm: LayerNorm,
     h_to_4h: Linear,
-    h_to_4h_lora: Option<Lora>,
     h4_to_h: Linear,
-    h4_to_h_lora: Option<Lora>,
+    lora: LayerLoras,
+}
+
+/// The LoRA adapters of one layer's linears (each may be absent). A model's set of these is what
+/// an adapter is: serving swaps sets in and out over one frozen base
+/// ([`ChatGlm::swap_adapters`]).
+#[derive(Debug, Default)]
+pub struct LayerLoras {
+    pub qkv: Option<Lora>,
+    pub dense: Option<Lora>,
+    pub h_to_4h: Option<Lora>,
+    pub h4_to_h: Option<Lora>,
+}
+
+/// The adapters `cfg.lora` puts on ChatGLM layer `i`, created (A uniform, B zero) in the fp32
+/// store `lora_p` under the names of the layers they adapt.
+pub fn layer_loras(lora_p: &Path, cfg: &ModelConfig, i: i64) -> LayerLoras {
+    let s = &cfg.sat;
+    let (h, inner) = (s.hidden_size, cfg.inner_hidden_size());
+    let heads = s.num_attention_heads;
+    let head_dim = h / heads;
+    let Some(l) = cfg.lora.as_ref().filter(|l| l.layers.contains(&i)) else {
+        return LayerLoras::default();
+    };
+    let ll = lora_p / "transformer" / "layers" / i;
+    let mk = |name: &str, i: i64, o: i64, parts: i64, hf: bool| {
+        let head_first = (hf && l.head_first).then_some((heads, head_dim));
+        let p = name.split('.').fold(ll.clone(), |p, part| p / part);
+        let mut lora = Lora::new(&p, i, o, parts, l.rank, l.scaling(), head_first);
+        lora.dropout = l.dropout;
+        lora
+    };
+    LayerLoras {
+        qkv: Some(mk("attention.query_key_value", h, 3 * h, 3, true)),
+        dense: Some(mk("attention.dense", h, h, 1, false)),
+        h_to_4h: l.mlp.then(|| mk("mlp.dense_h_to_4h", h, inner, 1, false)),
+        h4_to_h: l.mlp.then(|| mk("mlp.dense_4h_to_h", inner, h, 1, false)),
+    }
 }
 
 /// Dropout rates in train mode (sat: 0.1 each; HF ChatGLM: none).
@@ -139,6 +173,143 @@ impl KvCache {
             *v = v.index_select(0, rows);
         }
     }
+}
+
+/// Per-layer keys and values of sequences of different lengths decoded together (continuous
+/// batching): `[rows, heads, capacity, head_dim]` per layer, row `r` holding its first `lens[r]`
+/// positions. Rows join from a prefilled [`KvCache`] and leave by swap-remove, so the live rows
+/// are always `0..rows()`; memory grows by doubling and is freed when the last row leaves.
+#[derive(Debug, Default)]
+pub struct SlotCache {
+    layers: Vec<(Tensor, Tensor)>,
+    lens: Vec<i64>,
+}
+
+impl SlotCache {
+    /// Live rows.
+    pub fn rows(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Tokens held by each live row.
+    pub fn lens(&self) -> &[i64] {
+        &self.lens
+    }
+
+    /// Bytes the cache holds (capacity, not only the live rows).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| {
+                (k.numel() * k.kind().elt_size_in_bytes())
+                    + (v.numel() * v.kind().elt_size_in_bytes())
+            })
+            .sum()
+    }
+
+    /// Capacity `(rows, positions)`.
+    fn capacity(&self) -> (i64, i64) {
+        match self.layers.first() {
+            Some((k, _)) => (k.size()[0], k.size()[2]),
+            None => (0, 0),
+        }
+    }
+
+    /// Make room for `rows` rows of `positions` positions, keeping what is held.
+    fn reserve(&mut self, like: &[(Tensor, Tensor)], rows: i64, positions: i64) {
+        let (r0, t0) = self.capacity();
+        if rows <= r0 && positions <= t0 {
+            return;
+        }
+        let (r1, t1) = (
+            (rows.max(r0).max(1) as u64).next_power_of_two() as i64,
+            (positions.max(t0).max(16) as u64).next_power_of_two() as i64,
+        );
+        let live = self.lens.len() as i64;
+        let grow = |old: Option<&Tensor>, like: &Tensor| {
+            let s = like.size();
+            let t = Tensor::zeros([r1, s[1], t1, s[3]], (like.kind(), like.device()));
+            if let Some(o) = old.filter(|_| live > 0) {
+                t.narrow(0, 0, live)
+                    .narrow(2, 0, t0)
+                    .copy_(&o.narrow(0, 0, live));
+            }
+            t
+        };
+        let old = std::mem::take(&mut self.layers);
+        self.layers = like
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                let o = old.get(i);
+                (grow(o.map(|x| &x.0), k), grow(o.map(|x| &x.1), v))
+            })
+            .collect();
+    }
+
+    /// Add row `row` of a prefilled cache as a new last row; returns its index.
+    pub fn join(&mut self, from: &KvCache, row: i64) -> usize {
+        let len = from.len();
+        let like: Vec<(Tensor, Tensor)> = from
+            .layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+            .collect();
+        let r = self.lens.len() as i64;
+        let (_, t0) = self.capacity();
+        // Room for the prompt and a reply that may grow from it (doubling as it does).
+        self.reserve(&like, r + 1, len.max(t0));
+        for ((k, v), (fk, fv)) in self.layers.iter().zip(&like) {
+            k.narrow(0, r, 1)
+                .narrow(2, 0, len)
+                .copy_(&fk.narrow(0, row, 1));
+            v.narrow(0, r, 1)
+                .narrow(2, 0, len)
+                .copy_(&fv.narrow(0, row, 1));
+        }
+        self.lens.push(len);
+        r as usize
+    }
+
+    /// Remove row `r`: the last row takes its place (what [`Vec::swap_remove`] does).
+    pub fn swap_remove(&mut self, r: usize) {
+        let last = self.lens.len() - 1;
+        if r != last {
+            let n = self.lens[last];
+            for (k, v) in &self.layers {
+                k.narrow(0, r as i64, 1)
+                    .narrow(2, 0, n)
+                    .copy_(&k.narrow(0, last as i64, 1).narrow(2, 0, n));
+                v.narrow(0, r as i64, 1)
+                    .narrow(2, 0, n)
+                    .copy_(&v.narrow(0, last as i64, 1).narrow(2, 0, n));
+            }
+        }
+        self.lens.swap_remove(r);
+        if self.lens.is_empty() {
+            self.layers.clear();
+        }
+    }
+}
+
+/// How a layer's attention uses a cache.
+enum Kv<'a> {
+    /// Earlier tokens in front of this call's, which are appended (prefill and equal-length
+    /// batches).
+    Append(&'a mut Option<(Tensor, Tensor)>),
+    /// One new token per row written at the row's own position `at[r]`; the keys are the first
+    /// `keys` positions of every live row, the mask hides each row's unused ones.
+    Slots {
+        k: &'a mut Tensor,
+        v: &'a mut Tensor,
+        at: &'a Tensor,
+        keys: i64,
+    },
 }
 
 /// Inputs for one forward pass.
@@ -268,47 +439,21 @@ impl ChatGlm {
         let heads = s.num_attention_heads;
         let head_dim = h / heads;
         let t = p / "transformer";
-        let lt = lora_p / "transformer";
-        let lora_on = |i: i64| cfg.lora.as_ref().filter(|l| l.layers.contains(&i));
-        let mk = |lp: &Path, l: &LoraConfig, i: i64, o: i64, parts: i64, hf: bool| {
-            let head_first = (hf && l.head_first).then_some((heads, head_dim));
-            let mut lora = Lora::new(lp, i, o, parts, l.rank, l.scaling(), head_first);
-            lora.dropout = l.dropout;
-            lora
-        };
         let layers = (0..s.num_layers)
             .map(|i| {
                 let l = &t / "layers" / i;
-                let ll = &lt / "layers" / i;
-                let lora = lora_on(i);
                 Layer {
                     input_layernorm: LayerNorm::new(&(&l / "input_layernorm"), h, eps),
                     qkv: Linear::new(&(&l / "attention" / "query_key_value"), h, 3 * h, true),
-                    qkv_lora: lora.map(|c| {
-                        mk(
-                            &(&ll / "attention" / "query_key_value"),
-                            c,
-                            h,
-                            3 * h,
-                            3,
-                            true,
-                        )
-                    }),
                     dense: Linear::new(&(&l / "attention" / "dense"), h, h, true),
-                    dense_lora: lora.map(|c| mk(&(&ll / "attention" / "dense"), c, h, h, 1, false)),
                     post_attention_layernorm: LayerNorm::new(
                         &(&l / "post_attention_layernorm"),
                         h,
                         eps,
                     ),
                     h_to_4h: Linear::new(&(&l / "mlp" / "dense_h_to_4h"), h, inner, true),
-                    h_to_4h_lora: lora
-                        .filter(|c| c.mlp)
-                        .map(|c| mk(&(&ll / "mlp" / "dense_h_to_4h"), c, h, inner, 1, false)),
                     h4_to_h: Linear::new(&(&l / "mlp" / "dense_4h_to_h"), inner, h, true),
-                    h4_to_h_lora: lora
-                        .filter(|c| c.mlp)
-                        .map(|c| mk(&(&ll / "mlp" / "dense_4h_to_h"), c, inner, h, 1, false)),
+                    lora: layer_loras(lora_p, cfg, i),
                 }
             })
             .collect();
@@ -425,10 +570,72 @@ impl ChatGlm {
         }
         let mut x = x;
         for (i, (l, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = self.layer(l, i as i64, &x, &pass, Some(kv));
+            x = self.layer(l, i as i64, &x, &pass, Some(Kv::Append(kv)));
         }
         let s = x.size()[1];
         self.head(&x.narrow(1, s - 1, 1)).squeeze_dim(1)
+    }
+
+    /// One decoding step of rows of different lengths (continuous batching): `input_ids [B, 1]`
+    /// and `position_ids [B, 2, 1]` of each live row of `cache` (B = `cache.rows()`), attending to
+    /// that row's own cached tokens. Returns the logits `[B, vocab]`; each row's length grows by 1.
+    pub fn forward_slots(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        cache: &mut SlotCache,
+    ) -> Tensor {
+        let dev = input_ids.device();
+        let b = cache.rows() as i64;
+        let at = Tensor::from_slice(&cache.lens).to_device(dev);
+        let keys = cache.lens.iter().max().copied().unwrap_or(0) + 1;
+        let need = cache.capacity().1.max(keys);
+        if need > cache.capacity().1 {
+            let like: Vec<(Tensor, Tensor)> = cache
+                .layers
+                .iter()
+                .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                .collect();
+            cache.reserve(&like, b, need);
+        }
+        // Row r sees its positions 0..=lens[r] (the new token included).
+        let cols = Tensor::arange(keys, (Kind::Int64, dev)).view([1, 1, 1, keys]);
+        let mask = cols.le_tensor(&at.view([b, 1, 1, 1])).to_kind(Kind::Float);
+        let x = self.embed(input_ids, None, 0);
+        let pass = Pass {
+            rot: self.rot(position_ids, x.kind()),
+            mask: Some(mask),
+            train: false,
+        };
+        let mut x = x;
+        for (i, (l, (k, v))) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let kv = Kv::Slots {
+                k,
+                v,
+                at: &at,
+                keys,
+            };
+            x = self.layer(l, i as i64, &x, &pass, Some(kv));
+        }
+        for n in &mut cache.lens {
+            *n += 1;
+        }
+        self.head(&x).squeeze_dim(1)
+    }
+
+    /// Put another adapter set (one [`LayerLoras`] per layer) in place of the model's own, which
+    /// goes into `set`; calling it again with the same `set` swaps them back.
+    pub fn swap_adapters(&mut self, set: &mut [LayerLoras]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            set.len() == self.layers.len(),
+            "an adapter set for {} layers on a model of {}",
+            set.len(),
+            self.layers.len()
+        );
+        for (l, a) in self.layers.iter_mut().zip(set.iter_mut()) {
+            std::mem::swap(&mut l.lora, a);
+        }
+        Ok(())
     }
 
     /// Embeddings (with dropout) and what every layer of this forward shares.
@@ -532,42 +739,28 @@ impl ChatGlm {
 
     /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
     /// call's are appended.
-    fn layer(
-        &self,
-        l: &Layer,
-        idx: i64,
-        h: &Tensor,
-        pass: &Pass,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Tensor {
+    fn layer(&self, l: &Layer, idx: i64, h: &Tensor, pass: &Pass, kv: Option<Kv>) -> Tensor {
         let (d, train) = (self.dropout, pass.train);
         let a = l.input_layernorm.forward(h);
         let attn = self.attention(l, idx, &a, pass, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
-        let up = self.adapted(&l.h_to_4h, l.h_to_4h_lora.as_ref(), &m, train);
+        let up = self.adapted(&l.h_to_4h, l.lora.h_to_4h.as_ref(), &m, train);
         let act = if self.kernels.sat_gelu {
             gelu_tanh(&up)
         } else {
             up.gelu("tanh")
         };
-        let down = self.adapted(&l.h4_to_h, l.h4_to_h_lora.as_ref(), &act, train);
+        let down = self.adapted(&l.h4_to_h, l.lora.h4_to_h.as_ref(), &act, train);
         &m * self.alpha + dropout(&down, d.output, train)
     }
 
-    fn attention(
-        &self,
-        l: &Layer,
-        idx: i64,
-        a: &Tensor,
-        pass: &Pass,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Tensor {
+    fn attention(&self, l: &Layer, idx: i64, a: &Tensor, pass: &Pass, kv: Option<Kv>) -> Tensor {
         let (rot, mask, train) = (&pass.rot, pass.mask.as_ref(), pass.train);
         let (b, s, hidden) = a.size3().unwrap();
         let (n, hd) = (self.heads, self.head_dim);
         let qkv = self
-            .adapted(&l.qkv, l.qkv_lora.as_ref(), a, train)
+            .adapted(&l.qkv, l.lora.qkv.as_ref(), a, train)
             .view([b, s, n, 3 * hd]);
         // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
         let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
@@ -590,20 +783,37 @@ impl ChatGlm {
         let v = qkv.narrow(-1, 2 * hd, hd);
         // [B, S, n, d] → [B, n, S, d]
         let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
-        if let Some(cache) = kv {
+        match kv {
             // sat's CachedAutoregressiveMixin: post-rotary keys and values of earlier tokens
             // in front of this call's.
-            if let Some((pk, pv)) = cache.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
+            Some(Kv::Append(cache)) => {
+                if let Some((pk, pv)) = cache.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 2);
+                    v = Tensor::cat(&[pv, &v], 2);
+                }
+                *cache = Some((k.shallow_clone(), v.shallow_clone()));
             }
-            *cache = Some((k.shallow_clone(), v.shallow_clone()));
+            // Each row's new key and value at its own position, then every row's keys so far.
+            Some(Kv::Slots {
+                k: ck,
+                v: cv,
+                at,
+                keys,
+            }) => {
+                let rows = Tensor::arange(b, (Kind::Int64, k.device()));
+                let idx = [Some(rows), None, Some(at.shallow_clone())];
+                let _ = ck.index_put_(&idx, &k.squeeze_dim(2), false);
+                let _ = cv.index_put_(&idx, &v.squeeze_dim(2), false);
+                k = ck.narrow(0, 0, b).narrow(2, 0, keys);
+                v = cv.narrow(0, 0, b).narrow(2, 0, keys);
+            }
+            None => {}
         }
-        let ctx = if self.fused_attention && mask.is_none() && s == 1 && q.device().is_cuda() {
+        let ctx = if self.fused_attention && s == 1 && q.device().is_cuda() {
             // One new token per sequence on a GPU: three plain ops. libtorch's fused attention
             // would pick its cuDNN backend for bf16, which plans anew for every key length: ~45 ms
             // per decoding step on an H200 whatever the model size (scripts/gpu_check.sh step 6).
-            one_query_attention(&q, &k, &v)
+            one_query_attention(&q, &k, &v, mask)
         } else if self.fused_attention {
             // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
             let bias = mask.map(|m| ((m - 1.0) * 10000.0).to_kind(q.kind()));
@@ -634,7 +844,7 @@ impl ChatGlm {
             dropout(&probs, self.dropout.attention, train).matmul(&v)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
-        let out = self.adapted(&l.dense, l.dense_lora.as_ref(), &ctx, train);
+        let out = self.adapted(&l.dense, l.lora.dense.as_ref(), &ctx, train);
         dropout(&out, self.dropout.output, train)
     }
 
@@ -671,10 +881,10 @@ impl ChatGlm {
         for (i, l) in self.layers.iter().enumerate() {
             let base = format!("transformer.layers.{i}");
             let named = [
-                ("attention.query_key_value", &l.qkv_lora),
-                ("attention.dense", &l.dense_lora),
-                ("mlp.dense_h_to_4h", &l.h_to_4h_lora),
-                ("mlp.dense_4h_to_h", &l.h4_to_h_lora),
+                ("attention.query_key_value", &l.lora.qkv),
+                ("attention.dense", &l.lora.dense),
+                ("mlp.dense_h_to_4h", &l.lora.h_to_4h),
+                ("mlp.dense_4h_to_h", &l.lora.h4_to_h),
             ];
             for (name, lo) in named {
                 if let Some(lo) = lo {
@@ -695,11 +905,15 @@ fn rotate(x: &Tensor, rot: &Rotary) -> Tensor {
     x * c + x.roll([d / 2], [-1]) * s
 }
 
-/// `softmax(q·kᵀ/√d)·v` without a mask for `q [B, n, 1, d]` (one new token attending to all keys),
-/// softmax in fp32: what the fused kernel computes, in three plain ops.
-fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+/// `softmax(q·kᵀ/√d − 10000·(1 − mask))·v` for `q [B, n, 1, d]` (one new token per row; no mask:
+/// every key visible), softmax in fp32: what the fused kernel computes, in a few plain ops.
+fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
     let d = *q.size().last().unwrap();
     let scores = (q * (1.0 / (d as f64).sqrt())).matmul(&k.transpose(-1, -2));
+    let scores = match mask {
+        Some(m) => scores.to_kind(Kind::Float) + (m - 1.0) * 10000.0,
+        None => scores,
+    };
     scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
 }
 
@@ -807,7 +1021,7 @@ mod tests {
             Some(0.25),
             false,
         );
-        let plain = one_query_attention(&q, &k, &v);
+        let plain = one_query_attention(&q, &k, &v, None);
         let err = (fused - plain).abs().max().double_value(&[]);
         assert!(err < 1e-6, "max abs difference {err}");
     }

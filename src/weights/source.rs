@@ -429,3 +429,98 @@ fn save(model: &VisualGlm, dir: &Path, with_lora: bool) -> Result<()> {
     sat.qkv_layout = QkvLayout::Interleaved;
     crate::io::write_json_atomic(&dir.join("model_config.json"), &sat)
 }
+
+/// A LoRA adapter loaded on its own, to be swapped over a base model that is already loaded
+/// (serving several adapters over one frozen base): its fp32 store and one
+/// [`crate::model::chatglm::LayerLoras`] per ChatGLM layer.
+pub struct AdapterWeights {
+    pub dir: PathBuf,
+    pub config: LoraConfig,
+    pub store: tch::nn::VarStore,
+    pub layers: Vec<crate::model::chatglm::LayerLoras>,
+}
+
+/// The adapters of a training run, checkpoint or xrayglm folder (`lora.safetensors`), checked
+/// against the base model `base` they will run over: the same layer count and sizes.
+pub fn load_adapter(dir: &Path, base: &ModelConfig, device: Device) -> Result<AdapterWeights> {
+    let md = ModelDir::open(dir)?;
+    let file = md.dir.join("lora.safetensors");
+    let lora = match (&md.config.lora, md.format) {
+        (Some(l), Format::Checkpoint | Format::Xrayglm) if file.is_file() => l.clone(),
+        _ => bail!(
+            "{}: not an adapter (a training run or checkpoint folder, or an xrayglm folder with \
+             lora.safetensors)",
+            dir.display()
+        ),
+    };
+    let (x, y) = (&md.config.sat, &base.sat);
+    let diffs: Vec<String> = [
+        ("num_layers", x.num_layers, y.num_layers),
+        ("hidden_size", x.hidden_size, y.hidden_size),
+        (
+            "num_attention_heads",
+            x.num_attention_heads,
+            y.num_attention_heads,
+        ),
+        (
+            "inner_hidden_size",
+            md.config.inner_hidden_size(),
+            base.inner_hidden_size(),
+        ),
+    ]
+    .iter()
+    .filter(|(_, a, b)| a != b)
+    .map(|(k, a, b)| format!("{k} {a} (adapter) vs {b} (base)"))
+    .collect();
+    if !diffs.is_empty() {
+        bail!(
+            "{}: the adapter was trained on another model: {}",
+            dir.display(),
+            diffs.join(", ")
+        );
+    }
+    let cfg = ModelConfig {
+        lora: Some(lora.clone()),
+        ..base.clone()
+    };
+    let store = tch::nn::VarStore::new(device);
+    let layers = (0..base.sat.num_layers)
+        .map(|i| crate::model::chatglm::layer_loras(&store.root(), &cfg, i))
+        .collect();
+    let mut vars = store.variables();
+    let mut seen = std::collections::BTreeSet::new();
+    let st = SafeTensorsFile::open(&file)?;
+    for t in st.tensors() {
+        let (n, x) = t.with_context(|| format!("reading {}", file.display()))?;
+        let Some(canon) = super::canonical_name(&n) else {
+            continue;
+        };
+        let Some(target) = vars.get_mut(&canon) else {
+            bail!(
+                "{}: {n} is not an adapter of the layers {:?} its config names",
+                file.display(),
+                lora.layers
+            );
+        };
+        if target.size() != x.size() {
+            bail!(
+                "{}: {n} has shape {:?}, the adapter needs {:?}",
+                file.display(),
+                x.size(),
+                target.size()
+            );
+        }
+        tch::no_grad(|| target.copy_(&x));
+        seen.insert(canon);
+    }
+    let missing: Vec<&String> = vars.keys().filter(|k| !seen.contains(*k)).collect();
+    if !missing.is_empty() {
+        bail!("{}: missing adapter tensors {missing:?}", file.display());
+    }
+    Ok(AdapterWeights {
+        dir: md.dir,
+        config: lora,
+        store,
+        layers,
+    })
+}

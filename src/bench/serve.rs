@@ -1,0 +1,380 @@
+//! `xrayglm bench serve`: the OpenAI-compatible server under N concurrent clients (continuous
+//! batching) against the same requests sent one at a time, in the same run and process: aggregate
+//! tokens/s, p50 / p95 time to first token and per-request latency; and 8 clients split over two
+//! adapters against 8 on one model (the cost of batching per adapter).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::data::rng::PyRandom;
+
+/// Goals from the issue, at 8 clients: aggregate tokens/s against one at a time, and p95 time to
+/// first token against a single client's.
+pub const GOAL_SPEEDUP_8: f64 = 3.0;
+pub const GOAL_TTFT_RATIO_8: f64 = 2.0;
+
+/// `xrayglm bench serve`: N concurrent clients against the same requests one at a time.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Weights: fp32 or bf16.
+    #[arg(long, default_value = "fp32")]
+    pub dtype: crate::device::Dtype,
+    /// Concurrent clients, each asking for one report.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub clients: Vec<usize>,
+    /// Reply tokens per request (greedy; `max_tokens`).
+    #[arg(long = "new_tokens", alias = "new-tokens", default_value_t = 32)]
+    pub new_tokens: usize,
+    /// ChatGLM-6B's ice_text.model (default: the search paths, $XRAYGLM_TOKENIZER).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// cpu, cuda, cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::DeviceSpec,
+}
+
+/// One request's timings.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    ttft: f64,
+    latency: f64,
+    tokens: usize,
+}
+
+/// A set of requests run together (or one after another).
+#[derive(Debug, Clone)]
+pub struct Round {
+    pub clients: usize,
+    pub wall_s: f64,
+    pub tokens: usize,
+    pub ttft_p50_ms: f64,
+    pub ttft_p95_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+}
+
+impl Round {
+    fn new(clients: usize, wall: f64, t: &[Timing]) -> Self {
+        let q = |mut v: Vec<f64>, p: f64| {
+            v.sort_by(f64::total_cmp);
+            // Nearest rank.
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i] * 1e3
+        };
+        let ttft: Vec<f64> = t.iter().map(|x| x.ttft).collect();
+        let lat: Vec<f64> = t.iter().map(|x| x.latency).collect();
+        Self {
+            clients,
+            wall_s: wall,
+            tokens: t.iter().map(|x| x.tokens).sum(),
+            ttft_p50_ms: q(ttft.clone(), 0.5),
+            ttft_p95_ms: q(ttft, 0.95),
+            latency_p50_ms: q(lat.clone(), 0.5),
+            latency_p95_ms: q(lat, 0.95),
+        }
+    }
+
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.wall_s
+    }
+}
+
+/// The report.
+#[derive(Debug, Clone)]
+pub struct ServeBench {
+    pub preset: String,
+    pub dtype: &'static str,
+    pub new_tokens: usize,
+    pub threads: i32,
+    /// The requests one at a time (as many as the most clients).
+    pub sequential: Round,
+    pub concurrent: Vec<Round>,
+    /// 8 clients, half on the base and half on an adapter.
+    pub mixed_8: Option<Round>,
+}
+
+impl std::fmt::Display for ServeBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.sequential;
+        writeln!(
+            f,
+            "serve bench: preset {}, {}, {} threads; each client asks for a report on a 224x224 film (greedy, {} tokens, streamed)",
+            self.preset, self.dtype, self.threads, self.new_tokens
+        )?;
+        writeln!(
+            f,
+            "  one at a time ({} requests): {:.1} tokens/s, time to first token p50 {:.1} ms, latency p50 {:.1} ms",
+            s.clients,
+            s.tokens_per_s(),
+            s.ttft_p50_ms,
+            s.latency_p50_ms
+        )?;
+        writeln!(
+            f,
+            "  clients | tokens/s | vs one at a time | TTFT p50 / p95 ms | p95 TTFT vs single | latency p50 / p95 ms"
+        )?;
+        let row = |f: &mut std::fmt::Formatter<'_>, name: String, r: &Round| {
+            writeln!(
+                f,
+                "  {name:>7} | {:8.1} | {:15.2}x | {:8.1} / {:6.1} | {:17.2}x | {:8.1} / {:6.1}",
+                r.tokens_per_s(),
+                r.tokens_per_s() / s.tokens_per_s(),
+                r.ttft_p50_ms,
+                r.ttft_p95_ms,
+                r.ttft_p95_ms / s.ttft_p50_ms,
+                r.latency_p50_ms,
+                r.latency_p95_ms
+            )
+        };
+        for r in &self.concurrent {
+            row(f, r.clients.to_string(), r)?;
+        }
+        if let Some(m) = &self.mixed_8 {
+            row(f, "8 mixed".into(), m)?;
+            if let Some(one) = self.concurrent.iter().find(|r| r.clients == 8) {
+                writeln!(
+                    f,
+                    "  8 clients over two adapters (one decoding step per adapter): {:.2}x the tokens/s of 8 on one",
+                    m.tokens_per_s() / one.tokens_per_s()
+                )?;
+            }
+        }
+        if let Some(r) = self.concurrent.iter().find(|r| r.clients == 8) {
+            let speedup = r.tokens_per_s() / s.tokens_per_s();
+            let ttft = r.ttft_p95_ms / s.ttft_p50_ms;
+            let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+            writeln!(
+                f,
+                "  goal at 8 clients: >= {GOAL_SPEEDUP_8}x tokens/s: {:.2}x, {}; p95 TTFT <= {GOAL_TTFT_RATIO_8}x single: {:.2}x, {}",
+                speedup,
+                verdict(speedup >= GOAL_SPEEDUP_8),
+                ttft,
+                verdict(ttft <= GOAL_TTFT_RATIO_8)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A grayscale film with a few shapes, as PNG bytes.
+fn film(size: u32, seed: i64) -> Result<Vec<u8>> {
+    let mut rng = PyRandom::new(seed);
+    let f = crate::data::synthetic::findings_for(&mut rng);
+    let px = crate::data::synthetic::render(&f, size as usize, &mut rng);
+    let img = image::GrayImage::from_raw(size, size, px).context("film size")?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+fn base64(b: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let n = c.iter().fold(0u32, |a, &x| (a << 8) | x as u32) << (8 * (3 - c.len()));
+        for i in 0..4 {
+            s.push(if i <= c.len() {
+                A[(n >> (18 - 6 * i)) as usize & 63] as char
+            } else {
+                '='
+            });
+        }
+    }
+    s
+}
+
+/// One streamed chat completion: time to the first text, to the end, and the reply tokens.
+fn request(addr: &str, body: &[u8]) -> Result<Timing> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut r = BufReader::new(s);
+    let (mut ttft, mut tokens, mut line) = (None, None, String::new());
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    anyhow::ensure!(status.contains(" 200 "), "the server answered {status:?}");
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            break;
+        }
+        let Some(data) = line.trim().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data)?;
+        let text = v
+            .pointer("/choices/0/delta/content")
+            .and_then(|c| c.as_str());
+        if text.is_some_and(|c| !c.is_empty()) && ttft.is_none() {
+            ttft = Some(t.elapsed().as_secs_f64());
+        }
+        if let Some(n) = v
+            .pointer("/usage/completion_tokens")
+            .and_then(|n| n.as_u64())
+        {
+            tokens = Some(n as usize);
+        }
+    }
+    let latency = t.elapsed().as_secs_f64();
+    Ok(Timing {
+        ttft: ttft.unwrap_or(latency),
+        latency,
+        tokens: tokens.context("no usage in the stream")?,
+    })
+}
+
+/// Run `bodies` at once (one thread each) or one after another.
+fn round(addr: &str, bodies: &[Vec<u8>], together: bool) -> Result<Round> {
+    let t = Instant::now();
+    let timings: Vec<Timing> = if together {
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = bodies
+                .iter()
+                .map(|b| sc.spawn(move || request(addr, b)))
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?
+    } else {
+        bodies
+            .iter()
+            .map(|b| request(addr, b))
+            .collect::<Result<Vec<_>>>()?
+    };
+    Ok(Round::new(
+        bodies.len(),
+        t.elapsed().as_secs_f64(),
+        &timings,
+    ))
+}
+
+/// `xrayglm bench serve`.
+pub fn serve(a: &ServeArgs) -> Result<ServeBench> {
+    use crate::infer::chat::ChatModel;
+    use crate::infer::engine::{Engine, EngineOptions, NamedAdapter};
+    use crate::model::config::ModelConfig;
+    use crate::model::visualglm::VisualGlm;
+    anyhow::ensure!(a.new_tokens >= 2, "--new_tokens must be at least 2");
+    anyhow::ensure!(
+        !a.clients.is_empty() && !a.clients.contains(&0),
+        "--clients: counts ≥ 1"
+    );
+    let cfg = ModelConfig::preset(&a.preset)?;
+    tch::manual_seed(0);
+    let dev = a.device.device()?;
+    let kind = a.dtype.kind();
+    let mut model = VisualGlm::new(cfg.clone(), dev, kind)?;
+    // As `serve` runs it: fused attention, the adapters unmerged.
+    model.set_fused_attention(true);
+    let tokenizer = match &a.tokenizer {
+        Some(p) => crate::tokenizer::ChatGlmTokenizer::from_path(p)?,
+        None => crate::tokenizer::ChatGlmTokenizer::from_path(&crate::tokenizer::find(None).context(
+            "no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",
+        )?)?,
+    };
+    // A second adapter over the same base: fresh LoRA weights of the preset's shape, B drawn
+    // non-zero so that it changes the model.
+    let store = tch::nn::VarStore::new(dev);
+    let layers = (0..cfg.sat.num_layers)
+        .map(|i| crate::model::chatglm::layer_loras(&store.root(), &cfg, i))
+        .collect();
+    tch::no_grad(|| {
+        for (_, mut t) in store.variables() {
+            let _ = t.normal_(0.0, 0.02);
+        }
+    });
+    let adapter = crate::weights::source::AdapterWeights {
+        dir: PathBuf::from("(random)"),
+        config: cfg.lora.clone().context("the preset has no LoRA config")?,
+        store,
+        layers,
+    };
+    let size = model.cfg.sat.eva_args.image_size[0] as u32;
+    let chat = ChatModel::new(model, tokenizer)?;
+    let most = a.clients.iter().copied().max().unwrap_or(1).max(8);
+    let engine = Engine::start(
+        chat,
+        "base".into(),
+        vec![NamedAdapter {
+            name: "other".into(),
+            weights: adapter,
+        }],
+        EngineOptions {
+            max_batch: most,
+            max_queue: 4 * most,
+        },
+    )?;
+    let opts = crate::infer::server::ServerOptions {
+        port: 0,
+        threads: 4,
+        max_connections: 4 * most,
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = crate::infer::server::serve(engine, opts, |addr| {
+            let _ = tx.send(addr);
+        });
+        if let Err(e) = r {
+            crate::errln!("bench serve: the server stopped: {e:#}");
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the server did not start")?
+        .to_string();
+    let bodies = |n: usize, mixed: bool| -> Result<Vec<Vec<u8>>> {
+        (0..n)
+            .map(|i| {
+                let url = format!("data:image/png;base64,{}", base64(&film(size, i as i64)?));
+                let model = if mixed && i % 2 == 1 { "other" } else { "base" };
+                Ok(serde_json::json!({
+                    "model": model,
+                    "messages": [{"role": "user", "content": [
+                        {"type": "text", "text": crate::infer::chat::DEFAULT_PROMPT_ZH},
+                        {"type": "image_url", "image_url": {"url": url}}]}],
+                    "temperature": 0, "repetition_penalty": 1.0, "max_tokens": a.new_tokens,
+                    "stream": true, "stream_options": {"include_usage": true},
+                })
+                .to_string()
+                .into_bytes())
+            })
+            .collect()
+    };
+    // Warm up (allocator, kernels), then the baseline and the rounds.
+    round(&addr, &bodies(2, false)?, false)?;
+    let sequential = round(&addr, &bodies(most, false)?, false)?;
+    let mut concurrent = Vec::new();
+    for &n in &a.clients {
+        concurrent.push(round(&addr, &bodies(n, false)?, true)?);
+    }
+    let mixed_8 = Some(round(&addr, &bodies(8, true)?, true)?);
+    Ok(ServeBench {
+        preset: a.preset.clone(),
+        dtype: super::dtype_name(kind),
+        new_tokens: a.new_tokens,
+        threads: tch::get_num_threads(),
+        sequential,
+        concurrent,
+        mixed_8,
+    })
+}

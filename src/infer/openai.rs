@@ -1,0 +1,602 @@
+//! The OpenAI-compatible API of `xrayglm serve`: `GET /v1/models` and `POST /v1/chat/completions`
+//! in OpenAI's request, response, streaming (server-sent events) and error shapes, so the
+//! official clients, notebooks and evaluation harnesses talk to XrayGLM as to any chat model.
+//!
+//! * `messages`: `system`, `user` and `assistant` turns; user content a string or parts (`text`,
+//!   `image_url` with a `data:image/…;base64,` URL — or a local path inside
+//!   `--allowed-local-media-path`; remote `http(s)://` URLs are never fetched). One image per
+//!   conversation (VisualGLM's). Earlier user/assistant pairs become the `问：…\n答：…\n` history
+//!   exactly as `chat` builds it; system text goes before the first question.
+//! * `model`: the base model's name or an adapter's (`--lora NAME=DIR`); unknown → 404.
+//! * `temperature` (0 = greedy), `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`
+//!   (string or list), `stream` (+ `stream_options.include_usage`); extensions `top_k` and
+//!   `repetition_penalty` (XrayGLM's defaults: 100 and 1.2). Without a `seed` each request draws
+//!   one from the OS.
+//! * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad request, unsupported
+//!   part, undecodable image), 401 (missing or wrong bearer key with `--api-key`), 404 (unknown
+//!   model), 413 (body over `--max_body_mib`), 503 (queue full, shutting down), 500 (model failure).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State as Shared};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chat::{ChatSettings, Turn};
+use super::engine::{Event, Finished, Job, Refused};
+use super::server::{new_id, preprocess, read_body, State};
+
+/// An OpenAI error object with its status.
+pub(crate) struct ApiError {
+    status: u16,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    fn param(mut self, p: &'static str) -> Self {
+        self.param = Some(p);
+        self
+    }
+
+    fn code(mut self, c: &'static str) -> Self {
+        self.code = Some(c);
+        self
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            429 | 503 => "server_overloaded",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult = std::result::Result<Response, ApiError>;
+
+/// `/v1/models` and `/v1/chat/completions`.
+pub(crate) fn routes() -> Router<Arc<State>> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(completions))
+}
+
+/// With `--api-key`, the request must carry `Authorization: Bearer KEY` (compared in constant
+/// time).
+fn authorize(st: &State, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let Some(key) = &st.opts.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == key.len()
+        && given
+            .bytes()
+            .zip(key.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            401,
+            if given.is_empty() {
+                "no API key: send Authorization: Bearer KEY"
+            } else {
+                "incorrect API key"
+            },
+        )
+        .code("invalid_api_key"))
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn models(Shared(st): Shared<Arc<State>>, headers: HeaderMap) -> ApiResult {
+    authorize(&st, &headers)?;
+    let created = now_s();
+    let data: Vec<Value> = st
+        .engine
+        .info
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            json!({"id": m, "object": "model", "created": created, "owned_by": "xrayglm",
+                   "parent": if i == 0 { Value::Null } else { json!(st.engine.info.models[0]) }})
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// The request fields xrayglm reads; others (`user`, `frequency_penalty`, …) are accepted and
+/// ignored, as OpenAI-compatible servers do.
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Message>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    repetition_penalty: Option<f64>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+/// A conversation read from `messages`.
+struct Conversation {
+    system: String,
+    history: Vec<Turn>,
+    query: String,
+    image: Option<String>,
+}
+
+/// `messages` → system text, history pairs, the last question and the image URL.
+fn conversation(messages: &[Message]) -> std::result::Result<Conversation, ApiError> {
+    let bad = |m: String| ApiError::new(400, m).param("messages");
+    let mut system = Vec::new();
+    let mut turns: Vec<(String, String)> = Vec::new();
+    let mut pending: Option<String> = None;
+    let mut image = None;
+    for (i, m) in messages.iter().enumerate() {
+        let mut text = Vec::new();
+        match &m.content {
+            None => {}
+            Some(Content::Text(t)) => text.push(t.clone()),
+            Some(Content::Parts(parts)) => {
+                for p in parts {
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("text") => text.push(
+                            p.get("text")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| {
+                                    bad(format!("messages[{i}]: a text part without text"))
+                                })?
+                                .to_string(),
+                        ),
+                        Some("image_url") if m.role == "user" => {
+                            let url = p
+                                .pointer("/image_url/url")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| {
+                                    bad(format!(
+                                        "messages[{i}]: an image_url part without image_url.url"
+                                    ))
+                                })?;
+                            if image.replace(url.to_string()).is_some() {
+                                return Err(bad(
+                                    "one image per conversation: VisualGLM reads a single image"
+                                        .into(),
+                                ));
+                            }
+                        }
+                        other => {
+                            return Err(bad(format!(
+                                "messages[{i}]: unsupported content part {:?} for role {:?} (text, \
+                                 and image_url in user messages)",
+                                other.unwrap_or("(no type)"),
+                                m.role
+                            )))
+                        }
+                    }
+                }
+            }
+        }
+        let text = text.join("\n");
+        match m.role.as_str() {
+            "system" | "developer" => system.push(text),
+            "user" => {
+                pending = Some(match pending.take() {
+                    Some(p) => format!("{p}\n{text}"),
+                    None => text,
+                })
+            }
+            "assistant" => match pending.take() {
+                Some(q) => turns.push((q, text)),
+                None => {
+                    return Err(bad(format!(
+                        "messages[{i}]: an assistant turn must follow a user turn"
+                    )))
+                }
+            },
+            r => {
+                return Err(bad(format!(
+                    "messages[{i}]: unsupported role {r:?} (system, user, assistant)"
+                )))
+            }
+        }
+    }
+    let query = pending.ok_or_else(|| bad("the last message must be the user's".into()))?;
+    Ok(Conversation {
+        system: system.join("\n"),
+        history: turns
+            .into_iter()
+            .map(|(query, response)| Turn { query, response })
+            .collect(),
+        query,
+        image,
+    })
+}
+
+/// Standard base64 (padding optional; white space skipped).
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    let body = s.trim_end_matches('=');
+    for c in body.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The bytes of an image URL: a `data:` URL, or a local file inside `--allowed-local-media-path`.
+fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiError> {
+    let bad = |m: String| ApiError::new(400, m).param("messages");
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| bad("a data: URL without a comma".into()))?;
+        if !meta.ends_with(";base64") {
+            return Err(bad(
+                "data: URLs must be base64 (data:image/png;base64,…)".into()
+            ));
+        }
+        return base64_decode(data).ok_or_else(|| bad("the data: URL is not valid base64".into()));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(bad(
+            "remote image URLs are not fetched (no server-side requests): send the image as a \
+             data:image/…;base64 URL"
+                .into(),
+        ));
+    }
+    let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
+    let Some(root) = &st.opts.local_media else {
+        return Err(bad(
+            "local image paths are refused: send a data: URL, or start the server with \
+             --allowed-local-media-path DIR"
+                .into(),
+        ));
+    };
+    let inside = std::fs::canonicalize(&path)
+        .ok()
+        .zip(std::fs::canonicalize(root).ok())
+        .filter(|(p, r)| p.starts_with(r));
+    match inside {
+        Some((p, _)) => std::fs::read(&p).map_err(|e| bad(format!("{}: {e}", path.display()))),
+        None => Err(bad(format!(
+            "{}: not a file inside the allowed media folder",
+            path.display()
+        ))),
+    }
+}
+
+/// Decoding settings of a request, over the server's defaults.
+fn settings(
+    st: &State,
+    r: &ChatRequest,
+) -> std::result::Result<(ChatSettings, Option<usize>), ApiError> {
+    let mut s = st.opts.settings.clone();
+    let p = &mut s.sampling;
+    if let Some(t) = r.temperature {
+        if t == 0.0 {
+            p.greedy = true;
+        } else {
+            p.temperature = t;
+        }
+    }
+    if let Some(x) = r.top_p {
+        p.top_p = x;
+    }
+    if let Some(k) = r.top_k {
+        p.top_k = k;
+    }
+    if let Some(x) = r.repetition_penalty {
+        p.repetition_penalty = x;
+    }
+    p.seed = match r.seed {
+        Some(x) => x as u64,
+        None => {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| ApiError::new(500, e.to_string()))?;
+            u64::from_le_bytes(b) >> 1
+        }
+    };
+    p.validate()
+        .map_err(|e| ApiError::new(400, e.to_string()))?;
+    let max_new = match r.max_completion_tokens.or(r.max_tokens) {
+        None => None,
+        Some(n) if n >= 1 => Some(n as usize),
+        Some(n) => {
+            return Err(
+                ApiError::new(400, format!("max_tokens must be ≥ 1 (got {n})")).param("max_tokens"),
+            )
+        }
+    };
+    if let Some(n) = r.n.filter(|&n| n != 1) {
+        return Err(ApiError::new(400, format!("n = {n}: one choice per request")).param("n"));
+    }
+    Ok((s, max_new))
+}
+
+async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult {
+    authorize(&st, req.headers())?;
+    let body = read_body(&st, req, st.opts.max_body)
+        .await
+        .map_err(|(c, m)| ApiError::new(c, m))?;
+    let r: ChatRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(400, format!("bad request body: {e}")))?;
+    let Some(model) = st.engine.info.models.iter().position(|m| *m == r.model) else {
+        return Err(ApiError::new(
+            404,
+            format!(
+                "the model `{}` does not exist: this server has {:?}",
+                r.model, st.engine.info.models
+            ),
+        )
+        .param("model")
+        .code("model_not_found"));
+    };
+    let (settings, max_new_tokens) = settings(&st, &r)?;
+    let conv = conversation(&r.messages)?;
+    let image = match &conv.image {
+        None => None,
+        Some(url) => {
+            let bytes = image_bytes(&st, url)?;
+            Some(preprocess(&st, Bytes::from(bytes)).await.map_err(|e| {
+                ApiError::new(400, format!("the image cannot be read: {e}")).param("messages")
+            })?)
+        }
+    };
+    let stop = match r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        model,
+        image,
+        system: conv.system,
+        history: conv.history,
+        query: conv.query,
+        settings,
+        max_new_tokens,
+        stop,
+        events: tx,
+    };
+    st.engine.submit(job).map_err(|e| {
+        ApiError::new(503, super::web::refused_text(e)).code(match e {
+            Refused::QueueFull => "queue_full",
+            Refused::Stopping => "shutting_down",
+        })
+    })?;
+    // The prompt is checked in the engine: wait until it is read before answering 200.
+    match rx.recv().await {
+        Some(Event::Started { .. }) => {}
+        Some(Event::Failed { status, message }) => return Err(ApiError::new(status, message)),
+        _ => return Err(ApiError::new(500, "the engine stopped")),
+    }
+    let id = format!("chatcmpl-{}", new_id());
+    let name = r.model;
+    let created = now_s();
+    if !r.stream {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await {
+                Some(Event::Delta(d)) => text.push_str(&d),
+                Some(Event::Done(f)) => return Ok(axum::Json(json!({
+                    "id": id, "object": "chat.completion", "created": created, "model": name,
+                    "choices": [{"index": 0, "finish_reason": f.finish.as_str(), "logprobs": null,
+                                 "message": {"role": "assistant", "content": f.text}}],
+                    "usage": usage(&f),
+                }))
+                .into_response()),
+                Some(Event::Failed { status, message }) => {
+                    return Err(ApiError::new(status, message))
+                }
+                Some(Event::Started { .. }) => {}
+                None => return Err(ApiError::new(500, "the engine stopped")),
+            }
+        }
+    }
+    let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let v = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        });
+        sse(&v)
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    let body = futures_util::stream::unfold(
+        (Some(rx), Some(first), chunk),
+        move |(rx, pending, chunk)| async move {
+            if let Some(b) = pending {
+                return Some((Ok::<Bytes, std::convert::Infallible>(b), (rx, None, chunk)));
+            }
+            let mut rx = rx?;
+            loop {
+                let out = match rx.recv().await {
+                    Some(Event::Delta(d)) => chunk(json!({"content": d}), None),
+                    Some(Event::Done(f)) => {
+                        let mut b = chunk(json!({}), Some(f.finish.as_str())).to_vec();
+                        if include_usage {
+                            let mut u = serde_json::from_slice::<Value>(&b[6..b.len() - 2])
+                                .unwrap_or_default();
+                            u["choices"] = json!([]);
+                            u["usage"] = usage(&f);
+                            b.extend_from_slice(&sse(&u));
+                        }
+                        b.extend_from_slice(b"data: [DONE]\n\n");
+                        return Some((Ok(Bytes::from(b)), (None, None, chunk)));
+                    }
+                    Some(Event::Failed { status, message }) => {
+                        let e = ApiError::new(status, message);
+                        let v = json!({"error": {"message": e.message, "type": e.kind(), "code": null, "param": null}});
+                        return Some((Ok(sse(&v)), (None, None, chunk)));
+                    }
+                    Some(Event::Started { .. }) => continue,
+                    None => return None,
+                };
+                return Some((Ok(out), (Some(rx), None, chunk)));
+            }
+        },
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+fn usage(f: &Finished) -> Value {
+    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+           "total_tokens": f.prompt_tokens + f.completion_tokens})
+}
+
+/// One server-sent event: `data: {json}` and a blank line.
+fn sse(v: &Value) -> Bytes {
+    let mut b = b"data: ".to_vec();
+    b.extend(serde_json::to_vec(v).unwrap_or_default());
+    b.extend_from_slice(b"\n\n");
+    Bytes::from(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decodes_the_standard_alphabet_with_and_without_padding() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVs\nbG8h").unwrap(), b"hello!");
+        assert!(base64_decode("a*b").is_none());
+    }
+
+    fn msgs(v: Value) -> Vec<Message> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn messages_map_to_the_chat_history() {
+        let c = conversation(&msgs(json!([
+            {"role": "system", "content": "你是放射科医生。"},
+            {"role": "user", "content": [{"type": "text", "text": "描述"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]},
+            {"role": "assistant", "content": "心脏正常。"},
+            {"role": "user", "content": "有积液吗？"}
+        ])))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(c.system, "你是放射科医生。");
+        assert_eq!(
+            c.history,
+            vec![Turn {
+                query: "描述".into(),
+                response: "心脏正常。".into()
+            }]
+        );
+        assert_eq!(c.query, "有积液吗？");
+        assert_eq!(c.image.as_deref(), Some("data:image/png;base64,AA=="));
+        for bad in [
+            json!([{"role": "assistant", "content": "x"}]),
+            json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
+            json!([{"role": "user", "content": [{"type": "input_audio"}]}]),
+            json!([{"role": "tool", "content": "x"}]),
+        ] {
+            assert!(conversation(&msgs(bad)).is_err());
+        }
+    }
+}

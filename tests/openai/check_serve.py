@@ -1,0 +1,165 @@
+"""The official `openai` client against `xrayglm serve` (run by tests/demo.rs).
+
+Usage: python check_serve.py CASE.json — the case file names the server, its key, the models, the
+films and the answers `xrayglm chat` gave for them. Every check raises AssertionError with what
+differed; the script prints one line per check that passed and exits 0 when all hold.
+"""
+
+import base64
+import concurrent.futures
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def data_url(path):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def user(text, image=None):
+    parts = [{"type": "text", "text": text}]
+    if image is not None:
+        parts.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+    return {"role": "user", "content": parts}
+
+
+def main():
+    case = json.load(open(sys.argv[1], encoding="utf-8"))
+    client = OpenAI(base_url=case["base_url"], api_key=case["api_key"], max_retries=0, timeout=120)
+    base, early = case["base_model"], case["early_model"]
+    q, films = case["question"], case["films"]
+
+    def ask(model, film, **kw):
+        kw.setdefault("temperature", 0)
+        return client.chat.completions.create(model=model, messages=[user(q, film)], **kw)
+
+    def streamed(model, film, **kw):
+        kw.setdefault("temperature", 0)
+        chunks = list(client.chat.completions.create(
+            model=model, messages=[user(q, film)], stream=True, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        return text, finish, chunks
+
+    # /v1/models: the base, then each adapter.
+    ids = [m.id for m in client.models.list().data]
+    assert ids == case["models"], ids
+    print("models:", ids)
+
+    # One-shot report from a data-URL image = `chat --greedy`'s.
+    r = ask(base, films[0])
+    got = r.choices[0].message.content
+    assert got == case["chat_greedy"], (got, case["chat_greedy"])
+    assert r.choices[0].finish_reason == "stop", r.choices[0].finish_reason
+    u = r.usage
+    assert u.prompt_tokens > 0 and u.completion_tokens > 0, u
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens, u
+    assert r.model == base and r.object == "chat.completion", r
+    print("one-shot = chat --greedy:", got[:40], "| usage", u.prompt_tokens, u.completion_tokens)
+
+    # Streaming: the chunks concatenate to the same text; usage on request.
+    text, finish, chunks = streamed(base, films[0], stream_options={"include_usage": True})
+    assert text == got, (text, got)
+    assert finish == ["stop"], finish
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == u.completion_tokens
+    print("stream: %d chunks concatenate to the same report" % len(chunks))
+
+    # max_tokens: finish_reason length, that many tokens.
+    r = ask(base, films[0], max_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3, r
+    assert got.startswith(r.choices[0].message.content), (r.choices[0].message.content, got)
+    # stop: the text ends before the stop string.
+    cut = got[4:6]
+    r = ask(base, films[0], stop=[cut])
+    assert r.choices[0].finish_reason == "stop", r
+    assert r.choices[0].message.content == got[: got.index(cut)].rstrip(), r.choices[0].message.content
+    print("max_tokens and stop: ok")
+
+    # Two turns: the history maps onto 问：…答： as `chat` builds it.
+    r = client.chat.completions.create(model=base, temperature=0, messages=[
+        user(q, films[0]),
+        {"role": "assistant", "content": case["chat_turns"][0]},
+        {"role": "user", "content": case["second_question"]},
+    ])
+    assert r.choices[0].message.content == case["chat_turns"][1], (r.choices[0].message.content, case["chat_turns"])
+    print("two turns = chat's second answer:", case["chat_turns"][1][:40])
+
+    # Seeds: the same seed gives the same sampled reply, and the one `chat --seed` gives.
+    kw = dict(temperature=2.0, top_p=1.0, extra_body={"top_k": 40, "repetition_penalty": 1.0})
+    a = ask(base, films[1], seed=7, **kw).choices[0].message.content
+    b = ask(base, films[1], seed=7, **kw).choices[0].message.content
+    assert a == b == case["chat_seed7"], (a, b, case["chat_seed7"])
+    print("seed 7 twice = chat --seed 7:", a[:40])
+
+    # Adapter selection by model name: the adapter answers as `chat` on its checkpoint does
+    # (greedy, and sampled with a seed, where the two checkpoints differ).
+    r = ask(early, films[0])
+    assert r.choices[0].message.content == case["chat_greedy_early"], (r.choices[0].message.content, case["chat_greedy_early"])
+    assert r.model == early
+    e = ask(early, films[1], seed=7, **kw).choices[0].message.content
+    assert e == case["chat_seed7_early"], (e, case["chat_seed7_early"])
+    assert e != a, "the adapter answered as the base model"
+    print("adapter", early, "= chat on its checkpoint (greedy and seed 7):", e[:40])
+
+    # Errors, as the client's exception types.
+    def raises(exc, f, status=None):
+        try:
+            f()
+        except exc as e:
+            if status is not None:
+                assert e.status_code == status, (e.status_code, status)
+            return e
+        raise AssertionError("no %s" % exc.__name__)
+
+    bad_key = OpenAI(base_url=case["base_url"], api_key="wrong", max_retries=0)
+    raises(openai.AuthenticationError, lambda: bad_key.models.list())
+    raises(openai.AuthenticationError, lambda: bad_key.chat.completions.create(
+        model=base, messages=[user(q)]))
+    e = raises(openai.NotFoundError, lambda: ask("no-such-model", films[0]))
+    assert "no-such-model" in str(e), e
+    not_png = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}}
+    for parts, what in [
+        ([{"type": "text", "text": q}, not_png], "undecodable image"),
+        ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "unsupported part"),
+        ([{"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}}], "remote URL"),
+        ([{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}], "local path"),
+    ]:
+        e = raises(openai.BadRequestError, lambda: client.chat.completions.create(
+            model=base, messages=[{"role": "user", "content": parts}]))
+        assert e.body and "message" in e.body, (what, e.body)
+    raises(openai.BadRequestError, lambda: client.chat.completions.create(
+        model=base, messages=[{"role": "assistant", "content": "hi"}]))
+    raises(openai.BadRequestError, lambda: ask(base, films[0], temperature=-1))
+    big = "x" * (case["max_body"] + 1)
+    raises(openai.APIStatusError, lambda: client.chat.completions.create(
+        model=base, messages=[{"role": "user", "content": big}]), status=413)
+    print("errors: 401, 404, 400 (image, part, remote, local, order, temperature), 413")
+
+    # 32 concurrent requests, mixed models and stream on / off: each answer = its answer alone.
+    models = case["models"]
+    alone = {}
+    for m in models:
+        for f in films:
+            alone[(m, f)] = ask(m, f).choices[0].message.content
+    jobs = [(models[i % len(models)], films[i % len(films)], i % 2 == 0) for i in range(32)]
+
+    def run(job):
+        m, f, stream = job
+        if stream:
+            return streamed(m, f)[0]
+        return ask(m, f).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(run, jobs))
+    for job, a in zip(jobs, answers):
+        assert a == alone[job[:2]], (job, a, alone[job[:2]])
+    distinct = len(set(alone.values()))
+    print("32 concurrent (models %s, %d films, stream on/off): every answer = its answer alone "
+          "(%d distinct answers)" % (models, len(films), distinct))
+
+
+if __name__ == "__main__":
+    main()
