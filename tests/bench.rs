@@ -134,3 +134,40 @@ fn data_bench_runs_in_reduced_mode() {
         "{err}"
     );
 }
+
+/// `xrayglm bench serve` on the tiny preset with 1 and 2 clients and 4 tokens: the in-process
+/// servers answer every request (one at a time, together, over two adapters both ways) and every
+/// row of the report has positive numbers.
+#[test]
+fn serve_bench_runs_in_reduced_mode() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let mut args: Vec<std::ffi::OsString> = [
+        "serve",
+        "--preset",
+        "tiny",
+        "--clients",
+        "1,2",
+        "--new_tokens",
+        "4",
+    ]
+    .map(Into::into)
+    .into();
+    args.extend(["--tokenizer".into(), common::ice_text(&shared).into()]);
+    let text = bench(args);
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.contains("clients"))
+        .collect();
+    assert_eq!(rows.len(), 4, "1, 2, 8 mixed both ways:\n{text}");
+    for r in rows {
+        let nums: Vec<f64> = r
+            .split(['|', '/', 'x'])
+            .filter_map(|w| w.trim().parse().ok())
+            .collect();
+        assert!(nums.len() >= 7, "{r}");
+        assert!(nums.iter().all(|v| *v > 0.0 && v.is_finite()), "{r}");
+    }
+    assert!(text.contains("one at a time (8 requests)"), "{text}");
+}

@@ -122,6 +122,15 @@ pub struct ServerArgs {
     /// Rows decoded together at most (continuous batching); more requests wait.
     #[arg(long = "max_batch", alias = "max-batch", default_value_t = 16)]
     pub max_batch: usize,
+    /// Rows of different adapters: per_row (one batch; each adapter's LoRA on its own rows) or
+    /// per_adapter (one batch and one forward per adapter).
+    #[arg(
+        long = "adapter_batching",
+        alias = "adapter-batching",
+        default_value = "per_row",
+        value_parser = xrayglm::config::parse_enum::<xrayglm::infer::engine::AdapterBatching>
+    )]
+    pub adapter_batching: xrayglm::infer::engine::AdapterBatching,
     /// Requests waiting at most; more are answered 503.
     #[arg(long = "max_queue", alias = "max-queue", default_value_t = 64)]
     pub max_queue: usize,
@@ -234,6 +243,7 @@ fn run_server(a: ServerArgs, port: u16, banner: &str) -> Result<()> {
         EngineOptions {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
+            adapter_batching: a.adapter_batching,
         },
     )?;
     let opts = xrayglm::infer::server::ServerOptions {

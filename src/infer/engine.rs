@@ -10,9 +10,11 @@
 //!   rows of different lengths decode together, a row leaves at `<eop>`, a stop string or its
 //!   limit, and a new one takes its place at the next step.
 //! * Adapters: the base model's own LoRA (if any) is model 0; every `--lora NAME=DIR` is a set of
-//!   [`LayerLoras`] swapped in over the same frozen weights. Rows are batched per model — one
-//!   decoding step per model with live rows — so a row computes exactly the function it computes
-//!   alone (the adapters stay unmerged; see the README for the measured cost of mixing them).
+//!   [`LayerLoras`] over the same frozen weights (nothing merged or copied). By default rows of all
+//!   models decode in one batch: the frozen linears run once and each adapter's LoRA delta is
+//!   added to its own rows ([`RowAdapters`]); [`AdapterBatching::PerAdapter`] runs one batch per
+//!   model instead (`xrayglm bench serve` measures both). Either way a row computes `W·x + Δ(x)`
+//!   as it does alone.
 //! * Each row has its own sampler (its own seed and settings), so what it draws does not depend on
 //!   what else is in the batch; greedy rows get the tokens they get alone.
 //! * A client that goes away cancels its row at the next step. A panic inside the model fails the
@@ -33,9 +35,23 @@ use super::chat::{ChatModel, ChatSettings, Turn};
 use super::generate::image_embeds;
 use super::sampling::{Sampler, ENGLISH_INVALID};
 use crate::data::image::ImageProcessor;
-use crate::model::chatglm::{attention_mask, GlmInputs, KvCache, LayerLoras, SlotCache};
+use crate::model::chatglm::{
+    attention_mask, GlmInputs, KvCache, LayerLoras, RowAdapters, SlotCache,
+};
 use crate::tokenizer::{ids, process_response};
 use crate::weights::source::AdapterWeights;
+
+/// How rows of different adapters share decoding steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterBatching {
+    /// One batch for every row: the frozen linears run once, each adapter's LoRA delta on its own
+    /// rows ([`RowAdapters`]).
+    #[default]
+    PerRow,
+    /// One batch, and one forward per step, for each adapter with live rows.
+    PerAdapter,
+}
 
 /// Engine limits.
 #[derive(Debug, Clone)]
@@ -44,6 +60,7 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// Requests waiting at most; more are refused (503).
     pub max_queue: usize,
+    pub adapter_batching: AdapterBatching,
 }
 
 impl Default for EngineOptions {
@@ -51,6 +68,7 @@ impl Default for EngineOptions {
         Self {
             max_batch: 16,
             max_queue: 64,
+            adapter_batching: AdapterBatching::default(),
         }
     }
 }
@@ -203,14 +221,13 @@ impl Engine {
         let stats = Arc::new(Stats::default());
         let drain = Arc::new(Mutex::new(None));
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut groups = vec![Group::default()];
         let mut sets = vec![Vec::new()];
         let mut stores = Vec::new();
         for a in adapters {
-            groups.push(Group::default());
             sets.push(a.weights.layers);
             stores.push(a.weights.store);
         }
+        let groups = (0..sets.len()).map(|_| Group::default()).collect();
         let worker = Worker {
             chat,
             sets,
@@ -270,6 +287,8 @@ impl Engine {
 
 /// One row being decoded.
 struct Row {
+    /// Which model (index into [`EngineInfo::models`]).
+    model: usize,
     events: UnboundedSender<Event>,
     sampler: Sampler,
     prompt_tokens: usize,
@@ -286,7 +305,8 @@ struct Row {
     stop: Vec<String>,
 }
 
-/// The live rows of one model and their cache (row `i` of `rows` is row `i` of `cache`).
+/// Rows decoded together and their cache (row `i` of `rows` is row `i` of `cache`): every live
+/// row in group 0 ([`AdapterBatching::PerRow`]), or one group per model.
 #[derive(Default)]
 struct Group {
     cache: SlotCache,
@@ -303,8 +323,7 @@ struct Ready {
 
 struct Worker {
     chat: ChatModel,
-    /// Per model, the adapter set that is *not* in the model now (model 0's: empty; swapped in
-    /// only while that model's rows run).
+    /// Per model, its adapter set (model 0's is empty: it runs the layers' own adapters).
     sets: Vec<Vec<LayerLoras>>,
     /// The adapters' own stores (their tensors are shared with `sets`).
     _stores: Vec<tch::nn::VarStore>,
@@ -417,6 +436,7 @@ impl Worker {
                 .position(|&t| t == ids::GMASK)
                 .context("the prompt has no [gMASK]")? as i64;
             let row = Row {
+                model: job.model,
                 events: job.events.clone(),
                 sampler: Sampler::new(sampling)?,
                 prompt_tokens: ids.len(),
@@ -445,24 +465,16 @@ impl Worker {
         }
     }
 
-    /// Run `f` with model `m`'s adapters in place; a panic inside becomes an error and the
-    /// adapters go back either way.
-    fn with_model<T>(&mut self, m: usize, f: impl FnOnce(&ChatModel) -> Result<T>) -> Result<T> {
-        let swap = m > 0;
-        if swap {
-            self.chat.model.chatglm.swap_adapters(&mut self.sets[m])?;
+    /// The group a row of model `m` decodes in.
+    fn group_of(&self, m: usize) -> usize {
+        match self.opts.adapter_batching {
+            AdapterBatching::PerRow => 0,
+            AdapterBatching::PerAdapter => m,
         }
-        let chat = &self.chat;
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(chat)))
-            .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&p))));
-        if swap {
-            self.chat.model.chatglm.swap_adapters(&mut self.sets[m])?;
-        }
-        out
     }
 
-    /// Prefill the admitted requests — those sharing a model, a prompt length and image placement
-    /// as one batch — and let each row choose its first token.
+    /// Prefill the admitted requests — those sharing a prompt length and image placement as one
+    /// batch (and, one batch per adapter, a model) — and let each row choose its first token.
     fn admit(&mut self, jobs: Vec<Job>) {
         let mut ready: Vec<Ready> = jobs
             .into_iter()
@@ -470,13 +482,19 @@ impl Worker {
             .filter_map(|j| self.ready(j))
             .collect();
         while !ready.is_empty() {
-            let key = |r: &Ready| (r.job.model, r.ids.len(), r.pre_image, r.job.image.is_some());
+            let key = |r: &Ready| {
+                let g = self.group_of(r.job.model);
+                (g, r.ids.len(), r.pre_image, r.job.image.is_some())
+            };
             let k = key(&ready[0]);
             let (batch, rest): (Vec<Ready>, Vec<Ready>) =
                 ready.into_iter().partition(|r| key(r) == k);
             ready = rest;
-            let m = k.0;
-            let prefilled = self.with_model(m, |chat| prefill(chat, &batch));
+            let models: Vec<usize> = batch.iter().map(|r| r.job.model).collect();
+            let dev = self.chat.model.device();
+            let adapters = row_adapters(&self.sets, &models, dev);
+            let prefilled = guarded(|| prefill(&self.chat, &batch, &adapters));
+            drop(adapters);
             match prefilled {
                 Err(e) => {
                     for r in batch {
@@ -485,7 +503,8 @@ impl Worker {
                     }
                 }
                 Ok((cache, logits)) => {
-                    let g = &mut self.groups[m];
+                    let gi = k.0;
+                    let g = &mut self.groups[gi];
                     let first = g.rows.len();
                     for (i, r) in batch.into_iter().enumerate() {
                         g.cache.join(&cache, i as i64);
@@ -494,16 +513,16 @@ impl Worker {
                         });
                         g.rows.push(r.row);
                     }
-                    self.choose(m, &logits, first);
+                    self.choose(gi, &logits, first);
                 }
             }
         }
     }
 
-    /// One decoding step for model `m`'s rows.
-    fn step(&mut self, m: usize) {
+    /// One decoding step for group `gi`'s rows.
+    fn step(&mut self, gi: usize) {
         // Rows whose client went away leave first.
-        let g = &mut self.groups[m];
+        let g = &mut self.groups[gi];
         for i in (0..g.rows.len()).rev() {
             if g.rows[i].events.is_closed() {
                 g.rows.swap_remove(i);
@@ -528,19 +547,25 @@ impl Worker {
         let ids = Tensor::from_slice(&tokens).view([b, 1]).to_device(dev);
         let flat: Vec<i64> = pos.iter().flatten().copied().collect();
         let pos = Tensor::from_slice(&flat).view([b, 2, 1]).to_device(dev);
-        let mut cache = std::mem::take(&mut self.groups[m].cache);
-        let out = self.with_model(m, |chat| {
+        let mut cache = std::mem::take(&mut g.cache);
+        let models: Vec<usize> = g.rows.iter().map(|r| r.model).collect();
+        let adapters = row_adapters(&self.sets, &models, dev);
+        let out = guarded(|| {
             Ok(tch::no_grad(|| {
-                chat.model.chatglm.forward_slots(&ids, &pos, &mut cache)
+                self.chat
+                    .model
+                    .chatglm
+                    .forward_slots(&ids, &pos, &mut cache, Some(&adapters))
             }))
         });
-        self.groups[m].cache = cache;
+        drop(adapters);
+        self.groups[gi].cache = cache;
         self.stats.steps.fetch_add(1, Ordering::SeqCst);
         self.stats.step_rows.fetch_add(b as usize, Ordering::SeqCst);
         match out {
-            Ok(logits) => self.choose(m, &logits, 0),
+            Ok(logits) => self.choose(gi, &logits, 0),
             Err(e) => {
-                let g = &mut self.groups[m];
+                let g = &mut self.groups[gi];
                 for r in g.rows.drain(..) {
                     fail(&r.events, 500, format!("{e:#}"));
                     self.stats.finished.fetch_add(1, Ordering::SeqCst);
@@ -657,7 +682,7 @@ impl Row {
 
 /// The first pass over a batch of prompts of one length and image placement: their cache and
 /// the logits `[B, vocab]` of each last position.
-fn prefill(chat: &ChatModel, batch: &[Ready]) -> Result<(KvCache, Tensor)> {
+fn prefill(chat: &ChatModel, batch: &[Ready], adapters: &RowAdapters) -> Result<(KvCache, Tensor)> {
     let model = &chat.model;
     let dev = model.device();
     let len = batch[0].ids.len() as i64;
@@ -689,7 +714,7 @@ fn prefill(chat: &ChatModel, batch: &[Ready]) -> Result<(KvCache, Tensor)> {
     let mask = attention_mask(&vec![ctx; batch.len()], len, dev);
     let mut cache = KvCache::default();
     let logits = tch::no_grad(|| {
-        model.chatglm.forward_cached(
+        model.chatglm.forward_cached_with(
             &GlmInputs {
                 input_ids: &input,
                 position_ids: &pos,
@@ -699,6 +724,7 @@ fn prefill(chat: &ChatModel, batch: &[Ready]) -> Result<(KvCache, Tensor)> {
             },
             Some(&mask),
             &mut cache,
+            Some(adapters),
         )
     });
     Ok((cache, logits))
@@ -717,6 +743,39 @@ fn release_free_memory() {
             malloc_trim(0);
         }
     }
+}
+
+/// The adapters of a batch whose row `i` runs model `models[i]` (model 0: the layers' own): one
+/// group when every row shares a model.
+fn row_adapters<'a>(
+    sets: &'a [Vec<LayerLoras>],
+    models: &[usize],
+    dev: tch::Device,
+) -> RowAdapters<'a> {
+    let set = |m: usize| (m > 0).then(|| sets[m].as_slice());
+    let mut distinct = models.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let groups = if distinct.len() == 1 {
+        vec![(None, set(distinct[0]))]
+    } else {
+        distinct
+            .iter()
+            .map(|&m| {
+                let rows: Vec<i64> = (0..models.len() as i64)
+                    .filter(|&i| models[i as usize] == m)
+                    .collect();
+                (Some(Tensor::from_slice(&rows).to_device(dev)), set(m))
+            })
+            .collect()
+    };
+    RowAdapters { groups }
+}
+
+/// Run model work; a panic inside becomes an error (the rows it touched fail, not the server).
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&p))))
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

@@ -30,8 +30,7 @@ struct Layer {
 }
 
 /// The LoRA adapters of one layer's linears (each may be absent). A model's set of these is what
-/// an adapter is: serving swaps sets in and out over one frozen base
-/// ([`ChatGlm::swap_adapters`]).
+/// an adapter is: serving runs several sets over one frozen base ([`RowAdapters`]).
 #[derive(Debug, Default)]
 pub struct LayerLoras {
     pub qkv: Option<Lora>,
@@ -392,10 +391,40 @@ impl Rot {
 
 /// What every layer of one forward shares: the rotary tables of its positions, its attention
 /// mask (`None`: every key is visible, one new token per sequence) and whether it trains.
-struct Pass {
+struct Pass<'a> {
     rot: Rotary,
     mask: Option<Tensor>,
     train: bool,
+    /// Per-row adapters (serving several adapters in one batch); `None`: the layers' own.
+    adapters: Option<&'a RowAdapters<'a>>,
+}
+
+/// Which adapter each row of a batch runs with: groups of rows (`None`: every row) and their
+/// adapter set, one [`LayerLoras`] per layer (`None`: the layers' own adapters). The frozen
+/// linear runs once over the batch; each group's LoRA delta is computed on its rows and added to
+/// them — for every row the same sum `W·x + Δ(x)` it computes alone.
+pub struct RowAdapters<'a> {
+    pub groups: Vec<(Option<Tensor>, Option<&'a [LayerLoras]>)>,
+}
+
+/// A layer's adapted linears.
+#[derive(Clone, Copy)]
+enum Part {
+    Qkv,
+    Dense,
+    HTo4h,
+    H4ToH,
+}
+
+impl Part {
+    fn of(self, l: &LayerLoras) -> Option<&Lora> {
+        match self {
+            Part::Qkv => l.qkv.as_ref(),
+            Part::Dense => l.dense.as_ref(),
+            Part::HTo4h => l.h_to_4h.as_ref(),
+            Part::H4ToH => l.h4_to_h.as_ref(),
+        }
+    }
 }
 
 /// A forward's rotary rows: per half (positions, block positions) and, for the single rotation of
@@ -559,11 +588,23 @@ impl ChatGlm {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Tensor {
+        self.forward_cached_with(inp, mask, cache, None)
+    }
+
+    /// [`ChatGlm::forward_cached`] with per-row adapters.
+    pub fn forward_cached_with(
+        &self,
+        inp: &GlmInputs,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        adapters: Option<&RowAdapters>,
+    ) -> Tensor {
         let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
         let pass = Pass {
             rot: self.rot(inp.position_ids, x.kind()),
             mask: mask.map(|m| m.to_kind(Kind::Float)),
             train: false,
+            adapters,
         };
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
@@ -578,12 +619,14 @@ impl ChatGlm {
 
     /// One decoding step of rows of different lengths (continuous batching): `input_ids [B, 1]`
     /// and `position_ids [B, 2, 1]` of each live row of `cache` (B = `cache.rows()`), attending to
-    /// that row's own cached tokens. Returns the logits `[B, vocab]`; each row's length grows by 1.
+    /// that row's own cached tokens, with per-row `adapters` (`None`: the layers' own). Returns
+    /// the logits `[B, vocab]`; each row's length grows by 1.
     pub fn forward_slots(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
         cache: &mut SlotCache,
+        adapters: Option<&RowAdapters>,
     ) -> Tensor {
         let dev = input_ids.device();
         let b = cache.rows() as i64;
@@ -606,6 +649,7 @@ impl ChatGlm {
             rot: self.rot(position_ids, x.kind()),
             mask: Some(mask),
             train: false,
+            adapters,
         };
         let mut x = x;
         for (i, (l, (k, v))) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
@@ -623,29 +667,15 @@ impl ChatGlm {
         self.head(&x).squeeze_dim(1)
     }
 
-    /// Put another adapter set (one [`LayerLoras`] per layer) in place of the model's own, which
-    /// goes into `set`; calling it again with the same `set` swaps them back.
-    pub fn swap_adapters(&mut self, set: &mut [LayerLoras]) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            set.len() == self.layers.len(),
-            "an adapter set for {} layers on a model of {}",
-            set.len(),
-            self.layers.len()
-        );
-        for (l, a) in self.layers.iter_mut().zip(set.iter_mut()) {
-            std::mem::swap(&mut l.lora, a);
-        }
-        Ok(())
-    }
-
     /// Embeddings (with dropout) and what every layer of this forward shares.
-    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass) {
+    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
         let x = dropout(&emb, self.dropout.embedding, train);
         let pass = Pass {
             rot: self.rot(inp.position_ids, x.kind()),
             mask: Some(inp.attention_mask.to_kind(Kind::Float)),
             train,
+            adapters: None,
         };
         (x, pass)
     }
@@ -745,13 +775,13 @@ impl ChatGlm {
         let attn = self.attention(l, idx, &a, pass, kv);
         let h1 = &a * self.alpha + attn;
         let m = l.post_attention_layernorm.forward(&h1);
-        let up = self.adapted(&l.h_to_4h, l.lora.h_to_4h.as_ref(), &m, train);
+        let up = self.adapt(&l.h_to_4h, Part::HTo4h, l, idx, &m, pass);
         let act = if self.kernels.sat_gelu {
             gelu_tanh(&up)
         } else {
             up.gelu("tanh")
         };
-        let down = self.adapted(&l.h4_to_h, l.lora.h4_to_h.as_ref(), &act, train);
+        let down = self.adapt(&l.h4_to_h, Part::H4ToH, l, idx, &act, pass);
         &m * self.alpha + dropout(&down, d.output, train)
     }
 
@@ -760,7 +790,7 @@ impl ChatGlm {
         let (b, s, hidden) = a.size3().unwrap();
         let (n, hd) = (self.heads, self.head_dim);
         let qkv = self
-            .adapted(&l.qkv, l.lora.qkv.as_ref(), a, train)
+            .adapt(&l.qkv, Part::Qkv, l, idx, a, pass)
             .view([b, s, n, 3 * hd]);
         // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
         let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
@@ -844,8 +874,53 @@ impl ChatGlm {
             dropout(&probs, self.dropout.attention, train).matmul(&v)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
-        let out = self.adapted(&l.dense, l.lora.dense.as_ref(), &ctx, train);
+        let out = self.adapt(&l.dense, Part::Dense, l, idx, &ctx, pass);
         dropout(&out, self.dropout.output, train)
+    }
+
+    /// A frozen linear of layer `l` (number `idx`) with its adapters: the layer's own, or per
+    /// row when the pass has row adapters.
+    fn adapt(
+        &self,
+        lin: &Linear,
+        part: Part,
+        l: &Layer,
+        idx: i64,
+        x: &Tensor,
+        pass: &Pass,
+    ) -> Tensor {
+        let Some(ra) = pass.adapters else {
+            return self.adapted(lin, part.of(&l.lora), x, pass.train);
+        };
+        fn choose<'x>(
+            part: Part,
+            set: Option<&'x [LayerLoras]>,
+            own: &'x LayerLoras,
+            idx: i64,
+            active: bool,
+        ) -> Option<&'x Lora> {
+            match set {
+                Some(s) => part.of(&s[idx as usize]),
+                None => part.of(own).filter(|_| active),
+            }
+        }
+        let pick = |set| choose(part, set, &l.lora, idx, self.lora_active);
+        if let [(None, set)] = ra.groups.as_slice() {
+            // One adapter for every row: the plain path.
+            return match pick(*set) {
+                Some(lo) => lin.forward(x) + lo.delta(x, false),
+                None => lin.forward(x),
+            };
+        }
+        let mut out = lin.forward(x);
+        for (rows, set) in &ra.groups {
+            let Some(lo) = pick(*set) else { continue };
+            out = match rows {
+                Some(r) => out.index_add(0, r, &lo.delta(&x.index_select(0, r), false)),
+                None => out + lo.delta(x, false),
+            };
+        }
+        out
     }
 
     /// A frozen linear with its LoRA (when present and not merged).

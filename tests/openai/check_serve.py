@@ -92,7 +92,7 @@ def main():
     a = ask(base, films[1], seed=7, **kw).choices[0].message.content
     b = ask(base, films[1], seed=7, **kw).choices[0].message.content
     assert a == b == case["chat_seed7"], (a, b, case["chat_seed7"])
-    print("seed 7 twice = chat --seed 7:", a[:40])
+    print("seed 7 twice = chat --no_merge --seed 7:", a[:40])
 
     # Adapter selection by model name: the adapter answers as `chat` on its checkpoint does
     # (greedy, and sampled with a seed, where the two checkpoints differ).
