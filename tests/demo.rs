@@ -1278,3 +1278,97 @@ fn serve_refuses_when_full_and_finishes_streams_on_sigterm() {
     let status = srv.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The content of a non-streamed chat completion on one image URL (status, content or error).
+fn complete_url(addr: &str, url: &str) -> (u16, String) {
+    let body = serde_json::json!({
+        "model": "demo", "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": FIXED_PROMPT},
+            {"type": "image_url", "image_url": {"url": url}}]}],
+    })
+    .to_string();
+    let (c, b) = http(addr, "POST", "/v1/chat/completions", body.as_bytes());
+    let v = json(&b);
+    let text = if c == 200 {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    } else {
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    (c, text)
+}
+
+/// Issue 18: image URLs other than `data:` are refused unless a flag allows them — `http(s)://`
+/// with `--allow_remote_images` (fetched; the report equals the data-URL one), local paths only
+/// inside `--allowed_local_media_path` (a path outside it stays refused).
+#[test]
+fn image_urls_are_fetched_only_where_allowed() {
+    let Some(d) = demo() else { return };
+    let film = d.held_out[0].image.canonicalize().unwrap();
+    let png = std::fs::read(&film).unwrap();
+    // A one-file web server for the remote URL.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = png.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            let mut s = r.into_inner();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                served.len()
+            );
+            let _ = s.write_all(&served);
+        }
+    });
+    let remote = format!("http://127.0.0.1:{port}/film.png");
+    let data = format!("data:image/png;base64,{}", base64_encode(&png));
+    let local = film.display().to_string();
+    let media = film.parent().unwrap().display().to_string();
+    let srv = start_serve(
+        d,
+        &[
+            "--served_model_name",
+            "demo",
+            "--allow_remote_images",
+            "--allowed_local_media_path",
+            &media,
+        ],
+    );
+    let (c, want) = complete_url(&srv.addr, &data);
+    assert_eq!(c, 200, "{want}");
+    assert!(want.starts_with("心脏"), "{want}");
+    assert_eq!(complete_url(&srv.addr, &remote), (200, want.clone()));
+    assert_eq!(complete_url(&srv.addr, &local), (200, want.clone()));
+    assert_eq!(
+        complete_url(&srv.addr, &format!("file://{local}")),
+        (200, want.clone())
+    );
+    let (c, e) = complete_url(&srv.addr, "/etc/hostname");
+    assert_eq!(c, 400, "{e}");
+    assert!(
+        e.contains("not a file inside the allowed media folder"),
+        "{e}"
+    );
+    let (c, e) = complete_url(&srv.addr, &format!("{media}/../../../../etc/hostname"));
+    assert_eq!(c, 400, "{e}");
+    drop(srv);
+    // Defaults: neither.
+    let srv = start_serve(d, &["--served_model_name", "demo"]);
+    let (c, e) = complete_url(&srv.addr, &remote);
+    assert_eq!(c, 400, "{e}");
+    assert!(e.contains("--allow_remote_images"), "{e}");
+    let (c, e) = complete_url(&srv.addr, &local);
+    assert_eq!(c, 400, "{e}");
+    assert!(e.contains("--allowed_local_media_path"), "{e}");
+    assert_eq!(complete_url(&srv.addr, &data), (200, want));
+}

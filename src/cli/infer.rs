@@ -147,6 +147,10 @@ pub struct ServerArgs {
     /// Image URLs that are local paths are read from inside this folder only (default: refused).
     #[arg(long = "allowed_local_media_path", alias = "allowed-local-media-path")]
     pub allowed_local_media_path: Option<PathBuf>,
+    /// Fetch http(s):// image URLs (at most --max_upload_mib, within --body_timeout_s); off by
+    /// default: the server makes no requests on a client's behalf.
+    #[arg(long = "allow_remote_images", alias = "allow-remote-images")]
+    pub allow_remote_images: bool,
     /// Request threads.
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
@@ -259,6 +263,7 @@ fn run_server(a: ServerArgs, port: u16, banner: &str) -> Result<()> {
             .or_else(|| std::env::var("XRAYGLM_API_KEY").ok())
             .filter(|k| !k.is_empty()),
         local_media: a.allowed_local_media_path,
+        remote_images: a.allow_remote_images,
         shutdown_grace_s: a.shutdown_grace_s,
         ..Default::default()
     };

@@ -383,9 +383,16 @@ impl Worker {
                     return;
                 }
             }
-            // 2. Prefill the new requests; 3. one decoding step per model with live rows.
+            // 2. Prefill the new requests. More arrived meanwhile and there is room: prefill them
+            //    first (a burst gets its first tokens sooner; the running rows wait one prefill).
             let was_busy = self.active() > 0 || !admitted.is_empty();
             self.admit(admitted);
+            let waiting = self.stats.queued.load(Ordering::SeqCst);
+            if waiting > 0 && self.active() < self.opts.max_batch && !stopping {
+                self.update_stats();
+                continue;
+            }
+            // 3. One decoding step per group with live rows.
             for m in 0..self.groups.len() {
                 if !self.groups[m].rows.is_empty() {
                     self.step(m);

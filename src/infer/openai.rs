@@ -4,7 +4,8 @@
 //!
 //! * `messages`: `system`, `user` and `assistant` turns; user content a string or parts (`text`,
 //!   `image_url` with a `data:image/…;base64,` URL — or a local path inside
-//!   `--allowed-local-media-path`; remote `http(s)://` URLs are never fetched). One image per
+//!   `--allowed_local_media_path`, or an `http(s)://` URL with `--allow_remote_images`; both are
+//!   refused otherwise). One image per
 //!   conversation (VisualGLM's). Earlier user/assistant pairs become the `问：…\n答：…\n` history
 //!   exactly as `chat` builds it; system text goes before the first question.
 //! * `model`: the base model's name or an adapter's (`--lora NAME=DIR`); unknown → 404.
@@ -317,8 +318,9 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The bytes of an image URL: a `data:` URL, or a local file inside `--allowed-local-media-path`.
-fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiError> {
+/// The bytes of an image URL: a `data:` URL, a local file inside `--allowed_local_media_path`, or
+/// with `--allow_remote_images` an `http(s)://` URL.
+async fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiError> {
     let bad = |m: String| ApiError::new(400, m).param("messages");
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
@@ -332,17 +334,22 @@ fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiError> 
         return base64_decode(data).ok_or_else(|| bad("the data: URL is not valid base64".into()));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        return Err(bad(
-            "remote image URLs are not fetched (no server-side requests): send the image as a \
-             data:image/…;base64 URL"
-                .into(),
-        ));
+        let Some(client) = &st.http else {
+            return Err(bad(
+                "remote image URLs are not fetched (no server-side requests unless the server \
+                 runs with --allow_remote_images): send the image as a data:image/…;base64 URL"
+                    .into(),
+            ));
+        };
+        return fetch(client, url, st.opts.max_upload)
+            .await
+            .map_err(|e| bad(format!("fetching {url}: {e}")));
     }
     let path = std::path::PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
     let Some(root) = &st.opts.local_media else {
         return Err(bad(
             "local image paths are refused: send a data: URL, or start the server with \
-             --allowed-local-media-path DIR"
+             --allowed_local_media_path DIR"
                 .into(),
         ));
     };
@@ -357,6 +364,25 @@ fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiError> 
             path.display()
         ))),
     }
+}
+
+/// GET `url`: a 2xx answer of at most `limit` bytes.
+async fn fetch(client: &reqwest::Client, url: &str, limit: usize) -> Result<Vec<u8>, String> {
+    let mut r = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("the server answered {}", r.status()));
+    }
+    if r.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(format!("over the limit of {limit} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(c) = r.chunk().await.map_err(|e| e.to_string())? {
+        out.extend_from_slice(&c);
+        if out.len() > limit {
+            return Err(format!("over the limit of {limit} bytes"));
+        }
+    }
+    Ok(out)
 }
 
 /// Decoding settings of a request, over the server's defaults.
@@ -430,7 +456,7 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
     let image = match &conv.image {
         None => None,
         Some(url) => {
-            let bytes = image_bytes(&st, url)?;
+            let bytes = image_bytes(&st, url).await?;
             Some(preprocess(&st, Bytes::from(bytes)).await.map_err(|e| {
                 ApiError::new(400, format!("the image cannot be read: {e}")).param("messages")
             })?)

@@ -50,6 +50,9 @@ pub struct ServerOptions {
     /// Image URLs that are local paths (`file://…` or absolute) are read only from inside this
     /// folder; without it they are refused.
     pub local_media: Option<PathBuf>,
+    /// Fetch `http(s)://` image URLs (at most `max_upload` bytes, within `body_timeout_s`);
+    /// without it they are refused (no server-side requests on a client's behalf).
+    pub remote_images: bool,
     /// Seconds the replies in flight get to finish after SIGTERM.
     pub shutdown_grace_s: f64,
 }
@@ -68,6 +71,7 @@ impl Default for ServerOptions {
             settings: ChatSettings::default(),
             api_key: None,
             local_media: None,
+            remote_images: false,
             shutdown_grace_s: 30.0,
         }
     }
@@ -92,6 +96,8 @@ pub(crate) struct State {
     pub engine: Engine,
     pub opts: ServerOptions,
     pub sessions: Mutex<Sessions>,
+    /// The client that fetches remote image URLs, when they are allowed.
+    pub http: Option<reqwest::Client>,
 }
 
 /// 128 random bits from the operating system (getrandom), as 32 hex digits.
@@ -193,10 +199,22 @@ pub fn serve(
         let timeout = Duration::from_secs_f64(opts.body_timeout_s);
         let open = Arc::new(tokio::sync::Semaphore::new(opts.max_connections.max(1)));
         let grace = Duration::from_secs_f64(opts.shutdown_grace_s);
+        let http = if opts.remote_images {
+            Some(
+                reqwest::Client::builder()
+                    .timeout(timeout)
+                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .build()
+                    .context("starting the HTTP client for remote images")?,
+            )
+        } else {
+            None
+        };
         let state = Arc::new(State {
             engine,
             sessions: Mutex::new((HashMap::new(), 0)),
             opts,
+            http,
         });
         let app = router(Arc::clone(&state));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
