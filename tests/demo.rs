@@ -1039,7 +1039,8 @@ fn openai_python() -> Option<PathBuf> {
 /// (tests/openai/check_serve.py): the one-shot report from a data-URL image equals `chat
 /// --greedy`'s, streaming chunks concatenate to it, a two-turn conversation equals `chat`'s
 /// second answer, a seed reproduces `chat --no_merge --seed`'s sampled reply, an adapter answers
-/// as `chat` on its checkpoint does (greedy and sampled), errors come as the client's exception types (401, 404, 400, 413), and
+/// as `chat` on its checkpoint does (greedy and sampled), errors come as the client's exception
+/// types (401, 404, 400, 413, and 503 from a second server with a queue of one), and
 /// 32 concurrent requests over the three models with streaming on and off each get the answer
 /// they get alone. Afterwards the engine holds no rows and no cache, and the server's memory is
 /// back at its level after the first requests.
@@ -1120,6 +1121,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
         ],
     );
     let base_model = d.run.file_name().unwrap().to_string_lossy().to_string();
+    let busy = start_serve(d, &["--max_batch", "1", "--max_queue", "1"]);
     let idle = rss(srv.child.id());
     let dir = tempfile::tempdir().unwrap();
     let case = dir.path().join("case.json");
@@ -1138,6 +1140,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
         "chat_seed7": seed7,
         "chat_seed7_early": seed7_early,
         "max_body": 1 << 20,
+        "busy_base_url": format!("http://{}/v1", busy.addr),
     });
     std::fs::write(&case, case_json.to_string()).unwrap();
     let out = Command::new(&py)
@@ -1207,8 +1210,9 @@ fn base64_encode(b: &[u8]) -> String {
 }
 
 /// Issue 18: a full queue is answered 503 with an OpenAI error object (the others are served),
-/// and SIGTERM lets a reply in flight finish its stream (`data: [DONE]`) while new connections are
-/// refused; the server then exits 0.
+/// and SIGTERM lets a reply in flight finish its stream (`data: [DONE]`) — or, with no grace
+/// period, ends it with an error event — while new connections are refused; the server then
+/// exits 0.
 #[test]
 fn serve_refuses_when_full_and_finishes_streams_on_sigterm() {
     let Some(d) = demo() else { return };
@@ -1244,39 +1248,47 @@ fn serve_refuses_when_full_and_finishes_streams_on_sigterm() {
     );
     drop(srv);
 
-    // SIGTERM during a stream.
-    let mut srv = start_serve(d, &["--served_model_name", "demo"]);
-    let a = srv.addr.clone();
-    let body = long_request(film, true);
-    let mut s = TcpStream::connect(&a).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(&body).unwrap();
-    let mut reader = BufReader::new(s);
-    let mut line = String::new();
-    while !line.starts_with("data: ") {
-        line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "no first chunk");
-    }
-    let term = Command::new("kill")
-        .args(["-TERM", &srv.child.id().to_string()])
-        .status()
+    // SIGTERM during a stream: with the default grace the reply finishes; with no grace it ends
+    // with an error event. Either way the stream closes cleanly and the server exits 0.
+    for (grace, ends) in [("30", "data: [DONE]"), ("0", "shutting down")] {
+        let mut srv = start_serve(
+            d,
+            &["--served_model_name", "demo", "--shutdown_grace_s", grace],
+        );
+        let a = srv.addr.clone();
+        let body = long_request(film, true);
+        let mut s = TcpStream::connect(&a).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
         .unwrap();
-    assert!(term.success());
-    let mut rest = String::new();
-    let _ = reader.read_to_string(&mut rest);
-    assert!(rest.contains("data: [DONE]"), "{rest}");
-    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
-    assert!(
-        TcpStream::connect(&a).is_err(),
-        "still accepting after SIGTERM"
-    );
-    let status = srv.child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+        s.write_all(&body).unwrap();
+        let mut reader = BufReader::new(s);
+        let mut line = String::new();
+        while !line.starts_with("data: ") {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "no first chunk");
+        }
+        let term = Command::new("kill")
+            .args(["-TERM", &srv.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        assert!(rest.contains(ends), "grace {grace}: {rest}");
+        if grace != "0" {
+            assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+        }
+        assert!(
+            TcpStream::connect(&a).is_err(),
+            "still accepting after SIGTERM"
+        );
+        let status = srv.child.wait().unwrap();
+        assert!(status.success(), "grace {grace}: {status:?}");
+    }
 }
 
 /// The content of a non-streamed chat completion on one image URL (status, content or error).

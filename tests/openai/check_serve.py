@@ -138,6 +138,24 @@ def main():
         model=base, messages=[{"role": "user", "content": big}]), status=413)
     print("errors: 401, 404, 400 (image, part, remote, local, order, temperature), 413")
 
+    # A full queue: a server that decodes one request and queues one answers the rest 503.
+    busy = OpenAI(base_url=case["busy_base_url"], api_key="none", max_retries=0, timeout=120)
+    hot = dict(temperature=5.0, top_p=1.0, max_tokens=120, extra_body={"top_k": 0})
+
+    def try_busy(_):
+        try:
+            busy.chat.completions.create(model=base, messages=[user(q, films[0])], **hot)
+            return "ok"
+        except openai.InternalServerError as e:
+            assert e.status_code == 503, e.status_code
+            assert e.body and e.body.get("code") == "queue_full", e.body
+            return "busy"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(try_busy, range(8)))
+    assert "busy" in outcomes and "ok" in outcomes, outcomes
+    print("queue full: %d of 8 answered 503 (InternalServerError), the others served" % outcomes.count("busy"))
+
     # 32 concurrent requests, mixed models and stream on / off: each answer = its answer alone.
     models = case["models"]
     alone = {}
