@@ -3,6 +3,7 @@
 pub mod chatglm;
 pub mod config;
 pub mod lora;
+pub mod nf4;
 pub mod nn;
 pub mod qformer;
 pub mod visualglm;
