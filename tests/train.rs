@@ -428,6 +428,32 @@ fn int8_training_runs_and_saves_loadable_adapters() {
     assert!(!m.lora.variables().is_empty());
 }
 
+/// `model.quantize = "nf4"` (QLoRA): the trainer runs on NF4 layer weights with double-quantized
+/// scales, the loss falls like the float run's (within 2 % per step; measured 0.44 % at most), and
+/// the saved adapters load over the float base.
+#[test]
+fn nf4_training_runs_and_saves_loadable_adapters() {
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let float = xrayglm::train::finetune(&cfg(dir.path(), "float", &[]), &tok).unwrap();
+    let nf4 = xrayglm::train::finetune(&cfg(dir.path(), "nf4", &["model.quantize=\"nf4\""]), &tok)
+        .unwrap();
+    assert_eq!(nf4.steps, 10);
+    let mut worst: f64 = 0.0;
+    for ((s, a), (_, b)) in losses(&float.run_dir).iter().zip(&losses(&nf4.run_dir)) {
+        worst = worst.max((a - b).abs() / a.abs());
+        assert!(
+            (a - b).abs() <= 0.02 * a.abs(),
+            "step {s}: float {a}, nf4 {b}"
+        );
+    }
+    eprintln!("nf4 vs float training loss: at most {worst:.2e} relative per step");
+    let (m, _) = xrayglm::weights::source::load_model(&nf4.run_dir, &Default::default()).unwrap();
+    assert!(!m.chatglm.is_quantized());
+    assert!(!m.lora.variables().is_empty());
+}
+
 /// Issue 15 item 1: a broken `latest` (missing, empty, or naming a folder that is gone) never
 /// restarts the run: it resumes from the newest complete step folder and says so; with no
 /// complete checkpoint left it stops with a clear error and touches nothing. Leftovers of a dead

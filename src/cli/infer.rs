@@ -25,7 +25,8 @@ pub struct InferArgs {
     #[arg(long = "no_merge", alias = "no-merge")]
     pub no_merge: bool,
     /// 8: hold ChatGLM's layer weights in int8 (weight-only, per-row scales; the original's
-    /// `--quant 8`), about a quarter of their memory.
+    /// `--quant 8`), about a quarter of their memory; 4: NF4 (QLoRA's 4-bit NormalFloat, double-
+    /// quantized scales), about an eighth.
     #[arg(long)]
     pub quant: Option<u8>,
     #[arg(long = "max_length", alias = "max-length", default_value_t = 2048)]
@@ -89,7 +90,7 @@ impl InferArgs {
     }
 }
 
-/// `--quant 8` → int8 layer weights (after any LoRA merge).
+/// `--quant 8` → int8 layer weights, `--quant 4` → NF4 (after any LoRA merge).
 pub fn quantize(model: &mut xrayglm::model::visualglm::VisualGlm, quant: Option<u8>) -> Result<()> {
     match quant {
         None => Ok(()),
@@ -97,7 +98,8 @@ pub fn quantize(model: &mut xrayglm::model::visualglm::VisualGlm, quant: Option<
             model.quantize_int8();
             Ok(())
         }
-        Some(b) => anyhow::bail!("--quant {b}: only 8 (int8 weights) is supported"),
+        Some(4) => model.quantize_nf4(true),
+        Some(b) => anyhow::bail!("--quant {b}: 8 (int8 weights) or 4 (NF4, QLoRA's 4-bit)"),
     }
 }
 

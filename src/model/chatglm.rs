@@ -927,7 +927,7 @@ impl ChatGlm {
     fn adapted(&self, lin: &Linear, lora: Option<&Lora>, x: &Tensor, train: bool) -> Tensor {
         match lora.filter(|_| self.lora_active) {
             None => lin.forward(x),
-            Some(lo) if self.kernels.lora_as_weight && lin.int8.is_none() => {
+            Some(lo) if self.kernels.lora_as_weight && !lin.is_quantized() => {
                 let w = &lin.weight + lo.delta_weight().to_kind(lin.weight.kind());
                 x.linear(&w, lin.bias.as_ref())
             }
@@ -945,9 +945,20 @@ impl ChatGlm {
         }
     }
 
-    /// Whether the layers' linears are held in int8.
+    /// NF4 for the four linears of every layer (QLoRA's frozen base; `double`: double-quantized
+    /// scales). The embedding table and lm_head stay in their kind.
+    pub fn quantize_nf4(&mut self, double: bool) -> anyhow::Result<()> {
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.dense, &mut l.h_to_4h, &mut l.h4_to_h] {
+                lin.quantize_nf4(double)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the layers' linears are held quantized (int8 or NF4).
     pub fn is_quantized(&self) -> bool {
-        self.layers.iter().any(|l| l.qkv.int8.is_some())
+        self.layers.iter().any(|l| l.qkv.is_quantized())
     }
 
     /// The LoRA adapters, with the sat name prefix of the layer each adapts.

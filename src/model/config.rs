@@ -97,6 +97,8 @@ pub enum Quantize {
     None,
     /// int8, weight-only with per-row absmax scales (the original's `--quant 8`).
     Int8,
+    /// NF4 (QLoRA's 4-bit NormalFloat) in blocks of 64 with double-quantized scales.
+    Nf4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -1,5 +1,6 @@
 //! NF4 (4-bit NormalFloat) weights with block-wise absmax scales, optionally double-quantized —
-//! the storage of a QLoRA frozen base (issue 19; not yet wired into the linears).
+//! the storage of a QLoRA frozen base (`model.quantize = "nf4"`, `--quant 4`:
+//! [`super::nn::Linear::quantize_nf4`]).
 //!
 //! Paper: Dettmers et al., "QLoRA: Efficient Finetuning of Quantized LLMs" (NeurIPS 2023), §3:
 //!

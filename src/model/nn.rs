@@ -99,6 +99,8 @@ pub struct Linear {
     /// Weight-only int8 form (see [`Linear::quantize_int8`]): `[out, in]` int8 values and the
     /// per-row scales `[out]`; the float weight is then freed.
     pub int8: Option<(Tensor, Tensor)>,
+    /// NF4 form (see [`Linear::quantize_nf4`]); the float weight is then freed.
+    pub nf4: Option<super::nf4::Nf4>,
 }
 
 impl Linear {
@@ -107,6 +109,7 @@ impl Linear {
             weight: p.var("weight", &[out_dim, in_dim], weight_init(in_dim)),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             int8: None,
+            nf4: None,
         }
     }
 
@@ -116,10 +119,15 @@ impl Linear {
             weight: p.var("weight", &[out_dim, in_dim], init),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             int8: None,
+            nf4: None,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some(q) = &self.nf4 {
+            // Dequantized on the fly in x's kind (QLoRA's compute dtype).
+            return x.linear(&q.dequantize(x.kind()), self.bias.as_ref());
+        }
         match &self.int8 {
             None => x.linear(&self.weight, self.bias.as_ref()),
             Some((q, scale)) => {
@@ -153,6 +161,27 @@ impl Linear {
             let empty = Tensor::empty([0], (kind, self.weight.device()));
             self.weight.set_data(&empty);
         });
+    }
+
+    /// NF4 (QLoRA's 4-bit NormalFloat, blocks of 64, `double`: double-quantized scales; see
+    /// [`super::nf4`]); the float weight's storage is released. Idempotent, and a no-op on an
+    /// int8 layer.
+    pub fn quantize_nf4(&mut self, double: bool) -> anyhow::Result<()> {
+        if self.nf4.is_some() || self.int8.is_some() {
+            return Ok(());
+        }
+        tch::no_grad(|| -> anyhow::Result<()> {
+            let kind = self.weight.kind();
+            self.nf4 = Some(super::nf4::Nf4::quantize(&self.weight, double)?);
+            let empty = Tensor::empty([0], (kind, self.weight.device()));
+            self.weight.set_data(&empty);
+            Ok(())
+        })
+    }
+
+    /// Whether the weight is held quantized (int8 or NF4).
+    pub fn is_quantized(&self) -> bool {
+        self.int8.is_some() || self.nf4.is_some()
     }
 }
 

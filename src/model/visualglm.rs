@@ -239,10 +239,16 @@ impl VisualGlm {
         self.chatglm.quantize_int8();
     }
 
+    /// Hold ChatGLM's layer linears as NF4 (QLoRA: ~4.1–4.5 bits per weight, dequantized on the
+    /// fly in the compute kind; the LoRA stays fp32 on top).
+    pub fn quantize_nf4(&mut self, double: bool) -> Result<()> {
+        self.chatglm.quantize_nf4(double)
+    }
+
     fn apply_lora_to_base(&mut self, sign: f64) -> Result<()> {
         if self.chatglm.is_quantized() {
             anyhow::bail!(
-                "the model's weights are int8: merge (or unmerge) the LoRA before quantizing"
+                "the model's weights are quantized (int8 or nf4): merge (or unmerge) the LoRA before quantizing"
             );
         }
         let mut vars = self.base.variables();

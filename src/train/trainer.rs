@@ -925,8 +925,10 @@ fn build_model(
     };
     model.set_fused_attention(m.fused_attention);
     // After the base of a random preset was saved above: a quantized model cannot be saved.
-    if m.quantize == Quantize::Int8 {
-        model.quantize_int8();
+    match m.quantize {
+        Quantize::None => {}
+        Quantize::Int8 => model.quantize_int8(),
+        Quantize::Nf4 => model.quantize_nf4(true)?,
     }
     model.set_dropout(
         m.vision_dropout,

@@ -403,7 +403,7 @@ pub fn save_base(model: &VisualGlm, dir: &Path) -> Result<()> {
 
 fn save(model: &VisualGlm, dir: &Path, with_lora: bool) -> Result<()> {
     if model.chatglm.is_quantized() {
-        bail!("cannot save an int8-quantized model (its float weights are gone): save before quantizing");
+        bail!("cannot save a quantized (int8 or nf4) model (its float weights are gone): save before quantizing");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let meta = [("format", "xrayglm".to_string())];
