@@ -15,6 +15,8 @@
 #      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
 #      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory;
 #   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
+#   5b'. the same 10 steps with NF4 layer weights (QLoRA, model.quantize=nf4): peak memory (goal:
+#      16 GB);
 #   5c. `bench layer`: the default kernels (fused GELU, one rotary for q and k, LoRA as two thin
 #      matmuls, frozen weights outside autograd) against each alternative at the real width;
 #   5d. the same model through `bench train` on the OpenI-zh report length mix with xrayglm's
@@ -101,6 +103,8 @@ print(f"trainer's peak_gpu_used_mib (cudaMemGetInfo at each log line): {max(r.ge
 PY
 step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak memory (goal: fits in 24 GB)"
 train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8 training"; FAIL=1; }
+step "5b'. the same with NF4 ChatGLM layer weights (model.quantize=nf4, QLoRA): peak memory (goal: fits in 16 GB)"
+train_real gpu-check-nf4 10 --set 'model.quantize="nf4"' || { echo "FAIL: nf4 training"; FAIL=1; }
 step "5c. kernel choices at the real width: 4 ChatGLM layers, bf16, micro-batch 8 x 320, checkpointing"
 timeout 120 "$BIN" bench layer --device cuda --dtype bf16 --layers 4 --batch 8 --seq 320 --steps 5 \
   || { echo "FAIL: layer bench"; FAIL=1; }
