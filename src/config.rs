@@ -47,6 +47,9 @@ pub struct DataSection {
     /// Pad every sample to this many tokens (the reference: 320 = 64 + 256); 0 = `loader.padding`
     /// decides (dynamic by default).
     pub pad_to: usize,
+    /// Conversation files (LLaVA, ShareGPT): `every` assistant turn is a target (one sample per
+    /// turn, the earlier turns as its history), or the `last` only.
+    pub conversation_turns: crate::data::records::ConversationTurns,
 }
 
 impl Default for DataSection {
@@ -63,6 +66,7 @@ impl Default for DataSection {
             allow_outside_root: false,
             out: PathBuf::new(),
             pad_to: 0,
+            conversation_turns: Default::default(),
         }
     }
 }
@@ -84,6 +88,7 @@ impl DataSection {
             skip_bad: self.skip_bad,
             allow_outside_root: self.allow_outside_root,
             threads: 0,
+            conversation_turns: self.conversation_turns,
         }
     }
 

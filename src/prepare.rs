@@ -203,9 +203,9 @@ fn token_stats(
         })
         .count();
     for r in records {
-        src.push(builder.source_ids(&r.prompt)?.len());
+        src.push(builder.source_ids_with(&r.history, &r.prompt)?.len());
         tgt.push(tok.encode(&r.label)?.len());
-        let s = builder.build(&r.prompt, &r.label)?;
+        let s = builder.build_with_history(&r.history, &r.prompt, &r.label)?;
         longest = longest.max(s.len());
         truncated += s.truncated as usize;
     }

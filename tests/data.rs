@@ -11,7 +11,8 @@ use xrayglm::data::batch::{
 };
 use xrayglm::data::image::ImageProcessor;
 use xrayglm::data::records::{
-    load_records, ImageCheck, LoadOptions, PromptPolicy, Schema, FIXED_PROMPT, RANDOM_PROMPTS,
+    load_records, ImageCheck, LoadOptions, PromptPolicy, Record, Schema, FIXED_PROMPT,
+    RANDOM_PROMPTS,
 };
 use xrayglm::data::rng::PyRandom;
 use xrayglm::data::sample::{SampleBuilder, SampleConfig, IGNORE};
@@ -925,4 +926,134 @@ fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
     );
     let o = run("16");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Issue 19: conversation files in LLaVA's and ShareGPT's layouts. A two-turn conversation is two
+/// records (each answer a target, the earlier turns its history) or, with `conversation_turns =
+/// "last"`, one; `<image>` markers and system turns leave the text; the training prompt is the
+/// text `chat` builds for the same history; only the answer is a target; bad conversations name
+/// their record.
+#[test]
+fn llava_and_sharegpt_conversations_become_per_turn_samples() {
+    use xrayglm::data::records::ConversationTurns;
+    use xrayglm::infer::chat::{prompt_text, Turn};
+    let b = Bad::new();
+    let llava = b.file(
+        "llava.json",
+        r#"[{"id": "c1", "image": "ok.png", "conversations": [
+            {"from": "human", "value": "<image>\n描述这张胸片"},
+            {"from": "gpt", "value": "心脏大小正常。"},
+            {"from": "human", "value": "有积液吗？"},
+            {"from": "gpt", "value": "未见胸腔积液。"}]}]"#,
+    );
+    let share = b.file(
+        "share.json",
+        r#"[{"messages": [
+            {"role": "system", "content": "你是放射科医生。"},
+            {"role": "user", "content": "<image>描述这张胸片"},
+            {"role": "assistant", "content": "心脏大小正常。"},
+            {"role": "user", "content": "有积液吗？"},
+            {"role": "assistant", "content": "未见胸腔积液。"}], "images": ["ok.png"]}]"#,
+    );
+    for (path, schema) in [(&llava, Schema::Llava), (&share, Schema::ShareGpt)] {
+        let l = load_records(path, &LoadOptions::default()).unwrap();
+        assert_eq!(l.schema, schema);
+        assert_eq!(l.records.len(), 2);
+        let (r0, r1) = (&l.records[0], &l.records[1]);
+        assert_eq!(
+            (r0.prompt.as_str(), r0.label.as_str()),
+            ("描述这张胸片", "心脏大小正常。")
+        );
+        assert!(r0.history.is_empty());
+        assert_eq!(
+            (r1.prompt.as_str(), r1.label.as_str()),
+            ("有积液吗？", "未见胸腔积液。")
+        );
+        assert_eq!(
+            r1.history,
+            vec![("描述这张胸片".to_string(), "心脏大小正常。".to_string())]
+        );
+        assert!(r1.image.ends_with("ok.png"));
+        let last = LoadOptions {
+            conversation_turns: ConversationTurns::Last,
+            ..Default::default()
+        };
+        let l = load_records(path, &last).unwrap();
+        assert_eq!(l.records.len(), 1);
+        assert_eq!(
+            l.records[0],
+            Record {
+                index: 0,
+                ..r1.clone()
+            }
+        );
+    }
+    // The training prompt is chat's prompt for the same history; only the answer is a target.
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let builder = SampleBuilder::new(tok.clone(), SampleConfig::default()).unwrap();
+    let r1 = &load_records(&llava, &LoadOptions::default())
+        .unwrap()
+        .records[1];
+    let turns: Vec<Turn> = r1
+        .history
+        .iter()
+        .map(|(q, a)| Turn {
+            query: q.clone(),
+            response: a.clone(),
+        })
+        .collect();
+    assert_eq!(
+        builder.prompt_text_with(&r1.history, &r1.prompt),
+        format!("</img>{}", prompt_text(&turns, &r1.prompt, false))
+    );
+    let s = builder
+        .build_with_history(&r1.history, &r1.prompt, &r1.label)
+        .unwrap();
+    let target: Vec<i64> = s.labels.iter().copied().filter(|&l| l != IGNORE).collect();
+    // The reference's labels: `<sop>`, the answer, `<eop>` (the loss shifts them by one).
+    let mut want = vec![xrayglm::tokenizer::ids::SOP];
+    want.extend(tok.encode(&r1.label).unwrap());
+    want.push(xrayglm::tokenizer::ids::EOP);
+    assert_eq!(target, want);
+    let one = builder.build(&r1.prompt, &r1.label).unwrap();
+    assert!(
+        s.context_length > one.context_length,
+        "the history is in the prefix"
+    );
+    // Bad conversations name the file and record.
+    for (text, what) in [
+        (
+            r#"[{"image": ["ok.png", "ok2.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]"#,
+            "2 images",
+        ),
+        (
+            r#"[{"image": "ok.png", "conversations": [{"from": "gpt", "value": "a"}]}]"#,
+            "an answer without a question",
+        ),
+        (
+            r#"[{"image": "ok.png", "conversations": [{"from": "robot", "value": "a"}]}]"#,
+            "unknown from \"robot\"",
+        ),
+        (
+            r#"[{"image": "ok.png", "conversations": [{"from": "human", "value": "q"}]}]"#,
+            "no question with an answer",
+        ),
+        (
+            r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]"#,
+            "no image",
+        ),
+        (
+            r#"[{"image": "nope.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]"#,
+            "not found",
+        ),
+    ] {
+        let e = b.err("bad.json", text);
+        assert!(
+            e.contains("bad.json: record 0") && e.contains(what),
+            "{what}: {e}"
+        );
+    }
 }

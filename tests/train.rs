@@ -809,3 +809,73 @@ fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
         (xrayglm::config::BestMetric::CeF1, 2)
     );
 }
+
+/// Issue 19: a LLaVA conversation file (two turns per film: the report, then a follow-up about the
+/// heart) trains the tiny model — one sample per answer — and the result answers the second turn
+/// of a conversation.
+#[test]
+fn a_llava_conversation_file_trains_and_the_result_chats() {
+    use xrayglm::infer::chat::{ChatModel, ChatSettings, Session, Turn};
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let list = xrayglm::data::synthetic::generate(&data, 12, 64, 7).unwrap();
+    let ann: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+    let convs: Vec<serde_json::Value> = ann["annotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let report = a["caption"].as_str().unwrap();
+            let heart = report.split('。').next().unwrap().to_string() + "。";
+            serde_json::json!({
+                "id": a["image_id"],
+                "image": format!("{}.png", a["image_id"].as_str().unwrap()),
+                "conversations": [
+                    {"from": "human", "value": format!("<image>\n{}", xrayglm::data::records::FIXED_PROMPT)},
+                    {"from": "gpt", "value": report},
+                    {"from": "human", "value": "心脏大小如何？"},
+                    {"from": "gpt", "value": heart},
+                ],
+            })
+        })
+        .collect();
+    let path = list.with_file_name("llava.json");
+    std::fs::write(&path, serde_json::to_string(&convs).unwrap()).unwrap();
+    let c = cfg(
+        dir.path(),
+        "llava",
+        &[
+            &format!("data.path={:?}", path.display().to_string()),
+            "train.lr=1e-2",
+            "train.train_iters=20",
+            "train.eval_interval=20",
+        ],
+    );
+    let loaded =
+        xrayglm::data::records::load_records(&c.data.path, &c.data.load_options()).unwrap();
+    assert_eq!(loaded.records.len(), 24, "two answers per film");
+    let s = xrayglm::train::finetune(&c, &tok).unwrap();
+    assert_eq!(s.steps, 20);
+    let (first, last) = (s.first_val_loss.unwrap(), s.last_val_loss.unwrap());
+    eprintln!("conversations: val loss {first:.3} → {last:.3}");
+    assert!(last < first - 1.0, "val loss {first} → {last}");
+    let chat = ChatModel::load(&s.run_dir, tok.clone(), &Default::default(), true).unwrap();
+    let mut session = Session::default();
+    chat.set_image_file(&mut session, &loaded.records[0].image)
+        .unwrap();
+    // The second turn after the first one's reference answer.
+    session.history.push(Turn {
+        query: loaded.records[0].prompt.clone(),
+        response: loaded.records[0].label.clone(),
+    });
+    let settings = ChatSettings {
+        max_length: 200,
+        ..Default::default()
+    };
+    chat.ask(&mut session, "心脏大小如何？", &settings, |_| {})
+        .unwrap();
+    assert_eq!(session.history.len(), 2);
+}

@@ -248,6 +248,7 @@ pub fn data(a: &DataArgs) -> Result<DataBench> {
                         image: p.clone(),
                         prompt: crate::data::records::FIXED_PROMPT.into(),
                         label: labels[i].clone(),
+                        history: Vec::new(),
                     })
                     .collect();
                 // From records: tokenizing every sample, then one epoch of batches.

@@ -152,9 +152,11 @@ impl Dataset {
         let samples = records
             .iter()
             .map(|r| {
-                builder.build(&r.prompt, &r.label).with_context(|| {
-                    format!("{file}: record {} ({}): cannot build sample", r.index, r.id)
-                })
+                builder
+                    .build_with_history(&r.history, &r.prompt, &r.label)
+                    .with_context(|| {
+                        format!("{file}: record {} ({}): cannot build sample", r.index, r.id)
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

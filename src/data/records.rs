@@ -6,6 +6,14 @@
 //! `build_ch_prompt-random.py` (one of 6 prompts, unseeded `random.choice`) makes from it (§8.5).
 //! Here the random variant takes a seed, and `random.seed(seed)` + `random.choice` in Python picks
 //! the same prompts.
+//!
+//! Conversations (issue 19) come in the layouts users already have: LLaVA's
+//! `[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]` and ShareGPT /
+//! LLaMA-Factory's `[{"messages": [{"role": "user"|"assistant"|"system", "content"}], "images":
+//! [..]}]`, the image marked by `<image>` in a user turn. A conversation becomes one record per
+//! assistant turn (its earlier turns as `history`, in VisualGLM's `问：…\n答：…\n` template) —
+//! ChatGLM-6B's prefix is bidirectional, so an answer inside the prefix cannot be a target — or,
+//! with `data.conversation_turns = "last"`, only the last one (XrayGLM's single-turn training).
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -54,8 +62,24 @@ impl Default for PromptPolicy {
 pub enum Schema {
     /// `{"annotations": [{"image_id", "caption"}]}` (OpenI-zh as committed).
     Annotations,
-    /// `[{"img", "prompt", "label"}]` (XrayGLM's training list).
+    /// `[{"img", "prompt", "label"[, "history"]}]` (XrayGLM's training list; `history`: earlier
+    /// `[question, answer]` pairs, written for conversations).
     TrainingList,
+    /// `[{"id", "image", "conversations": [{"from", "value"}]}]` (LLaVA).
+    Llava,
+    /// `[{"messages": [{"role", "content"}], "images": [..]}]` (ShareGPT / LLaMA-Factory).
+    ShareGpt,
+}
+
+/// Which assistant turns of a conversation are training targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationTurns {
+    /// Every one (one record per turn, the earlier turns as its history).
+    #[default]
+    Every,
+    /// Only the last (XrayGLM trains on single answers).
+    Last,
 }
 
 /// How hard image files are checked while loading.
@@ -82,6 +106,8 @@ pub struct Record {
     pub image: PathBuf,
     pub prompt: String,
     pub label: String,
+    /// Earlier turns of a conversation: `(question, answer)` pairs before `prompt`.
+    pub history: Vec<(String, String)>,
 }
 
 /// What is wrong with a record.
@@ -141,6 +167,9 @@ pub struct LoadOptions {
     /// Accept image paths outside the image root (absolute, or climbing out with `..`).
     #[serde(default)]
     pub allow_outside_root: bool,
+    /// Conversations: every assistant turn a target, or the last only.
+    #[serde(default)]
+    pub conversation_turns: ConversationTurns,
 }
 
 fn default_ext() -> String {
@@ -157,6 +186,7 @@ impl Default for LoadOptions {
             skip_bad: false,
             allow_outside_root: false,
             threads: 0,
+            conversation_turns: ConversationTurns::default(),
         }
     }
 }
@@ -264,7 +294,18 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
     let (schema, items) = match &value {
-        Value::Array(items) => (Schema::TrainingList, items),
+        Value::Array(items) => {
+            let first = items.iter().find_map(Value::as_object);
+            let has = |k: &str| first.is_some_and(|o| o.contains_key(k));
+            let schema = if has("conversations") {
+                Schema::Llava
+            } else if has("messages") {
+                Schema::ShareGpt
+            } else {
+                Schema::TrainingList
+            };
+            (schema, items)
+        }
         Value::Object(map) => match map.get("annotations") {
             Some(Value::Array(items)) => (Schema::Annotations, items),
             Some(other) => bail!("{file}: wrong schema: \"annotations\" is {}, expected a list", describe(other)),
@@ -291,10 +332,10 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         // skipping a record never changes the prompts of the others.
         let drawn = rng.as_mut().map(|r| r.choice(&RANDOM_PROMPTS).to_string());
         let id_hint = item
-            .get(if schema == Schema::Annotations {
-                "image_id"
-            } else {
-                "img"
+            .get(match schema {
+                Schema::Annotations => "image_id",
+                Schema::TrainingList => "img",
+                Schema::Llava | Schema::ShareGpt => "id",
             })
             .and_then(Value::as_str)
             .map(str::to_string);
@@ -307,30 +348,40 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
                 None => format!("{file}: record {index}: {what}"),
             },
         };
-        let parsed = parse_one(schema, item, &root, opts, drawn).map_err(|(k, w)| fail(k, w));
-        let rec = match parsed {
+        let parsed = match schema {
+            Schema::Llava | Schema::ShareGpt => {
+                parse_conversation(schema, item, index, &root, opts)
+            }
+            _ => parse_one(schema, item, &root, opts, drawn).map(|r| vec![r]),
+        };
+        let recs = match parsed.map_err(|(k, w)| fail(k, w)) {
             Ok(r) => r,
             Err(b) => {
                 bad.push(b);
                 continue;
             }
         };
-        let key = match schema {
+        let key = |rec: &Record| match schema {
             Schema::Annotations => rec.id.clone(),
-            Schema::TrainingList => format!("{}\u{0}{}\u{0}{}", rec.img, rec.prompt, rec.label),
+            _ => format!(
+                "{}\u{0}{}\u{0}{}\u{0}{:?}",
+                rec.img, rec.prompt, rec.label, rec.history
+            ),
         };
-        if let Some(&first) = seen.get(&key) {
+        if let Some(&first) = recs.first().and_then(|r| seen.get(&key(r))) {
             let what = match schema {
                 Schema::Annotations => format!("duplicate image_id, first seen at record {first}"),
-                Schema::TrainingList => {
-                    format!("duplicate of record {first} (same img, prompt and label)")
-                }
+                _ => format!(
+                    "duplicate of record {first} (same image, question, answer and history)"
+                ),
             };
             bad.push(fail(BadKind::DuplicateId, what));
             continue;
         }
-        seen.insert(key, index);
-        records.push(Record { index, ..rec });
+        for rec in recs {
+            seen.insert(key(&rec), index);
+            records.push(Record { index, ..rec });
+        }
     }
     // Image checks run in parallel; their failures are reported in record order.
     let image_bad = check_images(&records, opts, &file, schema);
@@ -370,7 +421,166 @@ fn id_label(schema: Schema) -> &'static str {
     match schema {
         Schema::Annotations => "image_id ",
         Schema::TrainingList => "img ",
+        Schema::Llava | Schema::ShareGpt => "id ",
     }
+}
+
+/// The turns of a LLaVA or ShareGPT conversation as records: one per assistant turn (or the last
+/// only), each with the turns before it as history; the one image is marked by `<image>`.
+fn parse_conversation(
+    schema: Schema,
+    item: &Value,
+    index: usize,
+    root: &Path,
+    opts: &LoadOptions,
+) -> Result<Vec<Record>, (BadKind, String)> {
+    let obj = item.as_object().ok_or_else(|| {
+        (
+            BadKind::NotAnObject,
+            format!("expected an object, found {}", describe(item)),
+        )
+    })?;
+    let (list_key, role_key, text_key, user, assistant) = match schema {
+        Schema::Llava => ("conversations", "from", "value", "human", "gpt"),
+        _ => ("messages", "role", "content", "user", "assistant"),
+    };
+    let turns = match obj.get(list_key) {
+        Some(Value::Array(t)) => t,
+        Some(v) => {
+            return Err((
+                BadKind::NotAString,
+                format!("field \"{list_key}\" is {}, expected a list", describe(v)),
+            ))
+        }
+        None => {
+            return Err((
+                BadKind::MissingField,
+                format!("missing field \"{list_key}\""),
+            ))
+        }
+    };
+    let images: Vec<&str> = match schema {
+        Schema::Llava => match obj.get("image") {
+            None => vec![],
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            Some(v) => {
+                return Err((
+                    BadKind::NotAString,
+                    format!("field \"image\" is {}, expected a path", describe(v)),
+                ))
+            }
+        },
+        _ => match obj.get("images") {
+            None => vec![],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(v) => {
+                return Err((
+                    BadKind::NotAString,
+                    format!(
+                        "field \"images\" is {}, expected a list of paths",
+                        describe(v)
+                    ),
+                ))
+            }
+        },
+    };
+    let img = match images.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err((
+                BadKind::MissingField,
+                "no image: every sample needs one film (\"image\" / \"images\")".into(),
+            ))
+        }
+        more => {
+            return Err((
+                BadKind::MissingField,
+                format!(
+                    "{} images: one image per sample for now (several views per study are \
+                     coming: data.group_views)",
+                    more.len()
+                ),
+            ))
+        }
+    };
+    // Question / answer pairs in order; system turns are skipped.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut pending: Option<String> = None;
+    let mut markers = 0;
+    for (k, t) in turns.iter().enumerate() {
+        let role = t.get(role_key).and_then(Value::as_str).unwrap_or("");
+        let text = t.get(text_key).and_then(Value::as_str).ok_or_else(|| {
+            (
+                BadKind::NotAString,
+                format!("turn {k}: \"{text_key}\" missing or not a string"),
+            )
+        })?;
+        if role == "system" {
+            continue;
+        }
+        markers += text.matches("<image>").count();
+        let clean = text.replace("<image>", "").trim().to_string();
+        match (role == user, role == assistant, pending.take()) {
+            (true, _, None) => pending = Some(clean),
+            (true, _, Some(p)) => pending = Some(format!("{p}\n{clean}")),
+            (_, true, Some(q)) => {
+                if clean.is_empty() {
+                    return Err((BadKind::EmptyLabel, format!("turn {k}: empty answer")));
+                }
+                pairs.push((q, clean))
+            }
+            (_, true, None) => {
+                return Err((
+                    BadKind::MissingField,
+                    format!("turn {k}: an answer without a question before it"),
+                ))
+            }
+            _ => {
+                return Err((
+                    BadKind::NotAString,
+                    format!(
+                    "turn {k}: unknown {role_key} {role:?} (expected {user:?} or {assistant:?})"
+                ),
+                ))
+            }
+        }
+    }
+    if markers > 1 {
+        return Err((
+            BadKind::MissingField,
+            format!("{markers} <image> markers: one image per sample for now"),
+        ));
+    }
+    if pairs.is_empty() {
+        return Err((BadKind::EmptyLabel, "no question with an answer".into()));
+    }
+    let image = resolve(root, img, opts.allow_outside_root)?;
+    let id = obj
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("conversation_{index}"));
+    let first = match opts.conversation_turns {
+        ConversationTurns::Every => 0,
+        ConversationTurns::Last => pairs.len() - 1,
+    };
+    Ok((first..pairs.len())
+        .map(|t| Record {
+            index,
+            id: if pairs.len() > 1 {
+                format!("{id}#{t}")
+            } else {
+                id.clone()
+            },
+            img: img.to_string(),
+            image: image.clone(),
+            prompt: pairs[t].0.clone(),
+            label: pairs[t].1.clone(),
+            history: pairs[..t].to_vec(),
+        })
+        .collect())
 }
 
 fn get_str<'a>(
@@ -424,9 +634,11 @@ fn parse_one(
                 img: name,
                 prompt,
                 label: caption.to_string(),
+                history: Vec::new(),
             })
         }
-        Schema::TrainingList => {
+        // The training list (conversations go through `parse_conversation`).
+        _ => {
             let img = get_str(obj, "img")?;
             if img.trim().is_empty() {
                 return Err((BadKind::MissingField, "empty img".into()));
@@ -437,6 +649,18 @@ fn parse_one(
                 return Err((BadKind::EmptyLabel, "empty label".into()));
             }
             let image = resolve(root, img, opts.allow_outside_root)?;
+            let history = match obj.get("history") {
+                None => Vec::new(),
+                Some(h) => {
+                    serde_json::from_value::<Vec<(String, String)>>(h.clone()).map_err(|_| {
+                        (
+                            BadKind::NotAString,
+                            "field \"history\" must be a list of [question, answer] pairs"
+                                .to_string(),
+                        )
+                    })?
+                }
+            };
             let id = match obj.get("image_id").and_then(Value::as_str) {
                 Some(id) => id.to_string(),
                 None => image
@@ -451,6 +675,7 @@ fn parse_one(
                 image,
                 prompt: prompt.to_string(),
                 label: label.to_string(),
+                history,
             })
         }
     }
@@ -552,6 +777,9 @@ pub struct TrainEntry {
     pub img: String,
     pub prompt: String,
     pub label: String,
+    /// Earlier `[question, answer]` turns (conversations only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<(String, String)>,
 }
 
 /// `path` relative to `base` when it lies below it, otherwise absolute.
@@ -592,6 +820,7 @@ pub fn write_training_list(path: &Path, records: &[Record]) -> Result<usize> {
             img: relative_to(&r.image, &base),
             prompt: r.prompt.clone(),
             label: r.label.clone(),
+            history: r.history.clone(),
         })
         .collect();
     let absolute = entries

@@ -61,6 +61,22 @@ impl SampleConfig {
     }
 }
 
+/// VisualGLM's chat template (spec §7.2): `问：{q}\n答：{r}\n` per earlier turn, then
+/// `问：{query}\n答：` (English: `Q:` / `A:`). What `chat` asks with and what training on
+/// conversations learns from.
+pub fn chat_template(history: &[(String, String)], query: &str, language: Language) -> String {
+    let (q, a) = match language {
+        Language::Chinese => ("问：", "答："),
+        Language::English => ("Q:", "A:"),
+    };
+    let mut s = String::new();
+    for (question, answer) in history {
+        s.push_str(&format!("{q}{question}\n{a}{answer}\n"));
+    }
+    s.push_str(&format!("{q}{query}\n{a}"));
+    s
+}
+
 /// One unpadded sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -156,23 +172,44 @@ impl SampleBuilder {
 
     /// The text after the image: `</img>问：{prompt}\n答：` (or the English template).
     pub fn prompt_text(&self, prompt: &str) -> String {
-        match self.cfg.language {
-            Language::Chinese => format!("</img>问：{prompt}\n答："),
-            Language::English => format!("</img>Q:{prompt}\nA:"),
-        }
+        self.prompt_text_with(&[], prompt)
+    }
+
+    /// The text after the image with earlier turns: `</img>` + [`chat_template`].
+    pub fn prompt_text_with(&self, history: &[(String, String)], prompt: &str) -> String {
+        format!(
+            "</img>{}",
+            chat_template(history, prompt, self.cfg.language)
+        )
     }
 
     /// `a_ids`: `<img>` tokens, image placeholders, then the prompt (not truncated).
     pub fn source_ids(&self, prompt: &str) -> Result<Vec<i64>> {
+        self.source_ids_with(&[], prompt)
+    }
+
+    /// [`SampleBuilder::source_ids`] after earlier turns.
+    pub fn source_ids_with(&self, history: &[(String, String)], prompt: &str) -> Result<Vec<i64>> {
         let mut a = self.img_open.clone();
         a.extend(std::iter::repeat_n(ids::PAD, self.cfg.image_length));
-        a.extend(self.tok.encode(&self.prompt_text(prompt))?);
+        a.extend(self.tok.encode(&self.prompt_text_with(history, prompt))?);
         Ok(a)
     }
 
     /// A training sample for (prompt, label).
     pub fn build(&self, prompt: &str, label: &str) -> Result<Sample> {
-        let mut a = self.source_ids(prompt)?;
+        self.build_with_history(&[], prompt, label)
+    }
+
+    /// A training sample for the answer `label` to `prompt` after the turns of `history` (which
+    /// are context, not targets: ChatGLM's prefix is bidirectional).
+    pub fn build_with_history(
+        &self,
+        history: &[(String, String)],
+        prompt: &str,
+        label: &str,
+    ) -> Result<Sample> {
+        let mut a = self.source_ids_with(history, prompt)?;
         let mut b = self.tok.encode(label)?;
         let mut truncated = false;
         if a.len() > self.cfg.max_source_length - 1 {

@@ -71,17 +71,17 @@ impl Default for ChatSettings {
 
 /// The text after `<img></img>`: the history and the new question in the chat template.
 pub fn prompt_text(history: &[Turn], query: &str, english: bool) -> String {
-    let (q, a) = if english {
-        ("Q:", "A:")
+    use crate::data::sample::{chat_template, Language};
+    let pairs: Vec<(String, String)> = history
+        .iter()
+        .map(|t| (t.query.clone(), t.response.clone()))
+        .collect();
+    let lang = if english {
+        Language::English
     } else {
-        ("问：", "答：")
+        Language::Chinese
     };
-    let mut s = String::new();
-    for t in history {
-        s.push_str(&format!("{q}{}\n{a}{}\n", t.query, t.response));
-    }
-    s.push_str(&format!("{q}{query}\n{a}"));
-    s
+    chat_template(&pairs, query, lang)
 }
 
 /// A model, its tokenizer and image preprocessing, ready to answer.
