@@ -812,10 +812,11 @@ fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
 
 /// Issue 19: a LLaVA conversation file (two turns per film: the report, then a follow-up about the
 /// heart) trains the tiny model — one sample per answer — and the result answers the second turn
-/// of a conversation.
+/// of a conversation, in a chat session and as eval asks a conversation record (the same greedy
+/// reply: the record's history is part of the question).
 #[test]
 fn a_llava_conversation_file_trains_and_the_result_chats() {
-    use xrayglm::infer::chat::{ChatModel, ChatSettings, Session, Turn};
+    use xrayglm::infer::chat::{ChatModel, ChatSettings, Session};
     let _serial = common::serial();
     let Some(tok) = tokenizer() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -866,16 +867,39 @@ fn a_llava_conversation_file_trains_and_the_result_chats() {
     let mut session = Session::default();
     chat.set_image_file(&mut session, &loaded.records[0].image)
         .unwrap();
-    // The second turn after the first one's reference answer.
-    session.history.push(Turn {
-        query: loaded.records[0].prompt.clone(),
-        response: loaded.records[0].label.clone(),
-    });
-    let settings = ChatSettings {
+    // The second turn after the first one's reference answer — in a chat session, and as eval
+    // and the training-time report metrics ask a conversation record (its history included).
+    let r = &loaded.records[1];
+    assert_eq!(r.history.len(), 1);
+    session.history = xrayglm::infer::chat::turns(&r.history);
+    let mut settings = ChatSettings {
         max_length: 200,
         ..Default::default()
     };
-    chat.ask(&mut session, "心脏大小如何？", &settings, |_| {})
+    settings.sampling.greedy = true;
+    let said = chat
+        .ask(&mut session, &r.prompt, &settings, |_| {})
         .unwrap();
+    let bytes = std::fs::read(&r.image).unwrap();
+    let embeds = chat.encode_image_bytes(&bytes).unwrap();
+    let prompt_len = chat
+        .prompt_ids(
+            &xrayglm::infer::chat::turns(&r.history),
+            &r.prompt,
+            false,
+            true,
+        )
+        .unwrap()
+        .0
+        .len();
+    let batch = chat
+        .answer_batch(
+            &embeds,
+            &[(r.history.as_slice(), r.prompt.as_str())],
+            &settings,
+            200 - prompt_len,
+        )
+        .unwrap();
+    assert_eq!(batch, vec![said]);
     assert_eq!(session.history.len(), 2);
 }

@@ -223,11 +223,15 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     }
     if o.generate {
         // Prompt + report must fit the model's positions: refused before any work.
-        let prompts: std::collections::BTreeSet<&str> =
-            data.records.iter().map(|r| r.prompt.as_str()).collect();
+        let prompts: std::collections::BTreeSet<(&[(String, String)], &str)> = data
+            .records
+            .iter()
+            .map(|r| (r.history.as_slice(), r.prompt.as_str()))
+            .collect();
         let mut longest = 0;
-        for p in prompts {
-            longest = longest.max(chat.prompt_ids(&[], p, o.settings.english, true)?.0.len());
+        for (h, p) in prompts {
+            let h = crate::infer::chat::turns(h);
+            longest = longest.max(chat.prompt_ids(&h, p, o.settings.english, true)?.0.len());
         }
         let max = chat.max_positions();
         if longest + o.max_new_tokens > max {
@@ -429,10 +433,13 @@ fn pass(
             }
         }
         if generate {
-            let questions: Vec<&str> = b
+            let questions: Vec<(&[(String, String)], &str)> = b
                 .indices
                 .iter()
-                .map(|&i| data.records[i].prompt.as_str())
+                .map(|&i| {
+                    let r = &data.records[i];
+                    (r.history.as_slice(), r.prompt.as_str())
+                })
                 .collect();
             let reports = chat.answer_batch(&embeds, &questions, &o.settings, o.max_new_tokens)?;
             for (&i, h) in b.indices.iter().zip(reports) {

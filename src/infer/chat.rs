@@ -69,6 +69,17 @@ impl Default for ChatSettings {
     }
 }
 
+/// `(question, answer)` pairs (a record's history) as turns.
+pub fn turns(pairs: &[(String, String)]) -> Vec<Turn> {
+    pairs
+        .iter()
+        .map(|(q, a)| Turn {
+            query: q.clone(),
+            response: a.clone(),
+        })
+        .collect()
+}
+
 /// The text after `<img></img>`: the history and the new question in the chat template.
 pub fn prompt_text(history: &[Turn], query: &str, english: bool) -> String {
     use crate::data::sample::{chat_template, Language};
@@ -155,23 +166,26 @@ impl ChatModel {
         Ok(chat)
     }
 
-    /// One report per image of a batch, each answering its own question (`questions[r]` for row
-    /// r of `embeds`): one decoding call per distinct question (random-prompt data), at most
-    /// `max_new_tokens` new tokens and never past the model's positions.
+    /// One report per image of a batch, each answering its own question after its own earlier
+    /// turns (`questions[r]` = (history, question) for row r of `embeds`; conversation records):
+    /// one decoding call per distinct pair (random-prompt data), at most `max_new_tokens` new
+    /// tokens and never past the model's positions.
     pub fn answer_batch(
         &self,
         embeds: &Tensor,
-        questions: &[&str],
+        questions: &[(&[(String, String)], &str)],
         settings: &ChatSettings,
         max_new_tokens: usize,
     ) -> Result<Vec<String>> {
-        let mut by_question: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        type Key<'k> = (&'k [(String, String)], &'k str);
+        let mut by_question: std::collections::BTreeMap<Key, Vec<usize>> = Default::default();
         for (row, q) in questions.iter().enumerate() {
-            by_question.entry(q).or_default().push(row);
+            by_question.entry(*q).or_default().push(row);
         }
         let mut out = vec![String::new(); questions.len()];
-        for (query, rows) in by_question {
-            let (ids, _) = self.prompt_ids(&[], query, settings.english, true)?;
+        for ((history, query), rows) in by_question {
+            let history = turns(history);
+            let (ids, _) = self.prompt_ids(&history, query, settings.english, true)?;
             let s = ChatSettings {
                 max_length: (ids.len() + max_new_tokens).min(self.max_positions()),
                 ..settings.clone()
@@ -180,7 +194,10 @@ impl ChatModel {
                 .iter()
                 .map(|&r| embeds.narrow(0, r as i64, 1))
                 .collect();
-            for (&r, h) in rows.iter().zip(self.answer_images(&imgs, query, &s)?) {
+            for (&r, h) in rows
+                .iter()
+                .zip(self.answer_images_after(&imgs, &history, query, &s)?)
+            {
                 out[r] = h;
             }
         }
@@ -359,7 +376,18 @@ impl ChatModel {
         query: &str,
         settings: &ChatSettings,
     ) -> Result<Vec<String>> {
-        let (ids, pre) = self.prompt_ids(&[], query, settings.english, true)?;
+        self.answer_images_after(images, &[], query, settings)
+    }
+
+    /// [`ChatModel::answer_images`] after the same earlier turns for every image.
+    pub fn answer_images_after(
+        &self,
+        images: &[Tensor],
+        history: &[Turn],
+        query: &str,
+        settings: &ChatSettings,
+    ) -> Result<Vec<String>> {
+        let (ids, pre) = self.prompt_ids(history, query, settings.english, true)?;
         let prompts: Vec<Prompt> = images
             .iter()
             .map(|img| Prompt {

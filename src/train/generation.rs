@@ -97,10 +97,13 @@ impl GenEval {
             let t = b.to_tensors(model.device());
             let embeds =
                 tch::no_grad(|| model.encode_image(&t.images.to_kind(model.kind()), false).2);
-            let questions: Vec<&str> = b
+            let questions: Vec<(&[(String, String)], &str)> = b
                 .indices
                 .iter()
-                .map(|&i| self.ds.records[i].prompt.as_str())
+                .map(|&i| {
+                    let r = &self.ds.records[i];
+                    (r.history.as_slice(), r.prompt.as_str())
+                })
                 .collect();
             let out = chat.answer_batch(&embeds, &questions, &settings, self.max_new_tokens)?;
             for (&i, h) in b.indices.iter().zip(out) {
