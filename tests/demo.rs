@@ -158,20 +158,26 @@ fn serve(d: &Demo) -> Server {
 }
 
 fn serve_with(d: &Demo, extra: &[&str]) -> Server {
-    let mut child = xrayglm(d)
-        .args([
-            "web",
-            "--port",
-            "0",
-            "--greedy",
-            "--repetition_penalty",
-            "1",
-            "--max_length",
-            "200",
-            "--max_upload_mib",
-            "1",
-        ])
-        .args(extra)
+    let mut c = xrayglm(d);
+    c.args([
+        "web",
+        "--port",
+        "0",
+        "--greedy",
+        "--repetition_penalty",
+        "1",
+        "--max_length",
+        "200",
+        "--max_upload_mib",
+        "1",
+    ])
+    .args(extra);
+    spawn_server(d, c)
+}
+
+/// Start a server command on the demo run; its address from the first line it prints.
+fn spawn_server(d: &Demo, mut c: Command) -> Server {
+    let mut child = c
         .arg("--from_pretrained")
         .arg(&d.run)
         .stdout(Stdio::piped())
@@ -186,6 +192,7 @@ fn serve_with(d: &Demo, extra: &[&str]) -> Server {
         .trim()
         .rsplit("http://")
         .next()
+        .filter(|a| a.contains(':'))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
     Server { child, addr }
@@ -984,27 +991,10 @@ fn chat_one_shot(d: &Demo, dir: &Path, film: &Path, extra: &[&str]) -> String {
 
 /// A running `xrayglm serve --port 0 ARGS`, killed on drop.
 fn start_serve(d: &Demo, args: &[&str]) -> Server {
-    let mut child = xrayglm(d)
-        .args(["serve", "--port", "0", "--max_length", "200"])
-        .args(args)
-        .arg("--from_pretrained")
-        .arg(&d.run)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .filter(|a| a.contains(':'))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Server { child, addr }
+    let mut c = xrayglm(d);
+    c.args(["serve", "--port", "0", "--max_length", "200"])
+        .args(args);
+    spawn_server(d, c)
 }
 
 /// Resident memory of a process, bytes.
@@ -1181,7 +1171,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
 /// is one token of 130k).
 fn long_request(film: &Path, stream: bool) -> Vec<u8> {
     let png = std::fs::read(film).unwrap();
-    let b64 = base64_encode(&png);
+    let b64 = xrayglm::infer::openai::base64_encode(&png);
     serde_json::json!({
         "model": "demo",
         "messages": [{"role": "user", "content": [
@@ -1191,22 +1181,6 @@ fn long_request(film: &Path, stream: bool) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
-}
-
-fn base64_encode(b: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in b.chunks(3) {
-        let n = c.iter().fold(0u32, |a, &x| (a << 8) | x as u32) << (8 * (3 - c.len()));
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
 }
 
 /// Issue 18: a full queue is answered 503 with an OpenAI error object (the others are served),
@@ -1343,7 +1317,10 @@ fn image_urls_are_fetched_only_where_allowed() {
         }
     });
     let remote = format!("http://127.0.0.1:{port}/film.png");
-    let data = format!("data:image/png;base64,{}", base64_encode(&png));
+    let data = format!(
+        "data:image/png;base64,{}",
+        xrayglm::infer::openai::base64_encode(&png)
+    );
     let local = film.display().to_string();
     let media = film.parent().unwrap().display().to_string();
     let srv = start_serve(

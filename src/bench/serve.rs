@@ -186,22 +186,6 @@ fn film(size: u32, seed: i64) -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
-fn base64(b: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
-    for c in b.chunks(3) {
-        let n = c.iter().fold(0u32, |a, &x| (a << 8) | x as u32) << (8 * (3 - c.len()));
-        for i in 0..4 {
-            s.push(if i <= c.len() {
-                A[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    s
-}
-
 /// One streamed chat completion: time to the first text, to the end, and the reply tokens.
 fn request(addr: &str, body: &[u8]) -> Result<Timing> {
     let t = Instant::now();
@@ -391,7 +375,10 @@ pub fn serve(a: &ServeArgs) -> Result<ServeBench> {
     let bodies = |n: usize, mixed: bool| -> Result<Vec<Vec<u8>>> {
         (0..n)
             .map(|i| {
-                let url = format!("data:image/png;base64,{}", base64(&film(size, i as i64)?));
+                let url = format!(
+                    "data:image/png;base64,{}",
+                    crate::infer::openai::base64_encode(&film(size, i as i64)?)
+                );
                 let model = if mixed && i % 2 == 1 { "other" } else { "base" };
                 Ok(serde_json::json!({
                     "model": model,

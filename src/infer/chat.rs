@@ -69,6 +69,17 @@ impl Default for ChatSettings {
     }
 }
 
+/// Refuse a prompt of `prompt_len` tokens that leaves no room for a reply within `max_length`.
+pub fn check_room(prompt_len: usize, max_length: usize) -> Result<()> {
+    if prompt_len + 1 >= max_length {
+        anyhow::bail!(
+            "the conversation has {prompt_len} tokens, at the max_length of {max_length}: clear \
+             it or raise max_length"
+        );
+    }
+    Ok(())
+}
+
 /// `(question, answer)` pairs (a record's history) as turns.
 pub fn turns(pairs: &[(String, String)]) -> Vec<Turn> {
     pairs
@@ -334,13 +345,7 @@ impl ChatModel {
             settings.english,
             session.image.is_some(),
         )?;
-        if ids.len() + 1 >= settings.max_length {
-            anyhow::bail!(
-                "the conversation has {} tokens, at the max_length of {}: clear it or raise max_length",
-                ids.len(),
-                settings.max_length
-            );
-        }
+        check_room(ids.len(), settings.max_length)?;
         let prompt = Prompt {
             input_ids: ids.clone(),
             image_embeds: session.image.as_ref().map(|t| t.shallow_clone()),

@@ -427,13 +427,7 @@ impl Worker {
                 s.english,
                 job.image.is_some(),
             )?;
-            anyhow::ensure!(
-                ids.len() + 1 < s.max_length,
-                "the conversation has {} tokens, at the max_length of {}: clear it or raise \
-                 max_length",
-                ids.len(),
-                s.max_length
-            );
+            super::chat::check_room(ids.len(), s.max_length)?;
             let mut sampling = s.sampling.clone();
             if s.english && !sampling.invalid.contains(&ENGLISH_INVALID) {
                 sampling.invalid.push(ENGLISH_INVALID);

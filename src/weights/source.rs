@@ -284,22 +284,7 @@ impl ModelDir {
         let (dir, cfg) = (self.dir.as_path(), &self.config);
         let base = checkpoint_base(dir)?;
         if let Ok(b) = read_config(&resolve_run(&base)) {
-            let (x, y) = (&cfg.sat, &b.sat);
-            let diffs: Vec<String> = [
-                ("num_layers", x.num_layers, y.num_layers),
-                ("hidden_size", x.hidden_size, y.hidden_size),
-                (
-                    "num_attention_heads",
-                    x.num_attention_heads,
-                    y.num_attention_heads,
-                ),
-                ("vocab_size", x.vocab_size, y.vocab_size),
-                ("image_length", x.image_length, y.image_length),
-            ]
-            .iter()
-            .filter(|(_, a, b)| a != b)
-            .map(|(k, a, b)| format!("{k} {a} (checkpoint) vs {b} (base)"))
-            .collect();
+            let diffs = size_differences(cfg, &b, "checkpoint");
             if !diffs.is_empty() {
                 bail!(
                     "{}: its base model {} is not the model it was trained on: {}",
@@ -430,6 +415,32 @@ fn save(model: &VisualGlm, dir: &Path, with_lora: bool) -> Result<()> {
     crate::io::write_json_atomic(&dir.join("model_config.json"), &sat)
 }
 
+/// The sizes in which a model trained with adapters (`what`: checkpoint, adapter) differs from the
+/// base it is to run over, as `"<key> <ours> (<what>) vs <theirs> (base)"`; empty when they fit.
+fn size_differences(ours: &ModelConfig, base: &ModelConfig, what: &str) -> Vec<String> {
+    let (x, y) = (&ours.sat, &base.sat);
+    [
+        ("num_layers", x.num_layers, y.num_layers),
+        ("hidden_size", x.hidden_size, y.hidden_size),
+        (
+            "num_attention_heads",
+            x.num_attention_heads,
+            y.num_attention_heads,
+        ),
+        (
+            "inner_hidden_size",
+            ours.inner_hidden_size(),
+            base.inner_hidden_size(),
+        ),
+        ("vocab_size", x.vocab_size, y.vocab_size),
+        ("image_length", x.image_length, y.image_length),
+    ]
+    .iter()
+    .filter(|(_, a, b)| a != b)
+    .map(|(k, a, b)| format!("{k} {a} ({what}) vs {b} (base)"))
+    .collect()
+}
+
 /// A LoRA adapter loaded on its own, to be swapped over a base model that is already loaded
 /// (serving several adapters over one frozen base): its fp32 store and one
 /// [`crate::model::chatglm::LayerLoras`] per ChatGLM layer.
@@ -453,25 +464,7 @@ pub fn load_adapter(dir: &Path, base: &ModelConfig, device: Device) -> Result<Ad
             dir.display()
         ),
     };
-    let (x, y) = (&md.config.sat, &base.sat);
-    let diffs: Vec<String> = [
-        ("num_layers", x.num_layers, y.num_layers),
-        ("hidden_size", x.hidden_size, y.hidden_size),
-        (
-            "num_attention_heads",
-            x.num_attention_heads,
-            y.num_attention_heads,
-        ),
-        (
-            "inner_hidden_size",
-            md.config.inner_hidden_size(),
-            base.inner_hidden_size(),
-        ),
-    ]
-    .iter()
-    .filter(|(_, a, b)| a != b)
-    .map(|(k, a, b)| format!("{k} {a} (adapter) vs {b} (base)"))
-    .collect();
+    let diffs = size_differences(&md.config, base, "adapter");
     if !diffs.is_empty() {
         bail!(
             "{}: the adapter was trained on another model: {}",
