@@ -50,6 +50,9 @@ pub struct DataSection {
     /// Conversation files (LLaVA, ShareGPT): `every` assistant turn is a target (one sample per
     /// turn, the earlier turns as its history), or the `last` only.
     pub conversation_turns: crate::data::records::ConversationTurns,
+    /// Annotations: one sample per study — the films `<report>_<k>` of one OpenI report, in `k`
+    /// order, each in its own `<img>` block, with one target report — instead of one per film.
+    pub group_views: bool,
 }
 
 impl Default for DataSection {
@@ -67,6 +70,7 @@ impl Default for DataSection {
             out: PathBuf::new(),
             pad_to: 0,
             conversation_turns: Default::default(),
+            group_views: false,
         }
     }
 }
@@ -89,6 +93,7 @@ impl DataSection {
             allow_outside_root: self.allow_outside_root,
             threads: 0,
             conversation_turns: self.conversation_turns,
+            group_views: self.group_views,
         }
     }
 
@@ -115,6 +120,9 @@ pub struct SyntheticSection {
     pub size: usize,
     pub seed: i64,
     pub out_dir: PathBuf,
+    /// A lateral film per study besides the PA one (`<study>_1`, `<study>_2`; two-view samples
+    /// with `data.group_views`).
+    pub lateral: bool,
 }
 
 impl Default for SyntheticSection {
@@ -124,6 +132,7 @@ impl Default for SyntheticSection {
             size: 256,
             seed: 1234,
             out_dir: PathBuf::from("data/synthetic"),
+            lateral: false,
         }
     }
 }

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::data::records::{load_records, write_training_list, BadKind, Schema};
+use crate::data::records::{
+    group_study_views, load_records, study_of, write_training_list, BadKind, Schema, StudyCounts,
+};
 use crate::data::sample::SampleBuilder;
 use crate::tokenizer::ChatGlmTokenizer;
 
@@ -38,6 +40,10 @@ pub struct Summary {
     /// only with `data.allow_outside_root = true`.
     pub absolute_paths: usize,
     pub tokens: Option<TokenStats>,
+    /// Annotations named `<report>_<k>` (OpenI): their studies by number of views.
+    pub studies: Option<StudyCounts>,
+    /// Whether the training list has one sample per study (`data.group_views`).
+    pub grouped: bool,
 }
 
 impl std::fmt::Display for Summary {
@@ -60,6 +66,23 @@ impl std::fmt::Display for Summary {
         )?;
         for (k, n) in &self.bad {
             writeln!(f, "  skipped {n} × {k:?}")?;
+        }
+        if let Some(s) = &self.studies {
+            writeln!(
+                f,
+                "studies: {} — 1 view: {}, 2 views: {}, 3+ views: {}; {} with differing captions \
+                 across their films (the first film's is the target){}",
+                s.studies,
+                s.one_view,
+                s.two_views,
+                s.three_or_more,
+                s.differing_captions,
+                if self.grouped {
+                    "; one sample per study (data.group_views)"
+                } else {
+                    "; one sample per film (data.group_views=true: one per study)"
+                }
+            )?;
         }
         writeln!(f, "training list: {}", self.out.display())?;
         if self.absolute_paths > 0 {
@@ -96,6 +119,12 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
         None => None,
     };
+    // Study counts: those of the grouping, or what grouping the films by `<report>_<k>` would give.
+    let studies = loaded.studies.or_else(|| {
+        let per_film = loaded.schema == Schema::Annotations
+            && loaded.records.iter().all(|r| study_of(&r.id).is_some());
+        per_film.then(|| group_study_views(loaded.records.clone()).1)
+    });
     Ok(Summary {
         records_file: loaded.file.clone(),
         schema: loaded.schema,
@@ -106,6 +135,8 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         out,
         absolute_paths,
         tokens,
+        studies,
+        grouped: loaded.studies.is_some(),
     })
 }
 
@@ -132,7 +163,7 @@ fn check_out(
     }
     if let Some(r) = records
         .iter()
-        .find(|r| target.is_some() && canon(&r.image) == target)
+        .find(|r| target.is_some() && r.images.iter().any(|p| canon(p) == target))
     {
         bail!(
             "--out {} is the image of record {} ({}); refusing to overwrite an input",
@@ -162,7 +193,9 @@ pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
             .and_then(|b| serde_json::from_slice::<crate::data::synthetic::SyntheticFile>(&b).ok())
             .is_none_or(|f| {
                 f.version == crate::data::synthetic::GENERATOR_VERSION
-                    && f.annotations.len() == cfg.synthetic.count
+                    && f.lateral == cfg.synthetic.lateral
+                    && f.annotations.len()
+                        == cfg.synthetic.count * (1 + cfg.synthetic.lateral as usize)
             });
         if current {
             return Ok(None);
@@ -174,7 +207,7 @@ pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
         );
     }
     let s = &cfg.synthetic;
-    crate::data::synthetic::generate(&s.out_dir, s.count, s.size, s.seed)?;
+    crate::data::synthetic::generate_views(&s.out_dir, s.count, s.size, s.seed, s.lateral)?;
     Ok(Some(s.count))
 }
 
@@ -203,9 +236,16 @@ fn token_stats(
         })
         .count();
     for r in records {
-        src.push(builder.source_ids_with(&r.history, &r.prompt)?.len());
+        let what = || format!("record {} ({})", r.index, r.id);
+        let films = r.images.len();
+        let (source, _) = builder
+            .source_ids_for(films, &r.history, &r.prompt)
+            .with_context(what)?;
+        src.push(source.len());
         tgt.push(tok.encode(&r.label)?.len());
-        let s = builder.build_with_history(&r.history, &r.prompt, &r.label)?;
+        let s = builder
+            .build_for(films, &r.history, &r.prompt, &r.label)
+            .with_context(what)?;
         longest = longest.max(s.len());
         truncated += s.truncated as usize;
     }

@@ -57,7 +57,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         let inputs = xrayglm::model::visualglm::BatchInputs {
             input_ids: &ids,
             images: &image,
-            pre_image: 3,
+            image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
             position_ids: &pos,
             context_lengths: &ctx,
             labels: &labels,

@@ -39,10 +39,11 @@ fn training_sample_equals_reference() {
     let (pos, block) = s.position_ids(len);
     assert_eq!(pos, common::ints(&t["position_ids"]));
     assert_eq!(block, common::ints(&t["block_position_ids"]));
-    assert_eq!(s.pre_image as u64, t["pre_image"].as_u64().unwrap());
+    assert_eq!(s.image_starts, vec![t["pre_image"].as_u64().unwrap() as usize]);
+    assert_eq!(s.image_starts[0] as u64, t["pre_image"].as_u64().unwrap());
     assert_eq!(
         common::ints(&t["image_slots"]),
-        vec![s.pre_image as i64, (s.pre_image + s.image_length) as i64]
+        vec![s.image_starts[0] as i64, (s.image_starts[0] + s.image_length) as i64]
     );
     assert_eq!(
         s.context_length as u64,
@@ -96,7 +97,7 @@ fn annotations_convert_with_fixed_and_seeded_random_prompts() {
     assert_eq!(fixed.records.len(), 5);
     assert!(fixed.records.iter().all(|r| r.prompt == FIXED_PROMPT));
     assert_eq!(
-        fixed.records[0].image,
+        fixed.records[0].images[0],
         root.join(format!("{}.png", fixed.records[0].id))
     );
 
@@ -129,8 +130,8 @@ fn annotations_convert_with_fixed_and_seeded_random_prompts() {
     for (a, b) in random.records.iter().zip(&back.records) {
         assert_eq!((&a.prompt, &a.label), (&b.prompt, &b.label));
         assert_eq!(
-            std::fs::canonicalize(&a.image).unwrap(),
-            std::fs::canonicalize(&b.image).unwrap()
+            std::fs::canonicalize(&a.images[0]).unwrap(),
+            std::fs::canonicalize(&b.images[0]).unwrap()
         );
     }
 }
@@ -525,7 +526,7 @@ fn loader_batches_pad_shard_and_resume_exactly() {
             let labels = &b.labels[k * b.seq_len..(k + 1) * b.seq_len];
             assert!(labels[s.len()..].iter().all(|&t| t == IGNORE));
             assert_eq!(b.context_lengths[k], s.context_length as i64);
-            let want = ds.processor.process_file(&ds.records[i].image).unwrap();
+            let want = ds.processor.process_file(&ds.records[i].images[0]).unwrap();
             assert_eq!(&b.images[k * 3 * 32 * 32..(k + 1) * 3 * 32 * 32], &want[..]);
         }
     }
@@ -582,7 +583,7 @@ fn loader_reports_an_image_that_vanished_after_validation() {
     };
     let dir = tempfile::tempdir().unwrap();
     let ds = synthetic_dataset(dir.path(), 4, &shared);
-    std::fs::write(&ds.records[2].image, b"not a png").unwrap();
+    std::fs::write(&ds.records[2].images[0], b"not a png").unwrap();
     let cfg = LoaderConfig {
         batch_size: 4,
         shuffle: false,
@@ -838,7 +839,7 @@ fn image_paths_may_not_leave_the_image_root() {
         };
         let r = load_records(file, &allowed).unwrap();
         assert_eq!(
-            std::fs::canonicalize(&r.records[0].image).unwrap(),
+            std::fs::canonicalize(&r.records[0].images[0]).unwrap(),
             std::fs::canonicalize(&ok).unwrap()
         );
     }
@@ -973,7 +974,7 @@ fn llava_and_sharegpt_conversations_become_per_turn_samples() {
             r1.history,
             vec![("描述这张胸片".to_string(), "心脏大小正常。".to_string())]
         );
-        assert!(r1.image.ends_with("ok.png"));
+        assert!(r1.images[0].ends_with("ok.png"));
         let last = LoadOptions {
             conversation_turns: ConversationTurns::Last,
             ..Default::default()
@@ -1026,8 +1027,8 @@ fn llava_and_sharegpt_conversations_become_per_turn_samples() {
     // Bad conversations name the file and record.
     for (text, what) in [
         (
-            r#"[{"image": ["ok.png", "ok2.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]"#,
-            "2 images",
+            r#"[{"image": ["ok.png", "ok.png"], "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]"#,
+            "1 <image> markers for 2 image(s)",
         ),
         (
             r#"[{"image": "ok.png", "conversations": [{"from": "gpt", "value": "a"}]}]"#,

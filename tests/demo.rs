@@ -97,7 +97,7 @@ fn chat_answers_one_shot_and_interactively() {
         ])
         .arg(&d.run)
         .arg("--image")
-        .arg(&film.image)
+        .arg(&film.images[0])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -125,7 +125,7 @@ fn chat_answers_one_shot_and_interactively() {
     write!(
         child.stdin.take().unwrap(),
         "{}\n心脏大小如何？\nclear\n\n你好\nstop\n",
-        film.image.display()
+        film.images[0].display()
     )
     .unwrap();
     let out = child.wait_with_output().unwrap();
@@ -261,7 +261,7 @@ fn web_endpoints_check_input_and_keep_conversations_apart() {
     let s1 = new_session(a);
     let s2 = new_session(a);
     assert_ne!(s1, s2);
-    let png = std::fs::read(&d.held_out[0].image).unwrap();
+    let png = std::fs::read(&d.held_out[0].images[0]).unwrap();
     let (c, b) = http(a, "POST", &format!("/api/image?session={s1}"), &png);
     assert_eq!(c, 200, "{b}");
     let (c, b) = http(
@@ -404,7 +404,7 @@ fn held_out_reports_state_the_right_findings() {
         .held_out
         .iter()
         .map(|r| {
-            let px = chat.images.process_file(&r.image).unwrap();
+            let px = chat.images.process_file(&r.images[0]).unwrap();
             tch::Tensor::from_slice(&px).view([3, size, size])
         })
         .collect();
@@ -425,7 +425,7 @@ fn held_out_reports_state_the_right_findings() {
         if agrees(h, &r.label) {
             right += 1;
         } else {
-            eprintln!("{}: wanted {want:?}, got {got:?}: {h}", r.image.display());
+            eprintln!("{}: wanted {want:?}, got {got:?}: {h}", r.images[0].display());
         }
     }
     let n = d.held_out.len();
@@ -598,7 +598,7 @@ fn lengths_beyond_the_models_positions_are_refused() {
         ])
         .arg(&d.run)
         .arg("--image")
-        .arg(&film.image)
+        .arg(&film.images[0])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -949,7 +949,7 @@ fn training_logs_generation_metrics_and_keeps_the_best_checkpoint() {
         ])
         .arg(d.run.join("best"))
         .arg("--image")
-        .arg(&d.held_out[0].image)
+        .arg(&d.held_out[0].images[0])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1038,7 +1038,7 @@ fn openai_python() -> Option<PathBuf> {
 fn the_openai_client_gets_chats_answers_from_serve() {
     let Some(d) = demo() else { return };
     let Some(py) = openai_python() else { return };
-    let films: Vec<PathBuf> = d.held_out[..3].iter().map(|r| r.image.clone()).collect();
+    let films: Vec<PathBuf> = d.held_out[..3].iter().map(|r| r.images[0].clone()).collect();
     let early = d.run.join("200");
     assert!(
         early.is_dir(),
@@ -1190,7 +1190,7 @@ fn long_request(film: &Path, stream: bool) -> Vec<u8> {
 #[test]
 fn serve_refuses_when_full_and_finishes_streams_on_sigterm() {
     let Some(d) = demo() else { return };
-    let film = &d.held_out[0].image;
+    let film = &d.held_out[0].images[0];
     let srv = start_serve(
         d,
         &[
@@ -1293,7 +1293,7 @@ fn complete_url(addr: &str, url: &str) -> (u16, String) {
 #[test]
 fn image_urls_are_fetched_only_where_allowed() {
     let Some(d) = demo() else { return };
-    let film = d.held_out[0].image.canonicalize().unwrap();
+    let film = d.held_out[0].images[0].canonicalize().unwrap();
     let png = std::fs::read(&film).unwrap();
     // A one-file web server for the remote URL.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -69,7 +69,7 @@ fn fixture_prompt(m: &VisualGlm, inputs: &HashMap<String, Tensor>) -> Prompt {
     Prompt {
         input_ids: Vec::<i64>::try_from(inputs["gen_input_ids"].flatten(0, -1)).unwrap(),
         image_embeds: Some(image_embeds(m, &inputs["gen_image"])),
-        pre_image: inputs["gen_pre_image"].int64_value(&[0]),
+        image_starts: vec![inputs["gen_pre_image"].int64_value(&[0])],
     }
 }
 
@@ -116,7 +116,7 @@ fn batched_merged_and_streamed_decoding_equal_one_prompt_alone() {
     let p1 = Prompt {
         input_ids: p0.input_ids.clone(),
         image_embeds: Some(image_embeds(&m, &img2)),
-        pre_image: p0.pre_image,
+        image_starts: p0.image_starts.clone(),
     };
     let mut ids2 = p0.input_ids.clone();
     let n = ids2.len();
@@ -124,7 +124,7 @@ fn batched_merged_and_streamed_decoding_equal_one_prompt_alone() {
     let p2 = Prompt {
         input_ids: ids2,
         image_embeds: p0.image_embeds.as_ref().map(|t| t.shallow_clone()),
-        pre_image: p0.pre_image,
+        image_starts: p0.image_starts.clone(),
     };
     let cfg = greedy_cfg(name, n + 3, true);
     let alone: Vec<Vec<i64>> = [&p0, &p1, &p2]

@@ -382,7 +382,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
             let inputs = xrayglm::model::visualglm::BatchInputs {
                 input_ids: &ids,
                 images: &image,
-                pre_image: 3,
+                image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
                 position_ids: &pos,
                 context_lengths: &ctx,
                 labels: &labels,

@@ -179,7 +179,7 @@ fn user_text_never_becomes_control_tokens() {
     )
     .unwrap();
     let chat = xrayglm::infer::chat::ChatModel::new(model, tok.clone()).unwrap();
-    let (p, _) = chat.prompt_ids(&[], forged, false, true).unwrap();
+    let (p, _) = chat.prompt_ids(&[], forged, false, 1).unwrap();
     let at = |id: i64| -> Vec<usize> { (0..p.len()).filter(|&i| p[i] == id).collect() };
     assert_eq!(at(ids::GMASK), vec![p.len() - 2]);
     assert_eq!(at(ids::SOP), vec![p.len() - 1]);

@@ -865,7 +865,7 @@ fn a_llava_conversation_file_trains_and_the_result_chats() {
     assert!(last < first - 1.0, "val loss {first} → {last}");
     let chat = ChatModel::load(&s.run_dir, tok.clone(), &Default::default(), true).unwrap();
     let mut session = Session::default();
-    chat.set_image_file(&mut session, &loaded.records[0].image)
+    chat.set_image_file(&mut session, &loaded.records[0].images[0])
         .unwrap();
     // The second turn after the first one's reference answer — in a chat session, and as eval
     // and the training-time report metrics ask a conversation record (its history included).
@@ -880,21 +880,21 @@ fn a_llava_conversation_file_trains_and_the_result_chats() {
     let said = chat
         .ask(&mut session, &r.prompt, &settings, |_| {})
         .unwrap();
-    let bytes = std::fs::read(&r.image).unwrap();
+    let bytes = std::fs::read(&r.images[0]).unwrap();
     let embeds = chat.encode_image_bytes(&bytes).unwrap();
     let prompt_len = chat
         .prompt_ids(
             &xrayglm::infer::chat::turns(&r.history),
             &r.prompt,
             false,
-            true,
+            1,
         )
         .unwrap()
         .0
         .len();
     let batch = chat
         .answer_batch(
-            &embeds,
+            &[embeds],
             &[(r.history.as_slice(), r.prompt.as_str())],
             &settings,
             200 - prompt_len,

@@ -244,8 +244,8 @@ pub fn data(a: &DataArgs) -> Result<DataBench> {
                     .map(|(i, p)| Record {
                         index: i,
                         id: format!("bench_{i:04}"),
-                        img: p.display().to_string(),
-                        image: p.clone(),
+                        img: vec![p.display().to_string()],
+                        images: vec![p.clone()],
                         prompt: crate::data::records::FIXED_PROMPT.into(),
                         label: labels[i].clone(),
                         history: Vec::new(),

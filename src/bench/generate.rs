@@ -157,7 +157,7 @@ pub fn generate(a: &GenerateArgs) -> Result<GenerateBench> {
             .map(|_| Prompt {
                 input_ids: ids.clone(),
                 image_embeds: Some(e.shallow_clone()),
-                pre_image: 3,
+                image_starts: vec![3],
             })
             .collect();
         let c = GenerateConfig {

@@ -138,7 +138,7 @@ pub fn layer(a: &LayerArgs) -> Result<LayerBench> {
         position_ids: &position_ids,
         attention_mask: &mask,
         image_embeds: None,
-        pre_image: 0,
+        image_at: crate::model::chatglm::ImageAt::EachRow(0),
     };
     let lora_vars: Vec<Tensor> = lora.trainable_variables();
     let one = |glm: &ChatGlm, ckpt: bool| {

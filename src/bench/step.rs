@@ -98,7 +98,7 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
         let inputs = crate::model::visualglm::BatchInputs {
             input_ids: &ids,
             images: &image,
-            pre_image: 3,
+            image_at: crate::model::chatglm::ImageAt::EachRow(3),
             position_ids: &pos,
             context_lengths: &ctx_lens,
             labels: &labels,

@@ -182,7 +182,7 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
         let s = builder.build(&r.prompt, &r.label)?;
         len_sum += s.input_ids.len();
         samples.push(serde_json::json!({
-            "image": r.image, "input_ids": s.input_ids, "labels": s.labels,
+            "image": r.images[0], "input_ids": s.input_ids, "labels": s.labels,
         }));
     }
     let l = &cfg.sat;

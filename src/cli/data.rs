@@ -82,11 +82,12 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     }
     if let Some(n) = a.synthetic {
         cfg.synthetic.count = n;
-        xrayglm::data::synthetic::generate(
+        xrayglm::data::synthetic::generate_views(
             &cfg.synthetic.out_dir,
             n,
             cfg.synthetic.size,
             cfg.synthetic.seed,
+            cfg.synthetic.lateral,
         )?;
         cfg.data.path = xrayglm::prepare::default_synthetic_path(&cfg);
         xrayglm::errln!(

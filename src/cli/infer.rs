@@ -194,9 +194,10 @@ pub struct WebArgs {
 pub struct ChatArgs {
     #[command(flatten)]
     pub infer: InferArgs,
-    /// One-shot: report on this image and exit.
+    /// One-shot: report on this image and exit. Repeat for the views of one study (frontal,
+    /// lateral, …): each film gets its own <img> block, in order.
     #[arg(long)]
-    pub image: Option<PathBuf>,
+    pub image: Vec<PathBuf>,
     /// The question (default: XrayGLM's 详细描述这张胸部X光片的诊断结果 / Describe the image.).
     #[arg(long, alias = "prompt_zh", alias = "prompt_en")]
     pub prompt: Option<String>,

@@ -152,7 +152,7 @@ pub fn parity_generate(
     let prompt = Prompt {
         input_ids: ids,
         image_embeds: embeds,
-        pre_image: pre,
+        image_starts: vec![pre],
     };
     let out = generate(m, &[prompt], &cfg, |_, _| {})?;
     xrayglm::errln!("tokens {:?}", out[0].tokens);

@@ -153,7 +153,7 @@ impl Dataset {
             .iter()
             .map(|r| {
                 builder
-                    .build_with_history(&r.history, &r.prompt, &r.label)
+                    .build_for(r.images.len(), &r.history, &r.prompt, &r.label)
                     .with_context(|| {
                         format!("{file}: record {} ({}): cannot build sample", r.index, r.id)
                     })
@@ -181,9 +181,11 @@ impl Dataset {
         Ok(self)
     }
 
-    /// The film record `i` is shown: its own, another's, or a black one.
-    fn film(&self, i: usize) -> Result<Vec<f32>> {
+    /// The films record `i` is shown, one per image block of its sample: its own, another
+    /// record's (its k-th view for the k-th block, cycling if it has fewer), or black ones.
+    fn films(&self, i: usize) -> Result<Vec<Vec<f32>>> {
         let n = self.records.len();
+        let count = self.records[i].images.len();
         let own = match self.ablation {
             ImageAblation::Blank => {
                 let size = self.processor.size;
@@ -192,15 +194,20 @@ impl Dataset {
                     height: size,
                     data: vec![0; 3 * size * size],
                 };
-                return Ok(super::image::normalize_chw(&black));
+                return Ok(vec![super::image::normalize_chw(&black); count]);
             }
             ImageAblation::None => i,
             ImageAblation::Shuffled => (i + n / 2) % n,
         };
         let r = &self.records[own];
-        self.processor
-            .process_file(&r.image)
-            .with_context(|| format!("record {} ({})", r.index, r.id))
+        (0..count)
+            .map(|k| {
+                let path = &r.images[k % r.images.len()];
+                self.processor
+                    .process_file(path)
+                    .with_context(|| format!("record {} ({})", r.index, r.id))
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -226,9 +233,11 @@ pub struct Batch {
     pub position_ids: Vec<i64>,
     /// `[B]`: index of `<sop>` per sample (the bidirectional prefix length).
     pub context_lengths: Vec<i64>,
-    /// `[B, 3, S, S]` normalised images.
+    /// `[N, 3, S, S]` normalised films: every row's, in row order (one per row in XrayGLM's
+    /// layout; several for a study's views).
     pub images: Vec<f32>,
-    pub pre_image: usize,
+    /// Per film: `(row, first slot)` — where its embeddings go.
+    pub image_at: Vec<(i64, i64)>,
     pub image_length: usize,
     /// Dataset indices of the samples.
     pub indices: Vec<usize>,
@@ -254,6 +263,34 @@ impl Batch {
             .count()
     }
 
+    /// Number of films in the batch.
+    pub fn films(&self) -> usize {
+        self.image_at.len()
+    }
+
+    /// Per row, the rows' films out of the batch's `[N, …]` tensor (films are in row order).
+    pub fn films_per_row(&self, films: &tch::Tensor) -> Vec<tch::Tensor> {
+        let mut counts = vec![0i64; self.batch_size];
+        for &(row, _) in &self.image_at {
+            counts[row as usize] += 1;
+        }
+        let mut first = 0;
+        counts
+            .into_iter()
+            .map(|n| {
+                let t = films.narrow(0, first, n);
+                first += n;
+                t
+            })
+            .collect()
+    }
+
+    /// Where the films go, for the model: one per row at the same slot when the batch has
+    /// XrayGLM's layout (the reference's splice), otherwise each at its own `(row, slot)`.
+    pub fn image_placement(&self) -> crate::model::chatglm::ImageAt<'_> {
+        crate::model::chatglm::ImageAt::of(&self.image_at, self.batch_size)
+    }
+
     pub fn to_tensors(&self, device: tch::Device) -> BatchTensors {
         let (b, l, s) = (
             self.batch_size as i64,
@@ -272,7 +309,7 @@ impl Batch {
                 .to_device(device),
             context_lengths: tch::Tensor::from_slice(&self.context_lengths).to_device(device),
             images: tch::Tensor::from_slice(&self.images)
-                .view([b, 3, s, s])
+                .view([self.films() as i64, 3, s, s])
                 .to_device(device),
         }
     }
@@ -628,12 +665,12 @@ fn make_batch(
         position_ids: Vec::with_capacity(b * 2 * seq_len),
         context_lengths: Vec::with_capacity(b),
         images: Vec::with_capacity(b * 3 * size * size),
-        pre_image: 0,
+        image_at: Vec::with_capacity(b),
         image_length: 0,
         indices: indices.to_vec(),
         state_after,
     };
-    for &i in indices {
+    for (row, &i) in indices.iter().enumerate() {
         let s = &ds.samples[i];
         let (ids, labels) = s.padded(seq_len, ds.ignore_pad);
         let (pos, block) = s.position_ids(seq_len);
@@ -642,14 +679,19 @@ fn make_batch(
         batch.position_ids.extend(pos);
         batch.position_ids.extend(block);
         batch.context_lengths.push(s.context_length as i64);
-        batch.pre_image = s.pre_image;
         batch.image_length = s.image_length;
-        batch.images.extend(ds.film(i)?);
+        for (film, &start) in ds.films(i)?.into_iter().zip(&s.image_starts) {
+            batch.images.extend(film);
+            batch.image_at.push((row as i64, start as i64));
+        }
     }
     Ok(batch)
 }
 
 /// The image paths of a dataset (for benchmarks and checks).
 pub fn image_paths(ds: &Dataset) -> Vec<PathBuf> {
-    ds.records.iter().map(|r| r.image.clone()).collect()
+    ds.records
+        .iter()
+        .flat_map(|r| r.images.iter().cloned())
+        .collect()
 }

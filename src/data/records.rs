@@ -98,12 +98,13 @@ pub enum ImageCheck {
 pub struct Record {
     /// Position in the source file.
     pub index: usize,
-    /// `image_id`, or for a training list the image file stem.
+    /// `image_id` (a study's report number with `data.group_views`), or for a training list the
+    /// image file stem.
     pub id: String,
-    /// The image path as the training list writes it.
-    pub img: String,
-    /// The resolved image path.
-    pub image: PathBuf,
+    /// The image paths as the file writes them (one per film, in order).
+    pub img: Vec<String>,
+    /// The resolved image paths (at least one; several: the views of one study, in order).
+    pub images: Vec<PathBuf>,
     pub prompt: String,
     pub label: String,
     /// Earlier turns of a conversation: `(question, answer)` pairs before `prompt`.
@@ -126,6 +127,8 @@ pub enum BadKind {
     TooLarge,
     /// An image path outside the image root (`../x`, an absolute path) without the flag allowing it.
     OutsideRoot,
+    /// An image id that `data.group_views` cannot place in a study (not `<report>_<k>`).
+    NotAStudy,
 }
 
 /// A record that was rejected, with a message naming the file and the record.
@@ -170,6 +173,10 @@ pub struct LoadOptions {
     /// Conversations: every assistant turn a target, or the last only.
     #[serde(default)]
     pub conversation_turns: ConversationTurns,
+    /// Annotations: one record per study — the films `<report>_<k>` of one report, in `k`
+    /// order, with one target report — instead of one per film.
+    #[serde(default)]
+    pub group_views: bool,
 }
 
 fn default_ext() -> String {
@@ -187,6 +194,7 @@ impl Default for LoadOptions {
             allow_outside_root: false,
             threads: 0,
             conversation_turns: ConversationTurns::default(),
+            group_views: false,
         }
     }
 }
@@ -199,6 +207,80 @@ pub struct Loaded {
     pub total: usize,
     pub records: Vec<Record>,
     pub bad: Vec<BadRecord>,
+    /// With `group_views`: how the films fell into studies.
+    pub studies: Option<StudyCounts>,
+}
+
+/// Studies by their number of views (`data.group_views`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StudyCounts {
+    pub studies: usize,
+    pub one_view: usize,
+    pub two_views: usize,
+    pub three_or_more: usize,
+    /// Studies whose films carry different captions (OpenI-zh translated each film's copy of the
+    /// report on its own); the first view's caption is the target.
+    pub differing_captions: usize,
+}
+
+/// `<report>_<k>` → (report, k) for OpenI-style image ids (`k` a number).
+pub fn study_of(image_id: &str) -> Option<(&str, u64)> {
+    let (report, k) = image_id.rsplit_once('_')?;
+    if report.is_empty() || k.is_empty() || !k.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((report, k.parse().ok()?))
+}
+
+/// Merge per-film annotation records into one record per study, the views in `k` order, the study
+/// at the place of its first film. A film whose id is not `<report>_<k>` comes back as an error.
+pub fn group_study_views(
+    records: Vec<Record>,
+) -> (Vec<Record>, StudyCounts, Vec<(Record, String)>) {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_study: HashMap<String, Vec<(u64, Record)>> = HashMap::new();
+    let mut bad = Vec::new();
+    for r in records {
+        match study_of(&r.id) {
+            Some((report, k)) => {
+                let report = report.to_string();
+                if !by_study.contains_key(&report) {
+                    order.push(report.clone());
+                }
+                by_study.entry(report).or_default().push((k, r));
+            }
+            None => {
+                let why = format!(
+                    "image_id {:?} is not <report>_<k>: cannot group it into a study \
+                     (data.group_views)",
+                    r.id
+                );
+                bad.push((r, why));
+            }
+        }
+    }
+    let mut counts = StudyCounts::default();
+    let mut out = Vec::with_capacity(order.len());
+    for report in order {
+        let mut views = by_study.remove(&report).unwrap_or_default();
+        views.sort_by_key(|(k, _)| *k);
+        counts.studies += 1;
+        match views.len() {
+            1 => counts.one_view += 1,
+            2 => counts.two_views += 1,
+            _ => counts.three_or_more += 1,
+        }
+        if views.iter().any(|(_, r)| r.label != views[0].1.label) {
+            counts.differing_captions += 1;
+        }
+        let mut first = views[0].1.clone();
+        first.id = report;
+        first.img = views.iter().flat_map(|(_, r)| r.img.clone()).collect();
+        first.images = views.iter().flat_map(|(_, r)| r.images.clone()).collect();
+        out.push(first);
+    }
+    out.sort_by_key(|r| r.index);
+    (out, counts, bad)
 }
 
 impl Loaded {
@@ -364,7 +446,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         let key = |rec: &Record| match schema {
             Schema::Annotations => rec.id.clone(),
             _ => format!(
-                "{}\u{0}{}\u{0}{}\u{0}{:?}",
+                "{:?}\u{0}{}\u{0}{}\u{0}{:?}",
                 rec.img, rec.prompt, rec.label, rec.history
             ),
         };
@@ -382,6 +464,18 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             seen.insert(key(&rec), index);
             records.push(Record { index, ..rec });
         }
+    }
+    let mut studies = None;
+    if opts.group_views && schema == Schema::Annotations {
+        let (grouped, counts, ungroupable) = group_study_views(std::mem::take(&mut records));
+        records = grouped;
+        studies = Some(counts);
+        bad.extend(ungroupable.into_iter().map(|(r, why)| BadRecord {
+            index: r.index,
+            id: Some(r.id.clone()),
+            kind: BadKind::NotAStudy,
+            message: format!("{file}: record {} (image_id {}): {why}", r.index, r.id),
+        }));
     }
     // Image checks run in parallel; their failures are reported in record order.
     let image_bad = check_images(&records, opts, &file, schema);
@@ -414,6 +508,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         total: items.len(),
         records,
         bad,
+        studies,
     })
 }
 
@@ -486,25 +581,12 @@ fn parse_conversation(
             }
         },
     };
-    let img = match images.as_slice() {
-        [one] => *one,
-        [] => {
-            return Err((
-                BadKind::MissingField,
-                "no image: every sample needs one film (\"image\" / \"images\")".into(),
-            ))
-        }
-        more => {
-            return Err((
-                BadKind::MissingField,
-                format!(
-                    "{} images: one image per sample for now (several views per study are \
-                     coming: data.group_views)",
-                    more.len()
-                ),
-            ))
-        }
-    };
+    if images.is_empty() {
+        return Err((
+            BadKind::MissingField,
+            "no image: every sample needs a film (\"image\" / \"images\")".into(),
+        ));
+    }
     // Question / answer pairs in order; system turns are skipped.
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut pending: Option<String> = None;
@@ -547,16 +629,24 @@ fn parse_conversation(
             }
         }
     }
-    if markers > 1 {
+    // Each `<image>` is one film, in order (none: the films go in front, as VisualGLM's does).
+    if markers > 0 && markers != images.len() {
         return Err((
             BadKind::MissingField,
-            format!("{markers} <image> markers: one image per sample for now"),
+            format!(
+                "{markers} <image> markers for {} image(s): give one marker per film",
+                images.len()
+            ),
         ));
     }
     if pairs.is_empty() {
         return Err((BadKind::EmptyLabel, "no question with an answer".into()));
     }
-    let image = resolve(root, img, opts.allow_outside_root)?;
+    let paths = images
+        .iter()
+        .map(|p| resolve(root, p, opts.allow_outside_root))
+        .collect::<Result<Vec<_>, _>>()?;
+    let img: Vec<String> = images.iter().map(|p| p.to_string()).collect();
     let id = obj
         .get("id")
         .and_then(Value::as_str)
@@ -574,8 +664,8 @@ fn parse_conversation(
             } else {
                 id.clone()
             },
-            img: img.to_string(),
-            image: image.clone(),
+            img: img.clone(),
+            images: paths.clone(),
             prompt: pairs[t].0.clone(),
             label: pairs[t].1.clone(),
             history: pairs[..t].to_vec(),
@@ -630,8 +720,8 @@ fn parse_one(
             Ok(Record {
                 index: 0,
                 id: id.to_string(),
-                image,
-                img: name,
+                images: vec![image],
+                img: vec![name],
                 prompt,
                 label: caption.to_string(),
                 history: Vec::new(),
@@ -639,8 +729,20 @@ fn parse_one(
         }
         // The training list (conversations go through `parse_conversation`).
         _ => {
-            let img = get_str(obj, "img")?;
-            if img.trim().is_empty() {
+            let img: Vec<String> = match obj.get("img") {
+                Some(Value::Array(a)) if !a.is_empty() => a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        (
+                            BadKind::NotAString,
+                            "field \"img\" must be a path or a list of paths".to_string(),
+                        )
+                    })?,
+                _ => vec![get_str(obj, "img")?.to_string()],
+            };
+            if img.iter().any(|p| p.trim().is_empty()) {
                 return Err((BadKind::MissingField, "empty img".into()));
             }
             let prompt = get_str(obj, "prompt")?;
@@ -648,7 +750,10 @@ fn parse_one(
             if label.trim().is_empty() {
                 return Err((BadKind::EmptyLabel, "empty label".into()));
             }
-            let image = resolve(root, img, opts.allow_outside_root)?;
+            let images = img
+                .iter()
+                .map(|p| resolve(root, p, opts.allow_outside_root))
+                .collect::<Result<Vec<_>, _>>()?;
             let history = match obj.get("history") {
                 None => Vec::new(),
                 Some(h) => {
@@ -663,7 +768,7 @@ fn parse_one(
             };
             let id = match obj.get("image_id").and_then(Value::as_str) {
                 Some(id) => id.to_string(),
-                None => image
+                None => images[0]
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default(),
@@ -671,8 +776,8 @@ fn parse_one(
             Ok(Record {
                 index: 0,
                 id,
-                img: img.to_string(),
-                image,
+                img,
+                images,
                 prompt: prompt.to_string(),
                 label: label.to_string(),
                 history,
@@ -740,8 +845,9 @@ fn check_images(
                 s.spawn(move || {
                     part.iter()
                         .filter_map(|r| {
-                            check_image(&r.image, opts.check_images)
-                                .err()
+                            r.images
+                                .iter()
+                                .find_map(|p| check_image(p, opts.check_images).err())
                                 .map(|(kind, what)| BadRecord {
                                     index: r.index,
                                     id: Some(r.id.clone()),
@@ -751,9 +857,9 @@ fn check_images(
                                         r.index,
                                         id_label(schema),
                                         if schema == Schema::Annotations {
-                                            &r.id
+                                            r.id.clone()
                                         } else {
-                                            &r.img
+                                            r.img.join(" + ")
                                         }
                                     ),
                                 })
@@ -774,12 +880,37 @@ fn check_images(
 /// One entry of XrayGLM's training list.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainEntry {
-    pub img: String,
+    pub img: Films,
     pub prompt: String,
     pub label: String,
     /// Earlier `[question, answer]` turns (conversations only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<(String, String)>,
+}
+
+/// A training list's `img`: one path (XrayGLM's layout), or a list for a study's several views.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Films {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl Films {
+    fn from_paths(mut paths: Vec<String>) -> Self {
+        if paths.len() == 1 {
+            Films::One(paths.remove(0))
+        } else {
+            Films::Several(paths)
+        }
+    }
+
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            Films::One(p) => vec![p.as_str()],
+            Films::Several(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 /// `path` relative to `base` when it lies below it, otherwise absolute.
@@ -817,7 +948,7 @@ pub fn write_training_list(path: &Path, records: &[Record]) -> Result<usize> {
     let entries: Vec<TrainEntry> = records
         .iter()
         .map(|r| TrainEntry {
-            img: relative_to(&r.image, &base),
+            img: Films::from_paths(r.images.iter().map(|p| relative_to(p, &base)).collect()),
             prompt: r.prompt.clone(),
             label: r.label.clone(),
             history: r.history.clone(),
@@ -825,7 +956,8 @@ pub fn write_training_list(path: &Path, records: &[Record]) -> Result<usize> {
         .collect();
     let absolute = entries
         .iter()
-        .filter(|e| Path::new(&e.img).is_absolute())
+        .flat_map(|e| e.img.paths())
+        .filter(|p| Path::new(p).is_absolute())
         .count();
     let mut s = serde_json::to_string_pretty(&entries)?;
     s.push('\n');

@@ -11,6 +11,11 @@
 //! ```
 //! The 32 placeholder ids at `[pre_image, pre_image+32)` are replaced by image embeddings in the
 //! model. Labels equal to pad become −100 when `ignore_pad_token_for_loss` (the default).
+//!
+//! Several films per sample (issue 19: the views of one study) each get their own block, in order,
+//! where VisualGLM puts its one image: `encode("<img>") + [pad]*32 + encode("</img>")` for every
+//! film but the last, whose `</img>` stays in front of the question as above — so one film gives
+//! exactly the reference's ids.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -77,13 +82,35 @@ pub fn chat_template(history: &[(String, String)], query: &str, language: Langua
     s
 }
 
+/// The image blocks of `films` films: `open + [pad]*image_length (+ close)` each, the last
+/// without its `close` (it starts the text after it); with the first slot of each block.
+pub fn image_blocks(
+    open: &[i64],
+    close: &[i64],
+    image_length: usize,
+    films: usize,
+) -> (Vec<i64>, Vec<usize>) {
+    let mut a = Vec::new();
+    let mut starts = Vec::with_capacity(films);
+    for k in 0..films {
+        a.extend_from_slice(open);
+        starts.push(a.len());
+        a.extend(std::iter::repeat_n(ids::PAD, image_length));
+        if k + 1 < films {
+            a.extend_from_slice(close);
+        }
+    }
+    (a, starts)
+}
+
 /// One unpadded sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
-    /// First image slot (3: the length of `encode("<img>")`).
-    pub pre_image: usize,
+    /// First slot of each film's block, in order (one film: `[3]`, the length of
+    /// `encode("<img>")`).
+    pub image_starts: Vec<usize>,
     pub image_length: usize,
     /// Index of `<sop>`: the bidirectional prefix is `[0, context_length)`.
     pub context_length: usize,
@@ -100,6 +127,11 @@ impl Sample {
 
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
+    }
+
+    /// Number of films.
+    pub fn images(&self) -> usize {
+        self.image_starts.len()
     }
 
     /// ChatGLM's 2D positions for the first `len` positions (the sample padded on the right):
@@ -144,6 +176,7 @@ pub struct SampleBuilder {
     tok: ChatGlmTokenizer,
     cfg: SampleConfig,
     img_open: Vec<i64>,
+    img_close: Vec<i64>,
 }
 
 impl SampleBuilder {
@@ -159,7 +192,13 @@ impl SampleBuilder {
                 cfg.image_length
             );
         }
-        Ok(Self { tok, cfg, img_open })
+        let img_close = tok.encode("</img>")?;
+        Ok(Self {
+            tok,
+            cfg,
+            img_open,
+            img_close,
+        })
     }
 
     pub fn config(&self) -> &SampleConfig {
@@ -190,10 +229,32 @@ impl SampleBuilder {
 
     /// [`SampleBuilder::source_ids`] after earlier turns.
     pub fn source_ids_with(&self, history: &[(String, String)], prompt: &str) -> Result<Vec<i64>> {
-        let mut a = self.img_open.clone();
-        a.extend(std::iter::repeat_n(ids::PAD, self.cfg.image_length));
+        Ok(self.source_ids_for(1, history, prompt)?.0)
+    }
+
+    /// `a_ids` for `images` films (one `<img>` block each, in order) and the first slot of each.
+    pub fn source_ids_for(
+        &self,
+        images: usize,
+        history: &[(String, String)],
+        prompt: &str,
+    ) -> Result<(Vec<i64>, Vec<usize>)> {
+        if images == 0 {
+            bail!("a sample needs at least one film");
+        }
+        let (mut a, starts) =
+            image_blocks(&self.img_open, &self.img_close, self.cfg.image_length, images);
+        // The text may be cut (max_source_length), the films never.
+        if a.len() + 1 > self.cfg.max_source_length {
+            bail!(
+                "{images} films take {} tokens: sample.max_source_length must be at least {} (it is {})",
+                a.len(),
+                a.len() + 2,
+                self.cfg.max_source_length
+            );
+        }
         a.extend(self.tok.encode(&self.prompt_text_with(history, prompt))?);
-        Ok(a)
+        Ok((a, starts))
     }
 
     /// A training sample for (prompt, label).
@@ -209,7 +270,18 @@ impl SampleBuilder {
         prompt: &str,
         label: &str,
     ) -> Result<Sample> {
-        let mut a = self.source_ids_with(history, prompt)?;
+        self.build_for(1, history, prompt, label)
+    }
+
+    /// [`SampleBuilder::build_with_history`] for a sample of `images` films.
+    pub fn build_for(
+        &self,
+        images: usize,
+        history: &[(String, String)],
+        prompt: &str,
+        label: &str,
+    ) -> Result<Sample> {
+        let (mut a, image_starts) = self.source_ids_for(images, history, prompt)?;
         let mut b = self.tok.encode(label)?;
         let mut truncated = false;
         if a.len() > self.cfg.max_source_length - 1 {
@@ -238,7 +310,7 @@ impl SampleBuilder {
         Ok(Sample {
             input_ids,
             labels,
-            pre_image: self.img_open.len(),
+            image_starts,
             image_length: self.cfg.image_length,
             context_length,
             mask_position: context_length - 1,
@@ -248,14 +320,14 @@ impl SampleBuilder {
 
     /// An inference prompt: `a_ids + [gMASK, <sop>]` (spec §7.3).
     pub fn build_prompt(&self, prompt: &str) -> Result<Sample> {
-        let mut input_ids = self.source_ids(prompt)?;
+        let (mut input_ids, image_starts) = self.source_ids_for(1, &[], prompt)?;
         input_ids.push(ids::GMASK);
         input_ids.push(ids::SOP);
         let context_length = input_ids.len() - 1;
         Ok(Sample {
             labels: vec![IGNORE; input_ids.len()],
             input_ids,
-            pre_image: self.img_open.len(),
+            image_starts,
             image_length: self.cfg.image_length,
             context_length,
             mask_position: context_length - 1,

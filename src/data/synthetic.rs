@@ -9,6 +9,14 @@
 //! Layout written (mirrors XrayGLM's `data/Xray/openi-zh.json` beside its PNGs):
 //! `<out>/Xray/synth-zh.json` (`{"annotations": [{"image_id", "caption", "findings"}]}`) and
 //! `<out>/Xray/<image_id>.png`.
+//!
+//! With `synthetic.lateral` each study also gets a lateral film, and the films are named as
+//! OpenI's are, `<study>_<k>` (`synth_00007_1` the PA film — the same pixels as the one-view set's
+//! `synth_00007` — and `synth_00007_2` the lateral), both annotated with the study's report, so
+//! `data.group_views` makes two-view samples of them. On the lateral film (anterior to the image
+//! left) the two lungs overlap: the heart fills the retrosternal space when enlarged, and fluid
+//! blunts the posterior costophrenic recess — more of it for two effusions than for one, and
+//! which side it is on cannot be seen, as on a real lateral film.
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +91,9 @@ pub struct SyntheticFile {
     /// [`GENERATOR_VERSION`] of the writer (absent: 1).
     #[serde(default = "first_version")]
     pub version: u32,
+    /// Whether each study has a lateral film too (`<study>_1`, `<study>_2`).
+    #[serde(default)]
+    pub lateral: bool,
     pub annotations: Vec<SyntheticAnnotation>,
 }
 
@@ -157,7 +168,73 @@ pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
             img[y * size + x] = val * exposure + jitter(rng, 4.0);
         }
     }
-    // A light 3×3 blur for film softness.
+    blur(&img, size)
+}
+
+/// Draw the lateral film of a study (grayscale, `size`×`size`; anterior to the image left).
+pub fn render_lateral(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
+    let jitter = |rng: &mut PyRandom, a: f64| (rng.random() * 2.0 - 1.0) * a;
+    let (du, dv) = (jitter(rng, 0.02), jitter(rng, 0.02));
+    let exposure = 1.0 + jitter(rng, 0.08);
+    // An enlarged heart reaches forward (left) and back: wider and further behind the sternum.
+    let (heart_cu, heart_ru) = if f.cardiomegaly {
+        (0.43, 0.20)
+    } else {
+        (0.38, 0.13)
+    };
+    let heart_ru = heart_ru + jitter(rng, 0.012);
+    // Both lungs overlap: fluid from either side fills the posterior recess; two effusions more.
+    let fluid = match f.effusion {
+        Effusion::None => 0.0,
+        Effusion::Left | Effusion::Right => 0.16,
+        Effusion::Both => 0.27,
+    } + jitter(rng, 0.02);
+    let mut img = vec![0f64; size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let u = (x as f64 + 0.5) / size as f64 - du;
+            let v = (y as f64 + 0.5) / size as f64 - dv;
+            let mut val = 12.0;
+            let body = inside(ellipse(u, v, 0.5, 0.58, 0.40, 0.56), 0.05);
+            val += body * 110.0;
+            if v > 0.80 {
+                val += body * 25.0 * ((v - 0.80) / 0.05).min(1.0);
+            }
+            // The superimposed lungs: one field from the sternum to the spine.
+            let l = inside(ellipse(u, v, 0.52, 0.50, 0.25, 0.31), 0.15);
+            if l > 0.0 {
+                let rib = ((v * 40.0 + u * 6.0).sin() > 0.7) as u8 as f64 * 10.0;
+                let mut lung = -70.0 + rib;
+                if f.effusion != Effusion::None {
+                    // The meniscus rises toward the posterior wall (image right).
+                    let back = ((u - 0.52) / 0.25).clamp(0.0, 1.0);
+                    let level = 0.80 - fluid * (0.35 + 0.65 * back) - 0.05 * back.powi(2);
+                    if v > level {
+                        let t = ((v - level) / 0.02).min(1.0);
+                        lung = 22.0 * t - 70.0 * (1.0 - t);
+                    }
+                }
+                val += l * lung;
+            }
+            // Thoracic spine at the back (image right), vertebral bodies as bright blocks.
+            let spine = ((0.05 - (u - 0.80).abs()) / 0.01).clamp(0.0, 1.0) * body;
+            let body_gap = if ((v * 22.0).fract()) < 0.15 { 0.6 } else { 1.0 };
+            val += spine * 55.0 * body_gap;
+            // Sternum: a thin band at the front.
+            let sternum = ((0.012 - (u - 0.21).abs()) / 0.006).clamp(0.0, 1.0)
+                * (0.25..0.65).contains(&v) as u8 as f64;
+            val += sternum * 35.0;
+            // Heart: anterior and low, behind the sternum.
+            let h = inside(ellipse(u, v, heart_cu, 0.62, heart_ru, 0.16), 0.08);
+            val = val * (1.0 - h) + h * 170.0;
+            img[y * size + x] = val * exposure + jitter(rng, 4.0);
+        }
+    }
+    blur(&img, size)
+}
+
+/// A light 3×3 blur for film softness, rounded to 8 bits.
+fn blur(img: &[f64], size: usize) -> Vec<u8> {
     let mut out = vec![0u8; size * size];
     for y in 0..size {
         for x in 0..size {
@@ -195,31 +272,51 @@ pub fn findings_for(rng: &mut PyRandom) -> Findings {
 
 /// Write `n` films and their annotations under `out`. Returns the annotations file path.
 pub fn generate(out: &Path, n: usize, size: usize, seed: i64) -> Result<PathBuf> {
+    generate_views(out, n, size, seed, false)
+}
+
+/// [`generate`], with a lateral film per study when `lateral` (films `<study>_1`, `<study>_2`).
+pub fn generate_views(
+    out: &Path,
+    n: usize,
+    size: usize,
+    seed: i64,
+    lateral: bool,
+) -> Result<PathBuf> {
     let dir = out.join("Xray");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rng = PyRandom::new(seed);
-    let plan: Vec<(String, Findings, PyRandom)> = (0..n)
-        .map(|i| {
-            let f = findings_for(&mut rng);
-            // Each image gets its own stream so images can be drawn in parallel.
-            (
-                format!("synth_{i:05}"),
-                f,
-                PyRandom::from_key(&[seed as u32, (seed >> 32) as u32, i as u32]),
-            )
-        })
-        .collect();
+    // (image id, findings, its own random stream, lateral?)
+    let mut plan: Vec<(String, Findings, PyRandom, bool)> = Vec::new();
+    for i in 0..n {
+        let f = findings_for(&mut rng);
+        // Each film gets its own stream so films can be drawn in parallel; the PA film's is the
+        // same with or without a lateral.
+        let key = [seed as u32, (seed >> 32) as u32, i as u32];
+        let frontal = PyRandom::from_key(&key);
+        if lateral {
+            plan.push((format!("synth_{i:05}_1"), f, frontal, false));
+            let side = PyRandom::from_key(&[key[0], key[1], key[2], 2]);
+            plan.push((format!("synth_{i:05}_2"), f, side, true));
+        } else {
+            plan.push((format!("synth_{i:05}"), f, frontal, false));
+        }
+    }
     let threads = super::worker_threads(0);
-    let chunk = n.div_ceil(threads).max(1);
+    let chunk = plan.len().div_ceil(threads).max(1);
     std::thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = plan
             .chunks(chunk)
             .map(|part| {
                 let dir = &dir;
                 s.spawn(move || -> Result<()> {
-                    for (id, f, rng) in part {
+                    for (id, f, rng, side) in part {
                         let mut rng = rng.clone();
-                        let pixels = render(f, size, &mut rng);
+                        let pixels = if *side {
+                            render_lateral(f, size, &mut rng)
+                        } else {
+                            render(f, size, &mut rng)
+                        };
                         let png = encode_png_l8(&pixels, size)?;
                         crate::io::write_atomic(&dir.join(format!("{id}.png")), &png)?;
                     }
@@ -234,9 +331,10 @@ pub fn generate(out: &Path, n: usize, size: usize, seed: i64) -> Result<PathBuf>
     })?;
     let file = SyntheticFile {
         version: GENERATOR_VERSION,
+        lateral,
         annotations: plan
             .iter()
-            .map(|(id, f, _)| SyntheticAnnotation {
+            .map(|(id, f, _, _)| SyntheticAnnotation {
                 image_id: id.clone(),
                 caption: f.report(),
                 findings: *f,

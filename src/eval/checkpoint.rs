@@ -223,15 +223,15 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     }
     if o.generate {
         // Prompt + report must fit the model's positions: refused before any work.
-        let prompts: std::collections::BTreeSet<(&[(String, String)], &str)> = data
+        let prompts: std::collections::BTreeSet<(usize, &[(String, String)], &str)> = data
             .records
             .iter()
-            .map(|r| (r.history.as_slice(), r.prompt.as_str()))
+            .map(|r| (r.images.len(), r.history.as_slice(), r.prompt.as_str()))
             .collect();
         let mut longest = 0;
-        for (h, p) in prompts {
+        for (films, h, p) in prompts {
             let h = crate::infer::chat::turns(h);
-            longest = longest.max(chat.prompt_ids(&h, p, o.settings.english, true)?.0.len());
+            longest = longest.max(chat.prompt_ids(&h, p, o.settings.english, films)?.0.len());
         }
         let max = chat.max_positions();
         if longest + o.max_new_tokens > max {
@@ -420,7 +420,7 @@ fn pass(
                     let inputs = crate::model::visualglm::BatchInputs {
                         input_ids: &t.input_ids,
                         images: &embeds,
-                        pre_image: b.pre_image as i64,
+                        image_at: b.image_placement(),
                         position_ids: &t.position_ids,
                         context_lengths: &b.context_lengths,
                         labels: &t.labels,
@@ -441,7 +441,7 @@ fn pass(
                     (r.history.as_slice(), r.prompt.as_str())
                 })
                 .collect();
-            let reports = chat.answer_batch(&embeds, &questions, &o.settings, o.max_new_tokens)?;
+            let reports = chat.answer_batch(&b.films_per_row(&embeds), &questions, &o.settings, o.max_new_tokens)?;
             for (&i, h) in b.indices.iter().zip(reports) {
                 hyps[i] = Some(h);
             }

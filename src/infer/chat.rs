@@ -4,6 +4,8 @@
 //!   (English: `Q:`/`A:`); ids = `encode("<img>")` + image_length pads + `encode("</img>…")` +
 //!   `[gMASK] <sop>`; without an image, `encode(text)` + `[gMASK] <sop>`;
 //! * the image is preprocessed and encoded once per session and reused by later turns;
+//! * several films (the views of one study, issue 19) each get their own `<img>…</img>` block
+//!   in order, as in training (`data::sample`); one film gives the reference's ids;
 //! * the reply: `decode(prompt + reply)` → `process_response` → the text after the last answer
 //!   marker (`答：` / `A:`).
 
@@ -30,7 +32,7 @@ pub struct Turn {
     pub response: String,
 }
 
-/// A conversation: its image (encoded once) and its history.
+/// A conversation: its films (encoded once, `[V, image_length, hidden]`) and its history.
 #[derive(Default)]
 pub struct Session {
     image: Option<Tensor>,
@@ -40,6 +42,11 @@ pub struct Session {
 impl Session {
     pub fn has_image(&self) -> bool {
         self.image.is_some()
+    }
+
+    /// Number of films attached.
+    pub fn films(&self) -> usize {
+        self.image.as_ref().map_or(0, |t| t.size()[0] as usize)
     }
 
     /// Forget the image and the history (`clear`).
@@ -115,6 +122,7 @@ pub struct ChatModel {
     /// when its run's `config.toml` says so, else XrayGLM's [`DEFAULT_PROMPT_ZH`].
     pub default_prompt: String,
     img_open: Vec<i64>,
+    img_close: Vec<i64>,
 }
 
 /// The fixed training question of the run a model folder came from, if it used one.
@@ -134,6 +142,7 @@ impl ChatModel {
     pub fn new(model: VisualGlm, tokenizer: ChatGlmTokenizer) -> Result<Self> {
         let size = model.cfg.sat.eva_args.image_size[0] as usize;
         let img_open = tokenizer.encode("<img>")?;
+        let img_close = tokenizer.encode("</img>")?;
         Ok(Self {
             model,
             tokenizer,
@@ -143,6 +152,7 @@ impl ChatModel {
             },
             default_prompt: DEFAULT_PROMPT_ZH.to_string(),
             img_open,
+            img_close,
         })
     }
 
@@ -177,34 +187,33 @@ impl ChatModel {
         Ok(chat)
     }
 
-    /// One report per image of a batch, each answering its own question after its own earlier
-    /// turns (`questions[r]` = (history, question) for row r of `embeds`; conversation records):
-    /// one decoding call per distinct pair (random-prompt data), at most `max_new_tokens` new
-    /// tokens and never past the model's positions.
+    /// One report per row of a batch, each about its own films (`films[r]`: `[V, image_length,
+    /// hidden]`) answering its own question after its own earlier turns (`questions[r]` =
+    /// (history, question); conversation records): one decoding call per distinct (number of
+    /// films, history, question), at most `max_new_tokens` new tokens and never past the model's
+    /// positions.
     pub fn answer_batch(
         &self,
-        embeds: &Tensor,
+        films: &[Tensor],
         questions: &[(&[(String, String)], &str)],
         settings: &ChatSettings,
         max_new_tokens: usize,
     ) -> Result<Vec<String>> {
-        type Key<'k> = (&'k [(String, String)], &'k str);
+        type Key<'k> = (i64, &'k [(String, String)], &'k str);
         let mut by_question: std::collections::BTreeMap<Key, Vec<usize>> = Default::default();
-        for (row, q) in questions.iter().enumerate() {
-            by_question.entry(*q).or_default().push(row);
+        for (row, (h, q)) in questions.iter().enumerate() {
+            let v = films.get(row).map_or(0, |t| t.size()[0]);
+            by_question.entry((v, h, q)).or_default().push(row);
         }
         let mut out = vec![String::new(); questions.len()];
-        for ((history, query), rows) in by_question {
+        for ((views, history, query), rows) in by_question {
             let history = turns(history);
-            let (ids, _) = self.prompt_ids(&history, query, settings.english, true)?;
+            let (ids, _) = self.prompt_ids(&history, query, settings.english, views as usize)?;
             let s = ChatSettings {
                 max_length: (ids.len() + max_new_tokens).min(self.max_positions()),
                 ..settings.clone()
             };
-            let imgs: Vec<Tensor> = rows
-                .iter()
-                .map(|&r| embeds.narrow(0, r as i64, 1))
-                .collect();
+            let imgs: Vec<Tensor> = rows.iter().map(|&r| films[r].shallow_clone()).collect();
             for (&r, h) in rows
                 .iter()
                 .zip(self.answer_images_after(&imgs, &history, query, &s)?)
@@ -225,18 +234,40 @@ impl ChatModel {
 
     /// Attach an image (file) to a session; it replaces the previous one and starts over.
     pub fn set_image_file(&self, session: &mut Session, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("{}: cannot read image", path.display()))?;
-        let e = self
-            .encode_image_bytes(&bytes)
-            .with_context(|| format!("{}: bad image", path.display()))?;
-        session.image = Some(e);
-        session.history.clear();
-        Ok(())
+        self.set_image_files(session, &[path])
+    }
+
+    /// Attach several films (the views of one study, in order), replacing what was there.
+    pub fn set_image_files(&self, session: &mut Session, paths: &[&Path]) -> Result<()> {
+        let mut films = Vec::with_capacity(paths.len());
+        for path in paths {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("{}: cannot read image", path.display()))?;
+            films.push(bytes);
+        }
+        let named: Vec<(String, &[u8])> = paths
+            .iter()
+            .zip(&films)
+            .map(|(p, b)| (p.display().to_string(), b.as_slice()))
+            .collect();
+        self.set_named_images(session, &named)
     }
 
     pub fn set_image_bytes(&self, session: &mut Session, bytes: &[u8]) -> Result<()> {
-        session.image = Some(self.encode_image_bytes(bytes)?);
+        self.set_named_images(session, &[("the image".to_string(), bytes)])
+    }
+
+    /// Encode `(name, bytes)` films into a session (a bad one is named in the error).
+    pub fn set_named_images(&self, session: &mut Session, films: &[(String, &[u8])]) -> Result<()> {
+        anyhow::ensure!(!films.is_empty(), "no image given");
+        let embeds = films
+            .iter()
+            .map(|(name, bytes)| {
+                self.encode_image_bytes(bytes)
+                    .with_context(|| format!("{name}: bad image"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        session.image = Some(Tensor::cat(&embeds, 0));
         session.history.clear();
         Ok(())
     }
@@ -258,15 +289,16 @@ impl ChatModel {
         Ok(())
     }
 
-    /// Prompt ids and image slot for a question (spec §7.3).
+    /// Prompt ids and the first slot of each film's block for a question about `films` films
+    /// (0: none; spec §7.3).
     pub fn prompt_ids(
         &self,
         history: &[Turn],
         query: &str,
         english: bool,
-        with_image: bool,
-    ) -> Result<(Vec<i64>, i64)> {
-        self.prompt_ids_with_system("", history, query, english, with_image)
+        films: usize,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
+        self.prompt_ids_with_system("", history, query, english, films)
     }
 
     /// [`ChatModel::prompt_ids`] with a system text in front of the first question (VisualGLM
@@ -277,28 +309,26 @@ impl ChatModel {
         history: &[Turn],
         query: &str,
         english: bool,
-        with_image: bool,
-    ) -> Result<(Vec<i64>, i64)> {
+        films: usize,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
         let mut text = prompt_text(history, query, english);
         if !system.is_empty() {
             text = format!("{system}\n{text}");
         }
-        let mut ids = Vec::new();
-        let pre = if with_image {
-            ids.extend_from_slice(&self.img_open);
-            ids.extend(std::iter::repeat_n(
-                ids::PAD,
-                self.model.cfg.sat.image_length as usize,
-            ));
-            ids.extend(self.tokenizer.encode(&format!("</img>{text}"))?);
-            self.img_open.len() as i64
-        } else {
-            ids.extend(self.tokenizer.encode(&text)?);
-            0
-        };
+        let (mut ids, starts) = crate::data::sample::image_blocks(
+            &self.img_open,
+            &self.img_close,
+            self.model.cfg.sat.image_length as usize,
+            films,
+        );
+        let starts = starts.into_iter().map(|s| s as i64).collect();
+        if films > 0 {
+            text = format!("</img>{text}");
+        }
+        ids.extend(self.tokenizer.encode(&text)?);
         ids.push(ids::GMASK);
         ids.push(ids::SOP);
-        Ok((ids, pre))
+        Ok((ids, starts))
     }
 
     fn generate_config(&self, s: &ChatSettings) -> GenerateConfig {
@@ -339,17 +369,13 @@ impl ChatModel {
         settings: &ChatSettings,
         mut on_text: impl FnMut(&str),
     ) -> Result<String> {
-        let (ids, pre) = self.prompt_ids(
-            &session.history,
-            query,
-            settings.english,
-            session.image.is_some(),
-        )?;
+        let (ids, starts) =
+            self.prompt_ids(&session.history, query, settings.english, session.films())?;
         check_room(ids.len(), settings.max_length)?;
         let prompt = Prompt {
             input_ids: ids.clone(),
             image_embeds: session.image.as_ref().map(|t| t.shallow_clone()),
-            pre_image: pre,
+            image_starts: starts,
         };
         let mut reply = Vec::new();
         let mut shown = String::new();
@@ -384,7 +410,8 @@ impl ChatModel {
         self.answer_images_after(images, &[], query, settings)
     }
 
-    /// [`ChatModel::answer_images`] after the same earlier turns for every image.
+    /// [`ChatModel::answer_images`] after the same earlier turns for every image (each entry
+    /// `[V, image_length, hidden]`: one study's films; every entry the same V).
     pub fn answer_images_after(
         &self,
         images: &[Tensor],
@@ -392,13 +419,18 @@ impl ChatModel {
         query: &str,
         settings: &ChatSettings,
     ) -> Result<Vec<String>> {
-        let (ids, pre) = self.prompt_ids(history, query, settings.english, true)?;
+        let views = images.first().map_or(1, |t| t.size()[0] as usize);
+        anyhow::ensure!(
+            images.iter().all(|t| t.size()[0] as usize == views),
+            "one call answers studies with the same number of films"
+        );
+        let (ids, starts) = self.prompt_ids(history, query, settings.english, views)?;
         let prompts: Vec<Prompt> = images
             .iter()
             .map(|img| Prompt {
                 input_ids: ids.clone(),
                 image_embeds: Some(img.shallow_clone()),
-                pre_image: pre,
+                image_starts: starts.clone(),
             })
             .collect();
         let out = generate(

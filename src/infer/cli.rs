@@ -43,7 +43,8 @@ pub fn tokenizer_path_for(dir: &Path) -> Option<std::path::PathBuf> {
 
 /// Options of the terminal chat.
 pub struct CliOptions {
-    pub image: Option<PathBuf>,
+    /// One-shot: the films of one study (one `<img>` block each, in order); empty: interactive.
+    pub image: Vec<PathBuf>,
     pub prompt: Option<String>,
     pub settings: ChatSettings,
 }
@@ -79,22 +80,23 @@ pub fn run(
             chat.default_prompt.clone()
         }
     });
-    if let Some(img) = &opts.image {
-        // One-shot: the report for one image.
+    if !opts.image.is_empty() {
+        // One-shot: the report for one image (or one study's views).
         let mut session = Session::default();
-        chat.set_image_file(&mut session, img)?;
+        let films: Vec<&Path> = opts.image.iter().map(PathBuf::as_path).collect();
+        chat.set_image_files(&mut session, &films)?;
         ask_and_print(chat, &mut session, &default_q, s, out)?;
         return Ok(());
     }
     let (ask_image, user, bot) = if s.english {
         (
-            "Image path (Enter for text-only chat): ",
+            "Image path (several views: a.png;b.png; Enter for text-only chat): ",
             "User: ",
             "XrayGLM: ",
         )
     } else {
         (
-            "请输入图像路径（回车进入纯文本对话）：",
+            "请输入图像路径（多个视图用 ; 分隔，回车进入纯文本对话）：",
             "用户：",
             "XrayGLM：",
         )
@@ -127,7 +129,14 @@ pub fn run(
             return Ok(());
         }
         if !path.is_empty() {
-            if let Err(e) = chat.set_image_file(&mut session, Path::new(&path)) {
+            // Several views of one study: paths separated by `;`.
+            let films: Vec<&Path> = path
+                .split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(Path::new)
+                .collect();
+            if let Err(e) = chat.set_image_files(&mut session, &films) {
                 writeln!(out, "error: {e:#}")?;
                 continue;
             }

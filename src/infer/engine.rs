@@ -36,7 +36,7 @@ use super::generate::image_embeds;
 use super::sampling::{Sampler, ENGLISH_INVALID};
 use crate::data::image::ImageProcessor;
 use crate::model::chatglm::{
-    attention_mask, GlmInputs, KvCache, LayerLoras, RowAdapters, SlotCache,
+    attention_mask, GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters, SlotCache,
 };
 use crate::tokenizer::{ids, process_response};
 use crate::weights::source::AdapterWeights;
@@ -77,8 +77,9 @@ impl Default for EngineOptions {
 pub struct Job {
     /// Index into [`EngineInfo::models`].
     pub model: usize,
-    /// The image, preprocessed (`[3, size, size]` floats, see [`ImageProcessor`]), or none.
-    pub image: Option<Arc<Vec<f32>>>,
+    /// The films, preprocessed (`[3, size, size]` floats each, see [`ImageProcessor`]), in
+    /// order; empty: none.
+    pub images: Vec<Arc<Vec<f32>>>,
     /// Text before the first question ("" for none).
     pub system: String,
     pub history: Vec<Turn>,
@@ -317,7 +318,7 @@ struct Group {
 struct Ready {
     job: Job,
     ids: Vec<i64>,
-    pre_image: i64,
+    image_starts: Vec<i64>,
     row: Row,
 }
 
@@ -418,14 +419,14 @@ impl Worker {
     fn ready(&self, job: Job) -> Option<Ready> {
         let c = &self.chat;
         let s = &job.settings;
-        let checked = (|| -> Result<(Vec<i64>, i64, Row)> {
+        let checked = (|| -> Result<(Vec<i64>, Vec<i64>, Row)> {
             c.check_max_length(s.max_length)?;
-            let (ids, pre_image) = c.prompt_ids_with_system(
+            let (ids, image_starts) = c.prompt_ids_with_system(
                 &job.system,
                 &job.history,
                 &job.query,
                 s.english,
-                job.image.is_some(),
+                job.images.len(),
             )?;
             super::chat::check_room(ids.len(), s.max_length)?;
             let mut sampling = s.sampling.clone();
@@ -449,13 +450,13 @@ impl Worker {
                 shown: String::new(),
                 stop: job.stop.iter().filter(|x| !x.is_empty()).cloned().collect(),
             };
-            Ok((ids, pre_image, row))
+            Ok((ids, image_starts, row))
         })();
         match checked {
-            Ok((ids, pre_image, row)) => Some(Ready {
+            Ok((ids, image_starts, row)) => Some(Ready {
                 job,
                 ids,
-                pre_image,
+                image_starts,
                 row,
             }),
             Err(e) => {
@@ -485,7 +486,7 @@ impl Worker {
         while !ready.is_empty() {
             let key = |r: &Ready| {
                 let g = self.group_of(r.job.model);
-                (g, r.ids.len(), r.pre_image, r.job.image.is_some())
+                (g, r.ids.len(), r.image_starts.clone())
             };
             let k = key(&ready[0]);
             let (batch, rest): (Vec<Ready>, Vec<Ready>) =
@@ -697,21 +698,20 @@ fn prefill(chat: &ChatModel, batch: &[Ready], adapters: &RowAdapters) -> Result<
         pos.extend((0..len).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
     }
     let pos = Tensor::from_slice(&pos).view([b, 2, len]).to_device(dev);
-    let embeds = match batch[0].job.image {
-        None => None,
-        Some(_) => {
-            let s = chat.images.size as i64;
-            let px: Vec<Tensor> = batch
-                .iter()
-                .map(|r| {
-                    let p = r.job.image.as_ref().expect("same image placement");
-                    Tensor::from_slice(p.as_slice()).view([1, 3, s, s])
-                })
-                .collect();
-            let px = Tensor::cat(&px, 0).to_kind(Kind::Float);
-            Some(tch::no_grad(|| image_embeds(model, &px)))
-        }
-    };
+    // Every row's films in row order (the rows share one placement), encoded together.
+    let s = chat.images.size as i64;
+    let px: Vec<Tensor> = batch
+        .iter()
+        .flat_map(|r| &r.job.images)
+        .map(|p| Tensor::from_slice(p.as_slice()).view([1, 3, s, s]))
+        .collect();
+    let embeds = (!px.is_empty()).then(|| {
+        let px = Tensor::cat(&px, 0).to_kind(Kind::Float);
+        tch::no_grad(|| image_embeds(model, &px))
+    });
+    let at: Vec<(i64, i64)> = (0..b)
+        .flat_map(|row| batch[0].image_starts.iter().map(move |&s| (row, s)))
+        .collect();
     let mask = attention_mask(&vec![ctx; batch.len()], len, dev);
     let mut cache = KvCache::default();
     let logits = tch::no_grad(|| {
@@ -721,7 +721,7 @@ fn prefill(chat: &ChatModel, batch: &[Ready], adapters: &RowAdapters) -> Result<
                 position_ids: &pos,
                 attention_mask: &mask,
                 image_embeds: embeds.as_ref(),
-                pre_image: batch[0].pre_image,
+                image_at: ImageAt::of(&at, batch.len()),
             },
             Some(&mask),
             &mut cache,

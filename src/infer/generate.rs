@@ -16,17 +16,18 @@ use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::sampling::{Sampler, SamplingConfig};
-use crate::model::chatglm::{attention_mask, GlmInputs, KvCache};
+use crate::model::chatglm::{attention_mask, GlmInputs, ImageAt, KvCache};
 use crate::model::visualglm::VisualGlm;
 
 /// One sequence to continue.
 pub struct Prompt {
     /// Token ids ending in `[gMASK] <sop>`.
     pub input_ids: Vec<i64>,
-    /// `[1, image_length, hidden]` image embeddings (see [`VisualGlm::encode_image`]), or none.
+    /// `[V, image_length, hidden]` embeddings of its V films (see [`VisualGlm::encode_image`]),
+    /// or none.
     pub image_embeds: Option<Tensor>,
-    /// Index of the first image slot.
-    pub pre_image: i64,
+    /// The first slot of each film's block (one film: `[3]`).
+    pub image_starts: Vec<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,13 +58,14 @@ pub fn generate(
 ) -> Result<Vec<Generated>> {
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
     let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
-    // Group by prompt length (stable: same-length prompts keep their order).
-    let mut lens: Vec<usize> = prompts.iter().map(|p| p.input_ids.len()).collect();
-    lens.sort_unstable();
-    lens.dedup();
-    for len in lens {
+    // Group by prompt length and image layout (stable: such prompts keep their order).
+    let layout = |p: &Prompt| (p.input_ids.len(), p.image_embeds.is_some(), p.image_starts.clone());
+    let mut keys: Vec<_> = prompts.iter().map(layout).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
         let rows: Vec<usize> = (0..prompts.len())
-            .filter(|&i| prompts[i].input_ids.len() == len)
+            .filter(|&i| layout(&prompts[i]) == key)
             .collect();
         let res = generate_group(model, prompts, &rows, cfg, &mut sampler, &mut on_token)?;
         for (r, g) in rows.into_iter().zip(res) {
@@ -100,7 +102,7 @@ fn generate_group(
         "max_length {} leaves no room after a {len}-token prompt",
         cfg.max_length
     );
-    let pre_image = prompts[rows[0]].pre_image;
+    let starts = prompts[rows[0]].image_starts.clone();
     let with_image = prompts[rows[0]].image_embeds.is_some();
     let mut ids = Vec::with_capacity(rows.len() * len);
     let mut mask_pos = Vec::with_capacity(rows.len());
@@ -109,7 +111,7 @@ fn generate_group(
         if p.input_ids[len - 1] != s.bos_token_id {
             bail!("prompt {r} does not end with <sop> ({})", s.bos_token_id);
         }
-        if p.pre_image != pre_image || p.image_embeds.is_some() != with_image {
+        if p.image_starts != starts || p.image_embeds.is_some() != with_image {
             bail!("prompts of one length must place their image alike");
         }
         // Positions freeze at the first [gMASK] (or [MASK] when there is none), as in training.
@@ -144,6 +146,9 @@ fn generate_group(
     } else {
         None
     };
+    let at: Vec<(i64, i64)> = (0..rows.len() as i64)
+        .flat_map(|r| starts.iter().map(move |&s| (r, s)))
+        .collect();
     let mask = attention_mask(&vec![ctx; rows.len()], len as i64, dev);
     let mut cache = KvCache::default();
     let mut logits = tch::no_grad(|| {
@@ -153,7 +158,7 @@ fn generate_group(
                 position_ids: &pos,
                 attention_mask: &mask,
                 image_embeds: embeds.as_ref(),
-                pre_image,
+                image_at: ImageAt::of(&at, rows.len()),
             },
             Some(&mask),
             &mut cache,
@@ -211,7 +216,7 @@ fn generate_group(
                     position_ids: &step_pos,
                     attention_mask: &empty_mask,
                     image_embeds: None,
-                    pre_image,
+                    image_at: ImageAt::EachRow(0),
                 },
                 None,
                 &mut cache,

@@ -5,9 +5,10 @@
 //! * `messages`: `system`, `user` and `assistant` turns; user content a string or parts (`text`,
 //!   `image_url` with a `data:image/…;base64,` URL — or a local path inside
 //!   `--allowed_local_media_path`, or an `http(s)://` URL with `--allow_remote_images`; both are
-//!   refused otherwise). One image per
-//!   conversation (VisualGLM's). Earlier user/assistant pairs become the `问：…\n答：…\n` history
-//!   exactly as `chat` builds it; system text goes before the first question.
+//!   refused otherwise). Several images (up to 8: the views of one study) each get their own
+//!   `<img>` block in order, in front of the first question as VisualGLM places its one image.
+//!   Earlier user/assistant pairs become the `问：…\n答：…\n` history exactly as `chat` builds
+//!   it; system text goes before the first question.
 //! * `model`: the base model's name or an adapter's (`--lora NAME=DIR`); unknown → 404.
 //! * `temperature` (0 = greedy), `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`
 //!   (string or list), `stream` (+ `stream_options.include_usage`); extensions `top_k` and
@@ -201,16 +202,17 @@ struct Conversation {
     system: String,
     history: Vec<Turn>,
     query: String,
-    image: Option<String>,
+    /// The image URLs of every user message, in order.
+    images: Vec<String>,
 }
 
-/// `messages` → system text, history pairs, the last question and the image URL.
+/// `messages` → system text, history pairs, the last question and the image URLs.
 fn conversation(messages: &[Message]) -> std::result::Result<Conversation, ApiError> {
     let bad = |m: String| ApiError::new(400, m).param("messages");
     let mut system = Vec::new();
     let mut turns: Vec<(String, String)> = Vec::new();
     let mut pending: Option<String> = None;
-    let mut image = None;
+    let mut images = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let mut text = Vec::new();
         match &m.content {
@@ -236,12 +238,12 @@ fn conversation(messages: &[Message]) -> std::result::Result<Conversation, ApiEr
                                         "messages[{i}]: an image_url part without image_url.url"
                                     ))
                                 })?;
-                            if image.replace(url.to_string()).is_some() {
-                                return Err(bad(
-                                    "one image per conversation: VisualGLM reads a single image"
-                                        .into(),
-                                ));
+                            if images.len() == MAX_FILMS {
+                                return Err(bad(format!(
+                                    "more than {MAX_FILMS} images in one conversation"
+                                )));
                             }
+                            images.push(url.to_string());
                         }
                         other => {
                             return Err(bad(format!(
@@ -287,9 +289,12 @@ fn conversation(messages: &[Message]) -> std::result::Result<Conversation, ApiEr
             .map(|(query, response)| Turn { query, response })
             .collect(),
         query,
-        image,
+        images,
     })
 }
+
+/// Films one conversation may carry (each adds an image block of ~35 prompt tokens).
+const MAX_FILMS: usize = 8;
 
 const BASE64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -471,15 +476,13 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
     };
     let (settings, max_new_tokens) = settings(&st, &r)?;
     let conv = conversation(&r.messages)?;
-    let image = match &conv.image {
-        None => None,
-        Some(url) => {
-            let bytes = image_bytes(&st, url).await?;
-            Some(preprocess(&st, Bytes::from(bytes)).await.map_err(|e| {
-                ApiError::new(400, format!("the image cannot be read: {e}")).param("messages")
-            })?)
-        }
-    };
+    let mut images = Vec::with_capacity(conv.images.len());
+    for (k, url) in conv.images.iter().enumerate() {
+        let bytes = image_bytes(&st, url).await?;
+        images.push(preprocess(&st, Bytes::from(bytes)).await.map_err(|e| {
+            ApiError::new(400, format!("image {k} cannot be read: {e}")).param("messages")
+        })?);
+    }
     let stop = match r.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -488,7 +491,7 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
         model,
-        image,
+        images,
         system: conv.system,
         history: conv.history,
         query: conv.query,
@@ -638,7 +641,7 @@ mod tests {
             }]
         );
         assert_eq!(c.query, "有积液吗？");
-        assert_eq!(c.image.as_deref(), Some("data:image/png;base64,AA=="));
+        assert_eq!(c.images, vec!["data:image/png;base64,AA==".to_string()]);
         for bad in [
             json!([{"role": "assistant", "content": "x"}]),
             json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),

@@ -80,7 +80,8 @@ impl Default for ServerOptions {
 /// A web-page conversation: its image (preprocessed once) and its history.
 #[derive(Default)]
 pub(crate) struct WebSession {
-    pub image: Option<Arc<Vec<f32>>>,
+    /// The conversation's films in order (the views of one study), preprocessed.
+    pub images: Vec<Arc<Vec<f32>>>,
     pub history: Vec<Turn>,
 }
 

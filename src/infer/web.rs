@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | `GET /` | the page |
 //! | `POST /api/session` | `{"session": id}` — a new conversation |
-//! | `POST /api/image?session=ID` | body = the image file (≤ `max_upload` bytes, else 413; not an image: 400) |
+//! | `POST /api/image?session=ID[&append=1]` | body = the image file (≤ `max_upload` bytes, else 413; not an image: 400); replaces the conversation's films and history, or with `append=1` adds another view of the study (at most 8) |
 //! | `POST /api/chat` | `{"session", "query", "temperature"?, "top_p"?, …}` → NDJSON stream: `{"delta": "…"}` lines, then `{"done": true, "response", "history"}` |
 //! | `POST /api/clear` | `{"session"}` — forget image and history |
 //! | `GET /api/health` | `{"ok": true, …}` and the engine's counters |
@@ -217,12 +217,23 @@ async fn image(
     let pixels = preprocess(&st, body)
         .await
         .map_err(|e| fail(400, format!("not a readable image: {e}")))?;
+    let append = q.get("append").is_some_and(|v| v == "1" || v == "true");
     let mut s = st.checkout(&id)?;
-    s.image = Some(pixels);
+    if !append {
+        s.images.clear();
+    } else if s.images.len() >= MAX_FILMS {
+        st.checkin(&id, s);
+        return Err(fail(400, format!("at most {MAX_FILMS} films per conversation")));
+    }
+    s.images.push(pixels);
     s.history.clear();
+    let films = s.images.len();
     st.checkin(&id, s);
-    ok(json!({"ok": true, "bytes": n}))
+    ok(json!({"ok": true, "bytes": n, "films": films}))
 }
+
+/// Films one conversation may carry.
+const MAX_FILMS: usize = 8;
 
 async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
     let v = read_json(&st, req).await?;
@@ -240,7 +251,7 @@ async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let job = Job {
         model: 0,
-        image: session.image.clone(),
+        images: session.images.clone(),
         system: String::new(),
         history: session.history.clone(),
         query: query.clone(),

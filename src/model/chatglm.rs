@@ -319,9 +319,38 @@ pub struct GlmInputs<'a> {
     pub position_ids: &'a Tensor,
     /// `[B, 1, S, S]` float: 1 = may attend.
     pub attention_mask: &'a Tensor,
-    /// `[B, L, hidden]` to splice over the placeholder ids at `[pre_image, pre_image + L)`.
+    /// Image embeddings `[N, L, hidden]` to splice over their placeholder ids (see [`ImageAt`]).
     pub image_embeds: Option<&'a Tensor>,
-    pub pre_image: i64,
+    pub image_at: ImageAt<'a>,
+}
+
+/// Where the `N` images of [`GlmInputs::image_embeds`] go.
+#[derive(Debug, Clone, Copy)]
+pub enum ImageAt<'a> {
+    /// One image per row (`N = B`), each over `[start, start + L)` of its row (VisualGLM's one
+    /// film after `<img>`).
+    EachRow(i64),
+    /// Image `n` over `[start, start + L)` of row `row`, for `(row, start)` = `at[n]`: several
+    /// films per sample (each in its own `<img>…</img>` block), or rows without one.
+    Slots(&'a [(i64, i64)]),
+}
+
+impl<'a> ImageAt<'a> {
+    /// The placement for `(row, start)` per image over `rows` rows: [`ImageAt::EachRow`] when it
+    /// is one image per row at one slot (the reference's splice), else [`ImageAt::Slots`].
+    pub fn of(at: &'a [(i64, i64)], rows: usize) -> Self {
+        let one_per_row = !at.is_empty()
+            && at.len() == rows
+            && at
+                .iter()
+                .enumerate()
+                .all(|(r, &(row, start))| row == r as i64 && start == at[0].1);
+        if one_per_row {
+            ImageAt::EachRow(at[0].1)
+        } else {
+            ImageAt::Slots(at)
+        }
+    }
 }
 
 /// Label value the loss ignores.
@@ -513,31 +542,50 @@ impl ChatGlm {
     /// Token embeddings with the image embeddings spliced over the placeholder slots (XrayGLM's
     /// `ImageMixin.word_embedding_forward`): no image, or a sequence shorter than the slots, means
     /// plain embeddings.
-    pub fn embed(
-        &self,
-        input_ids: &Tensor,
-        image_embeds: Option<&Tensor>,
-        pre_image: i64,
-    ) -> Tensor {
+    pub fn embed(&self, input_ids: &Tensor, image_embeds: Option<&Tensor>, at: ImageAt) -> Tensor {
         let emb = Tensor::embedding(&self.word_embeddings, input_ids, -1, false, false);
-        match image_embeds {
-            Some(img) => {
-                let (_, s) = input_ids.size2().unwrap();
-                let l = img.size()[1];
-                if pre_image + l > s {
+        let Some(img) = image_embeds else {
+            return emb;
+        };
+        let (b, s) = input_ids.size2().unwrap();
+        let l = img.size()[1];
+        let img = img.to_kind(emb.kind());
+        match at {
+            ImageAt::EachRow(start) => {
+                if start + l > s {
                     return emb;
                 }
-                let img = img.to_kind(emb.kind());
                 Tensor::cat(
                     &[
-                        emb.narrow(1, 0, pre_image),
+                        emb.narrow(1, 0, start),
                         img,
-                        emb.narrow(1, pre_image + l, s - pre_image - l),
+                        emb.narrow(1, start + l, s - start - l),
                     ],
                     1,
                 )
             }
-            None => emb,
+            ImageAt::Slots(at) => {
+                // Flat positions `row·S + start + j` of every slot that lies inside the sequence.
+                let (mut index, mut keep) = (Vec::new(), Vec::new());
+                for (n, &(row, start)) in at.iter().enumerate() {
+                    if row < b && start + l <= s {
+                        index.extend((0..l).map(|j| row * s + start + j));
+                        keep.push(n as i64);
+                    }
+                }
+                if keep.is_empty() {
+                    return emb;
+                }
+                let h = emb.size()[2];
+                let dev = emb.device();
+                let values = img
+                    .index_select(0, &Tensor::from_slice(&keep).to_device(dev))
+                    .reshape([-1, h]);
+                let index = Tensor::from_slice(&index).to_device(dev);
+                emb.reshape([b * s, h])
+                    .index_put(&[Some(index)], &values, false)
+                    .reshape([b, s, h])
+            }
         }
     }
 
@@ -599,7 +647,7 @@ impl ChatGlm {
         cache: &mut KvCache,
         adapters: Option<&RowAdapters>,
     ) -> Tensor {
-        let x = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
+        let x = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
         let pass = Pass {
             rot: self.rot(inp.position_ids, x.kind()),
             mask: mask.map(|m| m.to_kind(Kind::Float)),
@@ -644,7 +692,7 @@ impl ChatGlm {
         // Row r sees its positions 0..=lens[r] (the new token included).
         let cols = Tensor::arange(keys, (Kind::Int64, dev)).view([1, 1, 1, keys]);
         let mask = cols.le_tensor(&at.view([b, 1, 1, 1])).to_kind(Kind::Float);
-        let x = self.embed(input_ids, None, 0);
+        let x = self.embed(input_ids, None, ImageAt::EachRow(0));
         let pass = Pass {
             rot: self.rot(position_ids, x.kind()),
             mask: Some(mask),
@@ -669,7 +717,7 @@ impl ChatGlm {
 
     /// Embeddings (with dropout) and what every layer of this forward shares.
     fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
-        let emb = self.embed(inp.input_ids, inp.image_embeds, inp.pre_image);
+        let emb = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
         let x = dropout(&emb, self.dropout.embedding, train);
         let pass = Pass {
             rot: self.rot(inp.position_ids, x.kind()),

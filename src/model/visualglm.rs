@@ -11,7 +11,7 @@ use anyhow::Result;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::chatglm::{attention_mask, positions_from_ids, ChatGlm, Dropouts, GlmInputs};
+use super::chatglm::{attention_mask, positions_from_ids, ChatGlm, Dropouts, GlmInputs, ImageAt};
 use super::config::ModelConfig;
 use super::nn::Linear;
 use super::qformer::QFormer;
@@ -199,7 +199,7 @@ impl VisualGlm {
                 position_ids: pos,
                 attention_mask: &mask,
                 image_embeds: embeds.as_ref(),
-                pre_image,
+                image_at: ImageAt::EachRow(pre_image),
             },
             train,
         );
@@ -272,11 +272,11 @@ impl VisualGlm {
 pub struct BatchInputs<'a> {
     /// `[B, T]` token ids in XrayGLM's layout.
     pub input_ids: &'a Tensor,
-    /// Pixels `[B, 3, H, W]`, or image embeddings `[B, image_length, hidden]` computed before
-    /// (train::vision_cache, eval's one vision pass per batch).
+    /// Pixels `[N, 3, H, W]`, or image embeddings `[N, image_length, hidden]` computed before
+    /// (train::vision_cache, eval's one vision pass per batch): the batch's N films.
     pub images: &'a Tensor,
-    /// Index of the first image slot.
-    pub pre_image: i64,
+    /// Where each film's embeddings go.
+    pub image_at: ImageAt<'a>,
     /// `[B, 2, T]` ChatGLM 2-D positions.
     pub position_ids: &'a Tensor,
     /// Per row: the index of `<sop>` (the bidirectional prefix length).
@@ -315,13 +315,13 @@ impl VisualGlm {
         let BatchInputs {
             input_ids,
             images: image,
-            pre_image,
+            image_at,
             position_ids,
             context_lengths,
             ..
         } = *b;
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
-        // `[B, 3, H, W]` pixels, or `[B, image_length, hidden]` embeddings from the vision cache.
+        // `[N, 3, H, W]` pixels, or `[N, image_length, hidden]` embeddings from the vision cache.
         let embeds = if image.dim() == 3 {
             image.to_kind(self.kind())
         } else {
@@ -332,7 +332,7 @@ impl VisualGlm {
             position_ids,
             attention_mask: &mask,
             image_embeds: Some(&embeds),
-            pre_image,
+            image_at,
         })
     }
 }

@@ -109,7 +109,7 @@ pub fn fixed_batch_steps(
         let inputs = crate::model::visualglm::BatchInputs {
             input_ids,
             images: image,
-            pre_image,
+            image_at: crate::model::chatglm::ImageAt::EachRow(pre_image),
             position_ids: &pos,
             context_lengths: &ctx,
             labels,

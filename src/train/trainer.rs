@@ -363,7 +363,7 @@ impl<'c> Trainer<'c> {
             let inputs = BatchInputs {
                 input_ids: &t.input_ids,
                 images: &images,
-                pre_image: b.pre_image as i64,
+                image_at: b.image_placement(),
                 position_ids: &t.position_ids,
                 context_lengths: &b.context_lengths,
                 labels: &t.labels,
@@ -525,7 +525,7 @@ impl<'c> Trainer<'c> {
             let inputs = BatchInputs {
                 input_ids: &t.input_ids,
                 images: &t.images,
-                pre_image: b.pre_image as i64,
+                image_at: b.image_placement(),
                 position_ids: &t.position_ids,
                 context_lengths: &b.context_lengths,
                 labels: &t.labels,
