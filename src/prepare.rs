@@ -6,9 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::data::records::{
-    group_study_views, load_records, study_of, write_training_list, BadKind, Schema, StudyCounts,
-};
+use crate::data::records::{load_records, write_training_list, BadKind, Schema, StudyCounts};
 use crate::data::sample::SampleBuilder;
 use crate::tokenizer::ChatGlmTokenizer;
 
@@ -57,21 +55,31 @@ impl std::fmt::Display for Summary {
             self.records_file.display(),
             self.schema
         )?;
-        writeln!(
-            f,
-            "  total {}  usable {}  bad {}",
-            self.total,
-            self.usable,
-            self.total - self.usable
-        )?;
+        match (&self.studies, self.grouped) {
+            (Some(s), true) => writeln!(
+                f,
+                "  total {} films in {} studies  usable {} studies  bad {} records",
+                self.total,
+                s.studies,
+                self.usable,
+                self.bad.iter().map(|(_, n)| n).sum::<usize>()
+            )?,
+            _ => writeln!(
+                f,
+                "  total {}  usable {}  bad {}",
+                self.total,
+                self.usable,
+                self.total - self.usable
+            )?,
+        }
         for (k, n) in &self.bad {
             writeln!(f, "  skipped {n} × {k:?}")?;
         }
         if let Some(s) = &self.studies {
             writeln!(
                 f,
-                "studies: {} — 1 view: {}, 2 views: {}, 3+ views: {}; {} with differing captions \
-                 across their films (the first film's is the target){}",
+                "studies in the file: {} — 1 view: {}, 2 views: {}, 3+ views: {}; {} with \
+                 differing captions across their films (the first film's is the target){}",
                 s.studies,
                 s.one_view,
                 s.two_views,
@@ -119,12 +127,7 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         Some(tok) => Some(token_stats(cfg, tok, &loaded.records)?),
         None => None,
     };
-    // Study counts: those of the grouping, or what grouping the films by `<report>_<k>` would give.
-    let studies = loaded.studies.or_else(|| {
-        let per_film = loaded.schema == Schema::Annotations
-            && loaded.records.iter().all(|r| study_of(&r.id).is_some());
-        per_film.then(|| group_study_views(loaded.records.clone()).1)
-    });
+
     Ok(Summary {
         records_file: loaded.file.clone(),
         schema: loaded.schema,
@@ -135,8 +138,8 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         out,
         absolute_paths,
         tokens,
-        studies,
-        grouped: loaded.studies.is_some(),
+        studies: loaded.studies,
+        grouped: loaded.grouped,
     })
 }
 
@@ -236,7 +239,14 @@ fn token_stats(
         })
         .count();
     for r in records {
-        let what = || format!("record {} ({})", r.index, r.id);
+        let what = || {
+            format!(
+                "{}: record {} ({})",
+                cfg.data.path.display(),
+                r.index,
+                r.id
+            )
+        };
         let films = r.images.len();
         let (source, _) = builder
             .source_ids_for(films, &r.history, &r.prompt)

@@ -1058,3 +1058,156 @@ fn llava_and_sharegpt_conversations_become_per_turn_samples() {
         );
     }
 }
+
+/// Issue 19: several views per study. The synthetic set with lateral films is named as OpenI is
+/// (`<study>_<k>`, the PA film the same pixels as the one-view set's); `data.group_views` makes one
+/// record per study with its films in `k` order (counted by views; a file listing `_2` before `_1`
+/// still gives `[_1, _2]`; an id that is not `<report>_<k>` is a bad record); training lists and
+/// conversation files carry several films; a two-film sample has two `<img>` blocks (one film:
+/// exactly the reference's ids) and its batch places every film at its row's slots.
+#[test]
+fn several_views_per_study_become_one_sample() {
+    use xrayglm::data::records::{write_training_list, BadKind, StudyCounts};
+    let dir = tempfile::tempdir().unwrap();
+    let one = synthetic::generate(&dir.path().join("one"), 4, 48, 5).unwrap();
+    let two = synthetic::generate_views(&dir.path().join("two"), 4, 48, 5, true).unwrap();
+    let xray = two.parent().unwrap();
+    assert_eq!(
+        std::fs::read(one.with_file_name("synth_00002.png")).unwrap(),
+        std::fs::read(xray.join("synth_00002_1.png")).unwrap(),
+        "the PA film is the one-view set's"
+    );
+    assert_ne!(
+        std::fs::read(xray.join("synth_00002_1.png")).unwrap(),
+        std::fs::read(xray.join("synth_00002_2.png")).unwrap()
+    );
+    let per_film = load_records(&two, &LoadOptions::default()).unwrap();
+    assert_eq!(per_film.records.len(), 8);
+    assert!(!per_film.grouped);
+    let grouped_opts = LoadOptions {
+        group_views: true,
+        ..Default::default()
+    };
+    let g = load_records(&two, &grouped_opts).unwrap();
+    let counts = StudyCounts {
+        studies: 4,
+        one_view: 0,
+        two_views: 4,
+        three_or_more: 0,
+        differing_captions: 0,
+    };
+    assert_eq!((g.studies, per_film.studies), (Some(counts), Some(counts)));
+    assert_eq!(g.records.len(), 4);
+    let r = &g.records[2];
+    assert_eq!(r.id, "synth_00002");
+    assert_eq!(r.img, vec!["synth_00002_1.png", "synth_00002_2.png"]);
+    assert_eq!(r.label, per_film.records[4].label);
+    // Out of order in the file, a third view, a study of one, an ungroupable id.
+    let ann = |ids: &[&str]| {
+        let a: Vec<_> = ids
+            .iter()
+            .map(|id| serde_json::json!({"image_id": id, "caption": format!("report of {}", &id[..3])}))
+            .collect();
+        serde_json::json!({ "annotations": a }).to_string()
+    };
+    for (k, src) in ["synth_00000_1", "synth_00000_2", "synth_00001_1"].iter().enumerate() {
+        let name = ["7_2", "7_1", "9_1"][k];
+        std::fs::copy(xray.join(format!("{src}.png")), xray.join(format!("{name}.png"))).unwrap();
+    }
+    std::fs::copy(xray.join("synth_00001_2.png"), xray.join("7_10.png")).unwrap();
+    let f = xray.join("mixed.json");
+    std::fs::write(&f, ann(&["7_2", "9_1", "7_10", "7_1"])).unwrap();
+    let m = load_records(&f, &grouped_opts).unwrap();
+    let views: Vec<Vec<String>> = m.records.iter().map(|r| r.img.clone()).collect();
+    assert_eq!(
+        views,
+        vec![
+            vec!["7_1.png".to_string(), "7_2.png".into(), "7_10.png".into()],
+            vec!["9_1.png".into()]
+        ]
+    );
+    assert_eq!((m.studies.unwrap().one_view, m.studies.unwrap().three_or_more), (1, 1));
+    std::fs::write(&f, ann(&["7_1", "xray"])).unwrap();
+    let e = format!("{:#}", load_records(&f, &grouped_opts).unwrap_err());
+    assert!(e.contains("record 1 (image_id xray)") && e.contains("<report>_<k>"), "{e}");
+    let skipped = load_records(
+        &f,
+        &LoadOptions {
+            skip_bad: true,
+            ..grouped_opts.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(skipped.bad_counts(), vec![(BadKind::NotAStudy, 1)]);
+    // A training list keeps the views (a list in "img") and loads back the same.
+    let list = xray.join("two-prompt.json");
+    write_training_list(&list, &g.records).unwrap();
+    let text = std::fs::read_to_string(&list).unwrap();
+    assert!(text.contains("\"synth_00002_2.png\""), "{text}");
+    let back = load_records(&list, &LoadOptions::default()).unwrap();
+    let paths = |rs: &[Record]| rs.iter().map(|r| r.images.clone()).collect::<Vec<_>>();
+    assert_eq!(paths(&back.records), paths(&g.records));
+    // A conversation with two films and two markers.
+    let conv = xray.join("conv.json");
+    std::fs::write(
+        &conv,
+        r#"[{"messages": [{"role": "user", "content": "<image><image>比较两张片子"}, {"role": "assistant", "content": "一致。"}], "images": ["synth_00000_1.png", "synth_00000_2.png"]}]"#,
+    )
+    .unwrap();
+    let c = load_records(&conv, &LoadOptions::default()).unwrap();
+    assert_eq!(c.records[0].images.len(), 2);
+    assert_eq!(c.records[0].prompt, "比较两张片子");
+    // Samples and batches.
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let cfg = SampleConfig {
+        max_source_length: 112,
+        ..Default::default()
+    };
+    let builder = SampleBuilder::new(tok.clone(), cfg).unwrap();
+    let s1 = builder.build_for(1, &[], "问题", "答案").unwrap();
+    assert_eq!(s1, builder.build("问题", "答案").unwrap());
+    let s2 = builder.build_for(2, &[], "问题", "答案").unwrap();
+    let (open, close) = (tok.encode("<img>").unwrap(), tok.encode("</img>").unwrap());
+    assert_eq!(s2.image_starts, vec![3, 3 + 32 + close.len() + open.len()]);
+    assert_eq!(&s2.input_ids[35..35 + close.len()], close.as_slice());
+    assert_eq!(
+        &s2.input_ids[35 + close.len()..s2.image_starts[1]],
+        open.as_slice()
+    );
+    assert_eq!(&s2.input_ids[s2.image_starts[1] + 32..], &s1.input_ids[35..]);
+    let short = SampleBuilder::new(tok, SampleConfig::default()).unwrap();
+    let e = format!("{:#}", short.build_for(2, &[], "q", "a").unwrap_err());
+    assert!(e.contains("max_source_length must be at least"), "{e}");
+    let proc = ImageProcessor {
+        size: 32,
+        ..Default::default()
+    };
+    let ds = Arc::new(Dataset::new(g.records, &builder, proc, "two").unwrap());
+    let lc = LoaderConfig {
+        batch_size: 3,
+        workers: 1,
+        shuffle: false,
+        ..Default::default()
+    };
+    let b = Loader::new(ds, lc, Shard::default(), LoaderState::default())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let st = s2.image_starts.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    assert_eq!(
+        b.image_at,
+        (0..3)
+            .flat_map(|r| st.iter().map(move |&x| (r, x)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(b.images.len(), 6 * 3 * 32 * 32);
+    let t = b.to_tensors(tch::Device::Cpu);
+    assert_eq!(t.images.size(), vec![6, 3, 32, 32]);
+    let per_row = b.films_per_row(&t.images);
+    assert_eq!(per_row.len(), 3);
+    assert!(per_row.iter().all(|f| f.size()[0] == 2));
+}

@@ -538,3 +538,93 @@ fn kernel_variants_match_the_reference() {
         }
     }
 }
+
+/// Issue 19: several films per sample. Each film's embeddings land on its own slots of its own row
+/// and nowhere else; one film per row at one slot is the reference's splice bit for bit; a row
+/// attends to both of its films; and the LoRA still trains through a two-film batch.
+#[test]
+fn several_films_are_spliced_at_their_own_slots() {
+    use xrayglm::model::chatglm::{attention_mask, GlmInputs, ImageAt};
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    tch::manual_seed(5);
+    let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+    let (ids, _) = xrayglm::bench::model_inputs(&cfg, 2, 100, Device::Cpu);
+    let l = cfg.sat.image_length;
+    let h = cfg.sat.hidden_size;
+    let films = Tensor::randn([3, l, h], (Kind::Float, Device::Cpu));
+    let at = [(0, 3), (0, 40), (1, 3)];
+    let plain = m.chatglm.embed(&ids, None, ImageAt::EachRow(0));
+    let e = m.chatglm.embed(&ids, Some(&films), ImageAt::Slots(&at));
+    let max_diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    for (n, &(row, start)) in at.iter().enumerate() {
+        let got = e.get(row).narrow(0, start, l);
+        assert_eq!(max_diff(&got, &films.get(n as i64)), 0.0, "film {n}");
+    }
+    // Outside the slots: the token embeddings.
+    let keep = Tensor::ones([2, 100], (Kind::Bool, Device::Cpu));
+    for &(row, start) in &at {
+        let _ = keep.get(row).narrow(0, start, l).fill_(0);
+    }
+    let outside = |t: &Tensor| t.masked_select(&keep.unsqueeze(-1).expand([2, 100, h], false));
+    assert_eq!(max_diff(&outside(&e), &outside(&plain)), 0.0);
+    // One film per row at one slot: both placements give the same embeddings exactly.
+    let two = films.narrow(0, 0, 2);
+    let a = m.chatglm.embed(&ids, Some(&two), ImageAt::EachRow(3));
+    let b = m
+        .chatglm
+        .embed(&ids, Some(&two), ImageAt::Slots(&[(0, 3), (1, 3)]));
+    assert_eq!(max_diff(&a, &b), 0.0);
+    assert!(matches!(
+        ImageAt::of(&[(0, 3), (1, 3)], 2),
+        ImageAt::EachRow(3)
+    ));
+    assert!(matches!(ImageAt::of(&at, 2), ImageAt::Slots(_)));
+    // Row 0's logits depend on its second film; row 1's do not.
+    let (pos, ctx) =
+        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+    let mask = attention_mask(&ctx, 100, Device::Cpu);
+    let logits = |f: &Tensor| {
+        tch::no_grad(|| {
+            m.chatglm.forward(
+                &GlmInputs {
+                    input_ids: &ids,
+                    position_ids: &pos,
+                    attention_mask: &mask,
+                    image_embeds: Some(f),
+                    image_at: ImageAt::Slots(&at),
+                },
+                false,
+            )
+        })
+    };
+    let base = logits(&films);
+    let changed = films.copy();
+    let _ = changed.get(1).fill_(0.5);
+    let other = logits(&changed);
+    assert!(max_diff(&base.get(0), &other.get(0)) > 1e-4);
+    assert_eq!(max_diff(&base.get(1), &other.get(1)), 0.0);
+    // The LoRA trains through it.
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
+    let px = Tensor::randn(
+        [3, 3, cfg.sat.eva_args.image_size[0], cfg.sat.eva_args.image_size[0]],
+        (Kind::Float, Device::Cpu),
+    );
+    let inputs = xrayglm::model::visualglm::BatchInputs {
+        input_ids: &ids,
+        images: &px,
+        image_at: ImageAt::Slots(&at),
+        position_ids: &pos,
+        context_lengths: &ctx,
+        labels: &labels,
+    };
+    let loss = m.loss_backward(&inputs, 1.0, false).unwrap();
+    assert!(loss.is_finite() && loss > 0.0);
+    let grads: f64 = m
+        .lora
+        .variables()
+        .values()
+        .map(|v| v.grad().abs().sum(Kind::Double).double_value(&[]))
+        .sum();
+    assert!(grads > 0.0);
+}

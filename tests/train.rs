@@ -810,6 +810,110 @@ fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
     );
 }
 
+/// Issue 19: a conversation file whose samples have two films (a study's PA and lateral, two
+/// `<image>` markers) trains the tiny model, and the result chats about two films: the same greedy
+/// reply from a chat session, from `answer_batch` (as eval asks) and from
+/// `xrayglm chat --image PA --image LATERAL`.
+#[test]
+fn a_two_film_conversation_file_trains_and_the_result_chats() {
+    use xrayglm::infer::chat::{ChatModel, ChatSettings, Session};
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let list = xrayglm::data::synthetic::generate_views(&data, 12, 64, 7, true).unwrap();
+    let ann: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+    let convs: Vec<serde_json::Value> = ann["annotations"]
+        .as_array()
+        .unwrap()
+        .chunks(2)
+        .map(|study| {
+            let film = |k: usize| format!("{}.png", study[k]["image_id"].as_str().unwrap());
+            serde_json::json!({
+                "messages": [
+                    {"role": "user", "content": "<image>\n<image>\n正侧位胸片的诊断结果是什么？"},
+                    {"role": "assistant", "content": study[0]["caption"]},
+                ],
+                "images": [film(0), film(1)],
+            })
+        })
+        .collect();
+    let path = list.with_file_name("two-films.json");
+    std::fs::write(&path, serde_json::to_string(&convs).unwrap()).unwrap();
+    let c = cfg(
+        dir.path(),
+        "two-films",
+        &[
+            &format!("data.path={:?}", path.display().to_string()),
+            "sample.max_source_length=112",
+            "train.lr=1e-2",
+            "train.train_iters=20",
+            "train.eval_interval=20",
+        ],
+    );
+    let loaded =
+        xrayglm::data::records::load_records(&c.data.path, &c.data.load_options()).unwrap();
+    assert_eq!(loaded.records.len(), 12);
+    assert!(loaded.records.iter().all(|r| r.images.len() == 2));
+    let s = xrayglm::train::finetune(&c, &tok).unwrap();
+    assert_eq!(s.steps, 20);
+    let (first, last) = (s.first_val_loss.unwrap(), s.last_val_loss.unwrap());
+    eprintln!("two films: val loss {first:.3} → {last:.3}");
+    assert!(last < first - 1.0, "val loss {first} → {last}");
+    let chat = ChatModel::load(&s.run_dir, tok.clone(), &Default::default(), true).unwrap();
+    let r = &loaded.records[0];
+    let films: Vec<&Path> = r.images.iter().map(|p| p.as_path()).collect();
+    let mut settings = ChatSettings {
+        max_length: 200,
+        ..Default::default()
+    };
+    settings.sampling.greedy = true;
+    let ask = |films: &[&Path]| {
+        let mut session = Session::default();
+        chat.set_image_files(&mut session, films).unwrap();
+        assert_eq!(session.films(), films.len());
+        chat.ask(&mut session, &r.prompt, &settings, |_| {}).unwrap()
+    };
+    let said = ask(&films);
+    assert!(!said.is_empty());
+    let embeds: Vec<tch::Tensor> = films
+        .iter()
+        .map(|p| chat.encode_image_bytes(&std::fs::read(p).unwrap()).unwrap())
+        .collect();
+    let prompt_len = chat.prompt_ids(&[], &r.prompt, false, 2).unwrap().0.len();
+    let batch = chat
+        .answer_batch(
+            &[tch::Tensor::cat(&embeds, 0)],
+            &[(r.history.as_slice(), r.prompt.as_str())],
+            &settings,
+            200 - prompt_len,
+        )
+        .unwrap();
+    assert_eq!(batch, vec![said.clone()]);
+    let out = xrayglm()
+        .env("XRAYGLM_TOKENIZER", common::ice_text(&common::shared().unwrap()))
+        .args(["chat", "--greedy", "--max_length", "200", "--prompt", &r.prompt])
+        .arg("--from_pretrained")
+        .arg(&s.run_dir)
+        .arg("--image")
+        .arg(films[0])
+        .arg("--image")
+        .arg(films[1])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), said);
+    // The prompt holds two image blocks.
+    let (ids2, starts) = chat.prompt_ids(&[], &r.prompt, false, 2).unwrap();
+    assert_eq!(starts.len(), 2);
+    assert!(ids2.len() > chat.prompt_ids(&[], &r.prompt, false, 1).unwrap().0.len() + 32);
+}
+
 /// Issue 19: a LLaVA conversation file (two turns per film: the report, then a follow-up about the
 /// heart) trains the tiny model — one sample per answer — and the result answers the second turn
 /// of a conversation, in a chat session and as eval asks a conversation record (the same greedy

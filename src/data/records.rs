@@ -207,8 +207,11 @@ pub struct Loaded {
     pub total: usize,
     pub records: Vec<Record>,
     pub bad: Vec<BadRecord>,
-    /// With `group_views`: how the films fell into studies.
+    /// Annotations named `<report>_<k>` (OpenI): the file's studies by number of views (counted
+    /// before image checks).
     pub studies: Option<StudyCounts>,
+    /// One record per study (`group_views`).
+    pub grouped: bool,
 }
 
 /// Studies by their number of views (`data.group_views`).
@@ -233,7 +236,7 @@ pub fn study_of(image_id: &str) -> Option<(&str, u64)> {
 }
 
 /// Merge per-film annotation records into one record per study, the views in `k` order, the study
-/// at the place of its first film. A film whose id is not `<report>_<k>` comes back as an error.
+/// where the first of its films is in the file. A film whose id is not `<report>_<k>` comes back as an error.
 pub fn group_study_views(
     records: Vec<Record>,
 ) -> (Vec<Record>, StudyCounts, Vec<(Record, String)>) {
@@ -274,6 +277,7 @@ pub fn group_study_views(
             counts.differing_captions += 1;
         }
         let mut first = views[0].1.clone();
+        first.index = views.iter().map(|(_, r)| r.index).min().unwrap_or(first.index);
         first.id = report;
         first.img = views.iter().flat_map(|(_, r)| r.img.clone()).collect();
         first.images = views.iter().flat_map(|(_, r)| r.images.clone()).collect();
@@ -466,9 +470,14 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         }
     }
     let mut studies = None;
-    if opts.group_views && schema == Schema::Annotations {
-        let (grouped, counts, ungroupable) = group_study_views(std::mem::take(&mut records));
-        records = grouped;
+    let grouped = opts.group_views && schema == Schema::Annotations;
+    if schema == Schema::Annotations && !grouped && records.iter().all(|r| study_of(&r.id).is_some())
+    {
+        studies = Some(group_study_views(records.clone()).1);
+    }
+    if grouped {
+        let (by_study, counts, ungroupable) = group_study_views(std::mem::take(&mut records));
+        records = by_study;
         studies = Some(counts);
         bad.extend(ungroupable.into_iter().map(|(r, why)| BadRecord {
             index: r.index,
@@ -509,6 +518,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         records,
         bad,
         studies,
+        grouped,
     })
 }
 
