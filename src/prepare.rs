@@ -239,14 +239,7 @@ fn token_stats(
         })
         .count();
     for r in records {
-        let what = || {
-            format!(
-                "{}: record {} ({})",
-                cfg.data.path.display(),
-                r.index,
-                r.id
-            )
-        };
+        let what = || format!("{}: record {} ({})", cfg.data.path.display(), r.index, r.id);
         let films = r.images.len();
         let (source, _) = builder
             .source_ids_for(films, &r.history, &r.prompt)

@@ -39,11 +39,17 @@ fn training_sample_equals_reference() {
     let (pos, block) = s.position_ids(len);
     assert_eq!(pos, common::ints(&t["position_ids"]));
     assert_eq!(block, common::ints(&t["block_position_ids"]));
-    assert_eq!(s.image_starts, vec![t["pre_image"].as_u64().unwrap() as usize]);
+    assert_eq!(
+        s.image_starts,
+        vec![t["pre_image"].as_u64().unwrap() as usize]
+    );
     assert_eq!(s.image_starts[0] as u64, t["pre_image"].as_u64().unwrap());
     assert_eq!(
         common::ints(&t["image_slots"]),
-        vec![s.image_starts[0] as i64, (s.image_starts[0] + s.image_length) as i64]
+        vec![
+            s.image_starts[0] as i64,
+            (s.image_starts[0] + s.image_length) as i64
+        ]
     );
     assert_eq!(
         s.context_length as u64,
@@ -1110,9 +1116,16 @@ fn several_views_per_study_become_one_sample() {
             .collect();
         serde_json::json!({ "annotations": a }).to_string()
     };
-    for (k, src) in ["synth_00000_1", "synth_00000_2", "synth_00001_1"].iter().enumerate() {
+    for (k, src) in ["synth_00000_1", "synth_00000_2", "synth_00001_1"]
+        .iter()
+        .enumerate()
+    {
         let name = ["7_2", "7_1", "9_1"][k];
-        std::fs::copy(xray.join(format!("{src}.png")), xray.join(format!("{name}.png"))).unwrap();
+        std::fs::copy(
+            xray.join(format!("{src}.png")),
+            xray.join(format!("{name}.png")),
+        )
+        .unwrap();
     }
     std::fs::copy(xray.join("synth_00001_2.png"), xray.join("7_10.png")).unwrap();
     let f = xray.join("mixed.json");
@@ -1126,10 +1139,19 @@ fn several_views_per_study_become_one_sample() {
             vec!["9_1.png".into()]
         ]
     );
-    assert_eq!((m.studies.unwrap().one_view, m.studies.unwrap().three_or_more), (1, 1));
+    assert_eq!(
+        (
+            m.studies.unwrap().one_view,
+            m.studies.unwrap().three_or_more
+        ),
+        (1, 1)
+    );
     std::fs::write(&f, ann(&["7_1", "xray"])).unwrap();
     let e = format!("{:#}", load_records(&f, &grouped_opts).unwrap_err());
-    assert!(e.contains("record 1 (image_id xray)") && e.contains("<report>_<k>"), "{e}");
+    assert!(
+        e.contains("record 1 (image_id xray)") && e.contains("<report>_<k>"),
+        "{e}"
+    );
     let skipped = load_records(
         &f,
         &LoadOptions {
@@ -1177,7 +1199,10 @@ fn several_views_per_study_become_one_sample() {
         &s2.input_ids[35 + close.len()..s2.image_starts[1]],
         open.as_slice()
     );
-    assert_eq!(&s2.input_ids[s2.image_starts[1] + 32..], &s1.input_ids[35..]);
+    assert_eq!(
+        &s2.input_ids[s2.image_starts[1] + 32..],
+        &s1.input_ids[35..]
+    );
     let short = SampleBuilder::new(tok, SampleConfig::default()).unwrap();
     let e = format!("{:#}", short.build_for(2, &[], "q", "a").unwrap_err());
     assert!(e.contains("max_source_length must be at least"), "{e}");
@@ -1197,7 +1222,11 @@ fn several_views_per_study_become_one_sample() {
         .next()
         .unwrap()
         .unwrap();
-    let st = s2.image_starts.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let st = s2
+        .image_starts
+        .iter()
+        .map(|&x| x as i64)
+        .collect::<Vec<_>>();
     assert_eq!(
         b.image_at,
         (0..3)

@@ -277,6 +277,23 @@ fn web_endpoints_check_input_and_keep_conversations_apart() {
     assert_eq!(c, 413, "{b}");
     let (c, _) = http(a, "POST", "/api/image?session=nope", &png);
     assert_eq!(c, 404);
+    // Several views of one study: `append=1` adds a film (at most 8), a plain upload starts over.
+    let s3 = new_session(a);
+    let lateral = std::fs::read(&d.held_out[1].images[0]).unwrap();
+    for k in 1..=8 {
+        let q = if k == 1 { "" } else { "&append=1" };
+        let film = if k % 2 == 1 { &png } else { &lateral };
+        let (c, b) = http(a, "POST", &format!("/api/image?session={s3}{q}"), film);
+        assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(k)), "{b}");
+    }
+    let (c, b) = http(a, "POST", &format!("/api/image?session={s3}&append=1"), &png);
+    assert_eq!(c, 400, "{b}");
+    let (c, b) = http(a, "POST", &format!("/api/image?session={s3}"), &png);
+    assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(1)), "{b}");
+    let (c, b) = http(a, "POST", &format!("/api/image?session={s3}&append=1"), &lateral);
+    assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(2)), "{b}");
+    let two = ask(a, &s3, FIXED_PROMPT);
+    assert!(!two["response"].as_str().unwrap().is_empty(), "{two}");
     let (c, _) = http(
         a,
         "POST",
@@ -425,7 +442,10 @@ fn held_out_reports_state_the_right_findings() {
         if agrees(h, &r.label) {
             right += 1;
         } else {
-            eprintln!("{}: wanted {want:?}, got {got:?}: {h}", r.images[0].display());
+            eprintln!(
+                "{}: wanted {want:?}, got {got:?}: {h}",
+                r.images[0].display()
+            );
         }
     }
     let n = d.held_out.len();
@@ -972,15 +992,20 @@ fn training_logs_generation_metrics_and_keeps_the_best_checkpoint() {
 /// `xrayglm chat --greedy --max_length 200` one-shot on `film` with the model in `dir` (and
 /// `extra` flags): the report it prints.
 fn chat_one_shot(d: &Demo, dir: &Path, film: &Path, extra: &[&str]) -> String {
-    let out = xrayglm(d)
-        .args(["chat", "--max_length", "200"])
+    chat_films(d, dir, &[film], extra)
+}
+
+/// `xrayglm chat --image F1 [--image F2 …]` (one study's films): the report.
+fn chat_films(d: &Demo, dir: &Path, films: &[&Path], extra: &[&str]) -> String {
+    let mut c = xrayglm(d);
+    c.args(["chat", "--max_length", "200"])
         .args(extra)
         .arg("--from_pretrained")
-        .arg(dir)
-        .arg("--image")
-        .arg(film)
-        .output()
-        .unwrap();
+        .arg(dir);
+    for f in films {
+        c.arg("--image").arg(f);
+    }
+    let out = c.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -1027,7 +1052,7 @@ fn openai_python() -> Option<PathBuf> {
 /// Issue 18: the official `openai` Python client against `xrayglm serve` on the demo run, with
 /// the step-200 checkpoint and the best one served as adapters beside it
 /// (tests/openai/check_serve.py): the one-shot report from a data-URL image equals `chat
-/// --greedy`'s, streaming chunks concatenate to it, a two-turn conversation equals `chat`'s
+/// --greedy`'s (and with two films, `chat --image A --image B`'s), streaming chunks concatenate to it, a two-turn conversation equals `chat`'s
 /// second answer, a seed reproduces `chat --no_merge --seed`'s sampled reply, an adapter answers
 /// as `chat` on its checkpoint does (greedy and sampled), errors come as the client's exception
 /// types (401, 404, 400, 413, and 503 from a second server with a queue of one), and
@@ -1038,7 +1063,10 @@ fn openai_python() -> Option<PathBuf> {
 fn the_openai_client_gets_chats_answers_from_serve() {
     let Some(d) = demo() else { return };
     let Some(py) = openai_python() else { return };
-    let films: Vec<PathBuf> = d.held_out[..3].iter().map(|r| r.images[0].clone()).collect();
+    let films: Vec<PathBuf> = d.held_out[..3]
+        .iter()
+        .map(|r| r.images[0].clone())
+        .collect();
     let early = d.run.join("200");
     assert!(
         early.is_dir(),
@@ -1047,6 +1075,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
     );
     let greedy = chat_one_shot(d, &d.run, &films[0], &["--greedy"]);
     let greedy_early = chat_one_shot(d, &early, &films[0], &["--greedy"]);
+    let greedy_two = chat_films(d, &d.run, &[&films[0], &films[1]], &["--greedy"]);
     // Sampled (hot enough that the two checkpoints differ), against `chat` with the adapters kept
     // apart as the server keeps them (merging moves logits by ~1e-7: a draw on a boundary moves).
     let sampled = [
@@ -1126,6 +1155,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
         "films": films,
         "chat_greedy": greedy,
         "chat_greedy_early": greedy_early,
+        "chat_greedy_two_films": greedy_two,
         "chat_turns": turns,
         "chat_seed7": seed7,
         "chat_seed7_early": seed7_early,

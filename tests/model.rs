@@ -607,7 +607,12 @@ fn several_films_are_spliced_at_their_own_slots() {
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let px = Tensor::randn(
-        [3, 3, cfg.sat.eva_args.image_size[0], cfg.sat.eva_args.image_size[0]],
+        [
+            3,
+            3,
+            cfg.sat.eva_args.image_size[0],
+            cfg.sat.eva_args.image_size[0],
+        ],
         (Kind::Float, Device::Cpu),
     );
     let inputs = xrayglm::model::visualglm::BatchInputs {

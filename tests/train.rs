@@ -873,7 +873,8 @@ fn a_two_film_conversation_file_trains_and_the_result_chats() {
         let mut session = Session::default();
         chat.set_image_files(&mut session, films).unwrap();
         assert_eq!(session.films(), films.len());
-        chat.ask(&mut session, &r.prompt, &settings, |_| {}).unwrap()
+        chat.ask(&mut session, &r.prompt, &settings, |_| {})
+            .unwrap()
     };
     let said = ask(&films);
     assert!(!said.is_empty());
@@ -892,8 +893,18 @@ fn a_two_film_conversation_file_trains_and_the_result_chats() {
         .unwrap();
     assert_eq!(batch, vec![said.clone()]);
     let out = xrayglm()
-        .env("XRAYGLM_TOKENIZER", common::ice_text(&common::shared().unwrap()))
-        .args(["chat", "--greedy", "--max_length", "200", "--prompt", &r.prompt])
+        .env(
+            "XRAYGLM_TOKENIZER",
+            common::ice_text(&common::shared().unwrap()),
+        )
+        .args([
+            "chat",
+            "--greedy",
+            "--max_length",
+            "200",
+            "--prompt",
+            &r.prompt,
+        ])
         .arg("--from_pretrained")
         .arg(&s.run_dir)
         .arg("--image")

@@ -277,7 +277,11 @@ pub fn group_study_views(
             counts.differing_captions += 1;
         }
         let mut first = views[0].1.clone();
-        first.index = views.iter().map(|(_, r)| r.index).min().unwrap_or(first.index);
+        first.index = views
+            .iter()
+            .map(|(_, r)| r.index)
+            .min()
+            .unwrap_or(first.index);
         first.id = report;
         first.img = views.iter().flat_map(|(_, r)| r.img.clone()).collect();
         first.images = views.iter().flat_map(|(_, r)| r.images.clone()).collect();
@@ -471,7 +475,9 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     }
     let mut studies = None;
     let grouped = opts.group_views && schema == Schema::Annotations;
-    if schema == Schema::Annotations && !grouped && records.iter().all(|r| study_of(&r.id).is_some())
+    if schema == Schema::Annotations
+        && !grouped
+        && records.iter().all(|r| study_of(&r.id).is_some())
     {
         studies = Some(group_study_views(records.clone()).1);
     }

@@ -242,8 +242,12 @@ impl SampleBuilder {
         if images == 0 {
             bail!("a sample needs at least one film");
         }
-        let (mut a, starts) =
-            image_blocks(&self.img_open, &self.img_close, self.cfg.image_length, images);
+        let (mut a, starts) = image_blocks(
+            &self.img_open,
+            &self.img_close,
+            self.cfg.image_length,
+            images,
+        );
         // The text may be cut (max_source_length), the films never.
         if a.len() + 1 > self.cfg.max_source_length {
             bail!(

@@ -218,7 +218,11 @@ pub fn render_lateral(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> 
             }
             // Thoracic spine at the back (image right), vertebral bodies as bright blocks.
             let spine = ((0.05 - (u - 0.80).abs()) / 0.01).clamp(0.0, 1.0) * body;
-            let body_gap = if ((v * 22.0).fract()) < 0.15 { 0.6 } else { 1.0 };
+            let body_gap = if ((v * 22.0).fract()) < 0.15 {
+                0.6
+            } else {
+                1.0
+            };
             val += spine * 55.0 * body_gap;
             // Sternum: a thin band at the front.
             let sternum = ((0.012 - (u - 0.21).abs()) / 0.006).clamp(0.0, 1.0)

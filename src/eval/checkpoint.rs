@@ -441,7 +441,12 @@ fn pass(
                     (r.history.as_slice(), r.prompt.as_str())
                 })
                 .collect();
-            let reports = chat.answer_batch(&b.films_per_row(&embeds), &questions, &o.settings, o.max_new_tokens)?;
+            let reports = chat.answer_batch(
+                &b.films_per_row(&embeds),
+                &questions,
+                &o.settings,
+                o.max_new_tokens,
+            )?;
             for (&i, h) in b.indices.iter().zip(reports) {
                 hyps[i] = Some(h);
             }

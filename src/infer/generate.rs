@@ -59,7 +59,13 @@ pub fn generate(
     let mut sampler = Sampler::new(cfg.sampling.clone())?;
     let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
     // Group by prompt length and image layout (stable: such prompts keep their order).
-    let layout = |p: &Prompt| (p.input_ids.len(), p.image_embeds.is_some(), p.image_starts.clone());
+    let layout = |p: &Prompt| {
+        (
+            p.input_ids.len(),
+            p.image_embeds.is_some(),
+            p.image_starts.clone(),
+        )
+    };
     let mut keys: Vec<_> = prompts.iter().map(layout).collect();
     keys.sort_unstable();
     keys.dedup();

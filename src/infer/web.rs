@@ -223,7 +223,10 @@ async fn image(
         s.images.clear();
     } else if s.images.len() >= MAX_FILMS {
         st.checkin(&id, s);
-        return Err(fail(400, format!("at most {MAX_FILMS} films per conversation")));
+        return Err(fail(
+            400,
+            format!("at most {MAX_FILMS} films per conversation"),
+        ));
     }
     s.images.push(pixels);
     s.history.clear();

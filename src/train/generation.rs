@@ -105,7 +105,12 @@ impl GenEval {
                     (r.history.as_slice(), r.prompt.as_str())
                 })
                 .collect();
-            let out = chat.answer_batch(&b.films_per_row(&embeds), &questions, &settings, self.max_new_tokens)?;
+            let out = chat.answer_batch(
+                &b.films_per_row(&embeds),
+                &questions,
+                &settings,
+                self.max_new_tokens,
+            )?;
             for (&i, h) in b.indices.iter().zip(out) {
                 reports[i] = Some(h);
             }

@@ -60,6 +60,17 @@ def main():
     assert r.model == base and r.object == "chat.completion", r
     print("one-shot = chat --greedy:", got[:40], "| usage", u.prompt_tokens, u.completion_tokens)
 
+    # Two films (one study's views) in one message = `chat --image A --image B`.
+    two = {"role": "user", "content": [
+        {"type": "text", "text": q},
+        {"type": "image_url", "image_url": {"url": data_url(films[0])}},
+        {"type": "image_url", "image_url": {"url": data_url(films[1])}}]}
+    r2 = client.chat.completions.create(model=base, messages=[two], temperature=0)
+    assert r2.choices[0].message.content == case["chat_greedy_two_films"], (
+        r2.choices[0].message.content, case["chat_greedy_two_films"])
+    assert r2.usage.prompt_tokens > u.prompt_tokens + 32, (r2.usage, u)
+    print("two films = chat --image A --image B:", r2.choices[0].message.content[:40])
+
     # Streaming: the chunks concatenate to the same text; usage on request.
     text, finish, chunks = streamed(base, films[0], stream_options={"include_usage": True})
     assert text == got, (text, got)
