@@ -286,11 +286,21 @@ fn web_endpoints_check_input_and_keep_conversations_apart() {
         let (c, b) = http(a, "POST", &format!("/api/image?session={s3}{q}"), film);
         assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(k)), "{b}");
     }
-    let (c, b) = http(a, "POST", &format!("/api/image?session={s3}&append=1"), &png);
+    let (c, b) = http(
+        a,
+        "POST",
+        &format!("/api/image?session={s3}&append=1"),
+        &png,
+    );
     assert_eq!(c, 400, "{b}");
     let (c, b) = http(a, "POST", &format!("/api/image?session={s3}"), &png);
     assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(1)), "{b}");
-    let (c, b) = http(a, "POST", &format!("/api/image?session={s3}&append=1"), &lateral);
+    let (c, b) = http(
+        a,
+        "POST",
+        &format!("/api/image?session={s3}&append=1"),
+        &lateral,
+    );
     assert_eq!((c, json(&b)["films"].as_u64()), (200, Some(2)), "{b}");
     let two = ask(a, &s3, FIXED_PROMPT);
     assert!(!two["response"].as_str().unwrap().is_empty(), "{two}");

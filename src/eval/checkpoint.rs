@@ -223,7 +223,9 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     }
     if o.generate {
         // Prompt + report must fit the model's positions: refused before any work.
-        let prompts: std::collections::BTreeSet<(usize, &[(String, String)], &str)> = data
+        // (films, history, question) of every record.
+        type Asked<'a> = (usize, &'a [(String, String)], &'a str);
+        let prompts: std::collections::BTreeSet<Asked> = data
             .records
             .iter()
             .map(|r| (r.images.len(), r.history.as_slice(), r.prompt.as_str()))
