@@ -8,6 +8,10 @@
 //!   `lora_alpha = 3α` keeps sat's `α / r`; single-partition layers (`attention.dense`, MLP)
 //!   keep rank r and α through `rank_pattern` / `alpha_pattern`. `target_modules` is a regex over
 //!   the adapted layers only (a plain `dense` would also match the vision tower's layers).
+//!   Adapters on the vision side (`model.lora.targets`: ViT, Q-Former, glm_proj) are plain rank-r
+//!   LoRAs under their HF names (`image_encoder.vit.transformer.layers.N.…`), matched by their own
+//!   alternatives in `target_modules` and rank patterns. `xrayglm chat/eval --from_pretrained`
+//!   load such a folder back over its base (`base_model_name_or_path`, a local folder).
 //! * `merged` — the base model with the LoRA folded in, HF names (spec §6.b: `image_encoder.`,
 //!   `lm_head.weight`, per-layer `rotary_emb.inv_freq`), sharded safetensors with
 //!   `model.safetensors.index.json`, `config.json`, and the tokenizer when one is known.
@@ -64,7 +68,7 @@ pub struct Options {
 
 /// Write `model` to `to` (which must not exist or be empty). Returns the files written.
 pub fn export(model: &mut VisualGlm, to: &Path, o: &Options) -> Result<Vec<String>> {
-    let adapters = model.chatglm.loras().len();
+    let adapters = model.loras().len();
     if matches!(o.format, Format::Peft | Format::Lora) && adapters == 0 {
         bail!("the model has no LoRA adapters to export (a base or merged model): --format peft and lora need a fine-tuned checkpoint");
     }
@@ -124,20 +128,26 @@ fn write_st(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     crate::weights::st::write(path, &list, &[("format", "pt".to_string())])
 }
 
-/// Module path → (partitions, single-rank A, B), in layer order.
+/// HF module path → (partitions, single-rank A, B), in layer order.
 type Adapters = Vec<(String, i64, Tensor, Tensor)>;
 
 fn adapters(model: &VisualGlm) -> Adapters {
     model
-        .chatglm
         .loras()
         .into_iter()
         .map(|(name, l)| {
             let (a, b) = l.as_single_rank();
-            (name, l.a.len() as i64, a, b)
+            (sat_to_hf(&name), l.a.len() as i64, a, b)
         })
         .collect()
 }
+
+/// The rank-pattern key (and `target_modules` alternative) of a vision-side module group.
+const VISION_GROUPS: [(&str, &str); 3] = [
+    ("image_encoder.vit.", "vit\\..*"),
+    ("image_encoder.qformer.", "qformer\\..*"),
+    ("image_encoder.glm_proj", "glm_proj"),
+];
 
 fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
     let cfg = model
@@ -150,13 +160,19 @@ fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
     // Partitions per module kind (the part of the name after the layer index).
     let mut kinds: BTreeMap<String, i64> = BTreeMap::new();
     let mut layers = std::collections::BTreeSet::new();
+    // Vision-side modules, by their group's pattern key.
+    let mut vision: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (name, n, a, b) in &ad {
-        let rest = name
-            .strip_prefix("transformer.layers.")
-            .and_then(|s| s.split_once('.'))
-            .with_context(|| format!("unexpected LoRA module name {name}"))?;
-        layers.insert(rest.0.parse::<i64>()?);
-        kinds.insert(rest.1.to_string(), *n);
+        if let Some((_, key)) = VISION_GROUPS.iter().find(|(pre, _)| name.starts_with(pre)) {
+            vision.entry(key).or_default().push(name.clone());
+        } else {
+            let rest = name
+                .strip_prefix("transformer.layers.")
+                .and_then(|s| s.split_once('.'))
+                .with_context(|| format!("unexpected LoRA module name {name}"))?;
+            layers.insert(rest.0.parse::<i64>()?);
+            kinds.insert(rest.1.to_string(), *n);
+        }
         tensors.insert(
             format!("base_model.model.{name}.lora_A.weight"),
             a.shallow_clone(),
@@ -174,16 +190,39 @@ fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
             alpha_pattern.insert(kind.clone(), json!(*n as f64 * cfg.alpha));
         }
     }
+    // Vision-side modules are single-partition: rank r and α (a pattern when r is not the top).
+    for key in vision.keys() {
+        if top != 1 {
+            rank_pattern.insert(key.to_string(), json!(cfg.rank));
+            alpha_pattern.insert(key.to_string(), json!(cfg.alpha));
+        }
+    }
     let esc = |s: &str| s.replace('.', "\\.");
-    let target = format!(
-        "transformer\\.layers\\.({})\\.({})",
-        layers
+    let mut alternatives = Vec::new();
+    if !kinds.is_empty() {
+        alternatives.push(format!(
+            "transformer\\.layers\\.({})\\.({})",
+            layers
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join("|"),
+            kinds.keys().map(|k| esc(k)).collect::<Vec<_>>().join("|")
+        ));
+    }
+    for names in vision.values() {
+        alternatives.extend(names.iter().map(|n| esc(n)));
+    }
+    // One alternative (XrayGLM's adapters): the regex as before; several: each in a group.
+    let target = if alternatives.len() == 1 {
+        alternatives.remove(0)
+    } else {
+        alternatives
             .iter()
-            .map(|l| l.to_string())
+            .map(|a| format!("({a})"))
             .collect::<Vec<_>>()
-            .join("|"),
-        kinds.keys().map(|k| esc(k)).collect::<Vec<_>>().join("|")
-    );
+            .join("|")
+    };
     let config = json!({
         "peft_type": "LORA",
         "task_type": null,

@@ -46,9 +46,10 @@ pub fn layer_loras(lora_p: &Path, cfg: &ModelConfig, i: i64) -> LayerLoras {
     let (h, inner) = (s.hidden_size, cfg.inner_hidden_size());
     let heads = s.num_attention_heads;
     let head_dim = h / heads;
-    let Some(l) = cfg.lora.as_ref().filter(|l| l.layers.contains(&i)) else {
+    let Some(l) = cfg.lora.as_ref() else {
         return LayerLoras::default();
     };
+    let (attention, mlp) = (l.layers.contains(&i), l.mlp_layers().contains(&i));
     let ll = lora_p / "transformer" / "layers" / i;
     let mk = |name: &str, i: i64, o: i64, parts: i64, hf: bool| {
         let head_first = (hf && l.head_first).then_some((heads, head_dim));
@@ -58,10 +59,10 @@ pub fn layer_loras(lora_p: &Path, cfg: &ModelConfig, i: i64) -> LayerLoras {
         lora
     };
     LayerLoras {
-        qkv: Some(mk("attention.query_key_value", h, 3 * h, 3, true)),
-        dense: Some(mk("attention.dense", h, h, 1, false)),
-        h_to_4h: l.mlp.then(|| mk("mlp.dense_h_to_4h", h, inner, 1, false)),
-        h4_to_h: l.mlp.then(|| mk("mlp.dense_4h_to_h", inner, h, 1, false)),
+        qkv: attention.then(|| mk("attention.query_key_value", h, 3 * h, 3, true)),
+        dense: attention.then(|| mk("attention.dense", h, h, 1, false)),
+        h_to_4h: mlp.then(|| mk("mlp.dense_h_to_4h", h, inner, 1, false)),
+        h4_to_h: mlp.then(|| mk("mlp.dense_4h_to_h", inner, h, 1, false)),
     }
 }
 
@@ -767,6 +768,8 @@ impl ChatGlm {
         }
         let recompute = self.recompute_layers.unwrap_or(self.layers.len());
         let (x0, pass) = self.prepare(inp, train);
+        // Embeddings with a graph (adapters on the vision side): the gradient goes on into it.
+        let embedded = x0.requires_grad().then(|| x0.shallow_clone());
         let leaf = |x: &Tensor, i: usize| {
             if i > 0 || x.requires_grad() {
                 x.detach().set_requires_grad(true)
@@ -810,6 +813,8 @@ impl ChatGlm {
             };
             if i > 0 {
                 g = input.grad();
+            } else if let Some(x0) = &embedded {
+                (x0 * input.grad()).sum(Kind::Float).backward();
             }
         }
         value

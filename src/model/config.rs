@@ -158,6 +158,9 @@ pub struct SatModelConfig {
     pub lora_mlp: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_head_first: Option<bool>,
+    /// xrayglm extension: adapters on the ChatGLM MLP (own layers), ViT, Q-Former, glm_proj.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_targets: Option<LoraTargets>,
     #[serde(default)]
     pub qkv_layout: QkvLayout,
     /// Keys this struct does not model (sat writes many) are kept, so a round trip loses nothing.
@@ -192,8 +195,39 @@ pub struct LoraConfig {
     pub layers: Vec<i64>,
     /// Place the q/k/v deltas head-first into ChatGLM's interleaved qkv layout (XrayGLM: true).
     pub head_first: bool,
-    /// Also adapt the MLP linears (not in XrayGLM).
+    /// Also adapt the MLP linears of `layers` (not in XrayGLM).
     pub mlp: bool,
+    /// Adapters beyond ChatGLM's attention (issue 19): each target with its own layers.
+    pub targets: LoraTargets,
+}
+
+/// Where else adapters go (none by default: XrayGLM adapts ChatGLM's attention only). Every
+/// adapted linear gets one plain LoRA (rank `rank`, `alpha / rank`), as PEFT would put it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraTargets {
+    /// ChatGLM layers whose MLP linears (`dense_h_to_4h`, `dense_4h_to_h`) are adapted; absent:
+    /// `layers` when `mlp = true`, else none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp: Option<Vec<i64>>,
+    /// EVA ViT layers: `attention.query_key_value`, `attention.dense`, `mlp.dense_h_to_4h`,
+    /// `mlp.dense_4h_to_h`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vit: Vec<i64>,
+    /// Q-Former layers: the self-attention (`query_key_value`, `dense`), the cross-attention
+    /// (`query`, `key_value`, `dense`) where the layer has one, and the MLP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub qformer: Vec<i64>,
+    /// The Q-Former → ChatGLM projection.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub glm_proj: bool,
+}
+
+impl LoraTargets {
+    /// Whether anything in the vision tower, Q-Former or projection is adapted.
+    pub fn vision(&self) -> bool {
+        !self.vit.is_empty() || !self.qformer.is_empty() || self.glm_proj
+    }
 }
 
 impl Default for LoraConfig {
@@ -205,6 +239,7 @@ impl Default for LoraConfig {
             layers: vec![0, 14],
             head_first: true,
             mlp: false,
+            targets: LoraTargets::default(),
         }
     }
 }
@@ -212,6 +247,15 @@ impl Default for LoraConfig {
 impl LoraConfig {
     pub fn scaling(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// The ChatGLM layers whose MLP is adapted.
+    pub fn mlp_layers(&self) -> Vec<i64> {
+        match &self.targets.mlp {
+            Some(l) => l.clone(),
+            None if self.mlp => self.layers.clone(),
+            None => Vec::new(),
+        }
     }
 }
 
@@ -270,6 +314,7 @@ impl ModelConfig {
             alpha: sat.lora_alpha.unwrap_or(1.0),
             mlp: sat.lora_mlp.unwrap_or(false),
             head_first: sat.lora_head_first.unwrap_or(true),
+            targets: sat.lora_targets.clone().unwrap_or_default(),
             layers: sat
                 .layer_range
                 .clone()
@@ -295,8 +340,12 @@ impl ModelConfig {
                 s.lora_alpha = Some(l.alpha);
                 s.lora_mlp = l.mlp.then_some(true);
                 s.lora_head_first = (!l.head_first).then_some(false);
+                s.lora_targets = (l.targets != LoraTargets::default()).then(|| l.targets.clone());
             }
-            None => s.use_lora = false,
+            None => {
+                s.use_lora = false;
+                s.lora_targets = None;
+            }
         }
         s
     }
@@ -371,6 +420,19 @@ impl ModelConfig {
                     "lora layer {bad} is not among the {} ChatGLM layers",
                     s.num_layers
                 );
+            }
+            if l.mlp && l.targets.mlp.is_some() {
+                bail!("lora: give the MLP layers once — mlp = true (the attention layers) or targets.mlp = [..]");
+            }
+            let t = &l.targets;
+            for (what, list, n) in [
+                ("targets.mlp (ChatGLM)", t.mlp.clone().unwrap_or_default(), s.num_layers),
+                ("targets.vit", t.vit.clone(), s.eva_args.num_layers),
+                ("targets.qformer", t.qformer.clone(), s.qformer_args.num_layers),
+            ] {
+                if let Some(&bad) = list.iter().find(|&&i| i < 0 || i >= n) {
+                    bail!("lora {what}: layer {bad} is not among its {n} layers");
+                }
             }
         }
         Ok(())
@@ -479,6 +541,7 @@ fn build(d: Dims) -> SatModelConfig {
         lora_alpha: None,
         lora_mlp: None,
         lora_head_first: None,
+        lora_targets: None,
         qkv_layout: QkvLayout::Interleaved,
         extra: Default::default(),
     }

@@ -134,6 +134,48 @@ impl Lora {
         (a, b)
     }
 
+    /// Set this adapter from the single-rank form [`Lora::as_single_rank`] writes (`a [n·r, in]`,
+    /// `b [out, n·r]`); refused when `b` is not block-diagonal in this layer's partition layout
+    /// (an adapter that cannot be split into its partitions exactly).
+    pub fn set_from_single_rank(&self, a: &Tensor, b: &Tensor) -> anyhow::Result<()> {
+        let n = self.a.len() as i64;
+        let (r, in_dim) = self.a[0].size2()?;
+        let rows = self.b[0].size()[0];
+        anyhow::ensure!(
+            a.size() == [n * r, in_dim] && b.size() == [self.out_dim, n * r],
+            "A {:?} and B {:?} do not fit {n} partition(s) of rank {r} for [{}, {in_dim}]",
+            a.size(),
+            b.size(),
+            self.out_dim
+        );
+        let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+        // [n (part of the output), rows, n (column block), r], as `as_single_rank` built it.
+        let bd = match self.head_first {
+            Some((heads, head_dim)) if n > 1 => b
+                .view([heads, n, head_dim, n * r])
+                .permute([1, 0, 2, 3])
+                .reshape([n, rows, n, r]),
+            _ => b.reshape([n, rows, n, r]),
+        };
+        let mut off = bd.abs().sum(Kind::Double).double_value(&[]);
+        for p in 0..n {
+            off -= bd.get(p).select(1, p).abs().sum(Kind::Double).double_value(&[]);
+        }
+        anyhow::ensure!(
+            off <= 1e-12,
+            "B is not block-diagonal over the {n} partitions (off-block sum {off:.3e})"
+        );
+        tch::no_grad(|| {
+            for p in 0..n {
+                let mut ap = self.a[p as usize].shallow_clone();
+                ap.copy_(&a.narrow(0, p * r, r));
+                let mut bp = self.b[p as usize].shallow_clone();
+                bp.copy_(&bd.get(p).select(1, p));
+            }
+        });
+        Ok(())
+    }
+
     /// `ΔW [out, in]` (fp32) such that `x·ΔWᵀ = Δ(x)` — for merging into the base weight.
     pub fn delta_weight(&self) -> Tensor {
         let parts: Vec<Tensor> = self
@@ -154,5 +196,56 @@ impl Lora {
             }
             (None, _) => Tensor::cat(&parts, 0),
         }
+    }
+}
+
+/// A frozen linear of the vision side (EVA ViT, Q-Former, `glm_proj`) with an optional plain LoRA
+/// (one partition: `W·x + b + scaling·B·A·x`, PEFT's form) — issue 19's `model.lora.targets`.
+#[derive(Debug)]
+pub struct Adapted {
+    pub linear: super::nn::Linear,
+    pub lora: Option<Lora>,
+    /// The LoRA is folded into `linear.weight` ([`Adapted::merge`]) and not added at run time.
+    pub merged: bool,
+}
+
+impl Adapted {
+    /// `linear` with a LoRA created in the fp32 store at `lora` (A uniform, B zero), or none.
+    pub fn new(linear: super::nn::Linear, lora: Option<(&Path, &super::config::LoraConfig)>) -> Self {
+        let lora = lora.map(|(p, cfg)| {
+            let (out_dim, in_dim) = linear.weight.size2().expect("a linear's weight is 2-D");
+            let mut l = Lora::new(p, in_dim, out_dim, 1, cfg.rank, cfg.scaling(), None);
+            l.dropout = cfg.dropout;
+            l
+        });
+        Self {
+            linear,
+            lora,
+            merged: false,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.linear.forward(x);
+        match &self.lora {
+            Some(l) if !self.merged => y + l.delta(x, train),
+            _ => y,
+        }
+    }
+
+    /// Fold the LoRA into the weight (`sign` 1) or take it out again (−1); idempotent per state.
+    pub fn merge(&mut self, merged: bool) {
+        let Some(l) = &self.lora else { return };
+        if merged == self.merged {
+            return;
+        }
+        let sign = if merged { 1.0 } else { -1.0 };
+        let w = &mut self.linear.weight;
+        let delta = (l.delta_weight() * sign).to_device(w.device());
+        tch::no_grad(|| {
+            let m = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
+            w.copy_(&m);
+        });
+        self.merged = merged;
     }
 }

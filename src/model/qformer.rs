@@ -15,28 +15,56 @@
 use tch::nn::Path;
 use tch::Tensor;
 
-use super::config::QFormerArgs;
+use super::config::{LoraConfig, QFormerArgs};
+use super::lora::Adapted;
 use super::nn::{
     dropout, embedding, gelu_erf, merge_heads, split_heads, standard_attention, LayerNorm, Linear,
 };
 
 #[derive(Debug)]
 struct Cross {
-    query: Linear,
-    key_value: Linear,
-    dense: Linear,
+    query: Adapted,
+    key_value: Adapted,
+    dense: Adapted,
     layernorm: LayerNorm,
 }
 
 #[derive(Debug)]
 struct Layer {
     input_layernorm: LayerNorm,
-    qkv: Linear,
-    dense: Linear,
+    qkv: Adapted,
+    dense: Adapted,
     post_attention_layernorm: LayerNorm,
     cross: Option<Cross>,
-    h_to_4h: Linear,
-    h4_to_h: Linear,
+    h_to_4h: Adapted,
+    h4_to_h: Adapted,
+}
+
+impl Layer {
+    /// Every linear with its sat name inside the layer.
+    fn linears(&self) -> Vec<(&'static str, &Adapted)> {
+        let mut v = vec![
+            ("attention.query_key_value", &self.qkv),
+            ("attention.dense", &self.dense),
+        ];
+        if let Some(c) = &self.cross {
+            v.push(("cross_attention.query", &c.query));
+            v.push(("cross_attention.key_value", &c.key_value));
+            v.push(("cross_attention.dense", &c.dense));
+        }
+        v.push(("mlp.dense_h_to_4h", &self.h_to_4h));
+        v.push(("mlp.dense_4h_to_h", &self.h4_to_h));
+        v
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Adapted> {
+        let mut v = vec![&mut self.qkv, &mut self.dense];
+        if let Some(c) = &mut self.cross {
+            v.extend([&mut c.query, &mut c.key_value, &mut c.dense]);
+        }
+        v.extend([&mut self.h_to_4h, &mut self.h4_to_h]);
+        v
+    }
 }
 
 /// Random-weight presets only (fan-in init): the cross-attention queries get this gain, so the
@@ -61,7 +89,9 @@ pub struct QFormer {
 }
 
 impl QFormer {
-    pub fn new(p: &Path, a: &QFormerArgs) -> Self {
+    /// Frozen weights in `p`; LoRA (the layers of `lora.targets.qformer`) in the fp32 store
+    /// `lora_p` under the same names.
+    pub fn new(p: &Path, lora_p: &Path, a: &QFormerArgs, lora: Option<&LoraConfig>) -> Self {
         let h = a.hidden_size;
         let inner = a.inner_hidden_size.unwrap_or(4 * h);
         let eps = a.layernorm_epsilon;
@@ -69,44 +99,40 @@ impl QFormer {
         let layers = (0..a.num_layers)
             .map(|i| {
                 let l = &t / "layers" / i;
-                let cross = a.is_decoder[i as usize].then(|| {
-                    let c = &l / "cross_attention";
-                    Cross {
-                        query: Linear::with_init(
-                            &(&c / "query"),
-                            h,
-                            h,
-                            true,
-                            super::nn::gained_init(h, CROSS_QUERY_GAIN),
-                        ),
-                        key_value: Linear::new(
-                            &(&c / "key_value"),
-                            a.cross_attn_hidden_size,
-                            2 * h,
-                            true,
-                        ),
-                        dense: Linear::with_init(
-                            &(&c / "dense"),
-                            h,
-                            h,
-                            true,
-                            super::nn::gained_init(h, CROSS_DENSE_GAIN),
-                        ),
-                        layernorm: LayerNorm::new(&(&l / "post_cross_attention_layernorm"), h, eps),
-                    }
+                let lc = lora.filter(|c| c.targets.qformer.contains(&i));
+                let lp = lora_p / "transformer" / "layers" / i;
+                // The frozen linear `name` (made by `make` at its path) with its LoRA, if any.
+                let adapted = |name: &str, make: &dyn Fn(&Path) -> Linear| {
+                    let at = name.split('.').fold(l.clone(), |p, s| p / s);
+                    let lat = name.split('.').fold(lp.clone(), |p, s| p / s);
+                    Adapted::new(make(&at), lc.map(|c| (&lat, c)))
+                };
+                let plain = |i: i64, o: i64| move |p: &Path| Linear::new(p, i, o, true);
+                let cross = a.is_decoder[i as usize].then(|| Cross {
+                    query: adapted("cross_attention.query", &|p| {
+                        Linear::with_init(p, h, h, true, super::nn::gained_init(h, CROSS_QUERY_GAIN))
+                    }),
+                    key_value: adapted(
+                        "cross_attention.key_value",
+                        &plain(a.cross_attn_hidden_size, 2 * h),
+                    ),
+                    dense: adapted("cross_attention.dense", &|p| {
+                        Linear::with_init(p, h, h, true, super::nn::gained_init(h, CROSS_DENSE_GAIN))
+                    }),
+                    layernorm: LayerNorm::new(&(&l / "post_cross_attention_layernorm"), h, eps),
                 });
                 Layer {
                     input_layernorm: LayerNorm::new(&(&l / "input_layernorm"), h, eps),
-                    qkv: Linear::new(&(&l / "attention" / "query_key_value"), h, 3 * h, true),
-                    dense: Linear::new(&(&l / "attention" / "dense"), h, h, true),
+                    qkv: adapted("attention.query_key_value", &plain(h, 3 * h)),
+                    dense: adapted("attention.dense", &plain(h, h)),
                     post_attention_layernorm: LayerNorm::new(
                         &(&l / "post_attention_layernorm"),
                         h,
                         eps,
                     ),
                     cross,
-                    h_to_4h: Linear::new(&(&l / "mlp" / "dense_h_to_4h"), h, inner, true),
-                    h4_to_h: Linear::new(&(&l / "mlp" / "dense_4h_to_h"), inner, h, true),
+                    h_to_4h: adapted("mlp.dense_h_to_4h", &plain(h, inner)),
+                    h4_to_h: adapted("mlp.dense_4h_to_h", &plain(inner, h)),
                 }
             })
             .collect();
@@ -133,7 +159,7 @@ impl QFormer {
         let nh = self.heads;
         for l in &self.layers {
             let a = l.input_layernorm.forward(&x);
-            let qkv = l.qkv.forward(&a).chunk(3, -1);
+            let qkv = l.qkv.forward(&a, train).chunk(3, -1);
             let ctx = standard_attention(
                 &split_heads(&qkv[0], nh),
                 &split_heads(&qkv[1], nh),
@@ -142,11 +168,15 @@ impl QFormer {
                 train,
                 self.fused_attention,
             );
-            let h1 = &a + dropout(&l.dense.forward(&merge_heads(&ctx)), self.dropout, train);
+            let h1 = &a + dropout(
+                &l.dense.forward(&merge_heads(&ctx), train),
+                self.dropout,
+                train,
+            );
             let mut m = l.post_attention_layernorm.forward(&h1);
             if let Some(c) = &l.cross {
-                let q = split_heads(&c.query.forward(&m), nh);
-                let kv = c.key_value.forward(&enc).chunk(2, -1);
+                let q = split_heads(&c.query.forward(&m, train), nh);
+                let kv = c.key_value.forward(&enc, train).chunk(2, -1);
                 let ctx = standard_attention(
                     &q,
                     &split_heads(&kv[0], nh),
@@ -155,12 +185,40 @@ impl QFormer {
                     train,
                     self.fused_attention,
                 );
-                let h2 = &m + dropout(&c.dense.forward(&merge_heads(&ctx)), self.dropout, train);
+                let h2 = &m + dropout(
+                    &c.dense.forward(&merge_heads(&ctx), train),
+                    self.dropout,
+                    train,
+                );
                 m = c.layernorm.forward(&h2);
             }
-            let mlp = l.h4_to_h.forward(&gelu_erf(&l.h_to_4h.forward(&m)));
+            let mlp = l
+                .h4_to_h
+                .forward(&gelu_erf(&l.h_to_4h.forward(&m, train)), train);
             x = &m + dropout(&mlp, self.dropout, train);
         }
         self.final_layernorm.forward(&x)
+    }
+
+    /// The linears that carry a LoRA, by their sat name under `qformer.`.
+    pub fn adapted(&self) -> Vec<(String, &Adapted)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, a) in l.linears() {
+                if a.lora.is_some() {
+                    out.push((format!("transformer.layers.{i}.{name}"), a));
+                }
+            }
+        }
+        out
+    }
+
+    /// Merge (or unmerge) every LoRA of the Q-Former.
+    pub fn merge_lora(&mut self, merged: bool) {
+        for l in &mut self.layers {
+            for a in l.linears_mut() {
+                a.merge(merged);
+            }
+        }
     }
 }

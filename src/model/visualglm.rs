@@ -13,6 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::chatglm::{attention_mask, positions_from_ids, ChatGlm, Dropouts, GlmInputs, ImageAt};
 use super::config::ModelConfig;
+use super::lora::{Adapted, Lora};
 use super::nn::Linear;
 use super::qformer::QFormer;
 use super::vit::Vit;
@@ -25,7 +26,7 @@ pub struct VisualGlm {
     pub lora: VarStore,
     pub vit: Vit,
     pub qformer: QFormer,
-    pub glm_proj: Linear,
+    pub glm_proj: Adapted,
     pub chatglm: ChatGlm,
 }
 
@@ -61,13 +62,25 @@ impl VisualGlm {
         let lora = VarStore::new(device);
         let root = base.root();
         let eva = &root / "mixins" / "eva" / "model";
-        let vit = Vit::new(&(&eva / "vit"), &cfg.sat.eva_args);
-        let qformer = QFormer::new(&(&eva / "qformer"), &cfg.sat.qformer_args);
-        let glm_proj = Linear::new(
-            &(&eva / "glm_proj"),
-            cfg.sat.qformer_args.hidden_size,
-            cfg.sat.hidden_size,
-            true,
+        // The vision side's adapters (model.lora.targets) live under the same names.
+        let leva = lora.root() / "mixins" / "eva" / "model";
+        let lc = cfg.lora.as_ref();
+        let vit = Vit::new(&(&eva / "vit"), &(&leva / "vit"), &cfg.sat.eva_args, lc);
+        let qformer = QFormer::new(
+            &(&eva / "qformer"),
+            &(&leva / "qformer"),
+            &cfg.sat.qformer_args,
+            lc,
+        );
+        let proj_lora = leva / "glm_proj";
+        let glm_proj = Adapted::new(
+            Linear::new(
+                &(&eva / "glm_proj"),
+                cfg.sat.qformer_args.hidden_size,
+                cfg.sat.hidden_size,
+                true,
+            ),
+            lc.filter(|l| l.targets.glm_proj).map(|l| (&proj_lora, l)),
         );
         let chatglm = ChatGlm::new(&root, &lora.root(), &cfg);
         base.freeze();
@@ -113,12 +126,18 @@ impl VisualGlm {
 
     /// Where the frozen weights live.
     pub fn device(&self) -> Device {
-        self.glm_proj.weight.device()
+        self.glm_proj.linear.weight.device()
     }
 
     /// Kind of the frozen weights.
     pub fn kind(&self) -> Kind {
-        self.glm_proj.weight.kind()
+        self.glm_proj.linear.weight.kind()
+    }
+
+    /// Whether adapters sit on the vision side (ViT, Q-Former or glm_proj): then its output
+    /// depends on trainable weights (no feature cache) and training backpropagates through it.
+    pub fn vision_adapted(&self) -> bool {
+        self.cfg.lora.as_ref().is_some_and(|l| l.targets.vision())
     }
 
     /// Activation checkpointing: recompute only the first `k` ChatGLM layers in the backward
@@ -148,15 +167,51 @@ impl VisualGlm {
         self.chatglm.dropout = glm;
     }
 
-    /// ViT, Q-Former and projected image embeddings `[B, image_length, hidden]`. The frozen
-    /// vision tower never records autograd history.
+    /// ViT, Q-Former and projected image embeddings `[B, image_length, hidden]`. Without vision
+    /// adapters (XrayGLM) the frozen vision side never records autograd history; with them it
+    /// does in training, for their gradients.
     pub fn encode_image(&self, image: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        tch::no_grad(|| {
+        let run = || {
             let v = self.vit.forward(image, train);
             let q = self.qformer.forward(&v, train);
-            let e = self.glm_proj.forward(&q);
+            let e = self.glm_proj.forward(&q, train);
             (v, q, e)
-        })
+        };
+        if train && self.vision_adapted() {
+            run()
+        } else {
+            tch::no_grad(run)
+        }
+    }
+
+    /// Every LoRA of the model with the sat name of the linear it adapts: ChatGLM's, then the
+    /// ViT's, the Q-Former's and glm_proj's.
+    pub fn loras(&self) -> Vec<(String, &Lora)> {
+        let mut out = self.chatglm.loras();
+        let eva = "mixins.eva.model";
+        let vision = self
+            .vit
+            .adapted()
+            .into_iter()
+            .map(|(n, a)| (format!("{eva}.vit.{n}"), a))
+            .chain(
+                self.qformer
+                    .adapted()
+                    .into_iter()
+                    .map(|(n, a)| (format!("{eva}.qformer.{n}"), a)),
+            )
+            .chain(
+                self.glm_proj
+                    .lora
+                    .is_some()
+                    .then(|| (format!("{eva}.glm_proj"), &self.glm_proj)),
+            );
+        for (name, a) in vision {
+            if let Some(l) = &a.lora {
+                out.push((name, l));
+            }
+        }
+        out
     }
 
     /// Full forward. `position_ids [B, 2, S]` and `context_lengths` are derived from the ids when
@@ -220,6 +275,7 @@ impl VisualGlm {
             self.apply_lora_to_base(1.0)?;
             self.chatglm.lora_active = false;
         }
+        self.merge_vision(true);
         Ok(())
     }
 
@@ -229,7 +285,14 @@ impl VisualGlm {
             self.apply_lora_to_base(-1.0)?;
             self.chatglm.lora_active = true;
         }
+        self.merge_vision(false);
         Ok(())
+    }
+
+    fn merge_vision(&mut self, merged: bool) {
+        self.vit.merge_lora(merged);
+        self.qformer.merge_lora(merged);
+        self.glm_proj.merge(merged);
     }
 
     /// Hold ChatGLM's layer linears as weight-only int8 (about a quarter of their memory; the

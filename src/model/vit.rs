@@ -9,7 +9,8 @@
 use tch::nn::Path;
 use tch::Tensor;
 
-use super::config::VitArgs;
+use super::config::{LoraConfig, VitArgs};
+use super::lora::Adapted;
 use super::nn::{
     dropout, embedding, gelu_erf, merge_heads, split_heads, standard_attention, LayerNorm, Linear,
 };
@@ -17,11 +18,11 @@ use super::nn::{
 #[derive(Debug)]
 struct Block {
     input_layernorm: LayerNorm,
-    qkv: Linear,
-    dense: Linear,
+    qkv: Adapted,
+    dense: Adapted,
     post_attention_layernorm: LayerNorm,
-    h_to_4h: Linear,
-    h4_to_h: Linear,
+    h_to_4h: Adapted,
+    h4_to_h: Adapted,
 }
 
 /// The ViT. Weights under `…vit.` in sat names.
@@ -43,7 +44,9 @@ pub struct Vit {
 }
 
 impl Vit {
-    pub fn new(p: &Path, a: &VitArgs) -> Self {
+    /// Frozen weights in `p`; LoRA (the layers of `lora.targets.vit`) in the fp32 store `lora_p`
+    /// under the same names.
+    pub fn new(p: &Path, lora_p: &Path, a: &VitArgs, lora: Option<&LoraConfig>) -> Self {
         let h = a.hidden_size;
         let grid = (a.image_size[0] / a.patch_size) * (a.image_size[1] / a.patch_size);
         let t = p / "transformer";
@@ -51,31 +54,31 @@ impl Vit {
         let blocks = (0..a.num_layers)
             .map(|i| {
                 let l = &t / "layers" / i;
+                let lc = lora.filter(|c| c.targets.vit.contains(&i));
+                let lp = lora_p / "transformer" / "layers" / i;
+                let adapted = |name: &str, in_dim: i64, out_dim: i64| {
+                    let at = name.split('.').fold(l.clone(), |p, s| p / s);
+                    let lat = name.split('.').fold(lp.clone(), |p, s| p / s);
+                    Adapted::new(
+                        Linear::new(&at, in_dim, out_dim, true),
+                        lc.map(|c| (&lat, c)),
+                    )
+                };
                 Block {
                     input_layernorm: LayerNorm::new(
                         &(&l / "input_layernorm"),
                         h,
                         a.layernorm_epsilon,
                     ),
-                    qkv: Linear::new(&(&l / "attention" / "query_key_value"), h, 3 * h, true),
-                    dense: Linear::new(&(&l / "attention" / "dense"), h, h, true),
+                    qkv: adapted("attention.query_key_value", h, 3 * h),
+                    dense: adapted("attention.dense", h, h),
                     post_attention_layernorm: LayerNorm::new(
                         &(&l / "post_attention_layernorm"),
                         h,
                         a.layernorm_epsilon,
                     ),
-                    h_to_4h: Linear::new(
-                        &(&l / "mlp" / "dense_h_to_4h"),
-                        h,
-                        a.inner_hidden_size,
-                        true,
-                    ),
-                    h4_to_h: Linear::new(
-                        &(&l / "mlp" / "dense_4h_to_h"),
-                        a.inner_hidden_size,
-                        h,
-                        true,
-                    ),
+                    h_to_4h: adapted("mlp.dense_h_to_4h", h, a.inner_hidden_size),
+                    h4_to_h: adapted("mlp.dense_4h_to_h", a.inner_hidden_size, h),
                 }
             })
             .collect();
@@ -131,7 +134,7 @@ impl Vit {
         let mut x = dropout(&x, self.dropout, train);
         for blk in &self.blocks {
             let a = blk.input_layernorm.forward(&x);
-            let qkv = blk.qkv.forward(&a).chunk(3, -1);
+            let qkv = blk.qkv.forward(&a, train).chunk(3, -1);
             let ctx = standard_attention(
                 &split_heads(&qkv[0], self.heads),
                 &split_heads(&qkv[1], self.heads),
@@ -140,14 +143,48 @@ impl Vit {
                 train,
                 self.fused_attention,
             );
-            let attn = dropout(&blk.dense.forward(&merge_heads(&ctx)), self.dropout, train);
-            x += attn;
-            let m = blk.h4_to_h.forward(&gelu_erf(
-                &blk.h_to_4h
-                    .forward(&blk.post_attention_layernorm.forward(&x)),
-            ));
-            x += dropout(&m, self.dropout, train);
+            let attn = dropout(
+                &blk.dense.forward(&merge_heads(&ctx), train),
+                self.dropout,
+                train,
+            );
+            x = x + attn;
+            let m = blk.h4_to_h.forward(
+                &gelu_erf(
+                    &blk.h_to_4h
+                        .forward(&blk.post_attention_layernorm.forward(&x), train),
+                ),
+                train,
+            );
+            x = x + dropout(&m, self.dropout, train);
         }
         self.ln_vision.forward(&x)
+    }
+
+    /// The linears that carry a LoRA, by their sat name under `vit.`.
+    pub fn adapted(&self) -> Vec<(String, &Adapted)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            for (name, a) in [
+                ("attention.query_key_value", &b.qkv),
+                ("attention.dense", &b.dense),
+                ("mlp.dense_h_to_4h", &b.h_to_4h),
+                ("mlp.dense_4h_to_h", &b.h4_to_h),
+            ] {
+                if a.lora.is_some() {
+                    out.push((format!("transformer.layers.{i}.{name}"), a));
+                }
+            }
+        }
+        out
+    }
+
+    /// Merge (or unmerge) every LoRA of the ViT.
+    pub fn merge_lora(&mut self, merged: bool) {
+        for b in &mut self.blocks {
+            for a in [&mut b.qkv, &mut b.dense, &mut b.h_to_4h, &mut b.h4_to_h] {
+                a.merge(merged);
+            }
+        }
     }
 }

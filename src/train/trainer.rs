@@ -207,9 +207,12 @@ impl<'c> Trainer<'c> {
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register_usize(sig, Arc::clone(&stop), sig as usize)?;
         }
-        // Frozen vision without dropout: each film's embeddings are computed once.
-        let vision_cache =
-            (cfg.train.vision_cache && cfg.model.vision_dropout == 0.0).then(VisionCache::default);
+        // Frozen vision without dropout (and without adapters of its own): each film's
+        // embeddings are computed once.
+        let vision_cache = (cfg.train.vision_cache
+            && cfg.model.vision_dropout == 0.0
+            && !cfg.model.lora.targets.vision())
+        .then(VisionCache::default);
         let progress = Progress::new(
             cfg.train.progress,
             root,

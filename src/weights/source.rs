@@ -32,11 +32,18 @@ pub enum Format {
     Hf,
     /// A `xrayglm finetune` checkpoint: `lora.safetensors` + `trainer_state.json` naming its base.
     Checkpoint,
+    /// A PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`, as `xrayglm export
+    /// --format peft` writes) over the base model its `base_model_name_or_path` names.
+    Peft,
 }
 
 pub fn detect(dir: &Path) -> Result<Format> {
     if !dir.is_dir() {
         bail!("{}: not a model directory", dir.display());
+    }
+    if dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
+    {
+        return Ok(Format::Peft);
     }
     if dir.join("model.safetensors").is_file() && dir.join("model_config.json").is_file() {
         return Ok(Format::Xrayglm);
@@ -108,6 +115,138 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             ModelConfig::from_sat_file(&dir.join("model_config.json"))
         }
         Format::Hf => hf_config(&dir.join("config.json")),
+        Format::Peft => {
+            let p = PeftAdapter::read(dir)?;
+            let mut cfg = read_config(&resolve_run(&p.base))?;
+            cfg.lora = Some(p.config);
+            Ok(cfg)
+        }
+    }
+}
+
+/// A PEFT LoRA adapter read back into xrayglm's adapters: the base folder, the LoRA config it
+/// amounts to, and per adapted linear (sat name) its single-rank `A`, `B`.
+pub struct PeftAdapter {
+    pub base: PathBuf,
+    pub config: LoraConfig,
+    pub modules: Vec<(String, Tensor, Tensor)>,
+}
+
+impl PeftAdapter {
+    /// Read `adapter_config.json` and `adapter_model.safetensors`. The adapter must have
+    /// xrayglm's shape: one scaling for every module, ChatGLM's qkv as its 3 head-first
+    /// partitions (block-diagonal B), the rest plain.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let c: Value = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{}: not JSON", cfg_path.display()))?;
+        if c["peft_type"].as_str() != Some("LORA") {
+            bail!("{}: peft_type is not LORA", cfg_path.display());
+        }
+        let name = c["base_model_name_or_path"].as_str().unwrap_or("");
+        let base = [PathBuf::from(name), dir.join(name)]
+            .into_iter()
+            .find(|p| !name.is_empty() && p.is_dir())
+            .with_context(|| {
+                format!(
+                    "{}: base_model_name_or_path {name:?} is not a local folder: set it to the                      folder of the base model the adapter was trained on",
+                    cfg_path.display()
+                )
+            })?;
+        let file = dir.join("adapter_model.safetensors");
+        let st = SafeTensorsFile::open(&file)?;
+        // module (HF name) → (A, B)
+        let mut parts: std::collections::BTreeMap<String, (Option<Tensor>, Option<Tensor>)> =
+            Default::default();
+        for t in st.tensors() {
+            let (n, x) = t?;
+            let stem = n.strip_prefix("base_model.model.").unwrap_or(&n);
+            let stem = stem.strip_suffix(".weight").unwrap_or(stem);
+            let stem = stem.strip_suffix(".default").unwrap_or(stem);
+            let (module, ab) = if let Some(m) = stem.strip_suffix(".lora_A") {
+                (m, 0)
+            } else if let Some(m) = stem.strip_suffix(".lora_B") {
+                (m, 1)
+            } else {
+                bail!("{}: {n} is not a LoRA tensor (lora_A / lora_B)", file.display());
+            };
+            let e = parts.entry(module.to_string()).or_default();
+            if ab == 0 {
+                e.0 = Some(x);
+            } else {
+                e.1 = Some(x);
+            }
+        }
+        let r_of = |x: &Value| x.as_f64().filter(|v| *v > 0.0);
+        let (r, alpha) = (
+            r_of(&c["r"]).context("adapter_config.json: no r")?,
+            r_of(&c["lora_alpha"]).context("adapter_config.json: no lora_alpha")?,
+        );
+        // The scaling PEFT applies to every module is lora_alpha / r (rank and alpha patterns
+        // keep that ratio in xrayglm's exports); the partitions' rank is the smallest rank.
+        for (k, v) in c["rank_pattern"].as_object().into_iter().flatten() {
+            let a = c["alpha_pattern"].get(k).and_then(r_of).unwrap_or(alpha);
+            let rk = r_of(v).unwrap_or(r);
+            if ((a / rk) - alpha / r).abs() > 1e-9 * (alpha / r) {
+                bail!(
+                    "{}: module pattern {k:?} scales by {} and the rest by {}: xrayglm adapters                      have one scaling",
+                    cfg_path.display(),
+                    a / rk,
+                    alpha / r
+                );
+            }
+        }
+        let mut modules = Vec::new();
+        let mut rank = i64::MAX;
+        for (m, (a, b)) in parts {
+            let (Some(a), Some(b)) = (a, b) else {
+                bail!("{}: {m} lacks lora_A or lora_B", file.display());
+            };
+            rank = rank.min(a.size()[0]);
+            modules.push((hf_to_sat(&m), a, b));
+        }
+        if modules.is_empty() {
+            bail!("{}: no LoRA tensors", file.display());
+        }
+        let scaling = alpha / r;
+        let mut config = LoraConfig {
+            rank,
+            alpha: scaling * rank as f64,
+            layers: Vec::new(),
+            ..Default::default()
+        };
+        let mut mlp = Vec::new();
+        let layer_of = |rest: &str| -> Option<i64> { rest.split('.').next()?.parse().ok() };
+        for (m, _, _) in &modules {
+            let t = &mut config.targets;
+            if let Some(rest) = m.strip_prefix("transformer.layers.") {
+                let i = layer_of(rest).with_context(|| format!("module {m}"))?;
+                let list = if rest.contains(".mlp.") { &mut mlp } else { &mut config.layers };
+                list.push(i);
+            } else if let Some(rest) = m.strip_prefix("mixins.eva.model.vit.transformer.layers.") {
+                t.vit.push(layer_of(rest).with_context(|| format!("module {m}"))?);
+            } else if let Some(rest) = m.strip_prefix("mixins.eva.model.qformer.transformer.layers.")
+            {
+                t.qformer.push(layer_of(rest).with_context(|| format!("module {m}"))?);
+            } else if m == "mixins.eva.model.glm_proj" {
+                t.glm_proj = true;
+            } else {
+                bail!("{}: {m} is not a linear xrayglm adapts", file.display());
+            }
+        }
+        for l in [&mut config.layers, &mut mlp, &mut config.targets.vit, &mut config.targets.qformer] {
+            l.sort_unstable();
+            l.dedup();
+        }
+        config.targets.mlp = (!mlp.is_empty()).then_some(mlp);
+        Ok(Self {
+            base,
+            config,
+            modules,
+        })
     }
 }
 
@@ -275,8 +414,44 @@ impl ModelDir {
     pub fn load(&self, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
         match self.format {
             Format::Checkpoint => self.load_checkpoint(opts),
+            Format::Peft => self.load_peft(opts),
             _ => self.load_weights(opts),
         }
+    }
+
+    /// A PEFT adapter over its base: the base loaded with the adapter's LoRA shape, then every
+    /// module's A and B split into its partitions (linears the adapter leaves out keep B = 0).
+    fn load_peft(&self, opts: &LoadOptions) -> Result<(VisualGlm, LoadReport)> {
+        let p = PeftAdapter::read(&self.dir)?;
+        let lora = match &opts.lora {
+            LoraSetting::Without => None,
+            _ => Some(p.config.clone()),
+        };
+        let base_opts = LoadOptions {
+            lora: LoraSetting::from(lora.clone()),
+            ..opts.clone()
+        };
+        let (model, mut report) = load_model(&p.base, &base_opts).with_context(|| {
+            format!(
+                "loading the base model {} of {}",
+                p.base.display(),
+                self.dir.display()
+            )
+        })?;
+        if lora.is_none() {
+            return Ok((model, report));
+        }
+        let loras: std::collections::HashMap<String, &crate::model::lora::Lora> =
+            model.loras().into_iter().collect();
+        for (name, a, b) in &p.modules {
+            let l = loras
+                .get(name)
+                .with_context(|| format!("{}: no adapter {name} in the model", self.dir.display()))?;
+            l.set_from_single_rank(a, b)
+                .with_context(|| format!("{}: {name}", self.dir.display()))?;
+            report.lora_loaded += 2;
+        }
+        Ok((model, report))
     }
 
     /// A training checkpoint: adapters over the base model it names (which must have its sizes).
@@ -352,6 +527,7 @@ impl ModelDir {
             Format::Sat => vec![sat_weights_file(dir)?],
             Format::Hf => hf_weight_files(dir)?,
             Format::Checkpoint => return self.load_checkpoint(opts),
+            Format::Peft => return self.load_peft(opts),
         };
         let mut loader = Loader::new(&mut model, layout);
         for file in &files {
@@ -464,6 +640,14 @@ pub fn load_adapter(dir: &Path, base: &ModelConfig, device: Device) -> Result<Ad
             dir.display()
         ),
     };
+    if lora.targets.vision() {
+        bail!(
+            "{}: the adapter adapts the vision side (model.lora.targets: vit / qformer / glm_proj), \
+             which the server cannot swap per request: serve it as the model (--from_pretrained) or \
+             merge it (export --format sat)",
+            dir.display()
+        );
+    }
     let diffs = size_differences(&md.config, base, "adapter");
     if !diffs.is_empty() {
         bail!(

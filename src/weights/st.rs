@@ -16,6 +16,8 @@ pub struct SafeTensorsFile {
     file: std::fs::File,
     /// name → (kind, shape, absolute byte range)
     tensors: std::collections::BTreeMap<String, (Kind, Vec<i64>, u64, u64)>,
+    /// The header's `__metadata__` strings.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 fn kind_of(d: safetensors::Dtype) -> Result<Kind> {
@@ -72,8 +74,16 @@ impl SafeTensorsFile {
         let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
             .map_err(|e| anyhow::anyhow!("{}: bad safetensors header: {e}", path.display()))?;
         let mut tensors = std::collections::BTreeMap::new();
+        let mut metadata = std::collections::BTreeMap::new();
         for (name, info) in header {
             if name == "__metadata__" {
+                if let serde_json::Value::Object(m) = info {
+                    for (k, v) in m {
+                        if let serde_json::Value::String(s) = v {
+                            metadata.insert(k, s);
+                        }
+                    }
+                }
                 continue;
             }
             let bad = || anyhow::anyhow!("{}: bad header entry for {name}", path.display());
@@ -101,6 +111,7 @@ impl SafeTensorsFile {
             path: path.to_path_buf(),
             file,
             tensors,
+            metadata,
         })
     }
 
