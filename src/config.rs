@@ -465,6 +465,9 @@ fn parse_value(raw: &str) -> toml::Value {
 }
 
 /// Apply one `a.b.c=value` override to a TOML table.
+/// A section an override creates (`model.lora.targets.vit=[1]` where the file has no
+/// `model.lora`) starts from that section's default values — as if the key were absent — not from
+/// the defaults of its type.
 pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     let Some((key, raw)) = spec.split_once('=') else {
         bail!("override {spec:?} is not key=value");
@@ -473,11 +476,17 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     if parts.iter().any(|p| p.is_empty()) {
         bail!("override {spec:?} has an empty key part");
     }
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+    let mut default_at = Some(&defaults);
     let mut cur = table;
     for p in &parts[..parts.len() - 1] {
+        let seed = default_at
+            .and_then(|d| d.get(*p))
+            .and_then(toml::Value::as_table);
+        default_at = seed;
         let entry = cur
             .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            .or_insert_with(|| toml::Value::Table(seed.cloned().unwrap_or_default()));
         cur = match entry {
             toml::Value::Table(t) => t,
             _ => bail!("override {spec:?}: {p} is not a section"),

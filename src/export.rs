@@ -159,7 +159,8 @@ fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
     let mut tensors = BTreeMap::new();
     // Partitions per module kind (the part of the name after the layer index).
     let mut kinds: BTreeMap<String, i64> = BTreeMap::new();
-    let mut layers = std::collections::BTreeSet::new();
+    // ChatGLM: the kinds adapted in each layer.
+    let mut layers: BTreeMap<i64, std::collections::BTreeSet<String>> = BTreeMap::new();
     // Vision-side modules, by their group's pattern key.
     let mut vision: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (name, n, a, b) in &ad {
@@ -170,7 +171,10 @@ fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
                 .strip_prefix("transformer.layers.")
                 .and_then(|s| s.split_once('.'))
                 .with_context(|| format!("unexpected LoRA module name {name}"))?;
-            layers.insert(rest.0.parse::<i64>()?);
+            layers
+                .entry(rest.0.parse::<i64>()?)
+                .or_default()
+                .insert(rest.1.to_string());
             kinds.insert(rest.1.to_string(), *n);
         }
         tensors.insert(
@@ -198,16 +202,24 @@ fn peft(model: &VisualGlm, dir: &Path, o: &Options) -> Result<()> {
         }
     }
     let esc = |s: &str| s.replace('.', "\\.");
+    // ChatGLM layers grouped by the kinds they adapt: `transformer\.layers\.(0|14)\.(…)` per
+    // group (XrayGLM's adapters: one group).
+    let mut groups: BTreeMap<Vec<String>, Vec<i64>> = BTreeMap::new();
+    for (layer, ks) in &layers {
+        groups
+            .entry(ks.iter().cloned().collect())
+            .or_default()
+            .push(*layer);
+    }
     let mut alternatives = Vec::new();
-    if !kinds.is_empty() {
+    for (ks, ls) in &groups {
         alternatives.push(format!(
             "transformer\\.layers\\.({})\\.({})",
-            layers
-                .iter()
+            ls.iter()
                 .map(|l| l.to_string())
                 .collect::<Vec<_>>()
                 .join("|"),
-            kinds.keys().map(|k| esc(k)).collect::<Vec<_>>().join("|")
+            ks.iter().map(|k| esc(k)).collect::<Vec<_>>().join("|")
         ));
     }
     for names in vision.values() {

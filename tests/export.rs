@@ -317,3 +317,124 @@ fn mismatched_base_and_missing_files_are_refused() {
     );
     assert!(!to.exists());
 }
+
+/// Issue 19: adapters on the vision side (EVA ViT, Q-Former, glm_proj) and ChatGLM's MLP export to
+/// PEFT and load back. `adapter_config.json`'s `target_modules`, full-matched as PEFT does,
+/// selects exactly the adapted linears among all the model's linears (the vision tower's
+/// `attention.dense` of a non-adapted layer included); each module's rank and alpha, resolved
+/// through `rank_pattern` / `alpha_pattern` as PEFT resolves them, give `alpha/r · B·A` = our
+/// ΔW (≤ 1e-6); and the folder loads over its base (`--from_pretrained PEFT_DIR`) with the
+/// logits of the model it came from (≤ 1e-6 relative).
+#[test]
+fn vision_adapters_export_to_peft_and_reload_with_identical_logits() {
+    use xrayglm::model::config::{LoraTargets, ModelConfig};
+    use xrayglm::model::visualglm::VisualGlm;
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    let l = cfg.lora.as_mut().unwrap();
+    l.layers = vec![0];
+    l.targets = LoraTargets {
+        mlp: Some(vec![1]),
+        vit: vec![1],
+        qformer: vec![0, 1],
+        glm_proj: true,
+    };
+    tch::manual_seed(8);
+    let mut m = VisualGlm::new(cfg.clone(), tch::Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, tch::Device::Cpu)) * 0.1));
+            }
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    xrayglm::weights::source::save_base(&m, &base).unwrap();
+    let to = tmp.path().join("peft");
+    let o = xrayglm::export::Options {
+        format: xrayglm::export::Format::Peft,
+        shard_bytes: 1 << 30,
+        base_model_name: base.display().to_string(),
+        tokenizer: None,
+    };
+    xrayglm::export::export(&mut m, &to, &o).unwrap();
+    let config = common::read_json(&to.join("adapter_config.json"));
+    let got = tensors(&to.join("adapter_model.safetensors"));
+    // target_modules selects exactly the adapted linears.
+    let target = regex::Regex::new(&format!(
+        "^(?:{})$",
+        config["target_modules"].as_str().unwrap()
+    ))
+    .unwrap();
+    let adapted: std::collections::BTreeSet<String> = m
+        .loras()
+        .into_iter()
+        .map(|(n, _)| xrayglm::export::sat_to_hf(&n))
+        .collect();
+    let linears: std::collections::BTreeSet<String> = m
+        .base
+        .variables()
+        .into_iter()
+        .filter(|(k, v)| k.ends_with(".weight") && v.dim() == 2 && !k.contains("embeddings"))
+        .map(|(k, _)| xrayglm::export::sat_to_hf(k.strip_suffix(".weight").unwrap()))
+        .collect();
+    assert!(linears.contains("image_encoder.vit.transformer.layers.0.attention.dense"));
+    let matched: std::collections::BTreeSet<String> = linears
+        .iter()
+        .filter(|n| target.is_match(n))
+        .cloned()
+        .collect();
+    assert_eq!(
+        matched, adapted,
+        "target_modules {}",
+        config["target_modules"]
+    );
+    // ChatGLM 2 + 2, ViT 4, Q-Former 7 (layer 0 has cross-attention) + 4, glm_proj 1.
+    assert_eq!(adapted.len(), 2 + 2 + 4 + 7 + 4 + 1);
+    // PEFT's scaling per module: the first rank_pattern key matching `.*\.{key}$`, else r.
+    let (r, alpha) = (
+        config["r"].as_f64().unwrap(),
+        config["lora_alpha"].as_f64().unwrap(),
+    );
+    let pattern = |map: &serde_json::Value, name: &str| -> Option<f64> {
+        map.as_object()?.iter().find_map(|(k, v)| {
+            regex::Regex::new(&format!("^.*\\.{k}$"))
+                .unwrap()
+                .is_match(name)
+                .then(|| v.as_f64().unwrap())
+        })
+    };
+    for (name, lora) in m.loras() {
+        let hf = xrayglm::export::sat_to_hf(&name);
+        let rm = pattern(&config["rank_pattern"], &hf).unwrap_or(r);
+        let am = pattern(&config["alpha_pattern"], &hf).unwrap_or(alpha);
+        let a = &got[&format!("base_model.model.{hf}.lora_A.weight")];
+        let b = &got[&format!("base_model.model.{hf}.lora_B.weight")];
+        assert_eq!(a.size()[0] as f64, rm, "{hf}");
+        let d = max_diff(&(b.matmul(a) * (am / rm)), &lora.delta_weight());
+        assert!(d <= 1e-6, "{hf}: PEFT's ΔW differs from ours by {d}");
+    }
+    // Loaded back over its base: the same logits.
+    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, tch::Device::Cpu);
+    let logits = |m: &VisualGlm| {
+        tch::no_grad(|| m.forward(&ids, Some(&image), 3, None, None, false).unwrap()).logits
+    };
+    let want = logits(&m);
+    let (back, _) = load_model(&to, &LoadOptions::default()).unwrap();
+    assert_eq!(
+        back.cfg.lora, cfg.lora,
+        "the LoRA config read back from the PEFT files"
+    );
+    let e = max_diff(&logits(&back), &want) / want.abs().max().double_value(&[]);
+    assert!(e <= 1e-6, "reloaded PEFT adapter: logits differ by {e:.3e}");
+    // A PEFT folder whose base is not a local folder is refused with what to do.
+    let cfg_path = to.join("adapter_config.json");
+    let mut c = config.clone();
+    c["base_model_name_or_path"] = serde_json::json!("THUDM/visualglm-6b");
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    let err = format!(
+        "{:#}",
+        load_model(&to, &LoadOptions::default()).err().unwrap()
+    );
+    assert!(err.contains("is not a local folder"), "{err}");
+}

@@ -679,7 +679,9 @@ fn vision_adapters_merge_exactly_and_all_train() {
     ] {
         assert!(names.contains(&want.to_string()), "{want} not in {names:?}");
     }
-    assert!(!names.iter().any(|n| n.starts_with("transformer.layers.1.attention")));
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("transformer.layers.1.attention")));
     let vars = m.lora.variables();
     assert!(vars.contains_key("mixins.eva.model.glm_proj.matrix_A.0"));
     let out = |m: &VisualGlm| {
@@ -718,8 +720,14 @@ fn vision_adapters_merge_exactly_and_all_train() {
         }
     });
     p.merge_lora().unwrap();
-    let e = rel_err(&out(&p).image_embeds.unwrap(), lora.image_embeds.as_ref().unwrap());
-    assert!(e > 1e-3, "the vision adapters change the image embeddings ({e:.3e})");
+    let e = rel_err(
+        &out(&p).image_embeds.unwrap(),
+        lora.image_embeds.as_ref().unwrap(),
+    );
+    assert!(
+        e > 1e-3,
+        "the vision adapters change the image embeddings ({e:.3e})"
+    );
     // Every adapter receives a gradient through the spliced image embeddings, with and without
     // activation checkpointing, and the two agree.
     let (pos, ctx) =

@@ -810,6 +810,104 @@ fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
     );
 }
 
+/// Issue 19: adapters on the vision side (`model.lora.targets`: EVA ViT layer 1, both Q-Former
+/// layers, glm_proj; vision dropout on) train — every one moves, and the validation loss falls —
+/// and resume exactly (ten steps = five + resume + five, bitwise); the run exports to PEFT and
+/// `chat --from_pretrained PEFT_DIR` (the adapter over its base) writes the report `chat` writes
+/// from the run.
+#[test]
+fn vision_adapters_train_resume_and_chat_through_peft() {
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let targets = [
+        "model.lora.targets.vit=[1]",
+        "model.lora.targets.qformer=[0, 1]",
+        "model.lora.targets.glm_proj=true",
+        "train.lr=1e-2",
+    ];
+    let straight = xrayglm::train::finetune(&cfg(dir.path(), "straight", &targets), &tok).unwrap();
+    let mut half_args = targets.to_vec();
+    half_args.push("train.stop_at=5");
+    xrayglm::train::finetune(&cfg(dir.path(), "halves", &half_args), &tok).unwrap();
+    let cont = xrayglm::train::finetune(&cfg(dir.path(), "halves", &targets), &tok).unwrap();
+    let (a, b) = (losses(&straight.run_dir), losses(&cont.run_dir));
+    assert_eq!(a.len(), 10);
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(
+            (sa, la.to_bits()),
+            (sb, lb.to_bits()),
+            "step {sa}: {la} vs {lb}"
+        );
+    }
+    let (first, last) = (
+        straight.first_val_loss.unwrap(),
+        straight.last_val_loss.unwrap(),
+    );
+    assert!(last < first, "val loss {first} → {last}");
+    let ck = xrayglm::weights::source::resolve_run(&straight.run_dir);
+    let saved = xrayglm::weights::read_safetensors(&ck.join("lora.safetensors")).unwrap();
+    for name in [
+        "mixins.eva.model.vit.transformer.layers.1.attention.query_key_value.matrix_B.0",
+        "mixins.eva.model.qformer.transformer.layers.0.cross_attention.key_value.matrix_B.0",
+        "mixins.eva.model.qformer.transformer.layers.1.mlp.dense_4h_to_h.matrix_B.0",
+        "mixins.eva.model.glm_proj.matrix_B.0",
+    ] {
+        let (_, t) = saved
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        assert!(
+            t.abs().max().double_value(&[]) > 0.0,
+            "{name} did not train"
+        );
+    }
+    assert!(!saved
+        .iter()
+        .any(|(k, _)| k.contains("vit.transformer.layers.0.")));
+    // PEFT export, then chat through it.
+    let base = xrayglm::weights::source::checkpoint_base(&ck).unwrap();
+    let peft = dir.path().join("peft");
+    let st = xrayglm()
+        .args(["export", "--format", "peft", "--from_pretrained"])
+        .arg(&straight.run_dir)
+        .arg("--to")
+        .arg(&peft)
+        .arg("--base_model_name")
+        .arg(&base)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let film = dir.path().join("data/Xray/synth_00003.png");
+    let chat = |from: &Path| {
+        let out = xrayglm()
+            .env(
+                "XRAYGLM_TOKENIZER",
+                common::ice_text(&common::shared().unwrap()),
+            )
+            .args(["chat", "--greedy", "--max_length", "160"])
+            .args([
+                "--prompt",
+                xrayglm::data::records::FIXED_PROMPT,
+                "--from_pretrained",
+            ])
+            .arg(from)
+            .arg("--image")
+            .arg(&film)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (run_says, peft_says) = (chat(&straight.run_dir), chat(&peft));
+    assert!(!run_says.is_empty());
+    assert_eq!(peft_says, run_says);
+}
+
 /// Issue 19: a conversation file whose samples have two films (a study's PA and lateral, two
 /// `<image>` markers) trains the tiny model, and the result chats about two films: the same greedy
 /// reply from a chat session, from `answer_batch` (as eval asks) and from

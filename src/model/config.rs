@@ -426,9 +426,17 @@ impl ModelConfig {
             }
             let t = &l.targets;
             for (what, list, n) in [
-                ("targets.mlp (ChatGLM)", t.mlp.clone().unwrap_or_default(), s.num_layers),
+                (
+                    "targets.mlp (ChatGLM)",
+                    t.mlp.clone().unwrap_or_default(),
+                    s.num_layers,
+                ),
                 ("targets.vit", t.vit.clone(), s.eva_args.num_layers),
-                ("targets.qformer", t.qformer.clone(), s.qformer_args.num_layers),
+                (
+                    "targets.qformer",
+                    t.qformer.clone(),
+                    s.qformer_args.num_layers,
+                ),
             ] {
                 if let Some(&bad) = list.iter().find(|&&i| i < 0 || i >= n) {
                     bail!("lora {what}: layer {bad} is not among its {n} layers");

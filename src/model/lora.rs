@@ -159,7 +159,12 @@ impl Lora {
         };
         let mut off = bd.abs().sum(Kind::Double).double_value(&[]);
         for p in 0..n {
-            off -= bd.get(p).select(1, p).abs().sum(Kind::Double).double_value(&[]);
+            off -= bd
+                .get(p)
+                .select(1, p)
+                .abs()
+                .sum(Kind::Double)
+                .double_value(&[]);
         }
         anyhow::ensure!(
             off <= 1e-12,
@@ -211,7 +216,10 @@ pub struct Adapted {
 
 impl Adapted {
     /// `linear` with a LoRA created in the fp32 store at `lora` (A uniform, B zero), or none.
-    pub fn new(linear: super::nn::Linear, lora: Option<(&Path, &super::config::LoraConfig)>) -> Self {
+    pub fn new(
+        linear: super::nn::Linear,
+        lora: Option<(&Path, &super::config::LoraConfig)>,
+    ) -> Self {
         let lora = lora.map(|(p, cfg)| {
             let (out_dim, in_dim) = linear.weight.size2().expect("a linear's weight is 2-D");
             let mut l = Lora::new(p, in_dim, out_dim, 1, cfg.rank, cfg.scaling(), None);

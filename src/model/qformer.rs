@@ -110,14 +110,26 @@ impl QFormer {
                 let plain = |i: i64, o: i64| move |p: &Path| Linear::new(p, i, o, true);
                 let cross = a.is_decoder[i as usize].then(|| Cross {
                     query: adapted("cross_attention.query", &|p| {
-                        Linear::with_init(p, h, h, true, super::nn::gained_init(h, CROSS_QUERY_GAIN))
+                        Linear::with_init(
+                            p,
+                            h,
+                            h,
+                            true,
+                            super::nn::gained_init(h, CROSS_QUERY_GAIN),
+                        )
                     }),
                     key_value: adapted(
                         "cross_attention.key_value",
                         &plain(a.cross_attn_hidden_size, 2 * h),
                     ),
                     dense: adapted("cross_attention.dense", &|p| {
-                        Linear::with_init(p, h, h, true, super::nn::gained_init(h, CROSS_DENSE_GAIN))
+                        Linear::with_init(
+                            p,
+                            h,
+                            h,
+                            true,
+                            super::nn::gained_init(h, CROSS_DENSE_GAIN),
+                        )
                     }),
                     layernorm: LayerNorm::new(&(&l / "post_cross_attention_layernorm"), h, eps),
                 });
@@ -168,11 +180,12 @@ impl QFormer {
                 train,
                 self.fused_attention,
             );
-            let h1 = &a + dropout(
-                &l.dense.forward(&merge_heads(&ctx), train),
-                self.dropout,
-                train,
-            );
+            let h1 = &a
+                + dropout(
+                    &l.dense.forward(&merge_heads(&ctx), train),
+                    self.dropout,
+                    train,
+                );
             let mut m = l.post_attention_layernorm.forward(&h1);
             if let Some(c) = &l.cross {
                 let q = split_heads(&c.query.forward(&m, train), nh);
@@ -185,11 +198,12 @@ impl QFormer {
                     train,
                     self.fused_attention,
                 );
-                let h2 = &m + dropout(
-                    &c.dense.forward(&merge_heads(&ctx), train),
-                    self.dropout,
-                    train,
-                );
+                let h2 = &m
+                    + dropout(
+                        &c.dense.forward(&merge_heads(&ctx), train),
+                        self.dropout,
+                        train,
+                    );
                 m = c.layernorm.forward(&h2);
             }
             let mlp = l

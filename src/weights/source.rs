@@ -171,7 +171,10 @@ impl PeftAdapter {
             } else if let Some(m) = stem.strip_suffix(".lora_B") {
                 (m, 1)
             } else {
-                bail!("{}: {n} is not a LoRA tensor (lora_A / lora_B)", file.display());
+                bail!(
+                    "{}: {n} is not a LoRA tensor (lora_A / lora_B)",
+                    file.display()
+                );
             };
             let e = parts.entry(module.to_string()).or_default();
             if ab == 0 {
@@ -224,20 +227,32 @@ impl PeftAdapter {
             let t = &mut config.targets;
             if let Some(rest) = m.strip_prefix("transformer.layers.") {
                 let i = layer_of(rest).with_context(|| format!("module {m}"))?;
-                let list = if rest.contains(".mlp.") { &mut mlp } else { &mut config.layers };
+                let list = if rest.contains(".mlp.") {
+                    &mut mlp
+                } else {
+                    &mut config.layers
+                };
                 list.push(i);
             } else if let Some(rest) = m.strip_prefix("mixins.eva.model.vit.transformer.layers.") {
-                t.vit.push(layer_of(rest).with_context(|| format!("module {m}"))?);
-            } else if let Some(rest) = m.strip_prefix("mixins.eva.model.qformer.transformer.layers.")
+                t.vit
+                    .push(layer_of(rest).with_context(|| format!("module {m}"))?);
+            } else if let Some(rest) =
+                m.strip_prefix("mixins.eva.model.qformer.transformer.layers.")
             {
-                t.qformer.push(layer_of(rest).with_context(|| format!("module {m}"))?);
+                t.qformer
+                    .push(layer_of(rest).with_context(|| format!("module {m}"))?);
             } else if m == "mixins.eva.model.glm_proj" {
                 t.glm_proj = true;
             } else {
                 bail!("{}: {m} is not a linear xrayglm adapts", file.display());
             }
         }
-        for l in [&mut config.layers, &mut mlp, &mut config.targets.vit, &mut config.targets.qformer] {
+        for l in [
+            &mut config.layers,
+            &mut mlp,
+            &mut config.targets.vit,
+            &mut config.targets.qformer,
+        ] {
             l.sort_unstable();
             l.dedup();
         }
@@ -444,9 +459,9 @@ impl ModelDir {
         let loras: std::collections::HashMap<String, &crate::model::lora::Lora> =
             model.loras().into_iter().collect();
         for (name, a, b) in &p.modules {
-            let l = loras
-                .get(name)
-                .with_context(|| format!("{}: no adapter {name} in the model", self.dir.display()))?;
+            let l = loras.get(name).with_context(|| {
+                format!("{}: no adapter {name} in the model", self.dir.display())
+            })?;
             l.set_from_single_rank(a, b)
                 .with_context(|| format!("{}: {name}", self.dir.display()))?;
             report.lora_loaded += 2;
