@@ -324,7 +324,7 @@ fn mismatched_base_and_missing_files_are_refused() {
 /// `attention.dense` of a non-adapted layer included); each module's rank and alpha, resolved
 /// through `rank_pattern` / `alpha_pattern` as PEFT resolves them, give `alpha/r · B·A` = our
 /// ΔW (≤ 1e-6); and the folder loads over its base (`--from_pretrained PEFT_DIR`) with the
-/// logits of the model it came from (≤ 1e-6 relative).
+/// logits of the model it came from (≤ 1e-6 relative); the merged export (sat names) too (≤ 1e-5).
 #[test]
 fn vision_adapters_export_to_peft_and_reload_with_identical_logits() {
     use xrayglm::model::config::{LoraTargets, ModelConfig};
@@ -437,4 +437,15 @@ fn vision_adapters_export_to_peft_and_reload_with_identical_logits() {
         load_model(&to, &LoadOptions::default()).err().unwrap()
     );
     assert!(err.contains("is not a local folder"), "{err}");
+    // Merged (sat names): every target folded into its weight, the same logits.
+    let merged = tmp.path().join("merged");
+    let o = xrayglm::export::Options {
+        format: xrayglm::export::Format::Sat,
+        ..o
+    };
+    xrayglm::export::export(&mut m, &merged, &o).unwrap();
+    let (flat, _) = load_model(&merged, &LoadOptions::default()).unwrap();
+    assert!(flat.cfg.lora.is_none() && flat.loras().is_empty());
+    let e = max_diff(&logits(&flat), &want) / want.abs().max().double_value(&[]);
+    assert!(e <= 1e-5, "merged export: logits differ by {e:.3e}");
 }

@@ -846,3 +846,49 @@ fn vision_adapter_gradients_match_finite_differences() {
         );
     }
 }
+
+/// NF4 against bitsandbytes, which runs on this CPU (bitsandbytes 0.50.2, torch 2.11.0;
+/// tests/fixtures/nf4 from scripts/make_nf4_fixtures.py: `quantize_4bit(nf4, blocksize 64)`
+/// without double quantization, then `dequantize_4bit`): its 16-value code table equals ours
+/// (≤ 2e-7: its table holds fp32 roundings of the published values), every weight of three
+/// matrices (N(0, 0.02); Student-t with 1,850 elements, not a whole number of blocks; blocks with
+/// zeros and an all-zero block) gets the same code index, the same block absmax, and dequantizes
+/// to bitsandbytes' values (≤ 2e-7 × the largest absmax: the code tables' difference; measured
+/// 1.5e-8 on absmax 0.089).
+#[test]
+fn nf4_matches_bitsandbytes() {
+    use xrayglm::model::nf4::{code_values, Nf4, Scales};
+    let f = map(common::fixture("nf4").join("bnb_nf4.safetensors"));
+    let code = &f["code"];
+    for (k, &c) in code_values().iter().enumerate() {
+        let theirs = code.double_value(&[k as i64]);
+        assert!((theirs - c).abs() <= 2e-7, "code {k}: {theirs} vs {c}");
+    }
+    for case in ["normal", "heavy", "sparse"] {
+        let w = &f[&format!("{case}.weight")];
+        let q = Nf4::quantize(w, false).unwrap();
+        let n = w.numel() as i64;
+        let packed = q.packed.to_kind(Kind::Int64);
+        let ours = Tensor::stack(&[packed.floor_divide_scalar(16), packed.remainder(16)], 1)
+            .reshape([-1])
+            .narrow(0, 0, n);
+        let theirs = f[&format!("{case}.index")].to_kind(Kind::Int64);
+        let differ = ours.ne_tensor(&theirs).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{case}: {differ} of {n} code indices differ");
+        let Scales::Plain(absmax) = &q.scales else {
+            panic!("plain scales asked for")
+        };
+        let bnb_absmax = &f[&format!("{case}.absmax")];
+        assert_eq!(
+            (absmax - bnb_absmax).abs().max().double_value(&[]),
+            0.0,
+            "{case}: absmax"
+        );
+        let d = q.dequantize(Kind::Float);
+        let bnb = &f[&format!("{case}.dequantized")];
+        // The only difference left is the code tables' (≤ 2e-7), times the block's absmax.
+        let tol = 2e-7 * bnb_absmax.abs().max().double_value(&[]);
+        let e = (&d - bnb).abs().max().double_value(&[]);
+        assert!(e <= tol, "{case}: dequantized differ by {e:.3e} (tolerance {tol:.1e})");
+    }
+}

@@ -137,8 +137,9 @@ impl Nf4 {
         };
         let blocks = flat.view([-1, BLOCK]);
         let absmax = blocks.abs().amax([1].as_slice(), true);
-        // An all-zero block keeps scale 0 (its values are all code 0 anyway).
-        let scaled = &blocks / absmax.clamp_min(f64::MIN_POSITIVE);
+        // An all-zero block keeps scale 0 and its values the zero code (as bitsandbytes does; the
+        // divisor is the smallest normal fp32 — f64's would underflow to 0 and give 0/0).
+        let scaled = &blocks / absmax.clamp_min(f32::MIN_POSITIVE as f64);
         let codes = code_values();
         let mids: Vec<f32> = codes
             .windows(2)
