@@ -889,6 +889,9 @@ fn nf4_matches_bitsandbytes() {
         // The only difference left is the code tables' (≤ 2e-7), times the block's absmax.
         let tol = 2e-7 * bnb_absmax.abs().max().double_value(&[]);
         let e = (&d - bnb).abs().max().double_value(&[]);
-        assert!(e <= tol, "{case}: dequantized differ by {e:.3e} (tolerance {tol:.1e})");
+        assert!(
+            e <= tol,
+            "{case}: dequantized differ by {e:.3e} (tolerance {tol:.1e})"
+        );
     }
 }

@@ -148,7 +148,9 @@ impl Vit {
                 self.dropout,
                 train,
             );
-            x = x + attn;
+            // Out of place: with vision adapters the layer norm's saved input must stay intact
+            // for the backward (tch's `+=` adds in place).
+            x = &x + attn;
             let m = blk.h4_to_h.forward(
                 &gelu_erf(
                     &blk.h_to_4h
@@ -156,7 +158,7 @@ impl Vit {
                 ),
                 train,
             );
-            x = x + dropout(&m, self.dropout, train);
+            x = &x + dropout(&m, self.dropout, train);
         }
         self.ln_vision.forward(&x)
     }
