@@ -248,12 +248,16 @@ impl Adapted {
             return;
         }
         let sign = if merged { 1.0 } else { -1.0 };
-        let w = &mut self.linear.weight;
-        let delta = (l.delta_weight() * sign).to_device(w.device());
-        tch::no_grad(|| {
-            let m = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
-            w.copy_(&m);
-        });
+        fold(&mut self.linear.weight, &l.delta_weight(), sign);
         self.merged = merged;
     }
+}
+
+/// `w ← w + sign·ΔW` in fp32, stored back in `w`'s kind (merging and unmerging an adapter).
+pub fn fold(w: &mut Tensor, delta: &Tensor, sign: f64) {
+    let delta = (delta * sign).to_device(w.device());
+    tch::no_grad(|| {
+        let m = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
+        w.copy_(&m);
+    });
 }

@@ -320,11 +320,7 @@ impl VisualGlm {
             let w = vars
                 .get_mut(&name)
                 .ok_or_else(|| anyhow::anyhow!("no base weight {name} for its LoRA"))?;
-            let delta = (lora.delta_weight() * sign).to_device(w.device());
-            tch::no_grad(|| {
-                let merged = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
-                w.copy_(&merged);
-            });
+            super::lora::fold(w, &lora.delta_weight(), sign);
         }
         Ok(())
     }
