@@ -911,7 +911,7 @@ fn vision_adapters_train_resume_and_chat_through_peft() {
 /// Issue 19: a conversation file whose samples have two films (a study's PA and lateral, two
 /// `<image>` markers) trains the tiny model, and the result chats about two films: the same greedy
 /// reply from a chat session, from `answer_batch` (as eval asks) and from
-/// `xrayglm chat --image PA --image LATERAL`.
+/// `xrayglm chat --image PA --image LATERAL`; `xrayglm eval` scores every two-film study.
 #[test]
 fn a_two_film_conversation_file_trains_and_the_result_chats() {
     use xrayglm::infer::chat::{ChatModel, ChatSettings, Session};
@@ -1017,6 +1017,38 @@ fn a_two_film_conversation_file_trains_and_the_result_chats() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), said);
+    // `eval` on the run's two-film records: the loss and a report for every study, in batches
+    // that mix rows of two films each.
+    let out = xrayglm()
+        .env(
+            "XRAYGLM_TOKENIZER",
+            common::ice_text(&common::shared().unwrap()),
+        )
+        .arg("eval")
+        .arg("--checkpoint")
+        .arg(&s.run_dir)
+        .args([
+            "--split",
+            "all",
+            "--batch_size",
+            "5",
+            "--max_new_tokens",
+            "24",
+        ])
+        .args(["--no_progress", "--out"])
+        .arg(dir.path().join("eval"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r0 = &report["reports"][0];
+    assert_eq!(r0["films"], 12, "{r0}");
+    assert!(r0["val_loss"].as_f64().unwrap() < first, "{r0}");
+    assert_eq!(r0["metrics"]["count"], 12, "{r0}");
     // The prompt holds two image blocks.
     let (ids2, starts) = chat.prompt_ids(&[], &r.prompt, false, 2).unwrap();
     assert_eq!(starts.len(), 2);
