@@ -85,7 +85,7 @@ pub struct EvalArgs {
     /// Kind of the frozen weights: fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU).
     #[arg(long)]
     pub dtype: Option<xrayglm::device::Dtype>,
-    /// 8: int8 ChatGLM layer weights (to measure the quality cost of `--quant 8`).
+    /// 8: int8 ChatGLM layer weights, 4: NF4 (to measure the quality cost of `--quant 8` / `4`).
     #[arg(long)]
     pub quant: Option<u8>,
     /// Folder for report.json, report.md and one `<name>.jsonl` of generated reports per
