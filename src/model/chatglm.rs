@@ -921,9 +921,13 @@ impl ChatGlm {
                 Some(m) => &scores * m - (m.ones_like() - m) * 10000.0,
                 None => scores,
             };
-            let probs = (scores.to_kind(Kind::Float) * c)
-                .softmax(-1, Kind::Float)
-                .to_kind(kind);
+            // The softmax in fp32 as sat's (float64 models — gradient checks — stay in float64).
+            let acc = if kind == Kind::Double {
+                Kind::Double
+            } else {
+                Kind::Float
+            };
+            let probs = (scores.to_kind(acc) * c).softmax(-1, acc).to_kind(kind);
             dropout(&probs, self.dropout.attention, train).matmul(&v)
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
