@@ -94,6 +94,7 @@ impl DataSection {
             threads: 0,
             conversation_turns: self.conversation_turns,
             group_views: self.group_views,
+            max_history_turns: None,
         }
     }
 
@@ -501,7 +502,7 @@ impl Config {
     pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let (mut table, origin) = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
+                let text = crate::io::read_capped(p, crate::io::MAX_CONFIG_BYTES)
                     .with_context(|| format!("reading config {}", p.display()))?;
                 let t: toml::Table = toml::from_str(&text)
                     .map_err(|e| anyhow::anyhow!("config {}: {e}", p.display()))?;
@@ -529,9 +530,81 @@ impl Config {
         Ok(cfg)
     }
 
+    /// How records load for this config: [`DataSection::load_options`] with the conversation
+    /// history limit that `sample.max_source_length` sets.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_history_turns: Some(
+                self.sample.max_source_length / crate::data::records::MIN_TOKENS_PER_TURN,
+            ),
+            ..self.data.load_options()
+        }
+    }
+
+    /// Every numeric setting in its range, checked when a config loads — before anything is
+    /// created or loaded.
     pub fn validate(&self) -> Result<()> {
         if self.image.size == 0 {
             bail!("image.size must be positive");
+        }
+        let probability = |key: &str, x: f64| -> Result<()> {
+            if !(0.0..1.0).contains(&x) {
+                bail!("{key} = {x}: a probability in [0, 1)");
+            }
+            Ok(())
+        };
+        let fraction = |key: &str, x: f64| -> Result<()> {
+            if !(0.0..=1.0).contains(&x) {
+                bail!("{key} = {x}: must be in [0, 1]");
+            }
+            Ok(())
+        };
+        let non_negative = |key: &str, x: f64| -> Result<()> {
+            if !(x.is_finite() && x >= 0.0) {
+                bail!("{key} = {x}: must be finite and ≥ 0");
+            }
+            Ok(())
+        };
+        let positive = |key: &str, x: f64| -> Result<()> {
+            if !(x.is_finite() && x > 0.0) {
+                bail!("{key} = {x}: must be finite and > 0");
+            }
+            Ok(())
+        };
+        let m = &self.model;
+        probability("model.vision_dropout", m.vision_dropout)?;
+        probability("model.glm_dropout", m.glm_dropout)?;
+        m.lora.validate("model.lora")?;
+        if self.synthetic.count > 0 && self.synthetic.size == 0 {
+            bail!("synthetic.size must be positive");
+        }
+        if self.sample.max_source_length == 0 || self.sample.max_target_length == 0 {
+            bail!("sample.max_source_length and sample.max_target_length must be positive");
+        }
+        let t = &self.train;
+        fraction("train.warmup", t.warmup)?;
+        fraction("train.min_lr_ratio", t.min_lr_ratio)?;
+        fraction("train.auto_warmup_rate", t.auto_warmup_rate)?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        probability("train.beta1", t.beta1)?;
+        probability("train.beta2", t.beta2)?;
+        positive("train.eps", t.eps)?;
+        non_negative("train.clip_grad", t.clip_grad)?;
+        positive("train.min_loss_scale", t.min_loss_scale)?;
+        if t.initial_scale_power > 64 {
+            bail!(
+                "train.initial_scale_power = {}: at most 64",
+                t.initial_scale_power
+            );
+        }
+        if t.loss_scale_window <= 0 || t.hysteresis <= 0 {
+            bail!("train.loss_scale_window and train.hysteresis must be positive");
+        }
+        if t.stop_at < 0 || t.eval_generate_interval < 0 {
+            bail!("train.stop_at and train.eval_generate_interval must be ≥ 0");
+        }
+        if t.dist_timeout_s == 0 {
+            bail!("train.dist_timeout_s must be positive");
         }
         if self.loader.batch_size == 0 {
             bail!("loader.batch_size must be positive");

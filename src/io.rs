@@ -98,3 +98,159 @@ pub fn remove_dead_leftovers(dir: &Path) -> usize {
     }
     removed
 }
+
+/// What a command reads, so that nothing it writes is ever one of its inputs: every file named by
+/// a flag (records, rules, references, configs, hypotheses) and every file of an input folder
+/// (a model folder: weights, configs, tokenizer; a run: its checkpoint and the base behind it).
+/// Files are compared by canonical path and by device and inode, so symbolic and hard links to an
+/// input are inputs too.
+#[derive(Default, Debug)]
+pub struct Inputs {
+    files: Vec<(PathBuf, Option<(u64, u64)>, String)>,
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Where `path` leads once written: its canonical form when it exists, else its folder's canonical
+/// form joined with its name (a missing folder: the path as given, made absolute).
+fn landing(path: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(path) {
+        return c;
+    }
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
+    }
+}
+
+impl Inputs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An input file, `what` naming it in errors (e.g. `--against B.jsonl`). A path that does not
+    /// exist is not recorded (the command itself says it is missing).
+    pub fn file(&mut self, what: impl Into<String>, path: &Path) -> &mut Self {
+        if path.is_file() {
+            self.files.push((landing(path), file_id(path), what.into()));
+        } else if path.is_dir() {
+            self.folder(what, path);
+        }
+        self
+    }
+
+    /// Every file directly inside `dir` (a model or checkpoint folder), named `what` in errors.
+    pub fn folder(&mut self, what: impl Into<String>, dir: &Path) -> &mut Self {
+        let what = what.into();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_file() {
+                self.files.push((
+                    landing(&p),
+                    file_id(&p),
+                    format!("{what} ({})", p.display()),
+                ));
+            }
+        }
+        self
+    }
+
+    /// Refuse `out` (given as `flag`) when it is one of the inputs.
+    pub fn check(&self, flag: &str, out: &Path) -> Result<()> {
+        let target = landing(out);
+        let id = file_id(out);
+        if let Some((_, _, what)) = self
+            .files
+            .iter()
+            .find(|(p, i, _)| *p == target || (id.is_some() && *i == id))
+        {
+            anyhow::bail!(
+                "{flag} {} is an input of this command ({what}): refusing to write over it; choose another output",
+                out.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// [`Inputs::check`] for each file a command will write into the folder `dir`.
+    pub fn check_in(&self, flag: &str, dir: &Path, names: &[&str]) -> Result<()> {
+        if dir.is_file() {
+            self.check(flag, dir)?;
+            anyhow::bail!("{flag} {}: is a file; give a folder", dir.display());
+        }
+        for n in names {
+            self.check(flag, &dir.join(n))?;
+        }
+        Ok(())
+    }
+}
+
+/// The largest config, adapter config, rules or JSON sidecar file read (64 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+/// The largest image file read (256 MiB; a 16-bit 8k × 8k PNG is ~128 MiB uncompressed).
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+/// The largest records, conversation or hypotheses file read (4 GiB).
+pub const MAX_DATA_BYTES: u64 = 4 << 30;
+
+/// Check that `path` is a regular file (not a folder, device, pipe or socket; a link is followed)
+/// of at most `cap` bytes, and return its size. Reading `/dev/zero` or a FIFO would never end.
+pub fn check_regular(path: &Path, cap: u64) -> Result<u64> {
+    let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !m.is_file() {
+        anyhow::bail!(
+            "{}: not a regular file ({})",
+            path.display(),
+            if m.is_dir() {
+                "a folder"
+            } else {
+                "a device, pipe or socket"
+            }
+        );
+    }
+    if m.len() > cap {
+        anyhow::bail!(
+            "{}: {} bytes, more than the {} MiB this input may have",
+            path.display(),
+            m.len(),
+            cap >> 20
+        );
+    }
+    Ok(m.len())
+}
+
+/// Read a regular file of at most `cap` bytes (checked before reading, and again while reading in
+/// case it grows).
+pub fn read_bytes_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let size = check_regular(path, cap)?;
+    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut buf = Vec::with_capacity(size as usize);
+    f.take(cap + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if buf.len() as u64 > cap {
+        anyhow::bail!(
+            "{}: grew past the {} MiB this input may have while being read",
+            path.display(),
+            cap >> 20
+        );
+    }
+    Ok(buf)
+}
+
+/// [`read_bytes_capped`] as UTF-8 text.
+pub fn read_capped(path: &Path, cap: u64) -> Result<String> {
+    String::from_utf8(read_bytes_capped(path, cap)?)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text ({e})", path.display()))
+}
+
+/// Text without a leading UTF-8 byte order mark (which editors on Windows write).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}

@@ -30,9 +30,16 @@ pub struct Summary {
     pub records_file: PathBuf,
     pub schema: Schema,
     pub generated: Option<usize>,
+    /// Records in the file (films for annotations, conversations for conversation files).
     pub total: usize,
+    /// Usable records (studies with `data.group_views`, conversations for conversation files).
     pub usable: usize,
+    /// Training samples written: one per usable record, one per answer of a conversation.
+    pub samples: usize,
     pub bad: Vec<(BadKind, usize)>,
+    /// Conversation turns that make no sample: last questions without an answer, system turns
+    /// after the conversation started.
+    pub dropped_turns: usize,
     pub out: PathBuf,
     /// Films outside the training list's folder: written as absolute paths, which training reads
     /// only with `data.allow_outside_root = true`.
@@ -64,13 +71,29 @@ impl std::fmt::Display for Summary {
                 self.usable,
                 self.bad.iter().map(|(_, n)| n).sum::<usize>()
             )?,
+            _ if matches!(self.schema, Schema::Llava | Schema::ShareGpt) => writeln!(
+                f,
+                "  total {} conversations  usable {} → {} samples (one per answer)  bad {} conversations",
+                self.total,
+                self.usable,
+                self.samples,
+                self.bad.iter().map(|(_, n)| n).sum::<usize>()
+            )?,
             _ => writeln!(
                 f,
                 "  total {}  usable {}  bad {}",
                 self.total,
                 self.usable,
-                self.total - self.usable
+                self.bad.iter().map(|(_, n)| n).sum::<usize>()
             )?,
+        }
+        if self.dropped_turns > 0 {
+            writeln!(
+                f,
+                "  {} turn(s) make no sample: a last question without an answer, or a system turn \
+                 after the conversation started",
+                self.dropped_turns
+            )?;
         }
         for (k, n) in &self.bad {
             writeln!(f, "  skipped {n} × {k:?}")?;
@@ -119,7 +142,7 @@ impl std::fmt::Display for Summary {
 /// other existing file unless `force`.
 pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> Result<Summary> {
     let generated = ensure_synthetic(cfg)?;
-    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
     let out = cfg.data.out_path();
     check_out(&out, &loaded.file, &loaded.records, force)?;
     let absolute_paths = write_training_list(&out, &loaded.records)?;
@@ -133,8 +156,14 @@ pub fn run(cfg: &Config, tokenizer: Option<&ChatGlmTokenizer>, force: bool) -> R
         schema: loaded.schema,
         generated,
         total: loaded.total,
-        usable: loaded.records.len(),
+        usable: {
+            let mut indices: Vec<usize> = loaded.records.iter().map(|r| r.index).collect();
+            indices.dedup();
+            indices.len()
+        },
+        samples: loaded.records.len(),
         bad: loaded.bad_counts(),
+        dropped_turns: loaded.dropped_turns,
         out,
         absolute_paths,
         tokens,

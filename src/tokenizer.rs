@@ -90,6 +90,7 @@ impl ChatGlmTokenizer {
         }
         let is_json = path.extension().is_some_and(|e| e == "json");
         if is_json {
+            crate::io::check_regular(path, crate::io::MAX_CONFIG_BYTES)?;
             let t = Tokenizer::from_file(path)
                 .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json: {e}", path.display()))?;
             Self::wrap(t)
@@ -100,7 +101,7 @@ impl ChatGlmTokenizer {
 
     /// Build from a sentencepiece model file.
     pub fn from_sentencepiece(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = crate::io::read_bytes_capped(path, crate::io::MAX_CONFIG_BYTES)?;
         let model = SentencePieceModel::from_slice(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a sentencepiece model: {e}", path.display()))?;
         Self::from_model(&model)

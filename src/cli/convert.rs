@@ -48,6 +48,16 @@ pub struct ConvertArgs {
     pub tokenizer: Option<PathBuf>,
 }
 
+impl ModelArgs {
+    /// Record `--model`'s folders (the folder, its checkpoint, its bases) as inputs.
+    pub fn record_inputs(&self, inputs: &mut xrayglm::io::Inputs) {
+        if !self.model.to_string_lossy().starts_with("preset:") {
+            let what = format!("--model {}", self.model.display());
+            xrayglm::weights::source::model_inputs(inputs, &what, &self.model);
+        }
+    }
+}
+
 pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm> {
     let kind = a.dtype.kind();
     let opts = xrayglm::weights::source::LoadOptions {
@@ -80,6 +90,21 @@ pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm>
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
+    let mut inputs = xrayglm::io::Inputs::new();
+    a.model.record_inputs(&mut inputs);
+    if let Some(t) = &a.tokenizer {
+        inputs.file(format!("--tokenizer {}", t.display()), t);
+    }
+    inputs.check_in(
+        "--to",
+        &a.to,
+        &[
+            "model.safetensors",
+            "lora.safetensors",
+            "model_config.json",
+            "tokenizer.json",
+        ],
+    )?;
     let mut m = load_model(&a.model)?;
     if a.merge_lora {
         m.merge_lora()?;

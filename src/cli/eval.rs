@@ -86,7 +86,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub dtype: Option<xrayglm::device::Dtype>,
     /// 8: int8 ChatGLM layer weights, 4: NF4 (to measure the quality cost of `--quant 8` / `4`).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_quant)]
     pub quant: Option<u8>,
     /// Folder for report.json, report.md and one `<name>.jsonl` of generated reports per
     /// checkpoint (each written atomically). With --checkpoint the default is `eval`.
@@ -126,6 +126,17 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         xrayglm::eval::findings::ce::UncertainAs::Negative
     };
+    let inputs = eval_inputs(&a);
+    let out = a
+        .out
+        .clone()
+        .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
+    if let Some(dir) = &out {
+        inputs.check_in("--out", dir, &["report.json", "report.md"])?;
+    }
+    if let Some(tb) = &a.tensorboard {
+        inputs.check("--tensorboard", tb)?;
+    }
     let mut report = xrayglm::eval::report::EvalReport::new(uncertain_as);
     // Hypotheses files: scored as they are.
     for path in &a.hypotheses {
@@ -141,9 +152,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         report.add_hypotheses(&name, &items)?;
     }
     // Checkpoints: every folder must exist before anything runs.
-    let exists = |d: &PathBuf| d.is_dir() || xrayglm::train::checkpoint::pointer(d).is_some();
-    if let Some(d) = a.checkpoints.iter().find(|d| !exists(d)) {
-        anyhow::bail!("--checkpoint {}: no such folder", d.display());
+    for d in &a.checkpoints {
+        if let Some(e) = xrayglm::train::checkpoint::pointer_error(d) {
+            anyhow::bail!("--checkpoint {}: {e}", d.display());
+        }
+        if !d.is_dir() && xrayglm::train::checkpoint::pointer(d).is_none() {
+            anyhow::bail!("--checkpoint {}: no such folder", d.display());
+        }
     }
     if a.image_ablation.is_some() && (a.checkpoints.is_empty() || a.no_generate) {
         anyhow::bail!(
@@ -188,17 +203,39 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             }
         }
     }
-    let out = a
-        .out
-        .clone()
-        .or_else(|| (!a.checkpoints.is_empty()).then(|| PathBuf::from("eval")));
     if let Some(dir) = &out {
+        inputs.check_in("--out", dir, &report.file_names())?;
         report.write(dir)?;
         xrayglm::errln!("wrote {}", dir.display());
     }
     xrayglm::outln!("{}", serde_json::to_string_pretty(&report.json())?);
     xrayglm::err!("{}", report.markdown());
     Ok(())
+}
+
+/// Every file eval reads: hypotheses, data, config and each checkpoint with the bases it stands on.
+fn eval_inputs(a: &EvalArgs) -> xrayglm::io::Inputs {
+    let mut inputs = xrayglm::io::Inputs::new();
+    for h in &a.hypotheses {
+        inputs.file(format!("--hypotheses {}", h.display()), h);
+    }
+    for (flag, p) in [
+        ("--data", &a.data),
+        ("--config", &a.config),
+        ("--tokenizer", &a.tokenizer),
+    ] {
+        if let Some(p) = p {
+            inputs.file(format!("{flag} {}", p.display()), p);
+        }
+    }
+    for c in &a.checkpoints {
+        xrayglm::weights::source::model_inputs(
+            &mut inputs,
+            &format!("--checkpoint {}", c.display()),
+            c,
+        );
+    }
+    inputs
 }
 
 fn data_options(a: &EvalArgs) -> xrayglm::eval::checkpoint::DataOptions {

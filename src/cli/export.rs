@@ -44,6 +44,13 @@ pub struct ExportArgs {
 pub fn export(a: ExportArgs) -> Result<()> {
     use xrayglm::export::{export, Format, Options};
     let format: Format = a.format.parse()?;
+    if a.shard_mib == 0 {
+        anyhow::bail!("--shard_mib 0: a shard holds at least 1 MiB (default 4096)");
+    }
+    let mut inputs = xrayglm::io::Inputs::new();
+    let what = format!("--from_pretrained {}", a.from_pretrained.display());
+    xrayglm::weights::source::model_inputs(&mut inputs, &what, &a.from_pretrained);
+    inputs.check("--to", &a.to)?;
     if a.to.is_file() || (a.to.is_dir() && a.to.read_dir()?.next().is_some()) {
         anyhow::bail!(
             "--to {} already exists and is not empty: export into a new folder",

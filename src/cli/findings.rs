@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use xrayglm::eval::findings::{ce, files};
@@ -45,6 +45,20 @@ pub struct FindingsArgs {
 }
 
 pub fn findings(a: FindingsArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        let mut inputs = xrayglm::io::Inputs::new();
+        inputs.file(format!("FILE {}", a.file.display()), &a.file);
+        for (flag, p) in [
+            ("--rules", &a.rules),
+            ("--against", &a.against),
+            ("--against_rules", &a.against_rules),
+        ] {
+            if let Some(p) = p {
+                inputs.file(format!("{flag} {}", p.display()), p);
+            }
+        }
+        inputs.check("--out", out)?;
+    }
     let l = files::Labelled::file(&a.file, a.distinct, a.lang, a.rules.as_deref())?;
     let mut summary = serde_json::json!({
         "file": a.file.display().to_string(),
@@ -74,9 +88,6 @@ pub fn findings(a: FindingsArgs) -> Result<()> {
         });
     }
     if let Some(out) = &a.out {
-        if std::fs::canonicalize(out).ok() == std::fs::canonicalize(&a.file).ok() && out.exists() {
-            bail!("--out {} is the input file", out.display());
-        }
         xrayglm::io::write_atomic(out, l.lines(a.evidence)?.as_bytes())?;
         xrayglm::errln!("wrote {}", out.display());
     }

@@ -27,7 +27,7 @@ pub struct InferArgs {
     /// 8: hold ChatGLM's layer weights in int8 (weight-only, per-row scales; the original's
     /// `--quant 8`), about a quarter of their memory; 4: NF4 (QLoRA's 4-bit NormalFloat, double-
     /// quantized scales), about an eighth.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_quant)]
     pub quant: Option<u8>,
     #[arg(long = "max_length", alias = "max-length", default_value_t = 2048)]
     pub max_length: usize,

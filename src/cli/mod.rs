@@ -88,6 +88,15 @@ pub enum Command {
     Info,
 }
 
+/// `--quant`: 8 (int8) or 4 (NF4), refused on the command line before any model loads.
+pub fn parse_quant(s: &str) -> Result<u8, String> {
+    match s {
+        "8" => Ok(8),
+        "4" => Ok(4),
+        _ => Err(format!("{s:?}: 8 (int8 weights) or 4 (NF4, QLoRA's 4-bit)")),
+    }
+}
+
 pub fn load_tokenizer(
     explicit: Option<&PathBuf>,
     cfg_path: Option<&PathBuf>,

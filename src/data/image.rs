@@ -356,7 +356,7 @@ impl ImageProcessor {
     }
 
     pub fn process_file(&self, path: &Path) -> Result<Vec<f32>> {
-        let bytes = std::fs::read(path)
+        let bytes = crate::io::read_bytes_capped(path, crate::io::MAX_IMAGE_BYTES)
             .with_context(|| format!("{}: cannot read image", path.display()))?;
         self.process_bytes(&bytes)
             .with_context(|| format!("{}: bad image", path.display()))

@@ -129,6 +129,14 @@ pub enum BadKind {
     OutsideRoot,
     /// An image id that `data.group_views` cannot place in a study (not `<report>_<k>`).
     NotAStudy,
+    /// A field that must be a list (a conversation's turns) is something else.
+    NotAList,
+    /// A conversation turn whose role is neither the user's nor the assistant's (nor system).
+    UnknownRole,
+    /// An `<image>` marker in an answer (films go with questions).
+    MarkerInAnswer,
+    /// A conversation with more earlier turns than `sample.max_source_length` can ever hold.
+    HistoryTooLong,
 }
 
 /// A record that was rejected, with a message naming the file and the record.
@@ -177,7 +185,16 @@ pub struct LoadOptions {
     /// order, with one target report — instead of one per film.
     #[serde(default)]
     pub group_views: bool,
+    /// Conversations: the most earlier turns a sample can have and still fit the prompt (set from
+    /// `sample.max_source_length`); a conversation with more is refused before its samples are
+    /// built. `None`: no limit.
+    #[serde(default)]
+    pub max_history_turns: Option<usize>,
 }
+
+/// The fewest tokens an earlier turn adds to a prompt: `问：Q\n答：A\n` holds two line breaks,
+/// each its own token (`<n>`), whatever Q and A are.
+pub const MIN_TOKENS_PER_TURN: usize = 2;
 
 fn default_ext() -> String {
     "png".into()
@@ -195,6 +212,7 @@ impl Default for LoadOptions {
             threads: 0,
             conversation_turns: ConversationTurns::default(),
             group_views: false,
+            max_history_turns: None,
         }
     }
 }
@@ -212,6 +230,9 @@ pub struct Loaded {
     pub studies: Option<StudyCounts>,
     /// One record per study (`group_views`).
     pub grouped: bool,
+    /// Conversation turns that make no sample: a last question without an answer, system turns
+    /// after the conversation started.
+    pub dropped_turns: usize,
 }
 
 /// Studies by their number of views (`data.group_views`).
@@ -226,10 +247,19 @@ pub struct StudyCounts {
     pub differing_captions: usize,
 }
 
-/// `<report>_<k>` → (report, k) for OpenI-style image ids (`k` a number).
+/// The most films one study may have when `data.group_views` groups them; more means the ids
+/// are not per study (e.g. `synth_00001 … synth_00512`).
+pub const MAX_VIEWS_PER_STUDY: usize = 16;
+
+/// `<report>_<k>` → (report, k) for OpenI-style image ids (`k` a view number: digits without a
+/// leading zero, so a zero-padded running number like `synth_00001` is not a view).
 pub fn study_of(image_id: &str) -> Option<(&str, u64)> {
     let (report, k) = image_id.rsplit_once('_')?;
-    if report.is_empty() || k.is_empty() || !k.bytes().all(|b| b.is_ascii_digit()) {
+    if report.is_empty()
+        || k.is_empty()
+        || !k.bytes().all(|b| b.is_ascii_digit())
+        || (k.len() > 1 && k.starts_with('0'))
+    {
         return None;
     }
     Some((report, k.parse().ok()?))
@@ -266,6 +296,18 @@ pub fn group_study_views(
     let mut out = Vec::with_capacity(order.len());
     for report in order {
         let mut views = by_study.remove(&report).unwrap_or_default();
+        if views.len() > MAX_VIEWS_PER_STUDY {
+            let n = views.len();
+            for (_, r) in views {
+                let why = format!(
+                    "study {report:?} would have {n} films (at most {MAX_VIEWS_PER_STUDY}): the \
+                     image ids are not per study (<report>_<k>, k the view number), so \
+                     data.group_views cannot group them"
+                );
+                bad.push((r, why));
+            }
+            continue;
+        }
         views.sort_by_key(|(k, _)| *k);
         counts.studies += 1;
         match views.len() {
@@ -318,8 +360,8 @@ fn describe(v: &Value) -> &'static str {
 
 /// Read and parse a JSON file; a syntax error names the file, line and column.
 pub fn read_json(path: &Path) -> Result<Value> {
-    let bytes =
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let bytes = crate::io::read_bytes_capped(path, crate::io::MAX_DATA_BYTES)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e:#}", path.display()))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text: {e}", path.display()))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -369,7 +411,26 @@ fn resolve(root: &Path, p: &str, allow_outside: bool) -> Result<PathBuf, (BadKin
             ));
         }
     }
-    Ok(root.join(pb))
+    let path = root.join(pb);
+    // A symbolic link inside the root may still lead out of it.
+    if !allow_outside {
+        if let (Ok(real), Ok(real_root)) =
+            (std::fs::canonicalize(&path), std::fs::canonicalize(root))
+        {
+            if !real.starts_with(&real_root) {
+                return Err((
+                    BadKind::OutsideRoot,
+                    format!(
+                        "image path {p:?} is a link to {}, outside the image root {} \
+                         (allow it with data.allow_outside_root / --allow-outside-root)",
+                        real.display(),
+                        root.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(path)
 }
 
 /// Load a records file in either schema, validating every record.
@@ -417,6 +478,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let mut bad: Vec<BadRecord> = Vec::new();
     let mut records: Vec<Record> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut dropped_turns = 0;
     for (index, item) in items.iter().enumerate() {
         // The random prompt is drawn for every record in file order, bad ones included, so that
         // skipping a record never changes the prompts of the others.
@@ -440,7 +502,10 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         };
         let parsed = match schema {
             Schema::Llava | Schema::ShareGpt => {
-                parse_conversation(schema, item, index, &root, opts)
+                parse_conversation(schema, item, index, &root, opts).map(|(r, dropped)| {
+                    dropped_turns += dropped;
+                    r
+                })
             }
             _ => parse_one(schema, item, &root, opts, drawn).map(|r| vec![r]),
         };
@@ -525,6 +590,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         bad,
         studies,
         grouped,
+        dropped_turns,
     })
 }
 
@@ -537,14 +603,15 @@ fn id_label(schema: Schema) -> &'static str {
 }
 
 /// The turns of a LLaVA or ShareGPT conversation as records: one per assistant turn (or the last
-/// only), each with the turns before it as history; the one image is marked by `<image>`.
+/// only), each with the turns before it as history; the films are marked by `<image>`. Also
+/// returns how many turns make no sample (a last unanswered question, late system turns).
 fn parse_conversation(
     schema: Schema,
     item: &Value,
     index: usize,
     root: &Path,
     opts: &LoadOptions,
-) -> Result<Vec<Record>, (BadKind, String)> {
+) -> Result<(Vec<Record>, usize), (BadKind, String)> {
     let obj = item.as_object().ok_or_else(|| {
         (
             BadKind::NotAnObject,
@@ -559,7 +626,7 @@ fn parse_conversation(
         Some(Value::Array(t)) => t,
         Some(v) => {
             return Err((
-                BadKind::NotAString,
+                BadKind::NotAList,
                 format!("field \"{list_key}\" is {}, expected a list", describe(v)),
             ))
         }
@@ -607,6 +674,7 @@ fn parse_conversation(
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut pending: Option<String> = None;
     let mut markers = 0;
+    let mut late_system = 0;
     for (k, t) in turns.iter().enumerate() {
         let role = t.get(role_key).and_then(Value::as_str).unwrap_or("");
         let text = t.get(text_key).and_then(Value::as_str).ok_or_else(|| {
@@ -616,13 +684,25 @@ fn parse_conversation(
             )
         })?;
         if role == "system" {
+            late_system += usize::from(!pairs.is_empty() || pending.is_some());
             continue;
         }
-        markers += text.matches("<image>").count();
+        let marked = text.matches("<image>").count();
+        if marked > 0 && role == assistant {
+            return Err((
+                BadKind::MarkerInAnswer,
+                format!("turn {k}: an <image> marker in an answer: films go with the questions"),
+            ));
+        }
+        markers += marked;
         let clean = text.replace("<image>", "").trim().to_string();
         match (role == user, role == assistant, pending.take()) {
             (true, _, None) => pending = Some(clean),
-            (true, _, Some(p)) => pending = Some(format!("{p}\n{clean}")),
+            (true, _, Some(mut p)) => {
+                p.push('\n');
+                p.push_str(&clean);
+                pending = Some(p)
+            }
             (_, true, Some(q)) => {
                 if clean.is_empty() {
                     return Err((BadKind::EmptyLabel, format!("turn {k}: empty answer")));
@@ -637,10 +717,10 @@ fn parse_conversation(
             }
             _ => {
                 return Err((
-                    BadKind::NotAString,
+                    BadKind::UnknownRole,
                     format!(
-                    "turn {k}: unknown {role_key} {role:?} (expected {user:?} or {assistant:?})"
-                ),
+                        "turn {k}: unknown {role_key} {role:?} (expected {user:?}, {assistant:?} or \"system\")"
+                    ),
                 ))
             }
         }
@@ -658,6 +738,22 @@ fn parse_conversation(
     if pairs.is_empty() {
         return Err((BadKind::EmptyLabel, "no question with an answer".into()));
     }
+    let dropped = late_system + usize::from(pending.is_some());
+    // Refused before any sample is built: the history of the last answer can never fit.
+    if let Some(cap) = opts.max_history_turns {
+        let earlier = pairs.len() - 1;
+        if earlier > cap {
+            return Err((
+                BadKind::HistoryTooLong,
+                format!(
+                    "{} answers: the last has {earlier} earlier turns, and at most {cap} can ever \
+                     fit sample.max_source_length (each takes at least {MIN_TOKENS_PER_TURN} \
+                     tokens): split the conversation or raise sample.max_source_length",
+                    pairs.len()
+                ),
+            ));
+        }
+    }
     let paths = images
         .iter()
         .map(|p| resolve(root, p, opts.allow_outside_root))
@@ -672,7 +768,7 @@ fn parse_conversation(
         ConversationTurns::Every => 0,
         ConversationTurns::Last => pairs.len() - 1,
     };
-    Ok((first..pairs.len())
+    let records = (first..pairs.len())
         .map(|t| Record {
             index,
             id: if pairs.len() > 1 {
@@ -686,7 +782,8 @@ fn parse_conversation(
             label: pairs[t].1.clone(),
             history: pairs[..t].to_vec(),
         })
-        .collect())
+        .collect();
+    Ok((records, dropped))
 }
 
 fn get_str<'a>(
@@ -823,12 +920,13 @@ pub fn check_image(path: &Path, check: ImageCheck) -> Result<(), (BadKind, Strin
         ));
     }
     if check == ImageCheck::Decode {
-        let bytes = std::fs::read(path).map_err(|e| {
-            (
-                BadKind::MissingImage,
-                format!("image {} cannot be read: {e}", path.display()),
-            )
-        })?;
+        let bytes =
+            crate::io::read_bytes_capped(path, crate::io::MAX_IMAGE_BYTES).map_err(|e| {
+                (
+                    BadKind::MissingImage,
+                    format!("image {} cannot be read: {e}", path.display()),
+                )
+            })?;
         decode_rgb(&bytes, SixteenBit::Scale).map_err(|e| {
             if e.is::<crate::data::image::ImageTooLarge>() {
                 (

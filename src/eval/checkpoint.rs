@@ -88,7 +88,7 @@ pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData
         cfg.data.path = d.clone();
     }
     crate::prepare::ensure_synthetic(&cfg)?;
-    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
     let file = loaded.file.display().to_string();
     let fraction = o.val_fraction.unwrap_or(if own_data {
         cfg.train.val_fraction
@@ -225,22 +225,53 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
         // Prompt + report must fit the model's positions: refused before any work.
         // (films, history, question) of every record.
         type Asked<'a> = (usize, &'a [(String, String)], &'a str);
-        let prompts: std::collections::BTreeSet<Asked> = data
-            .records
-            .iter()
-            .map(|r| (r.images.len(), r.history.as_slice(), r.prompt.as_str()))
-            .collect();
-        let mut longest = 0;
-        for (films, h, p) in prompts {
-            let h = crate::infer::chat::turns(h);
-            longest = longest.max(chat.prompt_ids(&h, p, o.settings.english, films)?.0.len());
+        let mut lengths: std::collections::HashMap<Asked, usize> = Default::default();
+        let (mut longest, mut which) = (0, None);
+        for r in &data.records {
+            let key = (r.images.len(), r.history.as_slice(), r.prompt.as_str());
+            let n = match lengths.get(&key) {
+                Some(&n) => n,
+                None => {
+                    let h = crate::infer::chat::turns(&r.history);
+                    let n = chat
+                        .prompt_ids(&h, &r.prompt, o.settings.english, r.images.len())?
+                        .0
+                        .len();
+                    lengths.insert(key, n);
+                    n
+                }
+            };
+            if n > longest {
+                (longest, which) = (n, Some(r));
+            }
         }
         let max = chat.max_positions();
         if longest + o.max_new_tokens > max {
+            let r = which.expect("a longest prompt");
+            let record = format!(
+                "record {} ({}{})",
+                r.index,
+                r.id,
+                if r.history.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} earlier turns", r.history.len())
+                }
+            );
+            if longest >= max {
+                bail!(
+                    "{}: {record}: its prompt takes {longest} tokens, the model's whole {max} \
+                     positions (max_sequence_length), leaving no room for a report: leave the \
+                     record out, or shorten its history (data.conversation_turns = \"last\" keeps \
+                     one sample per conversation)",
+                    data.cfg.data.path.display()
+                );
+            }
             bail!(
-                "--max_new_tokens {} after the longest prompt ({longest} tokens) is beyond the \
-                 model's {max} positions (max_sequence_length): use at most {}",
+                "--max_new_tokens {} after the longest prompt ({longest} tokens, {record} of {}) is \
+                 beyond the model's {max} positions (max_sequence_length): use at most {}",
                 o.max_new_tokens,
+                data.cfg.data.path.display(),
                 max.saturating_sub(longest)
             );
         }

@@ -75,8 +75,9 @@ impl Default for ReadOptions {
 
 /// Read a hypotheses file; a bad line is an error naming the file and the line.
 pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::io::read_capped(path, crate::io::MAX_DATA_BYTES)
         .with_context(|| format!("{}: cannot read hypotheses", path.display()))?;
+    let text = crate::io::strip_bom(&text);
     let mut out = Vec::new();
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     for (i, line) in text.lines().enumerate() {
@@ -90,6 +91,14 @@ pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
                 i + 1
             )
         })?;
+        if !s.reference.is_empty() && !s.references.is_empty() {
+            bail!(
+                "{}:{}: {:?} has both \"reference\" and \"references\": give one of them",
+                path.display(),
+                i + 1,
+                s.id
+            );
+        }
         if s.all_references().is_empty() {
             bail!(
                 "{}:{}: {:?} has no reference (\"reference\" or \"references\": [..])",

@@ -136,6 +136,13 @@ impl EvalReport {
     }
 
     /// Write everything into `dir` (each file atomically).
+    /// The files [`EvalReport::write`] writes into its folder.
+    pub fn file_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.files.iter().map(|(n, _)| n.as_str()).collect();
+        v.extend(["report.json", "report.md"]);
+        v
+    }
+
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         crate::io::remove_dead_leftovers(dir);

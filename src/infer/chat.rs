@@ -241,7 +241,7 @@ impl ChatModel {
     pub fn set_image_files(&self, session: &mut Session, paths: &[&Path]) -> Result<()> {
         let mut films = Vec::with_capacity(paths.len());
         for path in paths {
-            let bytes = std::fs::read(path)
+            let bytes = crate::io::read_bytes_capped(path, crate::io::MAX_IMAGE_BYTES)
                 .with_context(|| format!("{}: cannot read image", path.display()))?;
             films.push(bytes);
         }

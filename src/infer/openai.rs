@@ -381,7 +381,8 @@ async fn image_bytes(st: &State, url: &str) -> std::result::Result<Vec<u8>, ApiE
         .zip(std::fs::canonicalize(root).ok())
         .filter(|(p, r)| p.starts_with(r));
     match inside {
-        Some((p, _)) => std::fs::read(&p).map_err(|e| bad(format!("{}: {e}", path.display()))),
+        Some((p, _)) => crate::io::read_bytes_capped(&p, crate::io::MAX_IMAGE_BYTES)
+            .map_err(|e| bad(format!("{}: {e:#}", path.display()))),
         None => Err(bad(format!(
             "{}: not a file inside the allowed media folder",
             path.display()

@@ -203,6 +203,23 @@ pub struct LoraConfig {
 
 /// Where else adapters go (none by default: XrayGLM adapts ChatGLM's attention only). Every
 /// adapted linear gets one plain LoRA (rank `rank`, `alpha / rank`), as PEFT would put it.
+impl LoraConfig {
+    /// The numbers in their ranges (`key` names the section in errors): rank ≥ 1, alpha finite
+    /// and > 0, dropout a probability in [0, 1).
+    pub fn validate(&self, key: &str) -> Result<()> {
+        if self.rank < 1 {
+            bail!("{key}.rank = {}: must be ≥ 1", self.rank);
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("{key}.alpha = {}: must be finite and > 0", self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("{key}.dropout = {}: a probability in [0, 1)", self.dropout);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraTargets {
@@ -298,8 +315,7 @@ impl ModelConfig {
     /// Read a sat `model_config.json`. LoRA comes from `use_lora` / `lora_rank` / `layer_range`
     /// (XrayGLM's [0, 14] when `layer_range` is absent).
     pub fn from_sat_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::io::read_capped(path, crate::io::MAX_CONFIG_BYTES)?;
         let sat: SatModelConfig =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let cfg = Self::from_sat(sat);
@@ -412,9 +428,7 @@ impl ModelConfig {
             );
         }
         if let Some(l) = &self.lora {
-            if l.rank <= 0 {
-                bail!("lora rank must be positive");
-            }
+            l.validate("lora")?;
             if let Some(&bad) = l.layers.iter().find(|&&i| i < 0 || i >= s.num_layers) {
                 bail!(
                     "lora layer {bad} is not among the {} ChatGLM layers",

@@ -85,6 +85,44 @@ pub fn pointer(file: &Path) -> Option<PathBuf> {
     is_complete(&dir).then_some(dir)
 }
 
+/// Why a `latest` or `best` file (`RUN/best`) does not lead to a checkpoint: it names no step, or
+/// a step folder that is missing or incomplete. `None` when it leads to one, or is no such file.
+pub fn pointer_error(file: &Path) -> Option<String> {
+    let name = file.file_name()?.to_str()?;
+    if !matches!(name, "latest" | "best") || !file.is_file() {
+        return None;
+    }
+    let said = std::fs::read_to_string(file).unwrap_or_default();
+    let step = said.trim();
+    if step.parse::<i64>().is_err() {
+        return Some(format!(
+            "the pointer {} names {step:?}, not a step",
+            file.display()
+        ));
+    }
+    let dir = file.parent()?.join(step);
+    if !dir.is_dir() {
+        return Some(format!(
+            "the pointer {} names step {step}, but {} is missing",
+            file.display(),
+            dir.display()
+        ));
+    }
+    let missing: Vec<&str> = CHECKPOINT_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the pointer {} names step {step}, but {} is not a complete checkpoint (no {})",
+            file.display(),
+            dir.display(),
+            missing.join(", ")
+        )
+    })
+}
+
 /// The run's best checkpoint so far, as `best.json` records it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BestRecord {

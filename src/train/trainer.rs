@@ -756,6 +756,13 @@ fn base_source(cfg: &Config) -> Result<BaseSource> {
             .with_context(|| format!("model.path {}", m.path.display()))?;
         BaseSource::Dir(abs, dir)
     };
+    // The adapters must fit the model (their layers among its layers) before anything is written.
+    let mut adapted = match &source {
+        BaseSource::Preset(c) => c.clone(),
+        BaseSource::Dir(_, d) => d.config.clone(),
+    };
+    adapted.lora = Some(cfg.model.lora.clone());
+    adapted.validate().context("model.lora")?;
     let layers = source.sizes().num_layers;
     if cfg.train.checkpoint_layers > layers {
         bail!(
@@ -769,7 +776,7 @@ fn base_source(cfg: &Config) -> Result<BaseSource> {
 /// Records → train / held-out split → training samples, checked against the model's limits.
 fn setup_data(cfg: &Config, tokenizer: &ChatGlmTokenizer, sat: &SatModelConfig) -> Result<Data> {
     crate::prepare::ensure_synthetic(cfg)?;
-    let loaded = load_records(&cfg.data.path, &cfg.data.load_options())?;
+    let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
     let file = loaded.file.display().to_string();
     let (train, val) = crate::data::split(loaded.records, cfg.train.val_fraction, cfg.train.seed);
     // The prompt holds as many image slots as the model has query tokens.

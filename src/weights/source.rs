@@ -110,7 +110,11 @@ impl Default for LoadOptions {
 
 /// The model config of a directory in any format.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
-    match detect(dir)? {
+    let format = detect(dir)?;
+    if matches!(format, Format::Peft | Format::Checkpoint) {
+        base_chain(dir)?;
+    }
+    match format {
         Format::Xrayglm | Format::Sat | Format::Checkpoint => {
             ModelConfig::from_sat_file(&dir.join("model_config.json"))
         }
@@ -132,32 +136,198 @@ pub struct PeftAdapter {
     pub modules: Vec<(String, Tensor, Tensor)>,
 }
 
+/// The options of `adapter_config.json` that change what the adapter computes and that xrayglm
+/// does not implement: refused by name rather than ignored. Each with the value that means "off".
+const PEFT_UNSUPPORTED: &[(&str, &str)] = &[
+    ("use_dora", "false"),
+    ("use_rslora", "false"),
+    ("fan_in_fan_out", "false"),
+    ("bias", "\"none\""),
+    ("lora_bias", "false"),
+    ("modules_to_save", "null"),
+    ("layers_to_transform", "null"),
+    ("layers_pattern", "null"),
+    ("layer_replication", "null"),
+    ("exclude_modules", "null"),
+    ("target_parameters", "null"),
+    ("megatron_config", "null"),
+    ("use_qalora", "false"),
+];
+
+/// How many adapters deep a PEFT folder or checkpoint may stand on other adapters.
+const MAX_BASE_CHAIN: usize = 8;
+
+fn peft_config(dir: &Path) -> Result<(PathBuf, Value)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = crate::io::read_capped(&cfg_path, crate::io::MAX_CONFIG_BYTES)?;
+    let c: Value = serde_json::from_str(crate::io::strip_bom(&text))
+        .with_context(|| format!("{}: not JSON", cfg_path.display()))?;
+    if c["peft_type"].as_str() != Some("LORA") {
+        bail!("{}: peft_type is not LORA", cfg_path.display());
+    }
+    Ok((cfg_path, c))
+}
+
+/// The base folder a PEFT adapter names (`base_model_name_or_path`, absolute or relative to the
+/// adapter's folder).
+pub fn peft_base(dir: &Path) -> Result<PathBuf> {
+    let (cfg_path, c) = peft_config(dir)?;
+    let name = c["base_model_name_or_path"].as_str().unwrap_or("");
+    [PathBuf::from(name), dir.join(name)]
+        .into_iter()
+        .find(|p| !name.is_empty() && p.is_dir())
+        .with_context(|| {
+            format!(
+                "{}: base_model_name_or_path {name:?} is not a local folder: set it to the \
+                 folder of the base model the adapter was trained on",
+                cfg_path.display()
+            )
+        })
+}
+
+/// The folders a model stands on, from `dir` (a run resolved to its checkpoint) down to the full
+/// model: a checkpoint names its base in `trainer_state.json`, a PEFT adapter in
+/// `base_model_name_or_path`. A chain that comes back to a folder it passed, or that is deeper
+/// than [`MAX_BASE_CHAIN`], is an error naming the folders.
+pub fn base_chain(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut cur = resolve_run(dir);
+    loop {
+        let canon = std::fs::canonicalize(&cur).unwrap_or_else(|_| cur.clone());
+        if chain.contains(&canon) {
+            let names: Vec<String> = chain
+                .iter()
+                .chain(std::iter::once(&canon))
+                .map(|p| p.display().to_string())
+                .collect();
+            bail!(
+                "{}: the base models loop: {} (base_model_name_or_path / trainer_state.json's base_model)",
+                dir.display(),
+                names.join(" → ")
+            );
+        }
+        chain.push(canon);
+        if chain.len() > MAX_BASE_CHAIN + 1 {
+            bail!(
+                "{}: more than {MAX_BASE_CHAIN} adapters stand on each other before a full model",
+                dir.display()
+            );
+        }
+        let next = match detect(&cur)? {
+            Format::Peft => peft_base(&cur)?,
+            Format::Checkpoint => checkpoint_base(&cur)?,
+            _ => return Ok(chain),
+        };
+        cur = resolve_run(&next);
+    }
+}
+
+/// Record a model folder as an input of a command: the folder given (a run's `latest` / `best`
+/// included), the checkpoint it resolves to and every base model it stands on.
+pub fn model_inputs(inputs: &mut crate::io::Inputs, what: &str, dir: &Path) {
+    if dir.is_dir() {
+        inputs.folder(what, dir);
+    } else {
+        inputs.file(what, dir);
+    }
+    for d in base_chain(dir).unwrap_or_default() {
+        inputs.folder(what, &d);
+    }
+}
+
+/// PEFT's module selection (`target_modules`): a string is a regular expression that must match
+/// the whole module name; a list selects a module named exactly so or ending in `.<entry>`.
+fn peft_targets(cfg_path: &Path, v: &Value) -> Result<impl Fn(&str) -> bool> {
+    enum T {
+        Regex(regex::Regex),
+        List(Vec<String>),
+    }
+    let t = match v {
+        Value::String(s) => {
+            T::Regex(regex::Regex::new(&format!("^(?:{s})$")).with_context(|| {
+                format!(
+                    "{}: target_modules is not a regular expression",
+                    cfg_path.display()
+                )
+            })?)
+        }
+        Value::Array(a) => T::List(
+            a.iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| {
+                    format!(
+                        "{}: target_modules is not a list of names",
+                        cfg_path.display()
+                    )
+                })?,
+        ),
+        _ => bail!(
+            "{}: target_modules must be a regular expression or a list of module names",
+            cfg_path.display()
+        ),
+    };
+    Ok(move |m: &str| match &t {
+        T::Regex(r) => r.is_match(m),
+        T::List(l) => l.iter().any(|x| m == x || m.ends_with(&format!(".{x}"))),
+    })
+}
+
+/// PEFT's per-module value from a `rank_pattern` / `alpha_pattern`: the first key that matches the
+/// end of the module name (`(.*\.)?(key)$`), else the default.
+fn peft_pattern(pattern: &Value, module: &str, default: f64) -> f64 {
+    for (k, v) in pattern.as_object().into_iter().flatten() {
+        let hit = regex::Regex::new(&format!("^(?:.*\\.)?(?:{k})$"))
+            .map(|r| r.is_match(module))
+            .unwrap_or(false);
+        if hit {
+            return v.as_f64().unwrap_or(default);
+        }
+    }
+    default
+}
+
 impl PeftAdapter {
-    /// Read `adapter_config.json` and `adapter_model.safetensors`. The adapter must have
+    /// Read `adapter_config.json` and `adapter_model.safetensors`, verified: options xrayglm does
+    /// not implement refused by name, `target_modules` must select every module of the file,
+    /// every tensor floating point, finite and of the shape its rank says. The adapter must have
     /// xrayglm's shape: one scaling for every module, ChatGLM's qkv as its 3 head-first
     /// partitions (block-diagonal B), the rest plain.
     pub fn read(dir: &Path) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let c: Value = serde_json::from_str(
-            &std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("reading {}", cfg_path.display()))?,
-        )
-        .with_context(|| format!("{}: not JSON", cfg_path.display()))?;
-        if c["peft_type"].as_str() != Some("LORA") {
-            bail!("{}: peft_type is not LORA", cfg_path.display());
-        }
-        let name = c["base_model_name_or_path"].as_str().unwrap_or("");
-        let base = [PathBuf::from(name), dir.join(name)]
-            .into_iter()
-            .find(|p| !name.is_empty() && p.is_dir())
-            .with_context(|| {
-                format!(
-                    "{}: base_model_name_or_path {name:?} is not a local folder: set it to the                      folder of the base model the adapter was trained on",
+        let (cfg_path, c) = peft_config(dir)?;
+        for (key, off) in PEFT_UNSUPPORTED {
+            let v = &c[*key];
+            let is_off =
+                v.is_null() || v.to_string() == *off || v.as_array().is_some_and(|a| a.is_empty());
+            if !is_off {
+                bail!(
+                    "{}: {key} = {v} is not supported by xrayglm (only {key} = {off}): the adapter \
+                     would compute something else than this loader",
                     cfg_path.display()
-                )
-            })?;
+                );
+            }
+        }
+        let base = peft_base(dir)?;
         let file = dir.join("adapter_model.safetensors");
         let st = SafeTensorsFile::open(&file)?;
+        let targets = peft_targets(&cfg_path, &c["target_modules"])?;
+        let number = |k: &str, min_one: bool| -> Result<f64> {
+            let v = &c[k];
+            let x = v.as_f64().with_context(|| {
+                format!("{}: {k} must be a number, found {v}", cfg_path.display())
+            })?;
+            if min_one && !(x >= 1.0 && x.fract() == 0.0) {
+                bail!(
+                    "{}: {k} = {v}: must be a whole number ≥ 1",
+                    cfg_path.display()
+                );
+            }
+            if !min_one && !(x.is_finite() && x > 0.0) {
+                bail!("{}: {k} = {v}: must be > 0", cfg_path.display());
+            }
+            Ok(x)
+        };
+        let (r, alpha) = (number("r", true)?, number("lora_alpha", false)?);
         // module (HF name) → (A, B)
         let mut parts: std::collections::BTreeMap<String, (Option<Tensor>, Option<Tensor>)> =
             Default::default();
@@ -176,6 +346,31 @@ impl PeftAdapter {
                     file.display()
                 );
             };
+            if !x.is_floating_point() {
+                bail!(
+                    "{}: {n} is {:?}, not floating point",
+                    file.display(),
+                    x.kind()
+                );
+            }
+            if x.dim() != 2 {
+                bail!(
+                    "{}: {n} has shape {:?}, not a matrix",
+                    file.display(),
+                    x.size()
+                );
+            }
+            let finite = x.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1;
+            if !finite {
+                bail!("{}: {n} holds NaN or infinite values", file.display());
+            }
+            if !targets(module) {
+                bail!(
+                    "{}: {n} adapts {module}, which target_modules ({}) does not select",
+                    file.display(),
+                    c["target_modules"]
+                );
+            }
             let e = parts.entry(module.to_string()).or_default();
             if ab == 0 {
                 e.0 = Some(x);
@@ -183,22 +378,48 @@ impl PeftAdapter {
                 e.1 = Some(x);
             }
         }
-        let r_of = |x: &Value| x.as_f64().filter(|v| *v > 0.0);
-        let (r, alpha) = (
-            r_of(&c["r"]).context("adapter_config.json: no r")?,
-            r_of(&c["lora_alpha"]).context("adapter_config.json: no lora_alpha")?,
-        );
+        if parts.is_empty() {
+            bail!(
+                "{}: target_modules ({}) selects no module of the file: the adapter would change nothing",
+                cfg_path.display(),
+                c["target_modules"]
+            );
+        }
         // The scaling PEFT applies to every module is lora_alpha / r (rank and alpha patterns
         // keep that ratio in xrayglm's exports); the partitions' rank is the smallest rank.
         for (k, v) in c["rank_pattern"].as_object().into_iter().flatten() {
-            let a = c["alpha_pattern"].get(k).and_then(r_of).unwrap_or(alpha);
-            let rk = r_of(v).unwrap_or(r);
+            let a = c["alpha_pattern"]
+                .get(k)
+                .and_then(|x| x.as_f64())
+                .unwrap_or(alpha);
+            let rk = v.as_f64().unwrap_or(r);
+            if !(rk >= 1.0 && a > 0.0) {
+                bail!(
+                    "{}: rank_pattern / alpha_pattern {k:?}: rank must be ≥ 1 and alpha > 0",
+                    cfg_path.display()
+                );
+            }
             if ((a / rk) - alpha / r).abs() > 1e-9 * (alpha / r) {
                 bail!(
-                    "{}: module pattern {k:?} scales by {} and the rest by {}: xrayglm adapters                      have one scaling",
+                    "{}: module pattern {k:?} scales by {} and the rest by {}: xrayglm adapters \
+                     have one scaling",
                     cfg_path.display(),
                     a / rk,
                     alpha / r
+                );
+            }
+        }
+        for (m, (a, b)) in &parts {
+            let (Some(a), Some(b)) = (a, b) else {
+                bail!("{}: {m} lacks lora_A or lora_B", file.display());
+            };
+            let rank = peft_pattern(&c["rank_pattern"], m, r) as i64;
+            if a.size()[0] != rank || b.size()[1] != rank {
+                bail!(
+                    "{}: {m}: lora_A {:?} and lora_B {:?} do not have the rank {rank} the config gives it",
+                    file.display(),
+                    a.size(),
+                    b.size()
                 );
             }
         }
@@ -210,9 +431,6 @@ impl PeftAdapter {
             };
             rank = rank.min(a.size()[0]);
             modules.push((hf_to_sat(&m), a, b));
-        }
-        if modules.is_empty() {
-            bail!("{}: no LoRA tensors", file.display());
         }
         let scaling = alpha / r;
         let mut config = LoraConfig {
@@ -374,9 +592,11 @@ fn for_each_tensor(
 
 /// The base model a training checkpoint was trained on.
 pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
-    let state: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
-            .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
+    let state: Value = serde_json::from_str(&crate::io::read_capped(
+        &dir.join("trainer_state.json"),
+        crate::io::MAX_CONFIG_BYTES,
+    )?)
+    .with_context(|| format!("{}: trainer_state.json", dir.display()))?;
     let base = state["base_model"]
         .as_str()
         .with_context(|| format!("{}: no base_model", dir.display()))?;
@@ -394,9 +614,29 @@ pub fn resolve_run(dir: &Path) -> PathBuf {
     if let Some(ck) = checkpoint::pointer(dir) {
         return ck;
     }
-    checkpoint::latest(dir)
-        .or_else(|| checkpoint::newest_complete(dir).map(|s| dir.join(s.to_string())))
-        .unwrap_or_else(|| dir.to_path_buf())
+    if let Some(ck) = checkpoint::latest(dir) {
+        return ck;
+    }
+    match checkpoint::newest_complete(dir) {
+        Some(step) => {
+            let ck = dir.join(step.to_string());
+            // A run whose `latest` is broken: said once per folder, as training says it.
+            static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+            let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+            if dir.join("latest").exists() && !warned.contains(&ck) {
+                crate::errln!(
+                    "warning: {}: {}; using the newest complete checkpoint {}",
+                    dir.display(),
+                    checkpoint::pointer_error(&dir.join("latest"))
+                        .unwrap_or_else(|| "`latest` is unreadable".into()),
+                    ck.display()
+                );
+                warned.push(ck.clone());
+            }
+            ck
+        }
+        None => dir.to_path_buf(),
+    }
 }
 
 /// Load a model directory of any format (a training run folder loads its latest checkpoint).
@@ -415,6 +655,9 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(e) = crate::train::checkpoint::pointer_error(dir) {
+            bail!("{}: {e}", dir.display());
+        }
         let dir = resolve_run(dir);
         let format = detect(&dir)?;
         let config = read_config(&dir)?;
@@ -649,9 +892,10 @@ pub fn load_adapter(dir: &Path, base: &ModelConfig, device: Device) -> Result<Ad
     let file = md.dir.join("lora.safetensors");
     let lora = match (&md.config.lora, md.format) {
         (Some(l), Format::Checkpoint | Format::Xrayglm) if file.is_file() => l.clone(),
+        (Some(l), Format::Peft) => l.clone(),
         _ => bail!(
-            "{}: not an adapter (a training run or checkpoint folder, or an xrayglm folder with \
-             lora.safetensors)",
+            "{}: not an adapter (a training run or checkpoint folder, an xrayglm folder with \
+             lora.safetensors, or a PEFT folder)",
             dir.display()
         ),
     };
@@ -676,9 +920,36 @@ pub fn load_adapter(dir: &Path, base: &ModelConfig, device: Device) -> Result<Ad
         ..base.clone()
     };
     let store = tch::nn::VarStore::new(device);
-    let layers = (0..base.sat.num_layers)
+    let layers: Vec<crate::model::chatglm::LayerLoras> = (0..base.sat.num_layers)
         .map(|i| crate::model::chatglm::layer_loras(&store.root(), &cfg, i))
         .collect();
+    if md.format == Format::Peft {
+        // Each module's single-rank A, B split into the layer adapters' partitions.
+        for (name, a, b) in PeftAdapter::read(&md.dir)?.modules {
+            let lora = name
+                .strip_prefix("transformer.layers.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(i, linear)| {
+                    let l = layers.get(i.parse::<usize>().ok()?)?;
+                    match linear {
+                        "attention.query_key_value" => l.qkv.as_ref(),
+                        "attention.dense" => l.dense.as_ref(),
+                        "mlp.dense_h_to_4h" => l.h_to_4h.as_ref(),
+                        "mlp.dense_4h_to_h" => l.h4_to_h.as_ref(),
+                        _ => None,
+                    }
+                })
+                .with_context(|| format!("{}: no adapter {name} in the model", md.dir.display()))?;
+            lora.set_from_single_rank(&a, &b)
+                .with_context(|| format!("{}: {name}", md.dir.display()))?;
+        }
+        return Ok(AdapterWeights {
+            dir: md.dir,
+            config: lora,
+            store,
+            layers,
+        });
+    }
     let mut vars = store.variables();
     let mut seen = std::collections::BTreeSet::new();
     let st = SafeTensorsFile::open(&file)?;

@@ -96,16 +96,46 @@ impl SafeTensorsFile {
             let offs: [u64; 2] =
                 serde_json::from_value(info.get("data_offsets").cloned().ok_or_else(bad)?)
                     .map_err(|_| bad())?;
-            let kind = kind_of(dtype)?;
-            let (begin, end) = (8 + n + offs[0], 8 + n + offs[1]);
-            let want = shape.iter().product::<i64>() as u64 * dtype_name(kind)?.1 as u64;
-            if end < begin || end > size || end - begin != want {
+            let kind = kind_of(dtype).with_context(|| format!("{}: {name}", path.display()))?;
+            if shape.iter().any(|&d| d < 0) {
+                bail!(
+                    "{}: {name}: negative size in shape {shape:?}",
+                    path.display()
+                );
+            }
+            let (begin, end) = (
+                (8 + n).saturating_add(offs[0]),
+                (8 + n).saturating_add(offs[1]),
+            );
+            let want = shape
+                .iter()
+                .try_fold(dtype_name(kind)?.1 as u64, |acc, &d| {
+                    acc.checked_mul(d as u64)
+                });
+            if end < begin || end > size || Some(end - begin) != want {
                 bail!(
                     "{}: {name}: byte range does not match its shape",
                     path.display()
                 );
             }
             tensors.insert(name, (kind, shape, begin, end));
+        }
+        // No two tensors may share bytes (a crafted header could make one tensor alias another).
+        let mut ranges: Vec<(u64, u64, &String)> = tensors
+            .iter()
+            .filter(|(_, t)| t.3 > t.2)
+            .map(|(n, t)| (t.2, t.3, n))
+            .collect();
+        ranges.sort();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                bail!(
+                    "{}: the byte ranges of {} and {} overlap (data_offsets)",
+                    path.display(),
+                    w[0].2,
+                    w[1].2
+                );
+            }
         }
         Ok(Self {
             path: path.to_path_buf(),

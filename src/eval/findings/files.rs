@@ -21,14 +21,15 @@ pub struct ReportText {
 /// Read the reports of a file in any of the supported shapes; a bad record names the file and
 /// the record.
 pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
-    let raw =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let raw = crate::io::read_capped(path, crate::io::MAX_DATA_BYTES)?;
+    let raw = crate::io::strip_bom(&raw);
     let name = path.display();
     // A whole-file JSON list, or an object with "annotations": records; anything else: JSONL.
     let whole: Option<serde_json::Value> = serde_json::from_str(&raw)
         .ok()
         .filter(|v: &serde_json::Value| v.is_array() || v.get("annotations").is_some());
-    let out: Vec<ReportText> = if let Some(v) = whole {
+    let whole_is_list = whole.as_ref().is_some_and(|v| v.is_array());
+    let mut out: Vec<ReportText> = if let Some(v) = whole {
         let (list, id_key, text_key) = match &v {
             serde_json::Value::Object(o) => (
                 o.get("annotations")
@@ -75,6 +76,12 @@ pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
                 .get("hypothesis")
                 .and_then(|t| t.as_str())
                 .with_context(|| format!("{name}:{}: no \"hypothesis\"", i + 1))?;
+            if v.get("reference").is_some() && v.get("references").is_some() {
+                bail!(
+                    "{name}:{}: both \"reference\" and \"references\": give one of them",
+                    i + 1
+                );
+            }
             let mut references: Vec<String> = Vec::new();
             if let Some(r) = v.get("reference").and_then(|r| r.as_str()) {
                 references.push(r.to_string());
@@ -107,6 +114,27 @@ pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
     };
     if out.is_empty() {
         bail!("{name}: no reports");
+    }
+    // Ids name reports in labels and agreements: each once. A training list names its films, and
+    // one film may have several samples (a conversation's answers): those get `#2`, `#3`, ….
+    let training_list = whole_is_list;
+    let mut seen: std::collections::HashMap<String, (usize, usize)> = Default::default();
+    for (i, r) in out.iter_mut().enumerate() {
+        match seen.get_mut(&r.id) {
+            None => {
+                seen.insert(r.id.clone(), (i, 1));
+            }
+            Some((_, n)) if training_list => {
+                *n += 1;
+                r.id = format!("{}#{n}", r.id);
+            }
+            Some((first, _)) => bail!(
+                "{name}: report {} repeats the id {:?} of report {} (each report once)",
+                i + 1,
+                r.id,
+                *first + 1
+            ),
+        }
     }
     Ok(out)
 }

@@ -57,6 +57,9 @@ pub struct RuleSet {
     pub observations: Vec<ObservationRules>,
 }
 
+/// The longest gap (`~`) or `near` distance a rule file may set, in characters.
+pub const MAX_GAP: usize = 200;
+
 fn default_gap() -> usize {
     30
 }
@@ -144,14 +147,93 @@ impl RuleSet {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::io::read_capped(path, crate::io::MAX_CONFIG_BYTES)
             .with_context(|| format!("reading rules {}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, name: &str) -> Result<Self> {
         let r: RuleSet = toml::from_str(text).with_context(|| format!("{name}: bad rule file"))?;
+        // `{name}:{line}` of the first line (after `after`) that holds `needle`.
+        let at = |needle: &str, after: usize| -> String {
+            text.lines()
+                .enumerate()
+                .skip(after)
+                .find(|(_, l)| l.contains(needle))
+                .map(|(i, _)| format!("{name}:{}", i + 1))
+                .unwrap_or_else(|| name.to_string())
+        };
+        if r.gap > MAX_GAP {
+            bail!(
+                "{}: gap = {}: at most {MAX_GAP} characters",
+                at("gap", 0),
+                r.gap
+            );
+        }
+        if r.cues.near > MAX_GAP {
+            bail!(
+                "{}: cues.near = {}: at most {MAX_GAP} characters",
+                at("near", 0),
+                r.cues.near
+            );
+        }
+        // Every phrase must say something: `~` joins two non-empty parts.
+        let check = |key: &str, list: &[String]| -> Result<()> {
+            for p in list {
+                if !p.trim().is_empty() && p.split('~').any(|part| part.trim().is_empty()) {
+                    bail!(
+                        "{}: {key}: the phrase {p:?} has an empty part around `~` (a gap must join \
+                         two pieces of text; alone it matches every report)",
+                        at(&format!("{p:?}"), 0)
+                    );
+                }
+            }
+            Ok(())
+        };
+        let c = &r.cues;
+        for (key, list) in [
+            ("cues.negation_before", &c.negation_before),
+            ("cues.negation_after", &c.negation_after),
+            ("cues.uncertain_before", &c.uncertain_before),
+            ("cues.uncertain_after", &c.uncertain_after),
+            ("cues.uncertain_strong", &c.uncertain_strong),
+            ("cues.uncertain_near", &c.uncertain_near),
+            ("cues.negation_near", &c.negation_near),
+            ("cues.clause_break", &c.clause_break),
+            ("cues.clause_continue", &c.clause_continue),
+            ("cues.list_break", &c.list_break),
+            ("cues.pseudo", &c.pseudo),
+            ("cues.affirm", &c.affirm),
+            ("sides.left", &r.sides.left),
+            ("sides.right", &r.sides.right),
+            ("sides.both", &r.sides.both),
+        ] {
+            check(key, list)?;
+        }
+        let mut seen: Vec<&str> = Vec::new();
         for o in &r.observations {
+            for (kind, list) in [
+                ("positive", &o.positive),
+                ("negative", &o.negative),
+                ("uncertain", &o.uncertain),
+                ("ignore", &o.ignore),
+            ] {
+                check(&format!("observation {:?} {kind}", o.name), list)?;
+            }
+            if seen.contains(&o.name.as_str()) {
+                let first = at(&format!("{:?}", o.name), 0);
+                let line: usize = first
+                    .rsplit(':')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                bail!(
+                    "{}: a second [[observation]] {:?} (the first is at {first}): give each once",
+                    at(&format!("{:?}", o.name), line),
+                    o.name
+                );
+            }
+            seen.push(&o.name);
             if Observation::from_name(&o.name).is_none() {
                 bail!(
                     "{name}: unknown observation {:?} (the 14 CheXpert names: {})",
@@ -163,12 +245,14 @@ impl RuleSet {
                 bail!("{name}: No Finding is derived from the other observations, not matched");
             }
         }
+        // The phrases compile (a pattern too large for the regex engine is named here).
+        Labeler::new(&r).with_context(|| format!("{name}: the rules do not compile"))?;
         Ok(r)
     }
 }
 
 /// How a phrase list's matches are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Positive,
     Negative,
@@ -397,6 +481,9 @@ impl Labeler {
                 hits.push((*obs, *kind, Hit { start: s, end: e }));
             }
         }
+        // One text matched by a plain and a gapped phrase of the same list is one mention.
+        let mut once = std::collections::HashSet::new();
+        hits.retain(|(o, k, h)| once.insert((*o, *k, h.start, h.end)));
         let kept = hits
             .iter()
             .filter(|(o, k, h)| {
