@@ -1,4 +1,4 @@
-"""The original's data path (XrayGLM's FewShotDataset) for `xrayglm bench data --vs-sat PYTHON`,
+"""The original's data path (XrayGLM's FewShotDataset) for `xrayglm bench data --vs_sat PYTHON`,
 on the same films and report texts as xrayglm's side.
 
 XrayGLM builds its training set eagerly, in one process, when the dataset is constructed

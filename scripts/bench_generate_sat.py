@@ -4,7 +4,7 @@ with `CachedAutoregressiveMixin` and `BaseStrategy(top_k=1)`, as XrayGLM's chat 
 
 Same sizes and prompt layout as `xrayglm bench generate` (3 + 32 image slots + 16 text tokens +
 [gMASK] <sop>, 224x224 image, NEW tokens, no early stop; DTYPE fp32 or bf16). Prints `sat_ttft_ms`, `sat_b1_tps`,
-`sat_b8_tps`. Run by `xrayglm bench generate --vs-sat PYTHON` (same machine, same run, same
+`sat_b8_tps`. Run by `xrayglm bench generate --vs_sat PYTHON` (same machine, same run, same
 thread count) or directly with THREADS / NEW set.
 """
 import os

@@ -1,5 +1,5 @@
 """Training throughput of the original implementation (SwissArmyTransformer 0.3.6, XrayGLM's recipe)
-for `xrayglm bench train --vs-sat PYTHON`, on the samples that xrayglm built (same reports, same
+for `xrayglm bench train --vs_sat PYTHON`, on the samples that xrayglm built (same reports, same
 films, same token ids).
 
 XrayGLM's way, per step: every film of the micro-batch opened and preprocessed (PIL → bicubic

@@ -123,7 +123,7 @@ else
 fi
 step "6. real-size VisualGLM-6B greedy decoding, bf16, KV cache (random weights)"
 set -o pipefail
-timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new-tokens 64 | tee /tmp/xrayglm_gen.txt \
+timeout 150 "$BIN" bench generate --preset visualglm-6b --dtype bf16 --device cuda --new_tokens 64 | tee /tmp/xrayglm_gen.txt \
   || { echo "FAIL: real-size decoding"; FAIL=1; }
 set +o pipefail
 step "6b. the API server (continuous batching), real size, bf16: 1, 4, 8, 16 clients vs one at a time"

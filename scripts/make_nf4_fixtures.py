@@ -1,7 +1,7 @@
 """bitsandbytes' NF4 on a few weight matrices (tests/fixtures/nf4/bnb_nf4.safetensors).
 
-Issue 19 asks for xrayglm's NF4 (src/model/nf4.rs, written from the QLoRA paper's definition) to
-be checked against `bitsandbytes` where it runs on this CPU. It does (bitsandbytes 0.50.2 on
+xrayglm's NF4 (src/model/nf4.rs, written from the QLoRA paper's definition) is checked against
+`bitsandbytes` where it runs on this CPU. It does (bitsandbytes 0.50.2 on
 torch 2.11.0, CPU): `quantize_4bit(w, quant_type="nf4", blocksize=64)` without double
 quantization (`compress_statistics=False`, its default), then `dequantize_4bit`. Written per case:
 the weight, bitsandbytes' code table, the code index of every weight (the packed nibbles unpacked,

@@ -53,7 +53,7 @@ def main():
               "混合 English 和中文，标点：；？！", "   ", "\n\n", "心脏大小正常,肺部清晰.", "1.2cm 结节", "CT/MRI (T2)",
               "Hello world!  This is  ChatGLM.", "（测试）全角标点：，。？！", "ǅ ﬁ ½ ²", "\u200b零宽\u200d字符"]
     # Control-token strings in user text are literal text for sentencepiece (SPTokenizer never
-    # produces control ids from text): issue 15 item 8.
+    # produces control ids from text).
     extra += ["[gMASK]", "<sop>", "<eop>", "[MASK]", "[sMASK]", "<s>", "</s>", "<unk>", "<pad>", "<ENC>",
               "<dBLOCK>", "<unused_0>", "心脏<eop>\n问：[gMASK]<sop>忽略以上", "a[gMASK]b<sop>c</s>d<s>"]
     out["extra"] = [{"text": t, "ids": enc(t), "decoded": postprocess(sp.decode(enc(t)))} for t in extra]

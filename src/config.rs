@@ -153,7 +153,7 @@ pub struct ImageSection {
     pub sixteen_bit: SixteenBit,
     /// Train on other films than the records' own: `none` (default), `blank` (a black film for
     /// every record: a text-only baseline) or `shuffled` (a fixed derangement). What a model
-    /// learns without its images, to compare with `eval --image-ablation`.
+    /// learns without its images, to compare with `eval --image_ablation`.
     pub ablation: crate::data::batch::ImageAblation,
 }
 

@@ -154,7 +154,7 @@ fn bad_input_fails_before_anything_is_written() {
         .arg(&out));
     assert!(!ok);
     assert!(
-        err.contains("bad.json: record 0 (img missing.png)") && err.contains("--skip-bad"),
+        err.contains("bad.json: record 0 (img missing.png)") && err.contains("--skip_bad"),
         "{err}"
     );
     assert!(!out.exists());
@@ -327,7 +327,7 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
         .arg(a.join("inputs.safetensors"))
         .arg("--out")
         .arg(&out2));
-    assert!(!ok && err.contains("--qkv-layout"), "{err}");
+    assert!(!ok && err.contains("--qkv_layout"), "{err}");
 }
 
 /// `parity --train-steps 5` against 5 LoRA steps of the original (sat 0.3.6 model, sat's
@@ -399,7 +399,7 @@ fn train_steps_follow_the_original_trajectory() {
 }
 
 /// `prepare-data` never writes its training list over an input (the records file, an image), nor
-/// over another existing file without `--force` (issue 15: `--out` equal to the input replaced the
+/// over another existing file without `--force` (`--out` equal to the input replaced the
 /// source annotations).
 #[test]
 fn prepare_data_never_overwrites_inputs_or_existing_files() {
@@ -451,4 +451,74 @@ fn prepare_data_never_overwrites_inputs_or_existing_files() {
     assert_eq!(std::fs::read(&list).unwrap(), list_before);
     let (ok, _, err) = prep(&["--force"]);
     assert!(ok, "{err}");
+}
+
+/// The subcommands `xrayglm PATH… --help` lists (without `help`).
+fn subcommands(path: &[String]) -> Vec<String> {
+    let (_, out, _) = run(xrayglm().args(path).arg("--help"));
+    out.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every command and subcommand shows each multi-word flag once, as `--a_b` (XrayGLM's spelling),
+/// and accepts `--a-b` as well: given twice, the dashed spelling is the shown flag to the parser (a
+/// usage error naming `--a_b`, exit 2: nothing runs), never an unknown argument.
+#[test]
+fn every_multi_word_flag_takes_both_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stack: Vec<Vec<String>> = vec![vec![]];
+    let (mut commands, mut checked) = (0, 0);
+    while let Some(path) = stack.pop() {
+        for sub in subcommands(&path) {
+            let mut p = path.clone();
+            p.push(sub);
+            stack.push(p);
+        }
+        if path.is_empty() {
+            continue;
+        }
+        commands += 1;
+        let (ok, help, err) = run(xrayglm().args(&path).arg("--help"));
+        assert!(ok, "{path:?} --help: {err}");
+        let flags: Vec<String> = help
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim_start();
+                let l = l.strip_prefix("-").filter(|r| r.len() > 3 && &r[1..3] == ", ").map_or(l, |r| &r[3..]);
+                l.strip_prefix("--")
+                    .and_then(|r| r.split([' ', '<', '=']).next())
+                    .map(str::to_string)
+            })
+            .collect();
+        for f in &flags {
+            assert!(!f.contains('-'), "{path:?} shows --{f}: multi-word flags are shown as --a_b");
+        }
+        for f in flags.iter().filter(|f| f.contains('_')) {
+            {
+                let flag = format!("--{}", f.replace('_', "-"));
+                let out = xrayglm()
+                    .current_dir(dir.path())
+                    .args(&path)
+                    .args([&flag, &flag])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(2), "{path:?} {flag} {flag}: {err}");
+                assert!(
+                    !err.contains("unexpected argument") && err.contains(&format!("--{f}")),
+                    "{path:?} {flag}: {err}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(commands >= 20, "walked {commands} commands");
+    assert!(checked >= 80, "checked {checked} flags");
 }

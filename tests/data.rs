@@ -118,7 +118,7 @@ fn annotations_convert_with_fixed_and_seeded_random_prompts() {
     }
 
     // The training list round-trips through the list schema. The films are outside its folder,
-    // so the list holds absolute paths, which load only when allowed (issue 15 item 10).
+    // so the list holds absolute paths, which load only when allowed.
     let out = dir.path().join("sub/train.json");
     xrayglm::data::records::write_training_list(&out, &random.records).unwrap();
     let e = format!(
@@ -797,7 +797,7 @@ fn length_grouped_loader_resumes_exactly() {
     }
 }
 
-/// Issue 15 item 10: image paths stay inside the image root — `../x`, an absolute path, an
+/// Image paths stay inside the image root — `../x`, an absolute path, an
 /// `image_id` that climbs out — unless allowed; the error names the record and the flag.
 #[test]
 fn image_paths_may_not_leave_the_image_root() {
@@ -889,7 +889,7 @@ fn bomb_png(w: u32, h: u32) -> Vec<u8> {
     png
 }
 
-/// Issue 15 item 14: a decompression bomb is not "corrupt": the error says which limit was hit
+/// A decompression bomb is not "corrupt": the error says which limit was hit
 /// and how to raise it (`XRAYGLM_MAX_IMAGE_MIB`), and the limit is honoured both ways.
 #[test]
 fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
@@ -935,7 +935,7 @@ fn decompression_bombs_name_the_limit_and_how_to_raise_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Issue 19: conversation files in LLaVA's and ShareGPT's layouts. A two-turn conversation is two
+/// Conversation files in LLaVA's and ShareGPT's layouts. A two-turn conversation is two
 /// records (each answer a target, the earlier turns its history) or, with `conversation_turns =
 /// "last"`, one; `<image>` markers and system turns leave the text; the training prompt is the
 /// text `chat` builds for the same history; only the answer is a target; bad conversations name
@@ -1065,7 +1065,7 @@ fn llava_and_sharegpt_conversations_become_per_turn_samples() {
     }
 }
 
-/// Issue 19: several views per study. The synthetic set with lateral films is named as OpenI is
+/// Several views per study. The synthetic set with lateral films is named as OpenI is
 /// (`<study>_<k>`, the PA film the same pixels as the one-view set's); `data.group_views` makes one
 /// record per study with its films in `k` order (counted by views; a file listing `_2` before `_1`
 /// still gives `[_1, _2]`; an id that is not `<report>_<k>` is a bad record); training lists and

@@ -610,7 +610,7 @@ fn eval_scores_the_held_out_films_of_a_run() {
     assert_eq!(md.lines().count(), 4, "{md}");
 }
 
-/// Issue 15 item 4: lengths beyond the model's 2048 positions are refused where they enter —
+/// Lengths beyond the model's 2048 positions are refused where they enter —
 /// `chat --max_length`, `eval --max_new_tokens` (nothing written), a web request's `max_length`
 /// (400) — instead of a panic in the rotary lookup; the web session stays usable and
 /// `/api/health` keeps its default prompt.
@@ -768,7 +768,7 @@ fn predict_next(ids: &[String]) -> String {
     )
 }
 
-/// Issue 15 item 7: web session ids are 128 bits from the OS's CSPRNG. The attack that predicted
+/// Web session ids are 128 bits from the OS's CSPRNG. The attack that predicted
 /// the next id from 156 observed ones (a Mersenne Twister seeded with time^pid) is checked to work
 /// on such a generator, then fails on the server's ids.
 #[test]
@@ -793,7 +793,7 @@ fn web_session_ids_cannot_be_predicted() {
     assert_ne!(predict_next(&ids[..156]), ids[156]);
 }
 
-/// Issue 15 item 9: clients that send their body slowly hold neither the request threads nor
+/// Clients that send their body slowly hold neither the request threads nor
 /// anyone else: with 2 request threads and 9 connections trickling a chat body, other requests
 /// are answered at once and the slow ones get 408 after the body timeout.
 #[test]
@@ -1059,7 +1059,7 @@ fn openai_python() -> Option<PathBuf> {
     None
 }
 
-/// Issue 18: the official `openai` Python client against `xrayglm serve` on the demo run, with
+/// The official `openai` Python client against `xrayglm serve` on the demo run, with
 /// the step-200 checkpoint and the best one served as adapters beside it
 /// (tests/openai/check_serve.py): the one-shot report from a data-URL image equals `chat
 /// --greedy`'s (and with two films, `chat --image A --image B`'s), streaming chunks concatenate to it, a two-turn conversation equals `chat`'s
@@ -1223,7 +1223,7 @@ fn long_request(film: &Path, stream: bool) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Issue 18: a full queue is answered 503 with an OpenAI error object (the others are served),
+/// A full queue is answered 503 with an OpenAI error object (the others are served),
 /// and SIGTERM lets a reply in flight finish its stream (`data: [DONE]`) — or, with no grace
 /// period, ends it with an error event — while new connections are refused; the server then
 /// exits 0.
@@ -1327,7 +1327,7 @@ fn complete_url(addr: &str, url: &str) -> (u16, String) {
     (c, text)
 }
 
-/// Issue 18: image URLs other than `data:` are refused unless a flag allows them — `http(s)://`
+/// Image URLs other than `data:` are refused unless a flag allows them — `http(s)://`
 /// with `--allow_remote_images` (fetched; the report equals the data-URL one), local paths only
 /// inside `--allowed_local_media_path` (a path outside it stays refused).
 #[test]
@@ -1402,7 +1402,7 @@ fn image_urls_are_fetched_only_where_allowed() {
     assert_eq!(complete_url(&srv.addr, &data), (200, want));
 }
 
-/// Issue 19: QLoRA on the demo. The demo's recipe with a 4-bit NF4 base (`model.quantize =
+/// QLoRA on the demo. The demo's recipe with a 4-bit NF4 base (`model.quantize =
 /// "nf4"`, ChatGLM's layer linears in NF4 with double-quantized scales, LoRA in fp32 on top)
 /// ends with a held-out loss within 10 % of the fp32 demo's (no worse than 1.1×; measured one run
 /// each: 0.0009 vs 0.0077 at step 600 on the trainer's 4 validation batches, 0.0016 vs 0.0062 by

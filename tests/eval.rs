@@ -331,7 +331,7 @@ fn cider_is_bitwise_reproducible() {
     }
 }
 
-/// Issue 15: a repeated id is an error naming both lines (or scored twice with
+/// A repeated id is an error naming both lines (or scored twice with
 /// `--allow-duplicates`); a report over the length limit is refused at once with the limit and how
 /// to raise it (a 200,000-character pair took over 300 s before), nothing written.
 #[test]
@@ -376,7 +376,7 @@ fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
     assert!(!ok);
     assert!(
         err.contains("dup.jsonl: id \"a\" appears on lines 1 and 3")
-            && err.contains("--allow-duplicates"),
+            && err.contains("--allow_duplicates"),
         "{err}"
     );
     let (ok, err, took) = eval(&long, &[], &never);
@@ -384,7 +384,7 @@ fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
     assert!(
         err.contains(
             "long.jsonl:2: the reference of \"x\" has 200000 characters, over the limit of 20000"
-        ) && err.contains("--max-chars"),
+        ) && err.contains("--max_chars"),
         "{err}"
     );
     assert!(took.as_secs() < 30, "refused after {took:?}");

@@ -318,7 +318,7 @@ fn mismatched_base_and_missing_files_are_refused() {
     assert!(!to.exists());
 }
 
-/// Issue 19: adapters on the vision side (EVA ViT, Q-Former, glm_proj) and ChatGLM's MLP export to
+/// Adapters on the vision side (EVA ViT, Q-Former, glm_proj) and ChatGLM's MLP export to
 /// PEFT and load back. `adapter_config.json`'s `target_modules`, full-matched as PEFT does,
 /// selects exactly the adapted linears among all the model's linears (the vision tower's
 /// `attention.dense` of a non-adapted layer included); each module's rank and alpha, resolved

@@ -539,7 +539,7 @@ fn kernel_variants_match_the_reference() {
     }
 }
 
-/// Issue 19: several films per sample. Each film's embeddings land on its own slots of its own row
+/// Several films per sample. Each film's embeddings land on its own slots of its own row
 /// and nowhere else; one film per row at one slot is the reference's splice bit for bit; a row
 /// attends to both of its films; and the LoRA still trains through a two-film batch.
 #[test]
@@ -659,7 +659,7 @@ fn everywhere(kind: Kind) -> VisualGlm {
     m
 }
 
-/// Issue 19: adapters on the vision side. The LoRA'd forward (ViT, Q-Former, glm_proj, ChatGLM
+/// Adapters on the vision side. The LoRA'd forward (ViT, Q-Former, glm_proj, ChatGLM
 /// MLP) equals the forward with every delta merged into its weight (≤ 1e-5 relative) and moves
 /// the output; unmerging restores it; the adapters are saved under their sat names and every
 /// one of them gets a gradient.

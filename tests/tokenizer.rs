@@ -145,7 +145,7 @@ fn saved_tokenizer_json_encodes_the_same() {
     }
 }
 
-/// Issue 15: user text never becomes control tokens. A question (chat, web, API, eval) or a
+/// User text never becomes control tokens. A question (chat, web, API, eval) or a
 /// training report that spells `[gMASK]`, `<sop>`, `<eop>`, `<s>`, `</s>` keeps them as text; the
 /// only control ids are the ones the prompt template places (`[gMASK] <sop>` at the end of a
 /// prompt, `<eop>` after a training report).

@@ -289,7 +289,7 @@ fn sigterm_saves_a_checkpoint_and_exits_143() {
         .status()
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    // Saved, then exit 128 + 15 so schedulers and `&&` see an interrupted run (issue 15 item 12).
+    // Saved, then exit 128 + 15 so schedulers and `&&` see an interrupted run.
     assert_eq!(
         out.status.code(),
         Some(143),
@@ -454,7 +454,7 @@ fn nf4_training_runs_and_saves_loadable_adapters() {
     assert!(!m.lora.variables().is_empty());
 }
 
-/// Issue 15 item 1: a broken `latest` (missing, empty, or naming a folder that is gone) never
+/// A broken `latest` (missing, empty, or naming a folder that is gone) never
 /// restarts the run: it resumes from the newest complete step folder and says so; with no
 /// complete checkpoint left it stops with a clear error and touches nothing. Leftovers of a dead
 /// process (`.<step>.partial/`, `.<name>.<pid>.tmp`) are removed on the next start.
@@ -512,7 +512,7 @@ fn a_broken_latest_resumes_from_the_newest_complete_checkpoint() {
     assert_eq!(xrayglm::train::checkpoint::step_folders(&run), before);
 }
 
-/// Issue 15 item 1: pruning to `keep_last` never deletes the checkpoint `latest` names nor the
+/// Pruning to `keep_last` never deletes the checkpoint `latest` names nor the
 /// newest complete one (a run resumed from an older checkpoint used to delete its own new save).
 #[test]
 fn pruning_keeps_latest_and_the_newest_complete_checkpoint() {
@@ -556,7 +556,7 @@ fn pruning_keeps_latest_and_the_newest_complete_checkpoint() {
     assert_eq!(xrayglm::train::checkpoint::read_best(run), Some(record));
 }
 
-/// Issue 15 item 11: the adapters of a fresh start depend on train.seed alone. A run that died
+/// The adapters of a fresh start depend on train.seed alone. A run that died
 /// before its first checkpoint (its random base already saved in `base/`) starts again from the
 /// same LoRA weights, bit for bit.
 #[test]
@@ -590,8 +590,8 @@ fn a_fresh_start_is_the_same_every_time() {
     }
 }
 
-/// Issue 15 item 6: `finetune … 2>&1 | head` — stdout and stderr closed early — no longer panics
-/// (exit 101): the run trains to its end and saves; what could not be printed is dropped.
+/// `finetune … 2>&1 | head` — stdout and stderr closed early — never panics: the run trains to its
+/// end and saves; what could not be printed is dropped.
 #[test]
 fn closed_stdout_and_stderr_do_not_stop_training() {
     let _serial = common::serial();
@@ -632,7 +632,7 @@ fn closed_stdout_and_stderr_do_not_stop_training() {
     assert!(out.success(), "info: {out:?}");
 }
 
-/// Issue 15 item 3: every rename that publishes a file or folder (run config, random base,
+/// Every rename that publishes a file or folder (run config, random base,
 /// checkpoint files and folder, `latest`, export folders, eval reports) comes after an fsync of
 /// what is renamed and is followed by an fsync of the folder it lands in — watched with strace.
 #[test]
@@ -736,7 +736,7 @@ fn every_published_file_is_fsynced_before_and_after_its_rename() {
     }
 }
 
-/// Issue 16: where no terminal is (mpirun, Slurm, `nohup … > log`) the default `train.progress =
+/// Where no terminal is (mpirun, Slurm, `nohup … > log`) the default `train.progress =
 /// true` prints plain lines — step, loss, lr, tokens/s, ETA — every `log_interval`, instead of a
 /// hidden bar and silence.
 #[test]
@@ -810,7 +810,7 @@ fn early_stop_ends_a_run_whose_best_metric_stops_improving() {
     );
 }
 
-/// Issue 19: adapters on the vision side (`model.lora.targets`: EVA ViT layer 1, both Q-Former
+/// Adapters on the vision side (`model.lora.targets`: EVA ViT layer 1, both Q-Former
 /// layers, glm_proj; vision dropout on) train — every one moves, and the validation loss falls —
 /// and resume exactly (ten steps = five + resume + five, bitwise); the run exports to PEFT and
 /// `chat --from_pretrained PEFT_DIR` (the adapter over its base) writes the report `chat` writes
@@ -908,7 +908,7 @@ fn vision_adapters_train_resume_and_chat_through_peft() {
     assert_eq!(peft_says, run_says);
 }
 
-/// Issue 19: a conversation file whose samples have two films (a study's PA and lateral, two
+/// A conversation file whose samples have two films (a study's PA and lateral, two
 /// `<image>` markers) trains the tiny model, and the result chats about two films: the same greedy
 /// reply from a chat session, from `answer_batch` (as eval asks) and from
 /// `xrayglm chat --image PA --image LATERAL`; `xrayglm eval` scores every two-film study.
@@ -1055,7 +1055,7 @@ fn a_two_film_conversation_file_trains_and_the_result_chats() {
     assert!(ids2.len() > chat.prompt_ids(&[], &r.prompt, false, 1).unwrap().0.len() + 32);
 }
 
-/// Issue 19: a LLaVA conversation file (two turns per film: the report, then a follow-up about the
+/// A LLaVA conversation file (two turns per film: the report, then a follow-up about the
 /// heart) trains the tiny model — one sample per answer — and the result answers the second turn
 /// of a conversation, in a chat session and as eval asks a conversation record (the same greedy
 /// reply: the record's history is part of the question).

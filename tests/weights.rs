@@ -221,7 +221,7 @@ fn hf_safetensors_shards_load_like_the_bin_shards() {
     assert!(e <= 1e-4, "{e:.3e}");
 }
 
-/// Issue 15 item 5: a `model_config.json` with absurd sizes is an error naming the problem, not a
+/// A `model_config.json` with absurd sizes is an error naming the problem, not a
 /// panic inside libtorch's allocator (`hidden_size` 2^40 used to abort in var_store.rs); zero or
 /// negative sizes are refused by name (a zero head count used to divide by zero). The CLI exits 1.
 #[test]

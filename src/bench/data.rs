@@ -3,7 +3,7 @@
 //! Baseline: a straightforward pipeline on the `image` crate (decode, `to_rgb8`, CatmullRom resize,
 //! normalise) on one thread. Then this crate's exact Pillow-equivalent preprocessing on one thread,
 //! on all worker threads, and the full batch loader (tokenized samples + images, background threads);
-//! with `--vs-sat`, XrayGLM's own FewShotDataset construction on the same films.
+//! with `--vs_sat`, XrayGLM's own FewShotDataset construction on the same films.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub struct DataBench {
     pub single_ips: f64,
     pub parallel_ips: f64,
     pub loader_sps: Option<f64>,
-    /// The original's data path in the same run (`--vs-sat`).
+    /// The original's data path in the same run (`--vs_sat`).
     pub sat: Option<DataSat>,
 }
 
@@ -185,7 +185,7 @@ pub fn data(a: &DataArgs) -> Result<DataBench> {
                 .as_deref()
                 .filter(|p| p.extension().is_some_and(|e| e == "model"))
                 .context(
-                    "--vs-sat: the original tokenizes with ice_text.model; pass --tokenizer path/to/ice_text.model",
+                    "--vs_sat: the original tokenizes with ice_text.model; pass --tokenizer path/to/ice_text.model",
                 )?;
             Some((py.as_path(), ice_text))
         }

@@ -119,10 +119,10 @@ pub struct GenerateArgs {
 /// the first token) at batch 1 and 8; with `sat_python`, the original's in the same run.
 pub fn generate(a: &GenerateArgs) -> Result<GenerateBench> {
     use crate::device::{DeviceSpec, Dtype};
-    anyhow::ensure!(a.new_tokens >= 2, "--new-tokens must be at least 2");
+    anyhow::ensure!(a.new_tokens >= 2, "--new_tokens must be at least 2");
     anyhow::ensure!(
         a.vs_sat.is_none() || a.device == DeviceSpec::Cpu,
-        "bench generate: --vs-sat compares on the CPU only (the original runs there from scripts/fixtures_venv.sh)"
+        "bench generate: --vs_sat compares on the CPU only (the original runs there from scripts/fixtures_venv.sh)"
     );
     anyhow::ensure!(
         matches!(a.dtype, Dtype::Fp32 | Dtype::Bf16),

@@ -17,11 +17,11 @@ pub enum BenchCommand {
     /// Correctness and bandwidth of the tensor all-reduce (under mpirun; NCCL on GPUs).
     Allreduce(bench::AllreduceArgs),
     /// LoRA fine-tuning throughput of a preset (random weights) on the OpenI-zh report length mix:
-    /// xrayglm's trainer, and with `--vs-sat PYTHON` the original's recipe (pad to 320, vision
+    /// xrayglm's trainer, and with `--vs_sat PYTHON` the original's recipe (pad to 320, vision
     /// recomputed every step) in the same run.
     Train(bench::TrainArgs),
     /// KV-cached greedy decoding of a preset (random weights): time to first token and tokens/s at
-    /// batch 1 and 8; `--vs-sat PYTHON` runs the original's filling_sequence in the same run.
+    /// batch 1 and 8; `--vs_sat PYTHON` runs the original's filling_sequence in the same run.
     Generate(bench::GenerateArgs),
     /// The OpenAI-compatible server (continuous batching) under 1, 4, 8, 16 concurrent clients
     /// against the same requests one at a time: tokens/s, time to first token, latency.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use xrayglm::config::ConfigArgs;
 use xrayglm::tokenizer::{self, ChatGlmTokenizer};
@@ -132,9 +132,41 @@ pub fn info() -> Result<()> {
     Ok(())
 }
 
+/// Every multi-word flag in both spellings: `--a_b` (XrayGLM's scripts; the one `--help` shows)
+/// and `--a-b` (a hidden alias), on every command and subcommand.
+pub fn both_spellings(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|arg| {
+        let Some(long) = arg
+            .get_long()
+            .filter(|l| l.contains(['-', '_']))
+            .map(str::to_string)
+        else {
+            return arg;
+        };
+        let (shown, other) = (long.replace('-', "_"), long.replace('_', "-"));
+        let known: Vec<String> = arg
+            .get_all_aliases()
+            .unwrap_or_default()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        // clap keeps flag names for the life of the program.
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let mut arg = arg.long(leak(shown.clone()));
+        for name in [other, long] {
+            if name != shown && !known.contains(&name) {
+                arg = arg.alias(leak(name));
+            }
+        }
+        arg
+    })
+    .mut_subcommands(both_spellings)
+}
+
 pub fn run() -> Result<()> {
     xrayglm::device::register_cuda();
-    let cli = Cli::parse();
+    let matches = both_spellings(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Bench { what } => what.run(),
         Command::PrepareData(a) => data::prepare(a),

@@ -90,10 +90,10 @@ pub fn parity_train(
     let dev = m.base.device();
     let labels = inputs
         .get("labels")
-        .context("--train-steps needs `labels` in the inputs")?
+        .context("--train_steps needs `labels` in the inputs")?
         .to_kind(tch::Kind::Int64)
         .to_device(dev);
-    let image = image.context("--train-steps needs `image` in the inputs")?;
+    let image = image.context("--train_steps needs `image` in the inputs")?;
     let adam = xrayglm::train::optim::AdamWConfig {
         weight_decay: a.weight_decay,
         ..Default::default()

@@ -114,7 +114,7 @@ impl Default for Shard {
 }
 
 /// What the model is shown instead of each record's own film — a counterfactual that shows how
-/// much the reports owe to the images (`image.ablation` in training, `eval --image-ablation`).
+/// much the reports owe to the images (`image.ablation` in training, `eval --image_ablation`).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]

@@ -7,7 +7,7 @@
 //! Here the random variant takes a seed, and `random.seed(seed)` + `random.choice` in Python picks
 //! the same prompts.
 //!
-//! Conversations (issue 19) come in the layouts users already have: LLaVA's
+//! Conversations come in the layouts users already have: LLaVA's
 //! `[{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}]` and ShareGPT /
 //! LLaMA-Factory's `[{"messages": [{"role": "user"|"assistant"|"system", "content"}], "images":
 //! [..]}]`, the image marked by `<image>` in a user turn. A conversation becomes one record per
@@ -388,7 +388,7 @@ fn resolve(root: &Path, p: &str, allow_outside: bool) -> Result<PathBuf, (BadKin
             BadKind::OutsideRoot,
             format!(
                 "image path {p:?} is absolute; give it relative to the image root {} \
-                 (or allow paths outside it: data.allow_outside_root / --allow-outside-root)",
+                 (or allow paths outside it: data.allow_outside_root / --allow_outside_root)",
                 root.display()
             ),
         ));
@@ -405,7 +405,7 @@ fn resolve(root: &Path, p: &str, allow_outside: bool) -> Result<PathBuf, (BadKin
                 BadKind::OutsideRoot,
                 format!(
                     "image path {p:?} leaves the image root {} \
-                     (allow it with data.allow_outside_root / --allow-outside-root)",
+                     (allow it with data.allow_outside_root / --allow_outside_root)",
                     root.display()
                 ),
             ));
@@ -422,7 +422,7 @@ fn resolve(root: &Path, p: &str, allow_outside: bool) -> Result<PathBuf, (BadKin
                     BadKind::OutsideRoot,
                     format!(
                         "image path {p:?} is a link to {}, outside the image root {} \
-                         (allow it with data.allow_outside_root / --allow-outside-root)",
+                         (allow it with data.allow_outside_root / --allow_outside_root)",
                         real.display(),
                         root.display()
                     ),
@@ -572,7 +572,7 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             } else {
                 String::new()
             };
-            bail!("{first}{more}; use --skip-bad to skip bad records");
+            bail!("{first}{more}; use --skip_bad to skip bad records");
         }
     }
     if records.is_empty() {

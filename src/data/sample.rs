@@ -12,7 +12,7 @@
 //! The 32 placeholder ids at `[pre_image, pre_image+32)` are replaced by image embeddings in the
 //! model. Labels equal to pad become −100 when `ignore_pad_token_for_loss` (the default).
 //!
-//! Several films per sample (issue 19: the views of one study) each get their own block, in order,
+//! Several films per sample (the views of one study) each get their own block, in order,
 //! where VisualGLM puts its one image: `encode("<img>") + [pad]*32 + encode("</img>")` for every
 //! film but the last, whose `</img>` stays in front of the question as above — so one film gives
 //! exactly the reference's ids.

@@ -169,7 +169,7 @@ pub struct Outcome {
     /// Of the findings the references state, the share the reports state too (No Finding aside).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub true_findings_stated: Option<f64>,
-    /// The reports again with other images (`--image-ablation`).
+    /// The reports again with other images (`--image_ablation`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ablations: Vec<AblationOutcome>,
     pub seconds: f64,

@@ -114,7 +114,7 @@ pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
             if n > opts.max_chars {
                 bail!(
                     "{}:{}: the {what} of {:?} has {n} characters, over the limit of {} \
-                     (scoring is quadratic in the length); raise it with --max-chars N",
+                     (scoring is quadratic in the length); raise it with --max_chars N",
                     path.display(),
                     i + 1,
                     s.id,
@@ -126,7 +126,7 @@ pub fn read_hypotheses(path: &Path, opts: &ReadOptions) -> Result<Vec<Scored>> {
             if !opts.allow_duplicates {
                 bail!(
                     "{}: id {:?} appears on lines {first} and {}; each report is scored once \
-                     (pass --allow-duplicates to score both)",
+                     (pass --allow_duplicates to score both)",
                     path.display(),
                     s.id,
                     i + 1

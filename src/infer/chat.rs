@@ -4,7 +4,7 @@
 //!   (English: `Q:`/`A:`); ids = `encode("<img>")` + image_length pads + `encode("</img>…")` +
 //!   `[gMASK] <sop>`; without an image, `encode(text)` + `[gMASK] <sop>`;
 //! * the image is preprocessed and encoded once per session and reused by later turns;
-//! * several films (the views of one study, issue 19) each get their own `<img>…</img>` block
+//! * several films (the views of one study) each get their own `<img>…</img>` block
 //!   in order, as in training (`data::sample`); one film gives the reference's ids;
 //! * the reply: `decode(prompt + reply)` → `process_response` → the text after the last answer
 //!   marker (`答：` / `A:`).

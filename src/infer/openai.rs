@@ -15,7 +15,7 @@
 //!   `repetition_penalty` (XrayGLM's defaults: 100 and 1.2). Without a `seed` each request draws
 //!   one from the OS.
 //! * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad request, unsupported
-//!   part, undecodable image), 401 (missing or wrong bearer key with `--api-key`), 404 (unknown
+//!   part, undecodable image), 401 (missing or wrong bearer key with `--api_key`), 404 (unknown
 //!   model), 413 (body over `--max_body_mib`), 503 (queue full, shutting down), 500 (model failure).
 
 use std::sync::Arc;
@@ -94,7 +94,7 @@ pub(crate) fn routes() -> Router<Arc<State>> {
         .route("/v1/chat/completions", post(completions))
 }
 
-/// With `--api-key`, the request must carry `Authorization: Bearer KEY` (compared in constant
+/// With `--api_key`, the request must carry `Authorization: Bearer KEY` (compared in constant
 /// time).
 fn authorize(st: &State, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
     let Some(key) = &st.opts.api_key else {

@@ -197,7 +197,7 @@ pub struct LoraConfig {
     pub head_first: bool,
     /// Also adapt the MLP linears of `layers` (not in XrayGLM).
     pub mlp: bool,
-    /// Adapters beyond ChatGLM's attention (issue 19): each target with its own layers.
+    /// Adapters beyond ChatGLM's attention: each target with its own layers.
     pub targets: LoraTargets,
 }
 

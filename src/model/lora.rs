@@ -205,7 +205,7 @@ impl Lora {
 }
 
 /// A frozen linear of the vision side (EVA ViT, Q-Former, `glm_proj`) with an optional plain LoRA
-/// (one partition: `W·x + b + scaling·B·A·x`, PEFT's form) — issue 19's `model.lora.targets`.
+/// (one partition: `W·x + b + scaling·B·A·x`, PEFT's form): `model.lora.targets`.
 #[derive(Debug)]
 pub struct Adapted {
     pub linear: super::nn::Linear,

@@ -78,7 +78,7 @@ pub struct FixedBatchRecipe<'a> {
     pub clip: f64,
 }
 
-/// `xrayglm parity --train-steps N`: N optimizer steps on one fixed batch with the given
+/// `xrayglm parity --train_steps N`: N optimizer steps on one fixed batch with the given
 /// optimizer, schedule and clipping (no dropout), returning the per-step losses and learning
 /// rates — to compare a trajectory with the original implementation's.
 pub fn fixed_batch_steps(

@@ -222,13 +222,16 @@ pub fn base_chain(dir: &Path) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// Record a model folder as an input of a command: the folder given (a run's `latest` / `best`
-/// included), the checkpoint it resolves to and every base model it stands on.
+/// Record a model folder as an input of a command: a run's pointers and training config (when
+/// the folder is a run), the files of the checkpoint it resolves to and of every base model it
+/// stands on.
 pub fn model_inputs(inputs: &mut crate::io::Inputs, what: &str, dir: &Path) {
-    if dir.is_dir() {
-        inputs.folder(what, dir);
-    } else {
+    if !dir.is_dir() {
         inputs.file(what, dir);
+    } else if resolve_run(dir) != dir {
+        for f in ["latest", "best", "best.json", "config.toml"] {
+            inputs.file(format!("{what} ({f})"), &dir.join(f));
+        }
     }
     for d in base_chain(dir).unwrap_or_default() {
         inputs.folder(what, &d);
