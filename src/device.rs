@@ -150,7 +150,7 @@ pub fn available_bytes(dev: tch::Device) -> Option<u64> {
             let ok = unsafe { set(idx as i32) == 0 && info(&mut free, &mut total) == 0 };
             ok.then_some(free as u64)
         }
-        _ => crate::model::config::cpu_available_bytes(),
+        _ => cpu_available_bytes(),
     }
 }
 
@@ -208,4 +208,18 @@ mod tests {
     fn cpu_has_no_cuda_memory() {
         assert_eq!(super::cuda_used_mib(tch::Device::Cpu), None);
     }
+}
+
+/// Memory that can still be allocated on the CPU: MemAvailable + SwapFree from /proc/meminfo.
+pub fn cpu_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
 }

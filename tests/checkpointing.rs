@@ -56,7 +56,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         m.set_dropout_seed(1234);
         let inputs = xrayglm::model::visualglm::BatchInputs {
             input_ids: &ids,
-            images: &image,
+            images: xrayglm::model::visualglm::Images::Pixels(&image),
             image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
             position_ids: &pos,
             context_lengths: &ctx,

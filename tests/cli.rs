@@ -490,14 +490,20 @@ fn every_multi_word_flag_takes_both_spellings() {
             .lines()
             .filter_map(|l| {
                 let l = l.trim_start();
-                let l = l.strip_prefix("-").filter(|r| r.len() > 3 && &r[1..3] == ", ").map_or(l, |r| &r[3..]);
+                let l = l
+                    .strip_prefix("-")
+                    .filter(|r| r.len() > 3 && &r[1..3] == ", ")
+                    .map_or(l, |r| &r[3..]);
                 l.strip_prefix("--")
                     .and_then(|r| r.split([' ', '<', '=']).next())
                     .map(str::to_string)
             })
             .collect();
         for f in &flags {
-            assert!(!f.contains('-'), "{path:?} shows --{f}: multi-word flags are shown as --a_b");
+            assert!(
+                !f.contains('-'),
+                "{path:?} shows --{f}: multi-word flags are shown as --a_b"
+            );
         }
         for f in flags.iter().filter(|f| f.contains('_')) {
             {

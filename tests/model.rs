@@ -381,7 +381,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
         } else {
             let inputs = xrayglm::model::visualglm::BatchInputs {
                 input_ids: &ids,
-                images: &image,
+                images: xrayglm::model::visualglm::Images::Pixels(&image),
                 image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
                 position_ids: &pos,
                 context_lengths: &ctx,
@@ -617,7 +617,7 @@ fn several_films_are_spliced_at_their_own_slots() {
     );
     let inputs = xrayglm::model::visualglm::BatchInputs {
         input_ids: &ids,
-        images: &px,
+        images: xrayglm::model::visualglm::Images::Pixels(&px),
         image_at: ImageAt::Slots(&at),
         position_ids: &pos,
         context_lengths: &ctx,
@@ -736,7 +736,7 @@ fn vision_adapters_merge_exactly_and_all_train() {
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let inputs = xrayglm::model::visualglm::BatchInputs {
         input_ids: &ids,
-        images: &image,
+        images: xrayglm::model::visualglm::Images::Pixels(&image),
         image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
         position_ids: &pos,
         context_lengths: &ctx,

@@ -121,14 +121,12 @@ pub fn layer(a: &LayerArgs) -> Result<LayerBench> {
     glm.fused_attention = dev.is_cuda();
     let hidden = cfg.sat.hidden_size;
     let ids = Tensor::randint_low(10, 8192, [batch, seq], (Kind::Int64, dev));
-    let pos: Vec<i64> = (0..seq)
-        .map(|i| if i < ctx { i } else { ctx - 1 })
-        .chain((0..seq).map(|i| if i < ctx { 0 } else { i - ctx + 1 }))
-        .collect();
-    let position_ids = Tensor::from_slice(&pos)
-        .view([1, 2, seq])
-        .repeat([batch, 1, 1])
-        .to_device(dev);
+    // Every row: a prefix of `ctx` tokens whose last is the `[gMASK]`.
+    let prefix = crate::model::positions::Prefix {
+        context_length: ctx,
+        mask_position: ctx - 1,
+    };
+    let position_ids = crate::model::positions::batch(&vec![prefix; batch as usize], seq, dev);
     let mask = attention_mask(&vec![ctx; batch as usize], seq, dev);
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx).fill_(-100);

@@ -97,7 +97,7 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
     let run = |opt: &mut tch::nn::Optimizer| -> Result<f64> {
         let inputs = crate::model::visualglm::BatchInputs {
             input_ids: &ids,
-            images: &image,
+            images: crate::model::visualglm::Images::Pixels(&image),
             image_at: crate::model::chatglm::ImageAt::EachRow(3),
             position_ids: &pos,
             context_lengths: &ctx_lens,

@@ -291,6 +291,24 @@ impl Batch {
         crate::model::chatglm::ImageAt::of(&self.image_at, self.batch_size)
     }
 
+    /// The batch as the model takes it: its tensors `t` (from [`Batch::to_tensors`]) and its
+    /// films as pixels, or as embeddings computed before.
+    pub fn inputs<'a>(
+        &'a self,
+        t: &'a BatchTensors,
+        images: Option<&'a tch::Tensor>,
+    ) -> crate::model::visualglm::BatchInputs<'a> {
+        use crate::model::visualglm::Images;
+        crate::model::visualglm::BatchInputs {
+            input_ids: &t.input_ids,
+            images: images.map_or(Images::Pixels(&t.images), Images::Embeds),
+            image_at: self.image_placement(),
+            position_ids: &t.position_ids,
+            context_lengths: &self.context_lengths,
+            labels: &t.labels,
+        }
+    }
+
     pub fn to_tensors(&self, device: tch::Device) -> BatchTensors {
         let (b, l, s) = (
             self.batch_size as i64,

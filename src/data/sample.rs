@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::tokenizer::{ids, ChatGlmTokenizer};
 
 /// Label value the loss ignores.
-pub const IGNORE: i64 = -100;
+pub use crate::model::visualglm::IGNORE;
 
 /// Prompt language: the template around the question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -138,20 +138,12 @@ impl Sample {
     /// `position_ids[i] = i` before `<sop>` and `mask_position` from it on;
     /// `block_position_ids[i] = 0` before `<sop>` and `i − context_length + 1` from it on.
     pub fn position_ids(&self, len: usize) -> (Vec<i64>, Vec<i64>) {
-        let c = self.context_length;
-        let pos = (0..len)
-            .map(|i| {
-                if i < c {
-                    i as i64
-                } else {
-                    self.mask_position as i64
-                }
-            })
-            .collect();
-        let block = (0..len)
-            .map(|i| if i < c { 0 } else { (i - c + 1) as i64 })
-            .collect();
-        (pos, block)
+        self.prefix().sequence(len as i64)
+    }
+
+    /// Where the sample's prefix ends and its `[gMASK]` is ([`crate::model::positions`]).
+    pub fn prefix(&self) -> crate::model::positions::Prefix {
+        crate::model::positions::Prefix::new(self.context_length, self.mask_position)
     }
 
     /// Input ids and labels right-padded to `len` (pad id 3; labels −100, or 3 when

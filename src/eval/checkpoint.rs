@@ -429,7 +429,7 @@ fn pass(
     let n_batches = loader.batches_per_epoch();
     // A bar on a terminal; elsewhere a line for about every tenth of the films.
     let total = data.records.len() as u64;
-    let progress = crate::train::progress::Progress::new(
+    let progress = crate::logs::progress::Progress::new(
         o.progress,
         true,
         total,
@@ -449,18 +449,8 @@ fn pass(
         if loss {
             let n = b.target_tokens();
             if n > 0 {
-                let l = tch::no_grad(|| {
-                    let inputs = crate::model::visualglm::BatchInputs {
-                        input_ids: &t.input_ids,
-                        images: &embeds,
-                        image_at: b.image_placement(),
-                        position_ids: &t.position_ids,
-                        context_lengths: &b.context_lengths,
-                        labels: &t.labels,
-                    };
-                    model.loss(&inputs, false)
-                })
-                .double_value(&[]);
+                let l = tch::no_grad(|| model.loss(&b.inputs(&t, Some(&embeds)), false))
+                    .double_value(&[]);
                 loss_sum += l * n as f64;
                 tokens += n;
             }

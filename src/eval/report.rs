@@ -159,7 +159,7 @@ impl EvalReport {
 /// checkpoint's step), one folder per training run under `tb`.
 pub fn log_tensorboard(tb: &Path, o: &Outcome) -> Result<()> {
     let run_name = o.name.split('/').next().unwrap_or(&o.name).to_string();
-    let mut w = crate::train::metrics::TensorBoard::create(&tb.join(run_name))?;
+    let mut w = crate::logs::metrics::TensorBoard::create(&tb.join(run_name))?;
     w.scalars(
         o.step.unwrap_or(0),
         &scalars(o.val_loss, o.metrics.as_ref()),

@@ -38,6 +38,7 @@ use crate::data::image::ImageProcessor;
 use crate::model::chatglm::{
     attention_mask, GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters, SlotCache,
 };
+use crate::model::positions::{self, Prefix};
 use crate::tokenizer::{ids, process_response};
 use crate::weights::source::AdapterWeights;
 
@@ -293,10 +294,8 @@ struct Row {
     events: UnboundedSender<Event>,
     sampler: Sampler,
     prompt_tokens: usize,
-    /// Index of the `[gMASK]` (the position every generated token keeps).
-    mask_pos: i64,
-    /// Prompt length − 1 (the bidirectional context).
-    ctx: i64,
+    /// The prompt's prefix: all of it but `<sop>`, and its `[gMASK]`.
+    prefix: Prefix,
     /// Prompt + reply tokens at most.
     max_length: usize,
     max_new: usize,
@@ -433,17 +432,16 @@ impl Worker {
             if s.english && !sampling.invalid.contains(&ENGLISH_INVALID) {
                 sampling.invalid.push(ENGLISH_INVALID);
             }
-            let mask_pos = ids
+            let mask_position = ids
                 .iter()
                 .position(|&t| t == ids::GMASK)
-                .context("the prompt has no [gMASK]")? as i64;
+                .context("the prompt has no [gMASK]")?;
             let row = Row {
                 model: job.model,
                 events: job.events.clone(),
                 sampler: Sampler::new(sampling)?,
                 prompt_tokens: ids.len(),
-                mask_pos,
-                ctx: ids.len() as i64 - 1,
+                prefix: Prefix::new(ids.len() - 1, mask_position),
                 max_length: s.max_length,
                 max_new: job.max_new_tokens.unwrap_or(usize::MAX),
                 reply: Vec::new(),
@@ -536,19 +534,18 @@ impl Worker {
             return;
         }
         let dev = self.chat.model.device();
-        let (tokens, pos): (Vec<i64>, Vec<[i64; 2]>) = g
+        let (tokens, pos): (Vec<i64>, Vec<(Prefix, i64)>) = g
             .rows
             .iter()
             .zip(g.cache.lens())
             .map(|(r, &at)| {
                 let last = *r.reply.last().expect("a live row has chosen a token");
-                (last, [r.mask_pos, at - r.ctx + 1])
+                (last, (r.prefix, at))
             })
             .unzip();
         let b = tokens.len() as i64;
         let ids = Tensor::from_slice(&tokens).view([b, 1]).to_device(dev);
-        let flat: Vec<i64> = pos.iter().flatten().copied().collect();
-        let pos = Tensor::from_slice(&flat).view([b, 2, 1]).to_device(dev);
+        let pos = positions::step(&pos, dev);
         let mut cache = std::mem::take(&mut g.cache);
         let models: Vec<usize> = g.rows.iter().map(|r| r.model).collect();
         let adapters = row_adapters(&self.sets, &models, dev);
@@ -692,12 +689,8 @@ fn prefill(chat: &ChatModel, batch: &[Ready], adapters: &RowAdapters) -> Result<
     let ctx = len - 1;
     let ids: Vec<i64> = batch.iter().flat_map(|r| r.ids.iter().copied()).collect();
     let input = Tensor::from_slice(&ids).view([b, len]).to_device(dev);
-    let mut pos = Vec::with_capacity((b * 2 * len) as usize);
-    for r in batch {
-        pos.extend((0..len).map(|i| if i < ctx { i } else { r.row.mask_pos }));
-        pos.extend((0..len).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
-    }
-    let pos = Tensor::from_slice(&pos).view([b, 2, len]).to_device(dev);
+    let contexts: Vec<Prefix> = batch.iter().map(|r| r.row.prefix).collect();
+    let pos = positions::batch(&contexts, len, dev);
     // Every row's films in row order (the rows share one placement), encoded together.
     let s = chat.images.size as i64;
     let px: Vec<Tensor> = batch

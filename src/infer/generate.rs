@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::sampling::{Sampler, SamplingConfig};
 use crate::model::chatglm::{attention_mask, GlmInputs, ImageAt, KvCache};
+use crate::model::positions::{self, Prefix};
 use crate::model::visualglm::VisualGlm;
 
 /// One sequence to continue.
@@ -135,14 +136,14 @@ fn generate_group(
     let input = Tensor::from_slice(&ids)
         .view([b, len as i64])
         .to_device(dev);
-    let mut pos = Vec::with_capacity(rows.len() * 2 * len);
-    for &m in &mask_pos {
-        pos.extend((0..len as i64).map(|i| if i < ctx { i } else { m }));
-        pos.extend((0..len as i64).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
-    }
-    let pos = Tensor::from_slice(&pos)
-        .view([b, 2, len as i64])
-        .to_device(dev);
+    let contexts: Vec<Prefix> = mask_pos
+        .iter()
+        .map(|&m| Prefix {
+            context_length: ctx,
+            mask_position: m,
+        })
+        .collect();
+    let pos = positions::batch(&contexts, len as i64, dev);
     let embeds = if with_image {
         let parts: Vec<Tensor> = rows
             .iter()
@@ -201,19 +202,8 @@ fn generate_group(
         live = keep.iter().map(|&j| live[j]).collect();
         let n = live.len() as i64;
         let step_ids = Tensor::from_slice(&tokens).view([n, 1]).to_device(dev);
-        let mut step_pos = Vec::with_capacity(live.len() * 2);
-        for &i in &live {
-            step_pos.push(mask_pos[i]);
-        }
-        for _ in &live {
-            step_pos.push(next_index - ctx + 1);
-        }
-        // [n, 2, 1]: first all positions, then all block positions → reshape accordingly.
-        let step_pos = Tensor::from_slice(&step_pos)
-            .view([2, n, 1])
-            .permute([1, 0, 2])
-            .contiguous()
-            .to_device(dev);
+        let step: Vec<(Prefix, i64)> = live.iter().map(|&i| (contexts[i], next_index)).collect();
+        let step_pos = positions::step(&step, dev);
         let empty_mask = Tensor::zeros([0], (Kind::Float, Device::Cpu));
         logits = tch::no_grad(|| {
             model.chatglm.forward_cached(

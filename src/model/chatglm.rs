@@ -355,7 +355,7 @@ impl<'a> ImageAt<'a> {
 }
 
 /// Label value the loss ignores.
-const IGNORE_LABEL: i64 = crate::data::sample::IGNORE;
+const IGNORE_LABEL: i64 = super::visualglm::IGNORE;
 
 fn rotary_tables(head_dim: i64, max_len: i64, precision: RotaryPrecision) -> (Tensor, Tensor) {
     let dim = head_dim / 2;
@@ -1089,7 +1089,7 @@ pub fn positions_from_ids(
     let ids: Vec<i64> = Vec::<i64>::try_from(input_ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
     let any_gmask = ids.contains(&gmask);
     let mark = if any_gmask { gmask } else { mask };
-    let mut pos = Vec::with_capacity((b * 2 * s) as usize);
+    let mut rows = Vec::with_capacity(b as usize);
     let mut ctxs = Vec::with_capacity(b as usize);
     for row in ids.chunks(s as usize) {
         let ctx = row
@@ -1102,16 +1102,13 @@ pub fn positions_from_ids(
             .position(|&t| t == mark)
             .ok_or_else(|| anyhow::anyhow!("a sequence has no mask token ({mark})"))?
             as i64;
-        pos.extend((0..s).map(|i| if i < ctx { i } else { mpos }));
-        pos.extend((0..s).map(|i| if i < ctx { 0 } else { i - ctx + 1 }));
+        rows.push(super::positions::Prefix {
+            context_length: ctx,
+            mask_position: mpos,
+        });
         ctxs.push(ctx);
     }
-    Ok((
-        Tensor::from_slice(&pos)
-            .view([b, 2, s])
-            .to_device(input_ids.device()),
-        ctxs,
-    ))
+    Ok((super::positions::batch(&rows, s, input_ids.device()), ctxs))
 }
 
 #[cfg(test)]

@@ -616,20 +616,6 @@ impl ModelConfig {
     }
 }
 
-/// Memory that can still be allocated on the CPU: MemAvailable + SwapFree from /proc/meminfo.
-pub fn cpu_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = |key: &str| -> Option<u64> {
-        text.lines()
-            .find(|l| l.starts_with(key))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

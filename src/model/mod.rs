@@ -5,6 +5,7 @@ pub mod config;
 pub mod lora;
 pub mod nf4;
 pub mod nn;
+pub mod positions;
 pub mod qformer;
 pub mod visualglm;
 pub mod vit;

@@ -326,14 +326,26 @@ impl VisualGlm {
     }
 }
 
+/// The label of a position that takes no loss (PyTorch's `ignore_index`).
+pub const IGNORE: i64 = -100;
+
+/// The films of a batch as the model takes them.
+#[derive(Clone, Copy)]
+pub enum Images<'a> {
+    /// Normalised pixels `[N, 3, H, W]`: the vision side runs on them.
+    Pixels(&'a Tensor),
+    /// Image embeddings `[N, image_length, hidden]` computed before (the training vision cache,
+    /// eval's one vision pass per batch).
+    Embeds(&'a Tensor),
+}
+
 /// One training batch as the model takes it (the loss, the training step, evaluation).
 #[derive(Clone, Copy)]
 pub struct BatchInputs<'a> {
     /// `[B, T]` token ids in XrayGLM's layout.
     pub input_ids: &'a Tensor,
-    /// Pixels `[N, 3, H, W]`, or image embeddings `[N, image_length, hidden]` computed before
-    /// (train::vision_cache, eval's one vision pass per batch): the batch's N films.
-    pub images: &'a Tensor,
+    /// The batch's N films.
+    pub images: Images<'a>,
     /// Where each film's embeddings go.
     pub image_at: ImageAt<'a>,
     /// `[B, 2, T]` ChatGLM 2-D positions.
@@ -380,11 +392,9 @@ impl VisualGlm {
             ..
         } = *b;
         let mask = attention_mask(context_lengths, input_ids.size()[1], input_ids.device());
-        // `[N, 3, H, W]` pixels, or `[N, image_length, hidden]` embeddings from the vision cache.
-        let embeds = if image.dim() == 3 {
-            image.to_kind(self.kind())
-        } else {
-            self.encode_image(image, train).2
+        let embeds = match image {
+            Images::Embeds(e) => e.to_kind(self.kind()),
+            Images::Pixels(p) => self.encode_image(p, train).2,
         };
         f(&GlmInputs {
             input_ids,

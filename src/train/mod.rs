@@ -8,11 +8,10 @@
 //! `metrics.jsonl`, `tb/` (TensorBoard). Every file is written atomically, so killing the process
 //! at any moment leaves the previous checkpoint loadable.
 
+pub use crate::logs::{metrics, progress};
 pub mod checkpoint;
 pub mod generation;
-pub mod metrics;
 pub mod optim;
-pub mod progress;
 pub mod scaler;
 pub mod schedule;
 pub mod trainer;
@@ -108,7 +107,7 @@ pub fn fixed_batch_steps(
         opt.zero_grad();
         let inputs = crate::model::visualglm::BatchInputs {
             input_ids,
-            images: image,
+            images: crate::model::visualglm::Images::Pixels(image),
             image_at: crate::model::chatglm::ImageAt::EachRow(pre_image),
             position_ids: &pos,
             context_lengths: &ctx,

@@ -29,7 +29,7 @@ use crate::dist::Comm;
 use crate::infer::chat::ChatModel;
 use crate::model::chatglm::Dropouts;
 use crate::model::config::{ModelConfig, Quantize, SatModelConfig};
-use crate::model::visualglm::{BatchInputs, VisualGlm};
+use crate::model::visualglm::VisualGlm;
 use crate::tokenizer::ChatGlmTokenizer;
 use crate::weights::source::{load_model, LoadOptions};
 
@@ -359,18 +359,11 @@ impl<'c> Trainer<'c> {
                 .model
                 .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
             let t = b.to_tensors(self.dev);
-            let images = match self.vision_cache.as_mut() {
-                Some(c) => c.embeds(&self.chat.model, &b.images, &t.images),
-                None => t.images.shallow_clone(),
-            };
-            let inputs = BatchInputs {
-                input_ids: &t.input_ids,
-                images: &images,
-                image_at: b.image_placement(),
-                position_ids: &t.position_ids,
-                context_lengths: &b.context_lengths,
-                labels: &t.labels,
-            };
+            let cached = self
+                .vision_cache
+                .as_mut()
+                .map(|c| c.embeds(&self.chat.model, &b.images, &t.images));
+            let inputs = b.inputs(&t, cached.as_ref());
             let l = self.chat.model.loss_backward(
                 &inputs,
                 scale / tc.grad_accum as f64,
@@ -525,14 +518,7 @@ impl<'c> Trainer<'c> {
         let mut total = 0.0;
         for b in &self.val_batches {
             let t = b.to_tensors(self.dev);
-            let inputs = BatchInputs {
-                input_ids: &t.input_ids,
-                images: &t.images,
-                image_at: b.image_placement(),
-                position_ids: &t.position_ids,
-                context_lengths: &b.context_lengths,
-                labels: &t.labels,
-            };
+            let inputs = b.inputs(&t, None);
             let l = tch::no_grad(|| self.chat.model.loss(&inputs, false));
             total += l.double_value(&[]);
         }

@@ -609,10 +609,10 @@ pub fn checkpoint_base(dir: &Path) -> Result<PathBuf> {
 
 /// A training run folder (`latest` naming a checkpoint subfolder) resolves to that checkpoint;
 /// anything else to itself.
-/// The run folder's layout is [`crate::train::checkpoint`]'s: the checkpoint `latest` names, or
+/// The run folder's layout is [`crate::run`]'s: the checkpoint `latest` names, or
 /// when `latest` is broken the newest complete step folder.
 pub fn resolve_run(dir: &Path) -> PathBuf {
-    use crate::train::checkpoint;
+    use crate::run as checkpoint;
     // `RUN/best`, `RUN/latest`: the checkpoint the file names.
     if let Some(ck) = checkpoint::pointer(dir) {
         return ck;
@@ -658,7 +658,7 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(dir: &Path) -> Result<Self> {
-        if let Some(e) = crate::train::checkpoint::pointer_error(dir) {
+        if let Some(e) = crate::run::pointer_error(dir) {
             bail!("{}: {e}", dir.display());
         }
         let dir = resolve_run(dir);
