@@ -2,7 +2,7 @@
 on the same films and report texts as xrayglm's side.
 
 XrayGLM builds its training set eagerly, in one process, when the dataset is constructed
-(finetune_XrayGLM.py FewShotDataset; VISUALGLM_SPEC.md §1.d, §2): per record, the film opened with
+(finetune_XrayGLM.py FewShotDataset; docs/reference.md §1.d, §2): per record, the film opened with
 PIL, converted to RGB, BlipImageEvalProcessor (bicubic resize to 224x224, ToTensor, CLIP
 normalize) and kept as fp32; the prompt and report tokenized with ChatGLM's tokenizer
 (sentencepiece over ice_text.model after ChatGLM's text preprocessing, as

@@ -23,7 +23,7 @@ an argparse.Namespace beside `module`) and the expected tensors as safetensors.
 
 The VisualGLM glue (EVAViT with ln_vision, the Q-Former, BLIP2's glm_proj, the image-splicing
 ImageMixin and the LoRA placement) is assembled here from sat's own classes following
-../shared/reference/VISUALGLM_SPEC.md §1 and §4; ChatGLM, the ViT, the transformer layers and the
+docs/reference.md §1 and §4; ChatGLM, the ViT, the transformer layers and the
 LoRA mixin are sat's unmodified code.
 
 Run:  $(bash scripts/fixtures_venv.sh) -m pip install SwissArmyTransformer==0.3.6 --no-deps

@@ -1,5 +1,5 @@
 """Sample indices of sat 0.3.6's RandomMappingDataset (the with-replacement sampler XrayGLM trained
-with, VISUALGLM_SPEC.md §5.5), from the original class.
+with, docs/reference.md §5.5), from the original class.
 
 Run:  $(bash scripts/fixtures_venv.sh) scripts/make_sampler_fixtures.py   (writes tests/fixtures/sat_sampler.json)
 """

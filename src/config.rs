@@ -283,7 +283,7 @@ pub enum ScheduleKind {
     Constant,
 }
 
-/// The training recipe (VISUALGLM_SPEC.md §5).
+/// The training recipe (docs/reference.md §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
@@ -656,7 +656,7 @@ mod tests {
         assert!(e.contains("checkpoint_layers"), "{e}");
     }
 
-    /// `configs/xrayglm.toml` carries finetune_XrayGLM.sh's settings (VISUALGLM_SPEC.md §5).
+    /// `configs/xrayglm.toml` carries finetune_XrayGLM.sh's settings (docs/reference.md §5).
     #[test]
     fn xrayglm_config_is_the_reference_script() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/xrayglm.toml");

@@ -1,7 +1,7 @@
 //! `xrayglm export`: a fine-tuned model in the formats other tools read.
 //!
 //! * `peft` — `adapter_config.json` + `adapter_model.safetensors` for the HF `THUDM/visualglm-6b`
-//!   module names. XrayGLM's qkv LoRA has 3 partitions placed head-first (VISUALGLM_SPEC.md §4);
+//!   module names. XrayGLM's qkv LoRA has 3 partitions placed head-first (docs/reference.md §4);
 //!   it is written as one LoRA of rank 3r whose A stacks the A_p and whose block-diagonal B puts
 //!   each partition's rows where ChatGLM's interleaved qkv has them
 //!   ([`crate::model::lora::Lora::as_single_rank`]). PEFT scales by `lora_alpha / r`, so

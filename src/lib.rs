@@ -1,7 +1,7 @@
 //! xrayglm: XrayGLM (VisualGLM-6B = EVA-CLIP ViT-g + BLIP-2 Q-Former + ChatGLM-6B, fine-tuned with
 //! LoRA on OpenI-zh chest X-ray reports) reproduced in Rust on libtorch.
 //!
-//! The reference system is described, with sources, in `../shared/reference/VISUALGLM_SPEC.md`.
+//! The reference system is described, with sources, in `docs/reference.md`.
 
 pub mod bench;
 pub mod config;

@@ -1,7 +1,7 @@
 //! ChatGLM-6B's tokenizer (`ChatGLMTokenizer` / `SPTokenizer` over `ice_text.model`), rebuilt on
 //! the `tokenizers` crate.
 //!
-//! Reference: VISUALGLM_SPEC.md §3 (HF `THUDM/chatglm-6b` `tokenization_chatglm.py`, slim vocab,
+//! Reference: docs/reference.md §3 (HF `THUDM/chatglm-6b` `tokenization_chatglm.py`, slim vocab,
 //! `num_image_tokens = 0`, so a token id is the sentencepiece piece id).
 //!
 //! The sentencepiece model is a Unigram model with the `nmt_nfkc` precompiled charsmap,
@@ -417,6 +417,10 @@ pub const SEARCH_PATHS: [&str; 3] = [
 
 /// The tokenizer file to use: `explicit` when given, else the first that exists of
 /// `$XRAYGLM_TOKENIZER` and [`SEARCH_PATHS`].
+/// Where to get the tokenizer, for "no tokenizer" errors.
+pub const HOW_TO_GET: &str = "ice_text.model ships with THUDM/chatglm-6b: \
+    huggingface-cli download THUDM/chatglm-6b ice_text.model --local-dir checkpoints/tokenizer";
+
 pub fn find(explicit: Option<&Path>) -> Option<std::path::PathBuf> {
     if let Some(p) = explicit.filter(|p| !p.as_os_str().is_empty()) {
         return Some(p.to_path_buf());

@@ -3,22 +3,11 @@
 //! binary: it relies on libtorch's global generator for dropout, which tests running in parallel
 //! in the same process would disturb.
 
+mod common;
+
 use tch::{Device, Kind, Tensor};
 use xrayglm::model::config::ModelConfig;
 use xrayglm::model::visualglm::VisualGlm;
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    diff / want
-        .to_kind(Kind::Double)
-        .abs()
-        .max()
-        .double_value(&[])
-        .max(1e-12)
-}
 
 #[test]
 fn activation_checkpointing_gives_the_same_gradients() {
@@ -79,7 +68,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         let (l2, g2) = grads(&m, true);
         assert_eq!(l1, l2, "recompute {recompute:?}");
         for ((k, a), (_, b)) in g1.iter().zip(&g2) {
-            let e = rel_err(b, a);
+            let e = common::rel_err(b, a);
             assert!(e <= 1e-6, "recompute {recompute:?}: {k}: {e:.3e}");
             assert!(a.abs().max().double_value(&[]) > 0.0, "{k}: zero gradient");
         }

@@ -4,12 +4,6 @@ mod common;
 
 use std::process::Command;
 
-fn xrayglm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xrayglm"));
-    c.env_remove("XRAYGLM_TOKENIZER");
-    c
-}
-
 fn run(c: &mut Command) -> (bool, String, String) {
     let out = c.output().unwrap();
     (
@@ -25,13 +19,13 @@ fn tokenize_prints_ids_and_decodes() {
         return;
     };
     let tok = common::ice_text(&shared);
-    let (ok, out, err) = run(xrayglm()
+    let (ok, out, err) = run(common::bin()
         .args(["tokenize", "--tokenizer"])
         .arg(&tok)
         .arg("<img>"));
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "[46,2265,33]");
-    let (ok, out, _) = run(xrayglm()
+    let (ok, out, _) = run(common::bin()
         .args(["tokenize", "--decode", "--process-response", "--tokenizer"])
         .arg(&tok)
         .arg("[64286,12,66967,64923,6,78952,31]"));
@@ -39,13 +33,13 @@ fn tokenize_prints_ids_and_decodes() {
     assert_eq!(out.trim(), "问：心脏正常，肺部？");
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("tokenizer.json");
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["tokenize", "--tokenizer"])
         .arg(&tok)
         .arg("--save")
         .arg(&saved));
     assert!(ok, "{err}");
-    let (ok, out, _) = run(xrayglm()
+    let (ok, out, _) = run(common::bin()
         .args(["tokenize", "--tokenizer"])
         .arg(&saved)
         .arg("<img>"));
@@ -56,7 +50,9 @@ fn tokenize_prints_ids_and_decodes() {
 #[test]
 fn tokenize_without_a_tokenizer_says_how_to_get_one() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = run(xrayglm().current_dir(dir.path()).args(["tokenize", "hi"]));
+    let (ok, _, err) = run(common::bin()
+        .current_dir(dir.path())
+        .args(["tokenize", "hi"]));
     assert!(!ok);
     assert!(
         err.contains("--tokenizer") && err.contains("XRAYGLM_TOKENIZER"),
@@ -67,7 +63,7 @@ fn tokenize_without_a_tokenizer_says_how_to_get_one() {
 #[test]
 fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out, err) = run(xrayglm().current_dir(dir.path()).args([
+    let (ok, out, err) = run(common::bin().current_dir(dir.path()).args([
         "prepare-data",
         "--set",
         "synthetic.count=10",
@@ -84,7 +80,7 @@ fn prepare_data_default_makes_and_prepares_the_synthetic_set() {
     assert_eq!(items[0]["img"], "synth_00000.png");
     // A second run finds the set and does not regenerate it.
     let again = |count: usize| {
-        let (ok, out, err) = run(xrayglm().current_dir(dir.path()).args([
+        let (ok, out, err) = run(common::bin().current_dir(dir.path()).args([
             "prepare-data",
             "--set",
             &format!("synthetic.count={count}"),
@@ -116,7 +112,7 @@ fn prepare_data_with_shared_tokenizer_reports_token_lengths() {
     };
     let dir = tempfile::tempdir().unwrap();
     let file = common::five_xrays(&shared, dir.path());
-    let (ok, out, err) = run(xrayglm()
+    let (ok, out, err) = run(common::bin()
         .arg("prepare-data")
         .arg(&file)
         .arg("--image-root")
@@ -147,7 +143,7 @@ fn bad_input_fails_before_anything_is_written() {
     let file = dir.path().join("bad.json");
     std::fs::write(&file, r#"[{"img":"missing.png","prompt":"p","label":"l"}]"#).unwrap();
     let out = dir.path().join("out.json");
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .arg("prepare-data")
         .arg(&file)
         .arg("--out")
@@ -168,13 +164,13 @@ fn bad_input_fails_before_anything_is_written() {
 
 #[test]
 fn unknown_config_keys_are_errors() {
-    let (ok, _, err) = run(xrayglm().args(["prepare-data", "--set", "loader.batchsize=4"]));
+    let (ok, _, err) = run(common::bin().args(["prepare-data", "--set", "loader.batchsize=4"]));
     assert!(!ok);
     assert!(err.contains("batchsize"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, "[data]\npaht = \"x.json\"\n").unwrap();
-    let (ok, _, err) = run(xrayglm().args(["prepare-data", "--config"]).arg(&cfg));
+    let (ok, _, err) = run(common::bin().args(["prepare-data", "--config"]).arg(&cfg));
     assert!(!ok);
     assert!(err.contains("c.toml") && err.contains("paht"), "{err}");
 }
@@ -224,7 +220,7 @@ fn closed_set_flags_name_the_allowed_values() {
         ),
     ];
     for (args, words) in cases {
-        let out = xrayglm().args(args).output().unwrap();
+        let out = common::bin().args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         for w in words {
@@ -263,7 +259,7 @@ fn every_config_in_configs_parses() {
 
 #[test]
 fn info_runs_and_sees_a_device() {
-    let (ok, out, err) = run(xrayglm().arg("info"));
+    let (ok, out, err) = run(common::bin().arg("info"));
     assert!(ok, "{err}");
     assert!(out.contains("default device:"), "{out}");
 }
@@ -273,7 +269,7 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
     let a = common::fixture("model").join("a");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["parity", "--model"])
         .arg(a.join("sat"))
         .arg("--inputs")
@@ -298,14 +294,14 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
     assert!(rel(&got["loss"], &want["loss"]) <= 1e-5);
     // HF folder → xrayglm format → the same logits.
     let conv = dir.path().join("conv");
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["convert", "--model"])
         .arg(a.join("hf"))
         .arg("--to")
         .arg(&conv));
     assert!(ok, "{err}");
     let out2 = dir.path().join("out2.safetensors");
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["parity", "--model"])
         .arg(&conv)
         .arg("--inputs")
@@ -320,7 +316,7 @@ fn parity_and_convert_commands_reproduce_the_reference_logits() {
             .collect();
     assert!(rel(&got2["logits"], &want["logits"]) <= 1e-4);
     // A wrong layout flag on interleaved weights changes the model: the numbers show it.
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["parity", "--qkv-layout", "sideways", "--model"])
         .arg(&conv)
         .arg("--inputs")
@@ -341,7 +337,7 @@ fn train_steps_follow_the_original_trajectory() {
     let hp = common::read_json(&a.join("train.json"));
     let f = |k: &str| hp[k].to_string();
     let warmup = hp["warmup_iter"].as_f64().unwrap() / hp["train_iters"].as_f64().unwrap();
-    let (ok, _, err) = run(xrayglm()
+    let (ok, _, err) = run(common::bin()
         .args(["parity", "--model"])
         .arg(a.join("sat"))
         .arg("--inputs")
@@ -405,7 +401,7 @@ fn train_steps_follow_the_original_trajectory() {
 fn prepare_data_never_overwrites_inputs_or_existing_files() {
     let dir = tempfile::tempdir().unwrap();
     let prep = |extra: &[&str]| {
-        let mut c = xrayglm();
+        let mut c = common::bin();
         c.current_dir(dir.path())
             .args([
                 "prepare-data",
@@ -455,7 +451,7 @@ fn prepare_data_never_overwrites_inputs_or_existing_files() {
 
 /// The subcommands `xrayglm PATH… --help` lists (without `help`).
 fn subcommands(path: &[String]) -> Vec<String> {
-    let (_, out, _) = run(xrayglm().args(path).arg("--help"));
+    let (_, out, _) = run(common::bin().args(path).arg("--help"));
     out.lines()
         .skip_while(|l| !l.starts_with("Commands:"))
         .skip(1)
@@ -484,7 +480,7 @@ fn every_multi_word_flag_takes_both_spellings() {
             continue;
         }
         commands += 1;
-        let (ok, help, err) = run(xrayglm().args(&path).arg("--help"));
+        let (ok, help, err) = run(common::bin().args(&path).arg("--help"));
         assert!(ok, "{path:?} --help: {err}");
         let flags: Vec<String> = help
             .lines()
@@ -508,7 +504,7 @@ fn every_multi_word_flag_takes_both_spellings() {
         for f in flags.iter().filter(|f| f.contains('_')) {
             {
                 let flag = format!("--{}", f.replace('_', "-"));
-                let out = xrayglm()
+                let out = common::bin()
                     .current_dir(dir.path())
                     .args(&path)
                     .args([&flag, &flag])

@@ -924,6 +924,27 @@ fn image_ablation_tells_a_model_that_reads_its_films_from_one_that_does_not() {
     assert!(md.contains("barely depend on the image"), "{md}");
 }
 
+/// The README's first command: the demo fine-tune (the run every test here shares) lowers the
+/// held-out validation loss of the tiny model on synthetic X-rays by more than 4 nats between
+/// step 0 and its last step (measured: 20.0 → 0.005 in 600 steps).
+#[test]
+fn the_demo_config_learns() {
+    let Some(d) = demo() else { return };
+    let val: Vec<(i64, f64)> = std::fs::read_to_string(d.run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_i64()?, v["val_loss"].as_f64()?)))
+        .collect();
+    let (first, last) = (val[0], val[val.len() - 1]);
+    eprintln!(
+        "demo: val loss {:.3} (step {}) → {:.3} (step {})",
+        first.1, first.0, last.1, last.0
+    );
+    assert_eq!((first.0, last.0), (0, 600), "{val:?}");
+    assert!(last.1 < first.1 - 4.0, "val loss {first:?} → {last:?}");
+}
+
 /// Training with `eval_generate_interval` and `best_metric = "ce_f1"` (the demo config): greedy
 /// reports on 32 held-out films at steps 0, 200, 400 and 600, CE-F1 rising to ≥ 0.9; the run's
 /// `best` names the checkpoint with the highest CE-F1, and `eval --checkpoint RUN/best` takes it.

@@ -18,14 +18,10 @@ use std::process::Command;
 use tch::{Kind, Tensor};
 use xrayglm::weights::source::{load_model, LoadOptions};
 
-fn sat_dir() -> PathBuf {
-    common::fixture("model").join("a").join("sat")
-}
-
 fn export(format: &str, to: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_xrayglm"))
         .args(["export", "--format", format, "--from_pretrained"])
-        .arg(sat_dir())
+        .arg(common::sat_fixture())
         .arg("--to")
         .arg(to)
         .args(extra)
@@ -90,7 +86,7 @@ fn peft_export_is_the_adapter_peft_verified() {
         .count();
     assert_eq!(adapted, 4, "{check}");
     // PEFT's update, as PEFT computes it from these files, is sat's merged update.
-    let (m, _) = load_model(&sat_dir(), &LoadOptions::default()).unwrap();
+    let (m, _) = load_model(&common::sat_fixture(), &LoadOptions::default()).unwrap();
     let (r, alpha) = (
         cfg["r"].as_f64().unwrap(),
         cfg["lora_alpha"].as_f64().unwrap(),
@@ -127,7 +123,7 @@ fn peft_export_is_the_adapter_peft_verified() {
 #[test]
 fn merged_exports_reload_with_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    let want = logits(&sat_dir(), true);
+    let want = logits(&common::sat_fixture(), true);
     let sat_ref = tensors(&common::fixture("model").join("a/outputs.safetensors"));
     let hf = tmp.path().join("merged");
     ok(&export(
@@ -196,7 +192,7 @@ fn lora_export_holds_the_checkpoint_adapters() {
     let to = tmp.path().join("lora");
     ok(&export("lora", &to, &[]));
     let got = tensors(&to.join("lora.safetensors"));
-    let (m, _) = load_model(&sat_dir(), &LoadOptions::default()).unwrap();
+    let (m, _) = load_model(&common::sat_fixture(), &LoadOptions::default()).unwrap();
     let want = xrayglm::weights::lora_tensors(&m);
     assert_eq!(got.len(), want.len());
     assert_eq!(got.len(), 16, "3 + 1 partitions × A, B × 2 layers");
@@ -300,7 +296,7 @@ fn mismatched_base_and_missing_files_are_refused() {
     let sat = tmp.path().join("sat");
     std::fs::create_dir_all(&sat).unwrap();
     for f in ["latest", "model_config.json"] {
-        std::fs::copy(sat_dir().join(f), sat.join(f)).unwrap();
+        std::fs::copy(common::sat_fixture().join(f), sat.join(f)).unwrap();
     }
     let o = bin()
         .args(["export", "--format", "merged", "--from_pretrained"])

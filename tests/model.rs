@@ -20,21 +20,6 @@ fn map(path: PathBuf) -> HashMap<String, Tensor> {
     read_safetensors(&path).unwrap().into_iter().collect()
 }
 
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.size(), want.size());
-    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[]);
-    let scale = want
-        .to_kind(Kind::Double)
-        .abs()
-        .max()
-        .double_value(&[])
-        .max(1e-12);
-    diff / scale
-}
-
 fn build(name: &str, layout: QkvLayout, weights: Vec<(String, Tensor)>) -> VisualGlm {
     let weights = weights.into_iter().map(Ok);
     let cfg = ModelConfig::from_sat_file(&dir(name).join("model_config.json")).unwrap();
@@ -57,7 +42,7 @@ fn assert_reference_grads(m: &VisualGlm, want: &HashMap<String, Tensor>, what: &
             .get(&canon)
             .unwrap_or_else(|| panic!("{what}: no LoRA parameter {canon}"))
             .grad();
-        let e = rel_err(&ours, g);
+        let e = common::rel_err(&ours, g);
         eprintln!("{what} grad {param}: relative error {e:.2e}");
         assert!(e <= 1e-4, "{what} grad {param}: relative error {e:.3e}");
         n += 1;
@@ -84,12 +69,12 @@ fn check(name: &str) {
         ("image_embeds", out.image_embeds.as_ref().unwrap(), 1e-4),
         ("logits", &out.logits, 1e-4),
     ] {
-        let e = rel_err(got, &want[what]);
+        let e = common::rel_err(got, &want[what]);
         eprintln!("{name} {what}: relative error {e:.2e}");
         assert!(e <= tol, "{name} {what}: relative error {e:.3e} > {tol:e}");
     }
     let loss = lm_loss(&out.logits, &inputs["labels"]);
-    let e = rel_err(&loss.reshape([1]), &want["loss"]);
+    let e = common::rel_err(&loss.reshape([1]), &want["loss"]);
     eprintln!("{name} loss: relative error {e:.2e}");
     assert!(
         e <= 1e-5,
@@ -169,7 +154,7 @@ fn both_qkv_layouts_give_identical_logits() {
     // The layout matters: block weights read as interleaved are a different model.
     let wrong = build(name, QkvLayout::Interleaved, blocks);
     let lw = common::run_inputs(&wrong, &inputs).logits;
-    assert!(rel_err(&lw, &la) > 1e-2);
+    assert!(common::rel_err(&lw, &la) > 1e-2);
 }
 
 #[test]
@@ -187,17 +172,17 @@ fn merged_lora_gives_the_same_logits_and_unmerges() {
     m.merge_lora().unwrap();
     let merged = run(&m);
     assert!(
-        rel_err(&merged, &before) <= 1e-5,
+        common::rel_err(&merged, &before) <= 1e-5,
         "{}",
-        rel_err(&merged, &before)
+        common::rel_err(&merged, &before)
     );
     assert!(
         !m.base.variables()["transformer.layers.1.attention.query_key_value.weight"].equal(&w0)
     );
     m.unmerge_lora().unwrap();
     let w1 = &m.base.variables()["transformer.layers.1.attention.query_key_value.weight"];
-    assert!(rel_err(w1, &w0) <= 1e-6);
-    assert!(rel_err(&run(&m), &before) <= 1e-5);
+    assert!(common::rel_err(w1, &w0) <= 1e-6);
+    assert!(common::rel_err(&run(&m), &before) <= 1e-5);
 }
 
 #[test]
@@ -265,7 +250,7 @@ fn fused_attention_matches_the_reference_too() {
         );
         m.set_fused_attention(true);
         let out = common::run_inputs(&m, &inputs);
-        let e = rel_err(&out.logits, &want["logits"]);
+        let e = common::rel_err(&out.logits, &want["logits"]);
         assert!(e <= 1e-4, "{name} fused logits: {e:.3e}");
         let loss = lm_loss(&out.logits, &inputs["labels"]);
         loss.backward();
@@ -297,7 +282,7 @@ fn bf16_weights_run_close_to_fp32() {
         .all(|t| t.kind() == Kind::BFloat16 && !t.requires_grad()));
     let out = common::run_inputs(&m, &inputs);
     assert_eq!(out.logits.kind(), Kind::BFloat16);
-    let e = rel_err(&out.logits, &want["logits"]);
+    let e = common::rel_err(&out.logits, &want["logits"]);
     assert!(e < 5e-2, "bf16 logits relative error {e:.3e}");
     // Gradients still reach the fp32 LoRA masters.
     lm_loss(&out.logits, &inputs["labels"]).backward();
@@ -335,14 +320,14 @@ fn mlp_lora_targets_merge_exactly() {
     m.merge_lora().unwrap();
     let merged = run(&m);
     assert!(
-        rel_err(&merged, &before) <= 1e-5,
+        common::rel_err(&merged, &before) <= 1e-5,
         "{}",
-        rel_err(&merged, &before)
+        common::rel_err(&merged, &before)
     );
     assert!(
-        rel_err(&fused, &before) <= 1e-5,
+        common::rel_err(&fused, &before) <= 1e-5,
         "{}",
-        rel_err(&fused, &before)
+        common::rel_err(&fused, &before)
     );
 }
 
@@ -403,7 +388,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
     assert!(((fast - full) / full).abs() <= 1e-6, "{fast} vs {full}");
     for (a, b) in g_full.iter().zip(&g_fast) {
         assert!(a.abs().max().double_value(&[]) > 0.0);
-        let e = rel_err(b, a);
+        let e = common::rel_err(b, a);
         assert!(e <= 1e-5, "gradient relative error {e:.3e}");
     }
 }
@@ -431,7 +416,7 @@ fn int8_layer_weights_stay_close_and_still_train() {
             .logits
     };
     let (a, b) = (tch::no_grad(|| run(&full)), run(&q));
-    let e = rel_err(&b, &a);
+    let e = common::rel_err(&b, &a);
     eprintln!("int8 logits: relative error {e:.2e}");
     assert!(e > 0.0 && e < 2e-2, "relative error {e}");
     let loss = lm_loss(&b, &inputs["labels"]);
@@ -478,9 +463,9 @@ fn nf4_layer_weights_stay_close_and_still_train() {
             .logits
     };
     let a = tch::no_grad(|| run(&full));
-    let e8 = rel_err(&tch::no_grad(|| run(&q8)), &a);
+    let e8 = common::rel_err(&tch::no_grad(|| run(&q8)), &a);
     let b = run(&q);
-    let e = rel_err(&b, &a);
+    let e = common::rel_err(&b, &a);
     eprintln!("logits relative error: nf4 {e:.2e}, int8 {e8:.2e}");
     assert!(
         e > e8 && e < NF4_LOGITS_ERR,
@@ -525,7 +510,7 @@ fn kernel_variants_match_the_reference() {
                 }
             }
             let out = common::run_inputs(&m, &inputs);
-            let e = rel_err(&out.logits, &want["logits"]);
+            let e = common::rel_err(&out.logits, &want["logits"]);
             assert!(e <= 1e-4, "{name} {what} logits: {e:.3e}");
             if k.split_rotary {
                 assert!(
@@ -694,14 +679,14 @@ fn vision_adapters_merge_exactly_and_all_train() {
         ("image embeddings", &lora.image_embeds, &merged.image_embeds),
         ("qformer", &lora.qformer, &merged.qformer),
     ] {
-        let e = rel_err(b.as_ref().unwrap(), a.as_ref().unwrap());
+        let e = common::rel_err(b.as_ref().unwrap(), a.as_ref().unwrap());
         assert!(e <= 1e-5, "{what}: merged vs LoRA {e:.3e}");
     }
-    let e = rel_err(&merged.logits, &lora.logits);
+    let e = common::rel_err(&merged.logits, &lora.logits);
     assert!(e <= 1e-5, "logits: merged vs LoRA {e:.3e}");
     m.unmerge_lora().unwrap();
     let back = out(&m);
-    assert!(rel_err(&back.logits, &lora.logits) <= 1e-5);
+    assert!(common::rel_err(&back.logits, &lora.logits) <= 1e-5);
     // Without the adapters the output is another one.
     let plain = VisualGlm::new(
         ModelConfig {
@@ -720,7 +705,7 @@ fn vision_adapters_merge_exactly_and_all_train() {
         }
     });
     p.merge_lora().unwrap();
-    let e = rel_err(
+    let e = common::rel_err(
         &out(&p).image_embeds.unwrap(),
         lora.image_embeds.as_ref().unwrap(),
     );
@@ -765,7 +750,7 @@ fn vision_adapters_merge_exactly_and_all_train() {
             a.defined() && a.abs().max().double_value(&[]) > 0.0,
             "{k} has no gradient"
         );
-        let e = rel_err(b, a);
+        let e = common::rel_err(b, a);
         assert!(e <= 1e-4, "{k}: checkpointed gradient differs by {e:.3e}");
     }
 }

@@ -12,12 +12,6 @@ use std::time::{Duration, Instant};
 
 use xrayglm::data::records::{load_records, BadKind, LoadOptions};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xrayglm"));
-    c.env_remove("XRAYGLM_TOKENIZER");
-    c
-}
-
 /// Run with a time limit (a command that reads without bound must not hang the suite).
 fn run(c: &mut Command) -> Output {
     use std::process::Stdio;
@@ -62,20 +56,16 @@ fn succeeds(o: &Output) -> String {
     e
 }
 
-fn sat_dir() -> PathBuf {
-    common::fixture("model").join("a").join("sat")
-}
-
 /// A PEFT export of the fixture's adapters whose base is a local folder.
 fn peft_folder(dir: &Path, name: &str) -> PathBuf {
     let to = dir.join(name);
-    succeeds(&run(bin()
+    succeeds(&run(common::bin()
         .args(["export", "--format", "peft", "--from_pretrained"])
-        .arg(sat_dir())
+        .arg(common::sat_fixture())
         .arg("--to")
         .arg(&to)
         .arg("--base_model_name")
-        .arg(sat_dir())));
+        .arg(common::sat_fixture())));
     to
 }
 
@@ -137,7 +127,7 @@ fn no_command_writes_over_its_inputs() {
         Unchanged::new(&rules),
     ];
     let findings = |extra: &[&Path]| {
-        let mut c = bin();
+        let mut c = common::bin();
         c.args(["findings", "--lang", "en"]).arg(&a);
         for pair in extra.chunks(2) {
             c.arg(pair[0]).arg(pair[1]);
@@ -173,7 +163,7 @@ fn no_command_writes_over_its_inputs() {
         .map(|n| Unchanged::new(&h.join(n)))
         .collect();
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["eval", "--hypotheses"])
             .arg(h.join("a.jsonl"))
             .arg(h.join("a.scores.jsonl"))
@@ -182,7 +172,7 @@ fn no_command_writes_over_its_inputs() {
         &[REFUSED, "a.scores.jsonl", "--hypotheses"],
     );
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["eval", "--hypotheses"])
             .arg(h.join("report.json"))
             .arg("--out")
@@ -194,7 +184,7 @@ fn no_command_writes_over_its_inputs() {
     std::fs::write(&cfg, "[synthetic]\ncount = 4\nsize = 32\n").unwrap();
     let keep_cfg = Unchanged::new(&cfg);
     fails(
-        &run(bin()
+        &run(common::bin()
             .current_dir(d)
             .args(["prepare-data", "--config"])
             .arg(&cfg)
@@ -205,12 +195,12 @@ fn no_command_writes_over_its_inputs() {
     );
     // convert / parity / export: an output over the model's own files or the inputs file.
     let model = d.join("model");
-    succeeds(&run(bin()
+    succeeds(&run(common::bin()
         .args(["convert", "--model", "preset:tiny", "--to"])
         .arg(&model)));
     let weights = Unchanged::new(&model.join("model.safetensors"));
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["convert", "--model"])
             .arg(&model)
             .arg("--to")
@@ -218,9 +208,9 @@ fn no_command_writes_over_its_inputs() {
         &[REFUSED, "--model", "model.safetensors"],
     );
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["parity", "--model"])
-            .arg(sat_dir())
+            .arg(common::sat_fixture())
             .arg("--inputs")
             .arg(common::fixture("model").join("a/inputs.safetensors"))
             .arg("--out")
@@ -228,7 +218,7 @@ fn no_command_writes_over_its_inputs() {
         &[REFUSED, "--inputs"],
     );
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["parity", "--model"])
             .arg(&model)
             .arg("--inputs")
@@ -238,7 +228,7 @@ fn no_command_writes_over_its_inputs() {
         &[REFUSED, "--model"],
     );
     fails(
-        &run(bin()
+        &run(common::bin()
             .args(["export", "--format", "merged", "--from_pretrained"])
             .arg(&model)
             .arg("--to")
@@ -248,14 +238,14 @@ fn no_command_writes_over_its_inputs() {
     // tokenize --save over the tokenizer it reads.
     let tok = d.join("tokenizer.json");
     if let Some(shared) = common::shared() {
-        succeeds(&run(bin()
+        succeeds(&run(common::bin()
             .args(["tokenize", "--tokenizer"])
             .arg(common::ice_text(&shared))
             .arg("--save")
             .arg(&tok)));
         let keep_tok = Unchanged::new(&tok);
         fails(
-            &run(bin()
+            &run(common::bin()
                 .args(["tokenize", "--tokenizer"])
                 .arg(&tok)
                 .arg("--save")
@@ -270,7 +260,7 @@ fn no_command_writes_over_its_inputs() {
     std::fs::write(run_dir.join("config.toml"), "[train]\nname = \"r\"\n").unwrap();
     let keep_run_cfg = Unchanged::new(&run_dir.join("config.toml"));
     fails(
-        &run(bin()
+        &run(common::bin()
             .current_dir(d)
             .args(["finetune", "--config"])
             .arg(run_dir.join("config.toml"))
@@ -292,9 +282,10 @@ fn peft_folders_are_verified_before_they_load() {
     let good = peft_folder(d, "good");
     // The unchanged export loads, and serve takes it as an adapter over the same base.
     xrayglm::weights::source::load_model(&good, &Default::default()).unwrap();
-    let base = xrayglm::weights::source::read_config(&sat_dir()).unwrap();
+    let base = xrayglm::weights::source::read_config(&common::sat_fixture()).unwrap();
     let ad = xrayglm::weights::source::load_adapter(&good, &base, tch::Device::Cpu).unwrap();
-    let (m, _) = xrayglm::weights::source::load_model(&sat_dir(), &Default::default()).unwrap();
+    let (m, _) =
+        xrayglm::weights::source::load_model(&common::sat_fixture(), &Default::default()).unwrap();
     let mut compared = 0;
     for (name, lora) in m.chatglm.loras() {
         let rest = name.rsplit_once("layers.").unwrap().1;
@@ -339,7 +330,7 @@ fn peft_folders_are_verified_before_they_load() {
     });
     for dir in [&own, &x] {
         let e = fails(
-            &run(bin()
+            &run(common::bin()
                 .args(["export", "--format", "merged", "--from_pretrained"])
                 .arg(dir)
                 .arg("--to")
@@ -493,7 +484,7 @@ fn config_values_are_checked_before_anything_is_created() {
         ("train.beta2=1.5", "train.beta2 = 1.5"),
         ("train.eps=0", "train.eps = 0"),
     ] {
-        let o = run(bin()
+        let o = run(common::bin()
             .current_dir(d)
             .args([
                 "finetune",
@@ -515,7 +506,7 @@ fn config_values_are_checked_before_anything_is_created() {
     }
     // --quant takes 8 or 4, refused before any model is looked at.
     for cmd in ["chat", "eval"] {
-        let o = run(bin().args([cmd, "--quant", "3", "--from_pretrained", "/nonexistent"]));
+        let o = run(common::bin().args([cmd, "--quant", "3", "--from_pretrained", "/nonexistent"]));
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success());
         assert!(
@@ -545,9 +536,9 @@ fn inputs_must_be_regular_files() {
     assert!(e.contains("more than the") && e.contains("big.png"), "{e}");
     // chat --image /dev/zero: an error, not gigabytes of memory.
     if let Some(shared) = common::shared() {
-        let o = run(bin()
+        let o = run(common::bin()
             .args(["chat", "--from_pretrained"])
-            .arg(sat_dir())
+            .arg(common::sat_fixture())
             .arg("--tokenizer")
             .arg(common::ice_text(&shared))
             .args(["--max_length", "256", "--image", "/dev/zero"]));
@@ -629,7 +620,7 @@ fn conversations_count_and_refuse_what_can_never_fit() {
         .to_string(),
     )
     .unwrap();
-    let o = run(bin()
+    let o = run(common::bin()
         .current_dir(d)
         .args(["prepare-data", "--skip-bad", "--json"])
         .arg(&file));
@@ -646,7 +637,7 @@ fn conversations_count_and_refuse_what_can_never_fit() {
         .map(|b| b[0].as_str().unwrap().to_string())
         .collect();
     assert_eq!(bad, ["unknown_role", "marker_in_answer"], "{v}");
-    let o = run(bin()
+    let o = run(common::bin()
         .current_dir(d)
         .args(["prepare-data", "--skip-bad", "--force"])
         .arg(&file));
@@ -692,7 +683,7 @@ fn rule_files_and_report_files_are_validated_on_load() {
     let rules = |name: &str, text: &str| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
-        run(bin()
+        run(common::bin()
             .args(["findings"])
             .arg(&reports)
             .arg("--rules")
@@ -724,7 +715,7 @@ fn rule_files_and_report_files_are_validated_on_load() {
     );
     // One mention once, however many phrases match it.
     let out = d.join("labels.jsonl");
-    succeeds(&run(bin()
+    succeeds(&run(common::bin()
         .args(["findings"])
         .arg(&reports)
         .arg("--evidence")
@@ -747,14 +738,14 @@ fn rule_files_and_report_files_are_validated_on_load() {
     )
     .unwrap();
     fails(
-        &run(bin().args(["findings"]).arg(&dup)),
+        &run(common::bin().args(["findings"]).arg(&dup)),
         &["dup.json", "report 2 repeats the id \"1\" of report 1"],
     );
     let line = r#"{"id": "1", "reference": "心脏正常。", "hypothesis": "心脏正常。"}"#;
     let bom = d.join("bom.jsonl");
     std::fs::write(&bom, format!("\u{feff}{line}\n")).unwrap();
-    succeeds(&run(bin().args(["eval", "--hypotheses"]).arg(&bom)));
-    succeeds(&run(bin().args(["findings"]).arg(&bom)));
+    succeeds(&run(common::bin().args(["eval", "--hypotheses"]).arg(&bom)));
+    succeeds(&run(common::bin().args(["findings"]).arg(&bom)));
     let both = d.join("both.jsonl");
     std::fs::write(
         &both,
@@ -762,7 +753,7 @@ fn rule_files_and_report_files_are_validated_on_load() {
     )
     .unwrap();
     for cmd in ["eval", "findings"] {
-        let mut c = bin();
+        let mut c = common::bin();
         if cmd == "eval" {
             c.args(["eval", "--hypotheses"]);
         } else {
@@ -865,10 +856,10 @@ fn ids_that_are_not_per_study_and_dangling_pointers_say_so() {
     std::fs::write(run_dir.join("latest"), "7").unwrap();
     let best = run_dir.join("best");
     fails(
-        &run(bin().args(["eval", "--checkpoint"]).arg(&best)),
+        &run(common::bin().args(["eval", "--checkpoint"]).arg(&best)),
         &["the pointer", "best names step 5", "run/5 is missing"],
     );
-    let o = run(bin()
+    let o = run(common::bin()
         .args(["export", "--format", "lora", "--from_pretrained"])
         .arg(&run_dir)
         .arg("--to")
@@ -885,7 +876,7 @@ fn ids_that_are_not_per_study_and_dangling_pointers_say_so() {
 #[test]
 fn small_inputs_mean_what_they_say() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = run(bin()
+    let o = run(common::bin()
         .args([
             "export",
             "--format",
@@ -894,7 +885,7 @@ fn small_inputs_mean_what_they_say() {
             "0",
             "--from_pretrained",
         ])
-        .arg(sat_dir())
+        .arg(common::sat_fixture())
         .arg("--to")
         .arg(tmp.path().join("out")));
     fails(&o, &["--shard_mib 0"]);
@@ -909,7 +900,7 @@ fn eval_names_the_record_whose_history_leaves_no_room() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = d.join("tiny");
-    succeeds(&run(bin()
+    succeeds(&run(common::bin()
         .args(["convert", "--model", "preset:tiny", "--to"])
         .arg(&model)));
     write_png(&d.join("a.png"));
@@ -924,7 +915,7 @@ fn eval_names_the_record_whose_history_leaves_no_room() {
     let long = serde_json::json!({"id": "long", "image": "a.png", "conversations": turns});
     let data = d.join("conv.json");
     std::fs::write(&data, serde_json::json!([short, long]).to_string()).unwrap();
-    let o = run(bin()
+    let o = run(common::bin()
         .args(["eval", "--no_loss", "--no_progress", "--checkpoint"])
         .arg(&model)
         .arg("--data")

@@ -91,10 +91,6 @@ fn reference_logits() -> Tensor {
         .1
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
-}
-
 #[test]
 fn sat_checkpoint_folder_loads_with_its_lora() {
     let dir = common::fixture("model").join("a").join("sat");
@@ -105,7 +101,7 @@ fn sat_checkpoint_folder_loads_with_its_lora() {
         .ignored
         .iter()
         .any(|n| n == "transformer.position_embeddings.weight"));
-    let e = rel_err(&logits(&m), &reference_logits());
+    let e = common::rel_err(&logits(&m), &reference_logits());
     assert!(e <= 1e-4, "sat folder logits: {e:.3e}");
 }
 
@@ -115,7 +111,7 @@ fn hf_folder_with_merged_lora_gives_the_same_logits() {
     assert_eq!(detect(&dir).unwrap(), Format::Hf);
     let (m, _) = load_model(&dir, &LoadOptions::default()).unwrap();
     assert!(m.cfg.lora.is_none());
-    let e = rel_err(&logits(&m), &reference_logits());
+    let e = common::rel_err(&logits(&m), &reference_logits());
     assert!(e <= 1e-4, "hf folder logits: {e:.3e}");
 }
 
@@ -184,7 +180,7 @@ fn a_missing_tensor_is_named_and_fresh_adapters_can_be_added() {
     )
     .unwrap();
     assert_eq!(with.lora.variables().len(), 16);
-    let e = rel_err(&logits(&with), &reference_logits());
+    let e = common::rel_err(&logits(&with), &reference_logits());
     assert!(e <= 1e-4, "{e:.3e}");
 }
 
@@ -217,7 +213,7 @@ fn hf_safetensors_shards_load_like_the_bin_shards() {
     )
     .unwrap();
     let (m, _) = load_model(out.path(), &LoadOptions::default()).unwrap();
-    let e = rel_err(&logits(&m), &reference_logits());
+    let e = common::rel_err(&logits(&m), &reference_logits());
     assert!(e <= 1e-4, "{e:.3e}");
 }
 

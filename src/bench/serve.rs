@@ -280,7 +280,7 @@ fn start(a: &ServeArgs, batching: AdapterBatching, max_batch: usize) -> Result<S
     let tokenizer = match &a.tokenizer {
         Some(p) => crate::tokenizer::ChatGlmTokenizer::from_path(p)?,
         None => crate::tokenizer::ChatGlmTokenizer::from_path(&crate::tokenizer::find(None).context(
-            "no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",
+            format!("no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER ({})", crate::tokenizer::HOW_TO_GET),
         )?)?,
     };
     // A second adapter over the same base: LoRA weights of the preset's shape, B drawn non-zero

@@ -111,8 +111,12 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
     let reports_path = o.reports.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/Xray/openi-zh.json")
     });
-    let tokenizer = crate::tokenizer::find(o.tokenizer.as_deref())
-        .context("no tokenizer: pass --tokenizer ice_text.model or set XRAYGLM_TOKENIZER")?;
+    let tokenizer = crate::tokenizer::find(o.tokenizer.as_deref()).with_context(|| {
+        format!(
+            "no tokenizer: pass --tokenizer ice_text.model or set XRAYGLM_TOKENIZER ({})",
+            crate::tokenizer::HOW_TO_GET
+        )
+    })?;
     // This program: its `finetune` runs as a child, so its peak memory is its own.
     let binary = std::env::current_exe()?;
     let cfg = ModelConfig::preset(&o.preset)?;

@@ -138,7 +138,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let path = tokenizer::find(a.tokenizer.as_deref())
-        .context("no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER")?;
+        .with_context(|| format!("no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER ({})", xrayglm::tokenizer::HOW_TO_GET))?;
     let tok = ChatGlmTokenizer::from_path(&path)?;
     if let Some(out) = &a.save {
         xrayglm::io::Inputs::new()

@@ -47,7 +47,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         &["config.toml", "model_config.json", "metrics.jsonl"],
     )?;
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?.context(
-        "no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER",
+        format!("no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER ({})", xrayglm::tokenizer::HOW_TO_GET),
     )?;
     let s = xrayglm::train::finetune(&cfg, &tok)?;
     // An interrupted run exits 128 + signal after its save (130 SIGINT, 143 SIGTERM), like a

@@ -1,6 +1,6 @@
 //! Image preprocessing, equal to XrayGLM's `BlipImageEvalProcessor(224)`.
 //!
-//! Reference: VISUALGLM_SPEC.md §2 (`PIL.Image.open(p).convert('RGB')`, torchvision
+//! Reference: docs/reference.md §2 (`PIL.Image.open(p).convert('RGB')`, torchvision
 //! `Resize((224,224), BICUBIC)`, which for PIL input is Pillow's antialiased bicubic resize,
 //! `ToTensor()`, CLIP `Normalize`).
 //!

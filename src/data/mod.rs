@@ -1,4 +1,4 @@
-//! The data path: records → images → samples → batches (VISUALGLM_SPEC.md §1.d, §2, §8).
+//! The data path: records → images → samples → batches (docs/reference.md §1.d, §2, §8).
 
 pub mod batch;
 pub mod image;

@@ -1,6 +1,6 @@
 //! Image–report records: the two OpenI-zh JSON schemas, validation, and the training-list writer.
 //!
-//! Reference: VISUALGLM_SPEC.md §8. The committed `openi-zh.json` is
+//! Reference: docs/reference.md §8. The committed `openi-zh.json` is
 //! `{"annotations": [{"image_id", "caption"}]}`; XrayGLM's `FewShotDataset` reads the list
 //! `[{"img", "prompt", "label"}]` that `build_ch_prompt.py` (fixed prompt) or
 //! `build_ch_prompt-random.py` (one of 6 prompts, unseeded `random.choice`) makes from it (§8.5).

@@ -1,6 +1,6 @@
 //! Training samples: token ids, labels, image slots and 2D position ids.
 //!
-//! Reference: VISUALGLM_SPEC.md §1.c (position ids, mask) and §1.d (XrayGLM's `FewShotDataset`,
+//! Reference: docs/reference.md §1.c (position ids, mask) and §1.d (XrayGLM's `FewShotDataset`,
 //! itself ChatGLM's `ptuning/main.py preprocess_function_train`):
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! Multi-turn chat about an X-ray, as XrayGLM's `chat()` builds it (VISUALGLM_SPEC.md §7.2–7.6):
+//! Multi-turn chat about an X-ray, as XrayGLM's `chat()` builds it (docs/reference.md §7.2–7.6):
 //!
 //! * prompt text `<img></img>` + `问：{q}\n答：{r}\n` per past turn + `问：{query}\n答：`
 //!   (English: `Q:`/`A:`); ids = `encode("<img>")` + image_length pads + `encode("</img>…")` +

@@ -18,7 +18,7 @@ pub fn tokenizer_for(dir: &Path, explicit: Option<&Path>) -> Result<ChatGlmToken
         return ChatGlmTokenizer::from_path(p);
     }
     let p = tokenizer_path_for(dir).context(
-        "no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model), put ice_text.model in the model folder, or set XRAYGLM_TOKENIZER",
+        format!("no tokenizer: pass --tokenizer PATH (ChatGLM-6B's ice_text.model), put ice_text.model in the model folder, or set XRAYGLM_TOKENIZER ({})", crate::tokenizer::HOW_TO_GET),
     )?;
     ChatGlmTokenizer::from_path(&p)
 }

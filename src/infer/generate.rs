@@ -1,5 +1,5 @@
 //! KV-cached incremental decoding on the shared model code, as sat 0.3.6's `filling_sequence`
-//! with `CachedAutoregressiveMixin` runs it for XrayGLM's chat (VISUALGLM_SPEC.md §7.3–7.4):
+//! with `CachedAutoregressiveMixin` runs it for XrayGLM's chat (docs/reference.md §7.3–7.4):
 //!
 //! * the first pass runs the whole prompt (the image spliced over its slots), with positions
 //!   `0..ctx` then frozen at the `[gMASK]` index, block positions 0 then counting from `<sop>` = 1,

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod engine;
 pub mod findings;
 pub mod generate;
+pub mod http;
 pub mod openai;
 pub mod sampling;
 pub mod server;

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 
 use super::chat::{ChatSettings, Turn};
 use super::engine::{Event, Finished, Job, Refused};
-use super::server::{new_id, preprocess, read_body, State};
+use super::http::{new_id, preprocess, read_body, refused_text, State};
 
 /// An OpenAI error object with its status.
 pub(crate) struct ApiError {
@@ -502,7 +502,7 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
         events: tx,
     };
     st.engine.submit(job).map_err(|e| {
-        ApiError::new(503, super::web::refused_text(e)).code(match e {
+        ApiError::new(503, refused_text(e)).code(match e {
             Refused::QueueFull => "queue_full",
             Refused::Stopping => "shutting_down",
         })

@@ -1,4 +1,4 @@
-//! Next-token choice with the semantics of sat 0.3.6's `BaseStrategy` (VISUALGLM_SPEC.md §7.5):
+//! Next-token choice with the semantics of sat 0.3.6's `BaseStrategy` (docs/reference.md §7.5):
 //!
 //! 1. `logits / (temperature · P)`, P = `repetition_penalty` for every id already generated in this
 //!    reply (not the prompt), 1 otherwise — a plain division whatever the sign;

@@ -26,8 +26,8 @@ use axum::Router;
 use serde_json::{json, Value};
 
 use super::chat::{ChatSettings, Turn};
-use super::engine::{Event, Job, Refused};
-use super::server::{new_id, preprocess, read_body, Slot, State, WebSession};
+use super::engine::{Event, Job};
+use super::http::{new_id, preprocess, read_body, refused_text, Slot, State, WebSession};
 
 const PAGE: &str = include_str!("web.html");
 
@@ -314,14 +314,6 @@ async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
         Body::from_stream(body),
     )
         .into_response())
-}
-
-/// What a refused request is told.
-pub(crate) fn refused_text(r: Refused) -> &'static str {
-    match r {
-        Refused::QueueFull => "the server is busy (its queue is full): try again shortly",
-        Refused::Stopping => "the server is shutting down",
-    }
 }
 
 async fn not_found(req: Request) -> Failure {

@@ -1,7 +1,7 @@
 //! ChatGLM-6B (GLM with 2-D rotary positions), as sat 0.3.6 computes it.
 //!
 //! Paper: Du et al., "GLM: General Language Model Pretraining with Autoregressive Blank
-//! Infilling" (ACL 2022). Reference: VISUALGLM_SPEC.md §1.c (sat 0.3.6
+//! Infilling" (ACL 2022). Reference: docs/reference.md §1.c (sat 0.3.6
 //! `model/official/chatglm_model.py`, HF `modeling_chatglm.py`):
 //!
 //! * block: `a = LN_in(h); h1 = α·a + Attn(a); m = LN_post(h1); out = α·m + MLP(m)`, α = √(2·layers);

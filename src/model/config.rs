@@ -1,7 +1,7 @@
 //! Model configuration: the sat-style `model_config.json` that describes a model directory, and
 //! the presets `visualglm-6b`, `small` and `tiny`.
 //!
-//! Reference: VISUALGLM_SPEC.md §1 (dimensions), §4 (LoRA), §6.a (`model_config.json` keys as sat
+//! Reference: docs/reference.md §1 (dimensions), §4 (LoRA), §6.a (`model_config.json` keys as sat
 //! writes them; `eva_args` / `qformer_args` equal HF `config.json`'s `eva_config` /
 //! `qformer_config`).
 

@@ -1,7 +1,7 @@
 //! LoRA exactly as XrayGLM uses it (sat `LoraMixin` with `head_first=True`), and merging.
 //!
 //! Paper: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021). Reference:
-//! VISUALGLM_SPEC.md §4 (XrayGLM `lora_mixin.py`): per adapted Linear, `partitions` pairs
+//! docs/reference.md §4 (XrayGLM `lora_mixin.py`): per adapted Linear, `partitions` pairs
 //! `A_p [r, in]` (kaiming-uniform, a = √5, i.e. U(±1/√in)) and `B_p [out/partitions, r]` (zeros);
 //! `Δ_p = scaling · (x·A_pᵀ)·B_pᵀ` with `scaling = alpha / r`. For ChatGLM's fused qkv
 //! (3 partitions) `head_first` views each Δ_p as `[heads, head_dim]` and concatenates them per head,

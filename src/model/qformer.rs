@@ -1,7 +1,7 @@
 //! BLIP-2 Q-Former, in sat's "post" layer order, and the projection into ChatGLM.
 //!
 //! Paper: Li et al., "BLIP-2: Bootstrapping Language-Image Pre-training with Frozen Image
-//! Encoders and Large Language Models" (2023). Reference: VISUALGLM_SPEC.md §1.b (XrayGLM
+//! Encoders and Large Language Models" (2023). Reference: docs/reference.md §1.b (XrayGLM
 //! `model/blip2.py QFormer`, sat 0.3.6 `layer_forward_default` with `layernorm_order = "post"`):
 //!
 //! ```text

@@ -1,6 +1,6 @@
 //! VisualGLM-6B: ViT → Q-Former → glm_proj → image embeddings spliced into ChatGLM, with LoRA.
 //!
-//! Reference: VISUALGLM_SPEC.md §1.0, §1.d (XrayGLM `model/visualglm.py`, `model/blip2.py BLIP2`).
+//! Reference: docs/reference.md §1.0, §1.d (XrayGLM `model/visualglm.py`, `model/blip2.py BLIP2`).
 //! The frozen weights live in one `VarStore` (any float kind) under sat names
 //! (`transformer.…`, `mixins.chatglm-final.lm_head`, `mixins.eva.model.{vit,qformer,glm_proj}.…`);
 //! the LoRA adapters in a second, float32, trainable store under the names of the layers they

@@ -1,7 +1,7 @@
 //! EVA-CLIP ViT-g/14 as used by BLIP-2 / VisualGLM (the vision tower).
 //!
 //! Paper: Fang et al., "EVA: Exploring the Limits of Masked Visual Representation Learning at
-//! Scale" (2022); BLIP-2 drops the last of its 40 blocks. Reference: VISUALGLM_SPEC.md §1.a
+//! Scale" (2022); BLIP-2 drops the last of its 40 blocks. Reference: docs/reference.md §1.a
 //! (XrayGLM `model/blip2.py EVAViT` on sat 0.3.6 `ViTModel`): Conv2d patch embedding, a CLS row,
 //! learned absolute positions, pre-LN blocks (LN eps 1e-6, exact GELU, contiguous [Q|K|V]), no
 //! final transformer LN, then `ln_vision` (eps 1e-5) on all tokens.

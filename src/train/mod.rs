@@ -1,5 +1,5 @@
 //! `xrayglm finetune`: XrayGLM's LoRA fine-tuning recipe (`finetune_XrayGLM.sh` on sat 0.3.6,
-//! VISUALGLM_SPEC.md §5) in one process — setup → train → save → cleanup, top to bottom.
+//! docs/reference.md §5) in one process — setup → train → save → cleanup, top to bottom.
 //!
 //! Run folder `<train.out_dir>/<train.name>/`:
 //! `config.toml` (the resolved config), `model_config.json`, `base/` (the frozen weights, only when

@@ -1,7 +1,7 @@
 //! AdamW with decoupled weight decay and global gradient-norm clipping, written out so that its
 //! arithmetic and state are explicit (exact resume; bitwise-comparable trajectories).
 //!
-//! Reference: VISUALGLM_SPEC.md §5.3 — DeepSpeed `FusedAdam` with `adam_w_mode = True`
+//! Reference: docs/reference.md §5.3 — DeepSpeed `FusedAdam` with `adam_w_mode = True`
 //! (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019), betas (0.9, 0.95), eps
 //! 1e-8, weight decay 0.01 on every LoRA tensor, `gradient_clipping = 0.1` on the global L2 norm.
 //! The update follows `torch.optim.AdamW`'s operation order:

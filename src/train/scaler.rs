@@ -1,4 +1,4 @@
-//! Dynamic loss scaling for fp16, as DeepSpeed's `DynamicLossScaler` does it (VISUALGLM_SPEC.md
+//! Dynamic loss scaling for fp16, as DeepSpeed's `DynamicLossScaler` does it (docs/reference.md
 //! §5.3: `loss_scale 0` = dynamic, `initial_scale_power` 16, `loss_scale_window 400`,
 //! `hysteresis 2`, `min_loss_scale 1`): an overflow skips the step and — once the hysteresis is
 //! used up — halves the scale; `window` clean steps since the last overflow double it.

@@ -1,7 +1,7 @@
 //! Learning-rate schedules.
 //!
 //! `Sat` is SwissArmyTransformer 0.3.6's `AnnealingLR` as `finetune_XrayGLM.sh` drives it
-//! (VISUALGLM_SPEC.md §5.4): an internal counter n that starts at 1 and advances only after a
+//! (docs/reference.md §5.4): an internal counter n that starts at 1 and advances only after a
 //! successful step; with `--mode finetune` every n ≤ `auto_warmup_steps` (100) gets
 //! `auto_warmup_rate · lr` (5 %); otherwise linear warmup to `warmup_iter` and then cosine decay
 //! from lr to lr/`decay_ratio`... i.e. `lr/10 · ((cos(π·r)+1)·(10−1)/2 + 1)`, r = min(1, (n−warmup)/
@@ -71,7 +71,7 @@ mod tests {
             auto_warmup_steps: 100,
             auto_warmup_rate: 0.05,
         };
-        // VISUALGLM_SPEC.md §5.4: n = 1…100 → 5.0e-6; 101 → 7.951e-5; 150 → 5.783e-5;
+        // docs/reference.md §5.4: n = 1…100 → 5.0e-6; 101 → 7.951e-5; 150 → 5.783e-5;
         // 200 → 3.499e-5; 250 → 1.752e-5; 300 → 1.009e-5.
         assert_eq!(s.lr(1), 5e-6);
         assert_eq!(s.lr(100), 5e-6);

@@ -2,7 +2,7 @@
 //! logs), then `run`: per iteration `step` (micro-batches, all-reduce, skip / loss scale,
 //! optimizer), `log`, `validate`, `save`; then the final save.
 //!
-//! Reference: XrayGLM's `finetune_XrayGLM.sh` on sat 0.3.6 (VISUALGLM_SPEC.md §5).
+//! Reference: XrayGLM's `finetune_XrayGLM.sh` on sat 0.3.6 (docs/reference.md §5).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

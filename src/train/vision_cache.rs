@@ -6,7 +6,7 @@
 //! by a hash of the preprocessed pixels, so any change of image or preprocessing misses. Each film
 //! is encoded on its own the first time, which keeps training (and resuming) deterministic.
 //!
-//! XrayGLM trains with dropout 0.1 inside the vision tower (VISUALGLM_SPEC.md §5.10); there the
+//! XrayGLM trains with dropout 0.1 inside the vision tower (docs/reference.md §5.10); there the
 //! embeddings differ at every step and the cache stays off.
 
 use std::collections::HashMap;

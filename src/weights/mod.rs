@@ -1,7 +1,7 @@
 //! Loading named tensors into a [`VisualGlm`]: sat / XrayGLM names → the model's own names, shape
 //! checks, and an error that lists every missing, unexpected or mis-shaped tensor by name.
 //!
-//! Reference: VISUALGLM_SPEC.md §4 (LoRA names `…original.weight`, `matrix_A.<p>`; sat 0.3.6's
+//! Reference: docs/reference.md §4 (LoRA names `…original.weight`, `matrix_A.<p>`; sat 0.3.6's
 //! single-partition `dense.matrix_A`), §6.a (sat-only keys to ignore: ChatGLM's unused
 //! `transformer.position_embeddings.weight`, `rotary_emb.inv_freq`), §10.1 (qkv layouts).
 

@@ -139,3 +139,32 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The `xrayglm` binary, without a tokenizer from the environment.
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"));
+    c.env_remove("XRAYGLM_TOKENIZER");
+    c
+}
+
+/// The tiny XrayGLM-format sat checkpoint of the model fixtures (made with sat 0.3.6).
+pub fn sat_fixture() -> PathBuf {
+    fixture("model").join("a").join("sat")
+}
+
+/// max |got − want| / max |want| (shapes must agree).
+pub fn rel_err(got: &tch::Tensor, want: &tch::Tensor) -> f64 {
+    use tch::Kind;
+    assert_eq!(got.size(), want.size());
+    let diff = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
+    let scale = want
+        .to_kind(Kind::Double)
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(1e-12);
+    diff / scale
+}

@@ -1,0 +1,173 @@
+//! The engine's model runner: the prefill of a batch of prompts, one decoding step of a group
+//! (every row its last token at its own position), each row with its model's adapters.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::output::fail;
+use super::scheduler::Ready;
+use super::Worker;
+use crate::infer::chat::ChatModel;
+use crate::infer::generate::image_embeds;
+use crate::model::chatglm::{attention_mask, GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters};
+use crate::model::positions::{self, Prefix};
+
+impl Worker {
+    /// One decoding step for group `gi`'s rows.
+    pub(super) fn step(&mut self, gi: usize) {
+        // Rows whose client went away leave first.
+        let g = &mut self.groups[gi];
+        for i in (0..g.len()).rev() {
+            if g.rows[i].events.is_closed() {
+                g.remove(i);
+                self.stats.finished.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if g.is_empty() {
+            return;
+        }
+        let dev = self.chat.model.device();
+        let (tokens, pos): (Vec<i64>, Vec<(Prefix, i64)>) = g
+            .rows
+            .iter()
+            .zip(g.cache.lens())
+            .map(|(r, &at)| {
+                let last = *r.reply.last().expect("a live row has chosen a token");
+                (last, (r.prefix, at))
+            })
+            .unzip();
+        let b = tokens.len() as i64;
+        let ids = Tensor::from_slice(&tokens).view([b, 1]).to_device(dev);
+        let pos = positions::step(&pos, dev);
+        let mut cache = std::mem::take(&mut g.cache);
+        let models: Vec<usize> = g.rows.iter().map(|r| r.model).collect();
+        let adapters = row_adapters(&self.sets, &models, dev);
+        let out = guarded(|| {
+            Ok(tch::no_grad(|| {
+                self.chat
+                    .model
+                    .chatglm
+                    .forward_slots(&ids, &pos, &mut cache, Some(&adapters))
+            }))
+        });
+        drop(adapters);
+        self.groups[gi].cache = cache;
+        self.stats.steps.fetch_add(1, Ordering::SeqCst);
+        self.stats.step_rows.fetch_add(b as usize, Ordering::SeqCst);
+        match out {
+            Ok(logits) => self.choose(gi, &logits, 0),
+            Err(e) => {
+                for r in self.groups[gi].clear() {
+                    fail(&r.events, 500, format!("{e:#}"));
+                    self.stats.finished.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+/// The first pass over a batch of prompts of one length and image placement: their cache and
+/// the logits `[B, vocab]` of each last position.
+pub(super) fn prefill(
+    chat: &ChatModel,
+    batch: &[Ready],
+    adapters: &RowAdapters,
+) -> Result<(KvCache, Tensor)> {
+    let model = &chat.model;
+    let dev = model.device();
+    let len = batch[0].ids.len() as i64;
+    let b = batch.len() as i64;
+    let ctx = len - 1;
+    let ids: Vec<i64> = batch.iter().flat_map(|r| r.ids.iter().copied()).collect();
+    let input = Tensor::from_slice(&ids).view([b, len]).to_device(dev);
+    let contexts: Vec<Prefix> = batch.iter().map(|r| r.row.prefix).collect();
+    let pos = positions::batch(&contexts, len, dev);
+    // Every row's films in row order (the rows share one placement), encoded together.
+    let s = chat.images.size as i64;
+    let px: Vec<Tensor> = batch
+        .iter()
+        .flat_map(|r| &r.job.images)
+        .map(|p| Tensor::from_slice(p.as_slice()).view([1, 3, s, s]))
+        .collect();
+    let embeds = (!px.is_empty()).then(|| {
+        let px = Tensor::cat(&px, 0).to_kind(Kind::Float);
+        tch::no_grad(|| image_embeds(model, &px))
+    });
+    let at: Vec<(i64, i64)> = (0..b)
+        .flat_map(|row| batch[0].image_starts.iter().map(move |&s| (row, s)))
+        .collect();
+    let mask = attention_mask(&vec![ctx; batch.len()], len, dev);
+    let mut cache = KvCache::default();
+    let logits = tch::no_grad(|| {
+        model.chatglm.forward_cached_with(
+            &GlmInputs {
+                input_ids: &input,
+                position_ids: &pos,
+                attention_mask: &mask,
+                image_embeds: embeds.as_ref(),
+                image_at: ImageAt::of(&at, batch.len()),
+            },
+            Some(&mask),
+            &mut cache,
+            Some(adapters),
+        )
+    });
+    Ok((cache, logits))
+}
+
+/// Return the heap's free pages to the operating system (glibc keeps freed memory for reuse; a
+/// server's memory should fall back to its idle level after a burst).
+pub(super) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only walks glibc's own heap under its lock.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// The adapters of a batch whose row `i` runs model `models[i]` (model 0: the layers' own): one
+/// group when every row shares a model.
+pub(super) fn row_adapters<'a>(
+    sets: &'a [Vec<LayerLoras>],
+    models: &[usize],
+    dev: tch::Device,
+) -> RowAdapters<'a> {
+    let set = |m: usize| (m > 0).then(|| sets[m].as_slice());
+    let mut distinct = models.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let groups = if distinct.len() == 1 {
+        vec![(None, set(distinct[0]))]
+    } else {
+        distinct
+            .iter()
+            .map(|&m| {
+                let rows: Vec<i64> = (0..models.len() as i64)
+                    .filter(|&i| models[i as usize] == m)
+                    .collect();
+                (Some(Tensor::from_slice(&rows).to_device(dev)), set(m))
+            })
+            .collect()
+    };
+    RowAdapters { groups }
+}
+
+/// Run model work; a panic inside becomes an error (the rows it touched fail, not the server).
+pub(super) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(anyhow::anyhow!("internal error: {}", panic_text(&p))))
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
