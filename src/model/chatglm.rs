@@ -15,11 +15,14 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use super::config::{ModelConfig, RotaryPrecision};
-use super::lora::Lora;
+pub use super::kernels::Kernels;
+pub use super::kv_cache::{KvCache, SlotCache};
+pub use super::lora::{layer_loras, LayerLoras, RowAdapters};
+use super::lora::{Lora, Part};
 use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
 
 #[derive(Debug)]
-struct Layer {
+pub(crate) struct Layer {
     input_layernorm: LayerNorm,
     qkv: Linear,
     dense: Linear,
@@ -27,43 +30,6 @@ struct Layer {
     h_to_4h: Linear,
     h4_to_h: Linear,
     lora: LayerLoras,
-}
-
-/// The LoRA adapters of one layer's linears (each may be absent). A model's set of these is what
-/// an adapter is: serving runs several sets over one frozen base ([`RowAdapters`]).
-#[derive(Debug, Default)]
-pub struct LayerLoras {
-    pub qkv: Option<Lora>,
-    pub dense: Option<Lora>,
-    pub h_to_4h: Option<Lora>,
-    pub h4_to_h: Option<Lora>,
-}
-
-/// The adapters `cfg.lora` puts on ChatGLM layer `i`, created (A uniform, B zero) in the fp32
-/// store `lora_p` under the names of the layers they adapt.
-pub fn layer_loras(lora_p: &Path, cfg: &ModelConfig, i: i64) -> LayerLoras {
-    let s = &cfg.sat;
-    let (h, inner) = (s.hidden_size, cfg.inner_hidden_size());
-    let heads = s.num_attention_heads;
-    let head_dim = h / heads;
-    let Some(l) = cfg.lora.as_ref() else {
-        return LayerLoras::default();
-    };
-    let (attention, mlp) = (l.layers.contains(&i), l.mlp_layers().contains(&i));
-    let ll = lora_p / "transformer" / "layers" / i;
-    let mk = |name: &str, i: i64, o: i64, parts: i64, hf: bool| {
-        let head_first = (hf && l.head_first).then_some((heads, head_dim));
-        let p = name.split('.').fold(ll.clone(), |p, part| p / part);
-        let mut lora = Lora::new(&p, i, o, parts, l.rank, l.scaling(), head_first);
-        lora.dropout = l.dropout;
-        lora
-    };
-    LayerLoras {
-        qkv: attention.then(|| mk("attention.query_key_value", h, 3 * h, 3, true)),
-        dense: attention.then(|| mk("attention.dense", h, h, 1, false)),
-        h_to_4h: mlp.then(|| mk("mlp.dense_h_to_4h", h, inner, 1, false)),
-        h4_to_h: mlp.then(|| mk("mlp.dense_4h_to_h", inner, h, 1, false)),
-    }
 }
 
 /// Dropout rates in train mode (sat: 0.1 each; HF ChatGLM: none).
@@ -77,7 +43,7 @@ pub struct Dropouts {
 #[derive(Debug)]
 pub struct ChatGlm {
     word_embeddings: Tensor,
-    layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     final_layernorm: LayerNorm,
     lm_head: Tensor,
     cos: Tensor,
@@ -99,206 +65,8 @@ pub struct ChatGlm {
     pub layer_seed: std::cell::Cell<Option<i64>>,
 }
 
-/// How a layer's elementwise work is done. The defaults are the measured-fast choices; the
-/// alternatives exist so that `xrayglm bench layer` can time both in one run.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Kernels {
-    /// sat's `gelu_impl` op for op (8 elementwise kernels and their autograd nodes) instead of
-    /// libtorch's one-kernel tanh GELU (the same formula evaluated in fp32 inside the kernel).
-    pub sat_gelu: bool,
-    /// Add each LoRA's `ΔW = B·A·scaling` to the frozen weight and run one matmul (how a merged
-    /// model runs), instead of the two thin matmuls `(x·Aᵀ)·Bᵀ` beside the frozen one. The LoRA
-    /// dropout is not applied on this path; int8 layers keep the two matmuls.
-    pub lora_as_weight: bool,
-    /// Rotate the four quarter-tensors (q and k, position and block halves) one by one and
-    /// concatenate them back, instead of one rotation of the stacked q and k.
-    pub split_rotary: bool,
-}
-
-impl Kernels {
-    /// Each non-default choice alone, with its name: what `xrayglm bench layer` times against the
-    /// default and what the tests hold to the reference.
-    pub fn alternatives() -> [(&'static str, Kernels); 3] {
-        let none = Kernels::default();
-        [
-            (
-                "sat's GELU arithmetic (8 kernels)",
-                Kernels {
-                    sat_gelu: true,
-                    ..none
-                },
-            ),
-            (
-                "rotary on the four quarter-tensors apart",
-                Kernels {
-                    split_rotary: true,
-                    ..none
-                },
-            ),
-            (
-                "LoRA as a materialized dW = B.A",
-                Kernels {
-                    lora_as_weight: true,
-                    ..none
-                },
-            ),
-        ]
-    }
-}
-
-/// Per-layer keys (after rotary) and values `[B, heads, T, head_dim]` of the tokens decoded so
-/// far; empty before the first pass.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    /// Tokens held.
-    pub fn len(&self) -> i64 {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.size()[2],
-            _ => 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keep only the batch rows `rows` (finished sequences leave the batch).
-    pub fn keep_rows(&mut self, rows: &Tensor) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
-        }
-    }
-}
-
-/// Per-layer keys and values of sequences of different lengths decoded together (continuous
-/// batching): `[rows, heads, capacity, head_dim]` per layer, row `r` holding its first `lens[r]`
-/// positions. Rows join from a prefilled [`KvCache`] and leave by swap-remove, so the live rows
-/// are always `0..rows()`; memory grows by doubling and is freed when the last row leaves.
-#[derive(Debug, Default)]
-pub struct SlotCache {
-    layers: Vec<(Tensor, Tensor)>,
-    lens: Vec<i64>,
-}
-
-impl SlotCache {
-    /// Live rows.
-    pub fn rows(&self) -> usize {
-        self.lens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lens.is_empty()
-    }
-
-    /// Tokens held by each live row.
-    pub fn lens(&self) -> &[i64] {
-        &self.lens
-    }
-
-    /// Bytes the cache holds (capacity, not only the live rows).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| {
-                (k.numel() * k.kind().elt_size_in_bytes())
-                    + (v.numel() * v.kind().elt_size_in_bytes())
-            })
-            .sum()
-    }
-
-    /// Capacity `(rows, positions)`.
-    fn capacity(&self) -> (i64, i64) {
-        match self.layers.first() {
-            Some((k, _)) => (k.size()[0], k.size()[2]),
-            None => (0, 0),
-        }
-    }
-
-    /// Make room for `rows` rows of `positions` positions, keeping what is held.
-    fn reserve(&mut self, like: &[(Tensor, Tensor)], rows: i64, positions: i64) {
-        let (r0, t0) = self.capacity();
-        if rows <= r0 && positions <= t0 {
-            return;
-        }
-        let (r1, t1) = (
-            (rows.max(r0).max(1) as u64).next_power_of_two() as i64,
-            (positions.max(t0).max(16) as u64).next_power_of_two() as i64,
-        );
-        let live = self.lens.len() as i64;
-        let grow = |old: Option<&Tensor>, like: &Tensor| {
-            let s = like.size();
-            let t = Tensor::zeros([r1, s[1], t1, s[3]], (like.kind(), like.device()));
-            if let Some(o) = old.filter(|_| live > 0) {
-                t.narrow(0, 0, live)
-                    .narrow(2, 0, t0)
-                    .copy_(&o.narrow(0, 0, live));
-            }
-            t
-        };
-        let old = std::mem::take(&mut self.layers);
-        self.layers = like
-            .iter()
-            .enumerate()
-            .map(|(i, (k, v))| {
-                let o = old.get(i);
-                (grow(o.map(|x| &x.0), k), grow(o.map(|x| &x.1), v))
-            })
-            .collect();
-    }
-
-    /// Add row `row` of a prefilled cache as a new last row; returns its index.
-    pub fn join(&mut self, from: &KvCache, row: i64) -> usize {
-        let len = from.len();
-        let like: Vec<(Tensor, Tensor)> = from
-            .layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
-            .collect();
-        let r = self.lens.len() as i64;
-        let (_, t0) = self.capacity();
-        // Room for the prompt and a reply that may grow from it (doubling as it does).
-        self.reserve(&like, r + 1, len.max(t0));
-        for ((k, v), (fk, fv)) in self.layers.iter().zip(&like) {
-            k.narrow(0, r, 1)
-                .narrow(2, 0, len)
-                .copy_(&fk.narrow(0, row, 1));
-            v.narrow(0, r, 1)
-                .narrow(2, 0, len)
-                .copy_(&fv.narrow(0, row, 1));
-        }
-        self.lens.push(len);
-        r as usize
-    }
-
-    /// Remove row `r`: the last row takes its place (what [`Vec::swap_remove`] does).
-    pub fn swap_remove(&mut self, r: usize) {
-        let last = self.lens.len() - 1;
-        if r != last {
-            let n = self.lens[last];
-            for (k, v) in &self.layers {
-                k.narrow(0, r as i64, 1)
-                    .narrow(2, 0, n)
-                    .copy_(&k.narrow(0, last as i64, 1).narrow(2, 0, n));
-                v.narrow(0, r as i64, 1)
-                    .narrow(2, 0, n)
-                    .copy_(&v.narrow(0, last as i64, 1).narrow(2, 0, n));
-            }
-        }
-        self.lens.swap_remove(r);
-        if self.lens.is_empty() {
-            self.layers.clear();
-        }
-    }
-}
-
 /// How a layer's attention uses a cache.
-enum Kv<'a> {
+pub(crate) enum Kv<'a> {
     /// Earlier tokens in front of this call's, which are appended (prefill and equal-length
     /// batches).
     Append(&'a mut Option<(Tensor, Tensor)>),
@@ -421,40 +189,12 @@ impl Rot {
 
 /// What every layer of one forward shares: the rotary tables of its positions, its attention
 /// mask (`None`: every key is visible, one new token per sequence) and whether it trains.
-struct Pass<'a> {
+pub(crate) struct Pass<'a> {
     rot: Rotary,
     mask: Option<Tensor>,
     train: bool,
     /// Per-row adapters (serving several adapters in one batch); `None`: the layers' own.
     adapters: Option<&'a RowAdapters<'a>>,
-}
-
-/// Which adapter each row of a batch runs with: groups of rows (`None`: every row) and their
-/// adapter set, one [`LayerLoras`] per layer (`None`: the layers' own adapters). The frozen
-/// linear runs once over the batch; each group's LoRA delta is computed on its rows and added to
-/// them — for every row the same sum `W·x + Δ(x)` it computes alone.
-pub struct RowAdapters<'a> {
-    pub groups: Vec<(Option<Tensor>, Option<&'a [LayerLoras]>)>,
-}
-
-/// A layer's adapted linears.
-#[derive(Clone, Copy)]
-enum Part {
-    Qkv,
-    Dense,
-    HTo4h,
-    H4ToH,
-}
-
-impl Part {
-    fn of(self, l: &LayerLoras) -> Option<&Lora> {
-        match self {
-            Part::Qkv => l.qkv.as_ref(),
-            Part::Dense => l.dense.as_ref(),
-            Part::HTo4h => l.h_to_4h.as_ref(),
-            Part::H4ToH => l.h4_to_h.as_ref(),
-        }
-    }
 }
 
 /// A forward's rotary rows: per half (positions, block positions) and, for the single rotation of
@@ -717,7 +457,7 @@ impl ChatGlm {
     }
 
     /// Embeddings (with dropout) and what every layer of this forward shares.
-    fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
+    pub(crate) fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
         let x = dropout(&emb, self.dropout.embedding, train);
         let pass = Pass {
@@ -739,90 +479,16 @@ impl ChatGlm {
         self.final_layernorm.forward(x).matmul(&self.lm_head.tr())
     }
 
-    /// With `layer_seed` set, each layer's dropout draws from a generator seeded with
-    /// `layer_seed + layer`, so a recomputed layer reproduces its masks exactly.
-    fn seed_layer(&self, i: usize) {
-        if let Some(s) = self.layer_seed.get() {
-            tch::manual_seed(s.wrapping_add(i as i64));
-        }
-    }
-
-    /// Loss and LoRA gradients with per-layer activation checkpointing: the forward keeps only each
-    /// recomputed layer's input; the backward recomputes one layer at a time and pulls the incoming
-    /// gradient through it (`∂(y·g)/∂θ`). Layers past [`ChatGlm::recompute_layers`] keep their
-    /// activations from the forward instead. Same gradients as `forward` + `backward`. The loss is
-    /// [`ChatGlm::target_loss`] of `labels`; the value returned is unscaled.
-    pub fn loss_backward_checkpointed(
-        &self,
-        inp: &GlmInputs,
-        labels: &Tensor,
-        train: bool,
-        scale: f64,
-    ) -> f64 {
-        /// What the forward leaves for the backward of one layer.
-        enum Saved {
-            /// The layer's input: the layer runs again in the backward.
-            Recompute(Tensor),
-            /// The input (a leaf) and the output with its autograd graph.
-            Kept(Tensor, Tensor),
-        }
-        let recompute = self.recompute_layers.unwrap_or(self.layers.len());
-        let (x0, pass) = self.prepare(inp, train);
-        // Embeddings with a graph (adapters on the vision side): the gradient goes on into it.
-        let embedded = x0.requires_grad().then(|| x0.shallow_clone());
-        let leaf = |x: &Tensor, i: usize| {
-            if i > 0 || x.requires_grad() {
-                x.detach().set_requires_grad(true)
-            } else {
-                x.detach()
-            }
-        };
-        let mut saved = Vec::with_capacity(self.layers.len());
-        let mut x = x0;
-        for (i, l) in self.layers.iter().enumerate() {
-            self.seed_layer(i);
-            if i < recompute {
-                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &pass, None));
-                saved.push(Saved::Recompute(x));
-                x = y;
-            } else {
-                let input = leaf(&x, i);
-                let y = self.layer(l, i as i64, &input, &pass, None);
-                x = y.detach();
-                saved.push(Saved::Kept(input, y));
-            }
-        }
-        let last = x.detach().set_requires_grad(true);
-        let loss = self.target_loss(&last, labels);
-        let value = loss.double_value(&[]);
-        (loss * scale).backward();
-        let mut g = last.grad();
-        for (i, l) in self.layers.iter().enumerate().rev() {
-            let input = match saved.pop().unwrap() {
-                Saved::Recompute(x) => {
-                    let input = leaf(&x, i);
-                    self.seed_layer(i);
-                    let y = self.layer(l, i as i64, &input, &pass, None);
-                    (y * &g).sum(Kind::Float).backward();
-                    input
-                }
-                Saved::Kept(input, y) => {
-                    (y * &g).sum(Kind::Float).backward();
-                    input
-                }
-            };
-            if i > 0 {
-                g = input.grad();
-            } else if let Some(x0) = &embedded {
-                (x0 * input.grad()).sum(Kind::Float).backward();
-            }
-        }
-        value
-    }
-
     /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
     /// call's are appended.
-    fn layer(&self, l: &Layer, idx: i64, h: &Tensor, pass: &Pass, kv: Option<Kv>) -> Tensor {
+    pub(crate) fn layer(
+        &self,
+        l: &Layer,
+        idx: i64,
+        h: &Tensor,
+        pass: &Pass,
+        kv: Option<Kv>,
+    ) -> Tensor {
         let (d, train) = (self.dropout, pass.train);
         let a = l.input_layernorm.forward(h);
         let attn = self.attention(l, idx, &a, pass, kv);

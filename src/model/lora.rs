@@ -11,6 +11,7 @@
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
+use super::config::ModelConfig;
 use super::nn::dropout;
 
 #[derive(Debug)]
@@ -260,4 +261,69 @@ pub fn fold(w: &mut Tensor, delta: &Tensor, sign: f64) {
         let m = (w.to_kind(Kind::Float) + delta).to_kind(w.kind());
         w.copy_(&m);
     });
+}
+
+/// The LoRA adapters of one layer's linears (each may be absent). A model's set of these is what
+/// an adapter is: serving runs several sets over one frozen base ([`RowAdapters`]).
+#[derive(Debug, Default)]
+pub struct LayerLoras {
+    pub qkv: Option<Lora>,
+    pub dense: Option<Lora>,
+    pub h_to_4h: Option<Lora>,
+    pub h4_to_h: Option<Lora>,
+}
+
+/// The adapters `cfg.lora` puts on ChatGLM layer `i`, created (A uniform, B zero) in the fp32
+/// store `lora_p` under the names of the layers they adapt.
+pub fn layer_loras(lora_p: &Path, cfg: &ModelConfig, i: i64) -> LayerLoras {
+    let s = &cfg.sat;
+    let (h, inner) = (s.hidden_size, cfg.inner_hidden_size());
+    let heads = s.num_attention_heads;
+    let head_dim = h / heads;
+    let Some(l) = cfg.lora.as_ref() else {
+        return LayerLoras::default();
+    };
+    let (attention, mlp) = (l.layers.contains(&i), l.mlp_layers().contains(&i));
+    let ll = lora_p / "transformer" / "layers" / i;
+    let mk = |name: &str, i: i64, o: i64, parts: i64, hf: bool| {
+        let head_first = (hf && l.head_first).then_some((heads, head_dim));
+        let p = name.split('.').fold(ll.clone(), |p, part| p / part);
+        let mut lora = Lora::new(&p, i, o, parts, l.rank, l.scaling(), head_first);
+        lora.dropout = l.dropout;
+        lora
+    };
+    LayerLoras {
+        qkv: attention.then(|| mk("attention.query_key_value", h, 3 * h, 3, true)),
+        dense: attention.then(|| mk("attention.dense", h, h, 1, false)),
+        h_to_4h: mlp.then(|| mk("mlp.dense_h_to_4h", h, inner, 1, false)),
+        h4_to_h: mlp.then(|| mk("mlp.dense_4h_to_h", inner, h, 1, false)),
+    }
+}
+
+/// Which adapter each row of a batch runs with: groups of rows (`None`: every row) and their
+/// adapter set, one [`LayerLoras`] per layer (`None`: the layers' own adapters). The frozen
+/// linear runs once over the batch; each group's LoRA delta is computed on its rows and added to
+/// them — for every row the same sum `W·x + Δ(x)` it computes alone.
+pub struct RowAdapters<'a> {
+    pub groups: Vec<(Option<Tensor>, Option<&'a [LayerLoras]>)>,
+}
+
+/// A layer's adapted linears.
+#[derive(Clone, Copy)]
+pub(crate) enum Part {
+    Qkv,
+    Dense,
+    HTo4h,
+    H4ToH,
+}
+
+impl Part {
+    pub(crate) fn of(self, l: &LayerLoras) -> Option<&Lora> {
+        match self {
+            Part::Qkv => l.qkv.as_ref(),
+            Part::Dense => l.dense.as_ref(),
+            Part::HTo4h => l.h_to_4h.as_ref(),
+            Part::H4ToH => l.h4_to_h.as_ref(),
+        }
+    }
 }

@@ -1,7 +1,10 @@
 //! The model: VisualGLM-6B (EVA-CLIP ViT + BLIP-2 Q-Former + ChatGLM-6B) with XrayGLM's LoRA.
 
 pub mod chatglm;
+mod checkpointing;
 pub mod config;
+pub mod kernels;
+pub mod kv_cache;
 pub mod lora;
 pub mod nf4;
 pub mod nn;

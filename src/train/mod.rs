@@ -14,6 +14,7 @@ pub mod generation;
 pub mod optim;
 pub mod scaler;
 pub mod schedule;
+mod setup;
 pub mod trainer;
 pub mod vision_cache;
 

@@ -4,34 +4,33 @@
 //!
 //! Reference: XrayGLM's `finetune_XrayGLM.sh` on sat 0.3.6 (docs/reference.md §5).
 
-use std::path::{Path, PathBuf};
+mod best;
+
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Tensor};
+use tch::Device;
 
 use super::checkpoint;
 use super::metrics::{JsonLog, TensorBoard};
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::AdamW;
 use super::progress::Progress;
 use super::scaler::LossScaler;
 use super::schedule::Schedule;
+use super::setup::{
+    base_source, held_out_batches, resume, setup_data, setup_model, setup_optimizer, setup_ranks,
+};
 use super::vision_cache::VisionCache;
 use super::{Summary, TrainerState};
 use crate::config::Config;
-use crate::data::batch::{Batch, Dataset, Loader, LoaderConfig, LoaderState, Shard};
-use crate::data::records::{load_records, Record};
-use crate::data::sample::SampleBuilder;
+use crate::data::batch::{Batch, Dataset, Loader, LoaderState, Shard};
 use crate::device::Dtype;
 use crate::dist::Comm;
 use crate::infer::chat::ChatModel;
-use crate::model::chatglm::Dropouts;
-use crate::model::config::{ModelConfig, Quantize, SatModelConfig};
-use crate::model::visualglm::VisualGlm;
 use crate::tokenizer::ChatGlmTokenizer;
-use crate::weights::source::{load_model, LoadOptions};
 
 /// A fine-tuning run, set up and ready to train.
 pub struct Trainer<'c> {
@@ -116,15 +115,6 @@ impl Logs {
             None => Ok(()),
         }
     }
-}
-
-/// The training and held-out data, checked before anything is written.
-struct Data {
-    train: Arc<Dataset>,
-    val: Vec<Record>,
-    builder: SampleBuilder,
-    loader: LoaderConfig,
-    file: String,
 }
 
 impl<'c> Trainer<'c> {
@@ -341,12 +331,33 @@ impl<'c> Trainer<'c> {
     /// ranks, then the optimizer step — or a skipped step on a bad loss or an fp16 overflow.
     /// Returns the gradient norm before clipping (NaN for a skipped step).
     fn step(&mut self) -> Result<f64> {
-        let tc = &self.cfg.train;
-        let rank = self.comm.rank();
         self.opt.zero_grad();
         let scale = self.state.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let (loss_sum, bad_loss) = self.micro_batches(scale)?;
+        self.state.loader = self.loader.state();
+        self.state.step += 1;
+        let (loss, ok) = self.agree(loss_sum, bad_loss, scale)?;
+        let grad_norm = if ok { self.apply(loss) } else { f64::NAN };
+        if !ok {
+            self.state.skipped += 1;
+        }
+        // The message is made only when a bar shows it.
+        self.progress.set(self.state.step as u64, || {
+            let ((tps, sps), lr) = (self.rate(), self.lr());
+            format!(
+                "loss {:.4} lr {lr:.2e} {tps:.0} tok/s {sps:.1} samples/s",
+                self.state.last_loss
+            )
+        });
+        Ok(grad_norm)
+    }
+
+    /// Forward and backward of this step's micro-batches (gradients of `loss · scale`
+    /// accumulated): the summed loss, or the first non-finite loss with the samples it came from.
+    fn micro_batches(&mut self, scale: f64) -> Result<(f64, Option<String>)> {
+        let tc = &self.cfg.train;
+        let rank = self.comm.rank();
         let mut loss_sum = 0.0;
-        let mut bad_loss = None;
         for micro in 0..tc.grad_accum {
             let b = self.loader.next().context("the loader ended")??;
             // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
@@ -375,23 +386,32 @@ impl<'c> Trainer<'c> {
                     .iter()
                     .map(|&i| self.train_ds.records[i].id.as_str())
                     .collect();
-                bad_loss = Some(format!(
+                let bad = format!(
                     "loss {l} at step {} on samples {ids:?}",
                     self.state.step + 1
-                ));
-                break;
+                );
+                return Ok((loss_sum, Some(bad)));
             }
             self.window.tokens += b.target_tokens();
             self.window.samples += b.batch_size;
             loss_sum += l;
         }
-        self.state.loader = self.loader.state();
-        self.state.step += 1;
-        // Average gradients over ranks (the reference's mean of per-rank token means); the loss,
-        // a bad loss anywhere, and (through inf/NaN in the averaged gradients) an fp16 overflow
-        // are agreed by every rank, so all ranks skip or step together.
+        Ok((loss_sum, None))
+    }
+
+    /// Average gradients over ranks (the reference's mean of per-rank token means); the loss, a
+    /// bad loss anywhere, and (through inf/NaN in the averaged gradients) an fp16 overflow are
+    /// agreed by every rank, so all ranks skip or step together. Returns the mean loss and
+    /// whether to step.
+    fn agree(
+        &mut self,
+        loss_sum: f64,
+        bad_loss: Option<String>,
+        scale: f64,
+    ) -> Result<(f64, bool)> {
+        let rank = self.comm.rank();
         let mut scalars = [
-            loss_sum / tc.grad_accum as f64,
+            loss_sum / self.cfg.train.grad_accum as f64,
             bad_loss.is_some() as u8 as f64,
         ];
         let comm_t = Instant::now();
@@ -418,27 +438,20 @@ impl<'c> Trainer<'c> {
         } else {
             true
         };
-        let mut grad_norm = f64::NAN;
-        if ok {
-            grad_norm = self.opt.clip(tc.clip_grad);
-            self.opt.step(self.schedule.lr(self.state.opt_steps + 1));
-            self.state.opt_steps += 1;
-            self.state.last_loss = loss;
-            self.first_loss.get_or_insert(loss);
-            self.window.loss += loss;
-            self.window.steps += 1;
-        } else {
-            self.state.skipped += 1;
-        }
-        // The message is made only when a bar shows it.
-        self.progress.set(self.state.step as u64, || {
-            let ((tps, sps), lr) = (self.rate(), self.lr());
-            format!(
-                "loss {:.4} lr {lr:.2e} {tps:.0} tok/s {sps:.1} samples/s",
-                self.state.last_loss
-            )
-        });
-        Ok(grad_norm)
+        Ok((loss, ok))
+    }
+
+    /// Clip, step the optimizer at the schedule's rate, count the step. Returns the gradient
+    /// norm before clipping.
+    fn apply(&mut self, loss: f64) -> f64 {
+        let grad_norm = self.opt.clip(self.cfg.train.clip_grad);
+        self.opt.step(self.schedule.lr(self.state.opt_steps + 1));
+        self.state.opt_steps += 1;
+        self.state.last_loss = loss;
+        self.first_loss.get_or_insert(loss);
+        self.window.loss += loss;
+        self.window.steps += 1;
+        grad_norm
     }
 
     /// The current learning rate.
@@ -575,92 +588,6 @@ impl<'c> Trainer<'c> {
         Ok(r)
     }
 
-    /// The `best_metric` of the current step (evaluated now when it was not yet).
-    fn best_value(&mut self) -> Result<Option<f64>> {
-        use crate::config::BestMetric;
-        let metric = self.cfg.train.best_metric;
-        let step = self.state.step;
-        if metric == BestMetric::None {
-            return Ok(None);
-        }
-        if metric == BestMetric::ValLoss {
-            if self.val_batches.is_empty() {
-                bail!("train.best_metric = \"val_loss\" needs held-out films: set train.val_fraction > 0");
-            }
-            return Ok(Some(match (self.val_step == step, self.last_val) {
-                (true, Some(v)) => v,
-                _ => self.validate()?,
-            }));
-        }
-        let r = match &self.last_gen {
-            Some((s, r)) if *s == step => r.clone(),
-            _ => self.generate()?,
-        };
-        Ok(Some(match metric {
-            BestMetric::CeF1 => r.ce.as_ref().map_or(0.0, |c| c.micro.f1),
-            BestMetric::Bleu4 => r.bleu_4,
-            BestMetric::RougeL => r.rouge_l,
-            // CIDEr-D (None and ValLoss returned above).
-            _ => r.cider_d,
-        }))
-    }
-
-    /// Whether `train.early_stop_patience` saves in a row did not beat the best.
-    fn early_stop(&self) -> bool {
-        let p = self.cfg.train.early_stop_patience;
-        let stop = p > 0 && self.misses >= p;
-        if stop {
-            crate::errln!(
-                "early stop at step {}: {} saves without a better {} (best {:?})",
-                self.state.step,
-                self.misses,
-                self.cfg.train.best_metric.name(),
-                self.best.map(|b| (b.step, b.value))
-            );
-        }
-        stop
-    }
-
-    /// A checkpoint of the current step (rank 0 writes it), judged by `train.best_metric`
-    /// (every rank evaluates it: it may take collectives) and made the run's `best` when better.
-    fn save(&mut self) -> Result<()> {
-        let value = self.best_value()?;
-        let (step, root) = (self.state.step, self.comm.rank() == 0);
-        if root {
-            checkpoint::save(
-                &self.run_dir,
-                &self.chat.model,
-                &self.opt,
-                &self.state,
-                self.cfg.train.keep_last,
-            )?;
-        }
-        self.saved_step = step;
-        if let Some(value) = value {
-            let metric = self.cfg.train.best_metric;
-            let better = match self.best {
-                None => !value.is_nan(),
-                Some(b) if metric.higher_is_better() => value > b.value,
-                Some(b) => value < b.value,
-            };
-            if better {
-                let record = checkpoint::BestRecord {
-                    metric,
-                    value,
-                    step,
-                };
-                if root {
-                    checkpoint::write_best(&self.run_dir, &record)?;
-                }
-                self.best = Some(record);
-                self.misses = 0;
-            } else {
-                self.misses += 1;
-            }
-        }
-        Ok(())
-    }
-
     /// The start record and line: ranks, backend, device, parameters, global batch.
     fn log_start(&mut self) -> Result<()> {
         if self.comm.rank() != 0 {
@@ -689,308 +616,4 @@ impl<'c> Trainer<'c> {
         );
         Ok(())
     }
-}
-
-/// The device of this rank (one GPU per rank on a node) and the ranks' communicator; every rank
-/// must run the same config.
-fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
-    let spec = cfg.model.device;
-    let dev = match (spec, spec.device()?) {
-        (s, Device::Cuda(_)) if s.any_gpu() => Device::Cuda(
-            crate::dist::launcher_ranks().2 % tch::Cuda::device_count().max(1) as usize,
-        ),
-        (_, d) => d,
-    };
-    let comm = crate::dist::init(
-        cfg.train.backend,
-        std::time::Duration::from_secs(cfg.train.dist_timeout_s),
-        match dev {
-            Device::Cuda(i) => Some(i),
-            _ => None,
-        },
-    )?;
-    crate::dist::check_same_config(comm.as_ref(), &cfg.to_toml()?)?;
-    Ok((dev, comm))
-}
-
-/// Where the frozen base comes from, its config read once before anything is built (the
-/// prompt's image slots and the limits the data is checked against come from it).
-enum BaseSource {
-    /// `model.preset` with random weights (`model.path` empty).
-    Preset(ModelConfig),
-    /// `model.path` (canonical, as the run records it) and what it holds.
-    Dir(PathBuf, crate::weights::source::ModelDir),
-}
-
-impl BaseSource {
-    fn sizes(&self) -> &SatModelConfig {
-        match self {
-            Self::Preset(c) => &c.sat,
-            Self::Dir(_, d) => &d.config.sat,
-        }
-    }
-}
-
-fn base_source(cfg: &Config) -> Result<BaseSource> {
-    let m = &cfg.model;
-    let source = if m.path.as_os_str().is_empty() {
-        BaseSource::Preset(ModelConfig::preset(&m.preset)?)
-    } else {
-        let abs = std::fs::canonicalize(&m.path)
-            .with_context(|| format!("model.path {}", m.path.display()))?;
-        let dir = crate::weights::source::ModelDir::open(&abs)
-            .with_context(|| format!("model.path {}", m.path.display()))?;
-        BaseSource::Dir(abs, dir)
-    };
-    // The adapters must fit the model (their layers among its layers) before anything is written.
-    let mut adapted = match &source {
-        BaseSource::Preset(c) => c.clone(),
-        BaseSource::Dir(_, d) => d.config.clone(),
-    };
-    adapted.lora = Some(cfg.model.lora.clone());
-    adapted.validate().context("model.lora")?;
-    let layers = source.sizes().num_layers;
-    if cfg.train.checkpoint_layers > layers {
-        bail!(
-            "train.checkpoint_layers {} exceeds the model's {layers} ChatGLM layers",
-            cfg.train.checkpoint_layers,
-        );
-    }
-    Ok(source)
-}
-
-/// Records → train / held-out split → training samples, checked against the model's limits.
-fn setup_data(cfg: &Config, tokenizer: &ChatGlmTokenizer, sat: &SatModelConfig) -> Result<Data> {
-    crate::prepare::ensure_synthetic(cfg)?;
-    let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
-    let file = loaded.file.display().to_string();
-    let (train, val) = crate::data::split(loaded.records, cfg.train.val_fraction, cfg.train.seed);
-    // The prompt holds as many image slots as the model has query tokens.
-    let mut sample_cfg = cfg.sample.clone();
-    sample_cfg.image_length = sat.image_length as usize;
-    let builder = SampleBuilder::new(tokenizer.clone(), sample_cfg)?;
-    let mut loader = cfg.loader.clone();
-    if cfg.data.pad_to > 0 {
-        loader.padding = crate::data::batch::Padding::Fixed;
-    }
-    let ds = pad_to(
-        cfg,
-        Dataset::new(train, &builder, cfg.image.processor(), &file)?
-            .with_ablation(cfg.image.ablation)?,
-    )?;
-    if ds.max_seq_len as i64 > sat.max_sequence_length {
-        bail!(
-            "the longest training sample has {} tokens, beyond the model's {} positions \
-             (max_sequence_length): lower sample.max_source_length / sample.max_target_length",
-            ds.max_seq_len,
-            sat.max_sequence_length
-        );
-    }
-    Ok(Data {
-        train: Arc::new(ds),
-        val,
-        builder,
-        loader,
-        file,
-    })
-}
-
-/// `data.pad_to`: every sample padded to that length (refused when a sample is longer).
-fn pad_to(cfg: &Config, mut ds: Dataset) -> Result<Dataset> {
-    if cfg.data.pad_to > 0 {
-        let longest = ds.samples.iter().map(|s| s.len()).max().unwrap_or(0);
-        if longest > cfg.data.pad_to {
-            bail!(
-                "data.pad_to {} is shorter than the longest sample ({longest} tokens)",
-                cfg.data.pad_to
-            );
-        }
-        ds.max_seq_len = cfg.data.pad_to;
-    }
-    Ok(ds)
-}
-
-/// The fixed validation batches: the first `train.eval_batches` of the held-out films, in order.
-fn held_out_batches(cfg: &Config, data: &Data) -> Result<Vec<Batch>> {
-    if data.val.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ds = pad_to(
-        cfg,
-        Dataset::new(
-            data.val.clone(),
-            &data.builder,
-            cfg.image.processor(),
-            &data.file,
-        )?
-        .with_ablation(cfg.image.ablation)?,
-    )?;
-    let vcfg = LoaderConfig {
-        shuffle: false,
-        ..data.loader.clone()
-    };
-    let vl = Loader::new(Arc::new(ds), vcfg, Shard::default(), LoaderState::default())?;
-    let n = vl.batches_per_epoch().min(cfg.train.eval_batches.max(1));
-    vl.take(n).collect()
-}
-
-/// The frozen base and its LoRA adapters, with the run's dropout and recompute settings.
-fn setup_model(
-    cfg: &Config,
-    source: BaseSource,
-    dev: Device,
-    run_dir: &Path,
-    root: bool,
-    resuming: bool,
-) -> Result<(VisualGlm, String)> {
-    let (mut model, base) = build_model(cfg, source, dev, run_dir, root, resuming)?;
-    if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
-        bail!(
-            "image.size {} does not match the model's image size {}",
-            cfg.image.size,
-            model.cfg.sat.eva_args.image_size[0]
-        );
-    }
-    let tc = &cfg.train;
-    model
-        .set_recompute_layers((tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize));
-    Ok((model, base))
-}
-
-/// The seed of a fresh run's adapters over a loaded base: train.seed alone, so every fresh start
-/// of a run is the same (a resume then loads its checkpoint's adapters over them).
-fn lora_seed(cfg: &Config) -> i64 {
-    (cfg.train.seed as i64) ^ 0x4c6f_5241
-}
-
-/// A loaded base whose source held no adapters gets them drawn from [`lora_seed`]; adapters that
-/// came with the weights (fine-tuning on from a LoRA checkpoint) are kept.
-fn fresh_lora((model, report): (VisualGlm, crate::weights::LoadReport), cfg: &Config) -> VisualGlm {
-    if report.lora_loaded == 0 {
-        model.init_lora(lora_seed(cfg));
-    }
-    model
-}
-
-/// The frozen base model and its location. A random preset is drawn from train.seed (frozen
-/// weights, then adapters) on every fresh start — so a run that died before its first checkpoint
-/// starts again identically — and written into the run folder for its checkpoints; a resume loads
-/// the weights written there.
-fn build_model(
-    cfg: &Config,
-    source: BaseSource,
-    dev: Device,
-    run_dir: &Path,
-    root: bool,
-    resuming: bool,
-) -> Result<(VisualGlm, String)> {
-    let m = &cfg.model;
-    // Mixed-precision training runs the frozen weights in its half kind.
-    let kind = match cfg.train.precision {
-        Dtype::Fp32 => m.dtype.kind(),
-        half => half.kind(),
-    };
-    let opts = |qkv_layout| LoadOptions {
-        device: dev,
-        kind,
-        qkv_layout,
-        lora: crate::weights::source::LoraSetting::Use(m.lora.clone()),
-        rotary: m.rotary,
-    };
-    let (mut model, base) = match source {
-        BaseSource::Preset(mut mc) => {
-            let base_dir = run_dir.join("base");
-            if resuming && base_dir.join("model.safetensors").is_file() {
-                let loaded = load_model(&base_dir, &opts(None))?;
-                (fresh_lora(loaded, cfg), "base".to_string())
-            } else {
-                mc.lora = Some(m.lora.clone());
-                mc.rotary = m.rotary;
-                tch::manual_seed(cfg.train.seed as i64);
-                let model = VisualGlm::new(mc, dev, kind)?;
-                if root {
-                    crate::weights::source::save_base(&model, &base_dir)?;
-                }
-                (model, "base".to_string())
-            }
-        }
-        BaseSource::Dir(abs, d) => {
-            let loaded = d.load(&opts(Some(m.qkv_layout)))?;
-            (fresh_lora(loaded, cfg), abs.display().to_string())
-        }
-    };
-    model.set_fused_attention(m.fused_attention);
-    // After the base of a random preset was saved above: a quantized model cannot be saved.
-    match m.quantize {
-        Quantize::None => {}
-        Quantize::Int8 => model.quantize_int8(),
-        Quantize::Nf4 => model.quantize_nf4(true)?,
-    }
-    model.set_dropout(
-        m.vision_dropout,
-        Dropouts {
-            embedding: m.glm_dropout,
-            attention: m.glm_dropout,
-            output: m.glm_dropout,
-        },
-    );
-    Ok((model, base))
-}
-
-/// AdamW over the LoRA weights and the learning-rate schedule.
-fn setup_optimizer(cfg: &Config, model: &VisualGlm) -> Result<(AdamW, Schedule)> {
-    let tc = &cfg.train;
-    let lora_params: Vec<(String, Tensor)> = model.lora.variables().into_iter().collect();
-    if lora_params.is_empty() {
-        bail!("the model has no LoRA parameters to train (model.lora.layers is empty)");
-    }
-    let opt = AdamW::new(
-        lora_params,
-        AdamWConfig {
-            beta1: tc.beta1,
-            beta2: tc.beta2,
-            eps: tc.eps,
-            weight_decay: tc.weight_decay,
-        },
-    );
-    let schedule = Schedule {
-        kind: tc.schedule,
-        lr: tc.lr,
-        train_iters: tc.train_iters,
-        warmup: tc.warmup,
-        min_lr_ratio: tc.min_lr_ratio,
-        auto_warmup_steps: tc.auto_warmup_steps,
-        auto_warmup_rate: tc.auto_warmup_rate,
-    };
-    Ok((opt, schedule))
-}
-
-/// Load a checkpoint's adapters, optimizer moments and trainer state.
-fn resume(
-    ck: &Path,
-    model: &mut VisualGlm,
-    opt: &mut AdamW,
-    fresh: TrainerState,
-) -> Result<TrainerState> {
-    let saved: TrainerState =
-        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
-            .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
-    let lora = crate::weights::read_safetensors(&ck.join("lora.safetensors"))?;
-    crate::weights::load_into(
-        model,
-        lora.into_iter().map(Ok),
-        crate::model::config::QkvLayout::Interleaved,
-        crate::weights::Require::Lora,
-        &ck.display().to_string(),
-    )?;
-    let ost: std::collections::HashMap<String, Tensor> =
-        crate::weights::read_safetensors(&ck.join("optimizer.safetensors"))?
-            .into_iter()
-            .collect();
-    opt.load_state(&ost, saved.opt_steps)?;
-    crate::errln!("resuming from {} (step {})", ck.display(), saved.step);
-    Ok(TrainerState {
-        base_model: fresh.base_model,
-        ..saved
-    })
 }
