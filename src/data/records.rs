@@ -670,7 +670,78 @@ fn parse_conversation(
             "no image: every sample needs a film (\"image\" / \"images\")".into(),
         ));
     }
-    // Question / answer pairs in order; system turns are skipped.
+    let (pairs, markers, dropped) =
+        question_answer_pairs(turns, role_key, text_key, user, assistant)?;
+    // Each `<image>` is one film, in order (none: the films go in front, as VisualGLM's does).
+    if markers > 0 && markers != images.len() {
+        return Err((
+            BadKind::MissingField,
+            format!(
+                "{markers} <image> markers for {} image(s): give one marker per film",
+                images.len()
+            ),
+        ));
+    }
+    if pairs.is_empty() {
+        return Err((BadKind::EmptyLabel, "no question with an answer".into()));
+    }
+    // Refused before any sample is built: the history of the last answer can never fit.
+    if let Some(cap) = opts.max_history_turns {
+        let earlier = pairs.len() - 1;
+        if earlier > cap {
+            return Err((
+                BadKind::HistoryTooLong,
+                format!(
+                    "{} answers: the last has {earlier} earlier turns, and at most {cap} can ever \
+                     fit sample.max_source_length (each takes at least {MIN_TOKENS_PER_TURN} \
+                     tokens): split the conversation or raise sample.max_source_length",
+                    pairs.len()
+                ),
+            ));
+        }
+    }
+    let paths = images
+        .iter()
+        .map(|p| resolve(root, p, opts.allow_outside_root))
+        .collect::<Result<Vec<_>, _>>()?;
+    let img: Vec<String> = images.iter().map(|p| p.to_string()).collect();
+    let id = obj
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("conversation_{index}"));
+    let first = match opts.conversation_turns {
+        ConversationTurns::Every => 0,
+        ConversationTurns::Last => pairs.len() - 1,
+    };
+    let records = (first..pairs.len())
+        .map(|t| Record {
+            index,
+            id: if pairs.len() > 1 {
+                format!("{id}#{t}")
+            } else {
+                id.clone()
+            },
+            img: img.clone(),
+            images: paths.clone(),
+            prompt: pairs[t].0.clone(),
+            label: pairs[t].1.clone(),
+            history: pairs[..t].to_vec(),
+        })
+        .collect();
+    Ok((records, dropped))
+}
+
+/// A conversation's turns as (question, answer) pairs in order, with the number of `<image>`
+/// markers in its questions and the turns that make no pair (a last unanswered question, system
+/// turns after the start; other system turns are skipped). Consecutive questions join.
+fn question_answer_pairs(
+    turns: &[Value],
+    role_key: &str,
+    text_key: &str,
+    user: &str,
+    assistant: &str,
+) -> Result<(Vec<(String, String)>, usize, usize), (BadKind, String)> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut pending: Option<String> = None;
     let mut markers = 0;
@@ -725,65 +796,8 @@ fn parse_conversation(
             }
         }
     }
-    // Each `<image>` is one film, in order (none: the films go in front, as VisualGLM's does).
-    if markers > 0 && markers != images.len() {
-        return Err((
-            BadKind::MissingField,
-            format!(
-                "{markers} <image> markers for {} image(s): give one marker per film",
-                images.len()
-            ),
-        ));
-    }
-    if pairs.is_empty() {
-        return Err((BadKind::EmptyLabel, "no question with an answer".into()));
-    }
     let dropped = late_system + usize::from(pending.is_some());
-    // Refused before any sample is built: the history of the last answer can never fit.
-    if let Some(cap) = opts.max_history_turns {
-        let earlier = pairs.len() - 1;
-        if earlier > cap {
-            return Err((
-                BadKind::HistoryTooLong,
-                format!(
-                    "{} answers: the last has {earlier} earlier turns, and at most {cap} can ever \
-                     fit sample.max_source_length (each takes at least {MIN_TOKENS_PER_TURN} \
-                     tokens): split the conversation or raise sample.max_source_length",
-                    pairs.len()
-                ),
-            ));
-        }
-    }
-    let paths = images
-        .iter()
-        .map(|p| resolve(root, p, opts.allow_outside_root))
-        .collect::<Result<Vec<_>, _>>()?;
-    let img: Vec<String> = images.iter().map(|p| p.to_string()).collect();
-    let id = obj
-        .get("id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("conversation_{index}"));
-    let first = match opts.conversation_turns {
-        ConversationTurns::Every => 0,
-        ConversationTurns::Last => pairs.len() - 1,
-    };
-    let records = (first..pairs.len())
-        .map(|t| Record {
-            index,
-            id: if pairs.len() > 1 {
-                format!("{id}#{t}")
-            } else {
-                id.clone()
-            },
-            img: img.clone(),
-            images: paths.clone(),
-            prompt: pairs[t].0.clone(),
-            label: pairs[t].1.clone(),
-            history: pairs[..t].to_vec(),
-        })
-        .collect();
-    Ok((records, dropped))
+    Ok((pairs, markers, dropped))
 }
 
 fn get_str<'a>(

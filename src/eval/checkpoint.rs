@@ -213,6 +213,64 @@ pub fn checkpoint_name(dir: &Path) -> String {
     }
 }
 
+/// The longest prompt of the data (its history, question and films) leaves room for
+/// `max_new_tokens` in the model's positions; otherwise an error naming the record.
+fn check_room_for_reports(chat: &ChatModel, data: &EvalData, o: &RunOptions) -> Result<()> {
+    // (films, history, question) of every record.
+    type Asked<'a> = (usize, &'a [(String, String)], &'a str);
+    let mut lengths: std::collections::HashMap<Asked, usize> = Default::default();
+    let (mut longest, mut which) = (0, None);
+    for r in &data.records {
+        let key = (r.images.len(), r.history.as_slice(), r.prompt.as_str());
+        let n = match lengths.get(&key) {
+            Some(&n) => n,
+            None => {
+                let h = crate::infer::chat::turns(&r.history);
+                let n = chat
+                    .prompt_ids(&h, &r.prompt, o.settings.english, r.images.len())?
+                    .0
+                    .len();
+                lengths.insert(key, n);
+                n
+            }
+        };
+        if n > longest {
+            (longest, which) = (n, Some(r));
+        }
+    }
+    let max = chat.max_positions();
+    if longest + o.max_new_tokens > max {
+        let r = which.expect("a longest prompt");
+        let record = format!(
+            "record {} ({}{})",
+            r.index,
+            r.id,
+            if r.history.is_empty() {
+                String::new()
+            } else {
+                format!(", {} earlier turns", r.history.len())
+            }
+        );
+        if longest >= max {
+            bail!(
+                "{}: {record}: its prompt takes {longest} tokens, the model's whole {max} \
+                 positions (max_sequence_length), leaving no room for a report: leave the \
+                 record out, or shorten its history (data.conversation_turns = \"last\" keeps \
+                 one sample per conversation)",
+                data.cfg.data.path.display()
+            );
+        }
+        bail!(
+            "--max_new_tokens {} after the longest prompt ({longest} tokens, {record} of {}) is \
+             beyond the model's {max} positions (max_sequence_length): use at most {}",
+            o.max_new_tokens,
+            data.cfg.data.path.display(),
+            max.saturating_sub(longest)
+        );
+    }
+    Ok(())
+}
+
 /// Evaluate one loaded model on the data.
 pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -> Result<Outcome> {
     if !o.loss && !o.generate {
@@ -223,58 +281,7 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
     }
     if o.generate {
         // Prompt + report must fit the model's positions: refused before any work.
-        // (films, history, question) of every record.
-        type Asked<'a> = (usize, &'a [(String, String)], &'a str);
-        let mut lengths: std::collections::HashMap<Asked, usize> = Default::default();
-        let (mut longest, mut which) = (0, None);
-        for r in &data.records {
-            let key = (r.images.len(), r.history.as_slice(), r.prompt.as_str());
-            let n = match lengths.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let h = crate::infer::chat::turns(&r.history);
-                    let n = chat
-                        .prompt_ids(&h, &r.prompt, o.settings.english, r.images.len())?
-                        .0
-                        .len();
-                    lengths.insert(key, n);
-                    n
-                }
-            };
-            if n > longest {
-                (longest, which) = (n, Some(r));
-            }
-        }
-        let max = chat.max_positions();
-        if longest + o.max_new_tokens > max {
-            let r = which.expect("a longest prompt");
-            let record = format!(
-                "record {} ({}{})",
-                r.index,
-                r.id,
-                if r.history.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {} earlier turns", r.history.len())
-                }
-            );
-            if longest >= max {
-                bail!(
-                    "{}: {record}: its prompt takes {longest} tokens, the model's whole {max} \
-                     positions (max_sequence_length), leaving no room for a report: leave the \
-                     record out, or shorten its history (data.conversation_turns = \"last\" keeps \
-                     one sample per conversation)",
-                    data.cfg.data.path.display()
-                );
-            }
-            bail!(
-                "--max_new_tokens {} after the longest prompt ({longest} tokens, {record} of {}) is \
-                 beyond the model's {max} positions (max_sequence_length): use at most {}",
-                o.max_new_tokens,
-                data.cfg.data.path.display(),
-                max.saturating_sub(longest)
-            );
-        }
+        check_room_for_reports(chat, data, o)?;
     }
     let t0 = std::time::Instant::now();
     let model = &chat.model;

@@ -238,6 +238,107 @@ pub fn model_inputs(inputs: &mut crate::io::Inputs, what: &str, dir: &Path) {
     }
 }
 
+/// Refuse the options of `adapter_config.json` that change the maths and are not implemented.
+fn peft_options_supported(cfg_path: &Path, c: &Value) -> Result<()> {
+    for (key, off) in PEFT_UNSUPPORTED {
+        let v = &c[*key];
+        let is_off =
+            v.is_null() || v.to_string() == *off || v.as_array().is_some_and(|a| a.is_empty());
+        if !is_off {
+            bail!(
+                "{}: {key} = {v} is not supported by xrayglm (only {key} = {off}): the adapter \
+                 would compute something else than this loader",
+                cfg_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `r` (a whole number ≥ 1, `min_one`) or `lora_alpha` (finite and > 0) of `adapter_config.json`.
+fn peft_number(cfg_path: &Path, c: &Value, k: &str, min_one: bool) -> Result<f64> {
+    let v = &c[k];
+    let x = v
+        .as_f64()
+        .with_context(|| format!("{}: {k} must be a number, found {v}", cfg_path.display()))?;
+    if min_one && !(x >= 1.0 && x.fract() == 0.0) {
+        bail!(
+            "{}: {k} = {v}: must be a whole number ≥ 1",
+            cfg_path.display()
+        );
+    }
+    if !min_one && !(x.is_finite() && x > 0.0) {
+        bail!("{}: {k} = {v}: must be > 0", cfg_path.display());
+    }
+    Ok(x)
+}
+
+/// The LoRA tensors of `adapter_model.safetensors` by module (HF name) → (A, B), each floating
+/// point, a finite matrix, of a module `target_modules` selects; at least one module.
+type PeftParts = std::collections::BTreeMap<String, (Option<Tensor>, Option<Tensor>)>;
+
+fn peft_tensors(dir: &Path, cfg_path: &Path, c: &Value) -> Result<PeftParts> {
+    let file = dir.join("adapter_model.safetensors");
+    let st = SafeTensorsFile::open(&file)?;
+    let targets = peft_targets(cfg_path, &c["target_modules"])?;
+    let mut parts = PeftParts::default();
+    for t in st.tensors() {
+        let (n, x) = t?;
+        let stem = n.strip_prefix("base_model.model.").unwrap_or(&n);
+        let stem = stem.strip_suffix(".weight").unwrap_or(stem);
+        let stem = stem.strip_suffix(".default").unwrap_or(stem);
+        let (module, ab) = if let Some(m) = stem.strip_suffix(".lora_A") {
+            (m, 0)
+        } else if let Some(m) = stem.strip_suffix(".lora_B") {
+            (m, 1)
+        } else {
+            bail!(
+                "{}: {n} is not a LoRA tensor (lora_A / lora_B)",
+                file.display()
+            );
+        };
+        if !x.is_floating_point() {
+            bail!(
+                "{}: {n} is {:?}, not floating point",
+                file.display(),
+                x.kind()
+            );
+        }
+        if x.dim() != 2 {
+            bail!(
+                "{}: {n} has shape {:?}, not a matrix",
+                file.display(),
+                x.size()
+            );
+        }
+        let finite = x.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1;
+        if !finite {
+            bail!("{}: {n} holds NaN or infinite values", file.display());
+        }
+        if !targets(module) {
+            bail!(
+                "{}: {n} adapts {module}, which target_modules ({}) does not select",
+                file.display(),
+                c["target_modules"]
+            );
+        }
+        let e = parts.entry(module.to_string()).or_default();
+        if ab == 0 {
+            e.0 = Some(x);
+        } else {
+            e.1 = Some(x);
+        }
+    }
+    if parts.is_empty() {
+        bail!(
+            "{}: target_modules ({}) selects no module of the file: the adapter would change nothing",
+            cfg_path.display(),
+            c["target_modules"]
+        );
+    }
+    Ok(parts)
+}
+
 /// PEFT's module selection (`target_modules`): a string is a regular expression that must match
 /// the whole module name; a list selects a module named exactly so or ending in `.<entry>`.
 fn peft_targets(cfg_path: &Path, v: &Value) -> Result<impl Fn(&str) -> bool> {
@@ -298,96 +399,14 @@ impl PeftAdapter {
     /// partitions (block-diagonal B), the rest plain.
     pub fn read(dir: &Path) -> Result<Self> {
         let (cfg_path, c) = peft_config(dir)?;
-        for (key, off) in PEFT_UNSUPPORTED {
-            let v = &c[*key];
-            let is_off =
-                v.is_null() || v.to_string() == *off || v.as_array().is_some_and(|a| a.is_empty());
-            if !is_off {
-                bail!(
-                    "{}: {key} = {v} is not supported by xrayglm (only {key} = {off}): the adapter \
-                     would compute something else than this loader",
-                    cfg_path.display()
-                );
-            }
-        }
+        peft_options_supported(&cfg_path, &c)?;
         let base = peft_base(dir)?;
+        let (r, alpha) = (
+            peft_number(&cfg_path, &c, "r", true)?,
+            peft_number(&cfg_path, &c, "lora_alpha", false)?,
+        );
         let file = dir.join("adapter_model.safetensors");
-        let st = SafeTensorsFile::open(&file)?;
-        let targets = peft_targets(&cfg_path, &c["target_modules"])?;
-        let number = |k: &str, min_one: bool| -> Result<f64> {
-            let v = &c[k];
-            let x = v.as_f64().with_context(|| {
-                format!("{}: {k} must be a number, found {v}", cfg_path.display())
-            })?;
-            if min_one && !(x >= 1.0 && x.fract() == 0.0) {
-                bail!(
-                    "{}: {k} = {v}: must be a whole number ≥ 1",
-                    cfg_path.display()
-                );
-            }
-            if !min_one && !(x.is_finite() && x > 0.0) {
-                bail!("{}: {k} = {v}: must be > 0", cfg_path.display());
-            }
-            Ok(x)
-        };
-        let (r, alpha) = (number("r", true)?, number("lora_alpha", false)?);
-        // module (HF name) → (A, B)
-        let mut parts: std::collections::BTreeMap<String, (Option<Tensor>, Option<Tensor>)> =
-            Default::default();
-        for t in st.tensors() {
-            let (n, x) = t?;
-            let stem = n.strip_prefix("base_model.model.").unwrap_or(&n);
-            let stem = stem.strip_suffix(".weight").unwrap_or(stem);
-            let stem = stem.strip_suffix(".default").unwrap_or(stem);
-            let (module, ab) = if let Some(m) = stem.strip_suffix(".lora_A") {
-                (m, 0)
-            } else if let Some(m) = stem.strip_suffix(".lora_B") {
-                (m, 1)
-            } else {
-                bail!(
-                    "{}: {n} is not a LoRA tensor (lora_A / lora_B)",
-                    file.display()
-                );
-            };
-            if !x.is_floating_point() {
-                bail!(
-                    "{}: {n} is {:?}, not floating point",
-                    file.display(),
-                    x.kind()
-                );
-            }
-            if x.dim() != 2 {
-                bail!(
-                    "{}: {n} has shape {:?}, not a matrix",
-                    file.display(),
-                    x.size()
-                );
-            }
-            let finite = x.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1;
-            if !finite {
-                bail!("{}: {n} holds NaN or infinite values", file.display());
-            }
-            if !targets(module) {
-                bail!(
-                    "{}: {n} adapts {module}, which target_modules ({}) does not select",
-                    file.display(),
-                    c["target_modules"]
-                );
-            }
-            let e = parts.entry(module.to_string()).or_default();
-            if ab == 0 {
-                e.0 = Some(x);
-            } else {
-                e.1 = Some(x);
-            }
-        }
-        if parts.is_empty() {
-            bail!(
-                "{}: target_modules ({}) selects no module of the file: the adapter would change nothing",
-                cfg_path.display(),
-                c["target_modules"]
-            );
-        }
+        let parts = peft_tensors(dir, &cfg_path, &c)?;
         // The scaling PEFT applies to every module is lora_alpha / r (rank and alpha patterns
         // keep that ratio in xrayglm's exports); the partitions' rank is the smallest rank.
         for (k, v) in c["rank_pattern"].as_object().into_iter().flatten() {

@@ -115,9 +115,13 @@ pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
     if out.is_empty() {
         bail!("{name}: no reports");
     }
-    // Ids name reports in labels and agreements: each once. A training list names its films, and
-    // one film may have several samples (a conversation's answers): those get `#2`, `#3`, ….
-    let training_list = whole_is_list;
+    unique_ids(&name.to_string(), &mut out, whole_is_list)?;
+    Ok(out)
+}
+
+/// Ids name reports in labels and agreements: each once. A training list names its films, and
+/// one film may have several samples (a conversation's answers): those get `#2`, `#3`, ….
+fn unique_ids(name: &str, out: &mut [ReportText], training_list: bool) -> Result<()> {
     let mut seen: std::collections::HashMap<String, (usize, usize)> = Default::default();
     for (i, r) in out.iter_mut().enumerate() {
         match seen.get_mut(&r.id) {
@@ -136,7 +140,7 @@ pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
             ),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Per-observation state counts of a set of labels.
