@@ -145,6 +145,14 @@ impl Inputs {
         self
     }
 
+    /// The file a flag names, when given (`flag PATH` names it in errors).
+    pub fn flag(&mut self, flag: &str, path: Option<&Path>) -> &mut Self {
+        if let Some(p) = path {
+            self.file(format!("{flag} {}", p.display()), p);
+        }
+        self
+    }
+
     /// Every file directly inside `dir` (a model or checkpoint folder), named `what` in errors.
     pub fn folder(&mut self, what: impl Into<String>, dir: &Path) -> &mut Self {
         let what = what.into();

@@ -92,19 +92,18 @@ pub fn load_model(a: &ModelArgs) -> Result<xrayglm::model::visualglm::VisualGlm>
 pub fn convert(a: ConvertArgs) -> Result<()> {
     let mut inputs = xrayglm::io::Inputs::new();
     a.model.record_inputs(&mut inputs);
-    if let Some(t) = &a.tokenizer {
-        inputs.file(format!("--tokenizer {}", t.display()), t);
-    }
-    inputs.check_in(
-        "--to",
-        &a.to,
-        &[
-            "model.safetensors",
-            "lora.safetensors",
-            "model_config.json",
-            "tokenizer.json",
-        ],
-    )?;
+    inputs
+        .flag("--tokenizer", a.tokenizer.as_deref())
+        .check_in(
+            "--to",
+            &a.to,
+            &[
+                "model.safetensors",
+                "lora.safetensors",
+                "model_config.json",
+                "tokenizer.json",
+            ],
+        )?;
     let mut m = load_model(&a.model)?;
     if a.merge_lora {
         m.merge_lora()?;

@@ -119,13 +119,10 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     }
     cfg.data.skip_bad |= a.skip_bad;
     cfg.data.allow_outside_root |= a.allow_outside_root;
-    let mut inputs = xrayglm::io::Inputs::new();
-    for (flag, p) in [("--config", &a.cfg.config), ("--tokenizer", &a.tokenizer)] {
-        if let Some(p) = p {
-            inputs.file(format!("{flag} {}", p.display()), p);
-        }
-    }
-    inputs.check("--out", &cfg.data.out_path())?;
+    xrayglm::io::Inputs::new()
+        .flag("--config", a.cfg.config.as_deref())
+        .flag("--tokenizer", a.tokenizer.as_deref())
+        .check("--out", &cfg.data.out_path())?;
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?;
     let summary = xrayglm::prepare::run(&cfg, tok.as_ref(), a.force)?;
     if a.json {
@@ -142,7 +139,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = ChatGlmTokenizer::from_path(&path)?;
     if let Some(out) = &a.save {
         xrayglm::io::Inputs::new()
-            .file(format!("--tokenizer {}", path.display()), &path)
+            .flag("--tokenizer", Some(&path))
             .check("--save", out)?;
         tok.save(out)?;
         xrayglm::errln!("saved {}", out.display());

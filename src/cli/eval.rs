@@ -217,17 +217,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 fn eval_inputs(a: &EvalArgs) -> xrayglm::io::Inputs {
     let mut inputs = xrayglm::io::Inputs::new();
     for h in &a.hypotheses {
-        inputs.file(format!("--hypotheses {}", h.display()), h);
+        inputs.flag("--hypotheses", Some(h));
     }
-    for (flag, p) in [
-        ("--data", &a.data),
-        ("--config", &a.config),
-        ("--tokenizer", &a.tokenizer),
-    ] {
-        if let Some(p) = p {
-            inputs.file(format!("{flag} {}", p.display()), p);
-        }
-    }
+    inputs
+        .flag("--data", a.data.as_deref())
+        .flag("--config", a.config.as_deref())
+        .flag("--tokenizer", a.tokenizer.as_deref());
     for c in &a.checkpoints {
         xrayglm::weights::source::model_inputs(
             &mut inputs,

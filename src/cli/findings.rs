@@ -46,18 +46,12 @@ pub struct FindingsArgs {
 
 pub fn findings(a: FindingsArgs) -> Result<()> {
     if let Some(out) = &a.out {
-        let mut inputs = xrayglm::io::Inputs::new();
-        inputs.file(format!("FILE {}", a.file.display()), &a.file);
-        for (flag, p) in [
-            ("--rules", &a.rules),
-            ("--against", &a.against),
-            ("--against_rules", &a.against_rules),
-        ] {
-            if let Some(p) = p {
-                inputs.file(format!("{flag} {}", p.display()), p);
-            }
-        }
-        inputs.check("--out", out)?;
+        xrayglm::io::Inputs::new()
+            .flag("FILE", Some(&a.file))
+            .flag("--rules", a.rules.as_deref())
+            .flag("--against", a.against.as_deref())
+            .flag("--against_rules", a.against_rules.as_deref())
+            .check("--out", out)?;
     }
     let l = files::Labelled::file(&a.file, a.distinct, a.lang, a.rules.as_deref())?;
     let mut summary = serde_json::json!({

@@ -164,7 +164,7 @@ pub fn parity_generate(
 
 pub fn parity(a: ParityArgs) -> Result<()> {
     let mut inputs = xrayglm::io::Inputs::new();
-    inputs.file(format!("--inputs {}", a.inputs.display()), &a.inputs);
+    inputs.flag("--inputs", Some(&a.inputs));
     a.model.record_inputs(&mut inputs);
     inputs.check("--out", &a.out)?;
     let m = load_model(&a.model)?;

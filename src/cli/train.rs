@@ -30,22 +30,15 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         cfg.train.resume = r.into();
     }
     // The run folder's own files are never one of the run's inputs.
-    let mut inputs = xrayglm::io::Inputs::new();
-    if let Some(c) = &a.cfg.config {
-        inputs.file(format!("--config {}", c.display()), c);
-    }
-    inputs.file(
-        format!("data.path {}", cfg.data.path.display()),
-        &cfg.data.path,
-    );
-    if let Some(t) = &a.tokenizer {
-        inputs.file(format!("--tokenizer {}", t.display()), t);
-    }
-    inputs.check_in(
-        "the run folder",
-        &cfg.train.out_dir.join(&cfg.train.name),
-        &["config.toml", "model_config.json", "metrics.jsonl"],
-    )?;
+    xrayglm::io::Inputs::new()
+        .flag("--config", a.cfg.config.as_deref())
+        .flag("data.path", Some(&cfg.data.path))
+        .flag("--tokenizer", a.tokenizer.as_deref())
+        .check_in(
+            "the run folder",
+            &cfg.train.out_dir.join(&cfg.train.name),
+            &["config.toml", "model_config.json", "metrics.jsonl"],
+        )?;
     let tok = load_tokenizer(a.tokenizer.as_ref(), Some(&cfg.tokenizer.path))?.context(
         format!("no tokenizer: set tokenizer.path, pass --tokenizer PATH (ChatGLM-6B's ice_text.model) or set XRAYGLM_TOKENIZER ({})", xrayglm::tokenizer::HOW_TO_GET),
     )?;
