@@ -202,14 +202,6 @@ impl std::str::FromStr for Dtype {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cpu_has_no_cuda_memory() {
-        assert_eq!(super::cuda_used_mib(tch::Device::Cpu), None);
-    }
-}
-
 /// Memory that can still be allocated on the CPU: MemAvailable + SwapFree from /proc/meminfo.
 pub fn cpu_available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -222,4 +214,12 @@ pub fn cpu_available_bytes() -> Option<u64> {
             .ok()
     };
     Some((kib("MemAvailable:")? + kib("SwapFree:").unwrap_or(0)) * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_has_no_cuda_memory() {
+        assert_eq!(super::cuda_used_mib(tch::Device::Cpu), None);
+    }
 }

@@ -106,8 +106,11 @@ pub fn remove_dead_leftovers(dir: &Path) -> usize {
 /// input are inputs too.
 #[derive(Default, Debug)]
 pub struct Inputs {
-    files: Vec<(PathBuf, Option<(u64, u64)>, String)>,
+    files: Vec<InputFile>,
 }
+
+/// An input: where it lands (canonical path), its device and inode, and how errors name it.
+type InputFile = (PathBuf, Option<(u64, u64)>, String);
 
 fn file_id(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;

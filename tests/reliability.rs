@@ -101,6 +101,9 @@ impl Unchanged {
 
 const REFUSED: &str = "is an input of this command";
 
+/// A safetensors header as JSON.
+type Header = serde_json::Map<String, serde_json::Value>;
+
 #[test]
 fn no_command_writes_over_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -393,26 +396,25 @@ fn peft_folders_are_verified_before_they_load() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
     // Tensors: relabelled integer dtype, a NaN, overlapping byte ranges.
-    let tamper =
-        |name: &str, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>, &mut Vec<u8>)| {
-            let dir = copy(name);
-            let file = dir.join("adapter_model.safetensors");
-            let bytes = std::fs::read(&file).unwrap();
-            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-            let mut header: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-            let mut data = bytes[8 + n..].to_vec();
-            f(&mut header, &mut data);
-            let mut h = serde_json::to_vec(&header).unwrap();
-            while h.len() % 8 != 0 {
-                h.push(b' ');
-            }
-            let mut out = (h.len() as u64).to_le_bytes().to_vec();
-            out.extend(h);
-            out.extend(data);
-            std::fs::write(&file, out).unwrap();
-            load_err(&dir)
-        };
+    let tamper = |name: &str, f: &dyn Fn(&mut Header, &mut Vec<u8>)| {
+        let dir = copy(name);
+        let file = dir.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut data = bytes[8 + n..].to_vec();
+        f(&mut header, &mut data);
+        let mut h = serde_json::to_vec(&header).unwrap();
+        while !h.len().is_multiple_of(8) {
+            h.push(b' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(data);
+        std::fs::write(&file, out).unwrap();
+        load_err(&dir)
+    };
     let first_a = |h: &serde_json::Map<String, serde_json::Value>| -> String {
         h.keys().find(|k| k.contains("lora_A")).unwrap().clone()
     };

@@ -242,8 +242,9 @@ pub fn model_inputs(inputs: &mut crate::io::Inputs, what: &str, dir: &Path) {
 fn peft_options_supported(cfg_path: &Path, c: &Value) -> Result<()> {
     for (key, off) in PEFT_UNSUPPORTED {
         let v = &c[*key];
-        let is_off =
-            v.is_null() || v.to_string() == *off || v.as_array().is_some_and(|a| a.is_empty());
+        let is_off = v.is_null()
+            || *v == serde_json::from_str::<Value>(off)?
+            || v.as_array().is_some_and(|a| a.is_empty());
         if !is_off {
             bail!(
                 "{}: {key} = {v} is not supported by xrayglm (only {key} = {off}): the adapter \
@@ -267,7 +268,7 @@ fn peft_number(cfg_path: &Path, c: &Value, k: &str, min_one: bool) -> Result<f64
             cfg_path.display()
         );
     }
-    if !min_one && !(x.is_finite() && x > 0.0) {
+    if !(min_one || x.is_finite() && x > 0.0) {
         bail!("{}: {k} = {v}: must be > 0", cfg_path.display());
     }
     Ok(x)

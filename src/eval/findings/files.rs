@@ -25,7 +25,7 @@ pub fn read_reports(path: &Path) -> Result<Vec<ReportText>> {
     let raw = crate::io::strip_bom(&raw);
     let name = path.display();
     // A whole-file JSON list, or an object with "annotations": records; anything else: JSONL.
-    let whole: Option<serde_json::Value> = serde_json::from_str(&raw)
+    let whole: Option<serde_json::Value> = serde_json::from_str(raw)
         .ok()
         .filter(|v: &serde_json::Value| v.is_array() || v.get("annotations").is_some());
     let whole_is_list = whole.as_ref().is_some_and(|v| v.is_array());
