@@ -221,7 +221,9 @@ pub fn labeler_for(
     texts: &[ReportText],
 ) -> Result<Labeler> {
     match rules {
-        Some(p) => Labeler::new(&super::RuleSet::load(p)?),
+        // A pattern too large for the regex engine names the file.
+        Some(p) => Labeler::new(&super::RuleSet::load(p)?)
+            .with_context(|| format!("{}: the rules do not compile", p.display())),
         None => Ok(Labeler::builtin(lang.unwrap_or_else(|| detect_lang(texts)))),
     }
 }
