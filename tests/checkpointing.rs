@@ -31,7 +31,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
     });
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 70, Device::Cpu);
     let (pos, ctx) =
-        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let grads = |m: &VisualGlm, checkpoint: bool| -> (f64, Vec<(String, Tensor)>) {

@@ -347,7 +347,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
     });
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, Device::Cpu);
     let (pos, ctx) =
-        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let _ = labels.narrow(1, 60, 4).fill_(-100);
@@ -529,7 +529,8 @@ fn kernel_variants_match_the_reference() {
 /// attends to both of its films; and the LoRA still trains through a two-film batch.
 #[test]
 fn several_films_are_spliced_at_their_own_slots() {
-    use xrayglm::model::chatglm::{attention_mask, GlmInputs, ImageAt};
+    use xrayglm::model::chatglm::{GlmInputs, ImageAt};
+    use xrayglm::model::positions::attention_mask;
     let cfg = ModelConfig::preset("tiny").unwrap();
     tch::manual_seed(5);
     let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
@@ -566,7 +567,7 @@ fn several_films_are_spliced_at_their_own_slots() {
     assert!(matches!(ImageAt::of(&at, 2), ImageAt::Slots(_)));
     // Row 0's logits depend on its second film; row 1's do not.
     let (pos, ctx) =
-        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let mask = attention_mask(&ctx, 100, Device::Cpu);
     let logits = |f: &Tensor| {
         tch::no_grad(|| {
@@ -716,7 +717,7 @@ fn vision_adapters_merge_exactly_and_all_train() {
     // Every adapter receives a gradient through the spliced image embeddings, with and without
     // activation checkpointing, and the two agree.
     let (pos, ctx) =
-        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let inputs = xrayglm::model::visualglm::BatchInputs {
@@ -772,7 +773,7 @@ fn vision_adapter_gradients_match_finite_differences() {
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, Device::Cpu);
     let image = image.to_kind(Kind::Double);
     let (pos, ctx) =
-        xrayglm::model::chatglm::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     // The next-token cross-entropy in float64 (the training loss is taken in float32).

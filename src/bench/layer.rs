@@ -94,8 +94,9 @@ pub fn layer(a: &LayerArgs) -> Result<LayerBench> {
     let (preset, layers, batch, seq, steps) =
         (a.preset.as_str(), a.layers, a.batch, a.seq, a.steps);
     let (dev, kind, checkpoint) = (a.device.device()?, a.dtype.kind(), !a.no_checkpoint);
-    use crate::model::chatglm::{attention_mask, ChatGlm, Dropouts, GlmInputs, Kernels};
+    use crate::model::chatglm::{ChatGlm, Dropouts, GlmInputs, Kernels};
     use crate::model::config::ModelConfig;
+    use crate::model::positions::attention_mask;
     use tch::{nn::VarStore, Kind, Tensor};
     let mut cfg = ModelConfig::preset(preset)?;
     anyhow::ensure!(layers >= 1, "--layers must be at least 1");

@@ -87,7 +87,7 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
         amsgrad: false,
     }
     .build(&m.lora, 1e-3)?;
-    let (pos, ctx_lens) = crate::model::chatglm::positions_from_ids(
+    let (pos, ctx_lens) = crate::model::positions::positions_from_ids(
         &ids,
         cfg.sat.bos_token_id,
         cfg.sat.mask_token_id,

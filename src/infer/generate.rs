@@ -16,8 +16,8 @@ use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::sampling::{Sampler, SamplingConfig};
-use crate::model::chatglm::{attention_mask, GlmInputs, ImageAt, KvCache};
-use crate::model::positions::{self, Prefix};
+use crate::model::chatglm::{GlmInputs, ImageAt, KvCache};
+use crate::model::positions::{self, attention_mask, Prefix};
 use crate::model::visualglm::VisualGlm;
 
 /// One sequence to continue.

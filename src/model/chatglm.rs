@@ -10,27 +10,23 @@
 //! * scores `(q / (√d·c))·kᵀ`, masked as `s·m − 10000·(1−m)`, then `·c` in fp32 and softmax in fp32
 //!   (c = layer index + 1) — sat's fp16-overflow trick, kept for bit-faithful numerics;
 //! * tanh-GELU MLP, final LN, untied `lm_head` without bias.
+//!
+//! Blocks as in the reference: [`SelfAttention`] and [`Mlp`] inside a [`Block`]; [`ChatGlm`] is the
+//! transformer (embedding, blocks, final LayerNorm, `lm_head`). The rotary tables live in
+//! `rotary.rs`, the caches in `kv_cache.rs`, adapter routing in `lora.rs`, the checkpointed
+//! backward in `checkpointing.rs` and the benchmark's kernel alternatives behind [`Kernels`].
 
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::config::{ModelConfig, RotaryPrecision};
+use super::config::ModelConfig;
 pub use super::kernels::Kernels;
+pub(crate) use super::kv_cache::Kv;
 pub use super::kv_cache::{KvCache, SlotCache};
 pub use super::lora::{layer_loras, LayerLoras, RowAdapters};
-use super::lora::{Lora, Part};
+use super::lora::{Lora, Part, Route};
 use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
-
-#[derive(Debug)]
-pub(crate) struct Layer {
-    input_layernorm: LayerNorm,
-    qkv: Linear,
-    dense: Linear,
-    post_attention_layernorm: LayerNorm,
-    h_to_4h: Linear,
-    h4_to_h: Linear,
-    lora: LayerLoras,
-}
+use super::rotary::{self, Rotary};
 
 /// Dropout rates in train mode (sat: 0.1 each; HF ChatGLM: none).
 #[derive(Debug, Clone, Copy, Default)]
@@ -40,17 +36,204 @@ pub struct Dropouts {
     pub output: f64,
 }
 
+/// How the blocks compute: the model's settings, copied into every forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    dropout: Dropouts,
+    fused_attention: bool,
+    kernels: Kernels,
+    lora_active: bool,
+}
+
+/// What every block of one forward shares: the settings, the rotary rows of its positions, its
+/// attention mask (`None`: every key is visible, one new token per sequence), whether it trains
+/// and the per-row adapters (serving several adapters in one batch; `None`: the blocks' own).
+pub(crate) struct Pass<'a> {
+    set: Settings,
+    rot: Rotary,
+    mask: Option<Tensor>,
+    train: bool,
+    adapters: Option<&'a RowAdapters<'a>>,
+}
+
+/// Self-attention of one block: the fused `query_key_value` projection, 2-D rotary on q and k,
+/// sat's scaled and masked softmax (or the fused kernel) and the output `dense`.
+#[derive(Debug)]
+pub(crate) struct SelfAttention {
+    qkv: Linear,
+    dense: Linear,
+    heads: i64,
+    head_dim: i64,
+    /// sat's `layer_id + 1`, the coefficient of its fp16-overflow trick.
+    coeff: f64,
+}
+
+impl SelfAttention {
+    fn new(p: &Path, cfg: &ModelConfig, index: i64) -> Self {
+        let h = cfg.sat.hidden_size;
+        let heads = cfg.sat.num_attention_heads;
+        Self {
+            qkv: Linear::new(&(p / "query_key_value"), h, 3 * h, true),
+            dense: Linear::new(&(p / "dense"), h, h, true),
+            heads,
+            head_dim: h / heads,
+            coeff: (index + 1) as f64,
+        }
+    }
+
+    /// `a [B, S, hidden]` attending to itself and, with `kv`, to the cached keys of earlier
+    /// tokens (this call's join the cache).
+    fn forward(&self, a: &Tensor, pass: &Pass, route: &Route, kv: Option<Kv>) -> Tensor {
+        let (set, mask, train) = (pass.set, pass.mask.as_ref(), pass.train);
+        let (b, s, hidden) = a.size3().unwrap();
+        let (n, hd) = (self.heads, self.head_dim);
+        let qkv = route
+            .linear(&self.qkv, Part::Qkv, a)
+            .view([b, s, n, 3 * hd]);
+        // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
+        let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
+        let (q, k) = pass.rot.rotate_qk(&qk, set.kernels.split_rotary);
+        let v = qkv.narrow(-1, 2 * hd, hd);
+        // [B, S, n, d] → [B, n, S, d]
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+        let (k, v) = match kv {
+            Some(kv) => kv.attend(k, v),
+            None => (k, v),
+        };
+        let ctx = if set.fused_attention && s == 1 && q.device().is_cuda() {
+            // One new token per sequence on a GPU: three plain ops. libtorch's fused attention
+            // would pick its cuDNN backend for bf16, which plans anew for every key length: ~45 ms
+            // per decoding step on an H200 whatever the model size (scripts/gpu_check.sh step 6).
+            one_query_attention(&q, &k, &v, mask)
+        } else if set.fused_attention {
+            // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
+            let bias = mask.map(|m| ((m - 1.0) * 10000.0).to_kind(q.kind()));
+            let p = if train { set.dropout.attention } else { 0.0 };
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                bias,
+                p,
+                false,
+                Some(1.0 / (hd as f64).sqrt()),
+                false,
+            )
+        } else {
+            let c = self.coeff;
+            let kind = q.kind();
+            let q = q / ((hd as f64).sqrt() * c);
+            let scores = q.matmul(&k.transpose(-1, -2));
+            // Like sat, a single all-visible row is left unmasked.
+            let scores: Tensor = match mask {
+                Some(m) => &scores * m - (m.ones_like() - m) * 10000.0,
+                None => scores,
+            };
+            // The softmax in fp32 as sat's (float64 models — gradient checks — stay in float64).
+            let acc = if kind == Kind::Double {
+                Kind::Double
+            } else {
+                Kind::Float
+            };
+            let probs = (scores.to_kind(acc) * c).softmax(-1, acc).to_kind(kind);
+            dropout(&probs, set.dropout.attention, train).matmul(&v)
+        };
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
+        let out = route.linear(&self.dense, Part::Dense, &ctx);
+        dropout(&out, set.dropout.output, train)
+    }
+}
+
+/// The block's MLP: `dense_4h_to_h(gelu_tanh(dense_h_to_4h(m)))`.
+#[derive(Debug)]
+pub(crate) struct Mlp {
+    h_to_4h: Linear,
+    h4_to_h: Linear,
+}
+
+impl Mlp {
+    fn new(p: &Path, cfg: &ModelConfig) -> Self {
+        let (h, inner) = (cfg.sat.hidden_size, cfg.inner_hidden_size());
+        Self {
+            h_to_4h: Linear::new(&(p / "dense_h_to_4h"), h, inner, true),
+            h4_to_h: Linear::new(&(p / "dense_4h_to_h"), inner, h, true),
+        }
+    }
+
+    fn forward(&self, m: &Tensor, pass: &Pass, route: &Route) -> Tensor {
+        let up = route.linear(&self.h_to_4h, Part::HTo4h, m);
+        let act = if pass.set.kernels.sat_gelu {
+            gelu_tanh(&up)
+        } else {
+            up.gelu("tanh")
+        };
+        route.linear(&self.h4_to_h, Part::H4ToH, &act)
+    }
+}
+
+/// One transformer block (sat's `BaseTransformerLayer` with ChatGLM's scaled residuals) and the
+/// LoRA adapters of its four linears.
+#[derive(Debug)]
+pub(crate) struct Block {
+    input_layernorm: LayerNorm,
+    attention: SelfAttention,
+    post_attention_layernorm: LayerNorm,
+    mlp: Mlp,
+    lora: LayerLoras,
+    index: usize,
+    /// `√(2·layers)`, the residual scale.
+    alpha: f64,
+}
+
+impl Block {
+    /// Block `i` under `p` (`transformer.layers.<i>`), its adapters in the store `lora_p`.
+    fn new(p: &Path, lora_p: &Path, cfg: &ModelConfig, i: i64) -> Self {
+        let s = &cfg.sat;
+        let (h, eps) = (s.hidden_size, s.layernorm_epsilon);
+        Self {
+            input_layernorm: LayerNorm::new(&(p / "input_layernorm"), h, eps),
+            attention: SelfAttention::new(&(p / "attention"), cfg, i),
+            post_attention_layernorm: LayerNorm::new(&(p / "post_attention_layernorm"), h, eps),
+            mlp: Mlp::new(&(p / "mlp"), cfg),
+            lora: layer_loras(lora_p, cfg, i),
+            index: i as usize,
+            alpha: ((2 * s.num_layers) as f64).sqrt(),
+        }
+    }
+
+    /// `h [B, S, hidden]` through the block; with `kv`, the keys and values of earlier tokens
+    /// are attended to and this call's are appended.
+    pub(crate) fn forward(&self, h: &Tensor, pass: &Pass, kv: Option<Kv>) -> Tensor {
+        let route = Route {
+            own: &self.lora,
+            layer: self.index,
+            rows: pass.adapters,
+            active: pass.set.lora_active,
+            as_weight: pass.set.kernels.lora_as_weight,
+            train: pass.train,
+        };
+        let a = self.input_layernorm.forward(h);
+        let h1 = &a * self.alpha + self.attention.forward(&a, pass, &route, kv);
+        let m = self.post_attention_layernorm.forward(&h1);
+        let down = self.mlp.forward(&m, pass, &route);
+        &m * self.alpha + dropout(&down, pass.set.dropout.output, pass.train)
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        let (a, m) = (&mut self.attention, &mut self.mlp);
+        [&mut a.qkv, &mut a.dense, &mut m.h_to_4h, &mut m.h4_to_h]
+    }
+}
+
+/// ChatGLM-6B: the token embedding, the blocks, the final LayerNorm and the untied `lm_head`.
 #[derive(Debug)]
 pub struct ChatGlm {
     word_embeddings: Tensor,
-    pub(crate) layers: Vec<Layer>,
+    pub(crate) layers: Vec<Block>,
     final_layernorm: LayerNorm,
     lm_head: Tensor,
     cos: Tensor,
     sin: Tensor,
-    heads: i64,
-    head_dim: i64,
-    alpha: f64,
     pub dropout: Dropouts,
     /// Whether the LoRA deltas are added (false once merged into the base weights).
     pub lora_active: bool,
@@ -63,21 +246,6 @@ pub struct ChatGlm {
     pub recompute_layers: Option<usize>,
     /// Base seed for per-layer dropout generators (see [`ChatGlm::loss_backward_checkpointed`]).
     pub layer_seed: std::cell::Cell<Option<i64>>,
-}
-
-/// How a layer's attention uses a cache.
-pub(crate) enum Kv<'a> {
-    /// Earlier tokens in front of this call's, which are appended (prefill and equal-length
-    /// batches).
-    Append(&'a mut Option<(Tensor, Tensor)>),
-    /// One new token per row written at the row's own position `at[r]`; the keys are the first
-    /// `keys` positions of every live row, the mask hides each row's unused ones.
-    Slots {
-        k: &'a mut Tensor,
-        v: &'a mut Tensor,
-        at: &'a Tensor,
-        keys: i64,
-    },
 }
 
 /// Inputs for one forward pass.
@@ -125,142 +293,22 @@ impl<'a> ImageAt<'a> {
 /// Label value the loss ignores.
 const IGNORE_LABEL: i64 = super::visualglm::IGNORE;
 
-fn rotary_tables(head_dim: i64, max_len: i64, precision: RotaryPrecision) -> (Tensor, Tensor) {
-    let dim = head_dim / 2;
-    let opts = (Kind::Float, tch::Device::Cpu);
-    let exponent = Tensor::arange_start_step(0, dim, 2, opts) / dim as f64;
-    let inv_freq = Tensor::from(10000f32).pow(&exponent).reciprocal();
-    let (angles, round) = match precision {
-        RotaryPrecision::SatFp32 => (Tensor::arange(max_len, opts).outer(&inv_freq), true),
-        RotaryPrecision::SatFp16 => {
-            let inv = inv_freq.to_kind(Kind::Half);
-            let t = Tensor::arange(max_len, (Kind::Half, tch::Device::Cpu));
-            (t.outer(&inv), true)
-        }
-        RotaryPrecision::Fp32 => (Tensor::arange(max_len, opts).outer(&inv_freq), false),
-    };
-    let emb = Tensor::cat(&[&angles, &angles], -1);
-    let (cos, sin) = (emb.cos(), emb.sin());
-    if round {
-        (
-            cos.to_kind(Kind::Half).to_kind(Kind::Float),
-            sin.to_kind(Kind::Half).to_kind(Kind::Float),
-        )
-    } else {
-        (cos, sin)
-    }
-}
-
-/// The rotary cos/sin rows of one position-id tensor `[B, S]`, gathered once per forward and
-/// shared by every layer, as `[B, S, 1, d]` in fp32 and (when the model runs in another kind) in
-/// that kind. `sin` has its first half negated, so that `rotate_half(x)·sin` becomes
-/// `roll(x, d/2)·sin` (one op instead of chunk, neg and cat; the same numbers).
-pub(crate) struct Rot {
-    cos: Tensor,
-    sin: Tensor,
-    low: Option<(Tensor, Tensor)>,
-}
-
-impl Rot {
-    fn new(pos: &Tensor, cos: &Tensor, sin: &Tensor, kind: Kind) -> Self {
-        let (b, s) = pos.size2().unwrap();
-        let d = cos.size()[1];
-        let flat = pos.flatten(0, -1);
-        let c = cos.index_select(0, &flat).view([b, s, 1, d]);
-        let sn = sin.index_select(0, &flat);
-        let half = sn.chunk(2, -1);
-        let sn = Tensor::cat(&[half[0].neg(), half[1].shallow_clone()], -1).view([b, s, 1, d]);
-        let low = (kind != Kind::Float).then(|| (c.to_kind(kind), sn.to_kind(kind)));
-        Self {
-            cos: c,
-            sin: sn,
-            low,
-        }
-    }
-
-    /// The cos and (half-negated) sin rows `[B, S, 1, d]` in kind `k`.
-    fn tables(&self, k: Kind) -> (Tensor, Tensor) {
-        match &self.low {
-            Some((c, s)) if c.kind() == k => (c.shallow_clone(), s.shallow_clone()),
-            _ => (self.cos.to_kind(k), self.sin.to_kind(k)),
-        }
-    }
-}
-
-/// What every layer of one forward shares: the rotary tables of its positions, its attention
-/// mask (`None`: every key is visible, one new token per sequence) and whether it trains.
-pub(crate) struct Pass<'a> {
-    rot: Rotary,
-    mask: Option<Tensor>,
-    train: bool,
-    /// Per-row adapters (serving several adapters in one batch); `None`: the layers' own.
-    adapters: Option<&'a RowAdapters<'a>>,
-}
-
-/// A forward's rotary rows: per half (positions, block positions) and, for the single rotation of
-/// q and k, both stacked as `[B, S, 1, 1, 2, d]` in the model's kind — built once, used by every
-/// layer.
-pub(crate) struct Rotary {
-    pos: Rot,
-    block: Rot,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rotary {
-    fn new(pos: Rot, block: Rot, kind: Kind) -> Self {
-        let (pc, ps) = pos.tables(kind);
-        let (bc, bs) = block.tables(kind);
-        Self {
-            cos: Tensor::stack(&[pc, bc], 3).unsqueeze(3),
-            sin: Tensor::stack(&[ps, bs], 3).unsqueeze(3),
-            pos,
-            block,
-        }
-    }
-
-    /// The stacked tables in kind `k`.
-    fn stacked(&self, k: Kind) -> (Tensor, Tensor) {
-        if self.cos.kind() == k {
-            (self.cos.shallow_clone(), self.sin.shallow_clone())
-        } else {
-            (self.cos.to_kind(k), self.sin.to_kind(k))
-        }
-    }
-}
-
 impl ChatGlm {
     /// `p`: the frozen store (weights under `transformer.` and `mixins.chatglm-final.`);
     /// `lora_p`: the fp32 trainable store for the adapters.
     pub fn new(p: &Path, lora_p: &Path, cfg: &ModelConfig) -> Self {
         let s = &cfg.sat;
-        let (h, inner, eps) = (s.hidden_size, cfg.inner_hidden_size(), s.layernorm_epsilon);
-        let heads = s.num_attention_heads;
-        let head_dim = h / heads;
+        let h = s.hidden_size;
         let t = p / "transformer";
         let layers = (0..s.num_layers)
-            .map(|i| {
-                let l = &t / "layers" / i;
-                Layer {
-                    input_layernorm: LayerNorm::new(&(&l / "input_layernorm"), h, eps),
-                    qkv: Linear::new(&(&l / "attention" / "query_key_value"), h, 3 * h, true),
-                    dense: Linear::new(&(&l / "attention" / "dense"), h, h, true),
-                    post_attention_layernorm: LayerNorm::new(
-                        &(&l / "post_attention_layernorm"),
-                        h,
-                        eps,
-                    ),
-                    h_to_4h: Linear::new(&(&l / "mlp" / "dense_h_to_4h"), h, inner, true),
-                    h4_to_h: Linear::new(&(&l / "mlp" / "dense_4h_to_h"), inner, h, true),
-                    lora: layer_loras(lora_p, cfg, i),
-                }
-            })
+            .map(|i| Block::new(&(&t / "layers" / i), lora_p, cfg, i))
             .collect();
-        let (cos, sin) = rotary_tables(head_dim, s.max_sequence_length, cfg.rotary);
+        let head_dim = h / s.num_attention_heads;
+        let (cos, sin) = rotary::tables(head_dim, s.max_sequence_length, cfg.rotary);
         Self {
             word_embeddings: embedding(&(&t / "word_embeddings"), s.vocab_size, h),
             layers,
-            final_layernorm: LayerNorm::new(&(&t / "final_layernorm"), h, eps),
+            final_layernorm: LayerNorm::new(&(&t / "final_layernorm"), h, s.layernorm_epsilon),
             lm_head: (p / "mixins" / "chatglm-final" / "lm_head").var(
                 "weight",
                 &[s.vocab_size, h],
@@ -268,9 +316,6 @@ impl ChatGlm {
             ),
             cos: cos.to_device(p.device()),
             sin: sin.to_device(p.device()),
-            heads,
-            head_dim,
-            alpha: ((2 * s.num_layers) as f64).sqrt(),
             dropout: Dropouts::default(),
             lora_active: true,
             fused_attention: false,
@@ -338,9 +383,9 @@ impl ChatGlm {
     /// The last layer's output `[B, S, hidden]` (before the final LayerNorm and `lm_head`).
     pub fn hidden(&self, inp: &GlmInputs, train: bool) -> Tensor {
         let (mut x, pass) = self.prepare(inp, train);
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, block) in self.layers.iter().enumerate() {
             self.seed_layer(i);
-            x = self.layer(l, i as i64, &x, &pass, None);
+            x = block.forward(&x, &pass, None);
         }
         x
     }
@@ -389,18 +434,14 @@ impl ChatGlm {
         adapters: Option<&RowAdapters>,
     ) -> Tensor {
         let x = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
-        let pass = Pass {
-            rot: self.rot(inp.position_ids, x.kind()),
-            mask: mask.map(|m| m.to_kind(Kind::Float)),
-            train: false,
-            adapters,
-        };
+        let mask = mask.map(|m| m.to_kind(Kind::Float));
+        let pass = self.pass(inp.position_ids, x.kind(), mask, false, adapters);
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let mut x = x;
-        for (i, (l, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            x = self.layer(l, i as i64, &x, &pass, Some(Kv::Append(kv)));
+        for (block, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, &pass, Some(Kv::Append(kv)));
         }
         let s = x.size()[1];
         self.head(&x.narrow(1, s - 1, 1)).squeeze_dim(1)
@@ -434,21 +475,16 @@ impl ChatGlm {
         let cols = Tensor::arange(keys, (Kind::Int64, dev)).view([1, 1, 1, keys]);
         let mask = cols.le_tensor(&at.view([b, 1, 1, 1])).to_kind(Kind::Float);
         let x = self.embed(input_ids, None, ImageAt::EachRow(0));
-        let pass = Pass {
-            rot: self.rot(position_ids, x.kind()),
-            mask: Some(mask),
-            train: false,
-            adapters,
-        };
+        let pass = self.pass(position_ids, x.kind(), Some(mask), false, adapters);
         let mut x = x;
-        for (i, (l, (k, v))) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+        for (block, (k, v)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let kv = Kv::Slots {
                 k,
                 v,
                 at: &at,
                 keys,
             };
-            x = self.layer(l, i as i64, &x, &pass, Some(kv));
+            x = block.forward(&x, &pass, Some(kv));
         }
         for n in &mut cache.lens {
             *n += 1;
@@ -460,209 +496,43 @@ impl ChatGlm {
     pub(crate) fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
         let x = dropout(&emb, self.dropout.embedding, train);
-        let pass = Pass {
-            rot: self.rot(inp.position_ids, x.kind()),
-            mask: Some(inp.attention_mask.to_kind(Kind::Float)),
-            train,
-            adapters: None,
-        };
+        let mask = Some(inp.attention_mask.to_kind(Kind::Float));
+        let pass = self.pass(inp.position_ids, x.kind(), mask, train, None);
         (x, pass)
     }
 
-    /// Rotary rows of the positions and block positions `[B, 2, S]`.
-    fn rot(&self, position_ids: &Tensor, kind: Kind) -> Rotary {
-        let r = |i| Rot::new(&position_ids.select(1, i), &self.cos, &self.sin, kind);
-        Rotary::new(r(0), r(1), kind)
+    /// What the blocks of one forward over position ids `[B, 2, S]` share.
+    fn pass<'a>(
+        &self,
+        position_ids: &Tensor,
+        kind: Kind,
+        mask: Option<Tensor>,
+        train: bool,
+        adapters: Option<&'a RowAdapters<'a>>,
+    ) -> Pass<'a> {
+        Pass {
+            set: Settings {
+                dropout: self.dropout,
+                fused_attention: self.fused_attention,
+                kernels: self.kernels,
+                lora_active: self.lora_active,
+            },
+            rot: Rotary::new(position_ids, &self.cos, &self.sin, kind),
+            mask,
+            train,
+            adapters,
+        }
     }
 
     fn head(&self, x: &Tensor) -> Tensor {
         self.final_layernorm.forward(x).matmul(&self.lm_head.tr())
     }
 
-    /// One block; with `kv`, the keys and values of earlier tokens are attended to and this
-    /// call's are appended.
-    pub(crate) fn layer(
-        &self,
-        l: &Layer,
-        idx: i64,
-        h: &Tensor,
-        pass: &Pass,
-        kv: Option<Kv>,
-    ) -> Tensor {
-        let (d, train) = (self.dropout, pass.train);
-        let a = l.input_layernorm.forward(h);
-        let attn = self.attention(l, idx, &a, pass, kv);
-        let h1 = &a * self.alpha + attn;
-        let m = l.post_attention_layernorm.forward(&h1);
-        let up = self.adapt(&l.h_to_4h, Part::HTo4h, l, idx, &m, pass);
-        let act = if self.kernels.sat_gelu {
-            gelu_tanh(&up)
-        } else {
-            up.gelu("tanh")
-        };
-        let down = self.adapt(&l.h4_to_h, Part::H4ToH, l, idx, &act, pass);
-        &m * self.alpha + dropout(&down, d.output, train)
-    }
-
-    fn attention(&self, l: &Layer, idx: i64, a: &Tensor, pass: &Pass, kv: Option<Kv>) -> Tensor {
-        let (rot, mask, train) = (&pass.rot, pass.mask.as_ref(), pass.train);
-        let (b, s, hidden) = a.size3().unwrap();
-        let (n, hd) = (self.heads, self.head_dim);
-        let qkv = self
-            .adapt(&l.qkv, Part::Qkv, l, idx, a, pass)
-            .view([b, s, n, 3 * hd]);
-        // Per head `[q k v]`; q and k rotated together as `[B, S, n, q|k, pos|block, d/2]`.
-        let qk = qkv.narrow(-1, 0, 2 * hd).view([b, s, n, 2, 2, hd / 2]);
-        let (q, k) = if self.kernels.split_rotary {
-            let half = |t: i64, r: i64, table: &Rot| {
-                let x = qk.select(3, t).select(3, r);
-                let (c, sn) = table.tables(x.kind());
-                &x * c + x.roll([hd / 4], [-1]) * sn
-            };
-            let q = Tensor::cat(&[half(0, 0, &rot.pos), half(0, 1, &rot.block)], -1);
-            let k = Tensor::cat(&[half(1, 0, &rot.pos), half(1, 1, &rot.block)], -1);
-            (q, k)
-        } else {
-            let qk = rotate(&qk, rot);
-            (
-                qk.select(3, 0).reshape([b, s, n, hd]),
-                qk.select(3, 1).reshape([b, s, n, hd]),
-            )
-        };
-        let v = qkv.narrow(-1, 2 * hd, hd);
-        // [B, S, n, d] → [B, n, S, d]
-        let (q, mut k, mut v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
-        match kv {
-            // sat's CachedAutoregressiveMixin: post-rotary keys and values of earlier tokens
-            // in front of this call's.
-            Some(Kv::Append(cache)) => {
-                if let Some((pk, pv)) = cache.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 2);
-                    v = Tensor::cat(&[pv, &v], 2);
-                }
-                *cache = Some((k.shallow_clone(), v.shallow_clone()));
-            }
-            // Each row's new key and value at its own position, then every row's keys so far.
-            Some(Kv::Slots {
-                k: ck,
-                v: cv,
-                at,
-                keys,
-            }) => {
-                let rows = Tensor::arange(b, (Kind::Int64, k.device()));
-                let idx = [Some(rows), None, Some(at.shallow_clone())];
-                let _ = ck.index_put_(&idx, &k.squeeze_dim(2), false);
-                let _ = cv.index_put_(&idx, &v.squeeze_dim(2), false);
-                k = ck.narrow(0, 0, b).narrow(2, 0, keys);
-                v = cv.narrow(0, 0, b).narrow(2, 0, keys);
-            }
-            None => {}
-        }
-        let ctx = if self.fused_attention && s == 1 && q.device().is_cuda() {
-            // One new token per sequence on a GPU: three plain ops. libtorch's fused attention
-            // would pick its cuDNN backend for bf16, which plans anew for every key length: ~45 ms
-            // per decoding step on an H200 whatever the model size (scripts/gpu_check.sh step 6).
-            one_query_attention(&q, &k, &v, mask)
-        } else if self.fused_attention {
-            // Same function: softmax(q·kᵀ/√d − 10000·(1 − mask))·v, on libtorch's fused kernel.
-            let bias = mask.map(|m| ((m - 1.0) * 10000.0).to_kind(q.kind()));
-            let p = if train { self.dropout.attention } else { 0.0 };
-            Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                bias,
-                p,
-                false,
-                Some(1.0 / (hd as f64).sqrt()),
-                false,
-            )
-        } else {
-            let c = (idx + 1) as f64;
-            let kind = q.kind();
-            let q = q / ((hd as f64).sqrt() * c);
-            let scores = q.matmul(&k.transpose(-1, -2));
-            // Like sat, a single all-visible row is left unmasked.
-            let scores: Tensor = match mask {
-                Some(m) => &scores * m - (m.ones_like() - m) * 10000.0,
-                None => scores,
-            };
-            // The softmax in fp32 as sat's (float64 models — gradient checks — stay in float64).
-            let acc = if kind == Kind::Double {
-                Kind::Double
-            } else {
-                Kind::Float
-            };
-            let probs = (scores.to_kind(acc) * c).softmax(-1, acc).to_kind(kind);
-            dropout(&probs, self.dropout.attention, train).matmul(&v)
-        };
-        let ctx = ctx.transpose(1, 2).contiguous().view([b, s, hidden]);
-        let out = self.adapt(&l.dense, Part::Dense, l, idx, &ctx, pass);
-        dropout(&out, self.dropout.output, train)
-    }
-
-    /// A frozen linear of layer `l` (number `idx`) with its adapters: the layer's own, or per
-    /// row when the pass has row adapters.
-    fn adapt(
-        &self,
-        lin: &Linear,
-        part: Part,
-        l: &Layer,
-        idx: i64,
-        x: &Tensor,
-        pass: &Pass,
-    ) -> Tensor {
-        let Some(ra) = pass.adapters else {
-            return self.adapted(lin, part.of(&l.lora), x, pass.train);
-        };
-        fn choose<'x>(
-            part: Part,
-            set: Option<&'x [LayerLoras]>,
-            own: &'x LayerLoras,
-            idx: i64,
-            active: bool,
-        ) -> Option<&'x Lora> {
-            match set {
-                Some(s) => part.of(&s[idx as usize]),
-                None => part.of(own).filter(|_| active),
-            }
-        }
-        let pick = |set| choose(part, set, &l.lora, idx, self.lora_active);
-        if let [(None, set)] = ra.groups.as_slice() {
-            // One adapter for every row: the plain path.
-            return match pick(*set) {
-                Some(lo) => lin.forward(x) + lo.delta(x, false),
-                None => lin.forward(x),
-            };
-        }
-        let mut out = lin.forward(x);
-        for (rows, set) in &ra.groups {
-            let Some(lo) = pick(*set) else { continue };
-            out = match rows {
-                Some(r) => out.index_add(0, r, &lo.delta(&x.index_select(0, r), false)),
-                None => out + lo.delta(x, false),
-            };
-        }
-        out
-    }
-
-    /// A frozen linear with its LoRA (when present and not merged).
-    fn adapted(&self, lin: &Linear, lora: Option<&Lora>, x: &Tensor, train: bool) -> Tensor {
-        match lora.filter(|_| self.lora_active) {
-            None => lin.forward(x),
-            Some(lo) if self.kernels.lora_as_weight && !lin.is_quantized() => {
-                let w = &lin.weight + lo.delta_weight().to_kind(lin.weight.kind());
-                x.linear(&w, lin.bias.as_ref())
-            }
-            Some(lo) => lin.forward(x) + lo.delta(x, train),
-        }
-    }
-
     /// Weight-only int8 for the four linears of every layer (the embedding table and lm_head stay
     /// in their kind, as in the original's `quantize(model.transformer, 8)`).
     pub fn quantize_int8(&mut self) {
-        for l in &mut self.layers {
-            for lin in [&mut l.qkv, &mut l.dense, &mut l.h_to_4h, &mut l.h4_to_h] {
+        for block in &mut self.layers {
+            for lin in block.linears_mut() {
                 lin.quantize_int8();
             }
         }
@@ -671,8 +541,8 @@ impl ChatGlm {
     /// NF4 for the four linears of every layer (QLoRA's frozen base; `double`: double-quantized
     /// scales). The embedding table and lm_head stay in their kind.
     pub fn quantize_nf4(&mut self, double: bool) -> anyhow::Result<()> {
-        for l in &mut self.layers {
-            for lin in [&mut l.qkv, &mut l.dense, &mut l.h_to_4h, &mut l.h4_to_h] {
+        for block in &mut self.layers {
+            for lin in block.linears_mut() {
                 lin.quantize_nf4(double)?;
             }
         }
@@ -681,7 +551,7 @@ impl ChatGlm {
 
     /// Whether the layers' linears are held quantized (int8 or NF4).
     pub fn is_quantized(&self) -> bool {
-        self.layers.iter().any(|l| l.qkv.is_quantized())
+        self.layers.iter().any(|b| b.attention.qkv.is_quantized())
     }
 
     /// The LoRA adapters, with the sat name prefix of the layer each adapts.
@@ -705,15 +575,6 @@ impl ChatGlm {
     }
 }
 
-/// Rotary for q and k together, `x [B, S, n, 2, 2, d/2]` (q|k, then the position half and the
-/// block-position half of each head): `x·cos + roll(x, d/4)·sin` on the stacked tables, four
-/// kernels where rotating the four quarter-tensors apart took sixteen and two concatenations.
-fn rotate(x: &Tensor, rot: &Rotary) -> Tensor {
-    let (c, s) = rot.stacked(x.kind());
-    let d = *x.size().last().unwrap();
-    x * c + x.roll([d / 2], [-1]) * s
-}
-
 /// `softmax(q·kᵀ/√d − 10000·(1 − mask))·v` for `q [B, n, 1, d]` (one new token per row; no mask:
 /// every key visible), softmax in fp32: what the fused kernel computes, in a few plain ops.
 fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
@@ -726,89 +587,9 @@ fn one_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
     scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(v)
 }
 
-/// ChatGLM's mask for sequences whose bidirectional prefix has `context_lengths[b]` tokens:
-/// lower-triangular ones with every column `< context_length` set to 1. `[B, 1, S, S]` float.
-pub fn attention_mask(context_lengths: &[i64], seq_len: i64, device: tch::Device) -> Tensor {
-    let b = context_lengths.len() as i64;
-    let tril = Tensor::ones([seq_len, seq_len], (Kind::Float, device)).tril(0);
-    let cols = Tensor::arange(seq_len, (Kind::Int64, device));
-    let ctx = Tensor::from_slice(context_lengths)
-        .to_device(device)
-        .view([b, 1, 1]);
-    let prefix = cols
-        .view([1, 1, seq_len])
-        .lt_tensor(&ctx)
-        .to_kind(Kind::Float);
-    tril.unsqueeze(0).maximum(&prefix).unsqueeze(1)
-}
-
-/// Position ids `[B, 2, S]` and context lengths from token ids, as sat's `get_inputs` derives them
-/// (first `<sop>` ends the context; positions freeze at the first `[gMASK]`, or `[MASK]` when no
-/// sequence of the batch has a `[gMASK]`). Sequences must not start with pads (XrayGLM pads right).
-pub fn positions_from_ids(
-    input_ids: &Tensor,
-    bos: i64,
-    mask: i64,
-    gmask: i64,
-) -> anyhow::Result<(Tensor, Vec<i64>)> {
-    let (b, s) = input_ids.size2()?;
-    let ids: Vec<i64> = Vec::<i64>::try_from(input_ids.to_device(tch::Device::Cpu).flatten(0, -1))?;
-    let any_gmask = ids.contains(&gmask);
-    let mark = if any_gmask { gmask } else { mask };
-    let mut rows = Vec::with_capacity(b as usize);
-    let mut ctxs = Vec::with_capacity(b as usize);
-    for row in ids.chunks(s as usize) {
-        let ctx = row
-            .iter()
-            .position(|&t| t == bos)
-            .ok_or_else(|| anyhow::anyhow!("a sequence has no <sop> ({bos})"))?
-            as i64;
-        let mpos = row
-            .iter()
-            .position(|&t| t == mark)
-            .ok_or_else(|| anyhow::anyhow!("a sequence has no mask token ({mark})"))?
-            as i64;
-        rows.push(super::positions::Prefix {
-            context_length: ctx,
-            mask_position: mpos,
-        });
-        ctxs.push(ctx);
-    }
-    Ok((super::positions::batch(&rows, s, input_ids.device()), ctxs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn half(x: f64) -> f64 {
-        Tensor::from(x as f32)
-            .to_kind(Kind::Half)
-            .to_kind(Kind::Double)
-            .double_value(&[])
-    }
-
-    #[test]
-    fn rotary_tables_round_like_sat() {
-        // head dim 128 → rotary dim 64, inv_freq[1] = 10000^(-2/64) = 0.74989… (0.75 in fp16).
-        let (c32, _) = rotary_tables(128, 512, RotaryPrecision::SatFp32);
-        let (c16, _) = rotary_tables(128, 512, RotaryPrecision::SatFp16);
-        let (exact, _) = rotary_tables(128, 512, RotaryPrecision::Fp32);
-        let inv1 = 10000f64.powf(-2.0 / 64.0);
-        let at = |t: &Tensor| t.double_value(&[300, 1]);
-        // fp16 model: angle = fp16(300 · fp16(inv_freq)) = 225 exactly, cos stored in fp16.
-        assert_eq!(at(&c16), half(225f64.cos()));
-        // fp32 model: fp32 angle, cos stored in fp16.
-        assert!((at(&c32) - half((300.0 * inv1).cos())).abs() < 1e-3);
-        assert_eq!(at(&c32), half(at(&exact)));
-        assert!((at(&exact) - (300.0 * inv1).cos()).abs() < 1e-4);
-        assert!(
-            (at(&c16) - at(&c32)).abs() > 1e-2,
-            "fp16 angles lose ~0.03 rad at position 300"
-        );
-        // The second half repeats the first (emb = cat(freqs, freqs)).
-        assert_eq!(c16.double_value(&[300, 1]), c16.double_value(&[300, 33]));
-    }
 
     #[test]
     fn one_query_attention_equals_the_fused_kernel() {
@@ -830,21 +611,5 @@ mod tests {
         let plain = one_query_attention(&q, &k, &v, None);
         let err = (fused - plain).abs().max().double_value(&[]);
         assert!(err < 1e-6, "max abs difference {err}");
-    }
-
-    #[test]
-    fn mask_and_positions_follow_glm() {
-        let m = attention_mask(&[2], 4, tch::Device::Cpu).view([4, 4]);
-        let got: Vec<f32> = Vec::try_from(m.flatten(0, -1)).unwrap();
-        #[rustfmt::skip]
-        assert_eq!(got, vec![1., 1., 0., 0.,
-                             1., 1., 0., 0.,
-                             1., 1., 1., 0.,
-                             1., 1., 1., 1.]);
-        let ids = Tensor::from_slice(&[5i64, 7, 130001, 130004, 9, 9]).view([1, 6]);
-        let (pos, ctx) = positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
-        assert_eq!(ctx, vec![3]);
-        let p: Vec<i64> = Vec::try_from(pos.flatten(0, -1)).unwrap();
-        assert_eq!(p, vec![0, 1, 2, 2, 2, 2, 0, 0, 0, 1, 2, 3]);
     }
 }

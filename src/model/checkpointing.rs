@@ -47,15 +47,15 @@ impl ChatGlm {
         };
         let mut saved = Vec::with_capacity(self.layers.len());
         let mut x = x0;
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, block) in self.layers.iter().enumerate() {
             self.seed_layer(i);
             if i < recompute {
-                let y = tch::no_grad(|| self.layer(l, i as i64, &x, &pass, None));
+                let y = tch::no_grad(|| block.forward(&x, &pass, None));
                 saved.push(Saved::Recompute(x));
                 x = y;
             } else {
                 let input = leaf(&x, i);
-                let y = self.layer(l, i as i64, &input, &pass, None);
+                let y = block.forward(&input, &pass, None);
                 x = y.detach();
                 saved.push(Saved::Kept(input, y));
             }
@@ -65,12 +65,12 @@ impl ChatGlm {
         let value = loss.double_value(&[]);
         (loss * scale).backward();
         let mut g = last.grad();
-        for (i, l) in self.layers.iter().enumerate().rev() {
+        for (i, block) in self.layers.iter().enumerate().rev() {
             let input = match saved.pop().unwrap() {
                 Saved::Recompute(x) => {
                     let input = leaf(&x, i);
                     self.seed_layer(i);
-                    let y = self.layer(l, i as i64, &input, &pass, None);
+                    let y = block.forward(&input, &pass, None);
                     (y * &g).sum(Kind::Float).backward();
                     input
                 }

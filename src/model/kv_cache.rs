@@ -2,7 +2,7 @@
 //! (generation, `chat`, `eval`), [`SlotCache`] for rows of different lengths that join and leave
 //! between steps (the serving engine's continuous batching).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Per-layer keys (after rotary) and values `[B, heads, T, head_dim]` of the tokens decoded so
 /// far; empty before the first pass.
@@ -151,6 +151,54 @@ impl SlotCache {
         self.lens.swap_remove(r);
         if self.lens.is_empty() {
             self.layers.clear();
+        }
+    }
+}
+
+/// How one layer's attention uses a cache.
+pub(crate) enum Kv<'a> {
+    /// Earlier tokens in front of this call's, which are appended (prefill and equal-length
+    /// batches): sat's `CachedAutoregressiveMixin`.
+    Append(&'a mut Option<(Tensor, Tensor)>),
+    /// One new token per row written at the row's own position `at[r]`; the keys are the first
+    /// `keys` positions of every live row, the mask hides each row's unused ones.
+    Slots {
+        k: &'a mut Tensor,
+        v: &'a mut Tensor,
+        at: &'a Tensor,
+        keys: i64,
+    },
+}
+
+impl Kv<'_> {
+    /// The keys and values `[B, heads, T, head_dim]` this call attends to, given its own `k`, `v`
+    /// (post-rotary), which the cache takes in.
+    pub(crate) fn attend(self, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        match self {
+            Kv::Append(cache) => {
+                let (k, v) = match cache.as_ref() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+                    None => (k, v),
+                };
+                *cache = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+            Kv::Slots {
+                k: ck,
+                v: cv,
+                at,
+                keys,
+            } => {
+                let b = k.size()[0];
+                let rows = Tensor::arange(b, (Kind::Int64, k.device()));
+                let idx = [Some(rows), None, Some(at.shallow_clone())];
+                let _ = ck.index_put_(&idx, &k.squeeze_dim(2), false);
+                let _ = cv.index_put_(&idx, &v.squeeze_dim(2), false);
+                (
+                    ck.narrow(0, 0, b).narrow(2, 0, keys),
+                    cv.narrow(0, 0, b).narrow(2, 0, keys),
+                )
+            }
         }
     }
 }

@@ -12,7 +12,7 @@ use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
 use super::config::ModelConfig;
-use super::nn::dropout;
+use super::nn::{dropout, Linear};
 
 #[derive(Debug)]
 pub struct Lora {
@@ -324,6 +324,63 @@ impl Part {
             Part::Dense => l.dense.as_ref(),
             Part::HTo4h => l.h_to_4h.as_ref(),
             Part::H4ToH => l.h4_to_h.as_ref(),
+        }
+    }
+}
+
+/// How one layer's frozen linears get their adapters in one forward: the layer's own (`rows:
+/// None`), or per row of the batch ([`RowAdapters`], several adapters served together).
+pub(crate) struct Route<'a> {
+    /// The layer's own adapters and its index (into each row group's set).
+    pub own: &'a LayerLoras,
+    pub layer: usize,
+    pub rows: Option<&'a RowAdapters<'a>>,
+    /// Whether the layer's own adapters are added (false once merged into the base weights).
+    pub active: bool,
+    /// Add `ΔW = B·A·scaling` to the frozen weight and run one matmul (see
+    /// [`super::kernels::Kernels::lora_as_weight`]).
+    pub as_weight: bool,
+    pub train: bool,
+}
+
+impl Route<'_> {
+    /// `lin(x)` plus the adapter deltas of `part`.
+    pub(crate) fn linear(&self, lin: &Linear, part: Part, x: &Tensor) -> Tensor {
+        let Some(ra) = self.rows else {
+            return match part.of(self.own).filter(|_| self.active) {
+                None => lin.forward(x),
+                Some(lo) if self.as_weight && !lin.is_quantized() => {
+                    let w = &lin.weight + lo.delta_weight().to_kind(lin.weight.kind());
+                    x.linear(&w, lin.bias.as_ref())
+                }
+                Some(lo) => lin.forward(x) + lo.delta(x, self.train),
+            };
+        };
+        if let [(None, set)] = ra.groups.as_slice() {
+            // One adapter for every row: the plain path.
+            return match self.pick(part, *set) {
+                Some(lo) => lin.forward(x) + lo.delta(x, false),
+                None => lin.forward(x),
+            };
+        }
+        let mut out = lin.forward(x);
+        for (rows, set) in &ra.groups {
+            let Some(lo) = self.pick(part, *set) else {
+                continue;
+            };
+            out = match rows {
+                Some(r) => out.index_add(0, r, &lo.delta(&x.index_select(0, r), false)),
+                None => out + lo.delta(x, false),
+            };
+        }
+        out
+    }
+
+    /// A row group's adapter of `part`: from its set, or the layer's own (`None`).
+    fn pick<'s>(&'s self, part: Part, set: Option<&'s [LayerLoras]>) -> Option<&'s Lora> {
+        match set {
+            Some(s) => part.of(&s[self.layer]),
+            None => part.of(self.own).filter(|_| self.active),
         }
     }
 }

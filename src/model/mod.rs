@@ -10,5 +10,6 @@ pub mod nf4;
 pub mod nn;
 pub mod positions;
 pub mod qformer;
+mod rotary;
 pub mod visualglm;
 pub mod vit;

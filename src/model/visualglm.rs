@@ -11,10 +11,11 @@ use anyhow::Result;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::chatglm::{attention_mask, positions_from_ids, ChatGlm, Dropouts, GlmInputs, ImageAt};
+use super::chatglm::{ChatGlm, Dropouts, GlmInputs, ImageAt};
 use super::config::ModelConfig;
 use super::lora::{Adapted, Lora};
 use super::nn::Linear;
+use super::positions::{attention_mask, positions_from_ids};
 use super::qformer::QFormer;
 use super::vit::Vit;
 

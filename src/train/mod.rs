@@ -96,7 +96,7 @@ pub fn fixed_batch_steps(
         clip,
     } = *recipe;
     let s = &model.cfg.sat;
-    let (pos, ctx) = crate::model::chatglm::positions_from_ids(
+    let (pos, ctx) = crate::model::positions::positions_from_ids(
         input_ids,
         s.bos_token_id,
         s.mask_token_id,

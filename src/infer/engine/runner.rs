@@ -11,8 +11,8 @@ use super::scheduler::Ready;
 use super::Worker;
 use crate::infer::chat::ChatModel;
 use crate::infer::generate::image_embeds;
-use crate::model::chatglm::{attention_mask, GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters};
-use crate::model::positions::{self, Prefix};
+use crate::model::chatglm::{GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters};
+use crate::model::positions::{self, attention_mask, Prefix};
 
 impl Worker {
     /// One decoding step for group `gi`'s rows.
