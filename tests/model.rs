@@ -648,10 +648,12 @@ fn everywhere(kind: Kind) -> VisualGlm {
 /// Adapters on the vision side. The LoRA'd forward (ViT, Q-Former, glm_proj, ChatGLM
 /// MLP) equals the forward with every delta merged into its weight (≤ 1e-5 relative) and moves
 /// the output; unmerging restores it; the adapters are saved under their sat names and every
-/// one of them gets a gradient.
+/// one of them gets a gradient. The base is float64 so that only the fp32 adapters round: the
+/// merge measures 3e-7 … 7e-7 over seeds (an fp32 base adds its own rounding, up to 9e-6 on
+/// some draws, and the tests of a binary share one random generator).
 #[test]
 fn vision_adapters_merge_exactly_and_all_train() {
-    let mut m = everywhere(Kind::Float);
+    let mut m = everywhere(Kind::Double);
     let cfg = m.cfg.clone();
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, Device::Cpu);
     let names: Vec<String> = m.loras().into_iter().map(|(n, _)| n).collect();
@@ -695,7 +697,7 @@ fn vision_adapters_merge_exactly_and_all_train() {
             ..cfg.clone()
         },
         Device::Cpu,
-        Kind::Float,
+        Kind::Double,
     )
     .unwrap();
     let base: HashMap<String, Tensor> = m.base.variables().into_iter().collect();

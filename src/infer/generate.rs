@@ -16,8 +16,8 @@ use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::sampling::{Sampler, SamplingConfig};
-use crate::model::chatglm::{GlmInputs, ImageAt, KvCache};
-use crate::model::positions::{self, attention_mask, Prefix};
+use crate::model::chatglm::{GlmInputs, ImageAt};
+use crate::model::positions::{self, Prefix};
 use crate::model::visualglm::VisualGlm;
 
 /// One sequence to continue.
@@ -131,46 +131,27 @@ fn generate_group(
         mask_pos.push(m as i64);
         ids.extend_from_slice(&p.input_ids);
     }
-    let b = rows.len() as i64;
-    let ctx = len as i64 - 1;
-    let input = Tensor::from_slice(&ids)
-        .view([b, len as i64])
-        .to_device(dev);
+    let ids: Vec<&[i64]> = rows
+        .iter()
+        .map(|&r| prompts[r].input_ids.as_slice())
+        .collect();
     let contexts: Vec<Prefix> = mask_pos
         .iter()
-        .map(|&m| Prefix {
-            context_length: ctx,
-            mask_position: m,
-        })
+        .map(|&m| Prefix::new(len - 1, m as usize))
         .collect();
-    let pos = positions::batch(&contexts, len as i64, dev);
     let embeds = if with_image {
         let parts: Vec<Tensor> = rows
             .iter()
             .map(|&r| prompts[r].image_embeds.as_ref().unwrap().shallow_clone())
             .collect();
-        Some(Tensor::cat(&parts, 0).to_device(dev))
+        Some(Tensor::cat(&parts, 0))
     } else {
         None
     };
-    let at: Vec<(i64, i64)> = (0..rows.len() as i64)
-        .flat_map(|r| starts.iter().map(move |&s| (r, s)))
-        .collect();
-    let mask = attention_mask(&vec![ctx; rows.len()], len as i64, dev);
-    let mut cache = KvCache::default();
-    let mut logits = tch::no_grad(|| {
-        model.chatglm.forward_cached(
-            &GlmInputs {
-                input_ids: &input,
-                position_ids: &pos,
-                attention_mask: &mask,
-                image_embeds: embeds.as_ref(),
-                image_at: ImageAt::of(&at, rows.len()),
-            },
-            Some(&mask),
-            &mut cache,
-        )
-    });
+    let (mut cache, mut logits) =
+        model
+            .chatglm
+            .prefill(&ids, &contexts, embeds.as_ref(), &starts, None);
     // Live rows (indices into `rows`), their replies so far.
     let mut live: Vec<usize> = (0..rows.len()).collect();
     let mut replies: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];

@@ -26,6 +26,7 @@ pub use super::kv_cache::{KvCache, SlotCache};
 pub use super::lora::{layer_loras, LayerLoras, RowAdapters};
 use super::lora::{Lora, Part, Route};
 use super::nn::{dropout, embedding, gelu_tanh, LayerNorm, Linear};
+use super::positions::{self, Prefix};
 use super::rotary::{self, Rotary};
 
 /// Dropout rates in train mode (sat: 0.1 each; HF ChatGLM: none).
@@ -411,6 +412,43 @@ impl ChatGlm {
                 IGNORE_LABEL,
                 0.0,
             )
+    }
+
+    /// The first pass of generation over prompts of one length (eval mode): row `r` holds
+    /// `ids[r]` (ending with `<sop>`) with the bidirectional prefix `prefixes[r]`, and the images
+    /// `image_embeds [N, L, hidden]` (row order) lie at `image_starts` of every row. Returns the
+    /// cache and the logits `[B, vocab]` of each last position; `adapters` as in
+    /// [`ChatGlm::forward_cached_with`].
+    pub fn prefill(
+        &self,
+        ids: &[&[i64]],
+        prefixes: &[Prefix],
+        image_embeds: Option<&Tensor>,
+        image_starts: &[i64],
+        adapters: Option<&RowAdapters>,
+    ) -> (KvCache, Tensor) {
+        let dev = self.word_embeddings.device();
+        let (b, len) = (ids.len() as i64, ids.first().map_or(0, |r| r.len()) as i64);
+        let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
+        let input = Tensor::from_slice(&flat).view([b, len]).to_device(dev);
+        let pos = positions::batch(prefixes, len, dev);
+        let contexts: Vec<i64> = prefixes.iter().map(|p| p.context_length).collect();
+        let mask = positions::attention_mask(&contexts, len, dev);
+        let at: Vec<(i64, i64)> = (0..b)
+            .flat_map(|row| image_starts.iter().map(move |&s| (row, s)))
+            .collect();
+        let embeds = image_embeds.map(|e| e.to_device(dev));
+        let mut cache = KvCache::default();
+        let inputs = GlmInputs {
+            input_ids: &input,
+            position_ids: &pos,
+            attention_mask: &mask,
+            image_embeds: embeds.as_ref(),
+            image_at: ImageAt::of(&at, ids.len()),
+        };
+        let logits =
+            tch::no_grad(|| self.forward_cached_with(&inputs, Some(&mask), &mut cache, adapters));
+        (cache, logits)
     }
 
     /// Incremental decoding (eval mode): the logits `[B, vocab]` of each sequence's last position,

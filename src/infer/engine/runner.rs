@@ -11,8 +11,8 @@ use super::scheduler::Ready;
 use super::Worker;
 use crate::infer::chat::ChatModel;
 use crate::infer::generate::image_embeds;
-use crate::model::chatglm::{GlmInputs, ImageAt, KvCache, LayerLoras, RowAdapters};
-use crate::model::positions::{self, attention_mask, Prefix};
+use crate::model::chatglm::{KvCache, LayerLoras, RowAdapters};
+use crate::model::positions::{self, Prefix};
 
 impl Worker {
     /// One decoding step for group `gi`'s rows.
@@ -76,14 +76,8 @@ pub(super) fn prefill(
     adapters: &RowAdapters,
 ) -> Result<(KvCache, Tensor)> {
     let model = &chat.model;
-    let dev = model.device();
-    let len = batch[0].ids.len() as i64;
-    let b = batch.len() as i64;
-    let ctx = len - 1;
-    let ids: Vec<i64> = batch.iter().flat_map(|r| r.ids.iter().copied()).collect();
-    let input = Tensor::from_slice(&ids).view([b, len]).to_device(dev);
-    let contexts: Vec<Prefix> = batch.iter().map(|r| r.row.prefix).collect();
-    let pos = positions::batch(&contexts, len, dev);
+    let ids: Vec<&[i64]> = batch.iter().map(|r| r.ids.as_slice()).collect();
+    let prefixes: Vec<Prefix> = batch.iter().map(|r| r.row.prefix).collect();
     // Every row's films in row order (the rows share one placement), encoded together.
     let s = chat.images.size as i64;
     let px: Vec<Tensor> = batch
@@ -95,25 +89,11 @@ pub(super) fn prefill(
         let px = Tensor::cat(&px, 0).to_kind(Kind::Float);
         tch::no_grad(|| image_embeds(model, &px))
     });
-    let at: Vec<(i64, i64)> = (0..b)
-        .flat_map(|row| batch[0].image_starts.iter().map(move |&s| (row, s)))
-        .collect();
-    let mask = attention_mask(&vec![ctx; batch.len()], len, dev);
-    let mut cache = KvCache::default();
-    let logits = tch::no_grad(|| {
-        model.chatglm.forward_cached_with(
-            &GlmInputs {
-                input_ids: &input,
-                position_ids: &pos,
-                attention_mask: &mask,
-                image_embeds: embeds.as_ref(),
-                image_at: ImageAt::of(&at, batch.len()),
-            },
-            Some(&mask),
-            &mut cache,
-            Some(adapters),
-        )
-    });
+    let starts = &batch[0].image_starts;
+    let (cache, logits) =
+        model
+            .chatglm
+            .prefill(&ids, &prefixes, embeds.as_ref(), starts, Some(adapters));
     Ok((cache, logits))
 }
 
