@@ -313,6 +313,88 @@ fn empty_or_non_string_labels_and_missing_fields_are_rejected() {
     );
 }
 
+/// Each format is a declared struct: a field of the wrong type is named by its path, with what it
+/// is and what was expected, and its kind says which (string, list, object).
+#[test]
+fn a_bad_field_is_named_by_its_path_and_kind() {
+    let b = Bad::new();
+    let kind_of = |name: &str, text: &str| {
+        let loaded = load_records(
+            &b.file(name, text),
+            &LoadOptions {
+                skip_bad: true,
+                ..Default::default()
+            },
+        );
+        let e = b.err(name, text);
+        let kind = match loaded {
+            Ok(l) => format!("{:?}", l.bad[0].kind),
+            Err(_) => String::new(),
+        };
+        (kind, e)
+    };
+    let good = r#"{"img":"ok2.png","prompt":"p","label":"l"}"#;
+    let (k, e) = kind_of(
+        "img.json",
+        &format!(r#"[{{"img":5,"prompt":"p","label":"l"}},{good}]"#),
+    );
+    assert_eq!(k, "NotAString");
+    assert!(
+        e.contains("record 0: field \"img\" is a number, expected a path or a list of paths"),
+        "{e}"
+    );
+    let (k, e) = kind_of(
+        "h.json",
+        &format!(r#"[{{"img":"ok.png","prompt":"p","label":"l","history":[["q"]]}},{good}]"#),
+    );
+    assert_eq!(k, "NotAList");
+    assert!(e.contains("field \"history[0]\""), "{e}");
+    assert!(e.contains("expected a [question, answer] pair"), "{e}");
+    let turn = |v: &str| format!(r#"{{"from":"gpt","value":{v}}}"#);
+    let conv = |turns: &str| {
+        format!(
+            r#"[{{"id":"c","image":"ok.png","conversations":{turns}}},{{"id":7,"image":"ok2.png","conversations":[{{"from":"human","value":"q"}},{}]}}]"#,
+            turn("\"a\"")
+        )
+    };
+    let (k, e) = kind_of(
+        "v.json",
+        &conv(&format!(
+            r#"[{{"from":"human","value":"q"}},{}]"#,
+            turn("3")
+        )),
+    );
+    assert_eq!(k, "NotAString");
+    assert!(
+        e.contains(
+            "record 0 (id c): field \"conversations[1].value\" is a number, expected a string"
+        ),
+        "{e}"
+    );
+    let (k, e) = kind_of("l.json", &conv(r#""hello""#));
+    assert_eq!(k, "NotAList");
+    assert!(
+        e.contains("field \"conversations\" is a string, expected a list"),
+        "{e}"
+    );
+    let (k, e) = kind_of("t.json", &conv(r#"["hello"]"#));
+    assert_eq!(k, "NotAnObject");
+    assert!(e.contains("field \"conversations[0]\" is a string"), "{e}");
+    let (k, e) = kind_of("m.json", &conv(r#"[{"value":"q"}]"#));
+    assert_eq!(k, "MissingField");
+    assert!(e.contains("missing field \"conversations[0].from\""), "{e}");
+    // A numeric conversation id is an id.
+    let loaded = load_records(
+        &b.file("n.json", &conv(r#""x""#)),
+        &LoadOptions {
+            skip_bad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.records[0].id, "7");
+}
+
 #[test]
 fn duplicate_ids_are_rejected() {
     let b = Bad::new();

@@ -5,11 +5,114 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{describe, resolve, BadKind, ConversationTurns, LoadOptions, Record, Schema};
+use serde::Deserialize;
+
+use super::{decode, resolve, BadKind, ConversationTurns, Films, LoadOptions, Record, Schema};
 
 /// The fewest tokens an earlier turn adds to a prompt: `问：Q\n答：A\n` holds two line breaks,
 /// each its own token (`<n>`), whatever Q and A are.
 pub const MIN_TOKENS_PER_TURN: usize = 2;
+
+/// LLaVA: `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}`.
+#[derive(Debug, Deserialize)]
+struct Llava {
+    #[serde(default)]
+    id: Option<Id>,
+    #[serde(default)]
+    image: Option<Films>,
+    conversations: Vec<LlavaTurn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "an object {\"from\", \"value\"}")]
+struct LlavaTurn {
+    from: String,
+    value: String,
+}
+
+/// ShareGPT / LLaMA-Factory: `{"messages": [{"role": "user"|"assistant"|"system", "content"}],
+/// "images": [..]}`.
+#[derive(Debug, Deserialize)]
+struct ShareGpt {
+    #[serde(default)]
+    id: Option<Id>,
+    #[serde(default)]
+    images: Option<Films>,
+    messages: Vec<ShareGptTurn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(expecting = "an object {\"role\", \"content\"}")]
+struct ShareGptTurn {
+    role: String,
+    content: String,
+}
+
+/// A conversation's id: a string, or a number as some exports write it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a string or a number")]
+enum Id {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+/// Either layout, read: its id, its films and its `(role, text)` turns, with the names its
+/// layout gives the role key and the user's and assistant's roles.
+struct Conversation {
+    id: Option<String>,
+    films: Vec<String>,
+    turns: Vec<(String, String)>,
+    role_key: &'static str,
+    user: &'static str,
+    assistant: &'static str,
+}
+
+impl Conversation {
+    fn decode(schema: Schema, item: &Value) -> Result<Self, (BadKind, String)> {
+        let id = |i: Option<Id>| {
+            i.map(|i| match i {
+                Id::Text(s) => s,
+                Id::Number(n) => n.to_string(),
+            })
+        };
+        let films = |f: Option<Films>| {
+            f.map(|f| f.paths().into_iter().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        Ok(match schema {
+            Schema::Llava => {
+                let c: Llava = decode(item)?;
+                Conversation {
+                    id: id(c.id),
+                    films: films(c.image),
+                    turns: c
+                        .conversations
+                        .into_iter()
+                        .map(|t| (t.from, t.value))
+                        .collect(),
+                    role_key: "from",
+                    user: "human",
+                    assistant: "gpt",
+                }
+            }
+            _ => {
+                let c: ShareGpt = decode(item)?;
+                Conversation {
+                    id: id(c.id),
+                    films: films(c.images),
+                    turns: c
+                        .messages
+                        .into_iter()
+                        .map(|t| (t.role, t.content))
+                        .collect(),
+                    role_key: "role",
+                    user: "user",
+                    assistant: "assistant",
+                }
+            }
+        })
+    }
+}
 
 /// The turns of a LLaVA or ShareGPT conversation as records: one per assistant turn (or the last
 /// only), each with the turns before it as history; the films are marked by `<image>`. Also
@@ -21,66 +124,15 @@ pub(super) fn parse_conversation(
     root: &Path,
     opts: &LoadOptions,
 ) -> Result<(Vec<Record>, usize), (BadKind, String)> {
-    let obj = item.as_object().ok_or_else(|| {
-        (
-            BadKind::NotAnObject,
-            format!("expected an object, found {}", describe(item)),
-        )
-    })?;
-    let (list_key, role_key, text_key, user, assistant) = match schema {
-        Schema::Llava => ("conversations", "from", "value", "human", "gpt"),
-        _ => ("messages", "role", "content", "user", "assistant"),
-    };
-    let turns = match obj.get(list_key) {
-        Some(Value::Array(t)) => t,
-        Some(v) => {
-            return Err((
-                BadKind::NotAList,
-                format!("field \"{list_key}\" is {}, expected a list", describe(v)),
-            ))
-        }
-        None => {
-            return Err((
-                BadKind::MissingField,
-                format!("missing field \"{list_key}\""),
-            ))
-        }
-    };
-    let images: Vec<&str> = match schema {
-        Schema::Llava => match obj.get("image") {
-            None => vec![],
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            Some(v) => {
-                return Err((
-                    BadKind::NotAString,
-                    format!("field \"image\" is {}, expected a path", describe(v)),
-                ))
-            }
-        },
-        _ => match obj.get("images") {
-            None => vec![],
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(v) => {
-                return Err((
-                    BadKind::NotAString,
-                    format!(
-                        "field \"images\" is {}, expected a list of paths",
-                        describe(v)
-                    ),
-                ))
-            }
-        },
-    };
+    let c = Conversation::decode(schema, item)?;
+    let images = &c.films;
     if images.is_empty() {
         return Err((
             BadKind::MissingField,
             "no image: every sample needs a film (\"image\" / \"images\")".into(),
         ));
     }
-    let (pairs, markers, dropped) =
-        question_answer_pairs(turns, role_key, text_key, user, assistant)?;
+    let (pairs, markers, dropped) = question_answer_pairs(&c)?;
     // Each `<image>` is one film, in order (none: the films go in front, as VisualGLM's does).
     if markers > 0 && markers != images.len() {
         return Err((
@@ -114,11 +166,9 @@ pub(super) fn parse_conversation(
         .map(|p| resolve(root, p, opts.allow_outside_root))
         .collect::<Result<Vec<_>, _>>()?;
     let img: Vec<String> = images.iter().map(|p| p.to_string()).collect();
-    let id = obj
-        .get("id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("conversation_{index}"));
+    let id =
+        c.id.clone()
+            .unwrap_or_else(|| format!("conversation_{index}"));
     let first = match opts.conversation_turns {
         ConversationTurns::Every => 0,
         ConversationTurns::Last => pairs.len() - 1,
@@ -147,25 +197,13 @@ type Pairs = (Vec<(String, String)>, usize, usize);
 /// A conversation's turns as (question, answer) pairs in order, with the number of `<image>`
 /// markers in its questions and the turns that make no pair (a last unanswered question, system
 /// turns after the start; other system turns are skipped). Consecutive questions join.
-fn question_answer_pairs(
-    turns: &[Value],
-    role_key: &str,
-    text_key: &str,
-    user: &str,
-    assistant: &str,
-) -> Result<Pairs, (BadKind, String)> {
+fn question_answer_pairs(c: &Conversation) -> Result<Pairs, (BadKind, String)> {
+    let (role_key, user, assistant) = (c.role_key, c.user, c.assistant);
     let mut pairs: Vec<(String, String)> = Vec::new();
     let mut pending: Option<String> = None;
     let mut markers = 0;
     let mut late_system = 0;
-    for (k, t) in turns.iter().enumerate() {
-        let role = t.get(role_key).and_then(Value::as_str).unwrap_or("");
-        let text = t.get(text_key).and_then(Value::as_str).ok_or_else(|| {
-            (
-                BadKind::NotAString,
-                format!("turn {k}: \"{text_key}\" missing or not a string"),
-            )
-        })?;
+    for (k, (role, text)) in c.turns.iter().enumerate() {
         if role == "system" {
             late_system += usize::from(!pairs.is_empty() || pending.is_some());
             continue;

@@ -7,22 +7,16 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{describe, resolve, BadKind, LoadOptions, PromptPolicy, Record, Schema};
+use super::{decode, resolve, BadKind, LoadOptions, PromptPolicy, Record, Schema};
 
-fn get_str<'a>(
-    obj: &'a serde_json::Map<String, Value>,
-    key: &str,
-) -> Result<&'a str, (BadKind, String)> {
-    match obj.get(key) {
-        None => Err((BadKind::MissingField, format!("missing field \"{key}\""))),
-        Some(Value::String(s)) => Ok(s),
-        Some(v) => Err((
-            BadKind::NotAString,
-            format!("field \"{key}\" is {}, expected a string", describe(v)),
-        )),
-    }
+/// An OpenI annotation: `{"image_id", "caption"}`, the film `<image_id>.<ext>`.
+#[derive(Debug, Deserialize)]
+struct Annotation {
+    image_id: String,
+    caption: String,
 }
 
+/// One record of the annotations or the training list.
 pub(super) fn parse_one(
     schema: Schema,
     item: &Value,
@@ -30,23 +24,16 @@ pub(super) fn parse_one(
     opts: &LoadOptions,
     drawn: Option<String>,
 ) -> Result<Record, (BadKind, String)> {
-    let obj = item.as_object().ok_or_else(|| {
-        (
-            BadKind::NotAnObject,
-            format!("expected an object, found {}", describe(item)),
-        )
-    })?;
     match schema {
         Schema::Annotations => {
-            let id = get_str(obj, "image_id")?;
-            if id.trim().is_empty() {
+            let a: Annotation = decode(item)?;
+            if a.image_id.trim().is_empty() {
                 return Err((BadKind::MissingField, "empty image_id".into()));
             }
-            let caption = get_str(obj, "caption")?;
-            if caption.trim().is_empty() {
+            if a.caption.trim().is_empty() {
                 return Err((BadKind::EmptyLabel, "empty caption".into()));
             }
-            let name = format!("{id}.{}", opts.image_ext);
+            let name = format!("{}.{}", a.image_id, opts.image_ext);
             let image = resolve(root, &name, opts.allow_outside_root)?;
             let prompt = match (&opts.prompt, drawn) {
                 (_, Some(p)) => p,
@@ -55,55 +42,30 @@ pub(super) fn parse_one(
             };
             Ok(Record {
                 index: 0,
-                id: id.to_string(),
+                id: a.image_id,
                 images: vec![image],
                 img: vec![name],
                 prompt,
-                label: caption.to_string(),
+                label: a.caption,
                 history: Vec::new(),
             })
         }
         // The training list (conversations go through `parse_conversation`).
         _ => {
-            let img: Vec<String> = match obj.get("img") {
-                Some(Value::Array(a)) if !a.is_empty() => a
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_string))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        (
-                            BadKind::NotAString,
-                            "field \"img\" must be a path or a list of paths".to_string(),
-                        )
-                    })?,
-                _ => vec![get_str(obj, "img")?.to_string()],
-            };
-            if img.iter().any(|p| p.trim().is_empty()) {
+            let e: TrainEntry = decode(item)?;
+            let img: Vec<String> = e.img.paths().into_iter().map(str::to_string).collect();
+            if img.is_empty() || img.iter().any(|p| p.trim().is_empty()) {
                 return Err((BadKind::MissingField, "empty img".into()));
             }
-            let prompt = get_str(obj, "prompt")?;
-            let label = get_str(obj, "label")?;
-            if label.trim().is_empty() {
+            if e.label.trim().is_empty() {
                 return Err((BadKind::EmptyLabel, "empty label".into()));
             }
             let images = img
                 .iter()
                 .map(|p| resolve(root, p, opts.allow_outside_root))
                 .collect::<Result<Vec<_>, _>>()?;
-            let history = match obj.get("history") {
-                None => Vec::new(),
-                Some(h) => {
-                    serde_json::from_value::<Vec<(String, String)>>(h.clone()).map_err(|_| {
-                        (
-                            BadKind::NotAString,
-                            "field \"history\" must be a list of [question, answer] pairs"
-                                .to_string(),
-                        )
-                    })?
-                }
-            };
-            let id = match obj.get("image_id").and_then(Value::as_str) {
-                Some(id) => id.to_string(),
+            let id = match e.image_id {
+                Some(id) => id,
                 None => images[0]
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -114,9 +76,9 @@ pub(super) fn parse_one(
                 id,
                 img,
                 images,
-                prompt: prompt.to_string(),
-                label: label.to_string(),
-                history,
+                prompt: e.prompt,
+                label: e.label,
+                history: e.history,
             })
         }
     }
@@ -131,11 +93,14 @@ pub struct TrainEntry {
     /// Earlier `[question, answer]` turns (conversations only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<(String, String)>,
+    /// The record's id when the list names one (else the first film's file stem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 /// A training list's `img`: one path (XrayGLM's layout), or a list for a study's several views.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a path or a list of paths")]
 pub enum Films {
     One(String),
     Several(Vec<String>),
@@ -197,6 +162,7 @@ pub fn write_training_list(path: &Path, records: &[Record]) -> Result<usize> {
             prompt: r.prompt.clone(),
             label: r.label.clone(),
             history: r.history.clone(),
+            image_id: None,
         })
         .collect();
     let absolute = entries

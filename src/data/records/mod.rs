@@ -268,6 +268,62 @@ fn describe(v: &Value) -> &'static str {
     }
 }
 
+/// One record's JSON as its format's struct (each format states its fields with serde). A bad
+/// field is named by its path (`conversations[2].value`), with what it is and what was expected.
+pub(super) fn decode<T: serde::de::DeserializeOwned>(item: &Value) -> Result<T, (BadKind, String)> {
+    if !item.is_object() {
+        return Err((
+            BadKind::NotAnObject,
+            format!("expected an object, found {}", describe(item)),
+        ));
+    }
+    serde_path_to_error::deserialize(item).map_err(|e| field_error(item, &e))
+}
+
+/// The kind and message of a field that does not decode, from serde's wording ("missing field
+/// `x`", "invalid type: …, expected …", or a container's own expectation).
+fn field_error(
+    item: &Value,
+    e: &serde_path_to_error::Error<serde_json::Error>,
+) -> (BadKind, String) {
+    use serde_path_to_error::Segment;
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    if let Some(rest) = inner.strip_prefix("missing field `") {
+        let name = rest.trim_end_matches('`');
+        let full = match path.as_str() {
+            "." => name.to_string(),
+            p => format!("{p}.{name}"),
+        };
+        return (BadKind::MissingField, format!("missing field \"{full}\""));
+    }
+    let expected = inner
+        .rsplit_once(", expected ")
+        .map_or(inner.as_str(), |(_, x)| x)
+        .replace("a tuple of size 2", "a [question, answer] pair")
+        .replace("a sequence", "a list");
+    let mut at = Some(item);
+    for seg in e.path().iter() {
+        at = at.and_then(|v| match seg {
+            Segment::Seq { index } => v.get(*index),
+            Segment::Map { key } => v.get(key.as_str()),
+            _ => None,
+        });
+    }
+    let found = at.map_or("something else", describe);
+    let kind = if expected.contains("string") || expected.contains("path") {
+        BadKind::NotAString
+    } else if expected.contains("list") || expected.contains("pair") {
+        BadKind::NotAList
+    } else {
+        BadKind::NotAnObject
+    };
+    (
+        kind,
+        format!("field \"{path}\" is {found}, expected {expected}"),
+    )
+}
+
 /// Read and parse a JSON file; a syntax error names the file, line and column.
 pub fn read_json(path: &Path) -> Result<Value> {
     let bytes = crate::io::read_bytes_capped(path, crate::io::MAX_DATA_BYTES)
