@@ -11,7 +11,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use xrayglm::config::Config;
@@ -34,18 +34,13 @@ fn demo() -> Option<&'static Demo> {
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
         let overrides = demo_overrides(&dir.path().join("data"), dir.path());
         let tokenizer = common::ice_text(&shared);
-        let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-            .arg("finetune")
-            .arg("--config")
-            .arg(&config)
-            .args(common::set_args(overrides.clone()))
-            .env("XRAYGLM_TOKENIZER", &tokenizer)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        common::ok(
+            Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+                .arg("finetune")
+                .arg("--config")
+                .arg(&config)
+                .args(common::set_args(overrides.clone()))
+                .env("XRAYGLM_TOKENIZER", &tokenizer),
         );
         // The trainer's own held-out split.
         let cfg = Config::load(Some(&config), &overrides).unwrap();
@@ -140,18 +135,7 @@ fn chat_answers_one_shot_and_interactively() {
     assert!(text.matches("请输入图像路径").count() == 2, "{text}");
 }
 
-/// A running `xrayglm web`, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Server;
 
 fn serve(d: &Demo) -> Server {
     serve_with(d, &[])
@@ -175,27 +159,9 @@ fn serve_with(d: &Demo, extra: &[&str]) -> Server {
     spawn_server(d, c)
 }
 
-/// Start a server command on the demo run; its address from the first line it prints.
+/// Start a server command on the demo run.
 fn spawn_server(d: &Demo, mut c: Command) -> Server {
-    let mut child = c
-        .arg("--from_pretrained")
-        .arg(&d.run)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .filter(|a| a.contains(':'))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Server { child, addr }
+    Server::spawn(c.arg("--from_pretrained").arg(&d.run))
 }
 
 /// One HTTP/1.0 request (the server closes after the body; no chunked encoding).
@@ -1444,17 +1410,12 @@ fn nf4_demo_trains_to_the_fp32_held_out_loss() {
         ]
         .map(String::from),
     );
-    let out = xrayglm(d)
-        .arg("finetune")
-        .arg("--config")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml"))
-        .args(common::set_args(overrides))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::ok(
+        xrayglm(d)
+            .arg("finetune")
+            .arg("--config")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml"))
+            .args(common::set_args(overrides)),
     );
     let final_val = |run: &Path| -> f64 {
         std::fs::read_to_string(run.join("metrics.jsonl"))

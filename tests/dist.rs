@@ -66,26 +66,12 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let one = finetune(
+    common::ok(&mut finetune(
         &shared,
         1,
         &sets(dir.path(), "one", &["train.grad_accum=2"]),
-    )
-    .output()
-    .unwrap();
-    assert!(
-        one.status.success(),
-        "{}",
-        String::from_utf8_lossy(&one.stderr)
-    );
-    let two = finetune(&shared, 2, &sets(dir.path(), "two", &[]))
-        .output()
-        .unwrap();
-    assert!(
-        two.status.success(),
-        "{}",
-        String::from_utf8_lossy(&two.stderr)
-    );
+    ));
+    common::ok(&mut finetune(&shared, 2, &sets(dir.path(), "two", &[])));
     let (a, b) = (log(&dir.path().join("one")), log(&dir.path().join("two")));
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6);
@@ -114,26 +100,12 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
         assert!(e <= 1e-5, "{k}: {e:.3e}");
     }
     // Resume: 3 steps, stop, resume to 6 — the same trajectory.
-    let half = finetune(
+    common::ok(&mut finetune(
         &shared,
         2,
         &sets(dir.path(), "resumed", &["train.stop_at=3"]),
-    )
-    .output()
-    .unwrap();
-    assert!(
-        half.status.success(),
-        "{}",
-        String::from_utf8_lossy(&half.stderr)
-    );
-    let rest = finetune(&shared, 2, &sets(dir.path(), "resumed", &[]))
-        .output()
-        .unwrap();
-    assert!(
-        rest.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rest.stderr)
-    );
+    ));
+    common::ok(&mut finetune(&shared, 2, &sets(dir.path(), "resumed", &[])));
     let c = log(&dir.path().join("resumed"));
     assert_eq!(c.len(), 6);
     for (x, y) in b.iter().zip(&c) {

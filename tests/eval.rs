@@ -5,6 +5,8 @@
 //! jieba words, incl. `3-5` ranges, ordinals like `2nd-3rd`, units glued to numbers and blank
 //! lines — the jieba words themselves equal Python jieba's); the tokenization equals the script's.
 
+mod common;
+
 use xrayglm::eval::metrics::{
     bleu, chatglm_bleu4, chatglm_rouge, cider_d, jieba_words, nltk_char_bleu4, rouge_chinese,
     rouge_l, tokenize, Lang,
@@ -139,18 +141,13 @@ fn eval_cli_scores_hypotheses_files() {
     }
     assert!(files.len() >= 2 && several > 0);
     let out_dir = dir.path().join("report");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .arg("eval")
-        .arg("--hypotheses")
-        .args(&files)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("eval")
+            .arg("--hypotheses")
+            .args(&files)
+            .arg("--out")
+            .arg(&out_dir),
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for (r, c) in got["reports"].as_array().unwrap().iter().zip(&want) {

@@ -114,16 +114,11 @@ fn openi_zh_and_en_agree_where_the_translation_kept_the_finding() {
     let Some(shared) = common::shared() else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args(["findings", "--distinct", "--against"])
-        .arg(shared.join("data/Xray/openi-zh.json"))
-        .arg(shared.join("data/openi-en.json"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::ok(
+        Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .args(["findings", "--distinct", "--against"])
+            .arg(shared.join("data/Xray/openi-zh.json"))
+            .arg(shared.join("data/openi-en.json")),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["reports"], 3313);
@@ -310,18 +305,13 @@ fn a_rule_file_extends_the_labeler_without_recompiling() {
     let rules = dir.path().join("mine.toml");
     std::fs::write(&rules, text).unwrap();
     let out_file = dir.path().join("labels.jsonl");
-    let mine = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args(["findings", "--evidence", "--rules"])
-        .arg(&rules)
-        .arg("--out")
-        .arg(&out_file)
-        .arg(&reports)
-        .output()
-        .unwrap();
-    assert!(
-        mine.status.success(),
-        "{}",
-        String::from_utf8_lossy(&mine.stderr)
+    let mine = common::ok(
+        Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .args(["findings", "--evidence", "--rules"])
+            .arg(&rules)
+            .arg("--out")
+            .arg(&out_file)
+            .arg(&reports),
     );
     let v: serde_json::Value = serde_json::from_slice(&mine.stdout).unwrap();
     assert_eq!(count(&v, "Enlarged Cardiomediastinum", "positive"), 1);

@@ -154,20 +154,15 @@ fn parity_cli_generates_from_a_sat_checkpoint() {
     let inputs = dir("a").join("generate.safetensors");
     let out = tempfile::tempdir().unwrap();
     let path = out.path().join("tokens.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-        .args(["parity", "--model"])
-        .arg(dir("a").join("sat"))
-        .arg("--inputs")
-        .arg(&inputs)
-        .arg("--out")
-        .arg(&path)
-        .args(["--generate", "24", "--greedy", "--end-token", "5"])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
+    common::ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .args(["parity", "--model"])
+            .arg(dir("a").join("sat"))
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(&path)
+            .args(["--generate", "24", "--greedy", "--end-token", "5"]),
     );
     let got = map(path);
     let want = map(inputs);

@@ -8,34 +8,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use xrayglm::data::records::{load_records, BadKind, LoadOptions};
 
 /// Run with a time limit (a command that reads without bound must not hang the suite).
 fn run(c: &mut Command) -> Output {
-    use std::process::Stdio;
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "the command ran over 120 s: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::run_limited(c, 120)
 }
 
 /// The command fails with an ordinary error (exit 1, not a panic or an abort) whose message

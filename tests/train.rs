@@ -847,26 +847,21 @@ fn vision_adapters_train_resume_and_chat_through_peft() {
     assert!(st.success());
     let film = dir.path().join("data/Xray/synth_00003.png");
     let chat = |from: &Path| {
-        let out = xrayglm()
-            .env(
-                "XRAYGLM_TOKENIZER",
-                common::ice_text(&common::shared().unwrap()),
-            )
-            .args(["chat", "--greedy", "--max_length", "160"])
-            .args([
-                "--prompt",
-                xrayglm::data::records::FIXED_PROMPT,
-                "--from_pretrained",
-            ])
-            .arg(from)
-            .arg("--image")
-            .arg(&film)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::ok(
+            xrayglm()
+                .env(
+                    "XRAYGLM_TOKENIZER",
+                    common::ice_text(&common::shared().unwrap()),
+                )
+                .args(["chat", "--greedy", "--max_length", "160"])
+                .args([
+                    "--prompt",
+                    xrayglm::data::records::FIXED_PROMPT,
+                    "--from_pretrained",
+                ])
+                .arg(from)
+                .arg("--image")
+                .arg(&film),
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
@@ -957,59 +952,49 @@ fn a_two_film_conversation_file_trains_and_the_result_chats() {
         )
         .unwrap();
     assert_eq!(batch, vec![said.clone()]);
-    let out = xrayglm()
-        .env(
-            "XRAYGLM_TOKENIZER",
-            common::ice_text(&common::shared().unwrap()),
-        )
-        .args([
-            "chat",
-            "--greedy",
-            "--max_length",
-            "200",
-            "--prompt",
-            &r.prompt,
-        ])
-        .arg("--from_pretrained")
-        .arg(&s.run_dir)
-        .arg("--image")
-        .arg(films[0])
-        .arg("--image")
-        .arg(films[1])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::ok(
+        xrayglm()
+            .env(
+                "XRAYGLM_TOKENIZER",
+                common::ice_text(&common::shared().unwrap()),
+            )
+            .args([
+                "chat",
+                "--greedy",
+                "--max_length",
+                "200",
+                "--prompt",
+                &r.prompt,
+            ])
+            .arg("--from_pretrained")
+            .arg(&s.run_dir)
+            .arg("--image")
+            .arg(films[0])
+            .arg("--image")
+            .arg(films[1]),
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), said);
     // `eval` on the run's two-film records: the loss and a report for every study, in batches
     // that mix rows of two films each.
-    let out = xrayglm()
-        .env(
-            "XRAYGLM_TOKENIZER",
-            common::ice_text(&common::shared().unwrap()),
-        )
-        .arg("eval")
-        .arg("--checkpoint")
-        .arg(&s.run_dir)
-        .args([
-            "--split",
-            "all",
-            "--batch_size",
-            "5",
-            "--max_new_tokens",
-            "24",
-        ])
-        .args(["--no_progress", "--out"])
-        .arg(dir.path().join("eval"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::ok(
+        xrayglm()
+            .env(
+                "XRAYGLM_TOKENIZER",
+                common::ice_text(&common::shared().unwrap()),
+            )
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(&s.run_dir)
+            .args([
+                "--split",
+                "all",
+                "--batch_size",
+                "5",
+                "--max_new_tokens",
+                "24",
+            ])
+            .args(["--no_progress", "--out"])
+            .arg(dir.path().join("eval")),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let r0 = &report["reports"][0];

@@ -1,7 +1,7 @@
 //! `xrayglm bench train`: LoRA fine-tuning throughput on the OpenI-zh report length mix, xrayglm's
 //! trainer against the original's recipe in the same run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -103,22 +103,17 @@ impl std::fmt::Display for TrainBench {
     }
 }
 
-/// Run the training benchmark (see [`TrainBench`]).
+/// Run the training benchmark (see [`TrainBench`]): the list, xrayglm's trainer as a child
+/// process, then (with `--vs_sat`) the original's recipe on the same samples.
 pub fn train(o: &TrainArgs) -> Result<TrainBench> {
-    use crate::data::records::{load_records, LoadOptions, FIXED_PROMPT};
     use crate::model::config::ModelConfig;
     anyhow::ensure!(o.steps > o.warm, "bench train: --steps must exceed --warm");
-    let reports_path = o.reports.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/Xray/openi-zh.json")
-    });
     let tokenizer = crate::tokenizer::find(o.tokenizer.as_deref()).with_context(|| {
         format!(
             "no tokenizer: pass --tokenizer ice_text.model or set XRAYGLM_TOKENIZER ({})",
             crate::tokenizer::HOW_TO_GET
         )
     })?;
-    // This program: its `finetune` runs as a child, so its peak memory is its own.
-    let binary = std::env::current_exe()?;
     let cfg = ModelConfig::preset(&o.preset)?;
     let layers = cfg.sat.num_layers;
     let tmp = super::tempfile_dir("xrayglm-bench-train")?;
@@ -130,9 +125,102 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
         }
     }
     let _cleanup = Cleanup(tmp.clone());
-    // Films from the synthetic generator, reports from OpenI-zh (a seeded sample).
+    let data = write_list(o, &tmp)?;
+    let (samples, len_sum) = samples_as_built(&data, &tokenizer, cfg.sat.image_length)?;
+    let lora_layers = [0, layers / 2];
+    // XrayGLM's adapters (rank 10, alpha 1): the one default in model::config::LoraConfig.
+    let xrayglm_lora = crate::model::config::LoraConfig::default();
+    let mut sets = vec![
+        "model.path=\"\"".to_string(),
+        format!("model.preset={:?}", o.preset),
+        "model.device=\"cpu\"".into(),
+        "model.dtype=\"fp32\"".into(),
+        format!("model.lora.layers=[{}, {}]", lora_layers[0], lora_layers[1]),
+        format!("model.lora.rank={}", xrayglm_lora.rank),
+        format!("model.lora.alpha={:?}", xrayglm_lora.alpha),
+        "model.lora.mlp=false".into(),
+        "model.vision_dropout=0.1".into(),
+        "model.glm_dropout=0.1".into(),
+        format!("data.path={:?}", data.display().to_string()),
+        "synthetic.count=0".into(),
+        format!("loader.batch_size={}", o.batch),
+        format!("train.train_iters={}", o.steps),
+        "train.log_interval=1".into(),
+        "train.save_interval=1000000".into(),
+        "train.eval_interval=1000000".into(),
+        "train.val_fraction=0.0".into(),
+        "train.precision=\"fp32\"".into(),
+        "train.lr=1e-4".into(),
+        "train.progress=false".into(),
+        format!("train.out_dir={:?}", tmp.display().to_string()),
+        "train.name=\"bench\"".into(),
+    ];
+    sets.extend(o.overrides.iter().cloned());
+    let ours = run_ours(o, &sets, &tokenizer, &tmp)?;
+    let threads = tch::get_num_threads();
+    let sat = match &o.vs_sat {
+        None => None,
+        Some(py) => {
+            let spec = tmp.join("sat_bench.json");
+            crate::io::write_json_atomic(
+                &spec,
+                &serde_json::json!({
+                    "batch": o.batch, "steps": o.steps, "warm": o.warm, "pad_to": 320,
+                    "image_size": cfg.sat.eva_args.image_size[0], "lora_layers": lora_layers,
+                    "rank": xrayglm_lora.rank, "preset": o.preset, "samples": samples,
+                }),
+            )?;
+            let out = super::SatScript::run(
+                py,
+                "bench_train_sat.py",
+                &[spec.as_os_str()],
+                &[("THREADS", threads.to_string())],
+            )?;
+            let get = |k: &str| out.get(k);
+            Some(TrainSide {
+                samples_per_s: get("sat_samples_per_s")?,
+                tokens_per_s: get("sat_tokens_per_s")?,
+                step_ms: get("sat_step_ms")?,
+                peak_rss_mib: get("sat_peak_rss_mib")?,
+                peak_gpu_mib: None,
+            })
+        }
+    };
+    // The last `--set` of a key wins, as in the trainer.
+    let last = |key: &str, default: &str| {
+        sets.iter()
+            .rev()
+            .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_else(|| default.to_string())
+    };
+    Ok(TrainBench {
+        preset: o.preset.clone(),
+        batch: o.batch,
+        steps: o.steps,
+        warm: o.warm,
+        threads,
+        mean_len: len_sum as f64 / (o.steps * o.batch).max(1) as f64,
+        setting: format!(
+            "{} weights, {} precision, on {}",
+            last("model.dtype", "fp32"),
+            last("train.precision", "fp32"),
+            last("model.device", "cpu")
+        ),
+        ours,
+        sat,
+    })
+}
+
+/// The benchmark's training list in `tmp`: films from the synthetic generator, reports from
+/// OpenI-zh (a seeded sample, cycled), `steps × batch` records.
+fn write_list(o: &TrainArgs, tmp: &Path) -> Result<PathBuf> {
+    use crate::data::records::FIXED_PROMPT;
+    let reports_path = o.reports.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/Xray/openi-zh.json")
+    });
     let n = o.films.max(o.batch);
-    crate::data::synthetic::generate(&tmp, n, 256, 11)?;
+    crate::data::synthetic::generate(tmp, n, 256, 11)?;
     // Only the reports are used (their films are not needed).
     let v: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&reports_path)
@@ -158,8 +246,7 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
     );
     let mut order: Vec<usize> = (0..reports.len()).collect();
     PyRandom::new(5).shuffle(&mut order);
-    let total = o.steps * o.batch;
-    let list: Vec<serde_json::Value> = (0..total)
+    let list: Vec<serde_json::Value> = (0..o.steps * o.batch)
         .map(|i| {
             serde_json::json!({
                 "img": format!("Xray/synth_{:05}.png", i % n),
@@ -170,60 +257,43 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
         .collect();
     let data = tmp.join("bench.json");
     crate::io::write_json_atomic(&data, &serde_json::Value::Array(list))?;
-    // The samples as xrayglm builds them, for the original (which pads them to 320 tokens).
-    let tok = crate::tokenizer::ChatGlmTokenizer::from_path(&tokenizer)?;
+    Ok(data)
+}
+
+/// The list's samples as xrayglm builds them, for the original (which pads them to 320 tokens),
+/// and their total length.
+fn samples_as_built(
+    data: &Path,
+    tokenizer: &Path,
+    image_length: i64,
+) -> Result<(Vec<serde_json::Value>, usize)> {
+    use crate::data::records::{load_records, LoadOptions};
+    let tok = crate::tokenizer::ChatGlmTokenizer::from_path(tokenizer)?;
     let builder = SampleBuilder::new(
         tok,
         SampleConfig {
-            image_length: cfg.sat.image_length as usize,
+            image_length: image_length as usize,
             ..Default::default()
         },
     )?;
-    let recs = load_records(&data, &LoadOptions::default())?.records;
     let mut samples = Vec::new();
     let mut len_sum = 0usize;
-    for r in &recs {
+    for r in &load_records(data, &LoadOptions::default())?.records {
         let s = builder.build(&r.prompt, &r.label)?;
         len_sum += s.input_ids.len();
         samples.push(serde_json::json!({
             "image": r.images[0], "input_ids": s.input_ids, "labels": s.labels,
         }));
     }
-    let l = &cfg.sat;
-    let lora_layers = [0, layers / 2];
-    // xrayglm: its trainer, as a user runs it.
-    // XrayGLM's adapters (rank 10, alpha 1): the one default in model::config::LoraConfig.
-    let xrayglm_lora = crate::model::config::LoraConfig::default();
-    let xrayglm_rank = xrayglm_lora.rank;
-    let mut sets = vec![
-        "model.path=\"\"".to_string(),
-        format!("model.preset={:?}", o.preset),
-        "model.device=\"cpu\"".into(),
-        "model.dtype=\"fp32\"".into(),
-        format!("model.lora.layers=[{}, {}]", lora_layers[0], lora_layers[1]),
-        format!("model.lora.rank={xrayglm_rank}"),
-        format!("model.lora.alpha={:?}", xrayglm_lora.alpha),
-        "model.lora.mlp=false".into(),
-        "model.vision_dropout=0.1".into(),
-        "model.glm_dropout=0.1".into(),
-        format!("data.path={:?}", data.display().to_string()),
-        "synthetic.count=0".into(),
-        format!("loader.batch_size={}", o.batch),
-        format!("train.train_iters={}", o.steps),
-        "train.log_interval=1".into(),
-        "train.save_interval=1000000".into(),
-        "train.eval_interval=1000000".into(),
-        "train.val_fraction=0.0".into(),
-        "train.precision=\"fp32\"".into(),
-        "train.lr=1e-4".into(),
-        "train.progress=false".into(),
-        format!("train.out_dir={:?}", tmp.display().to_string()),
-        "train.name=\"bench\"".into(),
-    ];
-    sets.extend(o.overrides.iter().cloned());
-    let mut cmd = std::process::Command::new(&binary);
-    cmd.arg("finetune").arg("--tokenizer").arg(&tokenizer);
-    for s in &sets {
+    Ok((samples, len_sum))
+}
+
+/// xrayglm's side: its trainer as a user runs it (this program's `finetune` as a child, so its
+/// peak memory is its own), the steady state read from its metrics after the warm-up steps.
+fn run_ours(o: &TrainArgs, sets: &[String], tokenizer: &Path, tmp: &Path) -> Result<TrainSide> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("finetune").arg("--tokenizer").arg(tokenizer);
+    for s in sets {
         cmd.arg("--set").arg(s);
     }
     let out = cmd.output().context("running xrayglm finetune")?;
@@ -258,7 +328,7 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
     }
     let secs = (t1 - t0).max(1e-9);
     let timed = (o.steps - o.warm) as f64;
-    let ours = TrainSide {
+    Ok(TrainSide {
         samples_per_s: timed * o.batch as f64 / secs,
         tokens_per_s: tokens / secs,
         step_ms: secs * 1e3 / timed,
@@ -270,60 +340,5 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
             .iter()
             .filter_map(|r| r["peak_gpu_used_mib"].as_f64())
             .reduce(f64::max),
-    };
-    let threads = tch::get_num_threads();
-    let sat = match &o.vs_sat {
-        None => None,
-        Some(py) => {
-            let spec = tmp.join("sat_bench.json");
-            crate::io::write_json_atomic(
-                &spec,
-                &serde_json::json!({
-                    "batch": o.batch, "steps": o.steps, "warm": o.warm, "pad_to": 320,
-                    "image_size": l.eva_args.image_size[0], "lora_layers": lora_layers, "rank": xrayglm_rank,
-                    "preset": o.preset, "samples": samples,
-                }),
-            )?;
-            let out = super::SatScript::run(
-                py,
-                "bench_train_sat.py",
-                &[spec.as_os_str()],
-                &[("THREADS", threads.to_string())],
-            )?;
-            let get = |k: &str| out.get(k);
-            Some(TrainSide {
-                samples_per_s: get("sat_samples_per_s")?,
-                tokens_per_s: get("sat_tokens_per_s")?,
-                step_ms: get("sat_step_ms")?,
-                peak_rss_mib: get("sat_peak_rss_mib")?,
-                peak_gpu_mib: None,
-            })
-        }
-    };
-    Ok(TrainBench {
-        preset: o.preset.clone(),
-        batch: o.batch,
-        steps: o.steps,
-        warm: o.warm,
-        threads,
-        mean_len: len_sum as f64 / total.max(1) as f64,
-        setting: {
-            // The last `--set` of a key wins, as in the trainer.
-            let last = |key: &str, default: &str| {
-                sets.iter()
-                    .rev()
-                    .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
-                    .map(|v| v.trim_matches('"').to_string())
-                    .unwrap_or_else(|| default.to_string())
-            };
-            format!(
-                "{} weights, {} precision, on {}",
-                last("model.dtype", "fp32"),
-                last("train.precision", "fp32"),
-                last("model.device", "cpu")
-            )
-        },
-        ours,
-        sat,
     })
 }

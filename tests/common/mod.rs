@@ -168,3 +168,81 @@ pub fn rel_err(got: &tch::Tensor, want: &tch::Tensor) -> f64 {
         .max(1e-12);
     diff / scale
 }
+
+/// Run a command to its end; it must succeed (its stderr is the failure message).
+pub fn ok(c: &mut std::process::Command) -> std::process::Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a command with a time limit (a command that reads without bound must not hang the
+/// suite); its output once it ends.
+pub fn run_limited(c: &mut std::process::Command, secs: u64) -> std::process::Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "the command ran over {secs} s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running server (`xrayglm web` / `serve` with `--port 0`), stopped on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    /// `host:port`, from the first line the server prints.
+    pub addr: String,
+}
+
+impl Server {
+    /// Start a server command; its address from the first line it prints.
+    pub fn spawn(c: &mut std::process::Command) -> Server {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -410,119 +410,14 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Some(r) => r.clone(),
         None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
     };
-    let (schema, items) = match &value {
-        Value::Array(items) => {
-            let first = items.iter().find_map(Value::as_object);
-            let has = |k: &str| first.is_some_and(|o| o.contains_key(k));
-            let schema = if has("conversations") {
-                Schema::Llava
-            } else if has("messages") {
-                Schema::ShareGpt
-            } else {
-                Schema::TrainingList
-            };
-            (schema, items)
-        }
-        Value::Object(map) => match map.get("annotations") {
-            Some(Value::Array(items)) => (Schema::Annotations, items),
-            Some(other) => bail!("{file}: wrong schema: \"annotations\" is {}, expected a list", describe(other)),
-            None => bail!(
-                "{file}: wrong schema: expected a list of {{\"img\", \"prompt\", \"label\"}} or \
-                 {{\"annotations\": [{{\"image_id\", \"caption\"}}]}}, found an object with keys {:?}",
-                map.keys().take(5).collect::<Vec<_>>()
-            ),
-        },
-        other => bail!(
-            "{file}: wrong schema: expected a list or an object with \"annotations\", found {}",
-            describe(other)
-        ),
-    };
-    let mut rng = match &opts.prompt {
-        PromptPolicy::Random { seed } => Some(PyRandom::new(*seed)),
-        PromptPolicy::Fixed { .. } => None,
-    };
-    let mut bad: Vec<BadRecord> = Vec::new();
-    let mut records: Vec<Record> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut dropped_turns = 0;
-    for (index, item) in items.iter().enumerate() {
-        // The random prompt is drawn for every record in file order, bad ones included, so that
-        // skipping a record never changes the prompts of the others.
-        let drawn = rng.as_mut().map(|r| r.choice(&RANDOM_PROMPTS).to_string());
-        let id_hint = item
-            .get(match schema {
-                Schema::Annotations => "image_id",
-                Schema::TrainingList => "img",
-                Schema::Llava | Schema::ShareGpt => "id",
-            })
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let fail = |kind: BadKind, what: String| BadRecord {
-            index,
-            id: id_hint.clone(),
-            kind,
-            message: match &id_hint {
-                Some(id) => format!("{file}: record {index} ({}{id}): {what}", id_label(schema)),
-                None => format!("{file}: record {index}: {what}"),
-            },
-        };
-        let parsed = match schema {
-            Schema::Llava | Schema::ShareGpt => {
-                parse_conversation(schema, item, index, &root, opts).map(|(r, dropped)| {
-                    dropped_turns += dropped;
-                    r
-                })
-            }
-            _ => parse_one(schema, item, &root, opts, drawn).map(|r| vec![r]),
-        };
-        let recs = match parsed.map_err(|(k, w)| fail(k, w)) {
-            Ok(r) => r,
-            Err(b) => {
-                bad.push(b);
-                continue;
-            }
-        };
-        let key = |rec: &Record| match schema {
-            Schema::Annotations => rec.id.clone(),
-            _ => format!(
-                "{:?}\u{0}{}\u{0}{}\u{0}{:?}",
-                rec.img, rec.prompt, rec.label, rec.history
-            ),
-        };
-        if let Some(&first) = recs.first().and_then(|r| seen.get(&key(r))) {
-            let what = match schema {
-                Schema::Annotations => format!("duplicate image_id, first seen at record {first}"),
-                _ => format!(
-                    "duplicate of record {first} (same image, question, answer and history)"
-                ),
-            };
-            bad.push(fail(BadKind::DuplicateId, what));
-            continue;
-        }
-        for rec in recs {
-            seen.insert(key(&rec), index);
-            records.push(Record { index, ..rec });
-        }
-    }
-    let mut studies = None;
-    let grouped = opts.group_views && schema == Schema::Annotations;
-    if schema == Schema::Annotations
-        && !grouped
-        && records.iter().all(|r| study_of(&r.id).is_some())
-    {
-        studies = Some(group_study_views(records.clone()).1);
-    }
-    if grouped {
-        let (by_study, counts, ungroupable) = group_study_views(std::mem::take(&mut records));
-        records = by_study;
-        studies = Some(counts);
-        bad.extend(ungroupable.into_iter().map(|(r, why)| BadRecord {
-            index: r.index,
-            id: Some(r.id.clone()),
-            kind: BadKind::NotAStudy,
-            message: format!("{file}: record {} (image_id {}): {why}", r.index, r.id),
-        }));
-    }
+    let (schema, items) = schema_of(&value, &file)?;
+    let mut parsed = parse_items(schema, items, &file, &root, opts);
+    let studies = group_studies(&mut parsed, schema, &file, opts);
+    let Parsed {
+        mut records,
+        mut bad,
+        dropped_turns,
+    } = parsed;
     // Image checks run in parallel; their failures are reported in record order.
     let image_bad = check_images(&records, opts, &file, schema);
     if !image_bad.is_empty() {
@@ -555,9 +450,153 @@ pub fn load_records(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         records,
         bad,
         studies,
-        grouped,
+        grouped: opts.group_views && schema == Schema::Annotations,
         dropped_turns,
     })
+}
+
+/// The layout of a records file and its entries.
+fn schema_of<'v>(value: &'v Value, file: &str) -> Result<(Schema, &'v [Value])> {
+    Ok(match value {
+        Value::Array(items) => {
+            let first = items.iter().find_map(Value::as_object);
+            let has = |k: &str| first.is_some_and(|o| o.contains_key(k));
+            let schema = if has("conversations") {
+                Schema::Llava
+            } else if has("messages") {
+                Schema::ShareGpt
+            } else {
+                Schema::TrainingList
+            };
+            (schema, items)
+        }
+        Value::Object(map) => match map.get("annotations") {
+            Some(Value::Array(items)) => (Schema::Annotations, items),
+            Some(other) => bail!("{file}: wrong schema: \"annotations\" is {}, expected a list", describe(other)),
+            None => bail!(
+                "{file}: wrong schema: expected a list of {{\"img\", \"prompt\", \"label\"}} or \
+                 {{\"annotations\": [{{\"image_id\", \"caption\"}}]}}, found an object with keys {:?}",
+                map.keys().take(5).collect::<Vec<_>>()
+            ),
+        },
+        other => bail!(
+            "{file}: wrong schema: expected a list or an object with \"annotations\", found {}",
+            describe(other)
+        ),
+    })
+}
+
+/// The records of a file's entries before the image checks.
+struct Parsed {
+    records: Vec<Record>,
+    bad: Vec<BadRecord>,
+    dropped_turns: usize,
+}
+
+/// Every entry parsed in file order: its records, or why it is bad (a duplicate included).
+fn parse_items(
+    schema: Schema,
+    items: &[Value],
+    file: &str,
+    root: &Path,
+    opts: &LoadOptions,
+) -> Parsed {
+    let mut rng = match &opts.prompt {
+        PromptPolicy::Random { seed } => Some(PyRandom::new(*seed)),
+        PromptPolicy::Fixed { .. } => None,
+    };
+    let mut out = Parsed {
+        records: Vec::new(),
+        bad: Vec::new(),
+        dropped_turns: 0,
+    };
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        // The random prompt is drawn for every record in file order, bad ones included, so that
+        // skipping a record never changes the prompts of the others.
+        let drawn = rng.as_mut().map(|r| r.choice(&RANDOM_PROMPTS).to_string());
+        let id_hint = item
+            .get(match schema {
+                Schema::Annotations => "image_id",
+                Schema::TrainingList => "img",
+                Schema::Llava | Schema::ShareGpt => "id",
+            })
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let fail = |kind: BadKind, what: String| BadRecord {
+            index,
+            id: id_hint.clone(),
+            kind,
+            message: match &id_hint {
+                Some(id) => format!("{file}: record {index} ({}{id}): {what}", id_label(schema)),
+                None => format!("{file}: record {index}: {what}"),
+            },
+        };
+        let parsed = match schema {
+            Schema::Llava | Schema::ShareGpt => parse_conversation(schema, item, index, root, opts)
+                .map(|(r, dropped)| {
+                    out.dropped_turns += dropped;
+                    r
+                }),
+            _ => parse_one(schema, item, root, opts, drawn).map(|r| vec![r]),
+        };
+        let recs = match parsed.map_err(|(k, w)| fail(k, w)) {
+            Ok(r) => r,
+            Err(b) => {
+                out.bad.push(b);
+                continue;
+            }
+        };
+        let key = |rec: &Record| match schema {
+            Schema::Annotations => rec.id.clone(),
+            _ => format!(
+                "{:?}\u{0}{}\u{0}{}\u{0}{:?}",
+                rec.img, rec.prompt, rec.label, rec.history
+            ),
+        };
+        if let Some(&first) = recs.first().and_then(|r| seen.get(&key(r))) {
+            let what = match schema {
+                Schema::Annotations => format!("duplicate image_id, first seen at record {first}"),
+                _ => format!(
+                    "duplicate of record {first} (same image, question, answer and history)"
+                ),
+            };
+            out.bad.push(fail(BadKind::DuplicateId, what));
+            continue;
+        }
+        for rec in recs {
+            seen.insert(key(&rec), index);
+            out.records.push(Record { index, ..rec });
+        }
+    }
+    out
+}
+
+/// OpenI annotations named `<report>_<k>`: the counts of views per study, and with
+/// `group_views` one record per study (films that name no study become bad records).
+fn group_studies(
+    p: &mut Parsed,
+    schema: Schema,
+    file: &str,
+    opts: &LoadOptions,
+) -> Option<StudyCounts> {
+    if schema != Schema::Annotations {
+        return None;
+    }
+    if !opts.group_views {
+        let all = p.records.iter().all(|r| study_of(&r.id).is_some());
+        return all.then(|| group_study_views(p.records.clone()).1);
+    }
+    let (by_study, counts, ungroupable) = group_study_views(std::mem::take(&mut p.records));
+    p.records = by_study;
+    p.bad
+        .extend(ungroupable.into_iter().map(|(r, why)| BadRecord {
+            index: r.index,
+            id: Some(r.id.clone()),
+            kind: BadKind::NotAStudy,
+            message: format!("{file}: record {} (image_id {}): {why}", r.index, r.id),
+        }));
+    Some(counts)
 }
 
 fn id_label(schema: Schema) -> &'static str {
