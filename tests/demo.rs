@@ -20,29 +20,77 @@ use xrayglm::data::records::{load_records, Record};
 
 struct Demo {
     run: PathBuf,
+    /// The demo recipe on an NF4 base (`model.quantize = "nf4"`), for its held-out loss only.
+    nf4_run: PathBuf,
+    /// The demo recipe on black films (`image.ablation = "blank"`), 200 steps.
+    blind_run: PathBuf,
     held_out: Vec<Record>,
     tokenizer: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// Train the demo once for every test of this file.
+/// Train the demo once for every test of this file, and beside it the two runs that tests compare
+/// it with. The three train at once with one intra-op thread each: on two cores, two processes
+/// of two threads each stall in each other's spin-waits (a 77 s run took over 300 s so).
 fn demo() -> Option<&'static Demo> {
     static DEMO: OnceLock<Option<Demo>> = OnceLock::new();
     DEMO.get_or_init(|| {
         let shared = common::shared()?;
         let dir = tempfile::tempdir().unwrap();
         let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
-        let overrides = demo_overrides(&dir.path().join("data"), dir.path());
         let tokenizer = common::ice_text(&shared);
-        common::ok(
-            Command::new(env!("CARGO_BIN_EXE_xrayglm"))
-                .arg("finetune")
-                .arg("--config")
-                .arg(&config)
-                .args(common::set_args(overrides.clone()))
-                .env("XRAYGLM_TOKENIZER", &tokenizer),
-        );
+        let runs: [(&str, &str, &[&str]); 3] = [
+            ("demo", "data", &[]),
+            (
+                "demo-nf4",
+                "data-nf4",
+                &[
+                    "model.quantize=\"nf4\"",
+                    "train.name=\"demo-nf4\"",
+                    // Only the held-out loss is compared: no generated reports, one checkpoint.
+                    "train.eval_generate_interval=0",
+                    "train.save_interval=600",
+                ],
+            ),
+            (
+                "blind",
+                "data-blind",
+                &[
+                    "train.name=\"blind\"",
+                    "train.train_iters=200",
+                    "image.ablation=\"blank\"",
+                ],
+            ),
+        ];
+        // Each run generates its own copy of the (seeded, identical) synthetic set.
+        let children: Vec<(&str, std::process::Child, PathBuf)> = runs
+            .iter()
+            .map(|(name, data, extra)| {
+                let log = dir.path().join(format!("{name}.log"));
+                let overrides = demo_overrides(&dir.path().join(data), dir.path())
+                    .into_iter()
+                    .chain(extra.iter().map(|s| s.to_string()));
+                let child = Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+                    .arg("finetune")
+                    .arg("--config")
+                    .arg(&config)
+                    .args(common::set_args(overrides))
+                    .env("XRAYGLM_TOKENIZER", &tokenizer)
+                    .env("OMP_NUM_THREADS", "1")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&log).unwrap())
+                    .spawn()
+                    .unwrap();
+                (*name, child, log)
+            })
+            .collect();
+        for (name, mut child, log) in children {
+            let status = child.wait().unwrap();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(status.success(), "{name}: {text}");
+        }
         // The trainer's own held-out split.
+        let overrides = demo_overrides(&dir.path().join("data"), dir.path());
         let cfg = Config::load(Some(&config), &overrides).unwrap();
         let records = load_records(&cfg.data.path, &cfg.data.load_options())
             .unwrap()
@@ -50,6 +98,8 @@ fn demo() -> Option<&'static Demo> {
         let (_, held_out) = xrayglm::data::split(records, cfg.train.val_fraction, cfg.train.seed);
         Some(Demo {
             run: dir.path().join(&cfg.train.name),
+            nf4_run: dir.path().join("demo-nf4"),
+            blind_run: dir.path().join("blind"),
             held_out,
             tokenizer,
             _dir: dir,
@@ -72,9 +122,12 @@ fn demo_overrides(data: &Path, out: &Path) -> Vec<String> {
     ]
 }
 
+/// The binary with the demo's tokenizer, on one intra-op thread (tests run two at a time on two
+/// cores).
 fn xrayglm(d: &Demo) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_xrayglm"));
-    c.env("XRAYGLM_TOKENIZER", &d.tokenizer);
+    c.env("XRAYGLM_TOKENIZER", &d.tokenizer)
+        .env("OMP_NUM_THREADS", "1");
     c
 }
 
@@ -852,25 +905,8 @@ fn image_ablation_tells_a_model_that_reads_its_films_from_one_that_does_not() {
     }
     assert!(md.contains("the reports depend on the image"), "{md}");
 
-    // The same recipe on black films, 200 steps.
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
-    let data = d.run.parent().unwrap().join("data");
-    let o = xrayglm(d)
-        .arg("finetune")
-        .arg("--config")
-        .arg(&cfg)
-        .args(common::set_args(
-            demo_overrides(&data, dir.path()).into_iter().chain([
-                "train.name=\"blind\"".to_string(),
-                "train.train_iters=200".to_string(),
-                "image.ablation=\"blank\"".to_string(),
-            ]),
-        ))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (r, md) = eval(&dir.path().join("blind"), "blind");
+    // The same recipe on black films, 200 steps (trained beside the demo).
+    let (r, md) = eval(&d.blind_run, "blind");
     let own_blind = f1(&r["metrics"]);
     let abl = r["ablations"].as_array().unwrap();
     eprintln!(
@@ -1397,26 +1433,6 @@ fn image_urls_are_fetched_only_where_allowed() {
 #[test]
 fn nf4_demo_trains_to_the_fp32_held_out_loss() {
     let Some(d) = demo() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let data = d.run.parent().unwrap().join("data");
-    let mut overrides = demo_overrides(&data, dir.path());
-    overrides.extend(
-        [
-            "model.quantize=\"nf4\"",
-            "train.name=\"demo-nf4\"",
-            // Only the held-out loss is compared: no generated reports, one checkpoint.
-            "train.eval_generate_interval=0",
-            "train.save_interval=600",
-        ]
-        .map(String::from),
-    );
-    common::ok(
-        xrayglm(d)
-            .arg("finetune")
-            .arg("--config")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml"))
-            .args(common::set_args(overrides)),
-    );
     let final_val = |run: &Path| -> f64 {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -1426,10 +1442,10 @@ fn nf4_demo_trains_to_the_fp32_held_out_loss() {
             .find_map(|v| v["val_loss"].as_f64())
             .unwrap()
     };
-    let nf4_run = dir.path().join("demo-nf4");
+    let nf4_run = &d.nf4_run;
     let config = std::fs::read_to_string(nf4_run.join("config.toml")).unwrap();
     assert!(config.contains("quantize = \"nf4\""), "{config}");
-    let (nf4, fp32) = (final_val(&nf4_run), final_val(&d.run));
+    let (nf4, fp32) = (final_val(nf4_run), final_val(&d.run));
     eprintln!("held-out loss at step 600: NF4 base {nf4:.5}, fp32 {fp32:.5}");
     assert!(nf4 <= 1.1 * fp32, "NF4 {nf4} vs fp32 {fp32}");
 }

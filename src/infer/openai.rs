@@ -464,43 +464,8 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
         .map_err(|(c, m)| ApiError::new(c, m))?;
     let r: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(400, format!("bad request body: {e}")))?;
-    let Some(model) = st.engine.info.models.iter().position(|m| *m == r.model) else {
-        return Err(ApiError::new(
-            404,
-            format!(
-                "the model `{}` does not exist: this server has {:?}",
-                r.model, st.engine.info.models
-            ),
-        )
-        .param("model")
-        .code("model_not_found"));
-    };
-    let (settings, max_new_tokens) = settings(&st, &r)?;
-    let conv = conversation(&r.messages)?;
-    let mut images = Vec::with_capacity(conv.images.len());
-    for (k, url) in conv.images.iter().enumerate() {
-        let bytes = image_bytes(&st, url).await?;
-        images.push(preprocess(&st, Bytes::from(bytes)).await.map_err(|e| {
-            ApiError::new(400, format!("image {k} cannot be read: {e}")).param("messages")
-        })?);
-    }
-    let stop = match r.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job {
-        model,
-        images,
-        system: conv.system,
-        history: conv.history,
-        query: conv.query,
-        settings,
-        max_new_tokens,
-        stop,
-        events: tx,
-    };
+    let job = job_for(&st, &r, tx).await?;
     st.engine.submit(job).map_err(|e| {
         ApiError::new(503, refused_text(e)).code(match e {
             Refused::QueueFull => "queue_full",
@@ -513,33 +478,97 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
         Some(Event::Failed { status, message }) => return Err(ApiError::new(status, message)),
         _ => return Err(ApiError::new(500, "the engine stopped")),
     }
-    let id = format!("chatcmpl-{}", new_id());
-    let name = r.model;
-    let created = now_s();
-    if !r.stream {
-        let mut text = String::new();
-        loop {
-            match rx.recv().await {
-                Some(Event::Delta(d)) => text.push_str(&d),
-                Some(Event::Done(f)) => return Ok(axum::Json(json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": name,
+    let head = Head {
+        id: format!("chatcmpl-{}", new_id()),
+        model: r.model,
+        created: now_s(),
+    };
+    if r.stream {
+        let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
+        Ok(streamed(rx, head, include_usage))
+    } else {
+        whole(rx, head).await
+    }
+}
+
+/// A chat request as the engine's job: the served model it names, its sampling settings, the
+/// conversation, its images fetched and preprocessed, its stop strings.
+async fn job_for(st: &Arc<State>, r: &ChatRequest, events: EventSender) -> Result<Job, ApiError> {
+    let Some(model) = st.engine.info.models.iter().position(|m| *m == r.model) else {
+        return Err(ApiError::new(
+            404,
+            format!(
+                "the model `{}` does not exist: this server has {:?}",
+                r.model, st.engine.info.models
+            ),
+        )
+        .param("model")
+        .code("model_not_found"));
+    };
+    let (settings, max_new_tokens) = settings(st, r)?;
+    let conv = conversation(&r.messages)?;
+    let mut images = Vec::with_capacity(conv.images.len());
+    for (k, url) in conv.images.iter().enumerate() {
+        let bytes = image_bytes(st, url).await?;
+        images.push(preprocess(st, Bytes::from(bytes)).await.map_err(|e| {
+            ApiError::new(400, format!("image {k} cannot be read: {e}")).param("messages")
+        })?);
+    }
+    let stop = match &r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    Ok(Job {
+        model,
+        images,
+        system: conv.system,
+        history: conv.history,
+        query: conv.query,
+        settings,
+        max_new_tokens,
+        stop,
+        events,
+    })
+}
+
+type EventSender = tokio::sync::mpsc::UnboundedSender<Event>;
+type EventReceiver = tokio::sync::mpsc::UnboundedReceiver<Event>;
+
+/// What every object of one completion repeats.
+struct Head {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+/// The whole reply as one `chat.completion` object.
+async fn whole(mut rx: EventReceiver, h: Head) -> ApiResult {
+    loop {
+        match rx.recv().await {
+            Some(Event::Done(f)) => {
+                return Ok(axum::Json(json!({
+                    "id": h.id, "object": "chat.completion", "created": h.created, "model": h.model,
                     "choices": [{"index": 0, "finish_reason": f.finish.as_str(), "logprobs": null,
                                  "message": {"role": "assistant", "content": f.text}}],
                     "usage": usage(&f),
                 }))
-                .into_response()),
-                Some(Event::Failed { status, message }) => {
-                    return Err(ApiError::new(status, message))
-                }
-                Some(Event::Started { .. }) => {}
-                None => return Err(ApiError::new(500, "the engine stopped")),
+                .into_response())
             }
+            Some(Event::Failed { status, message }) => return Err(ApiError::new(status, message)),
+            Some(Event::Started { .. } | Event::Delta(_)) => {}
+            None => return Err(ApiError::new(500, "the engine stopped")),
         }
     }
-    let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
+}
+
+/// The reply as server-sent `chat.completion.chunk` events: the role, each piece of text, the
+/// finish reason (and, asked for, the usage), then `[DONE]`; a failure mid-stream is an error
+/// event.
+fn streamed(rx: EventReceiver, h: Head, include_usage: bool) -> axum::response::Response {
     let chunk = move |delta: Value, finish: Option<&str>| {
         let v = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+            "id": h.id, "object": "chat.completion.chunk", "created": h.created, "model": h.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
         });
         sse(&v)
@@ -579,14 +608,14 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
             }
         },
     );
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
 }
 
 fn usage(f: &Finished) -> Value {

@@ -6,7 +6,7 @@
 
 mod best;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,6 +102,18 @@ struct Logs {
 }
 
 impl Logs {
+    /// `metrics.jsonl` and TensorBoard events in the run folder (rank 0 only).
+    fn open(run_dir: &Path, root: bool) -> Result<Self> {
+        Ok(Logs {
+            jsonl: root
+                .then(|| JsonLog::open(&run_dir.join("metrics.jsonl")))
+                .transpose()?,
+            tb: root
+                .then(|| TensorBoard::create(&run_dir.join("tb")))
+                .transpose()?,
+        })
+    }
+
     fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         match &mut self.jsonl {
             Some(j) => j.write(v),
@@ -143,22 +155,7 @@ impl<'c> Trainer<'c> {
             setup_model(cfg, source, dev, &run_dir, root, resume_from.is_some())?;
         let val_batches = held_out_batches(cfg, &data)?;
         let (mut opt, schedule) = setup_optimizer(cfg, &model)?;
-        let mut state = TrainerState {
-            step: 0,
-            opt_steps: 0,
-            skipped: 0,
-            loader: LoaderState::default(),
-            scaler: (cfg.train.precision == Dtype::Fp16).then(|| {
-                LossScaler::new(
-                    cfg.train.initial_scale_power,
-                    cfg.train.loss_scale_window,
-                    cfg.train.hysteresis,
-                    cfg.train.min_loss_scale,
-                )
-            }),
-            base_model: base,
-            last_loss: f64::NAN,
-        };
+        let mut state = fresh_state(cfg, base);
         if let Some(ck) = &resume_from {
             state = resume(ck, &mut model, &mut opt, state)?;
         }
@@ -185,24 +182,13 @@ impl<'c> Trainer<'c> {
             &data.file,
         )?;
         let loader = Loader::new(Arc::clone(&data.train), data.loader, shard, state.loader)?;
-        let logs = Logs {
-            jsonl: root
-                .then(|| JsonLog::open(&run_dir.join("metrics.jsonl")))
-                .transpose()?,
-            tb: root
-                .then(|| TensorBoard::create(&run_dir.join("tb")))
-                .transpose()?,
-        };
+        let logs = Logs::open(&run_dir, root)?;
+        // SIGINT / SIGTERM: the loop saves a checkpoint and ends.
         let stop = Arc::new(AtomicUsize::new(0));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register_usize(sig, Arc::clone(&stop), sig as usize)?;
         }
-        // Frozen vision without dropout (and without adapters of its own): each film's
-        // embeddings are computed once.
-        let vision_cache = (cfg.train.vision_cache
-            && cfg.model.vision_dropout == 0.0
-            && !cfg.model.lora.targets.vision())
-        .then(VisionCache::default);
+        let vision_cache = VisionCache::for_run(cfg);
         let progress = Progress::new(
             cfg.train.progress,
             root,
@@ -615,5 +601,25 @@ impl<'c> Trainer<'c> {
             trainable as f64 / 1e6,
         );
         Ok(())
+    }
+}
+
+/// A run's state at step 0: the loss scaler of fp16 training, the base it adapts.
+fn fresh_state(cfg: &Config, base_model: String) -> TrainerState {
+    TrainerState {
+        step: 0,
+        opt_steps: 0,
+        skipped: 0,
+        loader: LoaderState::default(),
+        scaler: (cfg.train.precision == Dtype::Fp16).then(|| {
+            LossScaler::new(
+                cfg.train.initial_scale_power,
+                cfg.train.loss_scale_window,
+                cfg.train.hysteresis,
+                cfg.train.min_loss_scale,
+            )
+        }),
+        base_model,
+        last_loss: f64::NAN,
     }
 }

@@ -33,6 +33,15 @@ fn key(pixels: &[f32]) -> u64 {
 }
 
 impl VisionCache {
+    /// A cache for a run whose vision side is frozen and without dropout (no adapters of its
+    /// own): each film's embeddings are then computed once. `None` otherwise.
+    pub fn for_run(cfg: &crate::config::Config) -> Option<Self> {
+        (cfg.train.vision_cache
+            && cfg.model.vision_dropout == 0.0
+            && !cfg.model.lora.targets.vision())
+        .then(VisionCache::default)
+    }
+
     /// Image embeddings `[B, image_length, hidden]` of a batch: `pixels` is the batch's
     /// `[B, 3, S, S]` buffer, `images` the same as a tensor on the model's device. A film not seen
     /// before is encoded alone (batch 1), so its embeddings are a function of the film only — a
