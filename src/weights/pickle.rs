@@ -232,268 +232,315 @@ impl Machine<'_> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
-            match op {
-                0x80 => {
-                    self.u8()?; // PROTO
-                }
-                0x95 => {
-                    self.u64()?; // FRAME
-                }
-                b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => {
-                    let v = self.u32()? as i32 as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                b'K' => {
-                    let v = self.u8()? as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                b'M' => {
-                    let v = self.u16()? as i64;
-                    self.stack.push(Value::Int(v))
-                }
-                0x8a => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Int(long_le(&b)?))
-                }
-                0x8b => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Int(long_le(&b)?))
-                }
-                b'I' => {
-                    let l = self.line()?;
-                    self.stack.push(match l.as_str() {
-                        "00" => Value::Bool(false),
-                        "01" => Value::Bool(true),
-                        s => Value::Int(s.parse().with_context(|| format!("pickle INT {s:?}"))?),
-                    })
-                }
-                b'L' => {
-                    let l = self.line()?;
-                    let v = l
-                        .trim_end_matches('L')
-                        .parse()
-                        .with_context(|| format!("pickle LONG {l:?}"))?;
-                    self.stack.push(Value::Int(v))
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into()?);
-                    self.stack.push(Value::Float(v))
-                }
-                b'F' => {
-                    let l = self.line()?;
-                    self.stack.push(Value::Float(
-                        l.parse().with_context(|| format!("pickle FLOAT {l:?}"))?,
-                    ))
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                0x8d => {
-                    let n = self.u64()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'V' => {
-                    let l = self.line()?;
-                    self.stack.push(Value::Str(l))
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'U' => {
-                    let n = self.u8()? as usize;
-                    let v = self.string(n)?;
-                    self.stack.push(v)
-                }
-                b'S' => {
-                    let l = self.line()?;
-                    self.stack.push(Value::Str(
-                        l.trim_matches(|c| c == '\'' || c == '"').to_string(),
-                    ))
-                }
-                b'B' => {
-                    let n = self.u32()? as usize;
-                    let v = self.bytes(n)?;
-                    self.stack.push(v)
-                }
-                b'C' => {
-                    let n = self.u8()? as usize;
-                    let v = self.bytes(n)?;
-                    self.stack.push(v)
-                }
-                0x8e => {
-                    let n = self.u64()? as usize;
-                    let v = self.bytes(n)?;
-                    self.stack.push(v)
-                }
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET, kept as a list
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items))
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n {
-                        bail!("pickle: stack underflow");
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items))
-                }
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::List(items))
-                }
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let v = pairs(items)?;
-                    self.stack.push(Value::Dict(v))
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.push(v),
-                        other => bail!("pickle APPEND to {other:?}"),
-                    }
-                }
-                b'e' | 0x90 => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.extend(items),
-                        other => bail!("pickle APPENDS to {other:?}"),
-                    }
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    set_items(self.top()?, vec![(k, v)])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    let kv = pairs(items)?;
-                    set_items(self.top()?, kv)?;
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v)
-                }
-                b'q' => {
-                    let i = self.u8()? as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'r' => {
-                    let i = self.u32()?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'p' => {
-                    let i: u32 = self.line()?.parse()?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'h' => {
-                    let i = self.u8()? as u32;
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .with_context(|| format!("pickle: memo {i} unset"))?;
-                    self.stack.push(v)
-                }
-                b'j' => {
-                    let i = self.u32()?;
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .with_context(|| format!("pickle: memo {i} unset"))?;
-                    self.stack.push(v)
-                }
-                b'g' => {
-                    let i: u32 = self.line()?.parse()?;
-                    let v = self
-                        .memo
-                        .get(&i)
-                        .cloned()
-                        .with_context(|| format!("pickle: memo {i} unset"))?;
-                    self.stack.push(v)
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.stack.push(Value::Global { module, name })
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => {
-                            self.stack.push(Value::Global { module, name })
-                        }
-                        other => bail!("pickle STACK_GLOBAL with {other:?}"),
-                    }
-                }
-                b'R' => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    let v = reduce(f, args)?;
-                    self.stack.push(v)
-                }
-                0x81 => {
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let v = reduce(cls, args)?;
-                    self.stack.push(v)
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let v = reduce(cls, args)?;
-                    self.stack.push(v)
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    build(self.top()?, state);
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let v = persistent(pid)?;
-                    self.stack.push(v)
-                }
-                other => bail!("pickle: unsupported opcode 0x{other:02x} at byte {at}"),
+            if op == b'.' {
+                return self.pop(); // STOP
+            }
+            let known = self.stack_op(op)?
+                || self.scalar(op)?
+                || self.container(op)?
+                || self.memo_op(op)?
+                || self.object(op)?;
+            if !known {
+                bail!("pickle: unsupported opcode 0x{op:02x} at byte {at}");
             }
         }
+    }
+
+    /// PROTO and FRAME (skipped), MARK, POP, POP_MARK, DUP. Whether `op` is one of these.
+    fn stack_op(&mut self, op: u8) -> Result<bool> {
+        match op {
+            0x80 => {
+                self.u8()?; // PROTO
+            }
+            0x95 => {
+                self.u64()?; // FRAME
+            }
+            b'(' => self.marks.push(self.stack.len()),
+            b'0' => {
+                self.pop()?;
+            }
+            b'1' => {
+                self.pop_mark()?;
+            }
+            b'2' => {
+                let v = self.top()?.clone();
+                self.stack.push(v)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// None, booleans, integers, floats, strings and bytes: pushed. Whether `op` is one of these.
+    fn scalar(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'N' => self.stack.push(Value::None),
+            0x88 => self.stack.push(Value::Bool(true)),
+            0x89 => self.stack.push(Value::Bool(false)),
+            b'J' => {
+                let v = self.u32()? as i32 as i64;
+                self.stack.push(Value::Int(v))
+            }
+            b'K' => {
+                let v = self.u8()? as i64;
+                self.stack.push(Value::Int(v))
+            }
+            b'M' => {
+                let v = self.u16()? as i64;
+                self.stack.push(Value::Int(v))
+            }
+            0x8a => {
+                let n = self.u8()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack.push(Value::Int(long_le(&b)?))
+            }
+            0x8b => {
+                let n = self.u32()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack.push(Value::Int(long_le(&b)?))
+            }
+            b'I' => {
+                let l = self.line()?;
+                self.stack.push(match l.as_str() {
+                    "00" => Value::Bool(false),
+                    "01" => Value::Bool(true),
+                    s => Value::Int(s.parse().with_context(|| format!("pickle INT {s:?}"))?),
+                })
+            }
+            b'L' => {
+                let l = self.line()?;
+                let v = l
+                    .trim_end_matches('L')
+                    .parse()
+                    .with_context(|| format!("pickle LONG {l:?}"))?;
+                self.stack.push(Value::Int(v))
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(self.take(8)?.try_into()?);
+                self.stack.push(Value::Float(v))
+            }
+            b'F' => {
+                let l = self.line()?;
+                self.stack.push(Value::Float(
+                    l.parse().with_context(|| format!("pickle FLOAT {l:?}"))?,
+                ))
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                let v = self.string(n)?;
+                self.stack.push(v)
+            }
+            0x8c => {
+                let n = self.u8()? as usize;
+                let v = self.string(n)?;
+                self.stack.push(v)
+            }
+            0x8d => {
+                let n = self.u64()? as usize;
+                let v = self.string(n)?;
+                self.stack.push(v)
+            }
+            b'V' => {
+                let l = self.line()?;
+                self.stack.push(Value::Str(l))
+            }
+            b'T' => {
+                let n = self.u32()? as usize;
+                let v = self.string(n)?;
+                self.stack.push(v)
+            }
+            b'U' => {
+                let n = self.u8()? as usize;
+                let v = self.string(n)?;
+                self.stack.push(v)
+            }
+            b'S' => {
+                let l = self.line()?;
+                self.stack.push(Value::Str(
+                    l.trim_matches(|c| c == '\'' || c == '"').to_string(),
+                ))
+            }
+            b'B' => {
+                let n = self.u32()? as usize;
+                let v = self.bytes(n)?;
+                self.stack.push(v)
+            }
+            b'C' => {
+                let n = self.u8()? as usize;
+                let v = self.bytes(n)?;
+                self.stack.push(v)
+            }
+            0x8e => {
+                let n = self.u64()? as usize;
+                let v = self.bytes(n)?;
+                self.stack.push(v)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Tuples, lists, dicts (and sets, kept as lists): built from the stack or the mark, or extended. Whether `op` is one of these.
+    fn container(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b')' => self.stack.push(Value::Tuple(Vec::new())),
+            b']' => self.stack.push(Value::List(Vec::new())),
+            b'}' => self.stack.push(Value::Dict(Vec::new())),
+            0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET, kept as a list
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items))
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    bail!("pickle: stack underflow");
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items))
+            }
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::List(items))
+            }
+            b'd' => {
+                let items = self.pop_mark()?;
+                let v = pairs(items)?;
+                self.stack.push(Value::Dict(v))
+            }
+            b'a' => {
+                let v = self.pop()?;
+                match self.top()? {
+                    Value::List(l) => l.push(v),
+                    other => bail!("pickle APPEND to {other:?}"),
+                }
+            }
+            b'e' | 0x90 => {
+                let items = self.pop_mark()?;
+                match self.top()? {
+                    Value::List(l) => l.extend(items),
+                    other => bail!("pickle APPENDS to {other:?}"),
+                }
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                set_items(self.top()?, vec![(k, v)])?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                let kv = pairs(items)?;
+                set_items(self.top()?, kv)?;
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The memo: PUT / MEMOIZE store the top, GET pushes a stored value. Whether `op` is one of these.
+    fn memo_op(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'q' => {
+                let i = self.u8()? as u32;
+                let v = self.top()?.clone();
+                self.memo.insert(i, v);
+            }
+            b'r' => {
+                let i = self.u32()?;
+                let v = self.top()?.clone();
+                self.memo.insert(i, v);
+            }
+            0x94 => {
+                let i = self.memo.len() as u32;
+                let v = self.top()?.clone();
+                self.memo.insert(i, v);
+            }
+            b'p' => {
+                let i: u32 = self.line()?.parse()?;
+                let v = self.top()?.clone();
+                self.memo.insert(i, v);
+            }
+            b'h' => {
+                let i = self.u8()? as u32;
+                let v = self
+                    .memo
+                    .get(&i)
+                    .cloned()
+                    .with_context(|| format!("pickle: memo {i} unset"))?;
+                self.stack.push(v)
+            }
+            b'j' => {
+                let i = self.u32()?;
+                let v = self
+                    .memo
+                    .get(&i)
+                    .cloned()
+                    .with_context(|| format!("pickle: memo {i} unset"))?;
+                self.stack.push(v)
+            }
+            b'g' => {
+                let i: u32 = self.line()?.parse()?;
+                let v = self
+                    .memo
+                    .get(&i)
+                    .cloned()
+                    .with_context(|| format!("pickle: memo {i} unset"))?;
+                self.stack.push(v)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Globals, REDUCE / NEWOBJ (only the classes a torch checkpoint needs), BUILD, persistent ids. Whether `op` is one of these.
+    fn object(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.stack.push(Value::Global { module, name })
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(module), Value::Str(name)) => {
+                        self.stack.push(Value::Global { module, name })
+                    }
+                    other => bail!("pickle STACK_GLOBAL with {other:?}"),
+                }
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let f = self.pop()?;
+                let v = reduce(f, args)?;
+                self.stack.push(v)
+            }
+            0x81 => {
+                let args = self.pop()?;
+                let cls = self.pop()?;
+                let v = reduce(cls, args)?;
+                self.stack.push(v)
+            }
+            0x92 => {
+                let _kwargs = self.pop()?;
+                let args = self.pop()?;
+                let cls = self.pop()?;
+                let v = reduce(cls, args)?;
+                self.stack.push(v)
+            }
+            b'b' => {
+                let state = self.pop()?;
+                build(self.top()?, state);
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                let v = persistent(pid)?;
+                self.stack.push(v)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
 
