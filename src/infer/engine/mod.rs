@@ -27,6 +27,12 @@
 //! token, detokenizing, stop strings, the end of a reply). The key/value caches are the model's
 //! ([`crate::model::chatglm::KvCache`], [`SlotCache`]).
 //!
+//! Where the next serving features go: a prefix cache (reusing the keys of a shared system prompt
+//! and film) is a cache manager beside `kv_cache.rs`, consulted by the scheduler when it admits a
+//! request and by the runner's prefill, which would start after the cached tokens; chunked
+//! prefill is a token budget in the scheduler's plan, with the runner prefilling a slice at a
+//! time.
+//!
 //! [`ChatGlm::forward_slots`]: crate::model::chatglm::ChatGlm::forward_slots
 //! [`RowAdapters`]: crate::model::chatglm::RowAdapters
 //! [`LayerLoras`]: crate::model::chatglm::LayerLoras
