@@ -193,7 +193,7 @@ struct CiderVecs<'a> {
 }
 
 impl<'a> CiderVecs<'a> {
-    fn new(words: &'a [String], df: &HashMap<Ngram<'_>, f64>, ref_len: f64) -> Self {
+    fn new(words: &'a [String], df: &dyn Fn(Ngram<'_>) -> f64, ref_len: f64) -> Self {
         let mut v = Self {
             w: Default::default(),
             norm: [0.0; 4],
@@ -202,7 +202,7 @@ impl<'a> CiderVecs<'a> {
         let mut counts: Vec<(Ngram<'a>, usize)> = ngram_counts(words, 4).into_iter().collect();
         counts.sort_unstable();
         for (g, tf) in counts {
-            let d = df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
+            let d = df(g).max(1.0).ln();
             let n = g.len() - 1;
             let x = tf as f64 * (ref_len - d);
             v.norm[n] += x * x;
@@ -220,46 +220,85 @@ impl<'a> CiderVecs<'a> {
 
 /// Corpus CIDEr-D (pycocoevalcap `Cider`).
 pub fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> f64 {
-    const N: usize = 4;
-    const SIGMA: f64 = 6.0;
     let mut df: HashMap<Ngram<'_>, f64> = HashMap::new();
     for rs in refs {
-        let mut seen: Vec<Ngram<'_>> = rs
-            .iter()
-            .flat_map(|r| ngram_counts(r, N).into_keys())
-            .collect();
-        seen.sort();
-        seen.dedup();
-        for g in seen {
+        for g in distinct_ngrams(rs) {
             *df.entry(g).or_insert(0.0) += 1.0;
         }
     }
     let ref_len = (refs.len() as f64).ln();
+    let lookup = |g: Ngram<'_>| df.get(g).copied().unwrap_or(0.0);
     let scores: Vec<f64> = hyps
         .iter()
         .zip(refs)
-        .map(|(h, rs)| {
-            let vh = CiderVecs::new(h, &df, ref_len);
-            let mut score = [0.0; N];
-            for r in rs {
-                let vr = CiderVecs::new(r, &df, ref_len);
-                let delta = vh.length - vr.length;
-                for (n, sn) in score.iter_mut().enumerate() {
-                    let mut val = 0.0;
-                    for (g, &x) in &vh.w[n] {
-                        let y = vr.w[n].get(g).copied().unwrap_or(0.0);
-                        val += x.min(y) * y;
-                    }
-                    if vh.norm[n] != 0.0 && vr.norm[n] != 0.0 {
-                        val /= vh.norm[n] * vr.norm[n];
-                    }
-                    *sn += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
-                }
-            }
-            mean(&score) / rs.len() as f64 * 10.0
-        })
+        .map(|(h, rs)| cider_one(h, rs, &lookup, ref_len))
         .collect();
     mean(&scores)
+}
+
+/// The n-grams (orders 1..=4) of one item's references, each once.
+fn distinct_ngrams(rs: &[Vec<String>]) -> Vec<Ngram<'_>> {
+    let mut seen: Vec<Ngram<'_>> = rs
+        .iter()
+        .flat_map(|r| ngram_counts(r, 4).into_keys())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    seen
+}
+
+/// CIDEr-D of one hypothesis against its references, with document frequencies `df` over a
+/// corpus of `exp(ref_len)` items.
+fn cider_one(h: &[String], rs: &[Vec<String>], df: &dyn Fn(Ngram<'_>) -> f64, ref_len: f64) -> f64 {
+    const N: usize = 4;
+    const SIGMA: f64 = 6.0;
+    let vh = CiderVecs::new(h, df, ref_len);
+    let mut score = [0.0; N];
+    for r in rs {
+        let vr = CiderVecs::new(r, df, ref_len);
+        let delta = vh.length - vr.length;
+        for (n, sn) in score.iter_mut().enumerate() {
+            let mut val = 0.0;
+            for (g, &x) in &vh.w[n] {
+                let y = vr.w[n].get(g).copied().unwrap_or(0.0);
+                val += x.min(y) * y;
+            }
+            if vh.norm[n] != 0.0 && vr.norm[n] != 0.0 {
+                val /= vh.norm[n] * vr.norm[n];
+            }
+            *sn += val * (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
+        }
+    }
+    mean(&score) / rs.len() as f64 * 10.0
+}
+
+/// CIDEr-D's document frequencies fixed on a reference corpus (a training set's reports), so
+/// that single reports can be scored: [`cider_d`] of a corpus takes them from its own references.
+pub struct CiderDf {
+    df: HashMap<Vec<String>, f64>,
+    ref_len: f64,
+}
+
+impl CiderDf {
+    /// `refs`: each item's references (tokenized).
+    pub fn new(refs: &[Vec<Vec<String>>]) -> Self {
+        let mut df: HashMap<Vec<String>, f64> = HashMap::new();
+        for rs in refs {
+            for g in distinct_ngrams(rs) {
+                *df.entry(g.to_vec()).or_insert(0.0) += 1.0;
+            }
+        }
+        Self {
+            df,
+            ref_len: (refs.len().max(1) as f64).ln(),
+        }
+    }
+
+    /// CIDEr-D of one hypothesis against its references.
+    pub fn score(&self, h: &[String], rs: &[Vec<String>]) -> f64 {
+        let lookup = |g: Ngram<'_>| self.df.get(g).copied().unwrap_or(0.0);
+        cider_one(h, rs, &lookup, self.ref_len)
+    }
 }
 
 /// Python's `round(x, digits)`: correctly rounded from the exact binary value, ties to even

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod findings;
 pub mod metrics;
 pub mod report;
+pub mod reward;
 
 use std::path::Path;
 

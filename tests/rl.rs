@@ -1,0 +1,270 @@
+//! The reinforcement-learning stage's pieces: per-report rewards (the clinical term cannot be
+//! gamed by stating every finding, or every finding both ways), and the GRPO and DPO losses with
+//! their gradients equal to TRL 1.16's on fixed log-probabilities (fixtures from
+//! scripts/make_rl_fixtures.py).
+
+mod common;
+
+use tch::Tensor;
+use xrayglm::eval::metrics::Lang;
+use xrayglm::eval::reward::{RewardWeights, Rewarder};
+use xrayglm::train::loss::{
+    group_advantages, Completions, DpoKind, DpoLoss, GrpoLoss, GrpoNorm, Pairs, RewardScale,
+};
+
+const NORMAL: &str = "心脏大小正常。双肺清晰，未见实变。未见胸腔积液或气胸。";
+const ENLARGED: &str = "心脏增大。双肺清晰，未见实变。未见胸腔积液或气胸。";
+/// Every observation the Chinese rules know, stated present.
+const EVERYTHING: &str =
+    "纵隔增宽。心脏增大。结节。肺部阴影。肺水肿。实变。肺炎。肺不张。气胸。胸腔积液。\
+                          胸膜增厚。骨折。导管。";
+
+fn rewarder(weights: RewardWeights) -> Rewarder {
+    Rewarder::new(weights, Lang::Zh, None, &[]).unwrap()
+}
+
+#[test]
+fn the_right_findings_score_and_listing_or_hedging_does_not() {
+    let r = rewarder(RewardWeights::default());
+    // The right report scores 1 on either reference; the wrong finding scores 0.
+    assert_eq!(r.score(NORMAL, NORMAL).ce_f1, 1.0);
+    assert_eq!(r.score(ENLARGED, ENLARGED).ce_f1, 1.0);
+    assert_eq!(r.score(NORMAL, ENLARGED).ce_f1, 0.0);
+    assert_eq!(r.score(ENLARGED, NORMAL).ce_f1, 0.0);
+    // Wording does not matter, the findings do.
+    let reworded = "心影扩大，肺野清晰，无胸腔积液，无气胸。";
+    assert_eq!(r.score(reworded, ENLARGED).ce_f1, 1.0);
+    // A list of every observation: one true positive among thirteen stated.
+    let all = r.score(EVERYTHING, ENLARGED);
+    assert!(all.ce_f1 < 0.2, "{all:?}");
+    assert_eq!(r.score(EVERYTHING, NORMAL).ce_f1, 0.0);
+    // Every observation both ways is every observation stated, and a contradiction each.
+    let both: String = EVERYTHING
+        .split('。')
+        .filter(|s| !s.is_empty())
+        .map(|s| format!("{s}。未见{s}。"))
+        .collect();
+    let b = r.score(&both, ENLARGED);
+    assert!(b.ce_f1 < 0.2 && b.contradiction > 0.5, "{b:?}");
+    assert!(b.total < 0.0, "{b:?}");
+    // Hedging on the one finding the reference has: the F1 is kept, the reward is not.
+    let hedge = "心脏增大。心脏不大。双肺清晰，未见实变。未见胸腔积液或气胸。";
+    let h = r.score(hedge, ENLARGED);
+    assert_eq!(h.ce_f1, 1.0);
+    assert!(
+        h.contradiction > 0.0 && h.total < r.score(ENLARGED, ENLARGED).total,
+        "{h:?}"
+    );
+}
+
+#[test]
+fn each_term_is_weighted_and_the_threads_agree() {
+    let refs = [NORMAL.to_string(), ENLARGED.to_string()];
+    let w = RewardWeights {
+        ce_f1: 1.0,
+        rouge_l: 0.5,
+        bleu_4: 0.25,
+        cider_d: 0.1,
+        length: 0.2,
+        contradiction: 1.0,
+        ..Default::default()
+    };
+    let r = Rewarder::new(w.clone(), Lang::Zh, None, &refs).unwrap();
+    let same = r.score(ENLARGED, ENLARGED);
+    assert!((same.rouge_l - 1.0).abs() < 1e-12 && (same.bleu_4 - 1.0).abs() < 1e-6);
+    assert!(same.cider_d > 0.0 && same.length == 0.0, "{same:?}");
+    let short = r.score("心脏增大。", ENLARGED);
+    assert!(
+        short.length > 0.5 && short.rouge_l < same.rouge_l,
+        "{short:?}"
+    );
+    let want = w.ce_f1 * short.ce_f1
+        + w.rouge_l * short.rouge_l
+        + w.bleu_4 * short.bleu_4
+        + w.cider_d * short.cider_d
+        - w.length * short.length
+        - w.contradiction * short.contradiction;
+    assert!((short.total - want).abs() < 1e-12);
+    let pairs: Vec<(String, String)> = (0..9)
+        .map(|i| {
+            let h = [NORMAL, ENLARGED, EVERYTHING][i % 3];
+            (h.to_string(), refs[i % 2].clone())
+        })
+        .collect();
+    let one = r.score_all(&pairs, 1);
+    assert_eq!(one, r.score_all(&pairs, 4));
+    assert_eq!(one.len(), 9);
+    // A negative weight is refused with its key.
+    let e = Rewarder::new(
+        RewardWeights {
+            rouge_l: -1.0,
+            ..Default::default()
+        },
+        Lang::Zh,
+        None,
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{e:#}").contains("rl.reward.rouge_l"), "{e:#}");
+}
+
+/// A user's rules file is a reward: a finding the embedded rules do not know scores once the file
+/// names it.
+#[test]
+fn a_rules_file_is_a_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let builtin = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/findings/zh.toml"),
+    )
+    .unwrap();
+    let custom = builtin.replace("positive = [\"气胸\"]", "positive = [\"气胸\", \"肺大疱\"]");
+    assert_ne!(custom, builtin);
+    let path = dir.path().join("mine.toml");
+    std::fs::write(&path, custom).unwrap();
+    let report = "心脏大小正常。右上肺大疱。";
+    let reference = "心脏大小正常。右侧气胸。";
+    let plain = rewarder(RewardWeights::default()).score(report, reference);
+    let mine = Rewarder::new(RewardWeights::default(), Lang::Zh, Some(&path), &[])
+        .unwrap()
+        .score(report, reference);
+    assert_eq!(plain.ce_f1, 0.0);
+    assert_eq!(mine.ce_f1, 1.0);
+}
+
+#[test]
+fn group_advantages_equal_trl() {
+    let fx = common::read_json(&common::fixture("rl").join("trl.json"));
+    for case in fx["advantages"].as_array().unwrap() {
+        let rewards: Vec<f64> = case["rewards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let scale: RewardScale = serde_json::from_value(case["scale_rewards"].clone()).unwrap();
+        let got = group_advantages(&rewards, case["group"].as_u64().unwrap() as usize, scale);
+        let want: Vec<f64> = case["advantages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-9 * w.abs().max(1.0), "{case}: {got:?}");
+        }
+    }
+}
+
+fn tensor(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = serde_json::from_value(v.clone()).unwrap();
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    Tensor::from_slice(&flat).view([rows.len() as i64, -1])
+}
+
+fn vector(v: &serde_json::Value) -> Tensor {
+    let x: Vec<f64> = serde_json::from_value(v.clone()).unwrap();
+    Tensor::from_slice(&x)
+}
+
+/// max |got − want| / max |want|.
+fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    common::rel_err(got, want)
+}
+
+/// The GRPO loss and its gradient with respect to the policy's log-probabilities equal TRL's
+/// (float64, ≤ 1e-6 relative) for every loss type, with and without the KL term, on-policy and
+/// off it (old log-probs given), with symmetric and DAPO's asymmetric clipping.
+#[test]
+fn grpo_loss_and_gradient_equal_trl() {
+    let fx = common::read_json(&common::fixture("rl").join("trl.json"));
+    let cases = fx["grpo"].as_array().unwrap();
+    assert!(cases.len() >= 16, "{} cases", cases.len());
+    for c in cases {
+        let norm: GrpoNorm = serde_json::from_value(c["loss_type"].clone()).unwrap();
+        let loss = GrpoLoss {
+            norm,
+            beta: c["beta"].as_f64().unwrap(),
+            epsilon_low: c["epsilon_low"].as_f64().unwrap(),
+            epsilon_high: c["epsilon_high"].as_f64().unwrap(),
+            max_completion_length: c["max_completion_length"].as_i64().unwrap(),
+        };
+        let logps = tensor(&c["logps"]).set_requires_grad(true);
+        let old = c.get("old_logps").filter(|v| !v.is_null()).map(tensor);
+        let reference = c.get("ref_logps").filter(|v| !v.is_null()).map(tensor);
+        let mask = tensor(&c["mask"]);
+        let out = loss
+            .compute(&Completions {
+                logps: &logps,
+                old_logps: old.as_ref(),
+                ref_logps: reference.as_ref(),
+                advantages: &vector(&c["advantages"]),
+                mask: &mask,
+                batch_tokens: c["num_items_in_batch"].as_f64().unwrap(),
+            })
+            .unwrap();
+        let want = c["loss"].as_f64().unwrap();
+        let got = out.loss.double_value(&[]);
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1e-12),
+            "{}: loss {got} vs TRL {want}",
+            c["name"]
+        );
+        out.loss.backward();
+        let e = rel(&logps.grad(), &tensor(&c["grad"]));
+        assert!(e <= 1e-6, "{}: gradient {e:.3e}", c["name"]);
+        for key in ["clip_low", "clip_high", "clip_region"] {
+            let got = match key {
+                "clip_low" => out.clip_low,
+                "clip_high" => out.clip_high,
+                _ => out.clip_region,
+            };
+            assert!(
+                (got - c[key].as_f64().unwrap()).abs() < 1e-12,
+                "{}: {key}",
+                c["name"]
+            );
+        }
+        if let Some(kl) = c.get("kl").and_then(|v| v.as_f64()) {
+            assert!((out.kl.unwrap() - kl).abs() <= 1e-9 * kl.abs().max(1e-12));
+        }
+    }
+}
+
+/// The DPO losses (sigmoid, IPO) and their gradients with respect to the sequence
+/// log-probabilities equal TRL's (≤ 1e-6 relative).
+#[test]
+fn dpo_loss_and_gradient_equal_trl() {
+    let fx = common::read_json(&common::fixture("rl").join("trl.json"));
+    let cases = fx["dpo"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for c in cases {
+        let kind: DpoKind = serde_json::from_value(c["loss_type"].clone()).unwrap();
+        let loss = DpoLoss {
+            kind,
+            beta: c["beta"].as_f64().unwrap(),
+        };
+        let chosen = vector(&c["chosen_logps"]).set_requires_grad(true);
+        let rejected = vector(&c["rejected_logps"]).set_requires_grad(true);
+        let out = loss.compute(&Pairs {
+            chosen: &chosen,
+            rejected: &rejected,
+            ref_chosen: &vector(&c["ref_chosen_logps"]),
+            ref_rejected: &vector(&c["ref_rejected_logps"]),
+            chosen_tokens: &vector(&c["chosen_tokens"]),
+            rejected_tokens: &vector(&c["rejected_tokens"]),
+        });
+        let want = c["loss"].as_f64().unwrap();
+        let got = out.loss.double_value(&[]);
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs(),
+            "{}: loss {got} vs TRL {want}",
+            c["name"]
+        );
+        out.loss.backward();
+        for (t, key) in [(&chosen, "grad_chosen"), (&rejected, "grad_rejected")] {
+            let e = rel(&t.grad(), &vector(&c[key]));
+            assert!(e <= 1e-6, "{}: {key} {e:.3e}", c["name"]);
+        }
+    }
+}
