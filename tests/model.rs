@@ -333,6 +333,8 @@ fn mlp_lora_targets_merge_exactly() {
 
 /// The training loss applies `lm_head` at the target positions only; it equals the reference's
 /// full-logits loss, and so do the LoRA gradients (labels with −100 holes inside the target too).
+/// The per-token label log-probs (what GRPO and DPO take) are the full logits' log-softmax at each
+/// label, and their masked mean gives the same loss and gradients.
 #[test]
 fn target_only_loss_equals_the_full_logits_loss() {
     let cfg = ModelConfig::preset("tiny").unwrap();
@@ -351,28 +353,35 @@ fn target_only_loss_equals_the_full_logits_loss() {
     let labels = ids.copy();
     let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
     let _ = labels.narrow(1, 60, 4).fill_(-100);
-    let grads = |full: bool| -> (f64, Vec<Tensor>) {
+    let inputs = xrayglm::model::visualglm::BatchInputs {
+        input_ids: &ids,
+        images: xrayglm::model::visualglm::Images::Pixels(&image),
+        image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
+        position_ids: &pos,
+        context_lengths: &ctx,
+        labels: &labels,
+    };
+    // 0: the reference's loss on full logits; 1: the target-only loss; 2: the masked mean of the
+    // per-token label log-probs, negated.
+    let grads = |way: usize| -> (f64, Vec<Tensor>) {
         for (_, v) in m.lora.variables() {
             let mut g = v.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
-        let loss = if full {
-            let out = m
-                .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), true)
-                .unwrap();
-            lm_loss(&out.logits, &labels)
-        } else {
-            let inputs = xrayglm::model::visualglm::BatchInputs {
-                input_ids: &ids,
-                images: xrayglm::model::visualglm::Images::Pixels(&image),
-                image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
-                position_ids: &pos,
-                context_lengths: &ctx,
-                labels: &labels,
-            };
-            m.loss(&inputs, true)
+        let loss = match way {
+            0 => {
+                let out = m
+                    .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), true)
+                    .unwrap();
+                lm_loss(&out.logits, &labels)
+            }
+            1 => m.loss(&inputs, true),
+            _ => {
+                let (logps, mask) = m.label_logps(&inputs, true);
+                -(logps * &mask).sum(Kind::Float) / mask.sum(Kind::Float)
+            }
         };
         loss.backward();
         let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();
@@ -382,15 +391,44 @@ fn target_only_loss_equals_the_full_logits_loss() {
             vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
         )
     };
-    let (full, g_full) = grads(true);
-    let (fast, g_fast) = grads(false);
-    assert!(full > 1.0, "loss {full}");
-    assert!(((fast - full) / full).abs() <= 1e-6, "{fast} vs {full}");
-    for (a, b) in g_full.iter().zip(&g_fast) {
-        assert!(a.abs().max().double_value(&[]) > 0.0);
-        let e = common::rel_err(b, a);
-        assert!(e <= 1e-5, "gradient relative error {e:.3e}");
+    let (full, g_full) = grads(0);
+    for way in [1, 2] {
+        let (fast, g_fast) = grads(way);
+        assert!(full > 1.0, "loss {full}");
+        assert!(
+            ((fast - full) / full).abs() <= 1e-6,
+            "{way}: {fast} vs {full}"
+        );
+        for (a, b) in g_full.iter().zip(&g_fast) {
+            assert!(a.abs().max().double_value(&[]) > 0.0);
+            let e = common::rel_err(b, a);
+            assert!(e <= 1e-5, "{way}: gradient relative error {e:.3e}");
+        }
     }
+    // Each token's log-prob is the full logits' log-softmax at its label; ignored labels are 0.
+    let (logps, mask) = tch::no_grad(|| m.label_logps(&inputs, false));
+    let logits = tch::no_grad(|| {
+        m.forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), false)
+            .unwrap()
+            .logits
+    });
+    let s = logits.size()[1];
+    let want = logits
+        .narrow(1, 0, s - 1)
+        .log_softmax(-1, Kind::Float)
+        .gather(
+            2,
+            &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
+            false,
+        )
+        .squeeze_dim(2)
+        * &mask;
+    assert_eq!(
+        mask.sum(Kind::Float).int64_value(&[]),
+        2 * (64 - ctx[0] - 1 - 4)
+    );
+    let e = common::rel_err(&logps, &want);
+    assert!(e <= 1e-5, "per-token log-probs {e:.3e}");
 }
 
 /// Weight-only int8 (`--quant 8`, `model.quantize = "int8"`) on the sat-checked model a: logits

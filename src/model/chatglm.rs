@@ -414,6 +414,32 @@ impl ChatGlm {
             )
     }
 
+    /// `log p(label)` of every counted label `[B, S − 1]` (0 where the label is ignored) and the
+    /// mask of counted labels (1.0), from the last layer's output: the final LayerNorm and
+    /// `lm_head` at the predicting positions only, log-softmax in fp32. Their masked mean, negated,
+    /// is [`ChatGlm::target_loss`]; per token they are what the preference and policy-gradient
+    /// losses take.
+    pub fn label_logps(&self, hidden: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        let (b, s, h) = hidden.size3().unwrap();
+        let next = labels.narrow(1, 1, s - 1).reshape([-1]);
+        let counted = next.ne(IGNORE_LABEL);
+        let rows = counted.nonzero().squeeze_dim(1);
+        let x = hidden
+            .narrow(1, 0, s - 1)
+            .reshape([-1, h])
+            .index_select(0, &rows);
+        let logp = self
+            .head(&x)
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &next.index_select(0, &rows).unsqueeze(1), false)
+            .squeeze_dim(1);
+        let out = Tensor::zeros([b * (s - 1)], (logp.kind(), logp.device()))
+            .index_put(&[Some(rows)], &logp, false)
+            .view([b, s - 1]);
+        (out, counted.to_kind(Kind::Float).view([b, s - 1]))
+    }
+
     /// The first pass of generation over prompts of one length (eval mode): row `r` holds
     /// `ids[r]` (ending with `<sop>`) with the bidirectional prefix `prefixes[r]`, and the images
     /// `image_embeds [N, L, hidden]` (row order) lie at `image_starts` of every row. Returns the

@@ -382,6 +382,15 @@ impl VisualGlm {
         })
     }
 
+    /// Per-token `log p(label)` `[B, T − 1]` of a batch's counted labels and their mask (see
+    /// [`ChatGlm::label_logps`]), with autograd history for the adapters.
+    pub fn label_logps(&self, b: &BatchInputs, train: bool) -> (Tensor, Tensor) {
+        self.with_inputs(b, train, |inp| {
+            self.chatglm
+                .label_logps(&self.chatglm.hidden(inp, train), b.labels)
+        })
+    }
+
     /// ChatGLM's inputs for a training batch: the attention mask and the image embeddings.
     fn with_inputs<T>(&self, b: &BatchInputs, train: bool, f: impl FnOnce(&GlmInputs) -> T) -> T {
         let BatchInputs {
