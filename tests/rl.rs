@@ -268,3 +268,98 @@ fn dpo_loss_and_gradient_equal_trl() {
         }
     }
 }
+
+fn png() -> Vec<u8> {
+    use image::ImageEncoder;
+    let pixels = xrayglm::data::synthetic::render(
+        &xrayglm::data::synthetic::Findings {
+            cardiomegaly: true,
+            effusion: xrayglm::data::synthetic::Effusion::None,
+        },
+        32,
+        &mut xrayglm::data::rng::PyRandom::new(2),
+    );
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&pixels, 32, 32, image::ExtendedColorType::L8)
+        .unwrap();
+    out
+}
+
+/// Pair files in the layouts preference data comes in — ours, RLAIF-V's `question`, a LLaVA or
+/// ShareGPT conversation, LLaVA-RLHF's two outputs and preference — read to the same pairs; bad
+/// pairs are named by index and kind.
+#[test]
+fn pair_files_read_in_every_layout() {
+    use xrayglm::data::records::{load_pairs, BadKind, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["a.png", "b.png"] {
+        std::fs::write(dir.path().join(f), png()).unwrap();
+    }
+    let file = dir.path().join("pairs.json");
+    std::fs::write(
+        &file,
+        serde_json::json!([
+            {"image": "a.png", "prompt": "Q", "chosen": ENLARGED, "rejected": NORMAL},
+            {"image": "a.png", "question": "Q", "chosen": ENLARGED, "rejected": NORMAL, "ds_name": "x"},
+            {"images": ["a.png", "b.png"], "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nQ0"}, {"from": "gpt", "value": "A0"},
+                {"from": "human", "value": "Q"}],
+             "chosen": ENLARGED, "rejected": NORMAL},
+            {"id": 7, "image": "a.png", "conversations": [
+                {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "the dataset's"}],
+             "output_1": {"from": "llava", "value": NORMAL}, "output_2": {"from": "llava", "value": ENLARGED},
+             "preference": 2},
+            {"image": "a.png", "messages": [
+                {"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+             "chosen": ENLARGED, "rejected": NORMAL},
+            {"image": "a.png", "prompt": "Q", "chosen": NORMAL, "rejected": NORMAL},
+            {"image": "a.png", "prompt": "Q", "chosen": ENLARGED},
+            {"image": "missing.png", "prompt": "Q", "chosen": ENLARGED, "rejected": NORMAL},
+            {"image": "a.png", "prompt": 5, "chosen": ENLARGED, "rejected": NORMAL},
+            {"image": "a.png", "conversations": [{"from": "human", "value": "Q"}],
+             "output_1": "x", "output_2": "y", "preference": 3},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let loaded = load_pairs(
+        &file,
+        &LoadOptions {
+            skip_bad: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.total, 10);
+    let p = &loaded.pairs;
+    assert_eq!(p.len(), 5, "{:?}", loaded.bad);
+    for pair in p {
+        assert_eq!(
+            (pair.chosen.as_str(), pair.rejected.as_str()),
+            (ENLARGED, NORMAL)
+        );
+        assert_eq!(pair.prompt, "Q");
+    }
+    assert_eq!(p[2].history, vec![("Q0".to_string(), "A0".to_string())]);
+    assert_eq!(p[2].images.len(), 2);
+    assert_eq!(p[3].id, "7");
+    assert!(p[3].history.is_empty());
+    let kinds: Vec<(usize, BadKind)> = loaded.bad.iter().map(|b| (b.index, b.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (5, BadKind::IdenticalPair),
+            (6, BadKind::MissingField),
+            (7, BadKind::MissingImage),
+            (8, BadKind::NotAString),
+            (9, BadKind::MissingField),
+        ]
+    );
+    assert!(loaded.bad[3]
+        .message
+        .contains("pair 8: field \"prompt\" is a number"));
+    // Without skip_bad the first bad pair is the error.
+    let e = load_pairs(&file, &LoadOptions::default()).unwrap_err();
+    assert!(format!("{e:#}").contains("pair 5"), "{e:#}");
+}

@@ -27,6 +27,7 @@ use super::rng::PyRandom;
 mod conversation;
 mod images;
 mod list;
+mod pairs;
 mod study;
 
 use conversation::parse_conversation;
@@ -35,6 +36,7 @@ pub use images::check_image;
 use images::check_images;
 use list::parse_one;
 pub use list::{relative_to, write_training_list, Films, TrainEntry};
+pub use pairs::{load_pairs, LoadedPairs, Pair};
 pub use study::{group_study_views, study_of, StudyCounts, MAX_VIEWS_PER_STUDY};
 
 /// The fixed prompt of `build_ch_prompt.py`.
@@ -149,6 +151,8 @@ pub enum BadKind {
     MarkerInAnswer,
     /// A conversation with more earlier turns than `sample.max_source_length` can ever hold.
     HistoryTooLong,
+    /// A preference pair whose chosen and rejected answers are the same.
+    IdenticalPair,
 }
 
 /// A record that was rejected, with a message naming the file and the record.
