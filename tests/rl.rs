@@ -363,3 +363,157 @@ fn pair_files_read_in_every_layout() {
     let e = load_pairs(&file, &LoadOptions::default()).unwrap_err();
     assert!(format!("{e:#}").contains("pair 5"), "{e:#}");
 }
+
+/// Prompts of different lengths (one with a film) on the tiny random model, and sampling limited
+/// to 16 tokens and `<eop>` so that replies end at different steps.
+fn rollout_setup() -> (
+    xrayglm::model::visualglm::VisualGlm,
+    Vec<xrayglm::infer::engine::rollout::RolloutPrompt>,
+    xrayglm::infer::engine::rollout::RolloutConfig,
+) {
+    use xrayglm::infer::engine::rollout::{RolloutConfig, RolloutPrompt};
+    use xrayglm::model::positions::Prefix;
+    use xrayglm::tokenizer::ids;
+    let cfg = xrayglm::model::config::ModelConfig::preset("tiny").unwrap();
+    tch::manual_seed(5);
+    let m =
+        xrayglm::model::visualglm::VisualGlm::new(cfg.clone(), tch::Device::Cpu, tch::Kind::Float)
+            .unwrap();
+    let text = |n: usize| -> Vec<i64> {
+        let mut v: Vec<i64> = (0..n as i64).map(|i| 20 + (i * 7) % 50).collect();
+        v.extend([ids::GMASK, ids::SOP]);
+        v
+    };
+    let mut prompts: Vec<RolloutPrompt> = [3usize, 9, 5]
+        .iter()
+        .map(|&n| {
+            let ids = text(n);
+            RolloutPrompt {
+                prefix: Prefix::new(ids.len() - 1, ids.len() - 2),
+                ids,
+                image_starts: vec![],
+                embeds: None,
+            }
+        })
+        .collect();
+    // A prompt with a film: the image slots after the first 2 tokens.
+    let (_, image) = xrayglm::bench::model_inputs(&cfg, 1, 64, tch::Device::Cpu);
+    let embeds = tch::no_grad(|| m.encode_image(&image, false).2);
+    let l = cfg.sat.image_length as usize;
+    let mut ids = vec![21, 22];
+    ids.extend(std::iter::repeat_n(ids::UNK, l));
+    ids.extend([23, ids::GMASK, ids::SOP]);
+    prompts.push(RolloutPrompt {
+        prefix: Prefix::new(ids.len() - 1, ids.len() - 2),
+        ids,
+        image_starts: vec![2],
+        embeds: Some(embeds),
+    });
+    let sampling = xrayglm::infer::sampling::SamplingConfig {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        greedy: false,
+        seed: 77,
+        invalid: vec![0..5, 21..ids::EOP, ids::EOP + 1..ids::EMBEDDING_ROWS],
+    };
+    let rc = RolloutConfig {
+        group: 3,
+        sampling,
+        max_new_tokens: 24,
+        max_batch: 64,
+    };
+    (m, prompts, rc)
+}
+
+/// Rollouts through continuous batching: the same replies whether every row decodes together or
+/// one prompt's group at a time (each sample has its own generator), replies of one prompt that
+/// differ, ends at different steps; greedy replies equal a recomputation without a cache.
+#[test]
+fn rollouts_do_not_depend_on_the_batch_and_equal_a_full_recomputation() {
+    use xrayglm::infer::engine::rollout::{rollouts, RolloutConfig};
+    use xrayglm::tokenizer::ids;
+    let (m, prompts, rc) = rollout_setup();
+    let all = rollouts(&m.chatglm, &prompts, &rc).unwrap();
+    let one_group = rollouts(
+        &m.chatglm,
+        &prompts,
+        &RolloutConfig {
+            max_batch: 3,
+            ..rc.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(all, one_group);
+    assert_eq!(all.len(), 12);
+    assert_eq!(
+        all.iter().map(|r| r.prompt).collect::<Vec<_>>(),
+        [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    );
+    let lengths: std::collections::BTreeSet<usize> = all.iter().map(|r| r.tokens.len()).collect();
+    assert!(lengths.len() >= 4, "{lengths:?}");
+    assert!(all.iter().any(|r| r.ended) && all.iter().any(|r| !r.ended));
+    for r in &all {
+        assert!(r.tokens.iter().all(|&t| (5..21).contains(&t)), "{r:?}");
+        assert_eq!(r.ended, r.tokens.len() < 24);
+    }
+    for p in 0..4 {
+        let g = &all[3 * p..3 * p + 3];
+        assert!(
+            g[0].tokens != g[1].tokens || g[1].tokens != g[2].tokens,
+            "{g:?}"
+        );
+    }
+    let other_seed = rollouts(&m.chatglm, &prompts, &{
+        let mut c = rc.clone();
+        c.sampling.seed = 78;
+        c
+    })
+    .unwrap();
+    assert_ne!(all, other_seed);
+
+    // Greedy: each token the arg-max of a forward over the whole sequence so far.
+    let mut greedy = rc.clone();
+    greedy.sampling.greedy = true;
+    greedy.group = 1;
+    greedy.max_new_tokens = 8;
+    let got = rollouts(&m.chatglm, &prompts, &greedy).unwrap();
+    for (p, r) in prompts.iter().zip(&got) {
+        let mut seq = p.ids.clone();
+        let mut want = Vec::new();
+        for _ in 0..8 {
+            let len = seq.len() as i64;
+            let input = Tensor::from_slice(&seq).view([1, len]);
+            let pos = xrayglm::model::positions::batch(&[p.prefix], len, tch::Device::Cpu);
+            let mask = xrayglm::model::positions::attention_mask(
+                &[p.prefix.context_length],
+                len,
+                tch::Device::Cpu,
+            );
+            let starts: Vec<(i64, i64)> = p.image_starts.iter().map(|&s| (0, s)).collect();
+            let logits = tch::no_grad(|| {
+                m.chatglm.forward(
+                    &xrayglm::model::chatglm::GlmInputs {
+                        input_ids: &input,
+                        position_ids: &pos,
+                        attention_mask: &mask,
+                        image_embeds: p.embeds.as_ref(),
+                        image_at: xrayglm::model::chatglm::ImageAt::of(&starts, 1),
+                    },
+                    false,
+                )
+            });
+            let last = logits.select(1, len - 1).squeeze_dim(0);
+            let allowed = Tensor::cat(&[last.narrow(0, 5, 16), last.narrow(0, ids::EOP, 1)], 0);
+            let k = allowed.argmax(0, false).int64_value(&[]);
+            let t = if k == 16 { ids::EOP } else { 5 + k };
+            if t == ids::EOP {
+                break;
+            }
+            want.push(t);
+            seq.push(t);
+        }
+        assert_eq!(r.tokens, want, "prompt of {} tokens", p.ids.len());
+    }
+}

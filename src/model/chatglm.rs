@@ -376,6 +376,11 @@ impl ChatGlm {
         }
     }
 
+    /// The device the weights are on.
+    pub fn device(&self) -> tch::Device {
+        self.word_embeddings.device()
+    }
+
     /// Logits `[B, S, vocab]` (in the weights' kind).
     pub fn forward(&self, inp: &GlmInputs, train: bool) -> Tensor {
         self.head(&self.hidden(inp, train))

@@ -39,6 +39,7 @@
 //! [`SlotCache`]: crate::model::chatglm::SlotCache
 
 mod output;
+pub mod rollout;
 mod runner;
 mod scheduler;
 

@@ -14,29 +14,38 @@ use crate::model::chatglm::{KvCache, SlotCache};
 use crate::model::positions::Prefix;
 use crate::tokenizer::ids;
 
-/// Rows decoded together and their cache (row `i` of `rows` is row `i` of `cache`): every live
-/// row in group 0 ([`AdapterBatching::PerRow`]), or one group per model.
-#[derive(Default)]
-pub(super) struct Group {
+/// Rows decoded together and their cache (row `i` of `rows` is row `i` of `cache`): the server's
+/// requests (every live row in group 0 with [`AdapterBatching::PerRow`], or one group per
+/// model), or a training rollout's samples ([`super::rollout`]).
+pub(super) struct Group<R = Row> {
     pub(super) cache: SlotCache,
-    pub(super) rows: Vec<Row>,
+    pub(super) rows: Vec<R>,
 }
 
-impl Group {
+impl<R> Default for Group<R> {
+    fn default() -> Self {
+        Self {
+            cache: SlotCache::default(),
+            rows: Vec::new(),
+        }
+    }
+}
+
+impl<R> Group<R> {
     /// Add `row`, whose prompt's keys and values are row `i` of `prefilled`.
-    pub(super) fn join(&mut self, prefilled: &KvCache, i: i64, row: Row) {
+    pub(super) fn join(&mut self, prefilled: &KvCache, i: i64, row: R) {
         self.cache.join(prefilled, i);
         self.rows.push(row);
     }
 
     /// Take row `i` out, its cache row with it (the last row takes its place).
-    pub(super) fn remove(&mut self, i: usize) -> Row {
+    pub(super) fn remove(&mut self, i: usize) -> R {
         self.cache.swap_remove(i);
         self.rows.swap_remove(i)
     }
 
     /// Take every row out; the cache is freed.
-    pub(super) fn clear(&mut self) -> Vec<Row> {
+    pub(super) fn clear(&mut self) -> Vec<R> {
         self.cache = SlotCache::default();
         std::mem::take(&mut self.rows)
     }
