@@ -11,6 +11,7 @@
 pub use crate::logs::{metrics, progress};
 pub mod checkpoint;
 pub mod generation;
+pub mod grpo;
 pub mod loss;
 pub mod optim;
 pub mod scaler;

@@ -1,0 +1,183 @@
+//! GRPO's update on one batch of prompts (Shao et al., arXiv 2402.03300; TRL's `GRPOTrainer`):
+//! sample `G` replies per prompt through the engine's continuous batching, score them, turn the
+//! rewards into group-relative advantages and accumulate the gradient of the clipped policy loss
+//! ([`super::loss::GrpoLoss`]) into the adapters. One update per rollout (μ = 1), so the sampling
+//! policy is the current one and the ratio is 1 with the gradient of `log π`.
+
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+
+use super::loss::{group_advantages, Completions, GrpoLoss, RewardScale};
+use crate::infer::engine::rollout::{rollouts, Rollout, RolloutConfig, RolloutPrompt};
+use crate::model::chatglm::ImageAt;
+use crate::model::positions::{self, Prefix};
+use crate::model::visualglm::{BatchInputs, Images, VisualGlm, IGNORE};
+use crate::tokenizer::ids;
+
+/// What a GRPO step does.
+#[derive(Debug, Clone)]
+pub struct GrpoConfig {
+    pub rollout: RolloutConfig,
+    pub loss: GrpoLoss,
+    pub scale: RewardScale,
+}
+
+/// What is logged of a step.
+#[derive(Debug, Clone, Default)]
+pub struct GrpoStats {
+    pub loss: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Share of prompts whose replies all scored the same (no signal from them).
+    pub zero_advantage_groups: f64,
+    pub completion_tokens_mean: f64,
+    pub clip_region: f64,
+    pub kl: Option<f64>,
+    /// Tokens sampled (replies and their end tokens).
+    pub rollout_tokens: usize,
+}
+
+/// One GRPO step's rollouts, rewards and backward pass (the optimizer step is the caller's).
+/// `reward(prompt, reply)` scores a reply; the replies are also returned.
+pub fn grpo_backward(
+    model: &VisualGlm,
+    prompts: &[RolloutPrompt],
+    cfg: &GrpoConfig,
+    reward: &mut dyn FnMut(usize, &Rollout) -> f64,
+) -> Result<(GrpoStats, Vec<Rollout>)> {
+    ensure!(
+        cfg.loss.beta == 0.0,
+        "GRPO with a KL term (beta > 0) needs the reference policy's log-probs, which this step \
+         does not compute: use beta = 0"
+    );
+    let replies = rollouts(&model.chatglm, prompts, &cfg.rollout)?;
+    let rewards: Vec<f64> = replies.iter().map(|r| reward(r.prompt, r)).collect();
+    let g = cfg.rollout.group;
+    let advantages = group_advantages(&rewards, g, cfg.scale);
+    let dev = model.device();
+    let batch = PolicyBatch::new(model, prompts, &replies)?;
+    let (logps, mask) = model.label_logps(&batch.inputs(), true);
+    let out = cfg.loss.compute(&Completions {
+        logps: &logps,
+        old_logps: None,
+        ref_logps: None,
+        advantages: &Tensor::from_slice(&advantages).to_device(dev),
+        mask: &mask,
+        batch_tokens: mask.sum(Kind::Double).double_value(&[]),
+    })?;
+    out.loss.backward();
+    let n = rewards.len().max(1) as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let flat = rewards
+        .chunks(g)
+        .filter(|grp| grp.iter().all(|&r| r == grp[0]))
+        .count();
+    let tokens: usize = replies
+        .iter()
+        .map(|r| r.tokens.len() + usize::from(r.ended))
+        .sum();
+    Ok((
+        GrpoStats {
+            loss: out.loss.double_value(&[]),
+            reward_mean: mean,
+            reward_std: (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt(),
+            zero_advantage_groups: flat as f64 / prompts.len().max(1) as f64,
+            completion_tokens_mean: tokens as f64 / n,
+            clip_region: out.clip_region,
+            kl: out.kl,
+            rollout_tokens: tokens,
+        },
+        replies,
+    ))
+}
+
+/// The replies as a training batch: each prompt followed by its reply (and `<eop>` when it
+/// ended), right-padded, the reply's tokens the labels.
+struct PolicyBatch {
+    input_ids: Tensor,
+    labels: Tensor,
+    position_ids: Tensor,
+    context_lengths: Vec<i64>,
+    embeds: Tensor,
+    image_at: Vec<(i64, i64)>,
+    rows: usize,
+}
+
+impl PolicyBatch {
+    fn new(model: &VisualGlm, prompts: &[RolloutPrompt], replies: &[Rollout]) -> Result<Self> {
+        let dev = model.device();
+        let seqs: Vec<(Vec<i64>, usize)> = replies
+            .iter()
+            .map(|r| {
+                let p = &prompts[r.prompt];
+                let mut s = p.ids.clone();
+                s.extend(&r.tokens);
+                if r.ended {
+                    s.push(ids::EOP);
+                }
+                (s, p.ids.len())
+            })
+            .collect();
+        let len = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(1);
+        let (mut input, mut labels) = (Vec::new(), Vec::new());
+        for (s, prompt_len) in &seqs {
+            for i in 0..len {
+                let t = s.get(i).copied();
+                input.push(t.unwrap_or(ids::PAD));
+                labels.push(match t {
+                    Some(t) if i >= *prompt_len => t,
+                    _ => IGNORE,
+                });
+            }
+        }
+        let b = replies.len() as i64;
+        let prefixes: Vec<Prefix> = replies.iter().map(|r| prompts[r.prompt].prefix).collect();
+        let mut films = Vec::new();
+        let mut image_at = Vec::new();
+        for (row, r) in replies.iter().enumerate() {
+            let p = &prompts[r.prompt];
+            if let Some(e) = &p.embeds {
+                ensure!(
+                    e.size()[0] as usize == p.image_starts.len(),
+                    "a prompt's films and image slots differ in number"
+                );
+                films.push(e.shallow_clone());
+                image_at.extend(p.image_starts.iter().map(|&s| (row as i64, s)));
+            }
+        }
+        let s = &model.cfg.sat;
+        let embeds = if films.is_empty() {
+            Tensor::zeros([0, s.image_length, s.hidden_size], (model.kind(), dev))
+        } else {
+            Tensor::cat(&films, 0).to_device(dev)
+        };
+        Ok(Self {
+            input_ids: Tensor::from_slice(&input)
+                .view([b, len as i64])
+                .to_device(dev),
+            labels: Tensor::from_slice(&labels)
+                .view([b, len as i64])
+                .to_device(dev),
+            position_ids: positions::batch(&prefixes, len as i64, dev),
+            context_lengths: prefixes.iter().map(|p| p.context_length).collect(),
+            embeds,
+            image_at,
+            rows: replies.len(),
+        })
+    }
+
+    fn inputs(&self) -> BatchInputs<'_> {
+        BatchInputs {
+            input_ids: &self.input_ids,
+            images: Images::Embeds(&self.embeds),
+            image_at: if self.image_at.is_empty() {
+                ImageAt::Slots(&[])
+            } else {
+                ImageAt::of(&self.image_at, self.rows)
+            },
+            position_ids: &self.position_ids,
+            context_lengths: &self.context_lengths,
+            labels: &self.labels,
+        }
+    }
+}
