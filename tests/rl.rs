@@ -568,10 +568,12 @@ fn grpo_steps_raise_a_learnable_reward() {
             r.tokens.iter().filter(|&&t| t == 9).count() as f64 / r.tokens.len() as f64
         }
     };
+    let start = xrayglm::train::grpo::Reference::snapshot(&m);
     let mut means = Vec::new();
     for step in 0..8 {
         opt.zero_grad();
-        let (stats, replies) = grpo_backward(&m, &prompts, &cfg(100 + step), &mut reward).unwrap();
+        let (stats, replies) =
+            grpo_backward(&m, &prompts, &cfg(100 + step), None, &mut reward).unwrap();
         assert_eq!(replies.len(), 16);
         assert!(
             stats.loss.is_finite() && stats.rollout_tokens > 0,
@@ -584,8 +586,20 @@ fn grpo_steps_raise_a_learnable_reward() {
     let (first, last) = (means[0], (means[6] + means[7]) / 2.0);
     assert!(first < 0.2, "{means:?}");
     assert!(last > first + 0.2, "{means:?}");
-    // A KL term needs the reference's log-probs, which this step refuses to invent.
+    // A KL term needs the reference policy. Against the adapters it started from the trained
+    // policy has drifted (KL > 0); against itself the KL is 0 and the loss has no KL part.
     let mut with_kl = cfg(1);
     with_kl.loss.beta = 0.04;
-    assert!(grpo_backward(&m, &prompts, &with_kl, &mut reward).is_err());
+    assert!(grpo_backward(&m, &prompts, &with_kl, None, &mut reward).is_err());
+    // (No dropout in the tiny model's adapters: the policy's train-mode log-probs are its
+    // eval-mode ones.)
+    let now = xrayglm::train::grpo::Reference::snapshot(&m);
+    opt.zero_grad();
+    let (same, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &mut reward).unwrap();
+    assert!(same.kl.unwrap().abs() < 1e-6, "{same:?}");
+    let (drift, _) = grpo_backward(&m, &prompts, &with_kl, Some(&start), &mut reward).unwrap();
+    assert!(drift.kl.unwrap() > 1e-3, "{drift:?}");
+    // The reference's forward put the policy's adapters back.
+    let (again, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &mut reward).unwrap();
+    assert!(again.kl.unwrap().abs() < 1e-6, "{again:?}");
 }

@@ -2,7 +2,10 @@
 //! sample `G` replies per prompt through the engine's continuous batching, score them, turn the
 //! rewards into group-relative advantages and accumulate the gradient of the clipped policy loss
 //! ([`super::loss::GrpoLoss`]) into the adapters. One update per rollout (μ = 1), so the sampling
-//! policy is the current one and the ratio is 1 with the gradient of `log π`.
+//! policy is the current one and the ratio is 1 with the gradient of `log π`. The KL term's
+//! reference is a frozen copy of the adapters ([`Reference`]), its log-probs one extra forward in
+//! eval mode. The prompts' film embeddings come computed (without a graph), so adapters on the
+//! vision side get no gradient from this step.
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
@@ -37,18 +40,57 @@ pub struct GrpoStats {
     pub rollout_tokens: usize,
 }
 
+/// The frozen reference policy: the adapters a run starts from (the KL term's `π_ref`).
+pub struct Reference {
+    weights: Vec<(String, Tensor)>,
+}
+
+impl Reference {
+    /// A copy of the model's adapters now.
+    pub fn snapshot(model: &VisualGlm) -> Self {
+        let mut weights: Vec<(String, Tensor)> = model
+            .lora
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        Self { weights }
+    }
+
+    /// Per-token label log-probs of `b` under the reference (eval mode, no graph): one extra
+    /// forward with the reference's adapters swapped in and the policy's put back.
+    fn label_logps(&self, model: &VisualGlm, b: &BatchInputs) -> Tensor {
+        let vars = model.lora.variables();
+        tch::no_grad(|| {
+            let mut current = Vec::with_capacity(self.weights.len());
+            for (k, w) in &self.weights {
+                let mut v = vars[k].shallow_clone();
+                current.push(v.copy());
+                v.copy_(w);
+            }
+            let (logps, _) = model.label_logps(b, false);
+            for ((k, _), c) in self.weights.iter().zip(&current) {
+                vars[k].shallow_clone().copy_(c);
+            }
+            logps
+        })
+    }
+}
+
 /// One GRPO step's rollouts, rewards and backward pass (the optimizer step is the caller's).
-/// `reward(prompt, reply)` scores a reply; the replies are also returned.
+/// `reward(prompt, reply)` scores a reply; the replies are also returned. `reference` is needed
+/// when `cfg.loss.beta > 0`.
 pub fn grpo_backward(
     model: &VisualGlm,
     prompts: &[RolloutPrompt],
     cfg: &GrpoConfig,
+    reference: Option<&Reference>,
     reward: &mut dyn FnMut(usize, &Rollout) -> f64,
 ) -> Result<(GrpoStats, Vec<Rollout>)> {
     ensure!(
-        cfg.loss.beta == 0.0,
-        "GRPO with a KL term (beta > 0) needs the reference policy's log-probs, which this step \
-         does not compute: use beta = 0"
+        cfg.loss.beta == 0.0 || reference.is_some(),
+        "GRPO with a KL term (beta > 0) needs the reference policy"
     );
     let replies = rollouts(&model.chatglm, prompts, &cfg.rollout)?;
     let rewards: Vec<f64> = replies.iter().map(|r| reward(r.prompt, r)).collect();
@@ -56,11 +98,15 @@ pub fn grpo_backward(
     let advantages = group_advantages(&rewards, g, cfg.scale);
     let dev = model.device();
     let batch = PolicyBatch::new(model, prompts, &replies)?;
+    let ref_logps = match reference {
+        Some(r) if cfg.loss.beta != 0.0 => Some(r.label_logps(model, &batch.inputs())),
+        _ => None,
+    };
     let (logps, mask) = model.label_logps(&batch.inputs(), true);
     let out = cfg.loss.compute(&Completions {
         logps: &logps,
         old_logps: None,
-        ref_logps: None,
+        ref_logps: ref_logps.as_ref(),
         advantages: &Tensor::from_slice(&advantages).to_device(dev),
         mask: &mask,
         batch_tokens: mask.sum(Kind::Double).double_value(&[]),
