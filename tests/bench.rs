@@ -171,3 +171,33 @@ fn serve_bench_runs_in_reduced_mode() {
     }
     assert!(text.contains("one at a time (8 requests)"), "{text}");
 }
+
+/// `bench rl` in reduced mode: both ways of sampling the rollouts produce tokens, the ratio and
+/// the goal line are printed, and the GRPO step's four parts add up to its time.
+#[test]
+fn rl_bench_runs_in_reduced_mode() {
+    let text = bench([
+        "rl",
+        "--preset",
+        "tiny",
+        "--prompts",
+        "2",
+        "--group",
+        "4",
+        "--new_tokens",
+        "6",
+    ]);
+    let tps: Vec<f64> = text
+        .split("tokens/s")
+        .filter_map(|s| s.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert_eq!(tps.len(), 2, "{text}");
+    assert!(tps.iter().all(|&t| t > 0.0), "{text}");
+    assert!(text.contains("goal >= 3x at G = 8"), "{text}");
+    let shares: Vec<f64> = text
+        .split(" %")
+        .filter_map(|s| s.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert_eq!(shares.len(), 4, "{text}");
+    assert!((shares.iter().sum::<f64>() - 100.0).abs() <= 2.0, "{text}");
+}

@@ -35,6 +35,9 @@ pub enum BenchCommand {
     Layer(bench::LayerArgs),
     /// LoRA training steps of a preset with random weights (GPU check: real size in bf16).
     Step(bench::StepArgs),
+    /// GRPO rollouts (G replies per film) through the engine's continuous batching against one
+    /// reply at a time, and the time split of a GRPO step.
+    Rl(bench::RlArgs),
 }
 
 impl BenchCommand {
@@ -55,6 +58,7 @@ impl BenchCommand {
             Self::Dist(a) => xrayglm::out!("{}", bench::dist(&a)?),
             Self::Layer(a) => xrayglm::out!("{}", bench::layer(&a)?),
             Self::Step(a) => xrayglm::out!("{}", bench::step(&a)?),
+            Self::Rl(a) => xrayglm::out!("{}", bench::rl(&a)?),
         }
         Ok(())
     }

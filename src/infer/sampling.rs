@@ -146,6 +146,19 @@ impl Sampler {
         }
         let adj = self.adjust(logits, generated);
         let (b, v) = adj.size2()?;
+        if (self.cfg.top_k == 0 || self.cfg.top_k >= v) && self.cfg.top_p >= 1.0 {
+            // Nothing is cut: draw from the running sum of the probabilities in id order, without
+            // sorting the vocabulary (the same distribution; RL samples this way).
+            let cum = adj.softmax(-1, Kind::Float).cumsum(-1, Kind::Double);
+            let total = cum.select(1, v - 1);
+            let u: Vec<f64> = (0..b).map(|_| self.rng.random()).collect();
+            let at = Tensor::from_slice(&u).to_device(cum.device()) * total;
+            let picks = cum
+                .lt_tensor(&at.unsqueeze(1))
+                .sum_dim_intlist(-1, false, Kind::Int64)
+                .clamp_max(v - 1);
+            return Ok(Vec::<i64>::try_from(picks.to_device(Device::Cpu))?);
+        }
         // Top-k (or everything) in descending order; only these can be drawn.
         let k = if self.cfg.top_k > 0 {
             self.cfg.top_k.min(v)
@@ -242,6 +255,24 @@ mod tests {
         assert!(picks.contains(&0) && picks.contains(&1) && !picks.contains(&2));
         let ones = picks.iter().filter(|&&t| t == 1).count() as f64 / 300.0;
         assert!((ones - 1.0 / 3.0).abs() < 0.08, "{ones}");
+    }
+
+    #[test]
+    fn the_uncut_distribution_is_drawn_in_proportion() {
+        let logits = Tensor::from_slice(&[0.5f32.ln(), 0.2f32.ln(), 0.3f32.ln()]).view([1, 3]);
+        let mut s = sampler(|c| {
+            c.temperature = 1.0;
+            c.top_p = 1.0;
+            c.top_k = 0;
+            c.repetition_penalty = 1.0;
+        });
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[s.next(&logits, &[vec![]]).unwrap()[0] as usize] += 1;
+        }
+        for (c, p) in counts.iter().zip([0.5, 0.2, 0.3]) {
+            assert!((*c as f64 / 3000.0 - p).abs() < 0.03, "{counts:?}");
+        }
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct GrpoStats {
     pub kl: Option<f64>,
     /// Tokens sampled (replies and their end tokens).
     pub rollout_tokens: usize,
+    /// Seconds spent sampling, scoring, in the reference's forward, and in the policy's forward
+    /// and backward.
+    pub rollout_s: f64,
+    pub reward_s: f64,
+    pub reference_s: f64,
+    pub policy_s: f64,
 }
 
 /// The frozen reference policy: the adapters a run starts from (the KL term's `π_ref`).
@@ -92,16 +98,23 @@ pub fn grpo_backward(
         cfg.loss.beta == 0.0 || reference.is_some(),
         "GRPO with a KL term (beta > 0) needs the reference policy"
     );
+    let t = std::time::Instant::now();
     let replies = rollouts(&model.chatglm, prompts, &cfg.rollout)?;
+    let rollout_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let rewards: Vec<f64> = replies.iter().map(|r| reward(r.prompt, r)).collect();
+    let reward_s = t.elapsed().as_secs_f64();
     let g = cfg.rollout.group;
     let advantages = group_advantages(&rewards, g, cfg.scale);
     let dev = model.device();
     let batch = PolicyBatch::new(model, prompts, &replies)?;
+    let t = std::time::Instant::now();
     let ref_logps = match reference {
         Some(r) if cfg.loss.beta != 0.0 => Some(r.label_logps(model, &batch.inputs())),
         _ => None,
     };
+    let reference_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let (logps, mask) = model.label_logps(&batch.inputs(), true);
     let out = cfg.loss.compute(&Completions {
         logps: &logps,
@@ -112,6 +125,7 @@ pub fn grpo_backward(
         batch_tokens: mask.sum(Kind::Double).double_value(&[]),
     })?;
     out.loss.backward();
+    let policy_s = t.elapsed().as_secs_f64();
     let n = rewards.len().max(1) as f64;
     let mean = rewards.iter().sum::<f64>() / n;
     let flat = rewards
@@ -132,6 +146,10 @@ pub fn grpo_backward(
             clip_region: out.clip_region,
             kl: out.kl,
             rollout_tokens: tokens,
+            rollout_s,
+            reward_s,
+            reference_s,
+            policy_s,
         },
         replies,
     ))
