@@ -66,7 +66,7 @@ impl Reference {
 
     /// Per-token label log-probs of `b` under the reference (eval mode, no graph): one extra
     /// forward with the reference's adapters swapped in and the policy's put back.
-    fn label_logps(&self, model: &VisualGlm, b: &BatchInputs) -> Tensor {
+    pub(super) fn label_logps(&self, model: &VisualGlm, b: &BatchInputs) -> Tensor {
         let vars = model.lora.variables();
         tch::no_grad(|| {
             let mut current = Vec::with_capacity(self.weights.len());
@@ -157,7 +157,7 @@ pub fn grpo_backward(
 
 /// The replies as a training batch: each prompt followed by its reply (and `<eop>` when it
 /// ended), right-padded, the reply's tokens the labels.
-struct PolicyBatch {
+pub(super) struct PolicyBatch {
     input_ids: Tensor,
     labels: Tensor,
     position_ids: Tensor,
@@ -168,7 +168,11 @@ struct PolicyBatch {
 }
 
 impl PolicyBatch {
-    fn new(model: &VisualGlm, prompts: &[RolloutPrompt], replies: &[Rollout]) -> Result<Self> {
+    pub(super) fn new(
+        model: &VisualGlm,
+        prompts: &[RolloutPrompt],
+        replies: &[Rollout],
+    ) -> Result<Self> {
         let dev = model.device();
         let seqs: Vec<(Vec<i64>, usize)> = replies
             .iter()
@@ -230,7 +234,7 @@ impl PolicyBatch {
         })
     }
 
-    fn inputs(&self) -> BatchInputs<'_> {
+    pub(super) fn inputs(&self) -> BatchInputs<'_> {
         BatchInputs {
             input_ids: &self.input_ids,
             images: Images::Embeds(&self.embeds),

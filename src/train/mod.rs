@@ -10,6 +10,7 @@
 
 pub use crate::logs::{metrics, progress};
 pub mod checkpoint;
+pub mod dpo;
 pub mod generation;
 pub mod grpo;
 pub mod loss;
