@@ -660,3 +660,47 @@ fn dpo_steps_prefer_the_chosen_answers() {
     let last = seen[5];
     assert!(last.0 < 0.6 && last.1 > 0.5 && last.2 == 1.0, "{seen:?}");
 }
+
+/// A record's prompt for rollouts and pairs, followed by an answer's ids and `<eop>`, is the
+/// training sample of that answer (films, earlier turns, positions), so GRPO and DPO score
+/// answers exactly as SFT trains them.
+#[test]
+fn a_prompt_and_its_answer_are_the_training_sample() {
+    use xrayglm::data::sample::{SampleBuilder, SampleConfig};
+    use xrayglm::train::grpo::{answer_ids, prompt_of};
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = xrayglm::tokenizer::ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let builder = SampleBuilder::new(
+        tok,
+        SampleConfig {
+            image_length: 4,
+            max_target_length: 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let history = vec![("早先的问题".to_string(), "早先的回答".to_string())];
+    for (films, hist, answer) in [
+        (1, &[][..], ENLARGED),
+        (2, &history[..], NORMAL),
+        (
+            1,
+            &history[..],
+            "心脏增大。心脏增大。心脏增大。心脏增大。心脏增大。心脏增大。",
+        ),
+    ] {
+        let want = builder
+            .build_for(films, hist, "这张X光片显示什么？", answer)
+            .unwrap();
+        let p = prompt_of(&builder, films, hist, "这张X光片显示什么？", None).unwrap();
+        let mut got = p.ids.clone();
+        got.extend(answer_ids(&builder, answer).unwrap());
+        got.push(xrayglm::tokenizer::ids::EOP);
+        assert_eq!(got, want.input_ids);
+        assert_eq!(p.prefix, want.prefix());
+        let starts: Vec<i64> = want.image_starts.iter().map(|&i| i as i64).collect();
+        assert_eq!(p.image_starts, starts);
+    }
+}

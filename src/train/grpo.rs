@@ -11,11 +11,39 @@ use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 use super::loss::{group_advantages, Completions, GrpoLoss, RewardScale};
+use crate::data::sample::SampleBuilder;
 use crate::infer::engine::rollout::{rollouts, Rollout, RolloutConfig, RolloutPrompt};
 use crate::model::chatglm::ImageAt;
 use crate::model::positions::{self, Prefix};
 use crate::model::visualglm::{BatchInputs, Images, VisualGlm, IGNORE};
 use crate::tokenizer::ids;
+
+/// A record's prompt for rollouts or pairs: the training sample's prompt part (its films' blocks,
+/// the earlier turns, the question, `[gMASK]`, `<sop>`) and the films' embeddings
+/// `[films, image_length, hidden]`. A prompt followed by [`answer_ids`] and `<eop>` is the
+/// training sample of that answer.
+pub fn prompt_of(
+    builder: &SampleBuilder,
+    films: usize,
+    history: &[(String, String)],
+    question: &str,
+    embeds: Option<Tensor>,
+) -> Result<RolloutPrompt> {
+    let s = builder.build_for(films, history, question, "")?;
+    Ok(RolloutPrompt {
+        ids: s.input_ids[..=s.context_length].to_vec(),
+        prefix: s.prefix(),
+        image_starts: s.image_starts.iter().map(|&i| i as i64).collect(),
+        embeds,
+    })
+}
+
+/// An answer's token ids, cut where training cuts a target (`sample.max_target_length − 2`).
+pub fn answer_ids(builder: &SampleBuilder, answer: &str) -> Result<Vec<i64>> {
+    let mut ids = builder.tokenizer().encode(answer)?;
+    ids.truncate(builder.config().max_target_length.saturating_sub(2));
+    Ok(ids)
+}
 
 /// What a GRPO step does.
 #[derive(Debug, Clone)]
