@@ -681,7 +681,7 @@ fn a_prompt_and_its_answer_are_the_training_sample() {
         },
     )
     .unwrap();
-    let history = vec![("早先的问题".to_string(), "早先的回答".to_string())];
+    let history = [("早先的问题".to_string(), "早先的回答".to_string())];
     for (films, hist, answer) in [
         (1, &[][..], ENLARGED),
         (2, &history[..], NORMAL),
