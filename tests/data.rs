@@ -208,20 +208,7 @@ impl Bad {
 }
 
 fn synthetic_png() -> Vec<u8> {
-    let pixels = synthetic::render(
-        &synthetic::Findings {
-            cardiomegaly: false,
-            effusion: synthetic::Effusion::None,
-        },
-        32,
-        &mut PyRandom::new(1),
-    );
-    let mut out = Vec::new();
-    use image::ImageEncoder;
-    image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(&pixels, 32, 32, image::ExtendedColorType::L8)
-        .unwrap();
-    out
+    common::film_png(false, 1)
 }
 
 #[test]

@@ -269,23 +269,6 @@ fn dpo_loss_and_gradient_equal_trl() {
     }
 }
 
-fn png() -> Vec<u8> {
-    use image::ImageEncoder;
-    let pixels = xrayglm::data::synthetic::render(
-        &xrayglm::data::synthetic::Findings {
-            cardiomegaly: true,
-            effusion: xrayglm::data::synthetic::Effusion::None,
-        },
-        32,
-        &mut xrayglm::data::rng::PyRandom::new(2),
-    );
-    let mut out = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(&pixels, 32, 32, image::ExtendedColorType::L8)
-        .unwrap();
-    out
-}
-
 /// Pair files in the layouts preference data comes in — ours, RLAIF-V's `question`, a LLaVA or
 /// ShareGPT conversation, LLaVA-RLHF's two outputs and preference — read to the same pairs; bad
 /// pairs are named by index and kind.
@@ -294,7 +277,7 @@ fn pair_files_read_in_every_layout() {
     use xrayglm::data::records::{load_pairs, BadKind, LoadOptions};
     let dir = tempfile::tempdir().unwrap();
     for f in ["a.png", "b.png"] {
-        std::fs::write(dir.path().join(f), png()).unwrap();
+        std::fs::write(dir.path().join(f), common::film_png(true, 2)).unwrap();
     }
     let file = dir.path().join("pairs.json");
     std::fs::write(

@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::findings::ce::UncertainAs;
+use super::findings::ce::{outcome, Prf, UncertainAs};
 use super::findings::{Labeler, Labels, Observation, State};
 use super::metrics::{bleu, rouge_l, tokenize, CiderDf, Lang};
 
@@ -188,22 +188,15 @@ fn nan_as_zero(x: f64) -> f64 {
 
 /// F1 of the observations present in `h` against those present in `r` (1 when neither has one).
 pub fn findings_f1(h: &Labels, r: &Labels, uncertain_as: UncertainAs) -> f64 {
-    let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+    let (mut tp, mut fp, mut fn_) = (0, 0, 0);
     for o in Observation::ALL {
-        match (
-            uncertain_as.present(h.get(o)),
-            uncertain_as.present(r.get(o)),
-        ) {
-            (true, true) => tp += 1,
-            (true, false) => fp += 1,
-            (false, true) => fn_ += 1,
-            (false, false) => {}
-        }
+        let (t, p, f) = outcome(h, r, o, uncertain_as);
+        (tp, fp, fn_) = (tp + t, fp + p, fn_ + f);
     }
     if tp + fp + fn_ == 0 {
         1.0
     } else {
-        2.0 * tp as f64 / (2 * tp + fp + fn_) as f64
+        Prf::from_counts(tp, fp, fn_).f1
     }
 }
 

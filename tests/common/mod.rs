@@ -246,3 +246,21 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// A small synthetic chest film (PNG bytes), with or without an enlarged heart.
+pub fn film_png(cardiomegaly: bool, seed: i64) -> Vec<u8> {
+    use image::ImageEncoder;
+    let pixels = xrayglm::data::synthetic::render(
+        &xrayglm::data::synthetic::Findings {
+            cardiomegaly,
+            effusion: xrayglm::data::synthetic::Effusion::None,
+        },
+        32,
+        &mut xrayglm::data::rng::PyRandom::new(seed),
+    );
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&pixels, 32, 32, image::ExtendedColorType::L8)
+        .unwrap();
+    out
+}

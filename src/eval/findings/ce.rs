@@ -103,6 +103,25 @@ pub struct CeReport {
     pub collapse: Collapse,
 }
 
+/// Observation `o` of one hypothesis against its reference, as (true positive, false positive,
+/// false negative) counts of 0 or 1.
+pub fn outcome(
+    h: &Labels,
+    r: &Labels,
+    o: Observation,
+    uncertain_as: UncertainAs,
+) -> (usize, usize, usize) {
+    match (
+        uncertain_as.present(h.get(o)),
+        uncertain_as.present(r.get(o)),
+    ) {
+        (true, true) => (1, 0, 0),
+        (true, false) => (0, 1, 0),
+        (false, true) => (0, 0, 1),
+        (false, false) => (0, 0, 0),
+    }
+}
+
 /// CE metrics of hypotheses against references (`pairs` of labels, in order) with the texts'
 /// collapse detectors.
 pub fn score(
@@ -119,15 +138,8 @@ pub fn score(
     for o in Observation::ALL {
         let (mut tp, mut fp, mut fn_) = (0, 0, 0);
         for (h, r) in hyps.iter().zip(refs) {
-            match (
-                uncertain_as.present(h.get(o)),
-                uncertain_as.present(r.get(o)),
-            ) {
-                (true, true) => tp += 1,
-                (true, false) => fp += 1,
-                (false, true) => fn_ += 1,
-                _ => {}
-            }
+            let (t, p, f) = outcome(h, r, o, uncertain_as);
+            (tp, fp, fn_) = (tp + t, fp + p, fn_ + f);
         }
         let prf = Prf::from_counts(tp, fp, fn_);
         if tp + fp + fn_ > 0 {
