@@ -458,7 +458,7 @@ impl ChatGlm {
         image_starts: &[i64],
         adapters: Option<&RowAdapters>,
     ) -> (KvCache, Tensor) {
-        let dev = self.word_embeddings.device();
+        let dev = self.device();
         let (b, len) = (ids.len() as i64, ids.first().map_or(0, |r| r.len()) as i64);
         let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
         let input = Tensor::from_slice(&flat).view([b, len]).to_device(dev);

@@ -246,6 +246,16 @@ impl Machine<'_> {
         }
     }
 
+    /// The length before a sized string or bytes opcode: 1 byte for the short forms, 8 for the
+    /// `…8` forms, else 4.
+    fn length(&mut self, op: u8) -> Result<usize> {
+        Ok(match op {
+            0x8c | b'U' | b'C' => self.u8()? as usize,
+            0x8d | 0x8e => self.u64()? as usize,
+            _ => self.u32()? as usize,
+        })
+    }
+
     /// PROTO and FRAME (skipped), MARK, POP, POP_MARK, DUP. Whether `op` is one of these.
     fn stack_op(&mut self, op: u8) -> Result<bool> {
         match op {
@@ -325,55 +335,27 @@ impl Machine<'_> {
                     l.parse().with_context(|| format!("pickle FLOAT {l:?}"))?,
                 ))
             }
-            b'X' => {
-                let n = self.u32()? as usize;
+            // BINUNICODE / BINSTRING, SHORT_ forms, BINUNICODE8: a length, then the text.
+            b'X' | b'T' | 0x8c | b'U' | 0x8d => {
+                let n = self.length(op)?;
                 let v = self.string(n)?;
                 self.stack.push(v)
             }
-            0x8c => {
-                let n = self.u8()? as usize;
-                let v = self.string(n)?;
-                self.stack.push(v)
-            }
-            0x8d => {
-                let n = self.u64()? as usize;
-                let v = self.string(n)?;
+            // BINBYTES, SHORT_BINBYTES, BINBYTES8.
+            b'B' | b'C' | 0x8e => {
+                let n = self.length(op)?;
+                let v = self.bytes(n)?;
                 self.stack.push(v)
             }
             b'V' => {
                 let l = self.line()?;
                 self.stack.push(Value::Str(l))
             }
-            b'T' => {
-                let n = self.u32()? as usize;
-                let v = self.string(n)?;
-                self.stack.push(v)
-            }
-            b'U' => {
-                let n = self.u8()? as usize;
-                let v = self.string(n)?;
-                self.stack.push(v)
-            }
             b'S' => {
                 let l = self.line()?;
                 self.stack.push(Value::Str(
                     l.trim_matches(|c| c == '\'' || c == '"').to_string(),
                 ))
-            }
-            b'B' => {
-                let n = self.u32()? as usize;
-                let v = self.bytes(n)?;
-                self.stack.push(v)
-            }
-            b'C' => {
-                let n = self.u8()? as usize;
-                let v = self.bytes(n)?;
-                self.stack.push(v)
-            }
-            0x8e => {
-                let n = self.u64()? as usize;
-                let v = self.bytes(n)?;
-                self.stack.push(v)
             }
             _ => return Ok(false),
         }
