@@ -283,6 +283,29 @@ pub enum ScheduleKind {
     Constant,
 }
 
+/// `train.method`: what the adapters are trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Supervised fine-tuning: the reports' likelihood (XrayGLM's recipe).
+    #[default]
+    Sft,
+    /// Group-relative policy optimization on sampled reports and the `[rl]` reward.
+    Grpo,
+    /// Direct preference optimization on the pairs of `rl.pairs`.
+    Dpo,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Grpo => "grpo",
+            Self::Dpo => "dpo",
+        }
+    }
+}
+
 /// The training recipe (docs/reference.md §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +313,12 @@ pub struct TrainSection {
     /// Run folder: `<out_dir>/<name>`.
     pub out_dir: PathBuf,
     pub name: String,
+    /// sft, grpo or dpo (the last two read `[rl]`).
+    pub method: Method,
+    /// A checkpoint (or a run folder: its latest; `RUN/best`) to start from: its base is this
+    /// run's base, its adapters this run's first ones — and, for grpo and dpo, the frozen
+    /// reference policy. Empty: a fresh start on `model.path` / `model.preset`.
+    pub init_from: PathBuf,
     pub train_iters: i64,
     pub lr: f64,
     pub schedule: ScheduleKind,
@@ -399,6 +428,8 @@ impl Default for TrainSection {
         Self {
             out_dir: PathBuf::from("checkpoints"),
             name: "demo".into(),
+            method: Method::Sft,
+            init_from: PathBuf::new(),
             train_iters: 200,
             lr: 1e-4,
             schedule: Default::default(),
@@ -441,6 +472,120 @@ impl Default for TrainSection {
     }
 }
 
+/// `[rl]`: how `train.method = "grpo"` samples, scores and updates, and where
+/// `train.method = "dpo"` finds its pairs (docs/rl.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlSection {
+    /// Replies sampled per prompt (GRPO's G; at least 2).
+    pub group: usize,
+    /// Sampling of the replies (their log-probs are taken at the same temperature).
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0: no top-k cut.
+    pub top_k: usize,
+    /// New tokens per reply at most (also Dr. GRPO's constant).
+    pub max_new_tokens: usize,
+    /// Rows decoded together at most (at least one prompt's group).
+    pub max_batch: usize,
+    /// Token-level normalization of the loss: grpo, bnpo, dr_grpo or dapo.
+    pub loss_type: crate::train::loss::GrpoNorm,
+    /// How a group's rewards become advantages: group (÷ its std), batch (÷ the batch's std) or
+    /// none (mean subtracted only).
+    pub scale_rewards: crate::train::loss::RewardScale,
+    /// The KL coefficient towards the reference (k3 estimator); 0: no reference forward.
+    pub beta: f64,
+    /// The ratio is clipped to `[1 − epsilon_low, 1 + epsilon_high]`.
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    /// Optimizer updates per rollout batch (TRL's num_iterations, μ).
+    pub mu: usize,
+    /// The reward's weighted terms.
+    pub reward: crate::eval::reward::RewardWeights,
+    /// A findings rules file for the reward's labeler (`xrayglm findings --rules`); empty: the
+    /// built-in rules of `sample.language`.
+    pub rules: PathBuf,
+    /// Threads that score replies beside the model; 0: one per core.
+    pub reward_threads: usize,
+    /// DPO: the pair file (`xrayglm rl-pairs` writes one).
+    pub pairs: PathBuf,
+    /// DPO: sigmoid or ipo, and β.
+    pub dpo_loss: crate::train::loss::DpoKind,
+    pub dpo_beta: f64,
+}
+
+impl Default for RlSection {
+    fn default() -> Self {
+        Self {
+            group: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 128,
+            max_batch: 64,
+            loss_type: Default::default(),
+            scale_rewards: Default::default(),
+            beta: 0.04,
+            epsilon_low: 0.2,
+            epsilon_high: 0.28,
+            mu: 1,
+            reward: Default::default(),
+            rules: PathBuf::new(),
+            reward_threads: 0,
+            pairs: PathBuf::new(),
+            dpo_loss: Default::default(),
+            dpo_beta: 0.1,
+        }
+    }
+}
+
+impl RlSection {
+    fn validate(&self, method: Method) -> Result<()> {
+        let finite_pos = |key: &str, x: f64| -> Result<()> {
+            if !(x.is_finite() && x > 0.0) {
+                bail!("rl.{key} = {x}: must be finite and > 0");
+            }
+            Ok(())
+        };
+        finite_pos("temperature", self.temperature)?;
+        finite_pos("dpo_beta", self.dpo_beta)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("rl.top_p = {}: must be in (0, 1]", self.top_p);
+        }
+        for (key, x) in [
+            ("beta", self.beta),
+            ("epsilon_low", self.epsilon_low),
+            ("epsilon_high", self.epsilon_high),
+        ] {
+            if !(x.is_finite() && x >= 0.0) {
+                bail!("rl.{key} = {x}: must be finite and ≥ 0");
+            }
+        }
+        if self.epsilon_low >= 1.0 {
+            bail!("rl.epsilon_low = {}: must be below 1", self.epsilon_low);
+        }
+        if self.mu == 0 || self.max_new_tokens == 0 {
+            bail!("rl.mu and rl.max_new_tokens must be positive");
+        }
+        self.reward.validate("rl.reward")?;
+        match method {
+            Method::Grpo if self.group < 2 => bail!(
+                "rl.group = {}: GRPO compares at least 2 replies per prompt",
+                self.group
+            ),
+            Method::Grpo if self.max_batch < self.group => bail!(
+                "rl.max_batch = {} is below rl.group = {}: one prompt's replies decode together",
+                self.max_batch,
+                self.group
+            ),
+            Method::Dpo if self.pairs.as_os_str().is_empty() => {
+                bail!("train.method = \"dpo\" needs a pair file: set rl.pairs")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -453,6 +598,7 @@ pub struct Config {
     pub loader: LoaderConfig,
     pub model: ModelSection,
     pub train: TrainSection,
+    pub rl: RlSection,
 }
 
 /// Parse a `--set` value: a TOML value when it parses as one, else a bare string.
@@ -631,7 +777,23 @@ impl Config {
         if t.log_interval <= 0 || t.save_interval <= 0 || t.eval_interval <= 0 {
             bail!("train.log_interval, save_interval and eval_interval must be positive");
         }
-        Ok(())
+        if !t.init_from.as_os_str().is_empty() && !self.model.path.as_os_str().is_empty() {
+            bail!(
+                "train.init_from and model.path are both set: a run starts from one of them \
+                 (init_from's checkpoint names its own base)"
+            );
+        }
+        self.rl.validate(t.method)
+    }
+
+    /// The dropout probabilities training uses (vision side, ChatGLM): the model section's for
+    /// fine-tuning; none for GRPO and DPO, which compare one policy's log-probs across forwards
+    /// (sampling, reference, update) — TRL's `disable_dropout`.
+    pub fn train_dropout(&self) -> (f64, f64) {
+        match self.train.method {
+            Method::Sft => (self.model.vision_dropout, self.model.glm_dropout),
+            Method::Grpo | Method::Dpo => (0.0, 0.0),
+        }
     }
 
     /// The config as TOML (saved beside outputs so a run can be rebuilt).

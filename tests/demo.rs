@@ -188,7 +188,7 @@ fn chat_answers_one_shot_and_interactively() {
     assert!(text.matches("请输入图像路径").count() == 2, "{text}");
 }
 
-use common::Server;
+use common::{http, Server};
 
 fn serve(d: &Demo) -> Server {
     serve_with(d, &[])
@@ -215,32 +215,6 @@ fn serve_with(d: &Demo, extra: &[&str]) -> Server {
 /// Start a server command on the demo run.
 fn spawn_server(d: &Demo, mut c: Command) -> Server {
     Server::spawn(c.arg("--from_pretrained").arg(&d.run))
-}
-
-/// One HTTP/1.0 request (the server closes after the body; no chunked encoding).
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let code: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (code, body)
 }
 
 fn json(s: &str) -> serde_json::Value {

@@ -379,8 +379,8 @@ fn target_only_loss_equals_the_full_logits_loss() {
             }
             1 => m.loss(&inputs, true),
             _ => {
-                let (logps, mask) = m.label_logps(&inputs, true);
-                -(logps * &mask).sum(Kind::Float) / mask.sum(Kind::Float)
+                let l = m.label_logps(&inputs, true, 1.0);
+                -(l.logps * &l.mask).sum(Kind::Float) / l.mask.sum(Kind::Float)
             }
         };
         loss.backward();
@@ -405,30 +405,35 @@ fn target_only_loss_equals_the_full_logits_loss() {
             assert!(e <= 1e-5, "{way}: gradient relative error {e:.3e}");
         }
     }
-    // Each token's log-prob is the full logits' log-softmax at its label; ignored labels are 0.
-    let (logps, mask) = tch::no_grad(|| m.label_logps(&inputs, false));
+    // Each token's log-prob is the full logits' log-softmax at its label, at the sampling
+    // temperature, and its entropy that distribution's; ignored labels are 0.
     let logits = tch::no_grad(|| {
         m.forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), false)
             .unwrap()
             .logits
     });
     let s = logits.size()[1];
-    let want = logits
-        .narrow(1, 0, s - 1)
-        .log_softmax(-1, Kind::Float)
-        .gather(
-            2,
-            &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
-            false,
-        )
-        .squeeze_dim(2)
-        * &mask;
-    assert_eq!(
-        mask.sum(Kind::Float).int64_value(&[]),
-        2 * (64 - ctx[0] - 1 - 4)
-    );
-    let e = common::rel_err(&logps, &want);
-    assert!(e <= 1e-5, "per-token log-probs {e:.3e}");
+    for temperature in [1.0, 0.7] {
+        let l = tch::no_grad(|| m.label_logps(&inputs, false, temperature));
+        let all = (logits.narrow(1, 0, s - 1) / temperature).log_softmax(-1, Kind::Float);
+        let want = all
+            .gather(
+                2,
+                &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
+                false,
+            )
+            .squeeze_dim(2)
+            * &l.mask;
+        assert_eq!(
+            l.mask.sum(Kind::Float).int64_value(&[]),
+            2 * (64 - ctx[0] - 1 - 4)
+        );
+        let e = common::rel_err(&l.logps, &want);
+        assert!(e <= 1e-5, "per-token log-probs at {temperature}: {e:.3e}");
+        let entropy = -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float) * &l.mask;
+        let e = common::rel_err(&l.entropy, &entropy);
+        assert!(e <= 1e-5, "entropies at {temperature}: {e:.3e}");
+    }
 }
 
 /// Weight-only int8 (`--quant 8`, `model.quantize = "int8"`) on the sat-checked model a: logits

@@ -544,25 +544,29 @@ fn grpo_steps_raise_a_learnable_reward() {
         },
         scale: RewardScale::Group,
     };
-    let mut reward = |_: usize, r: &xrayglm::infer::engine::rollout::Rollout| {
-        if r.tokens.is_empty() {
-            0.0
-        } else {
-            r.tokens.iter().filter(|&&t| t == 9).count() as f64 / r.tokens.len() as f64
-        }
+    let reward = |rs: &[xrayglm::infer::engine::rollout::Rollout]| -> Vec<f64> {
+        rs.iter()
+            .map(|r| {
+                if r.tokens.is_empty() {
+                    0.0
+                } else {
+                    r.tokens.iter().filter(|&&t| t == 9).count() as f64 / r.tokens.len() as f64
+                }
+            })
+            .collect()
     };
-    let start = xrayglm::train::grpo::Reference::snapshot(&m);
+    let start = xrayglm::train::policy::Reference::snapshot(&m);
     let mut means = Vec::new();
     for step in 0..8 {
         opt.zero_grad();
         let (stats, replies) =
-            grpo_backward(&m, &prompts, &cfg(100 + step), None, &mut reward).unwrap();
+            grpo_backward(&m, &prompts, &cfg(100 + step), None, &reward).unwrap();
         assert_eq!(replies.len(), 16);
         assert!(
             stats.loss.is_finite() && stats.rollout_tokens > 0,
             "{stats:?}"
         );
-        means.push(stats.reward_mean);
+        means.push(stats.rewards.mean);
         opt.step(2e-2);
     }
     eprintln!("GRPO mean reward by step: {means:?}");
@@ -573,17 +577,17 @@ fn grpo_steps_raise_a_learnable_reward() {
     // policy has drifted (KL > 0); against itself the KL is 0 and the loss has no KL part.
     let mut with_kl = cfg(1);
     with_kl.loss.beta = 0.04;
-    assert!(grpo_backward(&m, &prompts, &with_kl, None, &mut reward).is_err());
+    assert!(grpo_backward(&m, &prompts, &with_kl, None, &reward).is_err());
     // (No dropout in the tiny model's adapters: the policy's train-mode log-probs are its
     // eval-mode ones.)
-    let now = xrayglm::train::grpo::Reference::snapshot(&m);
+    let now = xrayglm::train::policy::Reference::snapshot(&m);
     opt.zero_grad();
-    let (same, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &mut reward).unwrap();
+    let (same, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &reward).unwrap();
     assert!(same.kl.unwrap().abs() < 1e-6, "{same:?}");
-    let (drift, _) = grpo_backward(&m, &prompts, &with_kl, Some(&start), &mut reward).unwrap();
+    let (drift, _) = grpo_backward(&m, &prompts, &with_kl, Some(&start), &reward).unwrap();
     assert!(drift.kl.unwrap() > 1e-3, "{drift:?}");
     // The reference's forward put the policy's adapters back.
-    let (again, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &mut reward).unwrap();
+    let (again, _) = grpo_backward(&m, &prompts, &with_kl, Some(&now), &reward).unwrap();
     assert!(again.kl.unwrap().abs() < 1e-6, "{again:?}");
 }
 
@@ -593,8 +597,8 @@ fn grpo_steps_raise_a_learnable_reward() {
 #[test]
 fn dpo_steps_prefer_the_chosen_answers() {
     use xrayglm::train::dpo::{dpo_backward, TokenPair};
-    use xrayglm::train::grpo::Reference;
     use xrayglm::train::optim::{AdamW, AdamWConfig};
+    use xrayglm::train::policy::Reference;
     let (m, prompts, _) = rollout_setup();
     tch::no_grad(|| {
         for (k, mut v) in m.lora.variables() {
@@ -626,7 +630,7 @@ fn dpo_steps_prefer_the_chosen_answers() {
     let mut seen = Vec::new();
     for _ in 0..6 {
         opt.zero_grad();
-        let out = dpo_backward(&m, &pairs, &loss, &reference).unwrap();
+        let out = dpo_backward(&m, &pairs, None, &loss, &reference, 1.0).unwrap();
         seen.push((
             out.loss.double_value(&[]),
             out.chosen_reward - out.rejected_reward,
@@ -650,7 +654,7 @@ fn dpo_steps_prefer_the_chosen_answers() {
 #[test]
 fn a_prompt_and_its_answer_are_the_training_sample() {
     use xrayglm::data::sample::{SampleBuilder, SampleConfig};
-    use xrayglm::train::grpo::{answer_ids, prompt_of};
+    use xrayglm::train::policy::{answer_ids, prompt_of};
     let Some(shared) = common::shared() else {
         return;
     };
@@ -686,4 +690,270 @@ fn a_prompt_and_its_answer_are_the_training_sample() {
         let starts: Vec<i64> = want.image_starts.iter().map(|&i| i as i64).collect();
         assert_eq!(p.image_starts, starts);
     }
+}
+
+/// A short fine-tuning run on the small synthetic set, made once for the tests that start GRPO
+/// and DPO from it.
+struct Sft {
+    dir: tempfile::TempDir,
+    shared: std::path::PathBuf,
+}
+
+impl Sft {
+    fn run(&self) -> std::path::PathBuf {
+        self.dir.path().join("sft")
+    }
+
+    /// `xrayglm finetune` on this folder's synthetic set as run `name`, starting from the
+    /// fine-tuned run with `method`, a few logged steps.
+    fn finetune(&self, name: &str, method: &str, extra: &[&str]) -> std::process::Command {
+        let mut sets = common::small_run(self.dir.path(), name);
+        sets.extend(
+            [
+                format!("train.method={method:?}"),
+                "train.train_iters=4".into(),
+                "train.log_interval=1".into(),
+                "train.save_interval=2".into(),
+                "train.val_fraction=0".into(),
+                "train.lr=1e-3".into(),
+                "train.schedule=\"constant\"".into(),
+                "loader.workers=1".into(),
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string())),
+        );
+        let mut c = common::bin();
+        c.arg("finetune")
+            .arg("--from_pretrained")
+            .arg(self.run())
+            .args(common::set_args(sets))
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&self.shared))
+            .env("OMP_NUM_THREADS", "1");
+        c
+    }
+}
+
+fn sft() -> Option<&'static Sft> {
+    static SFT: std::sync::OnceLock<Option<Sft>> = std::sync::OnceLock::new();
+    SFT.get_or_init(|| {
+        let shared = common::shared()?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut sets = common::small_run(dir.path(), "sft");
+        sets.extend(
+            [
+                "train.train_iters=6",
+                "train.val_fraction=0",
+                "train.lr=1e-3",
+                "loader.workers=1",
+            ]
+            .map(String::from),
+        );
+        common::ok(
+            common::bin()
+                .arg("finetune")
+                .args(common::set_args(sets))
+                .env("XRAYGLM_TOKENIZER", common::ice_text(&shared))
+                .env("OMP_NUM_THREADS", "1"),
+        );
+        Some(Sft { dir, shared })
+    })
+    .as_ref()
+}
+
+/// The step records of a run's metrics.jsonl.
+fn steps(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .collect()
+}
+
+fn final_adapters(run: &std::path::Path) -> Vec<(String, Tensor)> {
+    let latest = std::fs::read_to_string(run.join("latest")).unwrap();
+    let mut v: Vec<(String, Tensor)> =
+        common::tensors(&run.join(latest.trim()).join("lora.safetensors"))
+            .into_iter()
+            .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// GRPO as a training method: from the fine-tuned checkpoint (its adapters the reference), two
+/// updates per rollout batch, every statistic logged; a run stopped after 2 steps and resumed
+/// samples the same replies and ends with the same adapters bit for bit; the result chats and
+/// serves like any run.
+#[test]
+fn grpo_runs_resume_exactly_and_the_result_chats_and_serves() {
+    let Some(s) = sft() else { return };
+    let _one = common::serial();
+    let grpo = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "rl.group=4",
+            "rl.max_new_tokens=12",
+            "rl.mu=2",
+            "rl.reward.rouge_l=0.5",
+            "rl.reward_threads=2",
+        ];
+        args.extend(extra);
+        s.finetune(name, "grpo", &args)
+    };
+    common::ok(&mut grpo("grpo", &[]));
+    let run = s.dir.path().join("grpo");
+    let full = steps(&run);
+    assert_eq!(full.len(), 4);
+    for rec in &full {
+        for key in [
+            "rl/reward",
+            "rl/reward_std",
+            "rl/reward_ce_f1",
+            "rl/reward_rouge_l",
+            "rl/kl",
+            "rl/clip_fraction",
+            "rl/entropy",
+            "rl/completion_tokens",
+            "rl/zero_advantage_groups",
+            "rl/rollout_tokens_per_s",
+        ] {
+            let v = rec[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v >= 0.0, "{key} in {rec}");
+        }
+        assert!(rec["loss"].as_f64().unwrap().is_finite(), "{rec}");
+        let tokens = rec["rl/completion_tokens"].as_f64().unwrap();
+        assert!((1.0..=13.0).contains(&tokens), "{rec}");
+    }
+    // The run's base is the fine-tuned checkpoint it started from.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("4").join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let base = std::path::PathBuf::from(state["base_model"].as_str().unwrap());
+    assert_eq!(base, std::fs::canonicalize(s.run().join("6")).unwrap());
+    assert_eq!(state["opt_steps"], 8, "two updates per rollout batch");
+    // Stopped at step 2 and resumed: the same trajectory.
+    common::ok(&mut grpo("resumed", &["train.stop_at=2"]));
+    common::ok(&mut grpo("resumed", &[]));
+    let resumed = steps(&s.dir.path().join("resumed"));
+    assert_eq!(resumed.len(), 4);
+    for (a, b) in full.iter().zip(&resumed) {
+        for key in ["loss", "rl/reward", "rl/kl", "rl/completion_tokens"] {
+            assert_eq!(a[key], b[key], "{key} at step {}", a["step"]);
+        }
+    }
+    let (a, b) = (
+        final_adapters(&run),
+        final_adapters(&s.dir.path().join("resumed")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        assert!(va.equal(vb), "{ka} differs after the resume");
+    }
+    // The adapters moved away from the fine-tuned ones.
+    let start = final_adapters(&s.run());
+    assert!(a.iter().zip(&start).any(|((_, x), (_, y))| !x.equal(y)));
+
+    // The result chats and serves.
+    let film = s.dir.path().join("data/Xray/synth_00000.png");
+    let out = common::ok(
+        common::bin()
+            .args([
+                "chat",
+                "--greedy",
+                "--max_length",
+                "120",
+                "--from_pretrained",
+            ])
+            .arg(&run)
+            .arg("--image")
+            .arg(&film)
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&s.shared)),
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    let server = common::Server::spawn(
+        common::bin()
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--max_length",
+                "120",
+                "--from_pretrained",
+            ])
+            .arg(&run)
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&s.shared)),
+    );
+    let b64 = xrayglm::infer::openai::base64_encode(&std::fs::read(&film).unwrap());
+    let body = serde_json::json!({
+        "model": "grpo",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "这张胸片显示了什么？"},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{b64}")}}]}],
+        "max_tokens": 16,
+    });
+    let (code, reply) = common::http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(code, 200, "{reply}");
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{reply}");
+}
+
+/// DPO as a training method on a pair file (the film's own report chosen, a list of findings
+/// rejected): at the first step the policy is the reference (loss ln 2); the updates raise the
+/// chosen answers' implicit reward above the rejected ones'.
+#[test]
+fn dpo_trains_on_a_pair_file() {
+    let Some(s) = sft() else { return };
+    let _one = common::serial();
+    let data = s.dir.path().join("data/Xray");
+    let loaded =
+        xrayglm::data::records::load_records(&data.join("synth-zh.json"), &Default::default())
+            .unwrap();
+    let recs = &loaded.records;
+    let pairs: Vec<serde_json::Value> = recs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "image": r.images[0].file_name().unwrap().to_str().unwrap(),
+                "prompt": r.prompt,
+                "chosen": r.label,
+                "rejected": "肺部阴影。气胸。骨折。",
+            })
+        })
+        .collect();
+    assert!(pairs.len() >= 20);
+    let file = data.join("pairs.json");
+    std::fs::write(&file, serde_json::to_vec(&pairs).unwrap()).unwrap();
+    let pairs_set = format!("rl.pairs={:?}", file.display().to_string());
+    common::ok(&mut s.finetune(
+        "dpo",
+        "dpo",
+        &[&pairs_set, "train.train_iters=6", "train.lr=1e-2"],
+    ));
+    let log = steps(&s.dir.path().join("dpo"));
+    assert_eq!(log.len(), 6);
+    eprintln!(
+        "DPO (loss, margin): {:?}",
+        log.iter()
+            .map(|r| (
+                r["loss"].as_f64().unwrap(),
+                r["dpo/margin"].as_f64().unwrap()
+            ))
+            .collect::<Vec<_>>()
+    );
+    let first = log[0]["loss"].as_f64().unwrap();
+    assert!((first - 2f64.ln()).abs() < 1e-5, "{first}");
+    let last = &log[5];
+    assert!(last["dpo/margin"].as_f64().unwrap() > 0.5, "{last}");
+    assert!(last["loss"].as_f64().unwrap() < 0.5, "{last}");
+    assert_eq!(last["dpo/accuracy"], 1.0, "{last}");
+    // A DPO run needs its pair file.
+    let out = s.finetune("nopairs", "dpo", &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rl.pairs"));
 }

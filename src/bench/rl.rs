@@ -10,8 +10,9 @@ use crate::infer::engine::rollout::{rollouts, Rollout, RolloutConfig, RolloutPro
 use crate::infer::sampling::SamplingConfig;
 use crate::model::positions::Prefix;
 use crate::tokenizer::ids;
-use crate::train::grpo::{grpo_backward, GrpoConfig, Reference};
+use crate::train::grpo::{grpo_backward, GrpoConfig};
 use crate::train::loss::{GrpoLoss, GrpoNorm, RewardScale};
+use crate::train::policy::Reference;
 
 /// `xrayglm bench rl`: rollout tokens/s of a preset with random weights.
 #[derive(clap::Args, Debug, Clone)]
@@ -165,8 +166,8 @@ pub fn rl(a: &RlArgs) -> Result<RlBench> {
         scale: RewardScale::Group,
     };
     let reference = Reference::snapshot(&model);
-    let (s, _) = grpo_backward(&model, &prompts, &grpo, Some(&reference), &mut |_, r| {
-        r.tokens.len() as f64
+    let (s, _) = grpo_backward(&model, &prompts, &grpo, Some(&reference), &|rs| {
+        rs.iter().map(|r| r.tokens.len() as f64).collect()
     })?;
     Ok(RlBench {
         args: a.clone(),

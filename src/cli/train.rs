@@ -16,6 +16,13 @@ pub struct FinetuneArgs {
     /// Continue from a checkpoint: auto (the run folder's latest), never, or a checkpoint folder.
     #[arg(long)]
     pub resume: Option<String>,
+    /// Start from a checkpoint (RUN, RUN/best or RUN/<step>): its base and adapters, and for
+    /// grpo / dpo the reference policy (train.init_from).
+    #[arg(long = "from-pretrained", value_name = "CHECKPOINT")]
+    pub from_pretrained: Option<PathBuf>,
+    /// A findings rules file for GRPO's reward (rl.rules; see `xrayglm findings --rules`).
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
     /// Tokenizer (ice_text.model or tokenizer.json); default: tokenizer.path or the search paths.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -29,10 +36,19 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     if let Some(r) = a.resume {
         cfg.train.resume = r.into();
     }
+    if let Some(p) = a.from_pretrained {
+        cfg.train.init_from = p;
+    }
+    if let Some(p) = a.rules {
+        cfg.rl.rules = p;
+    }
+    cfg.validate()?;
     // The run folder's own files are never one of the run's inputs.
     xrayglm::io::Inputs::new()
         .flag("--config", a.cfg.config.as_deref())
         .flag("data.path", Some(&cfg.data.path))
+        .flag("rl.pairs", Some(&cfg.rl.pairs))
+        .flag("rl.rules", Some(&cfg.rl.rules))
         .flag("--tokenizer", a.tokenizer.as_deref())
         .check_in(
             "the run folder",

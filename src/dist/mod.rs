@@ -323,3 +323,19 @@ pub fn check_same_config(comm: &dyn Comm, text: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Every rank's `mine` concatenated in rank order, on every rank, and where this rank's part
+/// starts: the lengths, then the values (each written by its rank only), through sum
+/// all-reduces.
+pub fn all_gather_f64(comm: &dyn Comm, mine: &[f64]) -> Result<(Vec<f64>, usize)> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut lens = vec![0.0; world];
+    lens[rank] = mine.len() as f64;
+    comm.all_reduce_sum_f64(&mut lens)?;
+    let lens: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+    let offset: usize = lens[..rank].iter().sum();
+    let mut all = vec![0.0; lens.iter().sum()];
+    all[offset..offset + mine.len()].copy_from_slice(mine);
+    comm.all_reduce_sum_f64(&mut all)?;
+    Ok((all, offset))
+}

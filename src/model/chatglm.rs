@@ -226,6 +226,16 @@ impl Block {
     }
 }
 
+/// Per-label log-probabilities `[B, S − 1]` ([`ChatGlm::label_logps`]).
+pub struct LabelLogps {
+    /// `log p(label)`, with the graph; 0 where the label is ignored.
+    pub logps: Tensor,
+    /// 1.0 where a label is counted.
+    pub mask: Tensor,
+    /// The entropy of each counted position's distribution (no graph); 0 elsewhere.
+    pub entropy: Tensor,
+}
+
 /// ChatGLM-6B: the token embedding, the blocks, the final LayerNorm and the untied `lm_head`.
 #[derive(Debug)]
 pub struct ChatGlm {
@@ -419,12 +429,13 @@ impl ChatGlm {
             )
     }
 
-    /// `log p(label)` of every counted label `[B, S − 1]` (0 where the label is ignored) and the
-    /// mask of counted labels (1.0), from the last layer's output: the final LayerNorm and
-    /// `lm_head` at the predicting positions only, log-softmax in fp32. Their masked mean, negated,
-    /// is [`ChatGlm::target_loss`]; per token they are what the preference and policy-gradient
-    /// losses take.
-    pub fn label_logps(&self, hidden: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+    /// `log p(label)` of every counted label `[B, S − 1]` (0 where the label is ignored), the mask
+    /// of counted labels (1.0) and each counted position's entropy (no graph), from the last
+    /// layer's output: the final LayerNorm and `lm_head` at the predicting positions only, the
+    /// logits divided by `temperature` (the distribution replies were sampled from), log-softmax in
+    /// fp32. At temperature 1 their masked mean, negated, is [`ChatGlm::target_loss`]; per token
+    /// they are what the preference and policy-gradient losses take.
+    pub fn label_logps(&self, hidden: &Tensor, labels: &Tensor, temperature: f64) -> LabelLogps {
         let (b, s, h) = hidden.size3().unwrap();
         let next = labels.narrow(1, 1, s - 1).reshape([-1]);
         let counted = next.ne(IGNORE_LABEL);
@@ -433,16 +444,25 @@ impl ChatGlm {
             .narrow(1, 0, s - 1)
             .reshape([-1, h])
             .index_select(0, &rows);
-        let logp = self
-            .head(&x)
-            .to_kind(Kind::Float)
-            .log_softmax(-1, Kind::Float)
+        let mut logits = self.head(&x).to_kind(Kind::Float);
+        if temperature != 1.0 {
+            logits = logits / temperature;
+        }
+        let all = logits.log_softmax(-1, Kind::Float);
+        let logp = all
             .gather(1, &next.index_select(0, &rows).unsqueeze(1), false)
             .squeeze_dim(1);
-        let out = Tensor::zeros([b * (s - 1)], (logp.kind(), logp.device()))
-            .index_put(&[Some(rows)], &logp, false)
-            .view([b, s - 1]);
-        (out, counted.to_kind(Kind::Float).view([b, s - 1]))
+        let entropy = tch::no_grad(|| -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float));
+        let place = |v: &Tensor| {
+            Tensor::zeros([b * (s - 1)], (v.kind(), v.device()))
+                .index_put(&[Some(rows.shallow_clone())], v, false)
+                .view([b, s - 1])
+        };
+        LabelLogps {
+            logps: place(&logp),
+            mask: counted.to_kind(Kind::Float).view([b, s - 1]),
+            entropy: place(&entropy),
+        }
     }
 
     /// The first pass of generation over prompts of one length (eval mode): row `r` holds

@@ -11,7 +11,7 @@ use anyhow::Result;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::chatglm::{ChatGlm, Dropouts, GlmInputs, ImageAt};
+use super::chatglm::{ChatGlm, Dropouts, GlmInputs, ImageAt, LabelLogps};
 use super::config::ModelConfig;
 use super::lora::{Adapted, Lora};
 use super::nn::Linear;
@@ -382,12 +382,12 @@ impl VisualGlm {
         })
     }
 
-    /// Per-token `log p(label)` `[B, T − 1]` of a batch's counted labels and their mask (see
-    /// [`ChatGlm::label_logps`]), with autograd history for the adapters.
-    pub fn label_logps(&self, b: &BatchInputs, train: bool) -> (Tensor, Tensor) {
+    /// Per-token `log p(label)` `[B, T − 1]` of a batch's counted labels at `temperature`, their
+    /// mask and entropies (see [`ChatGlm::label_logps`]), with autograd history for the adapters.
+    pub fn label_logps(&self, b: &BatchInputs, train: bool, temperature: f64) -> LabelLogps {
         self.with_inputs(b, train, |inp| {
             self.chatglm
-                .label_logps(&self.chatglm.hidden(inp, train), b.labels)
+                .label_logps(&self.chatglm.hidden(inp, train), b.labels, temperature)
         })
     }
 

@@ -4,10 +4,10 @@
 //! the gradient of [`super::loss::DpoLoss`] accumulated into the adapters.
 
 use anyhow::{ensure, Result};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
-use super::grpo::{PolicyBatch, Reference};
 use super::loss::{DpoLoss, DpoOut, Pairs};
+use super::policy::{PolicyBatch, Reference};
 use crate::infer::engine::rollout::{Rollout, RolloutPrompt};
 use crate::model::visualglm::VisualGlm;
 
@@ -19,12 +19,16 @@ pub struct TokenPair {
     pub rejected: Vec<i64>,
 }
 
-/// One DPO step's forward passes and backward (the optimizer step is the caller's).
+/// One DPO micro-batch's forward passes and the backward of its loss times `scale` (the optimizer
+/// step is the caller's). `pixels`: the pairs' films `[films, 3, S, S]` in pair order, to encode
+/// again with the graph when adapters on the vision side train.
 pub fn dpo_backward(
     model: &VisualGlm,
     pairs: &[TokenPair],
+    pixels: Option<&Tensor>,
     loss: &DpoLoss,
     reference: &Reference,
+    scale: f64,
 ) -> Result<DpoOut> {
     ensure!(!pairs.is_empty(), "a DPO step needs at least one pair");
     let n = pairs.len();
@@ -50,9 +54,9 @@ pub fn dpo_backward(
         })
         .collect();
     let batch = PolicyBatch::new(model, &prompts, &answers)?;
-    let inputs = batch.inputs();
-    let reference_logps = reference.label_logps(model, &inputs);
-    let (logps, mask) = model.label_logps(&inputs, true);
+    let reference_logps = reference.logps(model, &batch, pixels, 1.0);
+    let out = batch.policy_logps(model, pixels, 1.0);
+    let (logps, mask) = (out.logps, out.mask);
     let seq = (&logps * &mask).sum_dim_intlist(-1, false, Kind::Float);
     let ref_seq = (reference_logps * &mask).sum_dim_intlist(-1, false, Kind::Float);
     let tokens = mask.sum_dim_intlist(-1, false, Kind::Float);
@@ -66,6 +70,6 @@ pub fn dpo_backward(
         chosen_tokens: &half(&tokens, true),
         rejected_tokens: &half(&tokens, false),
     });
-    out.loss.backward();
+    (&out.loss * scale).backward();
     Ok(out)
 }

@@ -15,6 +15,7 @@ pub mod generation;
 pub mod grpo;
 pub mod loss;
 pub mod optim;
+pub mod policy;
 pub mod scaler;
 pub mod schedule;
 mod setup;

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use super::optim::{AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::TrainerState;
-use crate::config::Config;
+use crate::config::{Config, Method};
 use crate::data::batch::{Batch, Dataset, Loader, LoaderConfig, LoaderState, Shard};
 use crate::data::records::{load_records, Record};
 use crate::data::sample::SampleBuilder;
@@ -27,6 +27,8 @@ use crate::weights::source::{load_model, LoadOptions};
 /// The training and held-out data, checked before anything is written.
 pub(super) struct Data {
     pub(super) train: Arc<Dataset>,
+    /// DPO: each training record's chosen and rejected answers as ids, in the dataset's order.
+    pub(super) pairs: Vec<(Vec<i64>, Vec<i64>)>,
     pub(super) val: Vec<Record>,
     pub(super) builder: SampleBuilder,
     pub(super) loader: LoaderConfig,
@@ -73,16 +75,23 @@ impl BaseSource {
     }
 }
 
+/// `train.init_from` (a checkpoint: its base and adapters), else `model.path`, else the preset.
 pub(super) fn base_source(cfg: &Config) -> Result<BaseSource> {
     let m = &cfg.model;
-    let source = if m.path.as_os_str().is_empty() {
+    let (key, path) = if cfg.train.init_from.as_os_str().is_empty() {
+        ("model.path", &m.path)
+    } else {
+        ("train.init_from", &cfg.train.init_from)
+    };
+    let source = if path.as_os_str().is_empty() {
         BaseSource::Preset(ModelConfig::preset(&m.preset)?)
     } else {
-        let abs = std::fs::canonicalize(&m.path)
-            .with_context(|| format!("model.path {}", m.path.display()))?;
+        let abs =
+            std::fs::canonicalize(path).with_context(|| format!("{key} {}", path.display()))?;
         let dir = crate::weights::source::ModelDir::open(&abs)
-            .with_context(|| format!("model.path {}", m.path.display()))?;
-        BaseSource::Dir(abs, dir)
+            .with_context(|| format!("{key} {}", path.display()))?;
+        // A run folder or `RUN/best` is recorded as the checkpoint it names now.
+        BaseSource::Dir(dir.dir.clone(), dir)
     };
     // The adapters must fit the model (their layers among its layers) before anything is written.
     let mut adapted = match &source {
@@ -108,9 +117,15 @@ pub(super) fn setup_data(
     sat: &SatModelConfig,
 ) -> Result<Data> {
     crate::prepare::ensure_synthetic(cfg)?;
-    let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
-    let file = loaded.file.display().to_string();
-    let (train, val) = crate::data::split(loaded.records, cfg.train.val_fraction, cfg.train.seed);
+    let (records, rejected, file) = match cfg.train.method {
+        Method::Dpo => pair_records(cfg)?,
+        _ => {
+            let loaded = load_records(&cfg.data.path, &cfg.load_options())?;
+            let file = loaded.file.display().to_string();
+            (loaded.records, Default::default(), file)
+        }
+    };
+    let (train, val) = crate::data::split(records, cfg.train.val_fraction, cfg.train.seed);
     // The prompt holds as many image slots as the model has query tokens.
     let mut sample_cfg = cfg.sample.clone();
     sample_cfg.image_length = sat.image_length as usize;
@@ -132,13 +147,63 @@ pub(super) fn setup_data(
             sat.max_sequence_length
         );
     }
+    let pairs = match cfg.train.method {
+        Method::Dpo => ds
+            .records
+            .iter()
+            .map(|r| {
+                let answer = |text: &str| {
+                    crate::train::policy::answer_ids(&builder, text)
+                        .with_context(|| format!("{file}: pair {} ({})", r.index, r.id))
+                };
+                Ok((answer(&r.label)?, answer(&rejected[&r.index])?))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
     Ok(Data {
         train: Arc::new(ds),
+        pairs,
         val,
         builder,
         loader,
         file,
     })
+}
+
+/// DPO's pairs (`rl.pairs`) as records whose answer is the chosen one, with each record's
+/// rejected answer by its index.
+fn pair_records(
+    cfg: &Config,
+) -> Result<(
+    Vec<Record>,
+    std::collections::HashMap<usize, String>,
+    String,
+)> {
+    let loaded = crate::data::records::load_pairs(&cfg.rl.pairs, &cfg.load_options())
+        .with_context(|| format!("rl.pairs {}", cfg.rl.pairs.display()))?;
+    let file = loaded.file.display().to_string();
+    if loaded.pairs.is_empty() {
+        bail!("{file}: no usable pairs ({} bad)", loaded.bad.len());
+    }
+    let mut rejected = std::collections::HashMap::new();
+    let records = loaded
+        .pairs
+        .into_iter()
+        .map(|p| {
+            rejected.insert(p.index, p.rejected);
+            Record {
+                index: p.index,
+                id: p.id,
+                img: p.img,
+                images: p.images,
+                prompt: p.prompt,
+                label: p.chosen,
+                history: p.history,
+            }
+        })
+        .collect();
+    Ok((records, rejected, file))
 }
 
 /// `data.pad_to`: every sample padded to that length (refused when a sample is longer).
@@ -190,6 +255,17 @@ pub(super) fn setup_model(
     resuming: bool,
 ) -> Result<(VisualGlm, String)> {
     let (mut model, base) = build_model(cfg, source, dev, run_dir, root, resuming)?;
+    if !cfg.train.init_from.as_os_str().is_empty()
+        && model.cfg.lora.as_ref() != Some(&cfg.model.lora)
+    {
+        bail!(
+            "train.init_from {}: its adapters ({:?}) are not this run's model.lora ({:?}); \
+             set model.lora to the checkpoint's",
+            cfg.train.init_from.display(),
+            model.cfg.lora,
+            cfg.model.lora
+        );
+    }
     if model.cfg.sat.eva_args.image_size[0] as usize != cfg.image.size {
         bail!(
             "image.size {} does not match the model's image size {}",
@@ -272,12 +348,13 @@ fn build_model(
         Quantize::Int8 => model.quantize_int8(),
         Quantize::Nf4 => model.quantize_nf4(true)?,
     }
+    let (vision, glm) = cfg.train_dropout();
     model.set_dropout(
-        m.vision_dropout,
+        vision,
         Dropouts {
-            embedding: m.glm_dropout,
-            attention: m.glm_dropout,
-            output: m.glm_dropout,
+            embedding: glm,
+            attention: glm,
+            output: glm,
         },
     );
     Ok((model, base))
@@ -299,10 +376,15 @@ pub(super) fn setup_optimizer(cfg: &Config, model: &VisualGlm) -> Result<(AdamW,
             weight_decay: tc.weight_decay,
         },
     );
+    // GRPO makes `rl.mu` optimizer steps per iteration.
+    let updates = match tc.method {
+        Method::Grpo => cfg.rl.mu as i64,
+        _ => 1,
+    };
     let schedule = Schedule {
         kind: tc.schedule,
         lr: tc.lr,
-        train_iters: tc.train_iters,
+        train_iters: tc.train_iters * updates,
         warmup: tc.warmup,
         min_lr_ratio: tc.min_lr_ratio,
         auto_warmup_steps: tc.auto_warmup_steps,

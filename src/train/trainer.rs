@@ -5,6 +5,7 @@
 //! Reference: XrayGLM's `finetune_XrayGLM.sh` on sat 0.3.6 (docs/reference.md §5).
 
 mod best;
+mod rl;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +26,7 @@ use super::setup::{
 };
 use super::vision_cache::VisionCache;
 use super::{Summary, TrainerState};
-use crate::config::Config;
+use crate::config::{Config, Method};
 use crate::data::batch::{Batch, Dataset, Loader, LoaderState, Shard};
 use crate::device::Dtype;
 use crate::dist::Comm;
@@ -69,6 +70,8 @@ pub struct Trainer<'c> {
     saved_step: i64,
     /// Device memory in use, sampled at each log line (libtorch's cache keeps its peak reserved).
     peak_gpu_mib: f64,
+    /// GRPO's and DPO's state (reference, reward, pairs); `None` for fine-tuning.
+    rl: Option<rl::Rl>,
 }
 
 /// Totals since the last log line.
@@ -138,7 +141,7 @@ impl<'c> Trainer<'c> {
         let run_dir = cfg.train.out_dir.join(&cfg.train.name);
         let resume_from = checkpoint::resume_from(&run_dir, &cfg.train.resume)?;
         let source = base_source(cfg)?;
-        let data = setup_data(cfg, tokenizer, source.sizes())?;
+        let mut data = setup_data(cfg, tokenizer, source.sizes())?;
         // The inputs check out: only now is anything written.
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
@@ -153,6 +156,10 @@ impl<'c> Trainer<'c> {
         }
         let (mut model, base) =
             setup_model(cfg, source, dev, &run_dir, root, resume_from.is_some())?;
+        // The adapters the run starts from, before a resume replaces them: the reference policy.
+        let reference = (cfg.train.method != Method::Sft)
+            .then(|| crate::train::policy::Reference::snapshot(&model));
+        let rl = rl::Rl::setup(cfg, reference, &mut data, model.cfg.sat.max_sequence_length)?;
         let val_batches = held_out_batches(cfg, &data)?;
         let (mut opt, schedule) = setup_optimizer(cfg, &model)?;
         let mut state = fresh_state(cfg, base);
@@ -227,6 +234,7 @@ impl<'c> Trainer<'c> {
             misses: 0,
             saved_step: -1,
             peak_gpu_mib: 0.0,
+            rl,
         };
         trainer.log_start()?;
         Ok(trainer)
@@ -313,20 +321,14 @@ impl<'c> Trainer<'c> {
         }))
     }
 
-    /// One optimizer iteration: the micro-batches' forward and backward, gradients averaged over
-    /// ranks, then the optimizer step — or a skipped step on a bad loss or an fp16 overflow.
-    /// Returns the gradient norm before clipping (NaN for a skipped step).
+    /// One iteration of the run's method. Returns the gradient norm before clipping (NaN for a
+    /// skipped step).
     fn step(&mut self) -> Result<f64> {
-        self.opt.zero_grad();
-        let scale = self.state.scaler.map(|s| s.scale).unwrap_or(1.0);
-        let (loss_sum, bad_loss) = self.micro_batches(scale)?;
-        self.state.loader = self.loader.state();
-        self.state.step += 1;
-        let (loss, ok) = self.agree(loss_sum, bad_loss, scale)?;
-        let grad_norm = if ok { self.apply(loss) } else { f64::NAN };
-        if !ok {
-            self.state.skipped += 1;
-        }
+        let grad_norm = match self.cfg.train.method {
+            Method::Sft => self.sft_step()?,
+            Method::Grpo => self.grpo_step()?,
+            Method::Dpo => self.dpo_step()?,
+        };
         // The message is made only when a bar shows it.
         self.progress.set(self.state.step as u64, || {
             let ((tps, sps), lr) = (self.rate(), self.lr());
@@ -338,19 +340,49 @@ impl<'c> Trainer<'c> {
         Ok(grad_norm)
     }
 
+    /// One fine-tuning iteration: the micro-batches' forward and backward, then the update.
+    fn sft_step(&mut self) -> Result<f64> {
+        self.opt.zero_grad();
+        let scale = self.state.scaler.map(|s| s.scale).unwrap_or(1.0);
+        let (loss_sum, bad_loss) = self.micro_batches(scale)?;
+        self.state.loader = self.loader.state();
+        self.state.step += 1;
+        self.update(loss_sum, bad_loss, scale)
+    }
+
+    /// Gradients averaged over ranks, then the optimizer step — or a skipped step on a bad loss
+    /// or an fp16 overflow. Returns the gradient norm before clipping (NaN for a skipped step).
+    fn update(&mut self, loss_sum: f64, bad_loss: Option<String>, scale: f64) -> Result<f64> {
+        let (loss, ok) = self.agree(loss_sum, bad_loss, scale)?;
+        if ok {
+            Ok(self.apply(loss))
+        } else {
+            self.state.skipped += 1;
+            Ok(f64::NAN)
+        }
+    }
+
+    /// The seed of micro-batch `micro` of the coming step on this rank: a function of the run's
+    /// seed, the step and the micro-batch's place among every rank's, so that a resumed run and a
+    /// run on more ranks draw what one uninterrupted process accumulating the same global batch
+    /// draws.
+    fn micro_seed(&self, micro: i64) -> i64 {
+        let tc = &self.cfg.train;
+        (tc.seed as i64)
+            .wrapping_mul(1_000_003)
+            .wrapping_add(self.state.step * 64 + (self.comm.rank() as i64) * tc.grad_accum + micro)
+    }
+
     /// Forward and backward of this step's micro-batches (gradients of `loss · scale`
     /// accumulated): the summed loss, or the first non-finite loss with the samples it came from.
     fn micro_batches(&mut self, scale: f64) -> Result<(f64, Option<String>)> {
         let tc = &self.cfg.train;
-        let rank = self.comm.rank();
         let mut loss_sum = 0.0;
         for micro in 0..tc.grad_accum {
             let b = self.loader.next().context("the loader ended")??;
             // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
             // activation checkpointing recomputes the same masks.
-            let seed = (tc.seed as i64)
-                .wrapping_mul(1_000_003)
-                .wrapping_add(self.state.step * 64 + (rank as i64) * tc.grad_accum + micro);
+            let seed = self.micro_seed(micro);
             tch::manual_seed(seed);
             self.chat
                 .model
@@ -488,6 +520,14 @@ impl<'c> Trainer<'c> {
                 self.comm.as_ref()
             )?);
         }
+        let rl = self
+            .rl
+            .as_mut()
+            .map(|r| r.take_window())
+            .unwrap_or_default();
+        for (k, v) in &rl {
+            rec[*k] = serde_json::json!(v);
+        }
         self.logs.write(&rec)?;
         let mut sc = vec![
             ("train/loss", avg),
@@ -500,11 +540,21 @@ impl<'c> Trainer<'c> {
         if let Some(s) = self.state.scaler {
             sc.push(("train/loss_scale", s.scale));
         }
+        sc.extend(rl.iter().copied());
         self.logs.scalars(step, &sc)?;
+        let of = |k: &str| rl.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        let extra = match (of("rl/reward"), of("rl/kl"), of("dpo/margin")) {
+            (Some(r), kl, _) => format!(
+                " reward {r:.4}{}",
+                kl.map(|k| format!(" kl {k:.4}")).unwrap_or_default()
+            ),
+            (None, _, Some(m)) => format!(" margin {m:.4}"),
+            _ => String::new(),
+        };
         let total = self.cfg.train.train_iters;
         self.progress.line(step as u64, total as u64, || {
             format!(
-                "step {step}/{total} loss {avg:.4} lr {lr:.3e} grad_norm {norm:.4} \
+                "step {step}/{total} loss {avg:.4}{extra} lr {lr:.3e} grad_norm {norm:.4} \
                  {tps:.0} tok/s {sps:.1} samples/s"
             )
         });
@@ -588,7 +638,8 @@ impl<'c> Trainer<'c> {
         let global_batch = world as i64 * self.cfg.loader.batch_size as i64 * tc.grad_accum;
         let dev = self.dev;
         self.logs.write(&serde_json::json!({
-            "event": "start", "step": self.state.step, "world_size": world,
+            "event": "start", "method": tc.method.name(), "step": self.state.step,
+            "world_size": world,
             "backend": self.comm.name(), "device": format!("{dev:?}"), "params": params,
             "trainable_params": trainable, "global_batch": global_batch,
             "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,

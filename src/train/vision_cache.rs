@@ -36,10 +36,8 @@ impl VisionCache {
     /// A cache for a run whose vision side is frozen and without dropout (no adapters of its
     /// own): each film's embeddings are then computed once. `None` otherwise.
     pub fn for_run(cfg: &crate::config::Config) -> Option<Self> {
-        (cfg.train.vision_cache
-            && cfg.model.vision_dropout == 0.0
-            && !cfg.model.lora.targets.vision())
-        .then(VisionCache::default)
+        (cfg.train.vision_cache && cfg.train_dropout().0 == 0.0 && !cfg.model.lora.targets.vision())
+            .then(VisionCache::default)
     }
 
     /// Image embeddings `[B, image_length, hidden]` of a batch: `pixels` is the batch's
