@@ -113,6 +113,46 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
     }
 }
 
+/// GRPO over two ranks: each rank samples its micro-batch from the seed one process accumulating
+/// the same global batch gives it, the advantages come from both ranks' rewards and the loss is
+/// normalized over the whole rollout batch, so the first step equals the single process's.
+#[test]
+fn two_rank_grpo_equals_one_process_at_its_first_step() {
+    let _s = common::serial();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let grpo = [
+        "train.method=\"grpo\"",
+        "train.train_iters=1",
+        "rl.group=4",
+        "rl.max_new_tokens=8",
+        "rl.reward.rouge_l=0.5",
+        "rl.scale_rewards=\"batch\"",
+    ];
+    let mut one = grpo.to_vec();
+    one.push("train.grad_accum=2");
+    common::ok(&mut finetune(&shared, 1, &sets(dir.path(), "one", &one)));
+    common::ok(&mut finetune(&shared, 2, &sets(dir.path(), "two", &grpo)));
+    let (a, b) = (log(&dir.path().join("one")), log(&dir.path().join("two")));
+    assert_eq!((a.len(), b.len()), (1, 1));
+    for key in ["rl/reward", "rl/reward_std", "rl/completion_tokens", "rl/reward_rouge_l"] {
+        assert_eq!(a[0][key], b[0][key], "{key}");
+    }
+    let (lx, ly) = (a[0]["loss"].as_f64().unwrap(), b[0]["loss"].as_f64().unwrap());
+    assert!(lx != 0.0 && (lx - ly).abs() <= 1e-5 * lx.abs(), "{lx} vs {ly}");
+    let (la, lb) = (
+        final_lora(&dir.path().join("one")),
+        final_lora(&dir.path().join("two")),
+    );
+    for (k, v) in &la {
+        let e =
+            (&lb[k] - v).abs().max().double_value(&[]) / v.abs().max().double_value(&[]).max(1e-12);
+        assert!(e <= 1e-5, "{k}: {e:.3e}");
+    }
+}
+
 /// Generation metrics during training over two ranks: the held-out films' batches are dealt to
 /// the ranks and the reports gathered, so the scores are exactly one process's — compared at the
 /// start, where both runs have the same weights (later steps differ by the accumulation order) —
