@@ -137,11 +137,22 @@ fn two_rank_grpo_equals_one_process_at_its_first_step() {
     common::ok(&mut finetune(&shared, 2, &sets(dir.path(), "two", &grpo)));
     let (a, b) = (log(&dir.path().join("one")), log(&dir.path().join("two")));
     assert_eq!((a.len(), b.len()), (1, 1));
-    for key in ["rl/reward", "rl/reward_std", "rl/completion_tokens", "rl/reward_rouge_l"] {
+    for key in [
+        "rl/reward",
+        "rl/reward_std",
+        "rl/completion_tokens",
+        "rl/reward_rouge_l",
+    ] {
         assert_eq!(a[0][key], b[0][key], "{key}");
     }
-    let (lx, ly) = (a[0]["loss"].as_f64().unwrap(), b[0]["loss"].as_f64().unwrap());
-    assert!(lx != 0.0 && (lx - ly).abs() <= 1e-5 * lx.abs(), "{lx} vs {ly}");
+    let (lx, ly) = (
+        a[0]["loss"].as_f64().unwrap(),
+        b[0]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        lx != 0.0 && (lx - ly).abs() <= 1e-5 * lx.abs(),
+        "{lx} vs {ly}"
+    );
     let (la, lb) = (
         final_lora(&dir.path().join("one")),
         final_lora(&dir.path().join("two")),

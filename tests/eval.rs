@@ -255,7 +255,7 @@ fn eval_checkpoint_errors_name_the_problem_and_write_nothing() {
                 "--split".into(),
                 "sideways".into(),
             ],
-            "unknown --split \"sideways\"",
+            "invalid value 'sideways' for '--split",
         ),
         (
             vec![

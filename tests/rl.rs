@@ -957,3 +957,69 @@ fn dpo_trains_on_a_pair_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("rl.pairs"));
 }
+
+/// `xrayglm rl-pairs` on the fine-tuned run: K sampled reports per training film, scored, best vs
+/// worst where the gap reaches the margin — a pair file that `rl.pairs` reads and DPO trains on.
+#[test]
+fn rl_pairs_makes_a_pair_file_dpo_reads() {
+    let Some(s) = sft() else { return };
+    let _one = common::serial();
+    let out = s.dir.path().join("data/Xray/self-pairs.json");
+    let run = common::ok(
+        common::bin()
+            .args([
+                "rl-pairs",
+                "--samples",
+                "4",
+                "--limit",
+                "6",
+                "--margin",
+                "0.05",
+            ])
+            .arg("--from_pretrained")
+            .arg(s.run())
+            .arg("--out")
+            .arg(&out)
+            .args(common::set_args(
+                ["rl.max_new_tokens=16", "rl.reward.rouge_l=1.0"].map(String::from),
+            ))
+            .env("XRAYGLM_TOKENIZER", common::ice_text(&s.shared))
+            .env("OMP_NUM_THREADS", "1"),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(summary["films"], 6, "{summary}");
+    let made = summary["pairs"].as_u64().unwrap() as usize;
+    assert!(made >= 3, "{summary}");
+    assert_eq!(
+        made + summary["below_margin"].as_u64().unwrap() as usize,
+        6,
+        "{summary}"
+    );
+    let written: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(written.len(), made);
+    for p in &written {
+        let (c, r) = (
+            p["chosen_reward"].as_f64().unwrap(),
+            p["rejected_reward"].as_f64().unwrap(),
+        );
+        assert!(c - r >= 0.05, "{p}");
+        assert_ne!(p["chosen"], p["rejected"], "{p}");
+        // Film paths relative to the pair file's folder.
+        let film = p["images"][0].as_str().unwrap();
+        assert!(!std::path::Path::new(film).is_absolute(), "{p}");
+    }
+    let loaded = xrayglm::data::records::load_pairs(&out, &Default::default()).unwrap();
+    assert_eq!(loaded.pairs.len(), made);
+    assert!(loaded.bad.is_empty());
+    // DPO trains on them.
+    let pairs_set = format!("rl.pairs={:?}", out.display().to_string());
+    common::ok(&mut s.finetune(
+        "self-dpo",
+        "dpo",
+        &[&pairs_set, "train.train_iters=2", "loader.batch_size=1"],
+    ));
+    let log = steps(&s.dir.path().join("self-dpo"));
+    assert_eq!(log.len(), 2);
+    assert!(log[1]["dpo/accuracy"].as_f64().is_some(), "{:?}", log[1]);
+}

@@ -34,9 +34,9 @@ pub struct EvalArgs {
     /// `key=value` overrides of those settings.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// heldout or all. Default: the run's held-out films for its own data, all records of --data.
-    #[arg(long)]
-    pub split: Option<String>,
+    /// Default: the run's held-out films for its own data, all records of --data.
+    #[arg(long, value_enum)]
+    pub split: Option<xrayglm::eval::checkpoint::Split>,
     /// Held-out fraction (default: the run's train.val_fraction).
     #[arg(long = "val_fraction", alias = "val-fraction")]
     pub val_fraction: Option<f64>,
@@ -238,7 +238,7 @@ fn data_options(a: &EvalArgs) -> xrayglm::eval::checkpoint::DataOptions {
         config: a.config.clone(),
         overrides: a.sets.clone(),
         data: a.data.clone(),
-        split: a.split.clone(),
+        split: a.split,
         val_fraction: a.val_fraction,
         seed: a.split_seed,
         limit: a.limit,

@@ -53,6 +53,10 @@ pub enum Command {
     /// Fine-tune LoRA weights (XrayGLM's recipe). `--config configs/demo.toml` trains the tiny
     /// preset on the synthetic X-ray set on CPU.
     Finetune(train::FinetuneArgs),
+    /// DPO pairs made by a model itself: K sampled reports per film of a training list, scored
+    /// by the `[rl]` reward against the film's report, best vs worst where they differ by at
+    /// least --margin; written as a pair file for `train.method = "dpo"` (`rl.pairs`).
+    RlPairs(train::RlPairsArgs),
     /// Print the ChatGLM-6B token ids of TEXT as JSON (or decode ids with --decode).
     Tokenize(data::TokenizeArgs),
     /// Benchmarks: data, model, step, layer, device, dist, allreduce, generate, train (each against a baseline measured in the same run).
@@ -172,6 +176,7 @@ pub fn run() -> Result<()> {
         Command::PrepareData(a) => data::prepare(a),
         Command::Tokenize(a) => data::tokenize(a),
         Command::Finetune(a) => train::finetune(a),
+        Command::RlPairs(a) => train::rl_pairs(a),
         Command::Convert(a) => convert::convert(a),
         Command::Export(a) => export::export(a),
         Command::Parity(a) => parity::parity(a),

@@ -23,6 +23,14 @@ use crate::data::records::{load_records, Record};
 use crate::data::sample::SampleBuilder;
 use crate::infer::chat::{ChatModel, ChatSettings};
 
+/// Which records of a data file: the run's held-out films, its training films (the rest), or all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Heldout,
+    Train,
+    All,
+}
+
 /// Where the films come from and which of them are evaluated.
 #[derive(Debug, Clone, Default)]
 pub struct DataOptions {
@@ -33,8 +41,8 @@ pub struct DataOptions {
     pub overrides: Vec<String>,
     /// Image-report file (either schema); default: the config's `data.path`.
     pub data: Option<PathBuf>,
-    /// `"heldout"` or `"all"`; default: held-out for the config's own data, all for `--data`.
-    pub split: Option<String>,
+    /// Default: held-out for the config's own data, all for `--data`.
+    pub split: Option<Split>,
     /// Held-out fraction and seed (default: the config's `train.val_fraction`, `train.seed`).
     pub val_fraction: Option<f64>,
     pub seed: Option<u64>,
@@ -65,13 +73,6 @@ pub fn run_config_path(dir: &Path) -> Option<PathBuf> {
 
 /// Read and split the data once for all checkpoints.
 pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData> {
-    if let Some(sp) = o
-        .split
-        .as_deref()
-        .filter(|s| !matches!(*s, "heldout" | "all"))
-    {
-        bail!("unknown --split {sp:?} (heldout, all)");
-    }
     let cfg_path = o
         .config
         .clone()
@@ -96,27 +97,31 @@ pub fn resolve_data(first_checkpoint: &Path, o: &DataOptions) -> Result<EvalData
         0.0
     });
     let seed = o.seed.unwrap_or(cfg.train.seed);
-    let split = o
-        .split
-        .clone()
-        .unwrap_or_else(|| if fraction > 0.0 { "heldout" } else { "all" }.to_string());
-    let (mut records, what) = match split.as_str() {
-        "all" => {
+    let split = o.split.unwrap_or(if fraction > 0.0 {
+        Split::Heldout
+    } else {
+        Split::All
+    });
+    let (mut records, what) = match split {
+        Split::All => {
             let n = loaded.records.len();
             (loaded.records, format!("all {n} records of {file}"))
         }
-        "heldout" => {
-            if !(fraction > 0.0 && fraction < 1.0) {
+        Split::Heldout | Split::Train => {
+            if !(fraction > 0.0 && fraction < 1.0) && split == Split::Heldout {
                 bail!("--split heldout needs a held-out fraction in (0, 1) (--val_fraction; the config has train.val_fraction = {})", cfg.train.val_fraction);
             }
-            let (_, val) = crate::data::split(loaded.records, fraction, seed);
-            let n = val.len();
+            let (train, val) = crate::data::split(loaded.records, fraction, seed);
+            let (part, name) = match split {
+                Split::Train => (train, "training"),
+                _ => (val, "held-out"),
+            };
+            let n = part.len();
             (
-                val,
-                format!("held-out {n} records of {file} (fraction {fraction}, seed {seed})"),
+                part,
+                format!("{name} {n} records of {file} (held-out fraction {fraction}, seed {seed})"),
             )
         }
-        other => bail!("unknown --split {other:?} (heldout, all)"),
     };
     if let Some(n) = o.limit {
         records.truncate(n);

@@ -16,6 +16,7 @@ pub mod grpo;
 pub mod loss;
 pub mod optim;
 pub mod policy;
+pub mod rl_pairs;
 pub mod scaler;
 pub mod schedule;
 mod setup;
