@@ -200,4 +200,24 @@ fn rl_bench_runs_in_reduced_mode() {
         .collect();
     assert_eq!(shares.len(), 4, "{text}");
     assert!((shares.iter().sum::<f64>() - 100.0).abs() <= 2.0, "{text}");
+    // The two ways to the reference's log-probs agree.
+    let agree: f64 = text
+        .split("log-probs agree to ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    let policy: f64 = text
+        .split("the policy's differ by ")
+        .nth(1)
+        .and_then(|s| {
+            s.trim_end_matches(|c: char| c == ')' || c.is_whitespace())
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        agree <= 1e-4 && policy > 1e-3 && policy > 100.0 * agree,
+        "{text}"
+    );
 }

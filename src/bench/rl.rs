@@ -39,6 +39,14 @@ pub struct RlBench {
     pub one_tps: f64,
     /// A GRPO step (β > 0): seconds of rollout, reward, reference forward, policy update.
     pub step: [f64; 4],
+    /// The reference's log-probs with the policy's forward and backward, seconds: one extra
+    /// forward (eval, no graph), or the reference's rows in the policy's batch routed to its
+    /// adapters; and the largest difference between the two ways' reference log-probs.
+    pub reference: [f64; 2],
+    pub reference_diff: f64,
+    /// The largest difference between the policy's and the reference's log-probs there (what
+    /// the agreement is measured against).
+    pub policy_diff: f64,
 }
 
 /// Goal from the issue: rollouts through the engine at least this many times faster than one
@@ -71,6 +79,14 @@ impl std::fmt::Display for RlBench {
             100.0 * w / total,
             100.0 * rf / total,
             100.0 * p / total
+        )?;
+        let [extra, routed] = self.reference;
+        writeln!(
+            f,
+            "  reference + policy forward/backward: extra forward {extra:.3} s   in the batch (per-row adapters) {routed:.3} s   {:.2}x; log-probs agree to {:.1e} (the policy's differ by {:.1e})",
+            routed / extra.max(1e-12),
+            self.reference_diff,
+            self.policy_diff
         )
     }
 }
@@ -169,11 +185,96 @@ pub fn rl(a: &RlArgs) -> Result<RlBench> {
     let (s, _) = grpo_backward(&model, &prompts, &grpo, Some(&reference), &|rs| {
         rs.iter().map(|r| r.tokens.len() as f64).collect()
     })?;
+    // A reference and a policy that differ from each other and from the base (adapters B
+    // nonzero), so that the two ways are compared on something.
+    let perturb = || {
+        tch::no_grad(|| {
+            for (k, mut v) in model.lora.variables() {
+                if k.contains("matrix_B") {
+                    let _ = v.copy_(&(v.randn_like() * 0.02));
+                }
+            }
+        })
+    };
+    perturb();
+    let reference = Reference::snapshot(&model);
+    perturb();
+    let (reference_s, reference_diff, policy_diff) =
+        reference_ways(&model, &prompts, &engine, &reference)?;
     Ok(RlBench {
         args: a.clone(),
         threads: tch::get_num_threads(),
         engine_tps,
         one_tps,
         step: [s.rollout_s, s.reward_s, s.reference_s, s.policy_s],
+        reference: reference_s,
+        reference_diff,
+        policy_diff,
     })
+}
+
+/// The reference's log-probs of `replies` beside the policy's forward and backward, two ways
+/// (best of two runs each): one extra forward with the reference's adapters swapped in, or one
+/// forward of twice the rows, the second half routed to the reference's adapters. Returns the
+/// seconds of each, the largest difference of their reference log-probs and the largest
+/// difference between the policy's and the reference's.
+fn reference_ways(
+    model: &crate::model::visualglm::VisualGlm,
+    prompts: &[RolloutPrompt],
+    replies: &[Rollout],
+    reference: &Reference,
+) -> Result<([f64; 2], f64, f64)> {
+    use crate::model::chatglm::RowAdapters;
+    use crate::train::policy::PolicyBatch;
+    use tch::{Kind, Tensor};
+    let n = replies.len() as i64;
+    let batch = PolicyBatch::new(model, prompts, replies)?;
+    let extra = || {
+        let t = Instant::now();
+        let r = reference.logps(model, &batch, None, 1.0);
+        let p = batch.policy_logps(model, None, 1.0);
+        let policy = p.logps.detach();
+        (p.logps * p.mask).sum(Kind::Float).backward();
+        (t.elapsed().as_secs_f64(), r, policy)
+    };
+    let twice: Vec<Rollout> = replies.iter().chain(replies).cloned().collect();
+    let both = PolicyBatch::new(model, prompts, &twice)?;
+    let (_store, layers) = reference.layers(model);
+    let dev = model.device();
+    let routed = || {
+        let t = Instant::now();
+        let groups = RowAdapters {
+            groups: vec![
+                (Some(Tensor::arange(n, (Kind::Int64, dev))), None),
+                (
+                    Some(Tensor::arange_start(n, 2 * n, (Kind::Int64, dev))),
+                    Some(layers.as_slice()),
+                ),
+            ],
+        };
+        let embeds = both.slot_embeds(None);
+        let out = model.label_logps_with(&both.inputs(&embeds), true, 1.0, Some(&groups));
+        let r = out.logps.narrow(0, n, n).detach();
+        (out.logps.narrow(0, 0, n) * out.mask.narrow(0, 0, n))
+            .sum(Kind::Float)
+            .backward();
+        (t.elapsed().as_secs_f64(), r)
+    };
+    let (mut best_extra, mut best_routed) = (f64::INFINITY, f64::INFINITY);
+    let (mut diff, mut policy_diff) = (0.0f64, 0.0f64);
+    for _ in 0..2 {
+        let (te, re, policy) = extra();
+        policy_diff = policy_diff.max((&policy - &re).abs().max().double_value(&[]));
+        let (tr, rr) = routed();
+        best_extra = best_extra.min(te);
+        best_routed = best_routed.min(tr);
+        let w = re.size()[1].min(rr.size()[1]);
+        diff = diff.max(
+            (re.narrow(1, 0, w) - rr.narrow(1, 0, w))
+                .abs()
+                .max()
+                .double_value(&[]),
+        );
+    }
+    Ok(([best_extra, best_routed], diff, policy_diff))
 }

@@ -398,7 +398,17 @@ impl ChatGlm {
 
     /// The last layer's output `[B, S, hidden]` (before the final LayerNorm and `lm_head`).
     pub fn hidden(&self, inp: &GlmInputs, train: bool) -> Tensor {
-        let (mut x, pass) = self.prepare(inp, train);
+        self.hidden_with(inp, train, None)
+    }
+
+    /// [`ChatGlm::hidden`] with per-row adapters (`None`: the layers' own).
+    pub fn hidden_with(
+        &self,
+        inp: &GlmInputs,
+        train: bool,
+        adapters: Option<&RowAdapters>,
+    ) -> Tensor {
+        let (mut x, pass) = self.prepare(inp, train, adapters);
         for (i, block) in self.layers.iter().enumerate() {
             self.seed_layer(i);
             x = block.forward(&x, &pass, None);
@@ -582,11 +592,16 @@ impl ChatGlm {
     }
 
     /// Embeddings (with dropout) and what every layer of this forward shares.
-    pub(crate) fn prepare(&self, inp: &GlmInputs, train: bool) -> (Tensor, Pass<'static>) {
+    pub(crate) fn prepare<'a>(
+        &self,
+        inp: &GlmInputs,
+        train: bool,
+        adapters: Option<&'a RowAdapters<'a>>,
+    ) -> (Tensor, Pass<'a>) {
         let emb = self.embed(inp.input_ids, inp.image_embeds, inp.image_at);
         let x = dropout(&emb, self.dropout.embedding, train);
         let mask = Some(inp.attention_mask.to_kind(Kind::Float));
-        let pass = self.pass(inp.position_ids, x.kind(), mask, train, None);
+        let pass = self.pass(inp.position_ids, x.kind(), mask, train, adapters);
         (x, pass)
     }
 

@@ -35,7 +35,7 @@ impl ChatGlm {
             Kept(Tensor, Tensor),
         }
         let recompute = self.recompute_layers.unwrap_or(self.layers.len());
-        let (x0, pass) = self.prepare(inp, train);
+        let (x0, pass) = self.prepare(inp, train, None);
         // Embeddings with a graph (adapters on the vision side): the gradient goes on into it.
         let embedded = x0.requires_grad().then(|| x0.shallow_clone());
         let leaf = |x: &Tensor, i: usize| {

@@ -11,7 +11,7 @@ use anyhow::Result;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-use super::chatglm::{ChatGlm, Dropouts, GlmInputs, ImageAt, LabelLogps};
+use super::chatglm::{ChatGlm, Dropouts, GlmInputs, ImageAt, LabelLogps, RowAdapters};
 use super::config::ModelConfig;
 use super::lora::{Adapted, Lora};
 use super::nn::Linear;
@@ -385,9 +385,20 @@ impl VisualGlm {
     /// Per-token `log p(label)` `[B, T − 1]` of a batch's counted labels at `temperature`, their
     /// mask and entropies (see [`ChatGlm::label_logps`]), with autograd history for the adapters.
     pub fn label_logps(&self, b: &BatchInputs, train: bool, temperature: f64) -> LabelLogps {
+        self.label_logps_with(b, train, temperature, None)
+    }
+
+    /// [`VisualGlm::label_logps`] with per-row adapters on ChatGLM (`None`: its own).
+    pub fn label_logps_with(
+        &self,
+        b: &BatchInputs,
+        train: bool,
+        temperature: f64,
+        adapters: Option<&RowAdapters>,
+    ) -> LabelLogps {
         self.with_inputs(b, train, |inp| {
-            self.chatglm
-                .label_logps(&self.chatglm.hidden(inp, train), b.labels, temperature)
+            let hidden = self.chatglm.hidden_with(inp, train, adapters);
+            self.chatglm.label_logps(&hidden, b.labels, temperature)
         })
     }
 

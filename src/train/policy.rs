@@ -198,6 +198,27 @@ impl Reference {
         Self { weights }
     }
 
+    /// The reference as adapters of their own (a store and one set per ChatGLM layer), to run
+    /// beside the policy's in one batch through per-row routing.
+    pub fn layers(
+        &self,
+        model: &VisualGlm,
+    ) -> (tch::nn::VarStore, Vec<crate::model::chatglm::LayerLoras>) {
+        let store = tch::nn::VarStore::new(model.device());
+        let layers = (0..model.cfg.sat.num_layers)
+            .map(|i| crate::model::chatglm::layer_loras(&store.root(), &model.cfg, i))
+            .collect();
+        let vars = store.variables();
+        tch::no_grad(|| {
+            for (k, w) in &self.weights {
+                if let Some(v) = vars.get(k) {
+                    v.shallow_clone().copy_(w);
+                }
+            }
+        });
+        (store, layers)
+    }
+
     /// Per-token label log-probs of `batch` under the reference at `temperature` (eval mode, no
     /// graph): one extra forward with the reference's adapters swapped in — the films encoded
     /// again by them when `pixels` are given (adapters on the vision side) — and the policy's put
