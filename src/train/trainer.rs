@@ -594,10 +594,17 @@ impl<'c> Trainer<'c> {
         let t = Instant::now();
         let r = gen.run(&self.chat, self.comm.as_ref())?;
         let step = self.state.step;
-        let ce =
-            r.ce.as_ref()
-                .map(|c| (c.micro.f1, c.macro_f1, c.collapse.distinct_hypotheses));
-        let (ce_f1, macro_f1, distinct) = ce.unwrap_or_default();
+        let ce = r.ce.as_ref().map(|c| {
+            let k = &c.collapse;
+            (
+                c.micro.f1,
+                c.macro_f1,
+                k.distinct_hypotheses,
+                k.no_finding_hypotheses,
+                k.length_ratio,
+            )
+        });
+        let (ce_f1, macro_f1, distinct, no_finding, length_ratio) = ce.unwrap_or_default();
         let values = [
             ("gen/bleu_4", r.bleu_4),
             ("gen/rouge_l", r.rouge_l),
@@ -605,6 +612,8 @@ impl<'c> Trainer<'c> {
             ("gen/ce_f1", ce_f1),
             ("gen/ce_macro_f1", macro_f1),
             ("gen/distinct_reports", distinct),
+            ("gen/no_finding_share", no_finding),
+            ("gen/length_ratio", length_ratio),
         ];
         let mut line = serde_json::json!({"step": step, "gen_films": gen.films(),
             "gen_seconds": t.elapsed().as_secs_f64()});
