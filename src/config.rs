@@ -112,10 +112,23 @@ impl DataSection {
     }
 }
 
+/// `synthetic.kind`: which synthetic set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SyntheticKind {
+    /// Heart size and pleural effusion, one report per finding set (`Xray/synth-zh.json`).
+    #[default]
+    Basic,
+    /// Six findings, several phrasings and orders per report (`Xray/synth-hard-zh.json`).
+    Hard,
+}
+
 /// The synthetic demo set (`prepare-data --synthetic N`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SyntheticSection {
+    /// basic (the demo's) or hard (data::synthetic_hard).
+    pub kind: SyntheticKind,
     /// Films generated when the records file is missing (0 = never generate).
     pub count: usize,
     pub size: usize,
@@ -129,6 +142,7 @@ pub struct SyntheticSection {
 impl Default for SyntheticSection {
     fn default() -> Self {
         Self {
+            kind: SyntheticKind::Basic,
             count: 512,
             size: 256,
             seed: 1234,

@@ -216,18 +216,38 @@ fn check_out(
 /// Generate the synthetic demo set when the config points at it and it is missing, or was drawn
 /// by another generator version or with another film count. Returns how many films were made.
 pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
+    use crate::config::SyntheticKind;
     if cfg.synthetic.count == 0 || cfg.data.path != default_synthetic_path(cfg) {
         return Ok(None);
     }
+    let s = &cfg.synthetic;
+    /// What a set's file says of how it was made.
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(default = "first_version")]
+        version: u32,
+        #[serde(default)]
+        lateral: bool,
+        #[serde(default)]
+        kind: SyntheticKind,
+        annotations: Vec<serde::de::IgnoredAny>,
+    }
+    fn first_version() -> u32 {
+        1
+    }
     if cfg.data.path.exists() {
+        let version = match s.kind {
+            SyntheticKind::Basic => crate::data::synthetic::GENERATOR_VERSION,
+            SyntheticKind::Hard => crate::data::synthetic_hard::HARD_GENERATOR_VERSION,
+        };
         let current = std::fs::read(&cfg.data.path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<crate::data::synthetic::SyntheticFile>(&b).ok())
+            .and_then(|b| serde_json::from_slice::<Header>(&b).ok())
             .is_none_or(|f| {
-                f.version == crate::data::synthetic::GENERATOR_VERSION
-                    && f.lateral == cfg.synthetic.lateral
-                    && f.annotations.len()
-                        == cfg.synthetic.count * (1 + cfg.synthetic.lateral as usize)
+                f.version == version
+                    && f.kind == s.kind
+                    && f.lateral == s.lateral
+                    && f.annotations.len() == s.count * (1 + s.lateral as usize)
             });
         if current {
             return Ok(None);
@@ -235,17 +255,33 @@ pub fn ensure_synthetic(cfg: &Config) -> Result<Option<usize>> {
         crate::errln!(
             "{}: made by another version of the synthetic generator or with another count; redrawing {} films",
             cfg.data.path.display(),
-            cfg.synthetic.count
+            s.count
         );
     }
-    let s = &cfg.synthetic;
-    crate::data::synthetic::generate_views(&s.out_dir, s.count, s.size, s.seed, s.lateral)?;
+    match s.kind {
+        SyntheticKind::Basic => {
+            crate::data::synthetic::generate_views(&s.out_dir, s.count, s.size, s.seed, s.lateral)?;
+        }
+        SyntheticKind::Hard => {
+            if s.lateral {
+                bail!("synthetic.lateral: the hard set has PA films only");
+            }
+            crate::data::synthetic_hard::generate_hard(&s.out_dir, s.count, s.size, s.seed)?;
+        }
+    }
     Ok(Some(s.count))
 }
 
 /// The annotations file the synthetic generator writes for this config.
 pub fn default_synthetic_path(cfg: &Config) -> PathBuf {
-    cfg.synthetic.out_dir.join("Xray").join("synth-zh.json")
+    match cfg.synthetic.kind {
+        crate::config::SyntheticKind::Basic => {
+            cfg.synthetic.out_dir.join("Xray").join("synth-zh.json")
+        }
+        crate::config::SyntheticKind::Hard => {
+            crate::data::synthetic_hard::hard_path(&cfg.synthetic.out_dir)
+        }
+    }
 }
 
 fn token_stats(

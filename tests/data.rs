@@ -1309,3 +1309,83 @@ fn several_views_per_study_become_one_sample() {
     assert_eq!(per_row.len(), 3);
     assert!(per_row.iter().all(|f| f.size()[0] == 2));
 }
+
+/// The hard synthetic set: deterministic; every report, whatever its phrasing and order, states
+/// exactly its film's findings to the built-in Chinese labeler (so CE-F1 measures the findings);
+/// one set of findings is written in several ways; the findings change the film.
+#[test]
+fn hard_synthetic_reports_state_their_findings_in_many_ways() {
+    use xrayglm::data::synthetic_hard::{generate_hard, HardAnnotation};
+    use xrayglm::eval::findings::{files::labeler_for, Observation, State};
+    use xrayglm::eval::metrics::Lang;
+    let dir = tempfile::tempdir().unwrap();
+    let read = |p: &Path| -> Vec<HardAnnotation> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        assert_eq!(v["kind"], "hard");
+        serde_json::from_value(v["annotations"].clone()).unwrap()
+    };
+    let file = generate_hard(&dir.path().join("a"), 300, 48, 9).unwrap();
+    let again = generate_hard(&dir.path().join("b"), 300, 48, 9).unwrap();
+    let (a, b) = (read(&file), read(&again));
+    assert_eq!(a.len(), 300);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.caption, x.findings), (&y.caption, y.findings));
+    }
+    assert_eq!(
+        std::fs::read(file.with_file_name("hard_00007.png")).unwrap(),
+        std::fs::read(again.with_file_name("hard_00007.png")).unwrap()
+    );
+    let labeler = labeler_for(Some(Lang::Zh), None, &[]).unwrap();
+    for ann in &a {
+        let labels = labeler.label(&ann.caption);
+        let want = ann.findings.observations();
+        for o in Observation::ALL {
+            let present = labels.get(o) == State::Positive;
+            assert_eq!(
+                present,
+                want.contains(&o),
+                "{o:?} in {:?} ({:?})",
+                ann.caption,
+                ann.findings
+            );
+        }
+    }
+    // Several phrasings and orders of one set of findings; every finding occurs.
+    let mut by_findings: std::collections::HashMap<String, std::collections::BTreeSet<&str>> =
+        Default::default();
+    for ann in &a {
+        by_findings
+            .entry(format!("{:?}", ann.findings))
+            .or_default()
+            .insert(&ann.caption);
+    }
+    let repeated: Vec<_> = by_findings.values().filter(|c| c.len() > 1).collect();
+    assert!(
+        repeated.len() >= 5,
+        "{} sets written more than one way",
+        repeated.len()
+    );
+    for o in [
+        Observation::Cardiomegaly,
+        Observation::LungLesion,
+        Observation::Consolidation,
+        Observation::Pneumothorax,
+        Observation::PleuralEffusion,
+        Observation::SupportDevices,
+        Observation::NoFinding,
+    ] {
+        let n = a
+            .iter()
+            .filter(|x| x.findings.observations().contains(&o))
+            .count();
+        assert!(n >= 10, "{o:?}: {n} of 300");
+    }
+    // Findings change the pixels: two films differing only in a finding differ where it is drawn.
+    let base = a[0].findings;
+    let film = |f: &xrayglm::data::synthetic_hard::HardFindings| {
+        xrayglm::data::synthetic_hard::render_hard(f, 64, &mut xrayglm::data::rng::PyRandom::new(3))
+    };
+    let mut with_catheter = base;
+    with_catheter.catheter = !base.catheter;
+    assert_ne!(film(&base), film(&with_catheter));
+}

@@ -7,6 +7,7 @@ pub mod rng;
 pub mod sample;
 pub mod split;
 pub mod synthetic;
+pub mod synthetic_hard;
 
 pub use split::split;
 

@@ -101,12 +101,12 @@ fn first_version() -> u32 {
     1
 }
 
-fn ellipse(u: f64, v: f64, cu: f64, cv: f64, ru: f64, rv: f64) -> f64 {
+pub(super) fn ellipse(u: f64, v: f64, cu: f64, cv: f64, ru: f64, rv: f64) -> f64 {
     ((u - cu) / ru).powi(2) + ((v - cv) / rv).powi(2)
 }
 
 /// Soft inside-ness of an ellipse: 1 inside, 0 outside, a short ramp at the edge.
-fn inside(d: f64, edge: f64) -> f64 {
+pub(super) fn inside(d: f64, edge: f64) -> f64 {
     ((1.0 - d) / edge).clamp(0.0, 1.0)
 }
 
@@ -238,7 +238,7 @@ pub fn render_lateral(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> 
 }
 
 /// A light 3×3 blur for film softness, rounded to 8 bits.
-fn blur(img: &[f64], size: usize) -> Vec<u8> {
+pub(super) fn blur(img: &[f64], size: usize) -> Vec<u8> {
     let mut out = vec![0u8; size * size];
     for y in 0..size {
         for x in 0..size {
@@ -350,7 +350,7 @@ pub fn generate_views(
     Ok(path)
 }
 
-fn encode_png_l8(pixels: &[u8], size: usize) -> Result<Vec<u8>> {
+pub(super) fn encode_png_l8(pixels: &[u8], size: usize) -> Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut png = Vec::new();
     image::codecs::png::PngEncoder::new(&mut png)
