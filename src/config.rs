@@ -514,6 +514,9 @@ pub struct RlSection {
     pub epsilon_high: f64,
     /// Optimizer updates per rollout batch (TRL's num_iterations, μ).
     pub mu: usize,
+    /// Mixed into the seeds replies are sampled from (GRPO, `rl-pairs`), so runs can differ in
+    /// their samples alone — `train.seed` also picks the held-out split.
+    pub seed: u64,
     /// The reward's weighted terms.
     pub reward: crate::eval::reward::RewardWeights,
     /// A findings rules file for the reward's labeler (`xrayglm findings --rules`); empty: the
@@ -543,6 +546,7 @@ impl Default for RlSection {
             epsilon_low: 0.2,
             epsilon_high: 0.28,
             mu: 1,
+            seed: 0,
             reward: Default::default(),
             rules: PathBuf::new(),
             reward_threads: 0,
@@ -849,6 +853,57 @@ mod tests {
         assert_eq!(c.sample.max_target_length, 256);
         let lora = &c.model.lora;
         assert_eq!((lora.rank, &lora.layers[..]), (10, &[0, 14][..]));
+    }
+
+    /// Every shipped config loads and validates; the method configs name their method.
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let c = Config::load(Some(&p), &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                let name = p.file_stem().unwrap().to_string_lossy().to_string();
+                if name.ends_with("-grpo") {
+                    assert_eq!(c.train.method, Method::Grpo, "{name}");
+                } else if name.ends_with("-dpo") {
+                    assert_eq!(c.train.method, Method::Dpo, "{name}");
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "{n} configs");
+    }
+
+    #[test]
+    fn rl_settings_are_checked() {
+        for (set, key) in [
+            ("rl.group=1", "rl.group"),
+            ("rl.temperature=0", "rl.temperature"),
+            ("rl.top_p=1.5", "rl.top_p"),
+            ("rl.mu=0", "rl.mu"),
+            ("rl.max_batch=4", "rl.max_batch"),
+            ("rl.reward.ce_f1=-1", "rl.reward.ce_f1"),
+        ] {
+            let e = Config::load(None, &["train.method=\"grpo\"".into(), set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let e = Config::load(None, &["train.method=\"dpo\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rl.pairs"), "{e}");
+        let e = Config::load(
+            None,
+            &["train.init_from=\"a\"".into(), "model.path=\"b\"".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("init_from") && e.contains("model.path"), "{e}");
+        // For fine-tuning the [rl] sampling settings are not in play.
+        assert!(Config::load(None, &["rl.group=1".into()]).is_ok());
     }
 
     #[test]

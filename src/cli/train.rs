@@ -230,7 +230,7 @@ pub fn rl_pairs(a: RlPairsArgs) -> Result<()> {
                 top_k: r.top_k as i64,
                 repetition_penalty: 1.0,
                 greedy: false,
-                seed: cfg.train.seed,
+                seed: cfg.train.seed ^ r.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 invalid: if data.lang == xrayglm::eval::metrics::Lang::En {
                     vec![xrayglm::infer::sampling::ENGLISH_INVALID]
                 } else {

@@ -44,6 +44,8 @@ pub(super) struct Rl {
     dpo: DpoLoss,
     pairs: Vec<(Vec<i64>, Vec<i64>)>,
     english: bool,
+    /// `rl.seed`, mixed into every rollout's seed.
+    seed: u64,
     /// Sums and counts since the last log line, by name.
     window: BTreeMap<&'static str, (f64, usize)>,
 }
@@ -142,6 +144,7 @@ impl Rl {
             },
             pairs: std::mem::take(&mut data.pairs),
             english,
+            seed: r.seed,
             window: BTreeMap::new(),
         }))
     }
@@ -191,7 +194,9 @@ impl Trainer<'_> {
             .map(|&i| self.train_ds.records[i].label.clone())
             .collect();
         let mut rc = rl.grpo.rollout.clone();
-        rc.sampling.seed = (self.micro_seed(micro) as u64) ^ 0x5eed_0f_7011_0075;
+        rc.sampling.seed = (self.micro_seed(micro) as u64)
+            ^ 0x5eed_0f_7011_0075
+            ^ rl.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let model = &self.chat.model;
         let replies = rollouts(&model.chatglm, &prompts, &rc)?;
         let batch = PolicyBatch::new(model, &prompts, &replies)?;
