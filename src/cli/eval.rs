@@ -168,17 +168,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(first) = a.checkpoints.first() {
         let data = ck::resolve_data(first, &data_options(&a))?;
         xrayglm::errln!("evaluating on {}", data.split);
-        let device = a.device.device()?;
-        let dtype = a.dtype.unwrap_or(if device.is_cuda() {
-            xrayglm::device::Dtype::Bf16
-        } else {
-            xrayglm::device::Dtype::Fp32
-        });
-        let opts = xrayglm::weights::source::LoadOptions {
-            device,
-            kind: dtype.kind(),
-            ..Default::default()
-        };
+        let opts = xrayglm::weights::source::LoadOptions::on(
+            a.device,
+            a.dtype,
+            xrayglm::device::Dtype::Bf16,
+        )?;
         let run = run_options(&a, uncertain_as);
         run.settings.sampling.validate()?;
         for dir in &a.checkpoints {

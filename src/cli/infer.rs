@@ -65,17 +65,11 @@ impl InferArgs {
     }
 
     pub fn load(&self) -> Result<xrayglm::infer::chat::ChatModel> {
-        let device = self.device.device()?;
-        let dtype = self.dtype.unwrap_or(if device.is_cuda() {
-            xrayglm::device::Dtype::Fp16
-        } else {
-            xrayglm::device::Dtype::Fp32
-        });
-        let opts = xrayglm::weights::source::LoadOptions {
-            device,
-            kind: dtype.kind(),
-            ..Default::default()
-        };
+        let opts = xrayglm::weights::source::LoadOptions::on(
+            self.device,
+            self.dtype,
+            xrayglm::device::Dtype::Fp16,
+        )?;
         self.settings().sampling.validate()?;
         let tok =
             xrayglm::infer::cli::tokenizer_for(&self.from_pretrained, self.tokenizer.as_deref())?;

@@ -187,17 +187,11 @@ pub fn rl_pairs(a: RlPairsArgs) -> Result<()> {
     inputs.check("--out", &out)?;
     xrayglm::errln!("making pairs on {}", data.split);
     // The model.
-    let device = a.device.device()?;
-    let dtype = a.dtype.unwrap_or(if device.is_cuda() {
-        xrayglm::device::Dtype::Bf16
-    } else {
-        xrayglm::device::Dtype::Fp32
-    });
-    let load = xrayglm::weights::source::LoadOptions {
-        device,
-        kind: dtype.kind(),
-        ..Default::default()
-    };
+    let load = xrayglm::weights::source::LoadOptions::on(
+        a.device,
+        a.dtype,
+        xrayglm::device::Dtype::Bf16,
+    )?;
     let tok = xrayglm::infer::cli::tokenizer_for(&a.checkpoint, a.tokenizer.as_deref())?;
     let mut chat = xrayglm::infer::chat::ChatModel::load(&a.checkpoint, tok.clone(), &load, true)?;
     super::infer::quantize(&mut chat.model, a.quant)?;

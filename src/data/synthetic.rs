@@ -110,6 +110,17 @@ pub(super) fn inside(d: f64, edge: f64) -> f64 {
     ((1.0 - d) / edge).clamp(0.0, 1.0)
 }
 
+/// A PA film's background at `(u, v)`: air, the body (the abdomen below the diaphragm denser).
+/// Returns the value and how much inside the body the point is.
+pub(super) fn frontal_body(u: f64, v: f64) -> (f64, f64) {
+    let body = inside(ellipse(u, v, 0.5, 0.58, 0.45, 0.56), 0.05);
+    let mut val = 12.0 + body * 105.0;
+    if v > 0.80 {
+        val += body * 25.0 * ((v - 0.80) / 0.05).min(1.0);
+    }
+    (val, body)
+}
+
 /// Draw one film (grayscale, `size`×`size`).
 pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
     let jitter = |rng: &mut PyRandom, a: f64| (rng.random() * 2.0 - 1.0) * a;
@@ -128,13 +139,7 @@ pub fn render(f: &Findings, size: usize, rng: &mut PyRandom) -> Vec<u8> {
         for x in 0..size {
             let u = (x as f64 + 0.5) / size as f64 - du;
             let v = (y as f64 + 0.5) / size as f64 - dv;
-            let mut val = 12.0;
-            let body = inside(ellipse(u, v, 0.5, 0.58, 0.45, 0.56), 0.05);
-            val += body * 105.0;
-            // Abdomen below the diaphragm is denser.
-            if v > 0.80 {
-                val += body * 25.0 * ((v - 0.80) / 0.05).min(1.0);
-            }
+            let (mut val, body) = frontal_body(u, v);
             // Lungs: image-left lung is the patient's right.
             for (side, cu) in [(0usize, 0.315), (1usize, 0.685)] {
                 let d = ellipse(u, v, cu, 0.50, 0.135, 0.30);

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::rng::PyRandom;
-use super::synthetic::{blur, ellipse, encode_png_l8, inside};
+use super::synthetic::{blur, ellipse, encode_png_l8, frontal_body, inside};
 
 /// Version of the hard set's drawing and reports; a set written by another version is redrawn.
 pub const HARD_GENERATOR_VERSION: u32 = 1;
@@ -336,12 +336,7 @@ pub fn render_hard(f: &HardFindings, size: usize, rng: &mut PyRandom) -> Vec<u8>
         for x in 0..size {
             let u = (x as f64 + 0.5) / size as f64 - du;
             let v = (y as f64 + 0.5) / size as f64 - dv;
-            let mut val = 12.0;
-            let body = inside(ellipse(u, v, 0.5, 0.58, 0.45, 0.56), 0.05);
-            val += body * 105.0;
-            if v > 0.80 {
-                val += body * 25.0 * ((v - 0.80) / 0.05).min(1.0);
-            }
+            let (mut val, body) = frontal_body(u, v);
             for (lung, cu) in [(0usize, 0.315), (1usize, 0.685)] {
                 let d = ellipse(u, v, cu, 0.50, 0.135, 0.30);
                 let l = inside(d, 0.15);

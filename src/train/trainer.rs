@@ -362,6 +362,14 @@ impl<'c> Trainer<'c> {
         }
     }
 
+    /// Seed libtorch's generator and the dropout masks for a micro-batch.
+    fn seed_micro(&self, seed: i64) {
+        tch::manual_seed(seed);
+        self.chat
+            .model
+            .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
+    }
+
     /// The seed of micro-batch `micro` of the coming step on this rank: a function of the run's
     /// seed, the step and the micro-batch's place among every rank's, so that a resumed run and a
     /// run on more ranks draw what one uninterrupted process accumulating the same global batch
@@ -382,11 +390,7 @@ impl<'c> Trainer<'c> {
             let b = self.loader.next().context("the loader ended")??;
             // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
             // activation checkpointing recomputes the same masks.
-            let seed = self.micro_seed(micro);
-            tch::manual_seed(seed);
-            self.chat
-                .model
-                .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
+            self.seed_micro(self.micro_seed(micro));
             let t = b.to_tensors(self.dev);
             let cached = self
                 .vision_cache

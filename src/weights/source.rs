@@ -96,6 +96,28 @@ pub struct LoadOptions {
     pub rotary: RotaryPrecision,
 }
 
+impl LoadOptions {
+    /// Loading onto the device `spec` names, the frozen weights in `dtype` — by default
+    /// `gpu_default` on a GPU and fp32 on the CPU.
+    pub fn on(
+        spec: crate::device::DeviceSpec,
+        dtype: Option<crate::device::Dtype>,
+        gpu_default: crate::device::Dtype,
+    ) -> anyhow::Result<Self> {
+        let device = spec.device()?;
+        let dtype = dtype.unwrap_or(if device.is_cuda() {
+            gpu_default
+        } else {
+            crate::device::Dtype::Fp32
+        });
+        Ok(Self {
+            device,
+            kind: dtype.kind(),
+            ..Default::default()
+        })
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {

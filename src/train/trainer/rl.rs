@@ -293,11 +293,7 @@ impl Trainer<'_> {
             let (mut loss_sum, mut bad) = (0.0, None);
             let mut first = 0;
             for (k, m) in micros.iter().enumerate() {
-                let seed = self.micro_seed(k as i64).wrapping_add(it as i64 * 7919);
-                tch::manual_seed(seed);
-                self.chat
-                    .model
-                    .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
+                self.seed_micro(self.micro_seed(k as i64).wrapping_add(it as i64 * 7919));
                 let n = m.replies.len();
                 let (out, logps, entropy) = policy_loss(
                     &self.chat.model,
@@ -366,11 +362,7 @@ impl Trainer<'_> {
         let (mut loss_sum, mut bad) = (0.0, None);
         for micro in 0..accum {
             let b = self.loader.next().context("the loader ended")??;
-            let seed = self.micro_seed(micro);
-            tch::manual_seed(seed);
-            self.chat
-                .model
-                .set_dropout_seed(seed.wrapping_mul(31).wrapping_add(17));
+            self.seed_micro(self.micro_seed(micro));
             let (prompts, pixels) = self.prompts_of(&b);
             let pairs: Vec<TokenPair> = prompts
                 .into_iter()
