@@ -1060,8 +1060,8 @@ fn grpo_trains_quantized_bases_and_vision_adapters() {
         .collect();
     let gen = lines
         .iter()
-        .filter(|v| v.get("gen/ce_f1").is_some())
-        .last()
+        .rev()
+        .find(|v| v.get("gen/ce_f1").is_some())
         .expect("generation metrics");
     for key in [
         "gen/ce_f1",

@@ -191,7 +191,7 @@ pub fn rl(a: &RlArgs) -> Result<RlBench> {
         tch::no_grad(|| {
             for (k, mut v) in model.lora.variables() {
                 if k.contains("matrix_B") {
-                    let _ = v.copy_(&(v.randn_like() * 0.02));
+                    v.copy_(&(v.randn_like() * 0.02));
                 }
             }
         })

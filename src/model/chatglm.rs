@@ -456,7 +456,7 @@ impl ChatGlm {
             .index_select(0, &rows);
         let mut logits = self.head(&x).to_kind(Kind::Float);
         if temperature != 1.0 {
-            logits = logits / temperature;
+            logits /= temperature;
         }
         let all = logits.log_softmax(-1, Kind::Float);
         let logp = all

@@ -195,7 +195,7 @@ impl Trainer<'_> {
             .collect();
         let mut rc = rl.grpo.rollout.clone();
         rc.sampling.seed = (self.micro_seed(micro) as u64)
-            ^ 0x5eed_0f_7011_0075
+            ^ 0x005e_ed0f_7011_0075
             ^ rl.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let model = &self.chat.model;
         let replies = rollouts(&model.chatglm, &prompts, &rc)?;
