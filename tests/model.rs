@@ -379,7 +379,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
             }
             1 => m.loss(&inputs, true),
             _ => {
-                let l = m.label_logps(&inputs, true, 1.0);
+                let l = m.label_logps(&inputs, true, 1.0, false);
                 -(l.logps * &l.mask).sum(Kind::Float) / l.mask.sum(Kind::Float)
             }
         };
@@ -414,7 +414,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
     });
     let s = logits.size()[1];
     for temperature in [1.0, 0.7] {
-        let l = tch::no_grad(|| m.label_logps(&inputs, false, temperature));
+        let l = tch::no_grad(|| m.label_logps(&inputs, false, temperature, true));
         let all = (logits.narrow(1, 0, s - 1) / temperature).log_softmax(-1, Kind::Float);
         let want = all
             .gather(
@@ -431,8 +431,98 @@ fn target_only_loss_equals_the_full_logits_loss() {
         let e = common::rel_err(&l.logps, &want);
         assert!(e <= 1e-5, "per-token log-probs at {temperature}: {e:.3e}");
         let entropy = -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float) * &l.mask;
-        let e = common::rel_err(&l.entropy, &entropy);
+        let e = common::rel_err(l.entropy.as_ref().unwrap(), &entropy);
         assert!(e <= 1e-5, "entropies at {temperature}: {e:.3e}");
+    }
+}
+
+/// The per-token label log-probs are computed in chunks of rows with their gradient carried as a
+/// slope (no vocabulary-wide graph): over more rows than one chunk holds, a policy-gradient-like
+/// weighted sum of them at temperatures 1 and 0.7 has the same value and LoRA gradients as the
+/// same sum over the full logits' log-softmax with autograd through it.
+#[test]
+fn chunked_label_logps_have_the_full_logits_gradients() {
+    let cfg = ModelConfig::preset("tiny").unwrap();
+    tch::manual_seed(12);
+    let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
+            }
+        }
+    });
+    // 16 rows of 96 with their targets after the 51-token prompt: ~700 counted labels, more than
+    // the 514 rows of ChatGLM's vocabulary in one chunk.
+    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 16, 96, Device::Cpu);
+    let (pos, ctx) =
+        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
+    let _ = labels.narrow(1, 70, 3).fill_(-100);
+    let inputs = xrayglm::model::visualglm::BatchInputs {
+        input_ids: &ids,
+        images: xrayglm::model::visualglm::Images::Pixels(&image),
+        image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
+        position_ids: &pos,
+        context_lengths: &ctx,
+        labels: &labels,
+    };
+    let s = ids.size()[1];
+    let counted = labels.narrow(1, 1, s - 1).ne(-100);
+    assert!(
+        counted.sum(Kind::Int64).int64_value(&[]) > 514,
+        "the check must span two chunks"
+    );
+    // Per-token weights of both signs, like advantages, with a sum well away from 0.
+    let weights = (Tensor::arange(16 * (s - 1), (Kind::Float, Device::Cpu)) * 0.37)
+        .sin()
+        .view([16, s - 1])
+        + 0.5;
+    for temperature in [1.0, 0.7] {
+        let grads = |full: bool| -> (f64, Vec<Tensor>) {
+            for (_, v) in m.lora.variables() {
+                let mut g = v.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let logps = if full {
+                let logits = m
+                    .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), false)
+                    .unwrap()
+                    .logits;
+                (logits.narrow(1, 0, s - 1) / temperature)
+                    .log_softmax(-1, Kind::Float)
+                    .gather(
+                        2,
+                        &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
+                        false,
+                    )
+                    .squeeze_dim(2)
+            } else {
+                m.label_logps(&inputs, false, temperature, false).logps
+            };
+            let loss = (logps * &weights * counted.to_kind(Kind::Float)).sum(Kind::Float);
+            loss.backward();
+            let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            (
+                loss.double_value(&[]),
+                vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
+            )
+        };
+        let (want, g_want) = grads(true);
+        let (got, g_got) = grads(false);
+        assert!(
+            ((got - want) / want).abs() <= 1e-6,
+            "{temperature}: {got} vs {want}"
+        );
+        for (a, b) in g_want.iter().zip(&g_got) {
+            assert!(a.abs().max().double_value(&[]) > 0.0);
+            let e = common::rel_err(b, a);
+            assert!(e <= 1e-5, "{temperature}: gradient relative error {e:.3e}");
+        }
     }
 }
 

@@ -232,7 +232,7 @@ fn reference_ways(
     let extra = || {
         let t = Instant::now();
         let r = reference.logps(model, &batch, None, 1.0);
-        let p = batch.policy_logps(model, None, 1.0);
+        let p = batch.policy_logps(model, None, 1.0, false);
         let policy = p.logps.detach();
         (p.logps * p.mask).sum(Kind::Float).backward();
         (t.elapsed().as_secs_f64(), r, policy)
@@ -253,7 +253,7 @@ fn reference_ways(
             ],
         };
         let embeds = both.slot_embeds(None);
-        let out = model.label_logps_with(&both.inputs(&embeds), true, 1.0, Some(&groups));
+        let out = model.label_logps_with(&both.inputs(&embeds), true, 1.0, false, Some(&groups));
         let r = out.logps.narrow(0, n, n).detach();
         (out.logps.narrow(0, 0, n) * out.mask.narrow(0, 0, n))
             .sum(Kind::Float)

@@ -187,11 +187,8 @@ pub fn rl_pairs(a: RlPairsArgs) -> Result<()> {
     inputs.check("--out", &out)?;
     xrayglm::errln!("making pairs on {}", data.split);
     // The model.
-    let load = xrayglm::weights::source::LoadOptions::on(
-        a.device,
-        a.dtype,
-        xrayglm::device::Dtype::Bf16,
-    )?;
+    let load =
+        xrayglm::weights::source::LoadOptions::on(a.device, a.dtype, xrayglm::device::Dtype::Bf16)?;
     let tok = xrayglm::infer::cli::tokenizer_for(&a.checkpoint, a.tokenizer.as_deref())?;
     let mut chat = xrayglm::infer::chat::ChatModel::load(&a.checkpoint, tok.clone(), &load, true)?;
     super::infer::quantize(&mut chat.model, a.quant)?;

@@ -232,8 +232,78 @@ pub struct LabelLogps {
     pub logps: Tensor,
     /// 1.0 where a label is counted.
     pub mask: Tensor,
-    /// The entropy of each counted position's distribution (no graph); 0 elsewhere.
-    pub entropy: Tensor,
+    /// The entropy of each counted position's distribution (no graph); 0 elsewhere. Computed on
+    /// request only: it costs a third of the vocabulary-wide work.
+    pub entropy: Option<Tensor>,
+}
+
+/// The label statistics of `lm_head` over the vocabulary for rows of final-LayerNorm outputs,
+/// computed in chunks of rows so that no more than [`HeadStats::CHUNK_FLOATS`] logits exist at
+/// once: the log-prob of each row's label at `temperature`, and on request its entropy and the
+/// slope `∂ log p / ∂x = (W[label] − pᵀW) / T` (in `x`'s kind).
+struct HeadStats {
+    logp: Tensor,
+    entropy: Option<Tensor>,
+    slope: Option<Tensor>,
+}
+
+impl HeadStats {
+    /// Logits per chunk (256 MiB of fp32): 514 rows of ChatGLM's vocabulary.
+    const CHUNK_FLOATS: i64 = 1 << 26;
+
+    fn of(
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+        slope: bool,
+    ) -> Self {
+        let (n, vocab) = (x.size()[0], w.size()[0]);
+        let step = (Self::CHUNK_FLOATS / vocab.max(1)).max(1);
+        let (mut logps, mut entropies, mut slopes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < n {
+            let len = step.min(n - start);
+            let (xc, tc) = (x.narrow(0, start, len), targets.narrow(0, start, len));
+            let mut z = xc.matmul(&w.tr()).to_kind(Kind::Float);
+            if temperature != 1.0 {
+                z /= temperature;
+            }
+            let z = z.log_softmax(-1, Kind::Float);
+            logps.push(z.gather(1, &tc.unsqueeze(1), false).squeeze_dim(1));
+            if entropy || slope {
+                let p = z.exp();
+                if entropy {
+                    entropies.push(-(&p * &z).sum_dim_intlist(-1, false, Kind::Float));
+                }
+                if slope {
+                    let expected = p.to_kind(w.kind()).matmul(w);
+                    let s = (w.index_select(0, &tc) - expected) / temperature;
+                    slopes.push(s.to_kind(x.kind()));
+                }
+            }
+            start += len;
+        }
+        let cat = |v: Vec<Tensor>, empty: Tensor| {
+            if v.is_empty() {
+                empty
+            } else {
+                Tensor::cat(&v, 0)
+            }
+        };
+        let opts = (Kind::Float, x.device());
+        Self {
+            logp: cat(logps, Tensor::zeros([0], opts)),
+            entropy: entropy.then(|| cat(entropies, Tensor::zeros([0], opts))),
+            slope: slope.then(|| {
+                cat(
+                    slopes,
+                    Tensor::zeros([0, x.size()[1]], (x.kind(), x.device())),
+                )
+            }),
+        }
+    }
 }
 
 /// ChatGLM-6B: the token embedding, the blocks, the final LayerNorm and the untied `lm_head`.
@@ -444,25 +514,67 @@ impl ChatGlm {
     /// layer's output: the final LayerNorm and `lm_head` at the predicting positions only, the
     /// logits divided by `temperature` (the distribution replies were sampled from), log-softmax in
     /// fp32. At temperature 1 their masked mean, negated, is [`ChatGlm::target_loss`]; per token
-    /// they are what the preference and policy-gradient losses take.
-    pub fn label_logps(&self, hidden: &Tensor, labels: &Tensor, temperature: f64) -> LabelLogps {
+    /// they are what the preference and policy-gradient losses take. `entropy`: whether to compute
+    /// the entropies too.
+    ///
+    /// The vocabulary-wide part runs in row chunks without a graph (see [`HeadStats`]): the
+    /// logits of all positions at once are `rows × vocab` floats (3 GB for 64 rollouts of 90
+    /// tokens over ChatGLM's 130,528 pieces), and autograd would keep them and their softmax for
+    /// the backward. Each log-prob depends on its own position's LayerNorm output `x` alone, with
+    /// `∂ log p / ∂x = (W[label] − Σ_v p_v W[v]) / T`, so the graph carries `x · slope` instead;
+    /// the value is exactly the chunked log-prob and every gradient the same as through the full
+    /// logits. A trainable `lm_head` takes the full-logits path.
+    pub fn label_logps(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> LabelLogps {
         let (b, s, h) = hidden.size3().unwrap();
         let next = labels.narrow(1, 1, s - 1).reshape([-1]);
         let counted = next.ne(IGNORE_LABEL);
         let rows = counted.nonzero().squeeze_dim(1);
-        let x = hidden
-            .narrow(1, 0, s - 1)
-            .reshape([-1, h])
-            .index_select(0, &rows);
-        let mut logits = self.head(&x).to_kind(Kind::Float);
-        if temperature != 1.0 {
-            logits /= temperature;
-        }
-        let all = logits.log_softmax(-1, Kind::Float);
-        let logp = all
-            .gather(1, &next.index_select(0, &rows).unsqueeze(1), false)
-            .squeeze_dim(1);
-        let entropy = tch::no_grad(|| -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float));
+        let x = self.final_layernorm.forward(
+            &hidden
+                .narrow(1, 0, s - 1)
+                .reshape([-1, h])
+                .index_select(0, &rows),
+        );
+        let targets = next.index_select(0, &rows);
+        let (logp, entropy) = if self.lm_head.requires_grad() {
+            let mut logits = x.matmul(&self.lm_head.tr()).to_kind(Kind::Float);
+            if temperature != 1.0 {
+                logits /= temperature;
+            }
+            let all = logits.log_softmax(-1, Kind::Float);
+            let logp = all.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+            let entropy = entropy.then(|| {
+                tch::no_grad(|| -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float))
+            });
+            (logp, entropy)
+        } else {
+            let with_slope = x.requires_grad();
+            let stats = tch::no_grad(|| {
+                let x = x.detach();
+                HeadStats::of(
+                    &x,
+                    &self.lm_head,
+                    &targets,
+                    temperature,
+                    entropy,
+                    with_slope,
+                )
+            });
+            let logp = match &stats.slope {
+                Some(slope) => {
+                    &stats.logp
+                        + ((&x - x.detach()) * slope).sum_dim_intlist(-1, false, Kind::Float)
+                }
+                None => stats.logp,
+            };
+            (logp, stats.entropy)
+        };
         let place = |v: &Tensor| {
             Tensor::zeros([b * (s - 1)], (v.kind(), v.device()))
                 .index_put(&[Some(rows.shallow_clone())], v, false)
@@ -471,7 +583,7 @@ impl ChatGlm {
         LabelLogps {
             logps: place(&logp),
             mask: counted.to_kind(Kind::Float).view([b, s - 1]),
-            entropy: place(&entropy),
+            entropy: entropy.as_ref().map(place),
         }
     }
 

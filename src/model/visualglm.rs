@@ -383,9 +383,16 @@ impl VisualGlm {
     }
 
     /// Per-token `log p(label)` `[B, T − 1]` of a batch's counted labels at `temperature`, their
-    /// mask and entropies (see [`ChatGlm::label_logps`]), with autograd history for the adapters.
-    pub fn label_logps(&self, b: &BatchInputs, train: bool, temperature: f64) -> LabelLogps {
-        self.label_logps_with(b, train, temperature, None)
+    /// mask and (with `entropy`) entropies (see [`ChatGlm::label_logps`]), with autograd history
+    /// for the adapters.
+    pub fn label_logps(
+        &self,
+        b: &BatchInputs,
+        train: bool,
+        temperature: f64,
+        entropy: bool,
+    ) -> LabelLogps {
+        self.label_logps_with(b, train, temperature, entropy, None)
     }
 
     /// [`VisualGlm::label_logps`] with per-row adapters on ChatGLM (`None`: its own).
@@ -394,11 +401,13 @@ impl VisualGlm {
         b: &BatchInputs,
         train: bool,
         temperature: f64,
+        entropy: bool,
         adapters: Option<&RowAdapters>,
     ) -> LabelLogps {
         self.with_inputs(b, train, |inp| {
             let hidden = self.chatglm.hidden_with(inp, train, adapters);
-            self.chatglm.label_logps(&hidden, b.labels, temperature)
+            self.chatglm
+                .label_logps(&hidden, b.labels, temperature, entropy)
         })
     }
 

@@ -55,7 +55,7 @@ pub fn dpo_backward(
         .collect();
     let batch = PolicyBatch::new(model, &prompts, &answers)?;
     let reference_logps = reference.logps(model, &batch, pixels, 1.0);
-    let out = batch.policy_logps(model, pixels, 1.0);
+    let out = batch.policy_logps(model, pixels, 1.0, false);
     let (logps, mask) = (out.logps, out.mask);
     let seq = (&logps * &mask).sum_dim_intlist(-1, false, Kind::Float);
     let ref_seq = (reference_logps * &mask).sum_dim_intlist(-1, false, Kind::Float);

@@ -88,9 +88,9 @@ pub fn policy_loss(
 ) -> Result<(GrpoOut, Tensor, f64)> {
     let out = step
         .batch
-        .policy_logps(model, step.pixels, cfg.temperature());
+        .policy_logps(model, step.pixels, cfg.temperature(), true);
     let n = out.mask.sum(Kind::Double).double_value(&[]).max(1.0);
-    let entropy = (&out.entropy * &out.mask)
+    let entropy = (out.entropy.as_ref().expect("entropies were asked for") * &out.mask)
         .sum(Kind::Double)
         .double_value(&[])
         / n;

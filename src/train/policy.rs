@@ -159,16 +159,18 @@ impl PolicyBatch {
 
     /// The policy's per-token log-probs of the replies at `temperature`, with the graph (train
     /// mode). With `pixels` (the prompts' films `[films, 3, S, S]` in prompt order) the films are
-    /// encoded again with the graph, so that adapters on the vision side learn.
+    /// encoded again with the graph, so that adapters on the vision side learn. `entropy`: whether
+    /// to compute each token's entropy too.
     pub fn policy_logps(
         &self,
         model: &VisualGlm,
         pixels: Option<&Tensor>,
         temperature: f64,
+        entropy: bool,
     ) -> LabelLogps {
         let films = pixels.map(|p| model.encode_image(&p.to_kind(model.kind()), true).2);
         let embeds = self.slot_embeds(films.as_ref());
-        model.label_logps(&self.inputs(&embeds), true, temperature)
+        model.label_logps(&self.inputs(&embeds), true, temperature, entropy)
     }
 
     /// Reply tokens per row `[B]` (the end token included).
@@ -240,7 +242,7 @@ impl Reference {
             }
             let films = pixels.map(|p| model.encode_image(&p.to_kind(model.kind()), false).2);
             let embeds = batch.slot_embeds(films.as_ref());
-            let out = model.label_logps(&batch.inputs(&embeds), false, temperature);
+            let out = model.label_logps(&batch.inputs(&embeds), false, temperature, false);
             for ((k, _), c) in self.weights.iter().zip(&current) {
                 vars[k].shallow_clone().copy_(c);
             }
