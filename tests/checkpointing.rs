@@ -22,13 +22,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
             output: 0.1,
         },
     );
-    tch::no_grad(|| {
-        for (k, mut v) in m.lora.variables() {
-            if k.contains("matrix_B") {
-                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
+    common::randomize_lora_b(&m, 0.05);
     let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 70, Device::Cpu);
     let (pos, ctx) =
         xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();

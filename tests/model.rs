@@ -331,65 +331,79 @@ fn mlp_lora_targets_merge_exactly() {
     );
 }
 
+/// The tiny preset with random adapters and `rows` bench inputs of `len` tokens, labelled from
+/// the first reply token on with `hole.1` ignored labels at `hole.0`.
+struct LabelCase {
+    m: VisualGlm,
+    ids: Tensor,
+    image: Tensor,
+    pos: Tensor,
+    ctx: Vec<i64>,
+    labels: Tensor,
+}
+
+impl LabelCase {
+    fn new(seed: i64, rows: i64, len: i64, hole: (i64, i64)) -> Self {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        tch::manual_seed(seed);
+        let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
+        common::randomize_lora_b(&m, 0.05);
+        let (ids, image) = xrayglm::bench::model_inputs(&cfg, rows, len, Device::Cpu);
+        let (pos, ctx) =
+            xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
+        let labels = ids.copy();
+        let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
+        let _ = labels.narrow(1, hole.0, hole.1).fill_(-100);
+        Self {
+            m,
+            ids,
+            image,
+            pos,
+            ctx,
+            labels,
+        }
+    }
+
+    fn inputs(&self) -> xrayglm::model::visualglm::BatchInputs<'_> {
+        xrayglm::model::visualglm::BatchInputs {
+            input_ids: &self.ids,
+            images: xrayglm::model::visualglm::Images::Pixels(&self.image),
+            image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
+            position_ids: &self.pos,
+            context_lengths: &self.ctx,
+            labels: &self.labels,
+        }
+    }
+
+    /// The full logits `[B, T, vocab]` of the reference's forward.
+    fn logits(&self, train: bool) -> Tensor {
+        let (ids, pos, ctx) = (&self.ids, &self.pos, &self.ctx);
+        self.m
+            .forward(ids, Some(&self.image), 3, Some(pos), Some(ctx), train)
+            .unwrap()
+            .logits
+    }
+}
+
 /// The training loss applies `lm_head` at the target positions only; it equals the reference's
 /// full-logits loss, and so do the LoRA gradients (labels with −100 holes inside the target too).
 /// The per-token label log-probs (what GRPO and DPO take) are the full logits' log-softmax at each
 /// label, and their masked mean gives the same loss and gradients.
 #[test]
 fn target_only_loss_equals_the_full_logits_loss() {
-    let cfg = ModelConfig::preset("tiny").unwrap();
-    tch::manual_seed(11);
-    let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
-    tch::no_grad(|| {
-        for (k, mut v) in m.lora.variables() {
-            if k.contains("matrix_B") {
-                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
-    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 64, Device::Cpu);
-    let (pos, ctx) =
-        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
-    let labels = ids.copy();
-    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
-    let _ = labels.narrow(1, 60, 4).fill_(-100);
-    let inputs = xrayglm::model::visualglm::BatchInputs {
-        input_ids: &ids,
-        images: xrayglm::model::visualglm::Images::Pixels(&image),
-        image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
-        position_ids: &pos,
-        context_lengths: &ctx,
-        labels: &labels,
-    };
+    let case = LabelCase::new(11, 2, 64, (60, 4));
+    let (m, labels, inputs) = (&case.m, &case.labels, case.inputs());
     // 0: the reference's loss on full logits; 1: the target-only loss; 2: the masked mean of the
     // per-token label log-probs, negated.
-    let grads = |way: usize| -> (f64, Vec<Tensor>) {
-        for (_, v) in m.lora.variables() {
-            let mut g = v.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
-        let loss = match way {
-            0 => {
-                let out = m
-                    .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), true)
-                    .unwrap();
-                lm_loss(&out.logits, &labels)
-            }
+    let grads = |way: usize| {
+        common::lora_grads(m, || match way {
+            0 => lm_loss(&case.logits(true), labels),
             1 => m.loss(&inputs, true),
             _ => {
                 let l = m.label_logps(&inputs, true, 1.0, false);
                 -(l.logps * &l.mask).sum(Kind::Float) / l.mask.sum(Kind::Float)
             }
-        };
-        loss.backward();
-        let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        (
-            loss.double_value(&[]),
-            vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
-        )
+        })
     };
     let (full, g_full) = grads(0);
     for way in [1, 2] {
@@ -407,11 +421,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
     }
     // Each token's log-prob is the full logits' log-softmax at its label, at the sampling
     // temperature, and its entropy that distribution's; ignored labels are 0.
-    let logits = tch::no_grad(|| {
-        m.forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), false)
-            .unwrap()
-            .logits
-    });
+    let logits = tch::no_grad(|| case.logits(false));
     let s = logits.size()[1];
     for temperature in [1.0, 0.7] {
         let l = tch::no_grad(|| m.label_logps(&inputs, false, temperature, true));
@@ -426,7 +436,7 @@ fn target_only_loss_equals_the_full_logits_loss() {
             * &l.mask;
         assert_eq!(
             l.mask.sum(Kind::Float).int64_value(&[]),
-            2 * (64 - ctx[0] - 1 - 4)
+            2 * (64 - case.ctx[0] - 1 - 4)
         );
         let e = common::rel_err(&l.logps, &want);
         assert!(e <= 1e-5, "per-token log-probs at {temperature}: {e:.3e}");
@@ -442,33 +452,11 @@ fn target_only_loss_equals_the_full_logits_loss() {
 /// same sum over the full logits' log-softmax with autograd through it.
 #[test]
 fn chunked_label_logps_have_the_full_logits_gradients() {
-    let cfg = ModelConfig::preset("tiny").unwrap();
-    tch::manual_seed(12);
-    let m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
-    tch::no_grad(|| {
-        for (k, mut v) in m.lora.variables() {
-            if k.contains("matrix_B") {
-                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.05));
-            }
-        }
-    });
     // 16 rows of 96 with their targets after the 51-token prompt: ~700 counted labels, more than
     // the 514 rows of ChatGLM's vocabulary in one chunk.
-    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 16, 96, Device::Cpu);
-    let (pos, ctx) =
-        xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
-    let labels = ids.copy();
-    let _ = labels.narrow(1, 0, ctx[0] + 1).fill_(-100);
-    let _ = labels.narrow(1, 70, 3).fill_(-100);
-    let inputs = xrayglm::model::visualglm::BatchInputs {
-        input_ids: &ids,
-        images: xrayglm::model::visualglm::Images::Pixels(&image),
-        image_at: xrayglm::model::chatglm::ImageAt::EachRow(3),
-        position_ids: &pos,
-        context_lengths: &ctx,
-        labels: &labels,
-    };
-    let s = ids.size()[1];
+    let case = LabelCase::new(12, 16, 96, (70, 3));
+    let (m, labels, inputs) = (&case.m, &case.labels, case.inputs());
+    let s = case.ids.size()[1];
     let counted = labels.narrow(1, 1, s - 1).ne(-100);
     assert!(
         counted.sum(Kind::Int64).int64_value(&[]) > 514,
@@ -480,37 +468,22 @@ fn chunked_label_logps_have_the_full_logits_gradients() {
         .view([16, s - 1])
         + 0.5;
     for temperature in [1.0, 0.7] {
-        let grads = |full: bool| -> (f64, Vec<Tensor>) {
-            for (_, v) in m.lora.variables() {
-                let mut g = v.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-            let logps = if full {
-                let logits = m
-                    .forward(&ids, Some(&image), 3, Some(&pos), Some(&ctx), false)
-                    .unwrap()
-                    .logits;
-                (logits.narrow(1, 0, s - 1) / temperature)
-                    .log_softmax(-1, Kind::Float)
-                    .gather(
-                        2,
-                        &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
-                        false,
-                    )
-                    .squeeze_dim(2)
-            } else {
-                m.label_logps(&inputs, false, temperature, false).logps
-            };
-            let loss = (logps * &weights * counted.to_kind(Kind::Float)).sum(Kind::Float);
-            loss.backward();
-            let mut vars: Vec<(String, Tensor)> = m.lora.variables().into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            (
-                loss.double_value(&[]),
-                vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
-            )
+        let grads = |full: bool| {
+            common::lora_grads(m, || {
+                let logps = if full {
+                    (case.logits(false).narrow(1, 0, s - 1) / temperature)
+                        .log_softmax(-1, Kind::Float)
+                        .gather(
+                            2,
+                            &labels.narrow(1, 1, s - 1).clamp_min(0).unsqueeze(2),
+                            false,
+                        )
+                        .squeeze_dim(2)
+                } else {
+                    m.label_logps(&inputs, false, temperature, false).logps
+                };
+                (logps * &weights * counted.to_kind(Kind::Float)).sum(Kind::Float)
+            })
         };
         let (want, g_want) = grads(true);
         let (got, g_got) = grads(false);

@@ -291,3 +291,37 @@ pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) 
         .to_string();
     (code, body)
 }
+
+/// Sets every LoRA `B` of `m` to N(0, `std`²) (from the global generator), so that the adapters
+/// change the model's outputs and have gradients in both factors.
+pub fn randomize_lora_b(m: &xrayglm::model::visualglm::VisualGlm, std: f64) {
+    tch::no_grad(|| {
+        for (k, mut v) in m.lora.variables() {
+            if k.contains("matrix_B") {
+                v.copy_(&(v.randn_like() * std));
+            }
+        }
+    });
+}
+
+/// The value of `loss()` and the LoRA gradients it gives (in name order), the gradients zeroed
+/// first.
+pub fn lora_grads(
+    m: &xrayglm::model::visualglm::VisualGlm,
+    loss: impl FnOnce() -> tch::Tensor,
+) -> (f64, Vec<tch::Tensor>) {
+    for (_, v) in m.lora.variables() {
+        let mut g = v.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let loss = loss();
+    loss.backward();
+    let mut vars: Vec<(String, tch::Tensor)> = m.lora.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    (
+        loss.double_value(&[]),
+        vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
+    )
+}
