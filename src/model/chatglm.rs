@@ -523,7 +523,7 @@ impl ChatGlm {
     /// the backward. Each log-prob depends on its own position's LayerNorm output `x` alone, with
     /// `∂ log p / ∂x = (W[label] − Σ_v p_v W[v]) / T`, so the graph carries `x · slope` instead;
     /// the value is exactly the chunked log-prob and every gradient the same as through the full
-    /// logits. A trainable `lm_head` takes the full-logits path.
+    /// logits (`lm_head` is frozen with the base).
     pub fn label_logps(
         &self,
         hidden: &Tensor,
@@ -542,38 +542,25 @@ impl ChatGlm {
                 .index_select(0, &rows),
         );
         let targets = next.index_select(0, &rows);
-        let (logp, entropy) = if self.lm_head.requires_grad() {
-            let mut logits = x.matmul(&self.lm_head.tr()).to_kind(Kind::Float);
-            if temperature != 1.0 {
-                logits /= temperature;
+        // `lm_head` belongs to the frozen base: no gradient of its own is lost to the slope.
+        debug_assert!(!self.lm_head.requires_grad(), "lm_head is frozen");
+        let with_slope = x.requires_grad();
+        let stats = tch::no_grad(|| {
+            let x = x.detach();
+            HeadStats::of(
+                &x,
+                &self.lm_head,
+                &targets,
+                temperature,
+                entropy,
+                with_slope,
+            )
+        });
+        let logp = match &stats.slope {
+            Some(slope) => {
+                &stats.logp + ((&x - x.detach()) * slope).sum_dim_intlist(-1, false, Kind::Float)
             }
-            let all = logits.log_softmax(-1, Kind::Float);
-            let logp = all.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-            let entropy = entropy.then(|| {
-                tch::no_grad(|| -(all.exp() * &all).sum_dim_intlist(-1, false, Kind::Float))
-            });
-            (logp, entropy)
-        } else {
-            let with_slope = x.requires_grad();
-            let stats = tch::no_grad(|| {
-                let x = x.detach();
-                HeadStats::of(
-                    &x,
-                    &self.lm_head,
-                    &targets,
-                    temperature,
-                    entropy,
-                    with_slope,
-                )
-            });
-            let logp = match &stats.slope {
-                Some(slope) => {
-                    &stats.logp
-                        + ((&x - x.detach()) * slope).sum_dim_intlist(-1, false, Kind::Float)
-                }
-                None => stats.logp,
-            };
-            (logp, stats.entropy)
+            None => stats.logp,
         };
         let place = |v: &Tensor| {
             Tensor::zeros([b * (s - 1)], (v.kind(), v.device()))
@@ -583,7 +570,7 @@ impl ChatGlm {
         LabelLogps {
             logps: place(&logp),
             mask: counted.to_kind(Kind::Float).view([b, s - 1]),
-            entropy: entropy.as_ref().map(place),
+            entropy: stats.entropy.as_ref().map(place),
         }
     }
 
