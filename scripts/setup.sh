@@ -9,8 +9,8 @@
 #     strace (the durability test watches the fsync / rename order)
 #   * for the web demo's browser test: apt chromium + fonts-noto-cjk, Node.js/npm, and
 #     playwright-core (npm, no browser download) under $XRAYGLM_PREFIX/node; --no-browser skips them
-#   * for the API test: the official `openai` Python client (pinned) in a venv at
-#     $XRAYGLM_PREFIX/openai-venv
+#   * for the API test: the official `openai` Python client and Prometheus' `prometheus_client`
+#     (its text-format parser reads /metrics), pinned, in a venv at $XRAYGLM_PREFIX/openai-venv
 #   * libtorch 2.11.0 (tch 0.24) from the PyPI wheel into a venv under $XRAYGLM_PREFIX
 #     (default /opt/xrayglm), linked as $XRAYGLM_PREFIX/libtorch. .cargo/config.toml points
 #     LIBTORCH there; with another prefix, export LIBTORCH=$XRAYGLM_PREFIX/libtorch.
@@ -23,6 +23,7 @@ CUDA=0
 BROWSER=1
 PLAYWRIGHT_VERSION=1.49.1
 OPENAI_VERSION=3.60.0
+PROMETHEUS_CLIENT_VERSION=0.26.0
 for a in "$@"; do
   case "$a" in
     --cuda) CUDA=1 ;;
@@ -108,6 +109,10 @@ if ! "$OPENAI_VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version
   "$OPENAI_VENV.partial/bin/pip" install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
   rm -rf "$OPENAI_VENV"
   mv "$OPENAI_VENV.partial" "$OPENAI_VENV"
+fi
+if ! "$OPENAI_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('prometheus_client') != '$PROMETHEUS_CLIENT_VERSION')" 2>/dev/null; then
+  echo "setup: pip install prometheus_client==$PROMETHEUS_CLIENT_VERSION into $OPENAI_VENV (one time)"
+  "$OPENAI_VENV/bin/python" -m pip install -q --disable-pip-version-check "prometheus_client==$PROMETHEUS_CLIENT_VERSION"
 fi
 if [ "$PREFIX" != /opt/xrayglm ] && [ -z "${LIBTORCH:-}" ]; then
   echo "setup: export LIBTORCH=$PREFIX/libtorch before cargo build" >&2

@@ -101,7 +101,9 @@ pub fn new_id() -> String {
 }
 
 /// The request body, at most `limit` bytes, arriving within the body timeout. Errors are
-/// `(status, message)`: 413 over the limit, 408 too slow, 400 broken.
+/// `(status, message)`: 413 over the limit, 408 too slow, 400 broken. An over-limit body is still
+/// read (and dropped) up to [`drain_cap`] before the 413 goes out, so that a client that is still
+/// sending reads the answer instead of a reset connection.
 pub(crate) async fn read_body(
     st: &State,
     req: Request,
@@ -112,29 +114,60 @@ pub(crate) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(n) = declared.filter(|&n| n > limit as u64) {
-        return Err((
+    let over = |n: Option<u64>| {
+        let size = n.map(|n| format!(" of {n} bytes")).unwrap_or_default();
+        (
             413,
-            format!("the request body of {n} bytes is over the limit of {limit} bytes"),
-        ));
-    }
+            format!("the request body{size} is over the limit of {limit} bytes"),
+        )
+    };
     let timeout = Duration::from_secs_f64(st.opts.body_timeout_s);
-    let body = http_body_util::Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(timeout, body.collect()).await {
-        Err(_) => Err((
+    let late = || {
+        (
             408,
             format!(
                 "the request body did not arrive within {} s",
                 st.opts.body_timeout_s
             ),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err((
-            413,
-            format!("the request body is over the limit of {limit} bytes"),
-        )),
-        Ok(Err(e)) => Err((400, format!("reading the request: {e}"))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        )
+    };
+    let mut body = req.into_body();
+    let cap = drain_cap(limit);
+    if declared.is_some_and(|n| n > cap as u64) {
+        // Too big to read through: answer at once (the client may see the connection close).
+        return Err(over(declared));
     }
+    let read = async {
+        let mut out = Vec::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| (400, format!("reading the request: {e}")))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen <= limit {
+                out.extend_from_slice(data);
+            } else if seen > cap {
+                break;
+            }
+        }
+        if seen > limit {
+            return Err(over(declared));
+        }
+        Ok(Bytes::from(out))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) if declared.is_some_and(|n| n > limit as u64) => Err(over(declared)),
+        Err(_) => Err(late()),
+        Ok(r) => r,
+    }
+}
+
+/// How much of an over-limit body is read and dropped before the 413 (beyond it the answer goes
+/// out at once and the connection closes): four times the limit, at least 64 MiB.
+fn drain_cap(limit: usize) -> usize {
+    limit.saturating_mul(4).max(64 << 20)
 }
 
 /// Preprocess an image file's bytes off the async threads.

@@ -14,9 +14,14 @@
 //!   (string or list), `stream` (+ `stream_options.include_usage`); extensions `top_k` and
 //!   `repetition_penalty` (XrayGLM's defaults: 100 and 1.2). Without a `seed` each request draws
 //!   one from the OS.
+//! * Fields that would change the reply and are not implemented (`response_format` other than
+//!   text, `tools`, `logprobs`, `logit_bias`, penalties, audio, `n` > 1, …) are refused with a 400
+//!   naming them ([`unsupported`]), never silently ignored.
 //! * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad request, unsupported
-//!   part, undecodable image), 401 (missing or wrong bearer key with `--api_key`), 404 (unknown
-//!   model), 413 (body over `--max_body_mib`), 503 (queue full, shutting down), 500 (model failure).
+//!   part or field, a message without content, undecodable image), 401 (missing or wrong bearer
+//!   key with `--api_key`), 404 (unknown model), 413 (body over `--max_body_mib`), 503 (queue
+//!   full, shutting down), 500 (model failure). Every answer's status is counted for `/metrics`
+//!   ([`super::metrics`]).
 
 use std::sync::Arc;
 
@@ -150,8 +155,9 @@ async fn models(Shared(st): Shared<Arc<State>>, headers: HeaderMap) -> ApiResult
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// The request fields xrayglm reads; others (`user`, `frequency_penalty`, …) are accepted and
-/// ignored, as OpenAI-compatible servers do.
+/// The request fields xrayglm reads. Fields that would change the answer and are not implemented
+/// are read only to refuse them ([`unsupported`]); the rest (`user`, `metadata`, `store`, …) do not
+/// change a reply and are accepted and ignored.
 #[derive(Deserialize)]
 struct ChatRequest {
     model: String,
@@ -168,6 +174,98 @@ struct ChatRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<i64>,
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    logit_bias: Option<Value>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    modalities: Option<Value>,
+    audio: Option<Value>,
+    prediction: Option<Value>,
+}
+
+/// The first field of `r` that asks for something this server does not do, as a 400 naming it:
+/// a client must not get a 200 whose reply silently lacks what it asked for.
+fn unsupported(r: &ChatRequest) -> std::result::Result<(), ApiError> {
+    let refuse = |field: &'static str, why: &str| {
+        Err(ApiError::new(400, format!("`{field}`: {why}"))
+            .param(field)
+            .code("unsupported_parameter"))
+    };
+    let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if let Some(f) = &r.response_format {
+        match f.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some(t) => {
+                return refuse(
+                    "response_format",
+                    &format!("type {t:?} is not supported (replies are free text: \"text\")"),
+                )
+            }
+            None if f.is_null() => {}
+            None => return refuse("response_format", "an object with a `type` is expected"),
+        }
+    }
+    let empty = |v: &Value| v.as_array().is_some_and(|a| a.is_empty());
+    if r.tools.as_ref().is_some_and(|t| !t.is_null() && !empty(t)) {
+        return refuse("tools", "tool calling is not supported");
+    }
+    if r.tool_choice
+        .as_ref()
+        .is_some_and(|c| !c.is_null() && c.as_str() != Some("none"))
+    {
+        return refuse("tool_choice", "tool calling is not supported");
+    }
+    if r.functions
+        .as_ref()
+        .is_some_and(|t| !t.is_null() && !empty(t))
+    {
+        return refuse("functions", "function calling is not supported");
+    }
+    if set(&r.function_call) && r.function_call.as_ref().and_then(Value::as_str) != Some("none") {
+        return refuse("function_call", "function calling is not supported");
+    }
+    if r.logprobs == Some(true) {
+        return refuse("logprobs", "log-probabilities are not returned");
+    }
+    if r.top_logprobs.is_some_and(|n| n > 0) {
+        return refuse("top_logprobs", "log-probabilities are not returned");
+    }
+    if r.logit_bias
+        .as_ref()
+        .is_some_and(|b| b.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        return refuse("logit_bias", "not supported");
+    }
+    if r.frequency_penalty.is_some_and(|x| x != 0.0) {
+        return refuse(
+            "frequency_penalty",
+            "not supported (use the `repetition_penalty` extension)",
+        );
+    }
+    if r.presence_penalty.is_some_and(|x| x != 0.0) {
+        return refuse(
+            "presence_penalty",
+            "not supported (use the `repetition_penalty` extension)",
+        );
+    }
+    if let Some(m) = r.modalities.as_ref().and_then(Value::as_array) {
+        if m.iter().any(|x| x.as_str() != Some("text")) {
+            return refuse("modalities", "replies are text only");
+        }
+    }
+    if set(&r.audio) {
+        return refuse("audio", "replies are text only");
+    }
+    if set(&r.prediction) {
+        return refuse("prediction", "predicted outputs are not supported");
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -216,7 +314,11 @@ fn conversation(messages: &[Message]) -> std::result::Result<Conversation, ApiEr
     for (i, m) in messages.iter().enumerate() {
         let mut text = Vec::new();
         match &m.content {
-            None => {}
+            None => {
+                return Err(bad(format!(
+                    "messages[{i}]: no content (a string or a list of parts is expected)"
+                )))
+            }
             Some(Content::Text(t)) => text.push(t.clone()),
             Some(Content::Parts(parts)) => {
                 for p in parts {
@@ -457,15 +559,31 @@ fn settings(
     Ok((s, max_new))
 }
 
-async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult {
-    authorize(&st, req.headers())?;
-    let body = read_body(&st, req, st.opts.max_body)
+/// `POST /v1/chat/completions`; every answer's status is counted for `/metrics`.
+async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> Response {
+    let mut model = None;
+    let answer = complete(&st, req, &mut model)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    st.engine
+        .stats
+        .metrics
+        .request(model, answer.status().as_u16());
+    answer
+}
+
+/// A chat completion; `model` is set once the request names a served model.
+async fn complete(st: &Arc<State>, req: Request, model: &mut Option<usize>) -> ApiResult {
+    let arrived = std::time::Instant::now();
+    authorize(st, req.headers())?;
+    let body = read_body(st, req, st.opts.max_body)
         .await
         .map_err(|(c, m)| ApiError::new(c, m))?;
     let r: ChatRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(400, format!("bad request body: {e}")))?;
+    *model = st.engine.info.models.iter().position(|m| *m == r.model);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = job_for(&st, &r, tx).await?;
+    let job = job_for(st, &r, tx, arrived).await?;
     st.engine.submit(job).map_err(|e| {
         ApiError::new(503, refused_text(e)).code(match e {
             Refused::QueueFull => "queue_full",
@@ -493,7 +611,12 @@ async fn completions(Shared(st): Shared<Arc<State>>, req: Request) -> ApiResult 
 
 /// A chat request as the engine's job: the served model it names, its sampling settings, the
 /// conversation, its images fetched and preprocessed, its stop strings.
-async fn job_for(st: &Arc<State>, r: &ChatRequest, events: EventSender) -> Result<Job, ApiError> {
+async fn job_for(
+    st: &Arc<State>,
+    r: &ChatRequest,
+    events: EventSender,
+    arrived: std::time::Instant,
+) -> Result<Job, ApiError> {
     let Some(model) = st.engine.info.models.iter().position(|m| *m == r.model) else {
         return Err(ApiError::new(
             404,
@@ -505,6 +628,7 @@ async fn job_for(st: &Arc<State>, r: &ChatRequest, events: EventSender) -> Resul
         .param("model")
         .code("model_not_found"));
     };
+    unsupported(r)?;
     let (settings, max_new_tokens) = settings(st, r)?;
     let conv = conversation(&r.messages)?;
     let mut images = Vec::with_capacity(conv.images.len());
@@ -529,6 +653,7 @@ async fn job_for(st: &Arc<State>, r: &ChatRequest, events: EventSender) -> Resul
         max_new_tokens,
         stop,
         events,
+        arrived,
     })
 }
 
@@ -677,8 +802,69 @@ mod tests {
             json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
             json!([{"role": "user", "content": [{"type": "input_audio"}]}]),
             json!([{"role": "tool", "content": "x"}]),
+            json!([{"role": "user", "content": null}]),
+            json!([{"role": "user"}]),
+            json!([{"role": "system", "content": null}, {"role": "user", "content": "x"}]),
         ] {
             assert!(conversation(&msgs(bad)).is_err());
+        }
+    }
+
+    fn request(extra: Value) -> ChatRequest {
+        let mut v = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn unimplemented_fields_are_refused_by_name_and_neutral_values_pass() {
+        for (extra, field) in [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": {}}}}),
+                "response_format",
+            ),
+            (
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools",
+            ),
+            (json!({"tool_choice": "auto"}), "tool_choice"),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+            (json!({"logit_bias": {"5": 10}}), "logit_bias"),
+            (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
+            (json!({"presence_penalty": -0.5}), "presence_penalty"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (
+                json!({"audio": {"voice": "alloy", "format": "wav"}}),
+                "audio",
+            ),
+            (
+                json!({"prediction": {"type": "content", "content": "x"}}),
+                "prediction",
+            ),
+        ] {
+            let e = unsupported(&request(extra.clone())).expect_err(&extra.to_string());
+            assert_eq!(e.status, 400, "{extra}");
+            assert_eq!(e.param, Some(field), "{extra}");
+            assert!(e.message.contains(field), "{}", e.message);
+        }
+        for extra in [
+            json!({}),
+            json!({"response_format": {"type": "text"}}),
+            json!({"response_format": null, "tools": null, "tool_choice": null}),
+            json!({"tools": [], "tool_choice": "none", "logprobs": false, "top_logprobs": 0}),
+            json!({"logit_bias": {}, "frequency_penalty": 0.0, "presence_penalty": 0}),
+            json!({"modalities": ["text"], "user": "u", "metadata": {"a": "b"}, "store": false}),
+        ] {
+            assert!(unsupported(&request(extra.clone())).is_ok(), "{extra}");
         }
     }
 }

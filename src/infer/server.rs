@@ -1,6 +1,7 @@
 //! The HTTP server of `xrayglm serve` and `xrayglm web`: the OpenAI-compatible API
-//! ([`super::openai`]) and the web page with its own endpoints ([`super::web`]) on one port, both
-//! answered by one [`Engine`] (continuous batching).
+//! ([`super::openai`]), the web page with its own endpoints ([`super::web`]) and the operations
+//! endpoints `/health`, `/ready`, `/metrics` ([`super::ops`]) on one port, all answered by one
+//! [`Engine`] (continuous batching).
 //!
 //! HTTP is hyper on tokio, routed by axum: connections are tasks, not threads, so slow clients
 //! hold no thread; the headers of each request and its body must arrive within `body_timeout_s`
@@ -24,6 +25,7 @@ use super::http::State;
 fn router(state: Arc<State>) -> Router {
     super::web::routes()
         .merge(super::openai::routes())
+        .merge(super::ops::routes())
         .with_state(state)
 }
 

@@ -239,6 +239,7 @@ async fn image(
 const MAX_FILMS: usize = 8;
 
 async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
+    let arrived = std::time::Instant::now();
     let v = read_json(&st, req).await?;
     let id = v["session"]
         .as_str()
@@ -262,6 +263,7 @@ async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
         max_new_tokens: None,
         stop: Vec::new(),
         events: tx,
+        arrived,
     };
     if let Err(r) = st.engine.submit(job) {
         st.checkin(&id, session);

@@ -9,9 +9,11 @@ import base64
 import concurrent.futures
 import json
 import sys
+import urllib.request
 
 import openai
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def data_url(path):
@@ -144,10 +146,100 @@ def main():
     raises(openai.BadRequestError, lambda: client.chat.completions.create(
         model=base, messages=[{"role": "assistant", "content": "hi"}]))
     raises(openai.BadRequestError, lambda: ask(base, films[0], temperature=-1))
-    big = "x" * (case["max_body"] + 1)
-    raises(openai.APIStatusError, lambda: client.chat.completions.create(
-        model=base, messages=[{"role": "user", "content": big}]), status=413)
-    print("errors: 401, 404, 400 (image, part, remote, local, order, temperature), 413")
+    raises(openai.BadRequestError, lambda: client.chat.completions.create(
+        model=base, messages=[{"role": "user", "content": None}]))
+    for size in (case["max_body"] + 1, 30 << 20):
+        # Both answered 413 (the larger one is read and dropped first, so the client, still
+        # sending, reads the status instead of a reset connection).
+        big = "x" * size
+        raises(openai.APIStatusError, lambda: client.chat.completions.create(
+            model=base, messages=[{"role": "user", "content": big}]), status=413)
+    print("errors: 401, 404, 400 (image, part, remote, local, order, temperature, null content), "
+          "413 (just over the limit and 30 MiB)")
+
+    # What the server does not implement is refused by name, never silently ignored.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    schema = {"name": "findings", "strict": True, "schema": {
+        "type": "object", "properties": {"effusion": {"type": "boolean"}}, "required": ["effusion"],
+        "additionalProperties": False}}
+    for kw, field in [
+        (dict(response_format={"type": "json_schema", "json_schema": schema}), "response_format"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(tools=[tool]), "tools"),
+        (dict(tool_choice="required", tools=[tool]), "tools"),
+        (dict(logprobs=True, top_logprobs=2), "logprobs"),
+        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(n=2), "n"),
+    ]:
+        e = raises(openai.BadRequestError, lambda: ask(base, films[0], **kw))
+        assert e.body and e.body.get("param") == field, (kw, e.body)
+    r = ask(base, films[0], response_format={"type": "text"}, frequency_penalty=0, user="u1")
+    assert r.choices[0].message.content == case["chat_greedy"], r
+    print("unimplemented fields refused by name (response_format json_schema / json_object, tools, "
+          "logprobs, frequency_penalty, n); neutral values accepted")
+
+    # Operations: liveness, readiness, and /metrics read by Prometheus' own text parser.
+    root = case["base_url"].rsplit("/v1", 1)[0]
+
+    def get(path):
+        with urllib.request.urlopen(root + path, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+
+    for path, status in [("/health", "ok"), ("/ready", "ready")]:
+        code, body = get(path)
+        assert code == 200 and json.loads(body)["status"] == status, (path, code, body)
+
+    def scrape():
+        fams = {f.name: f for f in text_string_to_metric_families(get("/metrics")[1])}
+        for name, kind in [("xrayglm_requests", "counter"), ("xrayglm_prompt_tokens", "counter"),
+                           ("xrayglm_generation_tokens", "counter"),
+                           ("xrayglm_time_to_first_token_seconds", "histogram"),
+                           ("xrayglm_inter_token_latency_seconds", "histogram"),
+                           ("xrayglm_e2e_request_latency_seconds", "histogram"),
+                           ("xrayglm_batch_rows", "histogram"), ("xrayglm_queue_depth", "gauge"),
+                           ("xrayglm_running_rows", "gauge"), ("xrayglm_kv_cache_bytes", "gauge")]:
+            assert name in fams and fams[name].type == kind, (name, kind, fams.get(name))
+        values = {}
+        for f in fams.values():
+            for s in f.samples:
+                values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return values
+
+    def at(values, name, **labels):
+        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    before = scrape()
+    r = ask(early, films[1], max_tokens=24)
+    raises(openai.NotFoundError, lambda: ask("no-such-model", films[0]))
+    after = scrape()
+
+    def delta(name, **labels):
+        return at(after, name, **labels) - at(before, name, **labels)
+
+    u = r.usage
+    assert u.completion_tokens >= 2, u
+    expect = [
+        (("xrayglm_requests_total",), dict(model=early, status="200"), 1),
+        (("xrayglm_requests_total",), dict(model="", status="404"), 1),
+        (("xrayglm_requests_total",), dict(model=base, status="200"), 0),
+        (("xrayglm_prompt_tokens_total",), dict(model=early), u.prompt_tokens),
+        (("xrayglm_generation_tokens_total",), dict(model=early), u.completion_tokens),
+        (("xrayglm_generation_tokens_total",), dict(model=base), 0),
+        (("xrayglm_time_to_first_token_seconds_count",), dict(model=early), 1),
+        (("xrayglm_inter_token_latency_seconds_count",), dict(model=early), u.completion_tokens - 1),
+        (("xrayglm_e2e_request_latency_seconds_count",), dict(model=early), 1),
+        (("xrayglm_e2e_request_latency_seconds_bucket",), dict(model=early, le="+Inf"), 1),
+    ]
+    for (name,), labels, want in expect:
+        assert delta(name, **labels) == want, (name, labels, delta(name, **labels), want)
+    assert delta("xrayglm_batch_rows_count") >= u.completion_tokens - 1, after
+    ttft = delta("xrayglm_time_to_first_token_seconds_sum", model=early)
+    e2e = delta("xrayglm_e2e_request_latency_seconds_sum", model=early)
+    assert 0 < ttft <= e2e, (ttft, e2e)
+    assert at(after, "xrayglm_queue_depth") == 0 and at(after, "xrayglm_running_rows") == 0, after
+    print("health, ready; /metrics parsed by prometheus_client: one %d-token reply of %r counted "
+          "exactly (requests, tokens, TTFT, %d inter-token gaps, end-to-end), a 404 under model \"\""
+          % (u.completion_tokens, early, u.completion_tokens - 1))
 
     # A full queue: a server that decodes one request and queues one answers the rest 503.
     busy = OpenAI(base_url=case["busy_base_url"], api_key="none", max_retries=0, timeout=120)

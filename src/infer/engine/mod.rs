@@ -52,6 +52,7 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::chat::{ChatModel, ChatSettings, Turn};
+use super::metrics::{Gauges, Metrics};
 use crate::data::image::ImageProcessor;
 use crate::model::chatglm::LayerLoras;
 use crate::weights::source::AdapterWeights;
@@ -109,6 +110,8 @@ pub struct Job {
     /// Strings that end the reply (not included in it).
     pub stop: Vec<String>,
     pub events: UnboundedSender<Event>,
+    /// When the request reached the server (its latencies count from here).
+    pub arrived: Instant,
 }
 
 /// What a request hears back, in order: `Started`, `Delta`s, then `Done` — or `Failed` at any
@@ -168,7 +171,7 @@ pub enum Refused {
     Stopping,
 }
 
-/// Counters the server reports (`/health`) and the tests read.
+/// Counters the server reports (`/api/health`, `/metrics`) and the tests read.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Rows being decoded.
@@ -182,6 +185,8 @@ pub struct Stats {
     /// Decoding steps run, and rows decoded in them (their ratio: the mean batch).
     pub steps: AtomicUsize,
     pub step_rows: AtomicUsize,
+    /// Tokens, latencies and answers for `/metrics`.
+    pub metrics: Metrics,
 }
 
 /// What the HTTP side needs to know about the models, without the models.
@@ -203,6 +208,7 @@ pub struct Engine {
     drain: Arc<Mutex<Option<Instant>>>,
     stopping: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    max_queue: usize,
 }
 
 /// An adapter to serve by name.
@@ -230,6 +236,11 @@ impl Engine {
             );
             models.push(a.name.clone());
         }
+        let stats = Arc::new(Stats {
+            metrics: Metrics::new(models.clone()),
+            ..Stats::default()
+        });
+        let max_queue = opts.max_queue;
         let info = EngineInfo {
             models,
             max_positions: chat.max_positions(),
@@ -237,7 +248,6 @@ impl Engine {
             images: chat.images,
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.max_queue);
-        let stats = Arc::new(Stats::default());
         let drain = Arc::new(Mutex::new(None));
         let stopping = Arc::new(AtomicBool::new(false));
         let mut sets = vec![Vec::new()];
@@ -268,7 +278,40 @@ impl Engine {
             drain,
             stopping,
             thread: Mutex::new(Some(thread)),
+            max_queue,
         })
+    }
+
+    /// Whether a request sent now would be taken: `Err` says why not (shutting down, the engine
+    /// thread gone, a full queue).
+    pub fn ready(&self) -> std::result::Result<(), &'static str> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("shutting down");
+        }
+        let gone = self
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished());
+        if gone {
+            return Err("the engine thread has stopped");
+        }
+        if self.stats.queued.load(Ordering::SeqCst) >= self.max_queue {
+            return Err("the queue is full");
+        }
+        Ok(())
+    }
+
+    /// The numbers `/metrics` reads at the moment it is asked.
+    pub fn gauges(&self) -> Gauges {
+        let n = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+        Gauges {
+            queued: n(&self.stats.queued),
+            running: n(&self.stats.active),
+            cache_bytes: n(&self.stats.cache_bytes),
+            steps: n(&self.stats.steps),
+        }
     }
 
     /// Queue a request; its events arrive on `job.events`.

@@ -2,6 +2,7 @@
 //! shows it, stable text is streamed, stop strings and limits end it.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tch::Tensor;
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,6 +28,9 @@ pub(super) struct Row {
     /// The reply text sent so far.
     pub(super) shown: String,
     pub(super) stop: Vec<String>,
+    /// When the request reached the server, and when the row's last token was chosen.
+    pub(super) arrived: Instant,
+    pub(super) last_token: Option<Instant>,
 }
 
 impl Worker {
@@ -35,6 +39,7 @@ impl Worker {
     pub(super) fn choose(&mut self, m: usize, logits: &Tensor, first: usize) {
         let tok = &self.chat.tokenizer;
         let g = &mut self.groups[m];
+        let metrics = &self.stats.metrics;
         let mut done = Vec::new();
         for i in first..g.rows.len() {
             let r = &mut g.rows[i];
@@ -52,6 +57,11 @@ impl Worker {
                 Ok(t) if t == ids::EOP => Some(Finish::Stop),
                 Ok(t) => {
                     r.reply.push(t);
+                    let now = Instant::now();
+                    match r.last_token.replace(now) {
+                        None => metrics.first_token(r.model, (now - r.arrived).as_secs_f64()),
+                        Some(t0) => metrics.next_token(r.model, (now - t0).as_secs_f64()),
+                    }
                     let full = r.prompt_tokens + r.reply.len() >= r.max_length
                         || r.reply.len() >= r.max_new;
                     r.advance(tok, full)
@@ -59,6 +69,8 @@ impl Worker {
             };
             if let Some(f) = finish {
                 r.finish(tok, f);
+                let secs = r.arrived.elapsed().as_secs_f64();
+                metrics.finished(r.model, r.prompt_tokens, r.reply.len(), secs, f);
                 done.push(i);
             }
         }

@@ -56,6 +56,7 @@ impl Worker {
         self.groups[gi].cache = cache;
         self.stats.steps.fetch_add(1, Ordering::SeqCst);
         self.stats.step_rows.fetch_add(b as usize, Ordering::SeqCst);
+        self.stats.metrics.step(b as usize);
         match out {
             Ok(logits) => self.choose(gi, &logits, 0),
             Err(e) => {

@@ -102,6 +102,8 @@ impl Worker {
                 reply: Vec::new(),
                 shown: String::new(),
                 stop: job.stop.iter().filter(|x| !x.is_empty()).cloned().collect(),
+                arrived: job.arrived,
+                last_token: None,
             };
             Ok((ids, image_starts, row))
         })();
