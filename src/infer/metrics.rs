@@ -207,33 +207,22 @@ impl Metrics {
                 "xrayglm_requests_total{{model=\"{name}\",status=\"{status}\"}} {n}"
             );
         }
-        head(
-            &mut out,
-            "xrayglm_prompt_tokens_total",
-            "counter",
-            "Prompt positions of finished replies (image slots included).",
-        );
-        for (m, p) in models.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "xrayglm_prompt_tokens_total{{{}}} {}",
-                model(m),
-                p.prompt_tokens
-            );
-        }
-        head(
-            &mut out,
-            "xrayglm_generation_tokens_total",
-            "counter",
-            "Reply tokens of finished replies.",
-        );
-        for (m, p) in models.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "xrayglm_generation_tokens_total{{{}}} {}",
-                model(m),
-                p.generation_tokens
-            );
+        for (name, help, count) in [
+            (
+                "xrayglm_prompt_tokens_total",
+                "Prompt positions of finished replies (image slots included).",
+                (|p: &PerModel| p.prompt_tokens) as fn(&PerModel) -> u64,
+            ),
+            (
+                "xrayglm_generation_tokens_total",
+                "Reply tokens of finished replies.",
+                |p: &PerModel| p.generation_tokens,
+            ),
+        ] {
+            head(&mut out, name, "counter", help);
+            for (m, p) in models.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{{}}} {}", model(m), count(p));
+            }
         }
         head(
             &mut out,

@@ -583,7 +583,7 @@ async fn complete(st: &Arc<State>, req: Request, model: &mut Option<usize>) -> A
         .map_err(|e| ApiError::new(400, format!("bad request body: {e}")))?;
     *model = st.engine.info.models.iter().position(|m| *m == r.model);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = job_for(st, &r, tx, arrived).await?;
+    let job = job_for(st, &r, *model, tx, arrived).await?;
     st.engine.submit(job).map_err(|e| {
         ApiError::new(503, refused_text(e)).code(match e {
             Refused::QueueFull => "queue_full",
@@ -609,15 +609,17 @@ async fn complete(st: &Arc<State>, req: Request, model: &mut Option<usize>) -> A
     }
 }
 
-/// A chat request as the engine's job: the served model it names, its sampling settings, the
-/// conversation, its images fetched and preprocessed, its stop strings.
+/// A chat request as the engine's job: the served model it names (`model`: its index, `None`
+/// when it names none), its sampling settings, the conversation, its images fetched and
+/// preprocessed, its stop strings.
 async fn job_for(
     st: &Arc<State>,
     r: &ChatRequest,
+    model: Option<usize>,
     events: EventSender,
     arrived: std::time::Instant,
 ) -> Result<Job, ApiError> {
-    let Some(model) = st.engine.info.models.iter().position(|m| *m == r.model) else {
+    let Some(model) = model else {
         return Err(ApiError::new(
             404,
             format!(
