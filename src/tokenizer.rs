@@ -320,6 +320,51 @@ impl ChatGlmTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(|i| i as i64)
     }
+
+    /// What each id below [`ChatGlmTokenizer::vocab_size`] decodes to, as bytes, and whether it
+    /// is a control piece (for constrained decoding, which matches a grammar against bytes): a
+    /// piece's `▁` is a space, `<0xNN>` the byte NN, `<n>` / `<|tab|>` / `<|blank_k|>` a line
+    /// break / a tab / k spaces, a control piece its own name. The pieces of a text, concatenated,
+    /// are its decoding with the dummy prefix's space in front ([`ChatGlmTokenizer::decode`]
+    /// drops that space).
+    pub fn token_bytes(&self) -> Vec<(Vec<u8>, bool)> {
+        let control: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        (0..self.vocab_size as u32)
+            .map(|id| {
+                let piece = self.inner.id_to_token(id).unwrap_or_default();
+                if control.contains(&id) {
+                    return (piece.into_bytes(), true);
+                }
+                let byte = piece
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                let bytes = if let Some(b) = byte {
+                    vec![b]
+                } else if piece == "<n>" {
+                    b"\n".to_vec()
+                } else if piece == "<|tab|>" {
+                    b"\t".to_vec()
+                } else if let Some(k) = piece
+                    .strip_prefix("<|blank_")
+                    .and_then(|k| k.strip_suffix("|>"))
+                    .and_then(|k| k.parse::<usize>().ok())
+                {
+                    vec![b' '; k]
+                } else {
+                    piece.replace('▁', " ").into_bytes()
+                };
+                (bytes, false)
+            })
+            .collect()
+    }
 }
 
 /// The encoding pipeline for user text: sentencepiece never turns text into a control piece

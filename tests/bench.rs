@@ -137,7 +137,8 @@ fn data_bench_runs_in_reduced_mode() {
 
 /// `xrayglm bench serve` on the tiny preset with 1 and 2 clients and 4 tokens: the in-process
 /// servers answer every request (one at a time, together, over two adapters both ways) and every
-/// row of the report has positive numbers.
+/// row of the report has positive numbers; the cache section has its four turns (the server with
+/// caches replied as the one without, or the bench fails) and the repeated request's line.
 #[test]
 fn serve_bench_runs_in_reduced_mode() {
     let Some(shared) = common::shared() else {
@@ -156,7 +157,8 @@ fn serve_bench_runs_in_reduced_mode() {
     .into();
     args.extend(["--tokenizer".into(), common::ice_text(&shared).into()]);
     let text = bench(args);
-    let rows: Vec<&str> = text
+    let (batching, caches) = text.split_once("  caches:").expect("a cache section");
+    let rows: Vec<&str> = batching
         .lines()
         .filter(|l| l.contains(" | ") && !l.contains("clients"))
         .collect();
@@ -170,6 +172,44 @@ fn serve_bench_runs_in_reduced_mode() {
         assert!(nums.iter().all(|v| *v > 0.0 && v.is_finite()), "{r}");
     }
     assert!(text.contains("one at a time (8 requests)"), "{text}");
+    let turns: Vec<Vec<f64>> = caches
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.contains("turn"))
+        .map(|r| {
+            r.split(['|', 'x'])
+                .filter_map(|w| w.trim().parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(turns.len(), 4, "{caches}");
+    for (i, t) in turns.iter().enumerate() {
+        assert_eq!(t.len(), 5, "{caches}");
+        assert_eq!(t[0], (i + 1) as f64);
+        assert!(t.iter().all(|v| *v > 0.0 && v.is_finite()), "{caches}");
+    }
+    // Each turn's prompt holds the one before it.
+    assert!(turns.windows(2).all(|w| w[1][1] > w[0][1]), "{caches}");
+    assert!(caches.contains("from the prompt cache"), "{caches}");
+    // The long prompt arriving while replies stream: its prompt tokens and both gaps.
+    let stall = caches
+        .lines()
+        .find(|l| l.contains("replies stream"))
+        .expect("the chunked-prefill line");
+    let tokens: usize = stall
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tokens > 1000, "{stall}");
+    let gaps: Vec<f64> = stall
+        .split(" ms")
+        .filter_map(|s| s.split_whitespace().last()?.parse().ok())
+        .collect();
+    assert!(gaps.len() >= 4 && gaps.iter().all(|g| *g > 0.0), "{stall}");
 }
 
 /// `bench rl` in reduced mode: both ways of sampling the rollouts produce tokens, the ratio and

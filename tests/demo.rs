@@ -1064,8 +1064,10 @@ fn openai_python() -> Option<PathBuf> {
 /// as `chat` on its checkpoint does (greedy and sampled), errors come as the client's exception
 /// types (401, 404, 400, 413, and 503 from a second server with a queue of one), and
 /// 32 concurrent requests over the three models with streaming on and off each get the answer
-/// they get alone. Afterwards the engine holds no rows and no cache, and the server's memory is
-/// back at its level after the first requests.
+/// they get alone; the findings extension equals the labeler's reading of the greedy report;
+/// `parse` with a pydantic findings model returns a parsed reply; a request asked again comes from
+/// the prompt cache. Afterwards the engine holds no rows and no decoding cache, and the server's
+/// memory is back at its level after the first requests.
 #[test]
 fn the_openai_client_gets_chats_answers_from_serve() {
     let Some(d) = demo() else { return };
@@ -1083,6 +1085,14 @@ fn the_openai_client_gets_chats_answers_from_serve() {
     let greedy = chat_one_shot(d, &d.run, &films[0], &["--greedy"]);
     let greedy_early = chat_one_shot(d, &early, &films[0], &["--greedy"]);
     let greedy_two = chat_films(d, &d.run, &[&films[0], &films[1]], &["--greedy"]);
+    // The findings the server must attach when asked: the labeler's line for the same text.
+    let greedy_findings = {
+        use xrayglm::eval::findings::{files::label_line, Labeler};
+        let labels = Labeler::builtin(xrayglm::eval::metrics::Lang::Zh).label(&greedy);
+        let mut v = label_line("", &labels, true);
+        v.as_object_mut().unwrap().remove("id");
+        v
+    };
     // Sampled (hot enough that the two checkpoints differ), against `chat` with the adapters kept
     // apart as the server keeps them (merging moves logits by ~1e-7: a draw on a boundary moves).
     let sampled = [
@@ -1148,6 +1158,37 @@ fn the_openai_client_gets_chats_answers_from_serve() {
     );
     let base_model = d.run.file_name().unwrap().to_string_lossy().to_string();
     let busy = start_serve(d, &["--max_batch", "1", "--max_queue", "1"]);
+    // The idle level is a warm server's: what it keeps once asked for it — the grammar engine over
+    // the vocabulary (built by the first structured-output request), the findings labelers, the
+    // request threads' heaps (as many concurrent requests as threads) — is part of it.
+    let warm = serde_json::json!({
+        "model": base_model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+        "findings": true,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
+    });
+    let (c, b) = post_json(&srv.addr, "/v1/chat/completions", "sekret", &warm);
+    assert_eq!(c, 200, "{b}");
+    std::thread::scope(|sc| {
+        for i in 0..8 {
+            let (addr, model, film) = (&srv.addr, &base_model, &films[i % 2]);
+            sc.spawn(move || {
+                let png = std::fs::read(film).unwrap();
+                let url = format!(
+                    "data:image/png;base64,{}",
+                    xrayglm::infer::openai::base64_encode(&png)
+                );
+                let body = serde_json::json!({
+                    "model": model, "max_tokens": 8, "temperature": 0,
+                    "messages": [{"role": "user", "content": [
+                        {"type": "text", "text": format!("{i}")},
+                        {"type": "image_url", "image_url": {"url": url}}]}],
+                });
+                let (c, b) = post_json(addr, "/v1/chat/completions", "sekret", &body);
+                assert_eq!(c, 200, "{b}");
+            });
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let idle = rss(srv.child.id());
     let dir = tempfile::tempdir().unwrap();
     let case = dir.path().join("case.json");
@@ -1161,6 +1202,7 @@ fn the_openai_client_gets_chats_answers_from_serve() {
         "second_question": second,
         "films": films,
         "chat_greedy": greedy,
+        "chat_greedy_findings": greedy_findings,
         "chat_greedy_early": greedy_early,
         "chat_greedy_two_films": greedy_two,
         "chat_turns": turns,
@@ -1190,18 +1232,48 @@ fn the_openai_client_gets_chats_answers_from_serve() {
     assert_eq!(e["active"], 0, "{b}");
     assert_eq!(e["queued"], 0, "{b}");
     assert_eq!(e["cache_bytes"], 0, "{b}");
+    // The prompt and film caches keep what they hold (bounded by --cache_mib and
+    // --image_cache_mib); everything else is given back.
+    let kept = e["prompt_cache_bytes"].as_u64().unwrap() + e["image_cache_bytes"].as_u64().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let after = rss(srv.child.id());
     eprintln!(
-        "server RSS: {:.1} MB idle, {:.1} MB after the requests",
+        "server RSS: {:.1} MB idle, {:.1} MB after the requests, {:.1} MB of it in the caches",
         idle as f64 / 1e6,
-        after as f64 / 1e6
+        after as f64 / 1e6,
+        kept as f64 / 1e6
     );
-    // Measured: 519.6 MB at start, 500.0 MB after (the engine trims the heap when idle).
+    // Measured without the caches: 519.6 MB at start, 500.0 MB after (the engine trims the heap
+    // when idle).
     assert!(
-        after as f64 <= idle as f64 * 1.05,
-        "memory did not return to its idle level: {idle} → {after} bytes"
+        after.saturating_sub(kept) as f64 <= idle as f64 * 1.05,
+        "memory did not return to its idle level: {idle} → {after} bytes, {kept} in the caches"
     );
+}
+
+/// `POST path` with a JSON body and a bearer key: the status and the body.
+fn post_json(addr: &str, path: &str, key: &str, body: &serde_json::Value) -> (u16, String) {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// A chat-completions request body on a film with near-uniform sampling (long replies: `<eop>`

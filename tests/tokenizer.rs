@@ -191,3 +191,57 @@ fn user_text_never_becomes_control_tokens() {
     assert_eq!((n(ids::GMASK), n(ids::SOP), n(ids::EOP)), (1, 1, 1));
     assert_eq!(*s.input_ids.last().unwrap(), ids::EOP);
 }
+
+/// The bytes constrained decoding matches a grammar against: for the fixture's tricky strings
+/// and the OpenI-zh reports, each token's bytes concatenated are the decoded text with the dummy
+/// prefix's space in front; control pieces are marked, `<eop>` among them.
+#[test]
+fn token_bytes_concatenate_to_the_decoded_text() {
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let tok = ChatGlmTokenizer::from_path(&common::ice_text(&shared)).unwrap();
+    let bytes = tok.token_bytes();
+    assert_eq!(bytes.len(), tok.vocab_size());
+    assert!(bytes[ids::EOP as usize].1 && bytes[ids::GMASK as usize].1);
+    assert!(!bytes[ids::NEWLINE as usize].1);
+    let fx: Value = serde_json::from_slice(&common::read_gz(&common::fixture(
+        "tokenizer_reports.json.gz",
+    )))
+    .unwrap();
+    let mut texts: Vec<String> = fx["extra"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["text"].as_str().unwrap().to_string())
+        .collect();
+    let zh = common::read_json(&shared.join(fx["zh"]["file"].as_str().unwrap()));
+    texts.extend(
+        zh["annotations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["caption"].as_str().unwrap().to_string()),
+    );
+    let mut bad = Vec::new();
+    for text in &texts {
+        let ids = tok.encode(text).unwrap();
+        let joined: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| bytes[i as usize].0.clone())
+            .collect();
+        let want = format!(" {}", tok.decode(&ids).unwrap());
+        if ids.is_empty() || joined == want.as_bytes() {
+            continue;
+        }
+        bad.push(format!("{text:?}: {:?}", String::from_utf8_lossy(&joined)));
+    }
+    assert!(texts.len() > 6000, "{}", texts.len());
+    assert!(
+        bad.is_empty(),
+        "{} of {}: {}",
+        bad.len(),
+        texts.len(),
+        bad[..bad.len().min(5)].join("\n")
+    );
+}

@@ -130,6 +130,32 @@ pub struct ServerArgs {
     /// Requests waiting at most; more are answered 503.
     #[arg(long = "max_queue", alias = "max-queue", default_value_t = 64)]
     pub max_queue: usize,
+    /// MiB of whole prompts' keys and values kept for prompts asked again (a regenerated reply,
+    /// the same question about the same films): those skip their prefill. 0: off.
+    #[arg(
+        long = "cache_mib",
+        alias = "cache-mib",
+        default_value_t = xrayglm::infer::engine::EngineOptions::PROMPT_CACHE_MIB
+    )]
+    pub cache_mib: usize,
+    /// MiB of film embeddings kept by content: a film sent again (every turn of a conversation
+    /// re-sends it) is not encoded again. 0: off.
+    #[arg(
+        long = "image_cache_mib",
+        alias = "image-cache-mib",
+        default_value_t = xrayglm::infer::engine::EngineOptions::IMAGE_CACHE_MIB
+    )]
+    pub image_cache_mib: usize,
+    /// Token budget of one engine step while replies stream: a decoding row costs a token, a
+    /// prefill its prompt tokens; a prefill beyond the budget runs a few of its layers per step
+    /// (chunked prefill: exact, as it splits by layers) so that the streams keep their pace.
+    /// 0: prefills run whole.
+    #[arg(
+        long = "max_step_tokens",
+        alias = "max-step-tokens",
+        default_value_t = xrayglm::infer::engine::EngineOptions::STEP_TOKENS
+    )]
+    pub max_step_tokens: usize,
     /// Largest API request body, MiB (images travel inside as base64).
     #[arg(long = "max_body_mib", alias = "max-body-mib", default_value_t = 20)]
     pub max_body_mib: usize,
@@ -245,6 +271,9 @@ fn run_server(a: ServerArgs, port: u16, banner: &str) -> Result<()> {
             max_batch: a.max_batch,
             max_queue: a.max_queue,
             adapter_batching: a.adapter_batching,
+            prompt_cache_bytes: a.cache_mib << 20,
+            image_cache_bytes: a.image_cache_mib << 20,
+            step_tokens: a.max_step_tokens,
         },
     )?;
     let opts = xrayglm::infer::server::ServerOptions {

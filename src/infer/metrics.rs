@@ -122,6 +122,17 @@ pub struct Gauges {
     pub running: usize,
     pub cache_bytes: usize,
     pub steps: usize,
+    pub prefill_chunks: usize,
+    pub prompt_cache: CacheGauges,
+    pub image_cache: CacheGauges,
+}
+
+/// A cache's size and how often it answered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheGauges {
+    pub bytes: usize,
+    pub hits: usize,
+    pub misses: usize,
 }
 
 impl Default for Metrics {
@@ -292,6 +303,35 @@ impl Metrics {
             "Decoding steps run.",
         );
         let _ = writeln!(out, "xrayglm_decode_steps_total {}", g.steps);
+        head(
+            &mut out,
+            "xrayglm_prefill_chunks_total",
+            "counter",
+            "Prefill passes run: a prefill split over steps (beyond the step's token budget) counts each part.",
+        );
+        let _ = writeln!(out, "xrayglm_prefill_chunks_total {}", g.prefill_chunks);
+        for (cache, what, c) in [
+            (
+                "prompt",
+                "whole prompts' keys, values and first logits (a prompt asked again skips its prefill)",
+                g.prompt_cache,
+            ),
+            (
+                "image",
+                "film embeddings by content (a film sent again is not encoded again)",
+                g.image_cache,
+            ),
+        ] {
+            let name = format!("xrayglm_{cache}_cache_bytes");
+            head(&mut out, &name, "gauge", &format!("Bytes held by the cache of {what}."));
+            let _ = writeln!(out, "{name} {}", c.bytes);
+            for (kind, n, found) in [("hits", c.hits, "found"), ("misses", c.misses, "missed")] {
+                let name = format!("xrayglm_{cache}_cache_{kind}_total");
+                let help = format!("Lookups in the {cache} cache that {found} their entry.");
+                head(&mut out, &name, "counter", &help);
+                let _ = writeln!(out, "{name} {n}");
+            }
+        }
         out
     }
 }
@@ -322,6 +362,13 @@ mod tests {
             running: 1,
             cache_bytes: 1024,
             steps: 5,
+            prefill_chunks: 6,
+            prompt_cache: CacheGauges {
+                bytes: 77,
+                hits: 2,
+                misses: 3,
+            },
+            image_cache: CacheGauges::default(),
         });
         let line = |needle: &str| {
             text.lines()
@@ -383,5 +430,10 @@ mod tests {
         assert_eq!(line("xrayglm_batch_rows_count"), "1");
         assert_eq!(line("xrayglm_queue_depth"), "2");
         assert_eq!(line("xrayglm_kv_cache_bytes"), "1024");
+        assert_eq!(line("xrayglm_prefill_chunks_total"), "6");
+        assert_eq!(line("xrayglm_prompt_cache_bytes"), "77");
+        assert_eq!(line("xrayglm_prompt_cache_hits_total"), "2");
+        assert_eq!(line("xrayglm_prompt_cache_misses_total"), "3");
+        assert_eq!(line("xrayglm_image_cache_hits_total"), "0");
     }
 }

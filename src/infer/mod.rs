@@ -12,4 +12,5 @@ pub mod openai;
 pub mod ops;
 pub mod sampling;
 pub mod server;
+pub mod structured;
 pub mod web;

@@ -14,9 +14,15 @@
 //!   (string or list), `stream` (+ `stream_options.include_usage`); extensions `top_k` and
 //!   `repetition_penalty` (XrayGLM's defaults: 100 and 1.2). Without a `seed` each request draws
 //!   one from the OS.
-//! * Fields that would change the reply and are not implemented (`response_format` other than
-//!   text, `tools`, `logprobs`, `logit_bias`, penalties, audio, `n` > 1, …) are refused with a 400
-//!   naming them ([`unsupported`]), never silently ignored.
+//! * Extension `findings: true`: the reply's CheXpert observations as the findings labeler reads
+//!   them (the rules of the reply's language; `xrayglm findings`' line without its id: `labels`,
+//!   `sides`, `mentions` with the matched text) in a top-level `findings` field of the completion,
+//!   or of the stream's chunk that carries the finish reason. Off by default.
+//! * `response_format`: `text`, `json_object`, or `json_schema` (its `schema`): the reply is held to
+//!   it by constrained decoding ([`super::structured`]); a schema that does not compile is a 400.
+//! * Fields that would change the reply and are not implemented (`tools`, `logprobs`,
+//!   `logit_bias`, penalties, audio, `n` > 1, …) are refused with a 400 naming them
+//!   ([`unsupported`]), never silently ignored.
 //! * Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad request, unsupported
 //!   part or field, a message without content, undecodable image), 401 (missing or wrong bearer
 //!   key with `--api_key`), 404 (unknown model), 413 (body over `--max_body_mib`), 503 (queue
@@ -37,8 +43,10 @@ use serde_json::{json, Value};
 use super::chat::{ChatSettings, Turn};
 use super::engine::{Event, Finished, Job, Refused};
 use super::http::{new_id, preprocess, read_body, refused_text, State};
+use super::structured::ResponseFormat;
 
 /// An OpenAI error object with its status.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     status: u16,
     message: String,
@@ -155,6 +163,32 @@ async fn models(Shared(st): Shared<Arc<State>>, headers: HeaderMap) -> ApiResult
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
+/// The format `response_format` asks for: `None` for free text (`text`, or no field).
+fn response_format(r: &ChatRequest) -> std::result::Result<Option<ResponseFormat>, ApiError> {
+    let bad = |why: String| {
+        ApiError::new(400, format!("`response_format`: {why}")).param("response_format")
+    };
+    let Some(f) = r.response_format.as_ref().filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let schema = f
+                .pointer("/json_schema/schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| bad("`json_schema.schema` (an object) is required".into()))?;
+            Ok(Some(ResponseFormat::JsonSchema(schema.clone())))
+        }
+        Some(t) => Err(bad(format!(
+            "type {t:?} is not one of \"text\", \"json_object\", \"json_schema\""
+        ))
+        .code("unsupported_parameter")),
+        None => Err(bad("an object with a `type` is expected".into())),
+    }
+}
+
 /// The request fields xrayglm reads. Fields that would change the answer and are not implemented
 /// are read only to refuse them ([`unsupported`]); the rest (`user`, `metadata`, `store`, …) do not
 /// change a reply and are accepted and ignored.
@@ -187,6 +221,9 @@ struct ChatRequest {
     modalities: Option<Value>,
     audio: Option<Value>,
     prediction: Option<Value>,
+    /// Extension: the reply's findings ([`findings`]).
+    #[serde(default)]
+    findings: bool,
 }
 
 /// The first field of `r` that asks for something this server does not do, as a 400 naming it:
@@ -198,19 +235,6 @@ fn unsupported(r: &ChatRequest) -> std::result::Result<(), ApiError> {
             .code("unsupported_parameter"))
     };
     let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    if let Some(f) = &r.response_format {
-        match f.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some(t) => {
-                return refuse(
-                    "response_format",
-                    &format!("type {t:?} is not supported (replies are free text: \"text\")"),
-                )
-            }
-            None if f.is_null() => {}
-            None => return refuse("response_format", "an object with a `type` is expected"),
-        }
-    }
     let empty = |v: &Value| v.as_array().is_some_and(|a| a.is_empty());
     if r.tools.as_ref().is_some_and(|t| !t.is_null() && !empty(t)) {
         return refuse("tools", "tool calling is not supported");
@@ -600,6 +624,7 @@ async fn complete(st: &Arc<State>, req: Request, model: &mut Option<usize>) -> A
         id: format!("chatcmpl-{}", new_id()),
         model: r.model,
         created: now_s(),
+        findings: r.findings,
     };
     if r.stream {
         let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
@@ -631,6 +656,21 @@ async fn job_for(
         .code("model_not_found"));
     };
     unsupported(r)?;
+    let constraint = match response_format(r)? {
+        None => None,
+        Some(format) => {
+            // Compiling a schema (and, the first time, the grammar engine) takes a moment.
+            let grammars = Arc::clone(&st.engine.info.grammars);
+            let built = tokio::task::spawn_blocking(move || {
+                grammars.get().and_then(|g| g.constraint(&format))
+            })
+            .await
+            .map_err(|e| ApiError::new(500, format!("compiling the response format: {e}")))?;
+            Some(built.map_err(|e| {
+                ApiError::new(400, format!("`response_format`: {e:#}")).param("response_format")
+            })?)
+        }
+    };
     let (settings, max_new_tokens) = settings(st, r)?;
     let conv = conversation(&r.messages)?;
     let mut images = Vec::with_capacity(conv.images.len());
@@ -656,17 +696,35 @@ async fn job_for(
         stop,
         events,
         arrived,
+        constraint,
     })
 }
 
 type EventSender = tokio::sync::mpsc::UnboundedSender<Event>;
 type EventReceiver = tokio::sync::mpsc::UnboundedReceiver<Event>;
 
-/// What every object of one completion repeats.
+/// What every object of one completion repeats, and whether its end carries the findings.
 struct Head {
     id: String,
     model: String,
     created: u64,
+    findings: bool,
+}
+
+/// The findings of a reply as `xrayglm findings` writes a report's line (without its id), read
+/// with the embedded rules of its language (Chinese when it has a CJK character).
+fn findings(text: &str) -> Value {
+    use crate::eval::findings::{files::label_line, Labeler};
+    use crate::eval::metrics::Lang;
+    static LABELERS: std::sync::OnceLock<[Labeler; 2]> = std::sync::OnceLock::new();
+    let [zh, en] =
+        LABELERS.get_or_init(|| [Labeler::builtin(Lang::Zh), Labeler::builtin(Lang::En)]);
+    let cjk = text.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c));
+    let mut v = label_line("", &(if cjk { zh } else { en }).label(text), true);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("id");
+    }
+    v
 }
 
 /// The whole reply as one `chat.completion` object.
@@ -674,13 +732,16 @@ async fn whole(mut rx: EventReceiver, h: Head) -> ApiResult {
     loop {
         match rx.recv().await {
             Some(Event::Done(f)) => {
-                return Ok(axum::Json(json!({
+                let mut v = json!({
                     "id": h.id, "object": "chat.completion", "created": h.created, "model": h.model,
                     "choices": [{"index": 0, "finish_reason": f.finish.as_str(), "logprobs": null,
                                  "message": {"role": "assistant", "content": f.text}}],
                     "usage": usage(&f),
-                }))
-                .into_response())
+                });
+                if h.findings {
+                    v["findings"] = findings(&f.text);
+                }
+                return Ok(axum::Json(v).into_response());
             }
             Some(Event::Failed { status, message }) => return Err(ApiError::new(status, message)),
             Some(Event::Started { .. } | Event::Delta(_)) => {}
@@ -690,17 +751,17 @@ async fn whole(mut rx: EventReceiver, h: Head) -> ApiResult {
 }
 
 /// The reply as server-sent `chat.completion.chunk` events: the role, each piece of text, the
-/// finish reason (and, asked for, the usage), then `[DONE]`; a failure mid-stream is an error
-/// event.
+/// finish reason (with the findings when asked for; and, asked for, the usage), then `[DONE]`; a
+/// failure mid-stream is an error event.
 fn streamed(rx: EventReceiver, h: Head, include_usage: bool) -> axum::response::Response {
     let chunk = move |delta: Value, finish: Option<&str>| {
-        let v = json!({
+        json!({
             "id": h.id, "object": "chat.completion.chunk", "created": h.created, "model": h.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        });
-        sse(&v)
+        })
     };
-    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    let with_findings = h.findings;
+    let first = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
     let body = futures_util::stream::unfold(
         (Some(rx), Some(first), chunk),
         move |(rx, pending, chunk)| async move {
@@ -710,14 +771,21 @@ fn streamed(rx: EventReceiver, h: Head, include_usage: bool) -> axum::response::
             let mut rx = rx?;
             loop {
                 let out = match rx.recv().await {
-                    Some(Event::Delta(d)) => chunk(json!({"content": d}), None),
+                    Some(Event::Delta(d)) => sse(&chunk(json!({"content": d}), None)),
                     Some(Event::Done(f)) => {
-                        let mut b = chunk(json!({}), Some(f.finish.as_str())).to_vec();
-                        if include_usage {
-                            let mut u = serde_json::from_slice::<Value>(&b[6..b.len() - 2])
-                                .unwrap_or_default();
+                        let mut last = chunk(json!({}), Some(f.finish.as_str()));
+                        // The usage chunk: the last one's head, no choices.
+                        let usage_chunk = include_usage.then(|| {
+                            let mut u = last.clone();
                             u["choices"] = json!([]);
                             u["usage"] = usage(&f);
+                            u
+                        });
+                        if with_findings {
+                            last["findings"] = findings(&f.text);
+                        }
+                        let mut b = sse(&last).to_vec();
+                        if let Some(u) = usage_chunk {
                             b.extend_from_slice(&sse(&u));
                         }
                         b.extend_from_slice(b"data: [DONE]\n\n");
@@ -824,14 +892,6 @@ mod tests {
     fn unimplemented_fields_are_refused_by_name_and_neutral_values_pass() {
         for (extra, field) in [
             (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
-            (
-                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "f", "schema": {}}}}),
-                "response_format",
-            ),
-            (
                 json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
                 "tools",
             ),
@@ -867,6 +927,31 @@ mod tests {
             json!({"modalities": ["text"], "user": "u", "metadata": {"a": "b"}, "store": false}),
         ] {
             assert!(unsupported(&request(extra.clone())).is_ok(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn response_formats_are_read_or_refused_by_name() {
+        let format = |v: Value| response_format(&request(json!({ "response_format": v })));
+        assert_eq!(format(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(format(Value::Null).unwrap(), None);
+        assert_eq!(
+            format(json!({"type": "json_object"})).unwrap(),
+            Some(ResponseFormat::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            format(json!({"type": "json_schema", "json_schema": {"name": "f", "schema": schema, "strict": true}}))
+                .unwrap(),
+            Some(ResponseFormat::JsonSchema(schema))
+        );
+        for bad in [
+            json!({"type": "json_schema", "json_schema": {"name": "f"}}),
+            json!({"type": "grammar"}),
+            json!({"json_schema": {}}),
+        ] {
+            let e = format(bad.clone()).expect_err(&bad.to_string());
+            assert_eq!((e.status, e.param), (400, Some("response_format")), "{bad}");
         }
     }
 }

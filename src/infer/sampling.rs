@@ -91,9 +91,12 @@ impl Sampler {
         let (b, v) = logits.size2().expect("logits [B, V]");
         let dev = logits.device();
         let mut out = logits.to_kind(Kind::Float);
+        // `out` may alias the caller's logits (fp32 already) until an operation makes a new one;
+        // nothing is written into it before then.
+        let mut owned = false;
         if self.cfg.temperature != 1.0 {
-            // A new tensor: `out` may alias the caller's logits.
             out = &out / self.cfg.temperature;
+            owned = true;
         }
         if self.cfg.repetition_penalty != 1.0 {
             // Only the (row, id) pairs already generated get the extra division.
@@ -110,8 +113,9 @@ impl Sampler {
                 flat.extend(seen.into_iter().map(|i| row as i64 * v + i));
             }
             if !flat.is_empty() {
-                if self.cfg.temperature == 1.0 {
-                    out = out.copy(); // never write into the caller's logits
+                if !owned {
+                    out = out.copy();
+                    owned = true;
                 }
                 let idx = Tensor::from_slice(&flat).to_device(dev);
                 let mut view = out.view([-1]);
@@ -122,6 +126,10 @@ impl Sampler {
         for r in &self.cfg.invalid {
             let (lo, hi) = (r.start.clamp(0, v), r.end.clamp(0, v));
             if hi > lo {
+                if !owned {
+                    out = out.copy();
+                    owned = true;
+                }
                 let _ = out.narrow(1, lo, hi - lo).fill_(FILTERED);
             }
         }
@@ -234,6 +242,16 @@ mod tests {
             let t = s.next(&logits, &[vec![]]).unwrap()[0];
             assert!(t == 0 || t == 3, "{t}");
         }
+        // At temperature 1 without a penalty the caller's logits are left as they were (the
+        // engine samples from stored logits again).
+        let mut s = sampler(|c| {
+            c.invalid = vec![std::ops::Range { start: 1, end: 3 }];
+            c.temperature = 1.0;
+            c.repetition_penalty = 1.0;
+        });
+        let _ = s.next(&logits, &[vec![]]).unwrap();
+        let after = Vec::<f32>::try_from(logits.flatten(0, -1)).unwrap();
+        assert_eq!(after, [0.0, 9.0, 9.0, 0.0]);
     }
 
     #[test]

@@ -176,6 +176,10 @@ async fn health(Shared(st): Shared<Arc<State>>) -> Answer {
             "finished": n(&e.stats.finished),
             "steps": n(&e.stats.steps),
             "step_rows": n(&e.stats.step_rows),
+            "prompt_cache_bytes": n(&e.stats.prompt_cache.bytes),
+            "prompt_cache_entries": n(&e.stats.prompt_cache.entries),
+            "image_cache_bytes": n(&e.stats.image_cache.bytes),
+            "image_cache_entries": n(&e.stats.image_cache.entries),
         },
     }))
 }
@@ -254,6 +258,7 @@ async fn chat(Shared(st): Shared<Arc<State>>, req: Request) -> Answer {
     let mut session = st.checkout(&id)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
     let job = Job {
+        constraint: None,
         model: 0,
         images: session.images.clone(),
         system: String::new(),

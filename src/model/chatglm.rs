@@ -329,6 +329,32 @@ pub struct ChatGlm {
     pub layer_seed: std::cell::Cell<Option<i64>>,
 }
 
+/// A prefill part-way through its layers ([`ChatGlm::prefill_start`]).
+#[derive(Debug)]
+pub struct PartialPrefill {
+    /// The hidden states `[B, S, hidden]` after the layers run so far.
+    x: Tensor,
+    position_ids: Tensor,
+    /// `[B, 1, S, S]` float.
+    mask: Tensor,
+    /// The keys and values of the layers run so far.
+    pub cache: KvCache,
+    done: usize,
+}
+
+impl PartialPrefill {
+    /// Layers run so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    /// Rows and tokens per row.
+    pub fn shape(&self) -> (i64, i64) {
+        let s = self.x.size();
+        (s[0], s[1])
+    }
+}
+
 /// Inputs for one forward pass.
 pub struct GlmInputs<'a> {
     /// `[B, S]`
@@ -587,28 +613,72 @@ impl ChatGlm {
         image_starts: &[i64],
         adapters: Option<&RowAdapters>,
     ) -> (KvCache, Tensor) {
+        let mut p = self.prefill_start(ids, prefixes, image_embeds, image_starts);
+        let logits = self.prefill_layers(&mut p, self.layers.len(), adapters);
+        (p.cache, logits.expect("every layer ran"))
+    }
+
+    /// A prefill to run a few layers at a time ([`ChatGlm::prefill_layers`]): the embeddings of
+    /// [`ChatGlm::prefill`]'s inputs, no layer run yet. Splitting a prefill by layers keeps it
+    /// exact where splitting it by tokens would not: every token of the context attends to every
+    /// other, so no token's keys are final before the whole context has been through the layer.
+    pub fn prefill_start(
+        &self,
+        ids: &[&[i64]],
+        prefixes: &[Prefix],
+        image_embeds: Option<&Tensor>,
+        image_starts: &[i64],
+    ) -> PartialPrefill {
         let dev = self.device();
         let (b, len) = (ids.len() as i64, ids.first().map_or(0, |r| r.len()) as i64);
         let flat: Vec<i64> = ids.iter().flat_map(|r| r.iter().copied()).collect();
         let input = Tensor::from_slice(&flat).view([b, len]).to_device(dev);
-        let pos = positions::batch(prefixes, len, dev);
+        let position_ids = positions::batch(prefixes, len, dev);
         let contexts: Vec<i64> = prefixes.iter().map(|p| p.context_length).collect();
-        let mask = positions::attention_mask(&contexts, len, dev);
+        let mask = positions::attention_mask(&contexts, len, dev).to_kind(Kind::Float);
         let at: Vec<(i64, i64)> = (0..b)
             .flat_map(|row| image_starts.iter().map(move |&s| (row, s)))
             .collect();
         let embeds = image_embeds.map(|e| e.to_device(dev));
-        let mut cache = KvCache::default();
-        let inputs = GlmInputs {
-            input_ids: &input,
-            position_ids: &pos,
-            attention_mask: &mask,
-            image_embeds: embeds.as_ref(),
-            image_at: ImageAt::of(&at, ids.len()),
-        };
-        let logits =
-            tch::no_grad(|| self.forward_cached_with(&inputs, Some(&mask), &mut cache, adapters));
-        (cache, logits)
+        let x = tch::no_grad(|| self.embed(&input, embeds.as_ref(), ImageAt::of(&at, ids.len())));
+        PartialPrefill {
+            x,
+            position_ids,
+            mask,
+            cache: KvCache {
+                layers: (0..self.layers.len()).map(|_| None).collect(),
+            },
+            done: 0,
+        }
+    }
+
+    /// Run up to `layers` more layers of a prefill (at least one); once the last has run, the
+    /// logits `[B, vocab]` of each last position (the cache is then `p.cache`).
+    pub fn prefill_layers(
+        &self,
+        p: &mut PartialPrefill,
+        layers: usize,
+        adapters: Option<&RowAdapters>,
+    ) -> Option<Tensor> {
+        let end = (p.done + layers.max(1)).min(self.layers.len());
+        tch::no_grad(|| {
+            let pass = self.pass(
+                &p.position_ids,
+                p.x.kind(),
+                Some(p.mask.shallow_clone()),
+                false,
+                adapters,
+            );
+            for i in p.done..end {
+                let kv = Kv::Append(&mut p.cache.layers[i]);
+                p.x = self.layers[i].forward(&p.x, &pass, Some(kv));
+            }
+            p.done = end;
+            (end == self.layers.len()).then(|| {
+                let s = p.x.size()[1];
+                self.head(&p.x.narrow(1, s - 1, 1)).squeeze_dim(1)
+            })
+        })
     }
 
     /// Incremental decoding (eval mode): the logits `[B, vocab]` of each sequence's last position,
@@ -814,5 +884,35 @@ mod tests {
         let plain = one_query_attention(&q, &k, &v, None);
         let err = (fused - plain).abs().max().double_value(&[]);
         assert!(err < 1e-6, "max abs difference {err}");
+    }
+
+    /// Why the serving engine caches whole prompts and not shared prefixes: the context before
+    /// `<sop>` is read bidirectionally, so appending to it (a follow-up turn) leaves the first
+    /// layer's keys of the earlier tokens as they were (up to the rounding of a longer matmul) but
+    /// changes them from the second layer on.
+    #[test]
+    fn a_longer_context_changes_the_keys_of_its_first_tokens() {
+        use crate::tokenizer::ids;
+        tch::manual_seed(4);
+        let cfg = crate::model::config::ModelConfig::preset("tiny").unwrap();
+        let m =
+            crate::model::visualglm::VisualGlm::new(cfg, tch::Device::Cpu, Kind::Float).unwrap();
+        let turn1: Vec<i64> = vec![20, 21, 22, 23, 24];
+        let keys = |context: &[i64]| {
+            let mut ids = context.to_vec();
+            ids.extend([ids::GMASK, ids::SOP]);
+            let prefix = Prefix::new(ids.len() - 1, ids.len() - 2);
+            let (cache, _) = m.chatglm.prefill(&[&ids], &[prefix], None, &[], None);
+            cache
+                .layers
+                .iter()
+                .map(|l| l.as_ref().unwrap().0.narrow(2, 0, turn1.len() as i64))
+                .collect::<Vec<Tensor>>()
+        };
+        let short = keys(&turn1);
+        let long = keys(&[turn1.as_slice(), &[30, 31, 32]].concat());
+        let diff = |l: usize| (&short[l] - &long[l]).abs().max().double_value(&[]);
+        assert!(diff(0) < 1e-5, "layer 0 keys moved by {}", diff(0));
+        assert!(diff(1) > 1e-3, "layer 1 keys moved by {}", diff(1));
     }
 }

@@ -11,8 +11,11 @@ import json
 import sys
 import urllib.request
 
+from typing import Literal
+
 import openai
 from openai import OpenAI
+from pydantic import BaseModel
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -61,6 +64,22 @@ def main():
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens, u
     assert r.model == base and r.object == "chat.completion", r
     print("one-shot = chat --greedy:", got[:40], "| usage", u.prompt_tokens, u.completion_tokens)
+
+    # The findings extension: off by default; asked for, the reply's labels as `xrayglm findings`
+    # reads the same text, in the completion and in the stream's finishing chunk.
+    assert "findings" not in (r.model_extra or {}), r.model_extra
+    rf = ask(base, films[0], extra_body={"findings": True})
+    assert rf.choices[0].message.content == got
+    assert rf.model_extra["findings"] == case["chat_greedy_findings"], (
+        rf.model_extra["findings"], case["chat_greedy_findings"])
+    assert case["chat_greedy_findings"]["labels"], case["chat_greedy_findings"]
+    chunks = list(client.chat.completions.create(
+        model=base, messages=[user(q, films[0])], temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"findings": True}))
+    carrying = [c for c in chunks if "findings" in (c.model_extra or {})]
+    assert len(carrying) == 1 and carrying[0].choices[0].finish_reason == "stop", chunks[-3:]
+    assert carrying[0].model_extra["findings"] == case["chat_greedy_findings"]
+    print("findings extension:", json.dumps(rf.model_extra["findings"]["labels"], ensure_ascii=False))
 
     # Two films (one study's views) in one message = `chat --image A --image B`.
     two = {"role": "user", "content": [
@@ -159,12 +178,10 @@ def main():
 
     # What the server does not implement is refused by name, never silently ignored.
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    schema = {"name": "findings", "strict": True, "schema": {
-        "type": "object", "properties": {"effusion": {"type": "boolean"}}, "required": ["effusion"],
-        "additionalProperties": False}}
     for kw, field in [
-        (dict(response_format={"type": "json_schema", "json_schema": schema}), "response_format"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}),
+         "response_format"),
+        (dict(response_format={"type": "grammar"}), "response_format"),
         (dict(tools=[tool]), "tools"),
         (dict(tool_choice="required", tools=[tool]), "tools"),
         (dict(logprobs=True, top_logprobs=2), "logprobs"),
@@ -175,8 +192,29 @@ def main():
         assert e.body and e.body.get("param") == field, (kw, e.body)
     r = ask(base, films[0], response_format={"type": "text"}, frequency_penalty=0, user="u1")
     assert r.choices[0].message.content == case["chat_greedy"], r
-    print("unimplemented fields refused by name (response_format json_schema / json_object, tools, "
-          "logprobs, frequency_penalty, n); neutral values accepted")
+    print("unimplemented fields refused by name (a schema that does not compile, an unknown "
+          "response_format, tools, logprobs, frequency_penalty, n); neutral values accepted")
+
+    # Structured output: `parse` with a pydantic model (a findings schema) gets a reply held to it,
+    # greedy and sampled, on the base and an adapter; `json_object` a reply that opens an object
+    # (a model trained on free-text reports need not close it within a few tokens).
+    class Findings(BaseModel):
+        cardiomegaly: Literal["present", "absent", "uncertain"]
+        pleural_effusion: Literal["none", "left", "right", "both"]
+        support_devices: bool
+
+    for model, kw in [(base, {}), (early, {}), (base, {"temperature": 1.0, "seed": 5})]:
+        kw.setdefault("temperature", 0)
+        p = client.chat.completions.parse(
+            model=model, messages=[user(q, films[0])], response_format=Findings, max_tokens=64, **kw)
+        choice = p.choices[0]
+        assert choice.finish_reason == "stop", choice
+        assert isinstance(choice.message.parsed, Findings), choice.message
+        assert Findings.model_validate_json(choice.message.content) == choice.message.parsed
+    o = ask(base, films[0], response_format={"type": "json_object"}, max_tokens=8)
+    assert o.choices[0].message.content.startswith("{"), o
+    print("structured output: parse() with a pydantic findings model ->", choice.message.parsed,
+          "| json_object opens", repr(o.choices[0].message.content[:20]))
 
     # Operations: liveness, readiness, and /metrics read by Prometheus' own text parser.
     root = case["base_url"].rsplit("/v1", 1)[0]
@@ -240,6 +278,22 @@ def main():
     print("health, ready; /metrics parsed by prometheus_client: one %d-token reply of %r counted "
           "exactly (requests, tokens, TTFT, %d inter-token gaps, end-to-end), a 404 under model \"\""
           % (u.completion_tokens, early, u.completion_tokens - 1))
+
+    # The caches: the same request again is answered from the prompt cache, word for word; the
+    # same film under the other adapter is a new prompt (no hit) whose film is not encoded again.
+    before = scrape()
+    again = ask(early, films[1], max_tokens=24)
+    other = client.chat.completions.create(
+        model=base, messages=[user("请只描述心脏。", films[1])], temperature=0, max_tokens=8)
+    after = scrape()
+    assert again.choices[0].message.content == r.choices[0].message.content, (again, r)
+    for name, want in [("xrayglm_prompt_cache_hits_total", 1), ("xrayglm_prompt_cache_misses_total", 1),
+                       ("xrayglm_image_cache_hits_total", 1), ("xrayglm_image_cache_misses_total", 0)]:
+        assert delta(name) == want, (name, delta(name), want)
+    assert at(after, "xrayglm_prompt_cache_bytes") > 0 and at(after, "xrayglm_image_cache_bytes") > 0
+    assert other.choices[0].message.content, other
+    print("caches: the request again came from the prompt cache with the same reply; the other "
+          "adapter's prompt missed it and found its film in the image cache")
 
     # A full queue: a server that decodes one request and queues one answers the rest 503.
     busy = OpenAI(base_url=case["busy_base_url"], api_key="none", max_retries=0, timeout=120)

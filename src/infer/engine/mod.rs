@@ -27,22 +27,23 @@
 //! token, detokenizing, stop strings, the end of a reply). The key/value caches are the model's
 //! ([`crate::model::chatglm::KvCache`], [`SlotCache`]).
 //!
-//! Where the next serving features go: a prefix cache (reusing the keys of a shared system prompt
-//! and film) is a cache manager beside `kv_cache.rs`, consulted by the scheduler when it admits a
-//! request and by the runner's prefill, which would start after the cached tokens; chunked
-//! prefill is a token budget in the scheduler's plan, with the runner prefilling a slice at a
-//! time.
+//! * Caches ([`cache`]): a film is encoded once while its embeddings stay in the image cache (by
+//!   content), and a prompt asked again — same adapter, ids and films — skips its prefill (its
+//!   keys, values and first logits are kept whole). Both are bounded in bytes (LRU) and exact; why
+//!   ChatGLM-6B's prompts are cached whole rather than by shared prefix is in [`cache`].
 //!
 //! [`ChatGlm::forward_slots`]: crate::model::chatglm::ChatGlm::forward_slots
 //! [`RowAdapters`]: crate::model::chatglm::RowAdapters
 //! [`LayerLoras`]: crate::model::chatglm::LayerLoras
 //! [`SlotCache`]: crate::model::chatglm::SlotCache
 
+mod cache;
 mod output;
 pub mod rollout;
 mod runner;
 mod scheduler;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -52,7 +53,8 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::chat::{ChatModel, ChatSettings, Turn};
-use super::metrics::{Gauges, Metrics};
+use super::metrics::{CacheGauges, Gauges, Metrics};
+use super::structured::{Constraint, LazyGrammars};
 use crate::data::image::ImageProcessor;
 use crate::model::chatglm::LayerLoras;
 use crate::weights::source::AdapterWeights;
@@ -80,6 +82,23 @@ pub struct EngineOptions {
     /// Requests waiting at most; more are refused (503).
     pub max_queue: usize,
     pub adapter_batching: AdapterBatching,
+    /// Bytes of whole prompts' keys, values and first logits kept for prompts asked again (0: off).
+    pub prompt_cache_bytes: usize,
+    /// Bytes of film embeddings kept by content (0: off).
+    pub image_cache_bytes: usize,
+    /// Token budget of one step while rows decode: one token per decoding row, and a prefill's
+    /// tokens through the whole model. A prefill that does not fit runs a few of its layers per
+    /// step (chunked prefill) so that the rows decoding keep their pace. 0: prefills run whole.
+    pub step_tokens: usize,
+}
+
+impl EngineOptions {
+    /// Default of [`EngineOptions::prompt_cache_bytes`], MiB.
+    pub const PROMPT_CACHE_MIB: usize = 1024;
+    /// Default of [`EngineOptions::image_cache_bytes`], MiB.
+    pub const IMAGE_CACHE_MIB: usize = 256;
+    /// Default of [`EngineOptions::step_tokens`].
+    pub const STEP_TOKENS: usize = 1024;
 }
 
 impl Default for EngineOptions {
@@ -88,6 +107,9 @@ impl Default for EngineOptions {
             max_batch: 16,
             max_queue: 64,
             adapter_batching: AdapterBatching::default(),
+            prompt_cache_bytes: Self::PROMPT_CACHE_MIB << 20,
+            image_cache_bytes: Self::IMAGE_CACHE_MIB << 20,
+            step_tokens: Self::STEP_TOKENS,
         }
     }
 }
@@ -112,6 +134,9 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
     /// When the request reached the server (its latencies count from here).
     pub arrived: Instant,
+    /// The grammar the reply is held to (constrained decoding, [`EngineInfo::grammars`]);
+    /// `None`: free text.
+    pub constraint: Option<Constraint>,
 }
 
 /// What a request hears back, in order: `Started`, `Delta`s, then `Done` — or `Failed` at any
@@ -185,8 +210,40 @@ pub struct Stats {
     /// Decoding steps run, and rows decoded in them (their ratio: the mean batch).
     pub steps: AtomicUsize,
     pub step_rows: AtomicUsize,
+    /// Prefill passes run (a prefill split over steps counts each part).
+    pub prefill_chunks: AtomicUsize,
+    /// The prompt and image caches: bytes held, hits and misses.
+    pub prompt_cache: CacheStats,
+    pub image_cache: CacheStats,
     /// Tokens, latencies and answers for `/metrics`.
     pub metrics: Metrics,
+}
+
+/// One cache's numbers.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub bytes: AtomicUsize,
+    pub entries: AtomicUsize,
+    pub hits: AtomicUsize,
+    pub misses: AtomicUsize,
+}
+
+impl CacheStats {
+    fn set<V>(&self, c: &cache::Lru<V>) {
+        self.bytes.store(c.bytes(), Ordering::SeqCst);
+        self.entries.store(c.len(), Ordering::SeqCst);
+        self.hits.store(c.hits as usize, Ordering::SeqCst);
+        self.misses.store(c.misses as usize, Ordering::SeqCst);
+    }
+
+    fn read(&self) -> CacheGauges {
+        let n = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+        CacheGauges {
+            bytes: n(&self.bytes),
+            hits: n(&self.hits),
+            misses: n(&self.misses),
+        }
+    }
 }
 
 /// What the HTTP side needs to know about the models, without the models.
@@ -197,6 +254,8 @@ pub struct EngineInfo {
     pub max_positions: usize,
     pub default_prompt: String,
     pub images: ImageProcessor,
+    /// Structured output's grammars over the model's vocabulary (built on first use).
+    pub grammars: Arc<LazyGrammars>,
 }
 
 /// A handle on the engine thread.
@@ -246,6 +305,10 @@ impl Engine {
             max_positions: chat.max_positions(),
             default_prompt: chat.default_prompt.clone(),
             images: chat.images,
+            grammars: Arc::new(LazyGrammars::new(
+                chat.tokenizer.clone(),
+                chat.model.cfg.sat.vocab_size as usize,
+            )),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(opts.max_queue);
         let drain = Arc::new(Mutex::new(None));
@@ -262,6 +325,9 @@ impl Engine {
             sets,
             _stores: stores,
             groups,
+            prompts: cache::PromptCache::new(opts.prompt_cache_bytes),
+            images: cache::ImageCache::new(opts.image_cache_bytes),
+            pending: VecDeque::new(),
             opts,
             stats: Arc::clone(&stats),
             drain: Arc::clone(&drain),
@@ -311,6 +377,9 @@ impl Engine {
             running: n(&self.stats.active),
             cache_bytes: n(&self.stats.cache_bytes),
             steps: n(&self.stats.steps),
+            prefill_chunks: n(&self.stats.prefill_chunks),
+            prompt_cache: self.stats.prompt_cache.read(),
+            image_cache: self.stats.image_cache.read(),
         }
     }
 
@@ -354,6 +423,11 @@ struct Worker {
     /// The adapters' own stores (their tensors are shared with `sets`).
     _stores: Vec<tch::nn::VarStore>,
     groups: Vec<Group>,
+    /// Whole prompts' prefills and film embeddings, for requests that repeat them.
+    prompts: cache::PromptCache,
+    images: cache::ImageCache,
+    /// Prefills under way, oldest first.
+    pending: VecDeque<scheduler::Pending>,
     opts: EngineOptions,
     stats: Arc<Stats>,
     drain: Arc<Mutex<Option<Instant>>>,
@@ -361,8 +435,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn active(&self) -> usize {
+    /// Rows decoding.
+    fn decoding(&self) -> usize {
         self.groups.iter().map(|g| g.len()).sum()
+    }
+
+    /// Rows decoding or being prefilled.
+    fn active(&self) -> usize {
+        self.decoding() + self.pending.iter().map(|p| p.batch.len()).sum::<usize>()
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -402,16 +482,25 @@ impl Worker {
                             fail(&r.events, 503, "the server is shutting down");
                         }
                     }
+                    for p in self.pending.drain(..) {
+                        for r in p.batch {
+                            fail(&r.row.events, 503, "the server is shutting down");
+                        }
+                    }
                 }
                 if self.active() == 0 {
                     self.update_stats();
                     return;
                 }
             }
-            // 2. Prefill the new requests. More arrived meanwhile and there is room: prefill them
-            //    first (a burst gets its first tokens sooner; the running rows wait one prefill).
+            // 2. Prefill the new requests (those whose prompt is cached join at once): whole when
+            //    nothing is decoding, else within the step's token budget. More arrived meanwhile
+            //    and there is room: prefill them first (a burst gets its first tokens sooner).
             let was_busy = self.active() > 0 || !admitted.is_empty();
             self.admit(admitted);
+            let budget =
+                (self.decoding() > 0 && self.opts.step_tokens > 0).then_some(self.opts.step_tokens);
+            self.advance(budget);
             let waiting = self.stats.queued.load(Ordering::SeqCst);
             if waiting > 0 && self.active() < self.opts.max_batch && !stopping {
                 self.update_stats();
@@ -436,5 +525,7 @@ impl Worker {
         s.active.store(self.active(), Ordering::SeqCst);
         let bytes = self.groups.iter().map(|g| g.cache.bytes()).sum();
         s.cache_bytes.store(bytes, Ordering::SeqCst);
+        s.prompt_cache.set(&self.prompts);
+        s.image_cache.set(&self.images);
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, Finish, Finished, Worker};
 use crate::infer::sampling::Sampler;
+use crate::infer::structured::Constraint;
 use crate::model::positions::Prefix;
 use crate::tokenizer::{ids, process_response};
 
@@ -31,6 +32,8 @@ pub(super) struct Row {
     /// When the request reached the server, and when the row's last token was chosen.
     pub(super) arrived: Instant,
     pub(super) last_token: Option<Instant>,
+    /// The grammar the reply is held to (its text is then sent as decoded).
+    pub(super) constraint: Option<Constraint>,
 }
 
 impl Worker {
@@ -44,10 +47,19 @@ impl Worker {
         for i in first..g.rows.len() {
             let r = &mut g.rows[i];
             let row_logits = logits.narrow(0, (i - first) as i64, 1);
-            let picked = r
-                .sampler
-                .next(&row_logits, &[r.reply.as_slice()])
-                .map(|p| p[0]);
+            let picked = match r.constraint.as_mut() {
+                None => Ok(row_logits),
+                Some(c) => c.mask(&row_logits),
+            }
+            .and_then(|l| r.sampler.next(&l, &[r.reply.as_slice()]))
+            .map(|p| p[0])
+            .and_then(|t| {
+                // The grammar takes every token but the end.
+                if let Some(c) = r.constraint.as_mut().filter(|_| t != ids::EOP) {
+                    c.advance(t)?;
+                }
+                Ok(t)
+            });
             let finish = match picked {
                 Err(e) => {
                     fail(&r.events, 500, format!("{e:#}"));
@@ -64,7 +76,12 @@ impl Worker {
                     }
                     let full = r.prompt_tokens + r.reply.len() >= r.max_length
                         || r.reply.len() >= r.max_new;
-                    r.advance(tok, full)
+                    // A complete grammar allows only the end: the reply is over.
+                    if r.constraint.as_ref().is_some_and(|c| c.is_done()) {
+                        Some(Finish::Stop)
+                    } else {
+                        r.advance(tok, full)
+                    }
                 }
             };
             if let Some(f) = finish {
@@ -85,9 +102,10 @@ impl Row {
     /// The reply text now: the decoded reply, processed as `chat` shows it, without leading
     /// spaces; cut before the first stop string (then `true`).
     fn text(&self, tok: &crate::tokenizer::ChatGlmTokenizer) -> (String, bool) {
+        let raw = self.constraint.is_some();
         let text = tok
             .decode(&self.reply)
-            .map(|t| process_response(&t))
+            .map(|t| if raw { t } else { process_response(&t) })
             .unwrap_or_default();
         let text = text.trim_start().to_string();
         let cut = self.stop.iter().filter_map(|s| text.find(s.as_str())).min();

@@ -2,16 +2,18 @@
 //! (every row its last token at its own position), each row with its model's adapters.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
+use super::cache::{own, tensor_bytes, Digest, ImageCache};
 use super::output::fail;
 use super::scheduler::Ready;
 use super::Worker;
 use crate::infer::chat::ChatModel;
 use crate::infer::generate::image_embeds;
-use crate::model::chatglm::{KvCache, LayerLoras, RowAdapters};
+use crate::model::chatglm::{LayerLoras, PartialPrefill, RowAdapters};
 use crate::model::positions::{self, Prefix};
 
 impl Worker {
@@ -69,33 +71,51 @@ impl Worker {
     }
 }
 
-/// The first pass over a batch of prompts of one length and image placement: their cache and
-/// the logits `[B, vocab]` of each last position.
-pub(super) fn prefill(
+/// The start of the first pass over a batch of prompts of one length and image placement: the
+/// films encoded (or found in the image cache) and the embeddings in place, no layer run yet
+/// ([`crate::model::chatglm::ChatGlm::prefill_layers`] runs them).
+pub(super) fn start_prefill(
     chat: &ChatModel,
     batch: &[Ready],
-    adapters: &RowAdapters,
-) -> Result<(KvCache, Tensor)> {
+    images: &mut ImageCache,
+) -> Result<PartialPrefill> {
     let model = &chat.model;
     let ids: Vec<&[i64]> = batch.iter().map(|r| r.ids.as_slice()).collect();
     let prefixes: Vec<Prefix> = batch.iter().map(|r| r.row.prefix).collect();
-    // Every row's films in row order (the rows share one placement), encoded together.
-    let s = chat.images.size as i64;
-    let px: Vec<Tensor> = batch
+    // Every row's films in row order (the rows share one placement): those not in the image
+    // cache are encoded together and kept.
+    let films: Vec<(&Arc<Vec<f32>>, &Digest)> = batch
         .iter()
-        .flat_map(|r| &r.job.images)
-        .map(|p| Tensor::from_slice(p.as_slice()).view([1, 3, s, s]))
+        .flat_map(|r| r.job.images.iter().zip(&r.films))
         .collect();
-    let embeds = (!px.is_empty()).then(|| {
+    let mut embeds: Vec<Option<Tensor>> = films
+        .iter()
+        .map(|(_, d)| images.get(d).map(|e| e.shallow_clone()))
+        .collect();
+    let missing: Vec<usize> = (0..films.len()).filter(|&i| embeds[i].is_none()).collect();
+    if !missing.is_empty() {
+        let s = chat.images.size as i64;
+        let px: Vec<Tensor> = missing
+            .iter()
+            .map(|&i| Tensor::from_slice(films[i].0.as_slice()).view([1, 3, s, s]))
+            .collect();
         let px = Tensor::cat(&px, 0).to_kind(Kind::Float);
-        tch::no_grad(|| image_embeds(model, &px))
-    });
+        let encoded = tch::no_grad(|| image_embeds(model, &px));
+        for (j, &i) in missing.iter().enumerate() {
+            let e = encoded.narrow(0, j as i64, 1);
+            if images.enabled() {
+                let kept = own(&e);
+                images.insert(*films[i].1, kept.shallow_clone(), tensor_bytes(&kept));
+            }
+            embeds[i] = Some(e);
+        }
+    }
+    let embeds: Vec<Tensor> = embeds.into_iter().flatten().collect();
+    let embeds = (!embeds.is_empty()).then(|| Tensor::cat(&embeds, 0));
     let starts = &batch[0].image_starts;
-    let (cache, logits) =
-        model
-            .chatglm
-            .prefill(&ids, &prefixes, embeds.as_ref(), starts, Some(adapters));
-    Ok((cache, logits))
+    Ok(model
+        .chatglm
+        .prefill_start(&ids, &prefixes, embeds.as_ref(), starts))
 }
 
 /// Return the heap's free pages to the operating system (glibc keeps freed memory for reuse; a

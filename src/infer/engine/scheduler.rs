@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 
+use super::cache::{film_digest, prompt_digest, Digest, PromptEntry};
 use super::output::{fail, Row};
-use super::runner::{guarded, prefill, row_adapters};
+use super::runner::{guarded, row_adapters, start_prefill};
 use super::{AdapterBatching, Event, Job, Worker};
 use crate::infer::sampling::{Sampler, ENGLISH_INVALID};
-use crate::model::chatglm::{KvCache, SlotCache};
+use crate::model::chatglm::{KvCache, PartialPrefill, SlotCache};
 use crate::model::positions::Prefix;
 use crate::tokenizer::ids;
 
@@ -64,13 +65,17 @@ pub(super) struct Ready {
     pub(super) job: Job,
     pub(super) ids: Vec<i64>,
     pub(super) image_starts: Vec<i64>,
+    /// Each film's content digest, and the whole prompt's (the caches' keys).
+    pub(super) films: Vec<Digest>,
+    pub(super) key: Digest,
     pub(super) row: Row,
 }
 
 impl Worker {
     /// Read and check a request: its prompt ids, limits and sampler. A bad one hears 400 and is
     /// dropped.
-    pub(super) fn ready(&self, job: Job) -> Option<Ready> {
+    pub(super) fn ready(&self, mut job: Job) -> Option<Ready> {
+        let constraint = job.constraint.take();
         let c = &self.chat;
         let s = &job.settings;
         let checked = (|| -> Result<(Vec<i64>, Vec<i64>, Row)> {
@@ -104,16 +109,23 @@ impl Worker {
                 stop: job.stop.iter().filter(|x| !x.is_empty()).cloned().collect(),
                 arrived: job.arrived,
                 last_token: None,
+                constraint,
             };
             Ok((ids, image_starts, row))
         })();
         match checked {
-            Ok((ids, image_starts, row)) => Some(Ready {
-                job,
-                ids,
-                image_starts,
-                row,
-            }),
+            Ok((ids, image_starts, row)) => {
+                let films: Vec<Digest> = job.images.iter().map(|p| film_digest(p)).collect();
+                let key = prompt_digest(job.model, &ids, &image_starts, &films);
+                Some(Ready {
+                    job,
+                    ids,
+                    image_starts,
+                    films,
+                    key,
+                    row,
+                })
+            }
             Err(e) => {
                 fail(&job.events, 400, format!("{e:#}"));
                 self.stats.finished.fetch_add(1, Ordering::SeqCst);
@@ -131,13 +143,31 @@ impl Worker {
     }
 
     /// Prefill the admitted requests — those sharing a prompt length and image placement as one
-    /// batch (and, one batch per adapter, a model) — and let each row choose its first token.
+    /// batch (and, one batch per adapter, a model) — and let each row choose its first token. A
+    /// prompt in the prompt cache is not prefilled: its row joins from the cache.
     pub(super) fn admit(&mut self, jobs: Vec<Job>) {
-        let mut ready: Vec<Ready> = jobs
+        let checked: Vec<Ready> = jobs
             .into_iter()
             .filter(|j| !j.events.is_closed())
             .filter_map(|j| self.ready(j))
             .collect();
+        let mut ready = Vec::with_capacity(checked.len());
+        for r in checked {
+            let gi = self.group_of(r.job.model);
+            match self.prompts.get(&r.key) {
+                Some(hit) => {
+                    let logits = hit.logits.shallow_clone();
+                    let g = &mut self.groups[gi];
+                    let _ = r.row.events.send(Event::Started {
+                        prompt_tokens: r.row.prompt_tokens,
+                    });
+                    g.join(&hit.kv, 0, r.row);
+                    let first = g.len() - 1;
+                    self.choose(gi, &logits, first);
+                }
+                None => ready.push(r),
+            }
+        }
         while !ready.is_empty() {
             let key = |r: &Ready| {
                 let g = self.group_of(r.job.model);
@@ -147,31 +177,133 @@ impl Worker {
             let (batch, rest): (Vec<Ready>, Vec<Ready>) =
                 ready.into_iter().partition(|r| key(r) == k);
             ready = rest;
-            let models: Vec<usize> = batch.iter().map(|r| r.job.model).collect();
-            let dev = self.chat.model.device();
-            let adapters = row_adapters(&self.sets, &models, dev);
-            let prefilled = guarded(|| prefill(&self.chat, &batch, &adapters));
+            match guarded(|| start_prefill(&self.chat, &batch, &mut self.images)) {
+                Err(e) => self.fail_batch(batch, &e),
+                Ok(state) => self.pending.push_back(Pending {
+                    batch,
+                    group: k.0,
+                    state,
+                }),
+            }
+        }
+    }
+
+    /// Run the prefills under way, oldest first. With `budget` (rows are decoding: the step's
+    /// token budget), each runs as many of its layers as the budget left after the decoding rows
+    /// pays for — one layer at least for the first — and the rest wait for the next step; without
+    /// one (nothing is decoding, so nothing waits on them), each runs to its end. A prefill that
+    /// ends joins its rows to their group and they choose their first tokens.
+    pub(super) fn advance(&mut self, budget: Option<usize>) {
+        let layers = self.chat.model.chatglm.layers.len();
+        let mut left = budget.map(|b| b.saturating_sub(self.decoding()));
+        let mut first = true;
+        while let Some(p) = self.pending.front_mut() {
+            let (b, s) = p.state.shape();
+            let run = match left {
+                None => layers,
+                Some(l) => layers_within(l, (b * s) as usize, layers, first),
+            };
+            if run == 0 {
+                break;
+            }
+            first = false;
+            let models: Vec<usize> = p.batch.iter().map(|r| r.job.model).collect();
+            let adapters = row_adapters(&self.sets, &models, self.chat.model.device());
+            let glm = &self.chat.model.chatglm;
+            let state = &mut p.state;
+            let out = guarded(|| Ok(glm.prefill_layers(state, run, Some(&adapters))));
             drop(adapters);
-            match prefilled {
-                Err(e) => {
-                    for r in batch {
-                        fail(&r.row.events, 500, format!("{e:#}"));
-                        self.stats.finished.fetch_add(1, Ordering::SeqCst);
-                    }
+            self.stats.prefill_chunks.fetch_add(1, Ordering::SeqCst);
+            if let Some(l) = left.as_mut() {
+                *l = l.saturating_sub(chunk_cost(run, (b * s) as usize, layers));
+            }
+            match out {
+                Ok(None) => break,
+                Ok(Some(logits)) => {
+                    let p = self.pending.pop_front().expect("the prefill just run");
+                    self.finish_prefill(p, &logits);
                 }
-                Ok((cache, logits)) => {
-                    let gi = k.0;
-                    let g = &mut self.groups[gi];
-                    let first = g.len();
-                    for (i, r) in batch.into_iter().enumerate() {
-                        let _ = r.row.events.send(Event::Started {
-                            prompt_tokens: r.row.prompt_tokens,
-                        });
-                        g.join(&cache, i as i64, r.row);
-                    }
-                    self.choose(gi, &logits, first);
+                Err(e) => {
+                    let p = self.pending.pop_front().expect("the prefill just run");
+                    self.fail_batch(p.batch, &e);
                 }
             }
         }
+    }
+
+    /// A prefill has run its last layer: keep each prompt in the prompt cache, join the rows to
+    /// their group and let them choose their first tokens.
+    fn finish_prefill(&mut self, p: Pending, logits: &tch::Tensor) {
+        let cache = &p.state.cache;
+        if self.prompts.enabled() {
+            for (i, r) in p.batch.iter().enumerate() {
+                let (entry, bytes) = PromptEntry::of_row(cache, logits, i as i64);
+                self.prompts.insert(r.key, entry, bytes);
+            }
+        }
+        let g = &mut self.groups[p.group];
+        let first = g.len();
+        for (i, r) in p.batch.into_iter().enumerate() {
+            let _ = r.row.events.send(Event::Started {
+                prompt_tokens: r.row.prompt_tokens,
+            });
+            g.join(cache, i as i64, r.row);
+        }
+        self.choose(p.group, logits, first);
+    }
+
+    /// The requests of a batch whose prefill failed hear why.
+    fn fail_batch(&self, batch: Vec<Ready>, e: &anyhow::Error) {
+        for r in batch {
+            fail(&r.row.events, 500, format!("{e:#}"));
+            self.stats.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A batch of prompts being prefilled, a few layers per step.
+pub(super) struct Pending {
+    pub(super) batch: Vec<Ready>,
+    /// The group its rows join.
+    group: usize,
+    state: PartialPrefill,
+}
+
+/// What running `layers` of `layers_total` layers over `tokens` prompt tokens costs, in tokens
+/// through the whole model (the unit of the step's budget).
+fn chunk_cost(layers: usize, tokens: usize, layers_total: usize) -> usize {
+    (layers * tokens).div_ceil(layers_total.max(1))
+}
+
+/// How many layers of a prefill over `tokens` prompt tokens fit in `budget` (tokens through the
+/// whole model); the step's first prefill runs one layer at least, so every prefill ends.
+fn layers_within(budget: usize, tokens: usize, layers_total: usize, first: bool) -> usize {
+    let per_layer = tokens.div_ceil(layers_total.max(1)).max(1);
+    let fit = (budget / per_layer).min(layers_total);
+    if first {
+        fit.max(1)
+    } else {
+        fit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_buys_whole_layers() {
+        // 4 layers over 800 tokens: 200 tokens a layer.
+        assert_eq!(layers_within(1000, 800, 4, true), 4);
+        assert_eq!(layers_within(450, 800, 4, true), 2);
+        assert_eq!(layers_within(450, 800, 4, false), 2);
+        // Too small for a layer: the first prefill of a step still runs one, a later one none.
+        assert_eq!(layers_within(100, 800, 4, true), 1);
+        assert_eq!(layers_within(100, 800, 4, false), 0);
+        assert_eq!(layers_within(0, 800, 4, true), 1);
+        assert_eq!(chunk_cost(2, 800, 4), 400);
+        assert_eq!(chunk_cost(1, 10, 4), 3);
+        // A prompt that fits runs whole, a tiny one too.
+        assert_eq!(layers_within(1024, 1, 28, true), 28);
     }
 }
