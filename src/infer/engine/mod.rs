@@ -31,6 +31,11 @@
 //!   content), and a prompt asked again — same adapter, ids and films — skips its prefill (its
 //!   keys, values and first logits are kept whole). Both are bounded in bytes (LRU) and exact; why
 //!   ChatGLM-6B's prompts are cached whole rather than by shared prefix is in [`cache`].
+//! * Chunked prefill: while rows decode, a step has a token budget ([`EngineOptions::step_tokens`]);
+//!   a prefill beyond it runs a few of its layers per step between decoding steps — split by
+//!   layers, which is exact for GLM's bidirectional context where a split by tokens is not.
+//! * Structured output: a row may carry a grammar ([`Constraint`]) that masks its logits before
+//!   each choice and ends its reply when complete.
 //!
 //! [`ChatGlm::forward_slots`]: crate::model::chatglm::ChatGlm::forward_slots
 //! [`RowAdapters`]: crate::model::chatglm::RowAdapters
