@@ -353,20 +353,9 @@ fn web_endpoints_check_input_and_keep_conversations_apart() {
 #[test]
 fn the_page_works_in_headless_chromium() {
     let Some(d) = demo() else { return };
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let pw = std::env::var("PLAYWRIGHT_CORE")
-        .unwrap_or_else(|_| "/opt/xrayglm/node/package.json".into());
-    let pw_ok = Path::new(&pw)
-        .parent()
-        .is_some_and(|p| p.join("node_modules/playwright-core").is_dir());
-    if !Path::new(&chromium).exists() || !pw_ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs chromium and playwright-core (scripts/setup.sh installs them)"
-        );
-        eprintln!("skipping: no chromium / playwright-core here (scripts/setup.sh installs them)");
+    let Some(browser) = common::browser() else {
         return;
-    }
+    };
     let Some(shared) = common::shared() else {
         return;
     };
@@ -377,26 +366,17 @@ fn the_page_works_in_headless_chromium() {
         .min()
         .expect("an X-ray png in ../shared/data/Xray");
     let srv = serve(d);
-    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let shot = out_dir.join("web_demo.png");
+    let shot = common::test_output().join("web_demo.png");
     let _ = std::fs::remove_file(&shot);
-    let out = Command::new("node")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/web_demo.mjs"))
-        .arg(format!("http://{}/", srv.addr))
-        .arg(&image)
-        .arg(&shot)
-        .env("CHROMIUM", &chromium)
-        .env("PLAYWRIGHT_CORE", &pw)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::browser_script(
+        &browser,
+        "web_demo.mjs",
+        &[
+            format!("http://{}/", srv.addr).as_ref(),
+            image.as_os_str(),
+            shot.as_os_str(),
+        ],
     );
-    let v = json(text.lines().last().unwrap());
     assert_eq!(v["state"], "done", "{v}");
     assert!(!v["answer"].as_str().unwrap().is_empty(), "{v}");
     assert!(
@@ -540,6 +520,27 @@ fn eval_scores_the_held_out_films_of_a_run() {
     assert!(r["metrics"]["bleu_4"].as_f64().unwrap() > 0.5, "{r}");
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| demo/600 | "), "{md}");
+    // The page: every held-out study with its film, chips equal to the lines' findings.
+    let html = dir.join("report.html");
+    let size = std::fs::metadata(&html).unwrap().len();
+    if let Some(browser) = common::browser() {
+        let shot = common::test_output().join("eval_page_demo.png");
+        let url = format!("file://{}", html.canonicalize().unwrap().display());
+        let v = common::browser_script(
+            &browser,
+            "eval_page.mjs",
+            &[url.as_ref(), shot.as_os_str(), "CM".as_ref()],
+        );
+        let errors = common::check_eval_page(&v, &[("demo/600", jsonl.clone())]);
+        eprintln!(
+            "report.html: {size} bytes for {n} films; {} studies with a CE error; {}",
+            errors.len(),
+            shot.display()
+        );
+        assert_eq!(v["images_loaded"].as_u64(), Some(n as u64), "{v}");
+        // The trained demo states the findings of ≥ 90 % of its films: few errors.
+        assert!(errors.len() * 10 <= n, "{errors:?}");
+    }
     // TensorBoard scalars at the checkpoint's step.
     let events: Vec<_> = std::fs::read_dir(tb.join("demo"))
         .unwrap()
@@ -878,6 +879,12 @@ fn image_ablation_tells_a_model_that_reads_its_films_from_one_that_does_not() {
         assert!(a["changed"].as_f64().unwrap() > 0.3, "{a}");
     }
     assert!(md.contains("the reports depend on the image"), "{md}");
+    let page = std::fs::read_to_string(out.path().join("trained/report.html")).unwrap();
+    assert!(
+        page.contains("Does the model look at the film?")
+            && page.contains("the reports depend on the image"),
+        "the page's ablation table"
+    );
 
     // The same recipe on black films, 200 steps (trained beside the demo).
     let (r, md) = eval(&d.blind_run, "blind");

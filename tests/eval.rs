@@ -393,3 +393,234 @@ fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
         serde_json::from_slice(&std::fs::read(both.join("report.json")).unwrap()).unwrap();
     assert!(report.to_string().contains("\"count\":3"), "{report}");
 }
+
+/// `eval --hypotheses` writes report.html: two models' reports of nine studies (three with
+/// films named by their lines), read in headless Chromium. The page makes no request beyond its
+/// own file, shows every study and film, its chips are the per-report lines' findings (right:
+/// both present; missed: reference only; invented: report only), "only errors" leaves exactly the
+/// studies with a CE error, the observation and disagreement filters and the sorting do what they
+/// say, j/k move between studies, and the chart has one bar group per observation. Copied and
+/// linked films, a missing film (an error naming it; nothing written) and the agreement page of
+/// `findings --against --page` are checked without the browser.
+#[test]
+fn eval_page_shows_studies_findings_and_filters_in_headless_chromium() {
+    use std::collections::BTreeSet;
+    let dir = tempfile::tempdir().unwrap();
+    let films = dir.path().join("films");
+    std::fs::create_dir_all(&films).unwrap();
+    for (i, cm) in [true, false, false, true].iter().enumerate() {
+        std::fs::write(
+            films.join(format!("f{i}.png")),
+            common::film_png(*cm, i as i64),
+        )
+        .unwrap();
+    }
+    // (id, reference, model A, model B).
+    let studies = [
+        (
+            "s1",
+            "心影增大。左侧胸腔积液。",
+            "心影增大。左侧胸腔积液。",
+            "心影增大。左侧胸腔积液。",
+        ),
+        (
+            "s2",
+            "心脏大小正常。双肺清晰。",
+            "心脏大小正常。双肺清晰。",
+            "心脏大小正常。双肺清晰。",
+        ),
+        ("s3", "右侧气胸。", "双肺清晰。", "右侧气胸。"),
+        ("s4", "心影增大。", "心影增大。右侧气胸。", "心影增大。"),
+        (
+            "s5",
+            "双肺清晰，心脏大小正常。",
+            "双肺清晰，心脏大小正常。",
+            "双肺清晰，心脏大小正常。",
+        ),
+        ("s6", "左侧胸腔积液。", "左侧胸腔积液。", "心影增大。"),
+        ("s7", "心影增大。", "双肺清晰。", "双肺清晰。"),
+        ("s8", "右侧气胸。", "心影增大。", "左侧胸腔积液。"),
+        // Only a miss: no finding invented in its place.
+        (
+            "s9",
+            "心影增大。左侧胸腔积液。",
+            "心影增大。",
+            "心影增大。左侧胸腔积液。",
+        ),
+    ];
+    let images = |id: &str| match id {
+        "s1" => serde_json::json!("films/f0.png"),
+        "s2" => serde_json::json!(["films/f1.png", "films/f2.png"]),
+        "s3" => serde_json::json!(["films/f3.png"]),
+        _ => serde_json::Value::Null,
+    };
+    let write = |name: &str, model_b: bool| {
+        let f = dir.path().join(format!("{name}.jsonl"));
+        let lines: Vec<String> = studies
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::json!({"id": s.0, "reference": s.1, "hypothesis": if model_b { s.3 } else { s.2 }});
+                if !images(s.0).is_null() {
+                    // One film as "image", several as "images".
+                    let key = if s.0 == "s1" { "image" } else { "images" };
+                    v[key] = images(s.0);
+                }
+                v.to_string()
+            })
+            .collect();
+        std::fs::write(&f, lines.join("\n") + "\n").unwrap();
+        f
+    };
+    let (a, b) = (write("a", false), write("b", true));
+    let eval = |out: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+            .arg("eval")
+            .arg("--hypotheses")
+            .args([&a, &b])
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("report");
+    let o = eval(&out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = out.join("report.html");
+    let size = std::fs::metadata(&html).unwrap().len();
+    // The lines echo the films they were given.
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("a.scores.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["images"], serde_json::json!(["films/f0.png"]));
+
+    let Some(browser) = common::browser() else {
+        return;
+    };
+    let shot = common::test_output().join("eval_page_hypotheses.png");
+    let url = format!("file://{}", html.canonicalize().unwrap().display());
+    let v = common::browser_script(
+        &browser,
+        "eval_page.mjs",
+        &[url.as_ref(), shot.as_os_str(), "CM".as_ref()],
+    );
+    eprintln!("page: {size} bytes; {}", v["shown_text"]);
+    let errors = common::check_eval_page(
+        &v,
+        &[
+            ("a", out.join("a.scores.jsonl")),
+            ("b", out.join("b.scores.jsonl")),
+        ],
+    );
+    assert_eq!(errors, ["s3", "s4", "s6", "s7", "s8", "s9"]);
+    assert_eq!(
+        (v["images"].as_u64(), v["images_loaded"].as_u64()),
+        (Some(4), Some(4))
+    );
+    let ids = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect()
+    };
+    let set = |x: &serde_json::Value| -> BTreeSet<String> { ids(x).into_iter().collect() };
+    // A known study: s4's model A states cardiomegaly rightly and invents a right pneumothorax,
+    // with the phrase on hover.
+    let s4 = &v["chips"]["s4"]["models"][0];
+    assert_eq!(
+        (set(&s4["right"]), set(&s4["invented"])),
+        (["CM".to_string()].into(), ["PX".to_string()].into())
+    );
+    assert!(
+        s4["titles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t.as_str().unwrap().contains("气胸")),
+        "{s4}"
+    );
+    // The observation, its errors and the disagreement filters.
+    assert_eq!(ids(&v["observation"]), ["s1", "s4", "s6", "s7", "s8", "s9"]);
+    assert_eq!(ids(&v["observation_errors"]), ["s6", "s7", "s8"]);
+    assert_eq!(ids(&v["disagreements"]), ["s3", "s4", "s6", "s8", "s9"]);
+    // Worst CE first (ties in the evaluation's order), and back.
+    let worst: Vec<(String, f64)> = v["worst_first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x[0].as_str().unwrap().to_string(), x[1].as_f64().unwrap()))
+        .collect();
+    assert!(worst.windows(2).all(|w| w[0].1 <= w[1].1), "{worst:?}");
+    assert_eq!(worst[0].0, "s3");
+    assert_eq!(worst.last().unwrap().1, 1.0);
+    assert_eq!(ids(&v["restored"]), ids(&v["all"]));
+    assert_eq!(
+        (v["after_jj"].as_str(), v["after_jjk"].as_str()),
+        (Some("s2"), Some("s1"))
+    );
+    // Three bars per model in each observation's group.
+    assert_eq!(v["chart_bars"], 14 * 2 * 3);
+    assert!(v["best_cells"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "screenshot"
+    );
+
+    // Films copied beside the page, or linked where they are.
+    let copy = dir.path().join("copy");
+    assert!(eval(&copy, &["--page_images", "copy"]).status.success());
+    let n = std::fs::read_dir(copy.join("films")).unwrap().count();
+    let page = std::fs::read_to_string(copy.join("report.html")).unwrap();
+    assert_eq!(n, 4);
+    assert!(
+        page.contains("src=\"films/0-f0.png\"") && !page.contains("data:image"),
+        "copy"
+    );
+    let link = dir.path().join("link");
+    assert!(eval(&link, &["--page-images", "link"]).status.success());
+    let page = std::fs::read_to_string(link.join("report.html")).unwrap();
+    assert!(
+        page.contains("src=\"../films/f3.png\"") && !link.join("films").exists(),
+        "link"
+    );
+    // A film that is not there: an error naming it, and nothing written.
+    std::fs::remove_file(films.join("f3.png")).unwrap();
+    let never = dir.path().join("never");
+    let o = eval(&never, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("f3.png"), "{err}");
+    assert!(!never.join("report.json").exists() && !never.join("report.html").exists());
+
+    // The agreement page of two labellings: the reports they read differently.
+    let agreement = dir.path().join("agree/a-vs-b.html");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_xrayglm"))
+        .arg("findings")
+        .arg(&a)
+        .arg("--against")
+        .arg(&b)
+        .arg("--page")
+        .arg(&agreement)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let page = std::fs::read_to_string(&agreement).unwrap();
+    let differ = ["s3", "s4", "s6", "s8", "s9"];
+    for s in &studies {
+        assert_eq!(
+            page.contains(&format!("data-id=\"{}\"", s.0)),
+            differ.contains(&s.0),
+            "{}",
+            s.0
+        );
+    }
+    assert!(
+        page.contains("Pneumothorax - → +") || page.contains("Pneumothorax . → +"),
+        "{page}"
+    );
+}

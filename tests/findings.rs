@@ -427,6 +427,7 @@ fn one_report_for_every_film_scores_high_bleu_and_floor_ce() {
                 references: Vec::new(),
                 hypothesis: hyp(r),
                 lang: Lang::Zh,
+                images: Vec::new(),
             })
             .collect()
     };

@@ -88,10 +88,21 @@ pub struct EvalArgs {
     /// 8: int8 ChatGLM layer weights, 4: NF4 (to measure the quality cost of `--quant 8` / `4`).
     #[arg(long, value_parser = super::parse_quant)]
     pub quant: Option<u8>,
-    /// Folder for report.json, report.md and one `<name>.jsonl` of generated reports per
-    /// checkpoint (each written atomically). With --checkpoint the default is `eval`.
+    /// Folder for report.json, report.md, report.html (a page to look at) and one `<name>.jsonl`
+    /// of generated reports per checkpoint (each written atomically). With --checkpoint the
+    /// default is `eval`.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// How report.html shows the films: small thumbnails inside the page linking to the full
+    /// files (embed), the files copied into `films/` beside it (copy), or shown from where they
+    /// are (link).
+    #[arg(
+        long = "page_images",
+        alias = "page-images",
+        value_enum,
+        default_value_t
+    )]
+    pub page_images: xrayglm::eval::page::PageImages,
     /// Also write the metrics as TensorBoard scalars (`eval/...`) at each checkpoint's step,
     /// one folder per training run under this one.
     #[arg(long)]
@@ -138,6 +149,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         inputs.check("--tensorboard", tb)?;
     }
     let mut report = xrayglm::eval::report::EvalReport::new(uncertain_as);
+    report.page_images(a.page_images);
     // Hypotheses files: scored as they are.
     for path in &a.hypotheses {
         let read = xrayglm::eval::ReadOptions {
@@ -149,7 +161,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
-        report.add_hypotheses(&name, &items)?;
+        report.describe(format!("{name}: reports of {}", path.display()));
+        let base = path.parent().unwrap_or(std::path::Path::new(""));
+        report.add_hypotheses(&name, &items, base)?;
     }
     // Checkpoints: every folder must exist before anything runs.
     for d in &a.checkpoints {
@@ -168,6 +182,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(first) = a.checkpoints.first() {
         let data = ck::resolve_data(first, &data_options(&a))?;
         xrayglm::errln!("evaluating on {}", data.split);
+        report.describe(format!("Evaluated on the {}.", data.split));
+        report.add_films(&data.records);
         let opts = xrayglm::weights::source::LoadOptions::on(
             a.device,
             a.dtype,

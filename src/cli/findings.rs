@@ -39,6 +39,10 @@ pub struct FindingsArgs {
     /// A rule file for the second file.
     #[arg(long = "against_rules", alias = "against-rules")]
     pub against_rules: Option<PathBuf>,
+    /// With --against: write a page (HTML, self-contained) of the reports the two labellings
+    /// read differently, with both texts and the observations they differ on.
+    #[arg(long, requires = "against")]
+    pub page: Option<PathBuf>,
     /// With a hypotheses file: count uncertain findings as positive (default: as negative).
     #[arg(long = "uncertain_positive", alias = "uncertain-positive")]
     pub uncertain_positive: bool,
@@ -52,6 +56,15 @@ pub fn findings(a: FindingsArgs) -> Result<()> {
             .flag("--against", a.against.as_deref())
             .flag("--against_rules", a.against_rules.as_deref())
             .check("--out", out)?;
+    }
+    if let Some(page) = &a.page {
+        xrayglm::io::Inputs::new()
+            .flag("FILE", Some(&a.file))
+            .flag("--rules", a.rules.as_deref())
+            .flag("--against", a.against.as_deref())
+            .flag("--against_rules", a.against_rules.as_deref())
+            .flag("--out", a.out.as_deref())
+            .check("--page", page)?;
     }
     let l = files::Labelled::file(&a.file, a.distinct, a.lang, a.rules.as_deref())?;
     let mut summary = serde_json::json!({
@@ -73,8 +86,26 @@ pub fn findings(a: FindingsArgs) -> Result<()> {
         summary["ce"] = serde_json::to_value(&report)?;
     }
     if let Some(other) = &a.against {
-        let (lang, agreement) = l.agreement(other, a.against_lang, a.against_rules.as_deref())?;
+        let theirs = l.paired(other, a.against_lang, a.against_rules.as_deref())?;
+        let (lang, agreement) = (theirs.lang, l.agreement(&theirs));
         table.push_str(&files::agreement_markdown(&agreement, l.lang, lang));
+        if let Some(page) = &a.page {
+            let name = |p: &std::path::Path, lang: Lang| {
+                let stem = p.file_stem().unwrap_or_default().to_string_lossy();
+                format!("{stem} ({})", lang.code())
+            };
+            let (na, nb) = (name(&a.file, l.lang), name(other, lang));
+            let p = xrayglm::eval::page::agreement_page((&na, &l), (&nb, &theirs), &agreement);
+            let dir = page.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.unwrap_or(std::path::Path::new("."));
+            let file = page.file_name().unwrap_or_default().to_string_lossy();
+            p.write(dir, &file, xrayglm::eval::page::PageImages::Embed)?;
+            xrayglm::errln!(
+                "wrote {} ({} reports read differently)",
+                page.display(),
+                p.studies.len()
+            );
+        }
         summary["against"] = serde_json::json!({
             "file": other.display().to_string(),
             "lang": lang,

@@ -322,6 +322,7 @@ pub fn evaluate(chat: &ChatModel, dir: &Path, data: &EvalData, o: &RunOptions) -
                     references: Vec::new(),
                     hypothesis: h.with_context(|| format!("no report generated for {}", r.id))?,
                     lang: data.lang,
+                    images: Vec::new(),
                 })
             })
             .collect()

@@ -32,6 +32,14 @@ impl Lang {
             _ => Lang::Zh,
         }
     }
+
+    /// `zh` or `en`, as files and flags write it.
+    pub fn code(self) -> &'static str {
+        match self {
+            Lang::Zh => "zh",
+            Lang::En => "en",
+        }
+    }
 }
 
 /// Split a report into metric tokens (see the module documentation).

@@ -1,11 +1,13 @@
 //! Evaluation of generated reports: n-gram metrics (see [`metrics`]) and clinical-efficacy metrics
 //! (see [`findings`]) over `{"id", "reference" | "references", "hypothesis"[, "lang"]}` JSONL
 //! files, as `xrayglm eval --hypotheses FILE.jsonl` prints them, and of checkpoints
-//! ([`checkpoint`]); [`report`] assembles `report.json`, `report.md` and the per-report lines.
+//! ([`checkpoint`]); [`report`] assembles `report.json`, `report.md` and the per-report lines, and
+//! [`page`] the `report.html` a person reads.
 
 pub mod checkpoint;
 pub mod findings;
 pub mod metrics;
+pub mod page;
 pub mod report;
 pub mod reward;
 
@@ -29,6 +31,15 @@ pub struct Scored {
     pub hypothesis: String,
     #[serde(default)]
     pub lang: Lang,
+    /// The study's films (`"image": path` or `"images": [..]`, relative to the file), shown on
+    /// the evaluation page.
+    #[serde(
+        default,
+        alias = "image",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub images: Vec<String>,
 }
 
 impl Scored {
@@ -41,6 +52,22 @@ impl Scored {
         v.extend(self.references.iter().map(String::as_str));
         v
     }
+}
+
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Ids may be written as strings or numbers.
@@ -273,10 +300,32 @@ pub fn score_with(
     })
 }
 
-/// One report's own scores, as the per-report lines carry them: sentence BLEU-4 and ROUGE-L
-/// (pycocoevalcap's scorers on this pair alone) and the findings of hypothesis and reference, so
-/// that a user can sort and read the worst reports.
-pub fn sample_lines(items: &[Scored], labelers: &Labelers) -> Vec<serde_json::Value> {
+/// One report with its own scores, as the per-report lines and the page carry them: sentence
+/// BLEU-4 and ROUGE-L (pycocoevalcap's scorers on this pair alone) and the findings of hypothesis
+/// and reference, so that a user can sort and read the worst reports.
+#[derive(Debug, Clone)]
+pub struct ScoredLine {
+    pub item: Scored,
+    pub bleu_4: f64,
+    pub rouge_l: f64,
+    pub hypothesis: findings::Labels,
+    pub reference: findings::Labels,
+}
+
+impl ScoredLine {
+    /// The JSONL line: the item's fields, its scores and both sides' findings.
+    pub fn json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.item).unwrap_or_default();
+        v["bleu_4"] = serde_json::json!(self.bleu_4);
+        v["rouge_l"] = serde_json::json!(self.rouge_l);
+        v["hypothesis_findings"] = self.hypothesis.to_json();
+        v["reference_findings"] = self.reference.to_json();
+        v
+    }
+}
+
+/// Each report's own scores and findings.
+pub fn scored_lines(items: &[Scored], labelers: &Labelers) -> Vec<ScoredLine> {
     items
         .iter()
         .map(|s| {
@@ -287,13 +336,22 @@ pub fn sample_lines(items: &[Scored], labelers: &Labelers) -> Vec<serde_json::Va
                 .map(|x| tokenize(x, s.lang))
                 .collect::<Vec<_>>()];
             let (hl, rl) = labelers.label(s);
-            let mut v = serde_json::to_value(s).unwrap_or_default();
-            v["bleu_4"] = serde_json::json!(bleu(&h, &r)[3]);
-            v["rouge_l"] = serde_json::json!(rouge_l(&h, &r));
-            v["hypothesis_findings"] = hl.to_json();
-            v["reference_findings"] = rl.to_json();
-            v
+            ScoredLine {
+                item: s.clone(),
+                bleu_4: bleu(&h, &r)[3],
+                rouge_l: rouge_l(&h, &r),
+                hypothesis: hl,
+                reference: rl,
+            }
         })
+        .collect()
+}
+
+/// The per-report JSONL lines of [`scored_lines`].
+pub fn sample_lines(items: &[Scored], labelers: &Labelers) -> Vec<serde_json::Value> {
+    scored_lines(items, labelers)
+        .iter()
+        .map(ScoredLine::json)
         .collect()
 }
 

@@ -127,6 +127,7 @@ impl GenEval {
                 references: Vec::new(),
                 hypothesis: h,
                 lang: self.lang,
+                images: Vec::new(),
             })
             .collect();
         crate::eval::score_with(&items, Default::default(), &self.labelers)

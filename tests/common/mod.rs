@@ -325,3 +325,167 @@ pub fn lora_grads(
         vars.into_iter().map(|(_, v)| v.grad().copy()).collect(),
     )
 }
+
+/// Headless Chromium and playwright-core (scripts/setup.sh installs both): `(chromium binary,
+/// playwright-core's package.json)`. Missing, the test fails under CI and is reported as skipped
+/// elsewhere.
+pub fn browser() -> Option<(String, String)> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let pw = std::env::var("PLAYWRIGHT_CORE")
+        .unwrap_or_else(|_| "/opt/xrayglm/node/package.json".into());
+    let pw_ok = Path::new(&pw)
+        .parent()
+        .is_some_and(|p| p.join("node_modules/playwright-core").is_dir());
+    if !Path::new(&chromium).exists() || !pw_ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs chromium and playwright-core (scripts/setup.sh installs them)"
+        );
+        eprintln!("skipping: no chromium / playwright-core here (scripts/setup.sh installs them)");
+        return None;
+    }
+    Some((chromium, pw))
+}
+
+/// Run a browser script of tests/browser with Chromium; its last stdout line as JSON.
+pub fn browser_script(
+    (chromium, pw): &(String, String),
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> serde_json::Value {
+    let out = std::process::Command::new("node")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/browser")
+                .join(script),
+        )
+        .args(args)
+        .env("CHROMIUM", chromium)
+        .env("PLAYWRIGHT_CORE", pw)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.lines().last().unwrap_or("")).unwrap()
+}
+
+/// The folder for screenshots and other artifacts a person looks at after the tests.
+pub fn test_output() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The positive observations (codes) of a per-report line's findings object.
+fn positive_codes(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    v.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| *s == "positive")
+        .map(|(k, _)| {
+            xrayglm::eval::findings::Observation::from_name(k)
+                .unwrap()
+                .code()
+                .to_string()
+        })
+        .collect()
+}
+
+/// What tests/browser/eval_page.mjs read off an evaluation page, checked against eval's per-report
+/// lines (`(model name, JSONL file)` in the page's order): one study per line id, each study's
+/// reference chips and each model's right / missed / invented chips equal to the lines' findings,
+/// and "only errors" showing exactly the studies where a model's findings differ from the
+/// reference's. Gives back those studies' ids.
+pub fn check_eval_page(v: &serde_json::Value, models: &[(&str, PathBuf)]) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    type Sides = (BTreeSet<String>, BTreeSet<String>);
+    let mut order: Vec<String> = Vec::new();
+    let lines: Vec<BTreeMap<String, Sides>> = models
+        .iter()
+        .map(|(_, f)| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let id = v["id"].as_str().unwrap().to_string();
+                    if !order.contains(&id) {
+                        order.push(id.clone());
+                    }
+                    let sides = (
+                        positive_codes(&v["hypothesis_findings"]),
+                        positive_codes(&v["reference_findings"]),
+                    );
+                    (id, sides)
+                })
+                .collect()
+        })
+        .collect();
+    let set = |x: &serde_json::Value| -> BTreeSet<String> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect()
+    };
+    let ids = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(v["studies"].as_u64(), Some(order.len() as u64), "{v}");
+    assert_eq!(ids(&v["all"]), order);
+    let chips = v["chips"].as_object().unwrap();
+    for id in &order {
+        let c = &chips[id];
+        for (k, ((name, _), l)) in models.iter().zip(&lines).enumerate() {
+            let Some((h, r)) = l.get(id) else { continue };
+            let m = &c["models"][k];
+            assert_eq!(m["model"], *name);
+            assert_eq!(set(&c["stated"]), *r, "{id}");
+            assert_eq!(set(&m["right"]), h & r, "{id} {name}");
+            assert_eq!(set(&m["missed"]), r - h, "{id} {name}");
+            assert_eq!(set(&m["invented"]), h - r, "{id} {name}");
+        }
+    }
+    let errors: Vec<String> = order
+        .iter()
+        .filter(|id| {
+            lines
+                .iter()
+                .any(|l| l.get(*id).is_some_and(|(h, r)| h != r))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(ids(&v["only_errors"]), errors);
+    assert!(
+        v["only_errors_text"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{} of {}", errors.len(), order.len())),
+        "{v}"
+    );
+    // Nothing but the page itself is requested; the films are inside it.
+    let page = v["url"].as_str().unwrap();
+    for r in v["requests"].as_array().unwrap() {
+        let r = r.as_str().unwrap();
+        assert!(
+            r == page || r.starts_with("data:"),
+            "the page requested {r}"
+        );
+    }
+    assert!(v["console"].as_array().unwrap().is_empty(), "{v}");
+    // One bar group per observation.
+    let codes: Vec<String> = xrayglm::eval::findings::Observation::ALL
+        .iter()
+        .map(|o| o.code().to_string())
+        .collect();
+    assert_eq!(ids(&v["chart_groups"]), codes);
+    errors
+}

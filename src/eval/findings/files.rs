@@ -284,14 +284,14 @@ impl Labelled {
         ))
     }
 
-    /// Agreement with a second labelling of the same reports (matched by id; one missing is an
-    /// error naming it): the other file's language detected unless given.
-    pub fn agreement(
+    /// The same reports in a second file, matched by id (one missing is an error naming it), and
+    /// their labels: the other file's language detected unless given.
+    pub fn paired(
         &self,
         other: &Path,
         lang: Option<Lang>,
         rules: Option<&Path>,
-    ) -> Result<(Lang, Vec<super::ce::Agreement>)> {
+    ) -> Result<Labelled> {
         let theirs = read_reports(other)?;
         let by_id: std::collections::HashMap<&str, &ReportText> =
             theirs.iter().map(|r| (r.id.as_str(), r)).collect();
@@ -306,8 +306,18 @@ impl Labelled {
             })
             .collect::<Result<_>>()?;
         let labeler = labeler_for(lang, rules, &paired)?;
-        let theirs: Vec<Labels> = paired.iter().map(|r| labeler.label(&r.text)).collect();
-        Ok((labeler.lang(), super::ce::agreement(&self.labels, &theirs)))
+        let labels = paired.iter().map(|r| labeler.label(&r.text)).collect();
+        Ok(Labelled {
+            reports: paired,
+            lang: labeler.lang(),
+            labels,
+            references: None,
+        })
+    }
+
+    /// Agreement with a second labelling of the same reports ([`Labelled::paired`]).
+    pub fn agreement(&self, theirs: &Labelled) -> Vec<super::ce::Agreement> {
+        super::ce::agreement(&self.labels, &theirs.labels)
     }
 
     /// One JSON line per report (hypotheses files: both sides' labels).
