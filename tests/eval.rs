@@ -394,7 +394,7 @@ fn eval_hypotheses_refuses_duplicate_ids_and_overlong_reports() {
     assert!(report.to_string().contains("\"count\":3"), "{report}");
 }
 
-/// `eval --hypotheses` writes report.html: two models' reports of nine studies (three with
+/// `eval --hypotheses` writes report.html: two models' reports of ten studies (three with
 /// films named by their lines), read in headless Chromium. The page makes no request beyond its
 /// own file, shows every study and film, its chips are the per-report lines' findings (right:
 /// both present; missed: reference only; invented: report only), "only errors" leaves exactly the
@@ -446,6 +446,13 @@ fn eval_page_shows_studies_findings_and_filters_in_headless_chromium() {
             "心影增大。左侧胸腔积液。",
             "心影增大。",
             "心影增大。左侧胸腔积液。",
+        ),
+        // Both normal; only model A denies an effusion.
+        (
+            "s10",
+            "双肺清晰。",
+            "双肺清晰，未见胸腔积液。",
+            "双肺清晰。",
         ),
     ];
     let images = |id: &str| match id {
@@ -610,15 +617,25 @@ fn eval_page_shows_studies_findings_and_filters_in_headless_chromium() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let page = std::fs::read_to_string(&agreement).unwrap();
-    let differ = ["s3", "s4", "s6", "s8", "s9"];
+    // The two read s10's effusion differently (denied against not mentioned) but both as absent:
+    // shown, and not a present / absent disagreement.
+    let differ = ["s3", "s4", "s6", "s8", "s9", "s10"];
     for s in &studies {
-        assert_eq!(
-            page.contains(&format!("data-id=\"{}\"", s.0)),
-            differ.contains(&s.0),
-            "{}",
-            s.0
-        );
+        let at = page.find(&format!("data-id=\"{}\"", s.0));
+        assert_eq!(at.is_some(), differ.contains(&s.0), "{}", s.0);
+        if let Some(at) = at {
+            let tag = &page[at..at + page[at..].find('>').unwrap()];
+            let presence = s.0 != "s10";
+            assert!(
+                tag.contains(&format!("data-error=\"{}\"", presence as u8)),
+                "{tag}"
+            );
+        }
     }
+    assert!(
+        page.contains("class=\"chip nuance\" data-obs=\"PE\""),
+        "s10's chip"
+    );
     assert!(
         page.contains("Pneumothorax - → +") || page.contains("Pneumothorax . → +"),
         "{page}"

@@ -108,8 +108,12 @@ pub enum ChipKind {
     Missed,
     /// In the report, not in the reference.
     Invented,
-    /// Two labellings read it differently (the agreement page).
+    /// Two labellings read it differently, one as present and the other not (the agreement
+    /// page).
     Differs,
+    /// Two labellings read it differently, both as present or both as absent (negative against
+    /// not mentioned, say).
+    Nuance,
 }
 
 impl ChipKind {
@@ -120,6 +124,7 @@ impl ChipKind {
             Self::Missed => "missed",
             Self::Invented => "invented",
             Self::Differs => "differs",
+            Self::Nuance => "nuance",
         }
     }
 }
@@ -305,9 +310,15 @@ pub fn differing_chips(a: &Labels, b: &Labels) -> Vec<Chip> {
                     dedup(phrases).join(" · ")
                 }
             };
+            let ua = UncertainAs::Negative;
+            let presence = ua.present(a.get(o)) != ua.present(b.get(o));
             Chip {
                 observation: o,
-                kind: ChipKind::Differs,
+                kind: if presence {
+                    ChipKind::Differs
+                } else {
+                    ChipKind::Nuance
+                },
                 label: format!("{} {} → {}", o.name(), a.get(o).mark(), b.get(o).mark()),
                 evidence: format!("first: {} — second: {}", side(a), side(b)),
             }
@@ -667,7 +678,8 @@ td.best::after{content:" ★";color:var(--right)}
 .chip.right{border-color:var(--right);color:var(--right);background:#eaf6ee}
 .chip.missed{border-color:var(--missed);color:var(--missed);border-style:dashed}
 .chip.invented{border-color:var(--invented);color:var(--invented);background:#fdecea}
-.chip.differs{border-color:var(--differs);color:var(--differs)}
+.chip.differs{border-color:var(--differs);color:var(--differs);background:#f1ecfa}
+.chip.nuance{border-color:#8a94a3;color:#5f6b7a;border-style:dotted}
 .legend .chip{cursor:default}
 .id{font-weight:600}
 svg text{font:12px system-ui,sans-serif}
@@ -682,7 +694,7 @@ const SCRIPT: &str = r#"
   const errors=document.getElementById('only-errors');
   const obs=document.getElementById('observation');
   const dis=document.getElementById('disagreements');
-  const sort=document.getElementById('sort');
+  const sort=document.getElementById('sort')||{value:'order',addEventListener(){}};
   const shown=document.getElementById('shown');
   function has(el,attr,code){return (' '+el.dataset[attr]+' ').includes(' '+code+' ');}
   function apply(){
@@ -1000,10 +1012,21 @@ impl Page {
 
     fn study_list(&self, h: &mut String, films: &mut Films) -> Result<()> {
         let several = self.models.len() > 1;
+        // The agreement page's errors are readings of presence that differ.
+        let (errors, legend) = match self.agreement {
+            None => (
+                "only errors",
+                "<span class=\"chip right\">right</span><span class=\"chip missed\">missed</span><span class=\"chip invented\">invented</span>",
+            ),
+            Some(_) => (
+                "only present / absent disagreements",
+                "<span class=\"chip differs\">present in one only</span><span class=\"chip nuance\">absent or present in both, said differently</span>",
+            ),
+        };
         let _ = write!(
             h,
             "<section id=\"studies\"><h2>Studies</h2><div id=\"controls\">\
-             <label><input type=\"checkbox\" id=\"only-errors\"> only errors</label>\
+             <label><input type=\"checkbox\" id=\"only-errors\"> {errors}</label>\
              <label>observation <select id=\"observation\"><option value=\"\">any</option>"
         );
         for o in Observation::ALL {
@@ -1020,10 +1043,14 @@ impl Page {
                 "<label><input type=\"checkbox\" id=\"disagreements\"> models disagree</label>",
             );
         }
-        h.push_str("<label>sort <select id=\"sort\"><option value=\"order\">as evaluated</option><option value=\"worst\">worst CE first</option></select></label>\
-             <span id=\"shown\"></span>\
-             <span class=\"legend\"><span class=\"chip right\">right</span><span class=\"chip missed\">missed</span><span class=\"chip invented\">invented</span></span>\
-             <span class=\"about\"><kbd>j</kbd>/<kbd>k</kbd> next / previous, <kbd>e</kbd> only errors</span></div><div id=\"list\">");
+        if self.agreement.is_none() {
+            h.push_str("<label>sort <select id=\"sort\"><option value=\"order\">as evaluated</option><option value=\"worst\">worst CE first</option></select></label>");
+        }
+        let _ = write!(
+            h,
+            "<span id=\"shown\"></span><span class=\"legend\">{legend}</span>\
+             <span class=\"about\"><kbd>j</kbd>/<kbd>k</kbd> next / previous, <kbd>e</kbd> {errors}</span></div><div id=\"list\">"
+        );
         for (i, s) in self.studies.iter().enumerate() {
             let cols: Vec<&Column> = s.columns.iter().flatten().collect();
             let error = cols.iter().any(|c| c.has_error());
@@ -1033,7 +1060,10 @@ impl Page {
             for c in &cols {
                 for chip in &c.chips {
                     obs.insert(chip.observation);
-                    if chip.kind != ChipKind::Right {
+                    if matches!(
+                        chip.kind,
+                        ChipKind::Missed | ChipKind::Invented | ChipKind::Differs
+                    ) {
                         err_obs.insert(chip.observation);
                     }
                 }
