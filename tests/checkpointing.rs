@@ -1,5 +1,5 @@
 //! Activation checkpointing (of every layer, or of some) gives the same gradients as the plain
-//! backward. In its own test
+//! backward, with adapters on every layer or above the first only. In its own test
 //! binary: it relies on libtorch's global generator for dropout, which tests running in parallel
 //! in the same process would disturb.
 
@@ -12,6 +12,17 @@ use xrayglm::model::visualglm::VisualGlm;
 #[test]
 fn activation_checkpointing_gives_the_same_gradients() {
     let cfg = ModelConfig::preset("tiny").unwrap();
+    same_gradients(&cfg);
+    // Adapters on the last layer only: the layers below run forward only, in both backwards.
+    let mut upper = cfg.clone();
+    let last = cfg.sat.num_layers - 1;
+    assert!(last > 0);
+    upper.lora.as_mut().unwrap().layers = vec![last];
+    upper.lora.as_mut().unwrap().mlp = false;
+    same_gradients(&upper);
+}
+
+fn same_gradients(cfg: &ModelConfig) {
     tch::manual_seed(5);
     let mut m = VisualGlm::new(cfg.clone(), Device::Cpu, Kind::Float).unwrap();
     m.set_dropout(
@@ -23,7 +34,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         },
     );
     common::randomize_lora_b(&m, 0.05);
-    let (ids, image) = xrayglm::bench::model_inputs(&cfg, 2, 70, Device::Cpu);
+    let (ids, image) = xrayglm::bench::model_inputs(cfg, 2, 70, Device::Cpu);
     let (pos, ctx) =
         xrayglm::model::positions::positions_from_ids(&ids, 130004, 130000, 130001).unwrap();
     let labels = ids.copy();

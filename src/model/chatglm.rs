@@ -220,6 +220,15 @@ impl Block {
         &m * self.alpha + dropout(&down, pass.set.dropout.output, pass.train)
     }
 
+    /// Whether a parameter of the block asks for a gradient (an active adapter being trained).
+    pub(crate) fn trains(&self) -> bool {
+        let l = &self.lora;
+        [&l.qkv, &l.dense, &l.h_to_4h, &l.h4_to_h]
+            .into_iter()
+            .flatten()
+            .any(|lo| lo.a.iter().chain(&lo.b).any(Tensor::requires_grad))
+    }
+
     fn linears_mut(&mut self) -> [&mut Linear; 4] {
         let (a, m) = (&mut self.attention, &mut self.mlp);
         [&mut a.qkv, &mut a.dense, &mut m.h_to_4h, &mut m.h4_to_h]

@@ -33,13 +33,24 @@ impl ChatGlm {
             Recompute(Tensor),
             /// The input (a leaf) and the output with its autograd graph.
             Kept(Tensor, Tensor),
+            /// Below the lowest layer that trains: no backward.
+            Below,
         }
         let recompute = self.recompute_layers.unwrap_or(self.layers.len());
         let (x0, pass) = self.prepare(inp, train, None);
         // Embeddings with a graph (adapters on the vision side): the gradient goes on into it.
         let embedded = x0.requires_grad().then(|| x0.shallow_clone());
+        // The gradient reaches down to the lowest layer that trains (to the embeddings when they
+        // take one): the layers below it run forward only, once.
+        let first = if embedded.is_some() {
+            0
+        } else {
+            let trains = self.lora_active;
+            let lowest = self.layers.iter().position(|b| trains && b.trains());
+            lowest.unwrap_or(self.layers.len())
+        };
         let leaf = |x: &Tensor, i: usize| {
-            if i > 0 || x.requires_grad() {
+            if i > first || x.requires_grad() {
                 x.detach().set_requires_grad(true)
             } else {
                 x.detach()
@@ -49,7 +60,10 @@ impl ChatGlm {
         let mut x = x0;
         for (i, block) in self.layers.iter().enumerate() {
             self.seed_layer(i);
-            if i < recompute {
+            if i < first {
+                x = tch::no_grad(|| block.forward(&x, &pass, None));
+                saved.push(Saved::Below);
+            } else if i < recompute {
                 let y = tch::no_grad(|| block.forward(&x, &pass, None));
                 saved.push(Saved::Recompute(x));
                 x = y;
@@ -65,8 +79,15 @@ impl ChatGlm {
         let value = loss.double_value(&[]);
         (loss * scale).backward();
         let mut g = last.grad();
-        for (i, block) in self.layers.iter().enumerate().rev() {
+        for (i, block) in self
+            .layers
+            .iter()
+            .enumerate()
+            .rev()
+            .take(self.layers.len() - first)
+        {
             let input = match saved.pop().unwrap() {
+                Saved::Below => unreachable!("the backward stops at the lowest layer that trains"),
                 Saved::Recompute(x) => {
                     let input = leaf(&x, i);
                     self.seed_layer(i);
@@ -79,7 +100,7 @@ impl ChatGlm {
                     input
                 }
             };
-            if i > 0 {
+            if i > first {
                 g = input.grad();
             } else if let Some(x0) = &embedded {
                 (x0 * input.grad()).sum(Kind::Float).backward();

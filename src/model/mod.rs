@@ -3,6 +3,7 @@
 pub mod chatglm;
 mod checkpointing;
 pub mod config;
+pub mod flops;
 pub mod kernels;
 pub mod kv_cache;
 pub mod lora;
