@@ -108,6 +108,36 @@ pub fn six_n(parameters: f64, tokens: f64) -> f64 {
     6.0 * parameters * tokens
 }
 
+#[cfg(flop_trace)]
+extern "C" {
+    fn xrayglm_flop_trace_start() -> i32;
+    fn xrayglm_flop_trace_stop(calls: *mut i64) -> f64;
+}
+
+/// The matmul and convolution FLOPs libtorch runs while `f` runs, on any thread, from its own
+/// operator record (`aten::mm`, `addmm`, `bmm`, `baddbmm`, `convolution`, by their input shapes;
+/// src/model/flop_trace.cpp), and how many such calls there were. Every operator call pays for
+/// the record while it counts: for tests and benchmarks, one count at a time per process.
+pub fn trace<T>(f: impl FnOnce() -> T) -> anyhow::Result<(T, f64, u64)> {
+    #[cfg(flop_trace)]
+    {
+        // SAFETY: plain C functions over the counter's own state, guarded by its mutex.
+        if unsafe { xrayglm_flop_trace_start() } != 0 {
+            anyhow::bail!("a FLOP count is already running in this process");
+        }
+        let out = f();
+        let mut calls = 0i64;
+        // SAFETY: `calls` is a valid i64 to write.
+        let flops = unsafe { xrayglm_flop_trace_stop(&mut calls) };
+        Ok((out, flops, calls.max(0) as u64))
+    }
+    #[cfg(not(flop_trace))]
+    {
+        let _ = f;
+        anyhow::bail!("this build has no FLOP counter (libtorch's headers were not found)")
+    }
+}
+
 /// One adapted linear: `in → out` in `parts` output partitions of rank `rank` each.
 #[derive(Debug, Clone, Copy)]
 struct Adapter {
