@@ -12,8 +12,10 @@
 #   4. bf16 matmul throughput vs fp32;
 #   5. 20 bf16 LoRA training steps of the real-size VisualGLM-6B (random weights) through the real
 #      trainer (NCCL backend, micro-batch 8 padded to 320 tokens, activation checkpointing):
-#      samples/s, tokens/s, MFU (6N FLOPs per token with recompute, N = all parameters;
-#      H100 dense bf16 peak 989 TFLOP/s, override PEAK_TFLOPS) and peak GPU memory;
+#      samples/s, tokens/s, MFU and HFU from the trainer's FLOP accounting (model::flops: model
+#      FLOPs, and with the recomputed forwards), the old 6N figure beside them (6N FLOPs per
+#      computed token, N = all parameters), against H100/H200 dense bf16 peak 989 TFLOP/s
+#      (override PEAK_TFLOPS), and peak GPU memory;
 #   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
 #   5b'. the same 10 steps with NF4 layer weights (QLoRA, model.quantize=nf4): peak memory (goal:
 #      16 GB);
@@ -77,7 +79,8 @@ train_real() {
     --set synthetic.count=200 --set synthetic.size=256 --set data.pad_to=320 \
     --set 'train.precision="bf16"' --set train.checkpoint_activations=true --set 'train.backend="nccl"' \
     --set train.train_iters="$iters" --set train.log_interval=5 --set train.save_interval="$iters" \
-    --set 'train.out_dir="'$OUTD'"' --set "train.name=\"$name\"" --set train.progress=false "$@"
+    --set 'train.out_dir="'$OUTD'"' --set "train.name=\"$name\"" --set train.progress=false \
+    --set train.peak_tflops="$PEAK_TFLOPS" "$@"
   local rc=$?
   kill "$mon" 2>/dev/null || true
   echo "peak GPU memory used (nvidia-smi, whole device): $(sort -n "/tmp/xrayglm_mem_$name.txt" | tail -n 1) MiB"
@@ -94,10 +97,12 @@ sps = sum(r["samples_per_s"] for r in steps) / len(steps)
 tok = sps * 320  # padded to 320: every position is computed
 useful = sum(r["tokens_per_s"] for r in steps) / len(steps)
 mfu = tok * 6 * n / (float(sys.argv[2]) * 1e12)
-json.dump({"samples_per_s": sps, "mfu6": mfu}, open("/tmp/xrayglm_train.json", "w"))
+acc = {k: sum(r[k] for r in steps) / len(steps) for k in ("mfu", "hfu", "model_tflops_per_s", "hardware_tflops_per_s")}
+json.dump({"samples_per_s": sps, "mfu6": mfu, **acc}, open("/tmp/xrayglm_train.json", "w"))
 print(f"params {n/1e9:.3f}B (trainable {start['trainable_params']/1e6:.2f}M), backend {start['backend']}")
 print(f"steady state: {sps:.2f} samples/s, {tok:.0f} tokens/s computed ({useful:.0f} target tokens/s)")
-print(f"MFU (6N per token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
+print(f"MFU {100*acc['mfu']:.1f}% ({acc['model_tflops_per_s']:.0f} TFLOP/s of model FLOPs), HFU {100*acc['hfu']:.1f}% ({acc['hardware_tflops_per_s']:.0f} TFLOP/s with the recomputed forwards): the trainer's accounting (model::flops)")
+print(f"old figure, MFU (6N per computed token, recompute): {100*mfu:.1f}%  (4N: {100*mfu*4/6:.1f}%)")
 print("losses:", [round(r["loss"], 4) for r in recs if "loss" in r])
 print(f"trainer's peak_gpu_used_mib (cudaMemGetInfo at each log line): {max(r.get('peak_gpu_used_mib', 0) for r in recs):.0f} MiB")
 PY

@@ -382,6 +382,10 @@ pub struct TrainSection {
     /// Compute each film's image embeddings once and reuse them (only when
     /// `model.vision_dropout = 0`: XrayGLM's 0.1 makes them differ at every step).
     pub vision_cache: bool,
+    /// The device's peak TFLOP/s at the model's precision, for the logged MFU and HFU (an H100
+    /// or H200 in dense bf16: 989); 0: measured at start (a dense matmul at the model's dtype, so
+    /// the utilization is of what this device reaches on one large matmul).
+    pub peak_tflops: f64,
     /// Stop (with a checkpoint) once this many iterations are done, without changing the schedule;
     /// 0 = run to train_iters. For splitting a run over several sessions.
     pub stop_at: i64,
@@ -476,6 +480,7 @@ impl Default for TrainSection {
             checkpoint_activations: false,
             checkpoint_layers: -1,
             vision_cache: true,
+            peak_tflops: 0.0,
             stop_at: 0,
             eval_generate_interval: 0,
             eval_generate_films: 32,
@@ -790,6 +795,12 @@ impl Config {
             bail!(
                 "train.checkpoint_layers {}: use -1 (every layer) or a layer count",
                 t.checkpoint_layers
+            );
+        }
+        if !(t.peak_tflops.is_finite() && t.peak_tflops >= 0.0) {
+            bail!(
+                "train.peak_tflops = {}: a device's peak TFLOP/s (0: measure it)",
+                t.peak_tflops
             );
         }
         if t.log_interval <= 0 || t.save_interval <= 0 || t.eval_interval <= 0 {

@@ -59,6 +59,36 @@ fn train_bench_runs_in_reduced_mode() {
         .collect();
     assert_eq!(nums.len(), 4, "{line}");
     assert!(nums.iter().all(|v| *v > 0.0 && v.is_finite()), "{line}");
+    // MFU, HFU and the 6·N figure from the trainer's log.
+    let pcts: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(')').strip_suffix('%')?.parse().ok())
+        .collect();
+    assert_eq!(pcts.len(), 3, "{line}");
+    assert!(pcts.iter().all(|v| *v > 0.0 && v.is_finite()), "{line}");
+    assert_eq!(pcts[0], pcts[1], "nothing recomputed: {line}");
+}
+
+/// `xrayglm bench step`: its FLOPs per step are the accounting's for its batch (2 rows of 96
+/// tokens, the 45 after the prompt counted in each, both films encoded), and its MFU is against
+/// the peak given.
+#[test]
+fn step_bench_reports_the_accounted_flops() {
+    let text = bench(["step", "--steps", "1", "--peak_tflops", "1"]);
+    let cfg = xrayglm::model::config::ModelConfig::preset("tiny").unwrap();
+    let shape = xrayglm::model::flops::StepShape {
+        rows: 2,
+        seq: 96,
+        targets: 90,
+        films: 2,
+    };
+    let f = xrayglm::model::flops::training_step(&cfg, &shape, &Default::default()).model();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("FLOPs/step"))
+        .unwrap_or_else(|| panic!("no FLOPs line:\n{text}"));
+    assert!(line.contains(&format!("{f:.3e}")), "{line} vs {f:.3e}");
+    assert!(line.contains("of 1.00 TFLOP/s (--peak_tflops)"), "{line}");
 }
 
 /// `xrayglm bench layer` on the small preset's width: one row per kernel choice, every time

@@ -1100,3 +1100,42 @@ fn a_llava_conversation_file_trains_and_the_result_chats() {
     assert_eq!(batch, vec![said]);
     assert_eq!(session.history.len(), 2);
 }
+
+/// The log's utilization: MFU and HFU from the FLOP accounting against the device's peak (given,
+/// or measured at start), and the old 6·N figure. Activation checkpointing computes the same
+/// (equal losses) with the forward again: HFU above MFU, which stays as it was per step.
+#[test]
+fn training_logs_mfu_and_hfu() {
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("mfu").is_some())
+            .collect()
+    };
+    let measured = xrayglm::train::finetune(&cfg(dir.path(), "measured", &[]), &tok).unwrap();
+    let given = ["train.peak_tflops=0.5", "train.checkpoint_activations=true"];
+    let ck = xrayglm::train::finetune(&cfg(dir.path(), "ck", &given), &tok).unwrap();
+    let (m, c) = (rows(&measured.run_dir), rows(&ck.run_dir));
+    assert_eq!((m.len(), c.len()), (10, 10));
+    for r in &m {
+        let (mfu, hfu) = (r["mfu"].as_f64().unwrap(), r["hfu"].as_f64().unwrap());
+        assert!(mfu > 0.0 && mfu.is_finite() && hfu == mfu, "{r}");
+        assert!(r["peak_tflops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["mfu_6n"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for r in &c {
+        let f = |k: &str| r[k].as_f64().unwrap();
+        assert_eq!(f("peak_tflops"), 0.5);
+        assert!(
+            (f("mfu") - f("model_tflops_per_s") / 0.5).abs() <= 1e-12,
+            "{r}"
+        );
+        assert!(f("hfu") > f("mfu") && f("hardware_tflops_per_s") > f("model_tflops_per_s"));
+    }
+    assert_eq!(losses(&measured.run_dir), losses(&ck.run_dir));
+}

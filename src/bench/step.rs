@@ -16,6 +16,12 @@ pub struct StepBench {
     pub step_ms: f64,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// The step's matmul FLOPs (`model::flops`; nothing is recomputed here), the old `6·N` per
+    /// target token, and the peak TFLOP/s they are measured against (given or measured).
+    pub flops: f64,
+    pub flops_6n: f64,
+    pub peak_tflops: f64,
+    pub peak_measured: bool,
 }
 
 impl std::fmt::Display for StepBench {
@@ -32,6 +38,22 @@ impl std::fmt::Display for StepBench {
             self.step_ms,
             (self.batch * self.seq) as f64 / (self.step_ms / 1e3),
             self.batch as f64 / (self.step_ms / 1e3)
+        )?;
+        let secs = self.step_ms / 1e3;
+        let peak = self.peak_tflops * 1e12;
+        writeln!(
+            f,
+            "  FLOPs/step               {:.3e} ({:.2} TFLOP/s): MFU {:.1}% (6N: {:.1}%) of {:.2} TFLOP/s ({})",
+            self.flops,
+            self.flops / secs / 1e12,
+            100.0 * self.flops / secs / peak,
+            100.0 * self.flops_6n / secs / peak,
+            self.peak_tflops,
+            if self.peak_measured {
+                "a measured matmul"
+            } else {
+                "--peak_tflops"
+            }
         )?;
         writeln!(
             f,
@@ -58,6 +80,10 @@ pub struct StepArgs {
     pub seq: i64,
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// The device's peak TFLOP/s for MFU (an H100 in dense bf16: 989); default: a measured
+    /// matmul at the dtype.
+    #[arg(long = "peak_tflops", alias = "peak-tflops")]
+    pub peak_tflops: Option<f64>,
 }
 
 /// LoRA training steps (random weights, one fixed batch) of a preset: proves that mixed-precision
@@ -117,6 +143,28 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
     }
     super::sync(dev);
     let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+    let targets = labels
+        .narrow(1, 1, seq - 1)
+        .ne(-100)
+        .sum(tch::Kind::Int64)
+        .int64_value(&[]);
+    let shape = crate::model::flops::StepShape {
+        rows: batch,
+        seq,
+        targets,
+        films: batch,
+    };
+    let flops = crate::model::flops::training_step(&cfg, &shape, &Default::default()).model();
+    let params: i64 = [&m.base, &m.lora]
+        .iter()
+        .flat_map(|vs| vs.variables().into_values())
+        .map(|t| t.numel() as i64)
+        .sum();
+    let (peak_tflops, peak_measured) = match a.peak_tflops {
+        Some(p) if p > 0.0 => (p, false),
+        Some(p) => anyhow::bail!("--peak_tflops {p}: a device's peak TFLOP/s, above 0"),
+        None => (crate::model::flops::matmul_tflops(dev, kind), true),
+    };
     Ok(StepBench {
         preset: preset.into(),
         device: format!("{dev:?}"),
@@ -127,5 +175,9 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
         step_ms,
         first_loss: losses[0],
         last_loss: *losses.last().unwrap(),
+        flops,
+        flops_6n: crate::model::flops::six_n(params as f64, targets as f64),
+        peak_tflops,
+        peak_measured,
     })
 }

@@ -50,6 +50,9 @@ pub struct TrainSide {
     pub peak_rss_mib: f64,
     /// Peak memory in use on the GPU (whole device), when training ran on one.
     pub peak_gpu_mib: Option<f64>,
+    /// xrayglm's trainer's MFU, HFU and old 6·N figure over the timed steps (its log's, against
+    /// its `train.peak_tflops` or a measured matmul).
+    pub utilization: Option<[f64; 3]>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,8 +85,17 @@ impl std::fmt::Display for TrainBench {
                 "  {name:9} {:8.2} samples/s {:9.1} report tokens/s {:9.1} ms/step  peak RSS {:7.0} MiB",
                 s.samples_per_s, s.tokens_per_s, s.step_ms, s.peak_rss_mib
             )?;
-            match s.peak_gpu_mib {
-                Some(g) => writeln!(f, "  peak GPU (device) {g:.0} MiB"),
+            if let Some(g) = s.peak_gpu_mib {
+                write!(f, "  peak GPU (device) {g:.0} MiB")?;
+            }
+            match s.utilization {
+                Some([mfu, hfu, six]) => writeln!(
+                    f,
+                    "  MFU {:.1}% HFU {:.1}% (6N: {:.1}%)",
+                    100.0 * mfu,
+                    100.0 * hfu,
+                    100.0 * six
+                ),
                 None => writeln!(f),
             }
         };
@@ -183,6 +195,7 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
                 step_ms: get("sat_step_ms")?,
                 peak_rss_mib: get("sat_peak_rss_mib")?,
                 peak_gpu_mib: None,
+                utilization: None,
             })
         }
     };
@@ -319,16 +332,27 @@ fn run_ours(o: &TrainArgs, sets: &[String], tokenizer: &Path, tmp: &Path) -> Res
         at(o.steps)?["elapsed_s"].as_f64().unwrap_or(0.0),
     );
     let mut tokens = 0.0;
+    // Time-weighted sums of MFU, HFU and 6·N over the timed steps.
+    let mut util: Option<[f64; 3]> = Some([0.0; 3]);
     let mut prev = t0;
     for s in o.warm + 1..=o.steps {
         let r = at(s)?;
         let e = r["elapsed_s"].as_f64().unwrap_or(prev);
         tokens += r["tokens_per_s"].as_f64().unwrap_or(0.0) * (e - prev);
+        let got = ["mfu", "hfu", "mfu_6n"].map(|k| r[k].as_f64());
+        util = match (util, got) {
+            (Some(u), [Some(a), Some(b), Some(c)]) => {
+                let dt = e - prev;
+                Some([u[0] + a * dt, u[1] + b * dt, u[2] + c * dt])
+            }
+            _ => None,
+        };
         prev = e;
     }
     let secs = (t1 - t0).max(1e-9);
     let timed = (o.steps - o.warm) as f64;
     Ok(TrainSide {
+        utilization: util.map(|u| u.map(|v| v / secs)),
         samples_per_s: timed * o.batch as f64 / secs,
         tokens_per_s: tokens / secs,
         step_ms: secs * 1e3 / timed,

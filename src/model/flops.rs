@@ -138,6 +138,35 @@ pub fn trace<T>(f: impl FnOnce() -> T) -> anyhow::Result<(T, f64, u64)> {
     }
 }
 
+/// The dense matmul throughput of `dev` at `kind`, TFLOP/s: `[m, k] × [k, n]` products repeated
+/// (4096 × 4096 × 16,384 on CUDA; 1024 × 1024 × 4096 on the CPU), the best of the tries — the
+/// denominator of MFU when no peak is given.
+pub fn matmul_tflops(dev: tch::Device, kind: tch::Kind) -> f64 {
+    use tch::Tensor;
+    let (m, k, n, tries) = if dev.is_cuda() {
+        (4096, 4096, 16384, 10)
+    } else {
+        (1024, 1024, 4096, 3)
+    };
+    let a = Tensor::randn([m, k], (kind, dev));
+    let b = Tensor::randn([k, n], (kind, dev));
+    let sync = || {
+        if let tch::Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let _ = a.matmul(&b);
+    sync();
+    let mut best = f64::MAX;
+    for _ in 0..tries {
+        let t = std::time::Instant::now();
+        let _ = a.matmul(&b);
+        sync();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (m * k * n) as f64 / best.max(1e-12) / 1e12
+}
+
 /// One adapted linear: `in → out` in `parts` output partitions of rank `rank` each.
 #[derive(Debug, Clone, Copy)]
 struct Adapter {

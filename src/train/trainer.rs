@@ -72,6 +72,11 @@ pub struct Trainer<'c> {
     peak_gpu_mib: f64,
     /// GRPO's and DPO's state (reference, reward, pairs); `None` for fine-tuning.
     rl: Option<rl::Rl>,
+    /// How a fine-tuning step runs, for its FLOP count; the device's peak TFLOP/s (given or
+    /// measured) and the model's parameters, for MFU, HFU and the old 6·N figure.
+    flops_plan: crate::model::flops::StepPlan,
+    peak_tflops: f64,
+    params: f64,
 }
 
 /// Totals since the last log line.
@@ -82,6 +87,8 @@ struct Window {
     samples: usize,
     /// Seconds spent in the per-step collectives (loss/flags + gradient bucket).
     comm_s: f64,
+    /// The matmul FLOPs this rank's fine-tuning micro-batches ran.
+    flops: crate::model::flops::StepFlops,
     start: Instant,
 }
 
@@ -93,6 +100,7 @@ impl Window {
             tokens: 0,
             samples: 0,
             comm_s: 0.0,
+            flops: Default::default(),
             start: Instant::now(),
         }
     }
@@ -235,7 +243,18 @@ impl<'c> Trainer<'c> {
             saved_step: -1,
             peak_gpu_mib: 0.0,
             rl,
+            flops_plan: crate::model::flops::StepPlan {
+                checkpointed: cfg.train.checkpoint_activations,
+                recompute_layers: usize::try_from(cfg.train.checkpoint_layers)
+                    .unwrap_or(usize::MAX),
+            },
+            peak_tflops: cfg.train.peak_tflops,
+            params: 0.0,
         };
+        if trainer.peak_tflops == 0.0 {
+            let kind = trainer.chat.model.kind();
+            trainer.peak_tflops = crate::model::flops::matmul_tflops(dev, kind);
+        }
         trainer.log_start()?;
         Ok(trainer)
     }
@@ -392,10 +411,16 @@ impl<'c> Trainer<'c> {
             // activation checkpointing recomputes the same masks.
             self.seed_micro(self.micro_seed(micro));
             let t = b.to_tensors(self.dev);
+            let misses = self.vision_cache.as_ref().map_or(0, |c| c.misses);
             let cached = self
                 .vision_cache
                 .as_mut()
                 .map(|c| c.embeds(&self.chat.model, &b.images, &t.images));
+            // The films the vision tower encodes in this micro-batch.
+            let films = match &self.vision_cache {
+                Some(c) => (c.misses - misses) as i64,
+                None => t.images.size()[0],
+            };
             let inputs = b.inputs(&t, cached.as_ref());
             let l = self.chat.model.loss_backward(
                 &inputs,
@@ -414,6 +439,15 @@ impl<'c> Trainer<'c> {
                 );
                 return Ok((loss_sum, Some(bad)));
             }
+            let shape = crate::model::flops::StepShape {
+                rows: b.batch_size as i64,
+                seq: t.input_ids.size()[1],
+                targets: b.target_tokens() as i64,
+                films,
+            };
+            let f =
+                crate::model::flops::training_step(&self.chat.model.cfg, &shape, &self.flops_plan);
+            self.window.flops = self.window.flops.add(&f);
             self.window.tokens += b.target_tokens();
             self.window.samples += b.batch_size;
             loss_sum += l;
@@ -517,6 +551,28 @@ impl<'c> Trainer<'c> {
             rec["vision_cache_hits"] = serde_json::json!(c.hits);
             rec["vision_cache_films"] = serde_json::json!(c.len());
         }
+        // Utilization: this rank's matmul FLOPs per second against the device's peak.
+        let mut utilization = String::new();
+        if w.flops.model() > 0.0 {
+            let peak = self.peak_tflops * 1e12;
+            let (mfu, hfu) = (
+                w.flops.model() / secs / peak,
+                w.flops.hardware() / secs / peak,
+            );
+            let mfu_6n = crate::model::flops::six_n(self.params, w.tokens as f64) / secs / peak;
+            rec["model_tflops_per_s"] = serde_json::json!(w.flops.model() / secs / 1e12);
+            rec["hardware_tflops_per_s"] = serde_json::json!(w.flops.hardware() / secs / 1e12);
+            rec["peak_tflops"] = serde_json::json!(self.peak_tflops);
+            rec["mfu"] = serde_json::json!(mfu);
+            rec["hfu"] = serde_json::json!(hfu);
+            rec["mfu_6n"] = serde_json::json!(mfu_6n);
+            utilization = format!(
+                " MFU {:.1}% HFU {:.1}% (6N: {:.1}%)",
+                100.0 * mfu,
+                100.0 * hfu,
+                100.0 * mfu_6n
+            );
+        }
         if self.comm.world_size() > 1 {
             rec["comm_fraction"] = serde_json::json!(w.comm_s / secs);
             rec["lora_rank_divergence"] = serde_json::json!(crate::dist::lora::lora_divergence(
@@ -544,6 +600,11 @@ impl<'c> Trainer<'c> {
         if let Some(s) = self.state.scaler {
             sc.push(("train/loss_scale", s.scale));
         }
+        for (tag, key) in [("perf/mfu", "mfu"), ("perf/hfu", "hfu")] {
+            if let Some(v) = rec[key].as_f64() {
+                sc.push((tag, v));
+            }
+        }
         sc.extend(rl.iter().copied());
         self.logs.scalars(step, &sc)?;
         let of = |k: &str| rl.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
@@ -559,7 +620,7 @@ impl<'c> Trainer<'c> {
         self.progress.line(step as u64, total as u64, || {
             format!(
                 "step {step}/{total} loss {avg:.4}{extra} lr {lr:.3e} grad_norm {norm:.4} \
-                 {tps:.0} tok/s {sps:.1} samples/s"
+                 {tps:.0} tok/s {sps:.1} samples/s{utilization}"
             )
         });
         self.window = Window::new();
@@ -639,14 +700,15 @@ impl<'c> Trainer<'c> {
 
     /// The start record and line: ranks, backend, device, parameters, global batch.
     fn log_start(&mut self) -> Result<()> {
-        if self.comm.rank() != 0 {
-            return Ok(());
-        }
         let count = |vs: &tch::nn::VarStore| -> i64 {
             vs.variables().values().map(|t| t.numel() as i64).sum()
         };
         let trainable = count(&self.chat.model.lora);
         let params = count(&self.chat.model.base) + trainable;
+        self.params = params as f64;
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
         let (tc, world) = (&self.cfg.train, self.comm.world_size());
         let global_batch = world as i64 * self.cfg.loader.batch_size as i64 * tc.grad_accum;
         let dev = self.dev;
@@ -656,7 +718,7 @@ impl<'c> Trainer<'c> {
             "backend": self.comm.name(), "device": format!("{dev:?}"), "params": params,
             "trainable_params": trainable, "global_batch": global_batch,
             "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,
-            "vision_cache": self.vision_cache.is_some(),
+            "vision_cache": self.vision_cache.is_some(), "peak_tflops": self.peak_tflops,
         }))?;
         crate::errln!(
             "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {global_batch}",
