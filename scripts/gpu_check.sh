@@ -19,6 +19,8 @@
 #   5b. the same 10 steps with int8 ChatGLM layer weights: peak memory;
 #   5b'. the same 10 steps with NF4 layer weights (QLoRA, model.quantize=nf4): peak memory (goal:
 #      16 GB);
+#   5b''. the memory plan (train.checkpoint_layers = "auto", PLAN_BUDGET_GIB, default 40): which
+#      layers it recomputes, samples/s, MFU / HFU and peak memory against step 5's full recompute;
 #   5c. `bench layer`: the default kernels (fused GELU, one rotary for q and k, LoRA as two thin
 #      matmuls, frozen weights outside autograd) against each alternative at the real width;
 #   5d. the same model through `bench train` on the OpenI-zh report length mix with xrayglm's
@@ -110,6 +112,21 @@ step "5b. the same with int8 ChatGLM layer weights (model.quantize=int8): peak m
 train_real gpu-check-int8 10 --set 'model.quantize="int8"' || { echo "FAIL: int8 training"; FAIL=1; }
 step "5b'. the same with NF4 ChatGLM layer weights (model.quantize=nf4, QLoRA): peak memory (goal: fits in 16 GB)"
 train_real gpu-check-nf4 10 --set 'model.quantize="nf4"' || { echo "FAIL: nf4 training"; FAIL=1; }
+step "5b''. the memory plan: checkpoint_layers=auto under ${PLAN_BUDGET_GIB:-40} GiB (against step 5's every layer recomputed)"
+train_real gpu-check-plan 20 --set 'train.checkpoint_layers="auto"' --set train.memory_budget_gib="${PLAN_BUDGET_GIB:-40}" \
+  || { echo "FAIL: training under the memory plan"; FAIL=1; }
+python3 - "$OUTD/gpu-check-plan/metrics.jsonl" <<'PY' || FAIL=1
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+plan = next(r for r in recs if r.get("event") == "memory_plan")
+steps = [r for r in recs if "samples_per_s" in r][1:]
+sps = sum(r["samples_per_s"] for r in steps) / len(steps)
+mfu = sum(r["mfu"] for r in steps) / len(steps)
+hfu = sum(r["hfu"] for r in steps) / len(steps)
+ours = json.load(open("/tmp/xrayglm_train.json"))
+print(f"plan: recompute {plan['recompute']} of {plan['layers']} layers (base {plan['base_mib']:.0f} MiB, {plan['per_layer_mib']:.0f} MiB a kept layer, predicted {plan['predicted_mib']:.0f} of {plan['budget_mib']:.0f} MiB)")
+print(f"{sps:.2f} samples/s = {sps / ours['samples_per_s']:.2f}x step 5's every layer recomputed; MFU {100*mfu:.1f}% HFU {100*hfu:.1f}%")
+PY
 step "5c. kernel choices at the real width: 4 ChatGLM layers, bf16, micro-batch 8 x 320, checkpointing"
 timeout 120 "$BIN" bench layer --device cuda --dtype bf16 --layers 4 --batch 8 --seq 320 --steps 5 \
   || { echo "FAIL: layer bench"; FAIL=1; }

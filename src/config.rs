@@ -238,6 +238,42 @@ impl Default for ModelSection {
     }
 }
 
+/// `train.checkpoint_layers`: a count of layers to recompute (-1: every layer) or "auto".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CheckpointLayers {
+    Count(i64),
+    Planned(Planned),
+}
+
+/// The word `auto` of `train.checkpoint_layers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Planned {
+    Auto,
+}
+
+impl CheckpointLayers {
+    /// "auto": the memory plan decides.
+    pub const AUTO: CheckpointLayers = CheckpointLayers::Planned(Planned::Auto);
+
+    /// The layers to recompute as the model takes them: `None` for every layer; for "auto" the
+    /// plan's (`planned`).
+    pub fn recompute(self, planned: Option<usize>) -> Option<usize> {
+        match self {
+            CheckpointLayers::Count(k) => usize::try_from(k).ok(),
+            CheckpointLayers::Planned(_) => planned,
+        }
+    }
+}
+
+impl TrainSection {
+    /// Whether steps run the checkpointed backward: `checkpoint_activations`, or the memory plan.
+    pub fn checkpointed(&self) -> bool {
+        self.checkpoint_activations || self.checkpoint_layers == CheckpointLayers::AUTO
+    }
+}
+
 /// `train.resume`: "auto" (the run folder's latest complete checkpoint, if any), "never" (a fresh
 /// run; refused over existing checkpoints) or a checkpoint / run folder.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -377,8 +413,13 @@ pub struct TrainSection {
     pub checkpoint_activations: bool,
     /// With `checkpoint_activations`, recompute only the first this-many ChatGLM layers and keep
     /// the others' activations (memory for speed, like Megatron's `recompute_num_layers`);
-    /// -1: every layer.
-    pub checkpoint_layers: i64,
+    /// -1: every layer; "auto": as few as fit `memory_budget_gib` (a probe at start measures a
+    /// step with every layer recomputed and what a kept layer adds; implies
+    /// `checkpoint_activations`).
+    pub checkpoint_layers: CheckpointLayers,
+    /// The memory a step may use with `checkpoint_layers = "auto"`, GiB; 0: what the device has
+    /// free at start (CUDA: free device memory; CPU: available RAM), with what the run holds.
+    pub memory_budget_gib: f64,
     /// Compute each film's image embeddings once and reuse them (only when
     /// `model.vision_dropout = 0`: XrayGLM's 0.1 makes them differ at every step).
     pub vision_cache: bool,
@@ -478,7 +519,8 @@ impl Default for TrainSection {
             backend: crate::dist::Backend::Auto,
             dist_timeout_s: 30,
             checkpoint_activations: false,
-            checkpoint_layers: -1,
+            checkpoint_layers: CheckpointLayers::Count(-1),
+            memory_budget_gib: 0.0,
             vision_cache: true,
             peak_tflops: 0.0,
             stop_at: 0,
@@ -791,10 +833,17 @@ impl Config {
         if !(0.0..1.0).contains(&t.val_fraction) {
             bail!("train.val_fraction must be in [0, 1)");
         }
-        if t.checkpoint_layers < -1 {
+        if let CheckpointLayers::Count(k) = t.checkpoint_layers {
+            if k < -1 {
+                bail!(
+                    "train.checkpoint_layers {k}: use -1 (every layer), a layer count or \"auto\""
+                );
+            }
+        }
+        if !(t.memory_budget_gib.is_finite() && t.memory_budget_gib >= 0.0) {
             bail!(
-                "train.checkpoint_layers {}: use -1 (every layer) or a layer count",
-                t.checkpoint_layers
+                "train.memory_budget_gib = {}: GiB, or 0 for the device's free memory",
+                t.memory_budget_gib
             );
         }
         if !(t.peak_tflops.is_finite() && t.peak_tflops >= 0.0) {
@@ -838,8 +887,16 @@ mod tests {
     #[test]
     fn checkpoint_layers_must_be_a_count_or_minus_one() {
         let ok = Config::load(None, &["train.checkpoint_layers=3".into()]).unwrap();
-        assert_eq!(ok.train.checkpoint_layers, 3);
-        assert_eq!(Config::load(None, &[]).unwrap().train.checkpoint_layers, -1);
+        assert_eq!(ok.train.checkpoint_layers, CheckpointLayers::Count(3));
+        assert_eq!(
+            Config::load(None, &[]).unwrap().train.checkpoint_layers,
+            CheckpointLayers::Count(-1)
+        );
+        for auto in ["auto", "\"auto\""] {
+            let c = Config::load(None, &[format!("train.checkpoint_layers={auto}")]).unwrap();
+            assert_eq!(c.train.checkpoint_layers, CheckpointLayers::AUTO);
+        }
+        assert!(Config::load(None, &["train.checkpoint_layers=\"some\"".into()]).is_err());
         let e = Config::load(None, &["train.checkpoint_layers=-2".into()])
             .and_then(|c| c.validate())
             .unwrap_err()

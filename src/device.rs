@@ -126,9 +126,8 @@ fn cudart() -> Option<(CudaSetDevice, CudaMemGetInfo)> {
     })
 }
 
-/// Memory in use on a CUDA device, in MiB: the whole device (every process, libtorch's cache
-/// included), as `nvidia-smi` reports it. `None` for the CPU or when the runtime is not found.
-pub fn cuda_used_mib(dev: tch::Device) -> Option<f64> {
+/// `(free, total)` memory of a CUDA device, bytes (cudaMemGetInfo).
+fn cuda_mem_info(dev: tch::Device) -> Option<(usize, usize)> {
     let tch::Device::Cuda(idx) = dev else {
         return None;
     };
@@ -136,7 +135,18 @@ pub fn cuda_used_mib(dev: tch::Device) -> Option<f64> {
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: plain CUDA runtime calls with valid out-pointers; this thread works on `idx`.
     let ok = unsafe { set(idx as i32) == 0 && info(&mut free, &mut total) == 0 };
-    ok.then(|| (total - free) as f64 / (1024.0 * 1024.0))
+    ok.then_some((free, total))
+}
+
+/// Memory in use on a CUDA device, in MiB: the whole device (every process, libtorch's cache
+/// included), as `nvidia-smi` reports it. `None` for the CPU or when the runtime is not found.
+pub fn cuda_used_mib(dev: tch::Device) -> Option<f64> {
+    cuda_mem_info(dev).map(|(free, total)| (total - free) as f64 / (1024.0 * 1024.0))
+}
+
+/// Free memory on a CUDA device, in MiB. `None` for the CPU or when the runtime is not found.
+pub fn cuda_free_mib(dev: tch::Device) -> Option<f64> {
+    cuda_mem_info(dev).map(|(free, _)| free as f64 / (1024.0 * 1024.0))
 }
 
 /// Bytes that can still be allocated on `dev`: free device memory on CUDA, MemAvailable +

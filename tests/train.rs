@@ -1139,3 +1139,79 @@ fn training_logs_mfu_and_hfu() {
     }
     assert_eq!(losses(&measured.run_dir), losses(&ck.run_dir));
 }
+
+/// `train.checkpoint_layers = "auto"` on the `small` preset (4 layers): a first run with room for
+/// everything keeps every layer and logs what the probe measured; under a budget with room for
+/// two and a half kept layers, the plan recomputes some layers but not all, and the run's peak
+/// resident set stays under the budget. The losses are the first run's (the plan changes memory,
+/// not results).
+#[test]
+fn the_memory_plan_recomputes_what_the_budget_needs() {
+    let _serial = common::serial();
+    let Some(tok) = tokenizer() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let small = [
+        "model.preset=\"small\"",
+        "loader.batch_size=4",
+        "train.train_iters=3",
+        "train.eval_interval=3",
+        "train.save_interval=3",
+        "train.checkpoint_layers=\"auto\"",
+    ];
+    let run = |name: &str, extra: &[String]| {
+        let mut o: Vec<&str> = small.to_vec();
+        o.extend(extra.iter().map(String::as_str));
+        xrayglm::train::finetune(&cfg(dir.path(), name, &o), &tok).unwrap()
+    };
+    let records = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let plan_of = |run: &Path| {
+        records(run)
+            .into_iter()
+            .find(|r| r["event"] == "memory_plan")
+            .expect("a memory_plan record")
+    };
+    let roomy = run("roomy", &["train.memory_budget_gib=1000".into()]);
+    let p = plan_of(&roomy.run_dir);
+    assert_eq!(
+        (p["layers"].as_u64(), p["recompute"].as_u64()),
+        (Some(4), Some(0)),
+        "{p}"
+    );
+    let (base, per_layer) = (
+        p["base_mib"].as_f64().unwrap(),
+        p["per_layer_mib"].as_f64().unwrap(),
+    );
+    eprintln!("probe: {base:.0} MiB with every layer recomputed, {per_layer:.1} MiB a kept layer");
+    assert!(
+        per_layer > 1.0,
+        "a kept layer of 4 × 320 tokens holds megabytes: {p}"
+    );
+    // Room for two and a half kept layers under the margin: two kept, two recomputed.
+    let margin = xrayglm::train::memory_plan::MARGIN;
+    let budget_mib = (base + 2.5 * per_layer) / (1.0 - margin);
+    let tight = run(
+        "tight",
+        &[format!("train.memory_budget_gib={}", budget_mib / 1024.0)],
+    );
+    // Two recomputed as planned from the first run's probe; the run probes again itself, and
+    // what the first run left in the process may move it by a layer.
+    let p = plan_of(&tight.run_dir);
+    let recompute = p["recompute"].as_u64().unwrap();
+    assert!((1..4).contains(&recompute), "partial recompute: {p}");
+    let peak = records(&tight.run_dir)
+        .iter()
+        .filter_map(|r| r["peak_rss_mib"].as_f64())
+        .fold(0.0, f64::max);
+    eprintln!("budget {budget_mib:.0} MiB: peak resident set {peak:.0} MiB");
+    assert!(
+        peak > 0.0 && peak <= budget_mib,
+        "peak {peak} MiB over {budget_mib} MiB"
+    );
+    assert_eq!(losses(&roomy.run_dir), losses(&tight.run_dir));
+}

@@ -35,6 +35,10 @@ pub struct TrainArgs {
     /// scripts/bench_train_sat.py.
     #[arg(long)]
     pub vs_sat: Option<PathBuf>,
+    /// Also train under this memory budget with `train.checkpoint_layers = "auto"`, against every
+    /// layer recomputed (`train.checkpoint_activations`), and print both.
+    #[arg(long = "memory_budget_gib", alias = "memory-budget-gib")]
+    pub memory_budget_gib: Option<f64>,
     /// Overrides of xrayglm's side, e.g. `loader.padding="fixed"`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -67,6 +71,19 @@ pub struct TrainBench {
     pub setting: String,
     pub ours: TrainSide,
     pub sat: Option<TrainSide>,
+    /// With `--memory_budget_gib`: every layer recomputed, and the memory plan's run with its
+    /// decision.
+    pub plan: Option<PlanRuns>,
+}
+
+/// `--memory_budget_gib`: the same training with every layer recomputed and under the plan.
+#[derive(Debug, Clone)]
+pub struct PlanRuns {
+    pub full: TrainSide,
+    pub planned: TrainSide,
+    pub budget_mib: f64,
+    pub recompute: usize,
+    pub layers: usize,
 }
 
 /// Goal from the issue: xrayglm's time for the same samples ≤ this fraction of the original's.
@@ -100,6 +117,25 @@ impl std::fmt::Display for TrainBench {
             }
         };
         row(f, "xrayglm", &self.ours)?;
+        if let Some(p) = &self.plan {
+            row(f, "recompute", &p.full)?;
+            row(f, "plan", &p.planned)?;
+            writeln!(
+                f,
+                "  memory plan under {:.0} MiB: recompute {} of {} layers; peak RSS {:.0} MiB ({}), {:.2}x the samples/s of every layer recomputed ({:.0} MiB)",
+                p.budget_mib,
+                p.recompute,
+                p.layers,
+                p.planned.peak_rss_mib,
+                if p.planned.peak_rss_mib <= p.budget_mib {
+                    "under the budget"
+                } else {
+                    "OVER the budget"
+                },
+                p.planned.samples_per_s / p.full.samples_per_s,
+                p.full.peak_rss_mib
+            )?;
+        }
         if let Some(s) = &self.sat {
             row(f, "original", s)?;
             let ratio = s.samples_per_s / self.ours.samples_per_s;
@@ -168,7 +204,50 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
         "train.name=\"bench\"".into(),
     ];
     sets.extend(o.overrides.iter().cloned());
-    let ours = run_ours(o, &sets, &tokenizer, &tmp)?;
+    // One peak for every run's MFU, measured here on the runs' device and dtype (each child
+    // measuring its own would compare noise), unless one is given.
+    if given(&sets, "train.peak_tflops", "0")
+        .parse::<f64>()
+        .unwrap_or(0.0)
+        == 0.0
+    {
+        let dev: crate::device::DeviceSpec = given(&sets, "model.device", "cpu").parse()?;
+        let dtype: crate::device::Dtype = given(&sets, "model.dtype", "fp32").parse()?;
+        let peak = crate::model::flops::matmul_tflops(dev.device()?, dtype.kind());
+        sets.push(format!("train.peak_tflops={peak}"));
+    }
+    let ours = run_ours(o, &sets, &tokenizer, &tmp, "bench")?;
+    let plan = match o.memory_budget_gib {
+        None => None,
+        Some(gib) => {
+            let with = |extra: &[String], name: &str| -> Result<TrainSide> {
+                let mut s = sets.clone();
+                s.extend(extra.iter().cloned());
+                s.push(format!("train.name={name:?}"));
+                run_ours(o, &s, &tokenizer, &tmp, name)
+            };
+            let full = with(&["train.checkpoint_activations=true".into()], "bench-full")?;
+            let planned = with(
+                &[
+                    "train.checkpoint_layers=\"auto\"".into(),
+                    format!("train.memory_budget_gib={gib}"),
+                ],
+                "bench-plan",
+            )?;
+            let event = std::fs::read_to_string(tmp.join("bench-plan/metrics.jsonl"))?
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["event"] == "memory_plan")
+                .context("the planned run logged no memory plan")?;
+            Some(PlanRuns {
+                full,
+                planned,
+                budget_mib: gib * 1024.0,
+                recompute: event["recompute"].as_u64().unwrap_or(0) as usize,
+                layers: event["layers"].as_u64().unwrap_or(0) as usize,
+            })
+        }
+    };
     let threads = tch::get_num_threads();
     let sat = match &o.vs_sat {
         None => None,
@@ -199,14 +278,6 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
             })
         }
     };
-    // The last `--set` of a key wins, as in the trainer.
-    let last = |key: &str, default: &str| {
-        sets.iter()
-            .rev()
-            .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
-            .map(|v| v.trim_matches('"').to_string())
-            .unwrap_or_else(|| default.to_string())
-    };
     Ok(TrainBench {
         preset: o.preset.clone(),
         batch: o.batch,
@@ -216,13 +287,24 @@ pub fn train(o: &TrainArgs) -> Result<TrainBench> {
         mean_len: len_sum as f64 / (o.steps * o.batch).max(1) as f64,
         setting: format!(
             "{} weights, {} precision, on {}",
-            last("model.dtype", "fp32"),
-            last("train.precision", "fp32"),
-            last("model.device", "cpu")
+            given(&sets, "model.dtype", "fp32"),
+            given(&sets, "train.precision", "fp32"),
+            given(&sets, "model.device", "cpu")
         ),
         ours,
         sat,
+        plan,
     })
+}
+
+/// The value of `key` as the trainer takes it from `--set` overrides (the last one wins), quotes
+/// removed.
+fn given(sets: &[String], key: &str, default: &str) -> String {
+    sets.iter()
+        .rev()
+        .find_map(|s| s.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| default.to_string())
 }
 
 /// The benchmark's training list in `tmp`: films from the synthetic generator, reports from
@@ -303,7 +385,13 @@ fn samples_as_built(
 
 /// xrayglm's side: its trainer as a user runs it (this program's `finetune` as a child, so its
 /// peak memory is its own), the steady state read from its metrics after the warm-up steps.
-fn run_ours(o: &TrainArgs, sets: &[String], tokenizer: &Path, tmp: &Path) -> Result<TrainSide> {
+fn run_ours(
+    o: &TrainArgs,
+    sets: &[String],
+    tokenizer: &Path,
+    tmp: &Path,
+    name: &str,
+) -> Result<TrainSide> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("finetune").arg("--tokenizer").arg(tokenizer);
     for s in sets {
@@ -316,7 +404,7 @@ fn run_ours(o: &TrainArgs, sets: &[String], tokenizer: &Path, tmp: &Path) -> Res
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let metrics = std::fs::read_to_string(tmp.join("bench/metrics.jsonl"))?;
+    let metrics = std::fs::read_to_string(tmp.join(name).join("metrics.jsonl"))?;
     let recs: Vec<serde_json::Value> = metrics
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

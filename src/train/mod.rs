@@ -14,6 +14,7 @@ pub mod dpo;
 pub mod generation;
 pub mod grpo;
 pub mod loss;
+pub mod memory_plan;
 pub mod optim;
 pub mod policy;
 pub mod rl_pairs;

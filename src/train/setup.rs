@@ -101,11 +101,10 @@ pub(super) fn base_source(cfg: &Config) -> Result<BaseSource> {
     adapted.lora = Some(cfg.model.lora.clone());
     adapted.validate().context("model.lora")?;
     let layers = source.sizes().num_layers;
-    if cfg.train.checkpoint_layers > layers {
-        bail!(
-            "train.checkpoint_layers {} exceeds the model's {layers} ChatGLM layers",
-            cfg.train.checkpoint_layers,
-        );
+    if let crate::config::CheckpointLayers::Count(k) = cfg.train.checkpoint_layers {
+        if k > layers {
+            bail!("train.checkpoint_layers {k} exceeds the model's {layers} ChatGLM layers");
+        }
     }
     Ok(source)
 }
@@ -274,8 +273,8 @@ pub(super) fn setup_model(
         );
     }
     let tc = &cfg.train;
-    model
-        .set_recompute_layers((tc.checkpoint_layers >= 0).then_some(tc.checkpoint_layers as usize));
+    // "auto" is decided by the memory plan once the model is on its device.
+    model.set_recompute_layers(tc.checkpoint_layers.recompute(None));
     Ok((model, base))
 }
 

@@ -244,8 +244,11 @@ impl<'c> Trainer<'c> {
             peak_gpu_mib: 0.0,
             rl,
             flops_plan: crate::model::flops::StepPlan {
-                checkpointed: cfg.train.checkpoint_activations,
-                recompute_layers: usize::try_from(cfg.train.checkpoint_layers)
+                checkpointed: cfg.train.checkpointed(),
+                recompute_layers: cfg
+                    .train
+                    .checkpoint_layers
+                    .recompute(None)
                     .unwrap_or(usize::MAX),
             },
             peak_tflops: cfg.train.peak_tflops,
@@ -256,6 +259,9 @@ impl<'c> Trainer<'c> {
             trainer.peak_tflops = crate::model::flops::matmul_tflops(dev, kind);
         }
         trainer.log_start()?;
+        if cfg.train.checkpoint_layers == crate::config::CheckpointLayers::AUTO {
+            trainer.plan_memory()?;
+        }
         Ok(trainer)
     }
 
@@ -425,7 +431,7 @@ impl<'c> Trainer<'c> {
             let l = self.chat.model.loss_backward(
                 &inputs,
                 scale / tc.grad_accum as f64,
-                tc.checkpoint_activations,
+                tc.checkpointed(),
             )?;
             if !l.is_finite() {
                 let ids: Vec<&str> = b
@@ -696,6 +702,38 @@ impl<'c> Trainer<'c> {
         }
         self.last_gen = Some((step, r.clone()));
         Ok(r)
+    }
+
+    /// `train.checkpoint_layers = "auto"`: probe a worst-case micro-batch, recompute as few layers
+    /// as fit the budget (see [`super::memory_plan`]), say so.
+    fn plan_memory(&mut self) -> Result<()> {
+        let tc = &self.cfg.train;
+        let (rows, seq) = (
+            self.cfg.loader.batch_size as i64,
+            self.cfg.sample.max_seq_len() as i64,
+        );
+        let probe = super::memory_plan::probe(&mut self.chat.model, rows, seq)?;
+        let budget = if tc.memory_budget_gib > 0.0 {
+            tc.memory_budget_gib * (1u64 << 30) as f64
+        } else {
+            super::memory_plan::default_budget(self.dev)
+        };
+        let layers = self.chat.model.cfg.sat.num_layers as usize;
+        let plan = super::memory_plan::plan(&probe, layers, budget);
+        self.chat.model.set_recompute_layers(Some(plan.recompute));
+        self.flops_plan.recompute_layers = plan.recompute;
+        if self.comm.rank() == 0 {
+            crate::errln!("{plan}");
+            let mib = |b: f64| b / (1024.0 * 1024.0);
+            self.logs.write(&serde_json::json!({
+                "event": "memory_plan", "step": self.state.step, "layers": layers,
+                "recompute": plan.recompute, "budget_mib": mib(plan.budget),
+                "predicted_mib": mib(plan.predicted), "base_mib": mib(probe.base),
+                "per_layer_mib": mib(probe.per_layer), "rows": rows, "seq": seq,
+                "fits": plan.fits,
+            }))?;
+        }
+        Ok(())
     }
 
     /// The start record and line: ranks, backend, device, parameters, global batch.
