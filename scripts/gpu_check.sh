@@ -24,7 +24,8 @@
 #   5c. `bench layer`: the default kernels (fused GELU, one rotary for q and k, LoRA as two thin
 #      matmuls, frozen weights outside autograd) against each alternative at the real width;
 #   5d. the same model through `bench train` on the OpenI-zh report length mix with xrayglm's
-#      defaults (dynamic padding): samples/s and report tokens/s (the original pads to 320);
+#      defaults (dynamic padding) and the memory plan under the device's free memory:
+#      samples/s, report tokens/s, MFU / HFU (the original pads to 320 and recomputes every layer);
 #   6. real-size greedy decoding in bf16 with the KV cache: time to first token, tokens/s at batch 1, 8;
 #   6b. `bench serve` on the real size in bf16: 1, 4, 8, 16 concurrent API clients against one at a
 #      time (continuous batching; the TTFT goal that 2 CPU cores cannot reach);
@@ -130,14 +131,15 @@ PY
 step "5c. kernel choices at the real width: 4 ChatGLM layers, bf16, micro-batch 8 x 320, checkpointing"
 timeout 120 "$BIN" bench layer --device cuda --dtype bf16 --layers 4 --batch 8 --seq 320 --steps 5 \
   || { echo "FAIL: layer bench"; FAIL=1; }
-step "5d. real-size training on the OpenI-zh report length mix, xrayglm's defaults (dynamic padding), bf16, micro-batch 8"
+step "5d. real-size training on the OpenI-zh report length mix, xrayglm's defaults (dynamic padding), the memory plan, bf16, micro-batch 8"
 rm -f /tmp/xrayglm_mix.txt
 if [ -f "$B/openi-zh.json" ]; then
   set -o pipefail
   timeout 240 "$BIN" bench train --preset visualglm-6b --batch 8 --steps 14 --warm 4 --films 64 \
     --reports "$B/openi-zh.json" --tokenizer "$TOK" \
     --set 'model.device="cuda"' --set 'model.dtype="bf16"' --set 'train.precision="bf16"' \
-    --set train.checkpoint_activations=true --set 'train.backend="nccl"' | tee /tmp/xrayglm_mix.txt \
+    --set 'train.checkpoint_layers="auto"' --set train.peak_tflops="$PEAK_TFLOPS" \
+    --set 'train.backend="nccl"' | tee /tmp/xrayglm_mix.txt \
     || { echo "FAIL: real-size training on the OpenI-zh mix"; FAIL=1; }
   set +o pipefail
 else

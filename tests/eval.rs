@@ -22,13 +22,7 @@ fn coco_metrics_equal_pycocoevalcap() {
     let cases = fx["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
     assert!(cases.iter().any(|c| c["name"] == "mixed-ascii-runs"));
-    let strs = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_string())
-            .collect()
-    };
+    let strs = common::strings;
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let lang = if c["lang"] == "en" {
@@ -529,13 +523,7 @@ fn eval_page_shows_studies_findings_and_filters_in_headless_chromium() {
         (v["images"].as_u64(), v["images_loaded"].as_u64()),
         (Some(4), Some(4))
     );
-    let ids = |x: &serde_json::Value| -> Vec<String> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_str().unwrap().to_string())
-            .collect()
-    };
+    let ids = common::strings;
     let set = |x: &serde_json::Value| -> BTreeSet<String> { ids(x).into_iter().collect() };
     // A known study: s4's model A states cardiomegaly rightly and invents a right pneumothorax,
     // with the phrase on hover.

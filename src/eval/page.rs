@@ -343,26 +343,11 @@ pub fn agreement_page(
         esc(nb)
     );
     for r in rows {
-        let dis: Vec<String> = r
-            .disagreements
-            .iter()
-            .take(3)
-            .map(|(x, y, n)| format!("{}→{} {n}", x.mark(), y.mark()))
-            .collect();
-        let _ = write!(
-            table,
-            "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{} / {}</td><td>{} / {}</td><td>{} / {}</td><td>{}</td></tr>",
-            esc(r.observation.name()),
-            r.kappa,
-            r.kappa_positive,
-            r.a[3],
-            r.b[3],
-            r.a[1],
-            r.b[1],
-            r.a[2],
-            r.b[2],
-            esc(&dis.join(", "))
-        );
+        table.push_str("<tr>");
+        for cell in super::findings::files::agreement_cells(r) {
+            let _ = write!(table, "<td>{}</td>", esc(&cell));
+        }
+        table.push_str("</tr>");
     }
     table.push_str("</tbody></table>");
     let ua = UncertainAs::Negative;

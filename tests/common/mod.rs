@@ -380,6 +380,15 @@ pub fn test_output() -> PathBuf {
     d
 }
 
+/// A JSON list of strings.
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The positive observations (codes) of a per-report line's findings object.
 fn positive_codes(v: &serde_json::Value) -> std::collections::BTreeSet<String> {
     v.as_object()
@@ -425,20 +434,8 @@ pub fn check_eval_page(v: &serde_json::Value, models: &[(&str, PathBuf)]) -> Vec
                 .collect()
         })
         .collect();
-    let set = |x: &serde_json::Value| -> BTreeSet<String> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_str().unwrap().to_string())
-            .collect()
-    };
-    let ids = |x: &serde_json::Value| -> Vec<String> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_str().unwrap().to_string())
-            .collect()
-    };
+    let set = |x: &serde_json::Value| -> BTreeSet<String> { strings(x).into_iter().collect() };
+    let ids = strings;
     assert_eq!(v["studies"].as_u64(), Some(order.len() as u64), "{v}");
     assert_eq!(ids(&v["all"]), order);
     let chips = v["chips"].as_object().unwrap();

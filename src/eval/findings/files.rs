@@ -355,36 +355,35 @@ pub fn counts_markdown(what: &str, labels: &[Labels]) -> String {
     s
 }
 
+/// One observation's agreement as its table row's cells: the observation, κ over the four states,
+/// κ of "present", the positive / negative / uncertain counts of both sides, and the three
+/// commonest disagreements (`+→. 14`).
+pub fn agreement_cells(r: &super::ce::Agreement) -> [String; 7] {
+    let dis: Vec<String> = r
+        .disagreements
+        .iter()
+        .take(3)
+        .map(|(x, y, n)| format!("{}→{} {n}", x.mark(), y.mark()))
+        .collect();
+    [
+        r.observation.name().to_string(),
+        format!("{:.3}", r.kappa),
+        format!("{:.3}", r.kappa_positive),
+        format!("{} / {}", r.a[3], r.b[3]),
+        format!("{} / {}", r.a[1], r.b[1]),
+        format!("{} / {}", r.a[2], r.b[2]),
+        dis.join(", "),
+    ]
+}
+
 /// Per-observation agreement as a Markdown table.
 pub fn agreement_markdown(rows: &[super::ce::Agreement], la: Lang, lb: Lang) -> String {
-    let name = |l: Lang| match l {
-        Lang::Zh => "zh",
-        Lang::En => "en",
-    };
-    let (a, b) = (name(la), name(lb));
+    let (a, b) = (la.code(), lb.code());
     let mut s = format!(
         "\n| observation | κ (4 states) | κ (positive) | positive {a} / {b} | negative {a} / {b} | uncertain {a} / {b} | commonest disagreements ({a} → {b}) |\n|---|---|---|---|---|---|---|\n"
     );
     for r in rows {
-        let dis: Vec<String> = r
-            .disagreements
-            .iter()
-            .take(3)
-            .map(|(x, y, n)| format!("{}→{} {n}", x.mark(), y.mark()))
-            .collect();
-        s.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {} / {} | {} / {} | {} / {} | {} |\n",
-            r.observation.name(),
-            r.kappa,
-            r.kappa_positive,
-            r.a[3],
-            r.b[3],
-            r.a[1],
-            r.b[1],
-            r.a[2],
-            r.b[2],
-            dis.join(", ")
-        ));
+        s.push_str(&format!("| {} |\n", agreement_cells(r).join(" | ")));
     }
     s
 }
