@@ -155,11 +155,7 @@ pub fn step(a: &StepArgs) -> Result<StepBench> {
         films: batch,
     };
     let flops = crate::model::flops::training_step(&cfg, &shape, &Default::default()).model();
-    let params: i64 = [&m.base, &m.lora]
-        .iter()
-        .flat_map(|vs| vs.variables().into_values())
-        .map(|t| t.numel() as i64)
-        .sum();
+    let (params, _) = m.parameter_counts();
     let (peak_tflops, peak_measured) = match a.peak_tflops {
         Some(p) if p > 0.0 => (p, false),
         Some(p) => anyhow::bail!("--peak_tflops {p}: a device's peak TFLOP/s, above 0"),

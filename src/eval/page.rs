@@ -117,6 +117,11 @@ pub enum ChipKind {
 }
 
 impl ChipKind {
+    /// A finding the report (or the second labelling) gets wrong.
+    fn is_error(self) -> bool {
+        matches!(self, Self::Missed | Self::Invented | Self::Differs)
+    }
+
     fn class(self) -> &'static str {
         match self {
             Self::Stated => "stated",
@@ -155,12 +160,7 @@ pub struct Column {
 
 impl Column {
     fn has_error(&self) -> bool {
-        self.chips.iter().any(|c| {
-            matches!(
-                c.kind,
-                ChipKind::Missed | ChipKind::Invented | ChipKind::Differs
-            )
-        })
+        self.chips.iter().any(|c| c.kind.is_error())
     }
 }
 
@@ -1045,10 +1045,7 @@ impl Page {
             for c in &cols {
                 for chip in &c.chips {
                     obs.insert(chip.observation);
-                    if matches!(
-                        chip.kind,
-                        ChipKind::Missed | ChipKind::Invented | ChipKind::Differs
-                    ) {
+                    if chip.kind.is_error() {
                         err_obs.insert(chip.observation);
                     }
                 }

@@ -135,6 +135,15 @@ impl VisualGlm {
         self.glm_proj.linear.weight.kind()
     }
 
+    /// `(all, trainable)` parameters: the frozen weights and the adapters, and the adapters.
+    pub fn parameter_counts(&self) -> (i64, i64) {
+        let count = |vs: &tch::nn::VarStore| -> i64 {
+            vs.variables().values().map(|t| t.numel() as i64).sum()
+        };
+        let trainable = count(&self.lora);
+        (count(&self.base) + trainable, trainable)
+    }
+
     /// Whether adapters sit on the vision side (ViT, Q-Former or glm_proj): then its output
     /// depends on trainable weights (no feature cache) and training backpropagates through it.
     pub fn vision_adapted(&self) -> bool {

@@ -254,6 +254,7 @@ impl<'c> Trainer<'c> {
             peak_tflops: cfg.train.peak_tflops,
             params: 0.0,
         };
+        trainer.params = trainer.chat.model.parameter_counts().0 as f64;
         if trainer.peak_tflops == 0.0 {
             let kind = trainer.chat.model.kind();
             trainer.peak_tflops = crate::model::flops::matmul_tflops(dev, kind);
@@ -738,12 +739,7 @@ impl<'c> Trainer<'c> {
 
     /// The start record and line: ranks, backend, device, parameters, global batch.
     fn log_start(&mut self) -> Result<()> {
-        let count = |vs: &tch::nn::VarStore| -> i64 {
-            vs.variables().values().map(|t| t.numel() as i64).sum()
-        };
-        let trainable = count(&self.chat.model.lora);
-        let params = count(&self.chat.model.base) + trainable;
-        self.params = params as f64;
+        let (params, trainable) = self.chat.model.parameter_counts();
         if self.comm.rank() != 0 {
             return Ok(());
         }
