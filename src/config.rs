@@ -384,7 +384,15 @@ pub struct TrainSection {
     pub eps: f64,
     /// Global gradient-norm clip (XrayGLM 0.1; 0 = off).
     pub clip_grad: f64,
+    /// Micro-batches per rank per step, read only when the global batch comes from it (a fresh
+    /// run with `global_batch_size = 0`); otherwise derived from the global batch and the world
+    /// size (the start line says which).
     pub grad_accum: i64,
+    /// Samples per optimizer step over every rank: accumulation is derived as
+    /// `global_batch_size / (ranks · loader.batch_size)`, so a run restarted on another number of
+    /// ranks trains the same recipe. 0: the checkpoint's when resuming, else
+    /// `ranks · loader.batch_size · grad_accum`.
+    pub global_batch_size: usize,
     /// fp32, bf16 (no scaling) or fp16 (dynamic loss scaling).
     pub precision: crate::device::Dtype,
     pub initial_scale_power: u32,
@@ -502,6 +510,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             clip_grad: 0.1,
             grad_accum: 1,
+            global_batch_size: 0,
             precision: crate::device::Dtype::Fp32,
             initial_scale_power: 16,
             loss_scale_window: 400,

@@ -480,6 +480,7 @@ fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
                     Shard {
                         rank: r,
                         world_size: w,
+                        accum: 1,
                     },
                     bs,
                     false,
@@ -519,6 +520,7 @@ fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
                     Shard {
                         rank: r,
                         world_size: w,
+                        accum: 1,
                     },
                     bs,
                     true,
@@ -531,6 +533,53 @@ fn sharding_covers_every_sample_once_per_epoch_with_equal_steps() {
     assert_ne!(epoch_order(50, 1, 0, true), epoch_order(50, 1, 1, true));
     assert_eq!(epoch_order(50, 1, 3, true), epoch_order(50, 1, 3, true));
     assert_eq!(epoch_order(5, 1, 0, false), vec![0, 1, 2, 3, 4]);
+}
+
+/// A step's global batch is the same samples, cut into the same micro-batches, for every split
+/// of it over ranks and accumulation — what lets a run resume on another number of ranks.
+#[test]
+fn every_world_size_sees_the_same_global_batches() {
+    for (n, bs, global) in [
+        (23usize, 2usize, 8usize),
+        (50, 3, 12),
+        (7, 1, 4),
+        (64, 4, 16),
+    ] {
+        let order = epoch_order(n, 5, 0, true);
+        // Micro-batch j of step k, as the ranks of a split see them.
+        let steps_of = |w: usize| -> Vec<Vec<Vec<usize>>> {
+            let accum = global / (w * bs);
+            let per_rank: Vec<Vec<Vec<usize>>> = (0..w)
+                .map(|r| {
+                    let shard = Shard {
+                        rank: r,
+                        world_size: w,
+                        accum,
+                    };
+                    shard_batches(&order, shard, bs, false)
+                })
+                .collect();
+            let steps = per_rank[0].len() / accum;
+            assert!(per_rank.iter().all(|b| b.len() == steps * accum));
+            (0..steps)
+                .map(|k| {
+                    (0..w * accum)
+                        .map(|j| per_rank[j % w][k * accum + j / w].clone())
+                        .collect()
+                })
+                .collect()
+        };
+        let one = steps_of(1);
+        assert_eq!(one.len(), n.div_ceil(global), "n={n}: whole global batches");
+        assert!(one.iter().flatten().all(|m| m.len() == bs));
+        for w in (2..=global / bs).filter(|w| (global / bs).is_multiple_of(*w)) {
+            assert_eq!(
+                steps_of(w),
+                one,
+                "n={n} B={bs} G={global}: {w} ranks differ"
+            );
+        }
+    }
 }
 
 fn synthetic_dataset(dir: &Path, n: usize, shared: &Path) -> Arc<Dataset> {
@@ -562,6 +611,7 @@ fn loader_batches_pad_shard_and_resume_exactly() {
     let shard = Shard {
         rank: 1,
         world_size: 2,
+        accum: 1,
     };
     let loader = Loader::new(Arc::clone(&ds), cfg.clone(), shard, LoaderState::default()).unwrap();
     let per_epoch = loader.batches_per_epoch();
@@ -622,6 +672,7 @@ fn loader_batches_pad_shard_and_resume_exactly() {
                 Shard {
                     rank: r,
                     world_size: 2,
+                    accum: 1,
                 },
                 LoaderState::default(),
             )
@@ -762,6 +813,7 @@ fn sat_sampler_batches_follow_the_reference_order() {
         Shard {
             rank: 1,
             world_size: 2,
+            accum: 1,
         },
         LoaderState::default(),
     )
@@ -780,6 +832,7 @@ fn sat_sampler_batches_follow_the_reference_order() {
         Shard {
             rank: 1,
             world_size: 2,
+            accum: 1,
         },
         LoaderState {
             epoch: 0,
@@ -849,6 +902,7 @@ fn length_grouped_loader_resumes_exactly() {
     let shard = Shard {
         rank: 0,
         world_size: 2,
+        accum: 1,
     };
     let first: Vec<_> = Loader::new(Arc::clone(&ds), cfg.clone(), shard, LoaderState::default())
         .unwrap()

@@ -111,6 +111,75 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
     for (x, y) in b.iter().zip(&c) {
         assert_eq!(x["loss"], y["loss"], "step {}", x["step"]);
     }
+    // Elastic: 2 ranks to step 3, then 1 rank (the checkpoint's global batch of 4, so
+    // accumulation 2); and 1 rank (train.global_batch_size = 4) to step 3, then 2 ranks. Both
+    // continue the uninterrupted trajectory.
+    for (name, first, then, extra) in [
+        ("two_then_one", 2, 1, None),
+        ("one_then_two", 1, 2, Some("train.global_batch_size=4")),
+    ] {
+        let with = |more: &[&'static str]| {
+            let mut v: Vec<&str> = extra.into_iter().collect();
+            v.extend(more);
+            sets(dir.path(), name, &v)
+        };
+        common::ok(&mut finetune(&shared, first, &with(&["train.stop_at=3"])));
+        let out = common::ok(&mut finetune(&shared, then, &with(&[])));
+        let said = String::from_utf8_lossy(&out.stderr);
+        let accum = 2 / then;
+        assert!(
+            said.contains(&format!(
+                "resuming on {then} rank(s) a run saved by {first}: global batch 4 = {then} rank(s) × micro-batch 2 × accumulation {accum}"
+            )),
+            "{name}: {said}"
+        );
+        let run = dir.path().join(name);
+        let start: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["event"] == "start")
+            .collect();
+        assert_eq!(start.len(), 2, "{name}");
+        assert!(start[0].get("world_size_changed").is_none());
+        assert_eq!(start[1]["world_size_changed"]["from"], first, "{name}");
+        assert_eq!(start[1]["world_size_changed"]["to"], then, "{name}");
+        assert_eq!(start[1]["global_batch"], 4, "{name}");
+        assert_eq!(start[1]["grad_accum"], accum, "{name}");
+        let e = log(&run);
+        assert_eq!(e.len(), 6, "{name}");
+        for (x, y) in a.iter().zip(&e) {
+            let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+            assert!(
+                (lx - ly).abs() <= 1e-5 * lx.abs(),
+                "{name} step {}: {lx} vs {ly}",
+                x["step"]
+            );
+        }
+        let le = final_lora(&run);
+        for (k, v) in &la {
+            let err = (&le[k] - v).abs().max().double_value(&[])
+                / v.abs().max().double_value(&[]).max(1e-12);
+            assert!(err <= 1e-5, "{name} {k}: {err:.3e}");
+        }
+    }
+    // A world that cannot split the global batch is refused before anything is written.
+    let out = finetune(
+        &shared,
+        1,
+        &sets(dir.path(), "odd", &["train.global_batch_size=3"]),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(
+            "train.global_batch_size 3 cannot be split over 1 rank(s) × loader.batch_size 2"
+        ),
+        "{said}"
+    );
+    assert!(!dir.path().join("odd").exists());
 }
 
 /// GRPO over two ranks: each rank samples its micro-batch from the seed one process accumulating

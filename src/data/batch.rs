@@ -1,14 +1,17 @@
 //! Batches: deterministic shuffling, sharding over data-parallel ranks, padding, a resumable
 //! position, and image preprocessing on background threads.
 //!
-//! Order: epoch `e` is a Fisher–Yates shuffle of `0..N` seeded by `(seed, e)`. With W > 1 ranks the
-//! order is padded by wrapping around to a multiple of the global batch W·B; global batch k is the
-//! k-th block of W·B positions and rank r takes its r-th slice of B (sat's
-//! `DistributedBatchSampler`). Every rank gets the same number of full batches (so no rank waits
-//! in an all-reduce that another never joins) and every sample is seen once per epoch across
-//! ranks (exactly once when N is a multiple of W·B; the few wrapped samples twice otherwise). A
-//! single process keeps a short last batch instead. `drop_last` drops the tail that does not fill
-//! a whole global batch.
+//! Order: epoch `e` is a Fisher–Yates shuffle of `0..N` seeded by `(seed, e)`. A step's global
+//! batch is G = W·A·B samples (W ranks, A micro-batches of B each). The order is padded by
+//! wrapping around to a multiple of G; global batch k is positions [k·G, (k+1)·G), cut into W·A
+//! micro-batches of B, and micro-batch j goes to rank j mod W as its ⌊j / W⌋-th of the step (for
+//! A = 1 this is sat's `DistributedBatchSampler`: rank r takes the r-th slice of B). So every world
+//! size that divides G sees the same samples in every step, which is what lets a run resume on
+//! another number of ranks; every rank gets the same number of full batches (no rank waits in an
+//! all-reduce that another never joins), and every sample is seen once per epoch across ranks
+//! (exactly once when N is a multiple of G; the few wrapped samples twice otherwise). A single
+//! process without accumulation (G = B) keeps a short last batch instead. `drop_last` drops the
+//! tail that does not fill a whole global batch.
 //!
 //! The reference pads every sample to 320 tokens (`padding = "fixed"`); `"dynamic"` pads each batch
 //! to its longest sample (optionally rounded up to a multiple), which is numerically identical for the
@@ -97,11 +100,13 @@ pub struct LoaderState {
     pub offset: usize,
 }
 
-/// This process's place among the data-parallel ranks.
+/// This process's place among the data-parallel ranks, and how many micro-batches each rank
+/// takes per step (the global batch is `world_size · accum · batch_size`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     pub rank: usize,
     pub world_size: usize,
+    pub accum: usize,
 }
 
 impl Default for Shard {
@@ -109,7 +114,15 @@ impl Default for Shard {
         Self {
             rank: 0,
             world_size: 1,
+            accum: 1,
         }
+    }
+}
+
+impl Shard {
+    /// Samples per step over every rank and micro-batch.
+    pub fn global_batch(&self, batch_size: usize) -> usize {
+        self.world_size * self.accum.max(1) * batch_size
     }
 }
 
@@ -390,22 +403,23 @@ pub fn shard_batches(
     drop_last: bool,
 ) -> Vec<Vec<usize>> {
     let w = shard.world_size;
-    let global = w * batch_size;
+    let global = shard.global_batch(batch_size);
     let mut order = order.to_vec();
     if drop_last {
         order.truncate(order.len() / global * global);
-    } else if w > 1 && !order.is_empty() && !order.len().is_multiple_of(global) {
-        // Every rank gets full batches and the same number of steps.
+    } else if global > batch_size && !order.is_empty() && !order.len().is_multiple_of(global) {
+        // Every rank gets full batches and the same number of steps, and no step spans two epochs.
         let pad = global - order.len() % global;
         for i in 0..pad {
             order.push(order[i % order.len()]);
         }
     }
-    // Global batch k is order[k·W·B .. (k+1)·W·B); rank r takes its r-th slice of B, as sat's
-    // DistributedBatchSampler does. One process with W micro-batches of gradient accumulation
-    // sees exactly the same samples per step.
+    // Each round of W·B positions gives every rank one micro-batch: rank r takes the r-th slice
+    // of B, as sat's DistributedBatchSampler does. A step takes A rounds, so its global batch is
+    // the same G samples for every W·A with the same product: one process accumulating W·A
+    // micro-batches sees exactly what W ranks accumulating A each see.
     order
-        .chunks(global)
+        .chunks(w * batch_size)
         .filter_map(|g| {
             let start = shard.rank * batch_size;
             (start < g.len()).then(|| g[start..(start + batch_size).min(g.len())].to_vec())
@@ -515,7 +529,7 @@ impl Loader {
             bail!(
                 "no batches: {} samples cannot fill one global batch of {} with drop_last",
                 loader.dataset.len(),
-                loader.cfg.batch_size * shard.world_size
+                shard.global_batch(loader.cfg.batch_size)
             );
         }
         if loader.cfg.sampler != Sampler::Sat && start.offset > per_epoch {
@@ -568,7 +582,7 @@ impl Loader {
                     &lens,
                     self.cfg.seed,
                     self.plan.epoch,
-                    self.cfg.batch_size * self.shard.world_size,
+                    self.shard.global_batch(self.cfg.batch_size),
                 )
             } else {
                 epoch_order(

@@ -11,6 +11,7 @@
 pub use crate::logs::{metrics, progress};
 pub mod checkpoint;
 pub mod dpo;
+pub mod elastic;
 pub mod generation;
 pub mod grpo;
 pub mod loss;
@@ -51,6 +52,15 @@ pub struct TrainerState {
     /// The frozen base model: a directory (relative to the run folder when inside it).
     pub base_model: String,
     pub last_loss: f64,
+    /// The ranks, micro-batches per rank and samples per step of the run that wrote this state
+    /// (0: not recorded): `loader` counts micro-batches of that split, and a resume on another
+    /// number of ranks keeps the global batch ([`elastic`]).
+    #[serde(default)]
+    pub world_size: usize,
+    #[serde(default)]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub global_batch: usize,
 }
 
 /// What a run reports at the end.

@@ -395,13 +395,11 @@ pub(super) fn setup_optimizer(cfg: &Config, model: &VisualGlm) -> Result<(AdamW,
 /// Load a checkpoint's adapters, optimizer moments and trainer state.
 pub(super) fn resume(
     ck: &Path,
+    saved: TrainerState,
     model: &mut VisualGlm,
     opt: &mut AdamW,
     fresh: TrainerState,
 ) -> Result<TrainerState> {
-    let saved: TrainerState =
-        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json"))?)
-            .with_context(|| format!("{}: trainer_state.json", ck.display()))?;
     let lora = crate::weights::read_safetensors(&ck.join("lora.safetensors"))?;
     crate::weights::load_into(
         model,
@@ -420,4 +418,12 @@ pub(super) fn resume(
         base_model: fresh.base_model,
         ..saved
     })
+}
+
+/// A checkpoint's `trainer_state.json`.
+pub(super) fn read_state(ck: &Path) -> Result<TrainerState> {
+    let path = ck.join("trainer_state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
 }

@@ -22,7 +22,8 @@ use super::progress::Progress;
 use super::scaler::LossScaler;
 use super::schedule::Schedule;
 use super::setup::{
-    base_source, held_out_batches, resume, setup_data, setup_model, setup_optimizer, setup_ranks,
+    base_source, held_out_batches, read_state, resume, setup_data, setup_model, setup_optimizer,
+    setup_ranks,
 };
 use super::vision_cache::VisionCache;
 use super::{Summary, TrainerState};
@@ -40,6 +41,10 @@ pub struct Trainer<'c> {
     comm: Box<dyn Comm>,
     run_dir: PathBuf,
     resumed: bool,
+    /// The global batch and its split over this run's ranks and micro-batches.
+    batch: super::elastic::GlobalBatch,
+    /// Set when the run resumed on another number of ranks than saved its checkpoint.
+    elastic_note: Option<(usize, String)>,
     /// The model being trained, with the tokenizer and prompt template to make reports with.
     chat: ChatModel,
     opt: AdamW,
@@ -148,6 +153,16 @@ impl<'c> Trainer<'c> {
         let root = comm.rank() == 0;
         let run_dir = cfg.train.out_dir.join(&cfg.train.name);
         let resume_from = checkpoint::resume_from(&run_dir, &cfg.train.resume)?;
+        // The global batch (kept from the checkpoint) and this world's share of it.
+        let saved = resume_from.as_deref().map(read_state).transpose()?;
+        let batch = super::elastic::resolve(cfg, comm.world_size(), saved.as_ref())?;
+        let start_at = saved
+            .as_ref()
+            .map(|s| super::elastic::loader_position(s, &batch))
+            .transpose()?;
+        let elastic_note = saved
+            .as_ref()
+            .and_then(|s| super::elastic::change_note(s, &batch).map(|note| (s.world_size, note)));
         let source = base_source(cfg)?;
         let mut data = setup_data(cfg, tokenizer, source.sizes())?;
         // The inputs check out: only now is anything written.
@@ -171,11 +186,18 @@ impl<'c> Trainer<'c> {
         let val_batches = held_out_batches(cfg, &data)?;
         let (mut opt, schedule) = setup_optimizer(cfg, &model)?;
         let mut state = fresh_state(cfg, base);
-        if let Some(ck) = &resume_from {
-            state = resume(ck, &mut model, &mut opt, state)?;
+        if let (Some(ck), Some(saved), Some(at)) = (&resume_from, saved, start_at) {
+            state = resume(ck, saved, &mut model, &mut opt, state)?;
+            state.loader = at;
         }
+        (state.world_size, state.grad_accum, state.global_batch) =
+            (batch.world, batch.accum, batch.global);
         if root {
-            crate::io::write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            // The config as it ran: the global batch and this world's accumulation resolved.
+            let mut resolved = cfg.clone();
+            resolved.train.global_batch_size = batch.global;
+            resolved.train.grad_accum = batch.accum as i64;
+            crate::io::write_atomic(&run_dir.join("config.toml"), resolved.to_toml()?.as_bytes())?;
             crate::io::write_json_atomic(&run_dir.join("model_config.json"), &model.cfg.to_sat())?;
         }
         // Every rank starts from rank 0's LoRA weights.
@@ -183,6 +205,7 @@ impl<'c> Trainer<'c> {
         let shard = Shard {
             rank: comm.rank(),
             world_size: comm.world_size(),
+            accum: batch.accum,
         };
         if cfg.train.best_metric == crate::config::BestMetric::ValLoss && data.val.is_empty() {
             bail!(
@@ -219,6 +242,8 @@ impl<'c> Trainer<'c> {
             comm,
             run_dir,
             resumed: resume_from.is_some(),
+            batch,
+            elastic_note,
             chat: ChatModel::new(model, tokenizer.clone())?,
             opt,
             schedule,
@@ -397,22 +422,25 @@ impl<'c> Trainer<'c> {
     }
 
     /// The seed of micro-batch `micro` of the coming step on this rank: a function of the run's
-    /// seed, the step and the micro-batch's place among every rank's, so that a resumed run and a
-    /// run on more ranks draw what one uninterrupted process accumulating the same global batch
-    /// draws.
+    /// seed, the step and the micro-batch's place j = micro · W + rank in the global batch (the
+    /// samples it holds, `data::batch`), so that a resumed run and a run on any number of ranks
+    /// draw what one uninterrupted process accumulating the same global batch draws.
     fn micro_seed(&self, micro: i64) -> i64 {
-        let tc = &self.cfg.train;
-        (tc.seed as i64)
+        let b = &self.batch;
+        let place = micro * b.world as i64 + self.comm.rank() as i64;
+        let stride = (b.world * b.accum).max(64) as i64;
+        (self.cfg.train.seed as i64)
             .wrapping_mul(1_000_003)
-            .wrapping_add(self.state.step * 64 + (self.comm.rank() as i64) * tc.grad_accum + micro)
+            .wrapping_add(self.state.step * stride + place)
     }
 
     /// Forward and backward of this step's micro-batches (gradients of `loss · scale`
     /// accumulated): the summed loss, or the first non-finite loss with the samples it came from.
     fn micro_batches(&mut self, scale: f64) -> Result<(f64, Option<String>)> {
         let tc = &self.cfg.train;
+        let accum = self.batch.accum as i64;
         let mut loss_sum = 0.0;
-        for micro in 0..tc.grad_accum {
+        for micro in 0..accum {
             let b = self.loader.next().context("the loader ended")??;
             // Dropout masks depend only on (seed, step, micro-batch, layer): resume is exact and
             // activation checkpointing recomputes the same masks.
@@ -429,11 +457,10 @@ impl<'c> Trainer<'c> {
                 None => t.images.size()[0],
             };
             let inputs = b.inputs(&t, cached.as_ref());
-            let l = self.chat.model.loss_backward(
-                &inputs,
-                scale / tc.grad_accum as f64,
-                tc.checkpointed(),
-            )?;
+            let l =
+                self.chat
+                    .model
+                    .loss_backward(&inputs, scale / accum as f64, tc.checkpointed())?;
             if !l.is_finite() {
                 let ids: Vec<&str> = b
                     .indices
@@ -474,7 +501,7 @@ impl<'c> Trainer<'c> {
     ) -> Result<(f64, bool)> {
         let rank = self.comm.rank();
         let mut scalars = [
-            loss_sum / self.cfg.train.grad_accum as f64,
+            loss_sum / self.batch.accum as f64,
             bad_loss.is_some() as u8 as f64,
         ];
         let comm_t = Instant::now();
@@ -743,23 +770,30 @@ impl<'c> Trainer<'c> {
         if self.comm.rank() != 0 {
             return Ok(());
         }
-        let (tc, world) = (&self.cfg.train, self.comm.world_size());
-        let global_batch = world as i64 * self.cfg.loader.batch_size as i64 * tc.grad_accum;
+        let (tc, world, b) = (&self.cfg.train, self.comm.world_size(), self.batch);
         let dev = self.dev;
-        self.logs.write(&serde_json::json!({
+        let mut start = serde_json::json!({
             "event": "start", "method": tc.method.name(), "step": self.state.step,
             "world_size": world,
             "backend": self.comm.name(), "device": format!("{dev:?}"), "params": params,
-            "trainable_params": trainable, "global_batch": global_batch,
+            "trainable_params": trainable, "global_batch": b.global, "grad_accum": b.accum,
+            "micro_batch": b.micro,
             "precision": tc.precision, "checkpoint_activations": tc.checkpoint_activations,
             "vision_cache": self.vision_cache.is_some(), "peak_tflops": self.peak_tflops,
-        }))?;
+        });
+        if let Some((saved_world, _)) = &self.elastic_note {
+            start["world_size_changed"] = serde_json::json!({"from": saved_world, "to": world});
+        }
+        self.logs.write(&start)?;
         crate::errln!(
-            "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {global_batch}",
+            "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {b}",
             self.comm.name(),
             params as f64 / 1e9,
             trainable as f64 / 1e6,
         );
+        if let Some((_, note)) = &self.elastic_note {
+            crate::errln!("{note}");
+        }
         Ok(())
     }
 }
@@ -781,5 +815,8 @@ fn fresh_state(cfg: &Config, base_model: String) -> TrainerState {
         }),
         base_model,
         last_loss: f64::NAN,
+        world_size: 0,
+        grad_accum: 0,
+        global_batch: 0,
     }
 }

@@ -220,7 +220,7 @@ impl Trainer<'_> {
     }
 
     fn grpo_iteration(&mut self, rl: &mut Rl) -> Result<f64> {
-        let accum = self.cfg.train.grad_accum;
+        let accum = self.batch.accum as i64;
         let world = self.comm.world_size();
         // Rollouts, one micro-batch at a time.
         let t = Instant::now();
@@ -356,7 +356,7 @@ impl Trainer<'_> {
     }
 
     fn dpo_iteration(&mut self, rl: &mut Rl) -> Result<f64> {
-        let accum = self.cfg.train.grad_accum;
+        let accum = self.batch.accum as i64;
         self.opt.zero_grad();
         let scale = self.state.scaler.map(|s| s.scale).unwrap_or(1.0);
         let (mut loss_sum, mut bad) = (0.0, None);
