@@ -19,8 +19,15 @@ args=(-np "$NUM_GPUS")
 [ "$(id -u)" -eq 0 ] && args+=(--allow-run-as-root)
 # More ranks than cores is fine for CPU runs; one thread per rank.
 args+=(--oversubscribe -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}")
-[ -n "${XRAYGLM_TOKENIZER:-}" ] && args+=(-x XRAYGLM_TOKENIZER)
-# NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG, ...) and library paths reach every node.
-for v in $(env | sed -n 's/^\(NCCL_[A-Z0-9_]*\)=.*/\1/p'); do args+=(-x "$v"); done
+# xrayglm's and NCCL's settings (XRAYGLM_TOKENIZER, NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG,
+# ...) and library paths reach every node.
+for v in $(env | sed -n 's/^\(\(XRAYGLM\|NCCL\)_[A-Z0-9_]*\)=.*/\1/p'); do args+=(-x "$v"); done
+# A node that drops off the network: mpirun and the remote daemons notice it by TCP keepalive on
+# their control connections (OpenMPI's default waits 300 s before the first probe) and end the
+# job, and a rank stalled in a collective says which rank and host it waited for. Keep the
+# detection (time + intvl x probes = 25 s here) under train.dist_timeout_s (30 s by default).
+export OMPI_MCA_oob_tcp_keepalive_time=${OMPI_MCA_oob_tcp_keepalive_time:-10}
+export OMPI_MCA_oob_tcp_keepalive_intvl=${OMPI_MCA_oob_tcp_keepalive_intvl:-5}
+export OMPI_MCA_oob_tcp_keepalive_probes=${OMPI_MCA_oob_tcp_keepalive_probes:-3}
 [ -n "${LD_LIBRARY_PATH:-}" ] && args+=(-x LD_LIBRARY_PATH)
 exec mpirun "${args[@]}" "$BIN" finetune --config "$CONFIG" "$@"

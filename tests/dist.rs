@@ -429,7 +429,11 @@ fn a_hung_rank_ends_the_job_naming_it() {
     );
     let err = std::fs::read_to_string(&err_path).unwrap();
     assert!(
-        err.contains("rank 0 of 2") && err.contains("rank 1 has died or hung"),
+        err.contains("rank 0 of 2")
+            && err.contains(&format!(
+                "rank 1 on {} has died, hung or become unreachable",
+                common::hostname()
+            )),
         "the error must name the hung rank:\n{err}"
     );
     let left = Command::new("pgrep")

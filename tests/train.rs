@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use xrayglm::config::Config;
@@ -1148,20 +1148,33 @@ fn training_logs_mfu_and_hfu() {
 #[test]
 fn the_memory_plan_recomputes_what_the_budget_needs() {
     let _serial = common::serial();
-    let Some(tok) = tokenizer() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let small = [
         "model.preset=\"small\"",
-        "loader.batch_size=4",
-        "train.train_iters=3",
-        "train.eval_interval=3",
-        "train.save_interval=3",
+        // A kept layer of 8 × 320 tokens holds ~50 MiB: well above the few MiB by which the
+        // resident set of one probe differs from the next.
+        "loader.batch_size=8",
+        "train.train_iters=2",
+        "train.eval_interval=2",
+        "train.save_interval=2",
         "train.checkpoint_layers=\"auto\"",
     ];
-    let run = |name: &str, extra: &[String]| {
+    // Each run in a process of its own: the resident set the probe reads is then the run's alone.
+    let run = |name: &str, extra: &[String]| -> PathBuf {
         let mut o: Vec<&str> = small.to_vec();
         o.extend(extra.iter().map(String::as_str));
-        xrayglm::train::finetune(&cfg(dir.path(), name, &o), &tok).unwrap()
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, cfg(dir.path(), name, &o).to_toml().unwrap()).unwrap();
+        common::ok(
+            xrayglm()
+                .args(["finetune", "--config"])
+                .arg(&file)
+                .env("XRAYGLM_TOKENIZER", common::ice_text(&shared)),
+        );
+        dir.path().join(name)
     };
     let records = |run: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -1177,7 +1190,7 @@ fn the_memory_plan_recomputes_what_the_budget_needs() {
             .expect("a memory_plan record")
     };
     let roomy = run("roomy", &["train.memory_budget_gib=1000".into()]);
-    let p = plan_of(&roomy.run_dir);
+    let p = plan_of(&roomy);
     assert_eq!(
         (p["layers"].as_u64(), p["recompute"].as_u64()),
         (Some(4), Some(0)),
@@ -1189,8 +1202,8 @@ fn the_memory_plan_recomputes_what_the_budget_needs() {
     );
     eprintln!("probe: {base:.0} MiB with every layer recomputed, {per_layer:.1} MiB a kept layer");
     assert!(
-        per_layer > 1.0,
-        "a kept layer of 4 × 320 tokens holds megabytes: {p}"
+        per_layer > 20.0,
+        "a kept layer of 8 × 320 tokens holds tens of megabytes: {p}"
     );
     // Room for two and a half kept layers under the margin: two kept, two recomputed.
     let margin = xrayglm::train::memory_plan::MARGIN;
@@ -1201,10 +1214,10 @@ fn the_memory_plan_recomputes_what_the_budget_needs() {
     );
     // Two recomputed as planned from the first run's probe; the run probes again itself, and
     // what the first run left in the process may move it by a layer.
-    let p = plan_of(&tight.run_dir);
+    let p = plan_of(&tight);
     let recompute = p["recompute"].as_u64().unwrap();
     assert!((1..4).contains(&recompute), "partial recompute: {p}");
-    let peak = records(&tight.run_dir)
+    let peak = records(&tight)
         .iter()
         .filter_map(|r| r["peak_rss_mib"].as_f64())
         .fold(0.0, f64::max);
@@ -1213,5 +1226,5 @@ fn the_memory_plan_recomputes_what_the_budget_needs() {
         peak > 0.0 && peak <= budget_mib,
         "peak {peak} MiB over {budget_mib} MiB"
     );
-    assert_eq!(losses(&roomy.run_dir), losses(&tight.run_dir));
+    assert_eq!(losses(&roomy), losses(&tight));
 }

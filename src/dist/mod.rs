@@ -2,10 +2,15 @@
 //! launched by `mpirun` / `srun`). Collectives are the few a data-parallel LoRA trainer needs:
 //! sum-all-reduce of a flat gradient bucket and of scalars, and a broadcast of bytes.
 //!
-//! A peer that dies or hangs must not hang the others: every MPI collective is started
+//! A peer that dies, hangs or is cut off must not hang the others: every MPI collective is started
 //! non-blocking and polled against a deadline; past it the rank reports which collective timed
-//! out and aborts the whole MPI job (`MPI_Abort`), so no process is left behind.
+//! out and which ranks on which hosts it waited for, and aborts the whole MPI job (`MPI_Abort`),
+//! so no process is left behind. When the launcher gives up first (mpirun has lost a host's daemon
+//! and sends SIGTERM), a rank stalled in a collective says the same and exits at once instead of
+//! waiting for a step boundary that never comes.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -54,6 +59,18 @@ pub trait Comm {
         std::process::exit(code)
     }
     fn name(&self) -> &'static str;
+    /// This rank's host name.
+    fn host(&self) -> String {
+        String::new()
+    }
+    /// How many hosts the ranks run on.
+    fn host_count(&self) -> usize {
+        1
+    }
+    /// Who to blame when a collective stalls: the other ranks and their hosts.
+    fn peer_hint(&self) -> String {
+        peer_hint(self.rank(), self.world_size(), &[])
+    }
 }
 
 /// Run `f` on `t`'s values as host fp32 and copy the result back into `t`.
@@ -69,13 +86,42 @@ fn through_host(t: &mut Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Res
     Ok(())
 }
 
-/// Who to blame when a collective stalls: with two ranks it can only be the other one.
-pub(crate) fn peer_hint(rank: usize, world: usize) -> String {
+/// Who to blame when a collective stalls: with two ranks it can only be the other one; with more,
+/// one of the others (a non-blocking collective does not say which), listed by host. `hosts`
+/// holds every rank's host name, in rank order, when known.
+pub(crate) fn peer_hint(rank: usize, world: usize, hosts: &[String]) -> String {
+    let on = |r: usize| match hosts.get(r) {
+        Some(h) if !h.is_empty() => format!(" on {h}"),
+        _ => String::new(),
+    };
     if world == 2 {
-        format!("rank {} has died or hung", 1 - rank)
-    } else {
-        "a peer rank has died or hung".to_string()
+        return format!(
+            "rank {}{} has died, hung or become unreachable",
+            1 - rank,
+            on(1 - rank)
+        );
     }
+    if hosts.len() != world {
+        return "a peer rank has died, hung or become unreachable".to_string();
+    }
+    let mut by_host: Vec<(String, Vec<usize>)> = Vec::new();
+    for (r, h) in hosts.iter().enumerate().filter(|&(r, _)| r != rank) {
+        match by_host.iter_mut().find(|(name, _)| name == h) {
+            Some((_, ranks)) => ranks.push(r),
+            None => by_host.push((h.clone(), vec![r])),
+        }
+    }
+    let list: Vec<String> = by_host
+        .iter()
+        .map(|(h, ranks)| {
+            let ranks: Vec<String> = ranks.iter().map(usize::to_string).collect();
+            format!("{h}: {}", ranks.join(", "))
+        })
+        .collect();
+    format!(
+        "one of the other ranks has died, hung or become unreachable (by host: {})",
+        list.join("; ")
+    )
 }
 
 /// One process: every collective is the identity.
@@ -111,7 +157,18 @@ pub struct Mpi {
     world: mpi::topology::SimpleCommunicator,
     local_rank: usize,
     timeout: Duration,
+    /// Every rank's host name, in rank order.
+    hosts: Vec<String>,
+    /// SIGTERM / SIGINT received (its number; 0: none).
+    signal: Arc<AtomicUsize>,
 }
+
+/// Bytes of a host name exchanged at start (longer names are cut).
+const HOST_BYTES: usize = 64;
+
+/// How long a collective must have stalled before a signal ends the rank inside it (a signal
+/// that arrives while the peers are alive waits for the step boundary instead).
+const STALLED_BEFORE_SIGNAL: Duration = Duration::from_secs(1);
 
 fn env_usize(names: &[&str]) -> Option<usize> {
     names
@@ -136,12 +193,42 @@ impl Mpi {
             mpi::initialize().ok_or_else(|| anyhow::anyhow!("MPI was already initialised"))?;
         let world = universe.world();
         let local_rank = launcher_ranks().2;
-        Ok(Self {
+        let signal = Arc::new(AtomicUsize::new(0));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)?;
+        }
+        let mut me = Self {
             _universe: universe,
             world,
             local_rank,
             timeout,
-        })
+            hosts: Vec::new(),
+            signal,
+        };
+        me.hosts = me.gather_hosts()?;
+        Ok(me)
+    }
+
+    /// Every rank's host name (MPI's processor name), for messages about stalled peers.
+    fn gather_hosts(&self) -> Result<Vec<String>> {
+        let name = mpi::environment::processor_name().unwrap_or_default();
+        let mut mine = [0u8; HOST_BYTES];
+        let n = name.len().min(HOST_BYTES);
+        mine[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let mut all = vec![0u8; HOST_BYTES * self.world_size()];
+        mpi::request::scope(|scope| {
+            let req = self
+                .world
+                .immediate_all_gather_into(scope, &mine[..], &mut all[..]);
+            self.finish("host name exchange", req);
+        });
+        Ok(all
+            .chunks(HOST_BYTES)
+            .map(|c| {
+                let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+                String::from_utf8_lossy(&c[..end]).into_owned()
+            })
+            .collect())
     }
 
     /// Poll a started collective until done; past the deadline abort the job, naming the rank.
@@ -156,15 +243,34 @@ impl Mpi {
                 Ok(_) => return,
                 Err(r) => req = r,
             }
-            if start.elapsed() > self.timeout {
+            let waited = start.elapsed();
+            if waited > self.timeout {
                 crate::errln!(
-                    "error: rank {} of {}: {what} did not complete in {:.0} s — {}; aborting the job",
+                    "error: rank {} of {}{}: {what} did not complete in {:.0} s — {}; aborting the job",
                     self.rank(),
                     self.world_size(),
+                    self.on_host(),
                     self.timeout.as_secs_f64(),
-                    peer_hint(self.rank(), self.world_size())
+                    Comm::peer_hint(self)
                 );
                 self.world.abort(3);
+            }
+            let sig = self.signal.load(Ordering::Relaxed);
+            if sig != 0 && waited > STALLED_BEFORE_SIGNAL {
+                // The launcher is ending the job (it lost a host, or the user stopped it) while
+                // this collective waits for a peer that is gone: say who, and leave now.
+                crate::errln!(
+                    "error: rank {} of {}{}: stopped by signal {sig} after waiting {:.1} s for the \
+                     {what} — {}",
+                    self.rank(),
+                    self.world_size(),
+                    self.on_host(),
+                    waited.as_secs_f64(),
+                    Comm::peer_hint(self)
+                );
+                // SAFETY: ends this process at once; MPI's exit handlers would wait for the
+                // peers this rank has just given up on.
+                unsafe { libc::_exit(128 + sig as i32) };
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -217,6 +323,28 @@ impl Comm for Mpi {
     }
     fn name(&self) -> &'static str {
         "mpi"
+    }
+    fn host(&self) -> String {
+        self.hosts.get(self.rank()).cloned().unwrap_or_default()
+    }
+    fn host_count(&self) -> usize {
+        let mut h = self.hosts.clone();
+        h.sort();
+        h.dedup();
+        h.len().max(1)
+    }
+    fn peer_hint(&self) -> String {
+        peer_hint(self.rank(), self.world_size(), &self.hosts)
+    }
+}
+
+impl Mpi {
+    /// " on HOST" for messages, when the host is known.
+    fn on_host(&self) -> String {
+        match self.host() {
+            h if h.is_empty() => h,
+            h => format!(" on {h}"),
+        }
     }
 }
 
@@ -338,4 +466,43 @@ pub fn all_gather_f64(comm: &dyn Comm, mine: &[f64]) -> Result<(Vec<f64>, usize)
     all[offset..offset + mine.len()].copy_from_slice(mine);
     comm.all_reduce_sum_f64(&mut all)?;
     Ok((all, offset))
+}
+
+/// Seconds OpenMPI's launcher takes to notice a host that dropped off the network: TCP keepalive
+/// on its control connections (`oob_tcp_keepalive_time` + `_intvl` × `_probes`, from the
+/// `OMPI_MCA_*` environment mpirun gives its ranks, else OpenMPI's defaults 300 + 20 × 9);
+/// `None` when keepalive is off.
+pub fn launcher_detection_s() -> Option<f64> {
+    let get = |name: &str, default: f64| -> f64 {
+        std::env::var(format!("OMPI_MCA_oob_tcp_keepalive_{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
+    };
+    let time = get("time", 300.0);
+    (time > 0.0).then(|| time + get("intvl", 20.0) * get("probes", 9.0))
+}
+
+/// A warning for a run over several hosts whose launcher would notice a lost host only after the
+/// ranks' own `timeout`: the ranks would then abort through a launcher that still waits on the
+/// lost host's daemon, and the job would hang until TCP gives up (minutes).
+pub fn detection_warning(comm: &dyn Comm, timeout_s: u64) -> Option<String> {
+    if comm.host_count() < 2 || comm.name() == "single" {
+        return None;
+    }
+    let slow = |d: String| {
+        format!(
+            "warning: {} ranks on {} hosts, and OpenMPI notices a lost host after {d}, not within \
+             train.dist_timeout_s = {timeout_s}: a host cut off would hang the job. Set \
+             OMPI_MCA_oob_tcp_keepalive_time / _intvl / _probes so that time + intvl × probes is \
+             under {timeout_s} s (scripts/finetune_XrayGLM.sh does: 10 + 5 × 3), or raise the timeout",
+            comm.world_size(),
+            comm.host_count()
+        )
+    };
+    match launcher_detection_s() {
+        None => Some(slow("never (keepalive is off)".into())),
+        Some(d) if d >= timeout_s as f64 => Some(slow(format!("{d:.0} s"))),
+        Some(_) => None,
+    }
 }

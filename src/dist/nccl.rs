@@ -252,7 +252,7 @@ impl Nccl {
                     &format!(
                         "did not complete in {:.0} s — {}",
                         self.timeout.as_secs_f64(),
-                        super::peer_hint(self.boot.rank(), self.boot.world_size())
+                        self.boot.peer_hint()
                     ),
                 );
             }

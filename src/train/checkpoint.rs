@@ -163,6 +163,14 @@ pub fn save(
         &list,
         &[("format", "xrayglm-lora".into())],
     )?;
+    // Fault injection for the tests of a rank killed mid-save: the save waits here, its adapters
+    // written and the rest not, for XRAYGLM_FAULT_SAVE_PAUSE_MS milliseconds.
+    if let Some(ms) = std::env::var("XRAYGLM_FAULT_SAVE_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let ost: Vec<(String, &Tensor)> = opt.state_tensors();
     crate::weights::st::write(&tmp.join("optimizer.safetensors"), &ost, &[])?;
     let mut sat = model.cfg.to_sat();

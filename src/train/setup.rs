@@ -54,6 +54,11 @@ pub(super) fn setup_ranks(cfg: &Config) -> Result<(Device, Box<dyn Comm>)> {
         },
     )?;
     crate::dist::check_same_config(comm.as_ref(), &cfg.to_toml()?)?;
+    if comm.rank() == 0 {
+        if let Some(w) = crate::dist::detection_warning(comm.as_ref(), cfg.train.dist_timeout_s) {
+            crate::errln!("{w}");
+        }
+    }
     Ok((dev, comm))
 }
 

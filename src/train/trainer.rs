@@ -774,7 +774,7 @@ impl<'c> Trainer<'c> {
         let dev = self.dev;
         let mut start = serde_json::json!({
             "event": "start", "method": tc.method.name(), "step": self.state.step,
-            "world_size": world,
+            "world_size": world, "hosts": self.comm.host_count(),
             "backend": self.comm.name(), "device": format!("{dev:?}"), "params": params,
             "trainable_params": trainable, "global_batch": b.global, "grad_accum": b.accum,
             "micro_batch": b.micro,
@@ -786,7 +786,8 @@ impl<'c> Trainer<'c> {
         }
         self.logs.write(&start)?;
         crate::errln!(
-            "{world} rank(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {b}",
+            "{world} rank(s) on {} host(s), backend {}, {dev:?}; {:.3}B parameters, {:.2}M trainable (LoRA); global batch {b}",
+            self.comm.host_count(),
             self.comm.name(),
             params as f64 / 1e9,
             trainable as f64 / 1e6,

@@ -486,3 +486,11 @@ pub fn check_eval_page(v: &serde_json::Value, models: &[(&str, PathBuf)]) -> Vec
     assert_eq!(ids(&v["chart_groups"]), codes);
     errors
 }
+
+/// This machine's host name, as MPI reports it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
