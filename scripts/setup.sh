@@ -48,7 +48,7 @@ apt_install() {
   fi
 }
 
-apt_install libopenmpi-dev openmpi-bin libclang-dev pkg-config strace iproute2
+apt_install libopenmpi-dev openmpi-bin libclang-dev pkg-config strace iproute2 slurm-wlm
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install a Rust toolchain (rustup) first" >&2
