@@ -127,6 +127,9 @@ impl Hosts {
             .env("OMPI_MCA_pml", "ob1")
             .env("OMPI_MCA_btl_tcp_if_include", &self.subnet)
             .env("OMPI_MCA_oob_tcp_if_include", &self.subnet)
+            // Both test hosts share this machine's cores: no binding, or each binds its rank to
+            // core 0 of its own view of the machine.
+            .env("OMPI_MCA_hwloc_base_binding_policy", "none")
             // The launcher notices a lost host in ~3 s, well within DIST_TIMEOUT_S.
             .env("OMPI_MCA_oob_tcp_keepalive_time", "1")
             .env("OMPI_MCA_oob_tcp_keepalive_intvl", "1")
