@@ -55,8 +55,9 @@ pub enum Sampler {
     /// padding.
     LengthGrouped,
     /// sat's `RandomMappingDataset`: global position i → sample `sat_random_mapping(i, N)`, drawn
-    /// with replacement; global batch k covers positions [k·W·B, (k+1)·W·B), rank r the slice
-    /// [(k·W + r)·B, …+B) — exactly the reference's order. `seed` and `shuffle` do not apply.
+    /// with replacement; a rank's m-th micro-batch is positions [(m·W + r)·B, …+B), so round m
+    /// covers [m·W·B, (m+1)·W·B) — exactly the reference's order — and a step of A rounds is the
+    /// same global batch for every split of it. `seed` and `shuffle` do not apply.
     Sat,
 }
 
