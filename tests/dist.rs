@@ -8,18 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn sets(dir: &Path, name: &str, extra: &[&str]) -> Vec<String> {
-    let mut v = common::small_run(dir, name);
-    v.extend(
-        [
-            "train.train_iters=6",
-            "train.log_interval=1",
-            "train.val_fraction=0",
-            "train.lr=1e-3",
-            "train.schedule=\"constant\"",
-            "loader.workers=1",
-        ]
-        .map(String::from),
-    );
+    let mut v = common::dp_run(dir, name);
+    v.push("train.train_iters=6".into());
     v.extend(extra.iter().map(|s| s.to_string()));
     common::set_args(v)
 }
@@ -74,14 +64,8 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
     common::ok(&mut finetune(&shared, 2, &sets(dir.path(), "two", &[])));
     let (a, b) = (log(&dir.path().join("one")), log(&dir.path().join("two")));
     assert_eq!(a.len(), 6);
-    assert_eq!(b.len(), 6);
-    for (x, y) in a.iter().zip(&b) {
-        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
-        assert!(
-            (lx - ly).abs() <= 1e-5 * lx.abs(),
-            "step {}: {lx} vs {ly}",
-            x["step"]
-        );
+    common::same_losses("two ranks", &a, &b, 1e-5);
+    for y in &b {
         assert_eq!(
             y["lora_rank_divergence"].as_f64().unwrap(),
             0.0,
@@ -89,16 +73,8 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
             y["step"]
         );
     }
-    let (la, lb) = (
-        final_lora(&dir.path().join("one")),
-        final_lora(&dir.path().join("two")),
-    );
-    assert_eq!(la.len(), lb.len());
-    for (k, v) in &la {
-        let e =
-            (&lb[k] - v).abs().max().double_value(&[]) / v.abs().max().double_value(&[]).max(1e-12);
-        assert!(e <= 1e-5, "{k}: {e:.3e}");
-    }
+    let la = final_lora(&dir.path().join("one"));
+    common::same_lora("two ranks", &la, &final_lora(&dir.path().join("two")), 1e-5);
     // Resume: 3 steps, stop, resume to 6 — the same trajectory.
     common::ok(&mut finetune(
         &shared,
@@ -146,25 +122,9 @@ fn two_ranks_equal_one_process_accumulating_the_same_global_batches() {
         assert_eq!(start[1]["world_size_changed"]["to"], then, "{name}");
         assert_eq!(start[1]["global_batch"], 4, "{name}");
         assert_eq!(start[1]["grad_accum"], accum, "{name}");
-        let e = log(&run);
-        assert_eq!(e.len(), 6, "{name}");
-        let mut worst = 0.0f64;
-        for (x, y) in a.iter().zip(&e) {
-            let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
-            assert!(
-                (lx - ly).abs() <= 1e-5 * lx.abs(),
-                "{name} step {}: {lx} vs {ly}",
-                x["step"]
-            );
-            worst = worst.max((lx - ly).abs() / lx.abs());
-        }
+        let worst = common::same_losses(name, &a, &log(&run), 1e-5);
         eprintln!("{name}: largest per-step loss difference {worst:.2e} relative to one process");
-        let le = final_lora(&run);
-        for (k, v) in &la {
-            let err = (&le[k] - v).abs().max().double_value(&[])
-                / v.abs().max().double_value(&[]).max(1e-12);
-            assert!(err <= 1e-5, "{name} {k}: {err:.3e}");
-        }
+        common::same_lora(name, &la, &final_lora(&run), 1e-5);
     }
     // A world that cannot split the global batch is refused before anything is written.
     let out = finetune(

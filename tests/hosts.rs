@@ -209,20 +209,15 @@ fn launcher(config: &Path, args: &[String], env: &[(&str, String)]) -> Command {
     c
 }
 
-/// The test's config file: the small synthetic run, constant lr (so a run stopped early is a
-/// prefix of a longer one), 2 samples per micro-batch, a checkpoint every 2 steps.
+/// The test's config file: the data-parallel tests' short run, 2 samples per micro-batch, dropout
+/// (so the random streams must follow the samples), a checkpoint every 2 steps, all kept.
 fn config(dir: &Path) -> PathBuf {
-    let mut o = common::small_run(dir, "unused");
+    let mut o = common::dp_run(dir, "unused");
     o.extend(
         [
             "train.train_iters=100000",
-            "train.log_interval=1",
             "train.save_interval=2",
             "train.keep_last=100",
-            "train.val_fraction=0",
-            "train.lr=1e-3",
-            "train.schedule=\"constant\"",
-            "loader.workers=1",
             "model.glm_dropout=0.1",
         ]
         .map(String::from),
@@ -272,16 +267,8 @@ fn same_trajectory(what: &str, got: &BTreeMap<i64, f64>, want: &BTreeMap<i64, f6
 
 /// The LoRA weights of `run`'s checkpoint at `step` equal `want`'s within 1e-5 relative.
 fn same_lora(what: &str, run: &Path, want: &Path, step: i64) {
-    let (a, b) = (
-        common::tensors(&run.join(step.to_string()).join("lora.safetensors")),
-        common::tensors(&want.join(step.to_string()).join("lora.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for (k, v) in &b {
-        let e =
-            (&a[k] - v).abs().max().double_value(&[]) / v.abs().max().double_value(&[]).max(1e-12);
-        assert!(e <= 1e-5, "{what}: {k}: {e:.3e}");
-    }
+    let at = |r: &Path| common::tensors(&r.join(step.to_string()).join("lora.safetensors"));
+    common::same_lora(what, &at(want), &at(run), 1e-5);
 }
 
 fn latest(run: &Path) -> Option<i64> {

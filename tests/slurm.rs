@@ -148,18 +148,8 @@ fn srun_launches_two_ranks_that_train_and_agree() {
         return;
     };
     let args = |name: &str, extra: &[&str]| {
-        let mut v = common::small_run(dir.path(), name);
-        v.extend(
-            [
-                "train.train_iters=6",
-                "train.log_interval=1",
-                "train.val_fraction=0",
-                "train.lr=1e-3",
-                "train.schedule=\"constant\"",
-                "loader.workers=1",
-            ]
-            .map(String::from),
-        );
+        let mut v = common::dp_run(dir.path(), name);
+        v.push("train.train_iters=6".into());
         v.extend(extra.iter().map(|s| s.to_string()));
         common::set_args(v)
     };
@@ -196,14 +186,9 @@ fn srun_launches_two_ranks_that_train_and_agree() {
             .collect()
     };
     let (a, b) = (steps(&one), steps(&srun));
-    assert_eq!((a.len(), b.len()), (6, 6));
-    for (x, y) in a.iter().zip(&b) {
-        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
-        assert!(
-            (lx - ly).abs() <= 1e-5 * lx.abs(),
-            "step {}: {lx} vs {ly}",
-            x["step"]
-        );
+    assert_eq!(a.len(), 6);
+    common::same_losses("srun -n 2", &a, &b, 1e-5);
+    for y in &b {
         assert_eq!(
             y["lora_rank_divergence"], 0.0,
             "ranks differ at step {}",
@@ -217,10 +202,5 @@ fn srun_launches_two_ranks_that_train_and_agree() {
         let latest = std::fs::read_to_string(p.join("latest")).unwrap();
         common::tensors(&p.join(latest.trim()).join("lora.safetensors"))
     };
-    let (la, lb) = (lora("one"), lora("srun"));
-    for (k, v) in &la {
-        let e =
-            (&lb[k] - v).abs().max().double_value(&[]) / v.abs().max().double_value(&[]).max(1e-12);
-        assert!(e <= 1e-5, "{k}: {e:.3e}");
-    }
+    common::same_lora("srun -n 2", &lora("one"), &lora("srun"), 1e-5);
 }

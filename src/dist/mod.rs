@@ -67,6 +67,10 @@ pub trait Comm {
     fn host_count(&self) -> usize {
         1
     }
+    /// The SIGTERM / SIGINT this process received while in a collective (0: none).
+    fn stop_signal(&self) -> usize {
+        0
+    }
     /// Who to blame when a collective stalls: the other ranks and their hosts.
     fn peer_hint(&self) -> String {
         peer_hint(self.rank(), self.world_size(), &[])
@@ -168,7 +172,7 @@ const HOST_BYTES: usize = 64;
 
 /// How long a collective must have stalled before a signal ends the rank inside it (a signal
 /// that arrives while the peers are alive waits for the step boundary instead).
-const STALLED_BEFORE_SIGNAL: Duration = Duration::from_secs(1);
+pub(crate) const STALLED_BEFORE_SIGNAL: Duration = Duration::from_secs(1);
 
 fn env_usize(names: &[&str]) -> Option<usize> {
     names
@@ -249,29 +253,13 @@ impl Mpi {
                     "error: rank {} of {}{}: {what} did not complete in {:.0} s — {}; aborting the job",
                     self.rank(),
                     self.world_size(),
-                    self.on_host(),
+                    on_host(self),
                     self.timeout.as_secs_f64(),
                     Comm::peer_hint(self)
                 );
                 self.world.abort(3);
             }
-            let sig = self.signal.load(Ordering::Relaxed);
-            if sig != 0 && waited > STALLED_BEFORE_SIGNAL {
-                // The launcher is ending the job (it lost a host, or the user stopped it) while
-                // this collective waits for a peer that is gone: say who, and leave now.
-                crate::errln!(
-                    "error: rank {} of {}{}: stopped by signal {sig} after waiting {:.1} s for the \
-                     {what} — {}",
-                    self.rank(),
-                    self.world_size(),
-                    self.on_host(),
-                    waited.as_secs_f64(),
-                    Comm::peer_hint(self)
-                );
-                // SAFETY: ends this process at once; MPI's exit handlers would wait for the
-                // peers this rank has just given up on.
-                unsafe { libc::_exit(128 + sig as i32) };
-            }
+            stalled_and_stopped(self, what, waited);
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -327,6 +315,9 @@ impl Comm for Mpi {
     fn host(&self) -> String {
         self.hosts.get(self.rank()).cloned().unwrap_or_default()
     }
+    fn stop_signal(&self) -> usize {
+        self.signal.load(Ordering::Relaxed)
+    }
     fn host_count(&self) -> usize {
         let mut h = self.hosts.clone();
         h.sort();
@@ -338,14 +329,34 @@ impl Comm for Mpi {
     }
 }
 
-impl Mpi {
-    /// " on HOST" for messages, when the host is known.
-    fn on_host(&self) -> String {
-        match self.host() {
-            h if h.is_empty() => h,
-            h => format!(" on {h}"),
-        }
+/// " on HOST" for messages, when the host is known.
+fn on_host(comm: &dyn Comm) -> String {
+    match comm.host() {
+        h if h.is_empty() => h,
+        h => format!(" on {h}"),
     }
+}
+
+/// A collective that has waited `waited` for its peers when a stop signal came: the launcher is
+/// ending the job (it lost a host, or the user stopped it) while this rank waits for a peer that is
+/// gone. Say which, and end the process at once (a signal while the peers are alive waits for the
+/// step boundary instead).
+pub(crate) fn stalled_and_stopped(comm: &dyn Comm, what: &str, waited: Duration) {
+    let sig = comm.stop_signal();
+    if sig == 0 || waited <= STALLED_BEFORE_SIGNAL {
+        return;
+    }
+    crate::errln!(
+        "error: rank {} of {}{}: stopped by signal {sig} after waiting {:.1} s for the {what} — {}",
+        comm.rank(),
+        comm.world_size(),
+        on_host(comm),
+        waited.as_secs_f64(),
+        comm.peer_hint()
+    );
+    // SAFETY: ends this process at once; MPI's exit handlers would wait for the peers this rank
+    // has just given up on.
+    unsafe { libc::_exit(128 + sig as i32) };
 }
 
 /// The communicator for `backend`: "auto" (MPI when launched with more than one rank, with NCCL

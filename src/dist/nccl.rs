@@ -246,6 +246,14 @@ impl Nccl {
                     &format!("NCCL async error: {}", msg.to_string_lossy()),
                 );
             }
+            if self.boot.stop_signal() != 0 {
+                let waited = start.elapsed();
+                if waited > super::STALLED_BEFORE_SIGNAL {
+                    // SAFETY: aborting our own communicator; the process ends next.
+                    unsafe { (self.api.abort)(self.comm) };
+                }
+                super::stalled_and_stopped(self.boot.as_ref(), &format!("NCCL {what}"), waited);
+            }
             if start.elapsed() > self.timeout {
                 self.fail(
                     what,

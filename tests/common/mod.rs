@@ -494,3 +494,55 @@ pub fn hostname() -> String {
         .trim()
         .to_string()
 }
+
+/// Overrides for the short runs the data-parallel tests compare: the small run with a constant
+/// learning rate (a run stopped early is a prefix of a longer one), a log line per step, no
+/// held-out split, one loader thread.
+pub fn dp_run(dir: &Path, name: &str) -> Vec<String> {
+    let mut v = small_run(dir, name);
+    v.extend(
+        [
+            "train.log_interval=1",
+            "train.val_fraction=0",
+            "train.lr=1e-3",
+            "train.schedule=\"constant\"",
+            "loader.workers=1",
+        ]
+        .map(String::from),
+    );
+    v
+}
+
+/// Step records of two runs have the same losses within `tol` relative, step by step; the largest
+/// relative difference.
+pub fn same_losses(
+    what: &str,
+    want: &[serde_json::Value],
+    got: &[serde_json::Value],
+    tol: f64,
+) -> f64 {
+    assert_eq!(want.len(), got.len(), "{what}: step counts");
+    let mut worst = 0.0f64;
+    for (x, y) in want.iter().zip(got) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        let d = (lx - ly).abs() / lx.abs();
+        assert!(d <= tol, "{what}: step {}: {lx} vs {ly}", x["step"]);
+        worst = worst.max(d);
+    }
+    worst
+}
+
+/// Two sets of LoRA weights are equal within `tol`, relative to each tensor's largest value.
+pub fn same_lora(
+    what: &str,
+    want: &std::collections::HashMap<String, tch::Tensor>,
+    got: &std::collections::HashMap<String, tch::Tensor>,
+    tol: f64,
+) {
+    assert_eq!(want.len(), got.len(), "{what}: tensor counts");
+    for (k, v) in want {
+        let e = (&got[k] - v).abs().max().double_value(&[])
+            / v.abs().max().double_value(&[]).max(1e-12);
+        assert!(e <= tol, "{what}: {k}: {e:.3e}");
+    }
+}
