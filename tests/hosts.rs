@@ -279,6 +279,25 @@ fn latest(run: &Path) -> Option<i64> {
         .ok()
 }
 
+/// Start `cmd` (its stderr kept for [`ends_within`]) and wait until `ready`, failing if the job
+/// ends first or 120 s pass.
+fn start_until(cmd: &mut Command, what: &str, ready: impl Fn() -> bool) -> Child {
+    let mut job = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !ready() {
+        assert!(
+            t.elapsed().as_secs() < 120 && job.try_wait().unwrap().is_none(),
+            "no {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    job
+}
+
 /// Wait for `job` to end and every process on both hosts with it; the seconds it took from
 /// `since` (failing past `limit`) and the job's stderr.
 fn ends_within(job: &mut Child, hosts: &Hosts, since: Instant, limit: f64) -> (f64, String) {
@@ -365,20 +384,11 @@ fn two_hosts_train_as_one_and_a_run_survives_losing_one() {
 
     // A host cut off mid-run: every process ends, the survivor naming host-b's rank.
     let run = dir.path().join("cut");
-    let mut job = hosts
-        .launch(&cfg, &sets("cut", &[]), &tok)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while latest(&run).is_none_or(|s| s < 4) {
-        assert!(
-            t.elapsed().as_secs() < 120 && job.try_wait().unwrap().is_none(),
-            "no checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut job = start_until(
+        &mut hosts.launch(&cfg, &sets("cut", &[]), &tok),
+        "a checkpoint",
+        || latest(&run).is_some_and(|s| s >= 4),
+    );
     let cut_at = Instant::now();
     hosts.link(1, false);
     let (took, err) = ends_within(&mut job, &hosts, cut_at, (DIST_TIMEOUT_S + 10) as f64);
@@ -419,20 +429,11 @@ fn two_hosts_train_as_one_and_a_run_survives_losing_one() {
         tok[0].clone(),
         ("XRAYGLM_FAULT_SAVE_PAUSE_MS", "3000".to_string()),
     ];
-    let mut job = hosts
-        .launch(&cfg, &sets("killed", &[]), &pause)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !run.join(".4.partial").exists() {
-        assert!(
-            t.elapsed().as_secs() < 120 && job.try_wait().unwrap().is_none(),
-            "no second save"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut job = start_until(
+        &mut hosts.launch(&cfg, &sets("killed", &[]), &pause),
+        "a second save",
+        || run.join(".4.partial").exists(),
+    );
     let pid = hosts.rank_pid(0).expect("host-a's rank");
     let killed_at = Instant::now();
     assert!(Command::new("kill")
